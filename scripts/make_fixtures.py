@@ -1,0 +1,91 @@
+"""Generate st-tune's reference fixtures with Python sentence-transformers (the behaviour st-tune copies).
+
+Writes into tests/fixtures/:
+  parity-all-MiniLM-L6-v2.json, parity-all-mpnet-base-v2.json
+      {"model", "max_seq_length", "dim", "versions", "sentences", "token_ids", "embeddings"} for the lines
+      of tests/fixtures/sentences.txt: SentenceTransformer(folder, device="cpu").encode(batch_size=16), and the
+      input_ids the model itself feeds its encoder (model.preprocess: truncated to max_seq_length, padding
+      removed). Floats are the exact float32 values (written as the shortest double that equals them).
+  losses.json
+      Value and gradient w.r.t. every embedding of small fixed embeddings (numpy default_rng(0), batch 4,
+      dim 8; drawn as float32 so Rust reads exactly the same inputs; math in float64) for
+      MultipleNegativesRankingLoss (scale 20, cos_sim) on (anchor, positive) and (anchor, positive, negative),
+      CoSENTLoss (scale 20) and CosineSimilarityLoss (MSE) on (anchor, positive) with scores. The numbers come
+      from the real loss classes: each loss's compute_loss_from_embeddings (sentence-transformers 6.2.0,
+      sentence_transformers/sentence_transformer/losses/multiple_negatives_ranking.py lines 237-338,
+      cosent.py lines 87-128, cosine_similarity.py lines 84-101; cos_sim / pairwise_cos_sim in
+      sentence_transformers/util/similarity.py), then torch autograd for the gradients.
+
+Regenerate (needs the weights and the pinned Python packages):
+    scripts/fetch-weights.sh && "$(scripts/setup-python.sh)" scripts/make_fixtures.py
+Weights are read from $ST_TUNE_WEIGHTS (default <repo>/.weights).
+"""
+import json, os, re
+from pathlib import Path
+
+import numpy as np
+import sentence_transformers, torch, transformers
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import (
+    CoSENTLoss, CosineSimilarityLoss, MultipleNegativesRankingLoss)
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "tests" / "fixtures"
+WEIGHTS = Path(os.environ.get("ST_TUNE_WEIGHTS", REPO / ".weights"))
+VERSIONS = {"sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def dump(obj, path):
+    # One JSON line per vector: readable and diffable. Only all-number arrays are collapsed, and no
+    # sentence in the fixtures has brackets around digits only, so strings are never touched.
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    text = re.sub(r"\[[\s\d.eE+\-,]*\]", lambda m: re.sub(r"\s+", "", m.group(0)), text)
+    path.write_text(text + "\n", encoding="utf-8")
+    print("wrote", path.relative_to(REPO))
+
+
+def parity(name, sentences):
+    model = SentenceTransformer(str(WEIGHTS / name), device="cpu")
+    emb = model.encode(sentences, batch_size=16, convert_to_numpy=True)  # float32 [n, dim]
+    feats = model.preprocess(sentences)  # exactly what encode feeds the transformer
+    ids = [row[mask.bool()].tolist() for row, mask in zip(feats["input_ids"], feats["attention_mask"])]
+    dump({"model": name, "max_seq_length": model.max_seq_length, "dim": int(emb.shape[1]),
+          "versions": VERSIONS, "sentences": sentences, "token_ids": ids,
+          "embeddings": [[float(x) for x in row] for row in emb]}, FIX / f"parity-{name}.json")
+
+
+def losses():
+    rng = np.random.default_rng(0)
+    cols = {c: rng.standard_normal((4, 8)).astype(np.float32) for c in ("anchor", "positive", "negative")}
+    scores = rng.uniform(0, 1, 4).round(2).astype(np.float32)
+    scores[3] = scores[1]  # a tie: CoSENT must not rank tied pairs against each other
+    specs = [("mnrl", ["anchor", "positive"], MultipleNegativesRankingLoss(None, scale=20.0)),
+             ("mnrl", ["anchor", "positive", "negative"], MultipleNegativesRankingLoss(None, scale=20.0)),
+             ("cosent", ["anchor", "positive"], CoSENTLoss(None, scale=20.0)),
+             ("cosine", ["anchor", "positive"], CosineSimilarityLoss(None))]
+    labels = torch.tensor(scores, dtype=torch.float64)
+    cases = []
+    for loss_name, columns, loss in specs:
+        embs = [torch.tensor(cols[c], dtype=torch.float64, requires_grad=True) for c in columns]
+        value = loss.compute_loss_from_embeddings(embs, labels)
+        value.backward()
+        case = {"loss": loss_name, "columns": columns, "value": value.item(),
+                "grads": {c: e.grad.tolist() for c, e in zip(columns, embs)}}
+        if loss_name != "cosine":
+            case["scale"] = 20.0
+        cases.append(case)
+    dump({"versions": VERSIONS, "seed": 0, "dtype": "float64 math on float32 inputs",
+          "inputs": {**{c: v.astype(np.float64).tolist() for c, v in cols.items()},
+                     "scores": scores.astype(np.float64).tolist()},
+          "cases": cases}, FIX / "losses.json")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    # Same reading rule as shared/peer/st_embed.py: one sentence a line, blank lines skipped.
+    lines = (FIX / "sentences.txt").read_text(encoding="utf-8").split("\n")
+    sentences = [s for s in lines if s.strip()]
+    for name in ("all-MiniLM-L6-v2", "all-mpnet-base-v2"):
+        parity(name, sentences)
+    losses()

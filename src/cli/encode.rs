@@ -1,0 +1,80 @@
+//! `st-tune encode`: one text per line in, JSON lines `{"text", "embedding"}` out.
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::model::SentenceModel;
+
+/// Embed texts with a model: one text per line in, JSON lines out.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    /// Model folder or Hugging Face hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// Text file, one text per line (UTF-8; empty lines are an error).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Where to write JSON lines; stdout when absent. Written atomically.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: EncodeArgs) -> Result<()> {
+    let texts = read_lines(&a.input)?;
+    let device = crate::device::parse(&a.device)?;
+    let model = SentenceModel::load(&a.model, &device, None)?;
+    if model.spec.assumed_pooling {
+        eprintln!("note: {} has no modules.json; using mean pooling", a.model);
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let emb = model.encode(&refs, a.batch_size)?;
+    let mut out = String::new();
+    for (t, e) in texts.iter().zip(emb) {
+        out.push_str(&serde_json::json!({"text": t, "embedding": e}).to_string());
+        out.push('\n');
+    }
+    match &a.output {
+        Some(p) => write_atomic(p, out.as_bytes()),
+        None => {
+            let mut w = BufWriter::new(std::io::stdout().lock());
+            w.write_all(out.as_bytes()).map_err(|e| Error::io("<stdout>", e))
+        }
+    }
+}
+
+/// Lines of a text file; a non-UTF-8 or empty line is an error naming its number.
+pub fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() && i + 1 == bytes.split(|b| *b == b'\n').count() {
+            break; // the newline that ends the file
+        }
+        let text = std::str::from_utf8(line).map_err(|_| Error::data(path, i + 1, "line is not valid UTF-8"))?;
+        if text.trim().is_empty() {
+            return Err(Error::data(path, i + 1, "empty line (one text per line expected)"));
+        }
+        out.push(text.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::data(path, 0, "no texts in the input file"));
+    }
+    Ok(out)
+}
+
+/// Writes to a temporary file beside `path`, then renames it into place.
+pub fn write_atomic(path: &PathBuf, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-st-tune");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

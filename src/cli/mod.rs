@@ -1,0 +1,41 @@
+//! The command line: clap definitions and dispatch. Each subcommand lives in its own file and
+//! only turns arguments into a library call and its result into output.
+
+pub mod config;
+pub mod encode;
+pub mod eval;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+
+/// Fine-tune sentence-transformer embedding models (MiniLM, MPNet, BERT) with candle, on CPU or
+/// CUDA, without dying of out-of-memory.
+///
+/// Exit codes: 0 success; 1 other failure; 2 bad input (config, data, model, arguments);
+/// 3 out of memory with nothing left to try (the last good state is saved); 130 Ctrl-C
+/// (what was trained so far is saved).
+#[derive(Debug, Parser)]
+#[command(name = "st-tune", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Train(train::TrainArgs),
+    Encode(encode::EncodeArgs),
+    Eval(eval::EvalArgs),
+    Config(config::ConfigArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Encode(a) => encode::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Config(a) => config::run(a),
+    }
+}

@@ -1,0 +1,1535 @@
+//! The one typed training config: a TOML file with five sections (`[model]`, `[data]`,
+//! `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
+//! (file first, `--set` wins).
+//!
+//! Every key is documented once, in [`KEYS`]; that table drives `st-tune config --defaults`
+//! ([`defaults_toml`]), the list of valid keys in unknown-key errors and the "expected …" text
+//! of type errors. Default *values* live in the `Default` impls only; a test checks that the
+//! table and the structs name the same keys.
+//!
+//! Loading happens in three passes so that every error names the key at fault:
+//! 1. parse TOML and apply overrides (syntax errors name the file, line and column);
+//! 2. check every key against [`KEYS`] (unknown keys get a "did you mean" suggestion);
+//! 3. deserialize, key by key first, so a type error reads
+//!    ``config key `train.batch_size`: expected a positive integer, got "sixteen"``.
+//!
+//! Semantic checks that look at more than one key (micro-batch vs batch size, a parsable
+//! memory limit, …) are in [`Config::validate`], which the caller runs after `load`:
+//! `load` alone accepts the printed defaults, whose `model.path` and `data.train` are empty.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::data::read::Format;
+use crate::error::{Error, Result};
+
+/// The whole training config. See [`defaults_toml`] for every key with its meaning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub memory: MemorySection,
+    pub output: OutputSection,
+}
+
+/// `[model]`: which model to fine-tune, and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Local sentence-transformers folder or Hugging Face hub id. Required.
+    pub path: String,
+    /// Truncate inputs to this many tokens; `None` keeps the model's own limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_seq_length: Option<usize>,
+    /// Device name, resolved by the caller ("cpu", "cuda", …).
+    pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: String::new(),
+            max_seq_length: None,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// `[data]`: the training (and evaluation) files and how to read them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training file. Required.
+    pub train: PathBuf,
+    /// Scored pairs evaluated before, during and after training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<PathBuf>,
+    /// File format; `None` picks it from the extension.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+    /// Role (anchor, positive, …) → column name in the file; `None` takes the header's names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub columns: Option<BTreeMap<String, String>>,
+    /// Batch rows of similar length together, to pad less.
+    pub group_by_length: bool,
+    /// Read only the first N rows of each file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// `[train]`: loss, schedule and optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub loss: LossKind,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps; `None` lets `epochs` decide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    /// Rows per optimizer step.
+    pub batch_size: usize,
+    /// Rows per forward/backward pass; `None` means the whole batch. Read it through
+    /// [`TrainSection::micro_batch`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<MicroBatch>,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Evaluate every N optimizer steps; 0 only before and after training.
+    pub eval_steps: usize,
+    pub log_steps: usize,
+    /// Similarity scale (1 / temperature) of mnrl and cosent.
+    pub scale: f64,
+    pub precision: Precision,
+    pub freeze_embeddings: bool,
+    pub freeze_layers: usize,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            loss: LossKind::Cosent,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 16,
+            micro_batch_size: None,
+            lr: 2e-5,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_steps: 0,
+            log_steps: 10,
+            scale: 20.0,
+            precision: Precision::F32,
+            freeze_embeddings: false,
+            freeze_layers: 0,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+impl TrainSection {
+    /// The micro-batch setting with its default filled in: the whole batch in one pass.
+    pub fn micro_batch(&self) -> MicroBatch {
+        self.micro_batch_size
+            .unwrap_or(MicroBatch::Size(self.batch_size))
+    }
+}
+
+/// `[memory]`: the budget and what the out-of-memory handler may change to stay in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// "6GiB", "512MiB", "80%" (of the device's memory); parse with [`parse_memory_limit`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// Successful steps at a reduced micro-batch before trying a larger one again.
+    pub regrow_after: usize,
+    /// Levers (from [`ESCALATE_LEVERS`]) to pull, in order, once micro-batch 1 still fails.
+    pub escalate: Vec<String>,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        MemorySection {
+            limit: None,
+            regrow_after: 100,
+            escalate: Vec::new(),
+        }
+    }
+}
+
+/// `[output]`: where the fine-tuned model and logs go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    /// Keep the checkpoint with the best dev score (else the last one).
+    pub save_best: bool,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::from("output/run"),
+            save_best: true,
+        }
+    }
+}
+
+/// The training loss; see `losses/` for what each computes and when to use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// MultipleNegativesRankingLoss: (anchor, positive[, negative]) rows.
+    Mnrl,
+    /// CoSENTLoss: (sentence1, sentence2, score) rows.
+    Cosent,
+    /// CosineSimilarityLoss: (sentence1, sentence2, score) rows.
+    Cosine,
+}
+
+impl LossKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossKind::Mnrl => "mnrl",
+            LossKind::Cosent => "cosent",
+            LossKind::Cosine => "cosine",
+        }
+    }
+}
+
+impl fmt::Display for LossKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Floating-point type of the forward/backward pass (master weights stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `train.micro_batch_size`: a fixed number of rows per pass, or "auto" (the largest that
+/// fits, found by the out-of-memory handler). In TOML: a positive integer or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroBatch {
+    Auto,
+    Size(usize),
+}
+
+impl fmt::Display for MicroBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MicroBatch::Auto => f.write_str("auto"),
+            MicroBatch::Size(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Auto => s.serialize_str("auto"),
+            MicroBatch::Size(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MicroBatch;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive integer or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MicroBatch, E> {
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => Ok(MicroBatch::Size(n)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MicroBatch, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MicroBatch, E> {
+                if s == "auto" {
+                    Ok(MicroBatch::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(s), &self))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The values `memory.escalate` may list.
+pub const ESCALATE_LEVERS: &[&str] = &["gradient_checkpointing", "bf16", "f16", "max_seq_length"];
+
+/// A parsed `memory.limit`: an absolute size, or a fraction (0, 1] of the device's memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryLimit {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl MemoryLimit {
+    /// The limit in bytes on a device with `total` bytes.
+    pub fn bytes_of(self, total: u64) -> u64 {
+        match self {
+            MemoryLimit::Bytes(b) => b,
+            MemoryLimit::Fraction(f) => (total as f64 * f) as u64,
+        }
+    }
+}
+
+/// Parses "6GiB", "512MiB", "1.5GB", "800 MB", "80%". Units are case-insensitive; KB/MB/GB/TB
+/// are powers of 1000, KiB/MiB/GiB/TiB powers of 1024. A bare number is rejected because
+/// "6" is more likely a forgotten unit than six bytes.
+pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit> {
+    const KEY: &str = "memory.limit";
+    const HINT: &str = "write a size such as \"6GiB\", \"512MiB\" or \"80%\"";
+    let s = s.trim();
+    if let Some(pct) = s.strip_suffix('%') {
+        let p: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| Error::config(KEY, format!("`{s}` is not a percentage; {HINT}")))?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(Error::config(
+                KEY,
+                format!("`{s}`: a percentage must be above 0% and at most 100%"),
+            ));
+        }
+        return Ok(MemoryLimit::Fraction(p / 100.0));
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| Error::config(KEY, format!("`{s}` is not a size; {HINT}")))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000u64.pow(2),
+        "gb" => 1000u64.pow(3),
+        "tb" => 1000u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "" => {
+            return Err(Error::config(
+                KEY,
+                format!("`{s}` has no unit; {HINT} (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
+            ))
+        }
+        _ => {
+            return Err(Error::config(
+                KEY,
+                format!(
+                    "unknown unit `{unit}` in `{s}`; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB or %"
+                ),
+            ))
+        }
+    };
+    let bytes = (value * scale as f64).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(Error::config(KEY, format!("`{s}` is not a usable size")));
+    }
+    Ok(MemoryLimit::Bytes(bytes as u64))
+}
+
+/// One documented config key. `example` is shown (commented out) by [`defaults_toml`] for
+/// keys whose default is "unset"; keys with a default value show that value instead.
+pub struct KeyDoc {
+    pub section: &'static str,
+    pub key: &'static str,
+    /// What a value must look like, for type errors: "expected {expects}, got …".
+    pub expects: &'static str,
+    /// One or more lines of help, printed as comments above the key.
+    pub help: &'static str,
+    /// A TOML value, for keys without a default value.
+    pub example: Option<&'static str>,
+}
+
+impl KeyDoc {
+    /// "section.key", as users write it in `--set` and as errors name it.
+    pub fn full_key(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+}
+
+/// The sections, in file order, with one line of help each.
+pub const SECTIONS: &[(&str, &str)] = &[
+    ("model", "The model to fine-tune."),
+    ("data", "Training and evaluation data."),
+    ("train", "Loss, schedule and optimizer."),
+    (
+        "memory",
+        "Memory budget, and what the out-of-memory handler may change to stay within it.",
+    ),
+    (
+        "output",
+        "Where the fine-tuned model, checkpoints and logs go.",
+    ),
+];
+
+const POSITIVE_INT: &str = "a positive integer";
+const NON_NEGATIVE_INT: &str = "a non-negative integer";
+const BOOL: &str = "true or false";
+const PATH: &str = "a file path (a string)";
+
+/// Every config key, documented once, in the order `config --defaults` prints them.
+pub const KEYS: &[KeyDoc] = &[
+    // [model]
+    KeyDoc {
+        section: "model",
+        key: "path",
+        expects: "a string: a local folder or a hub id",
+        help: "Required. A local sentence-transformers folder or a Hugging Face hub id,\n\
+               e.g. \"sentence-transformers/all-MiniLM-L6-v2\".",
+        example: None,
+    },
+    KeyDoc {
+        section: "model",
+        key: "max_seq_length",
+        expects: POSITIVE_INT,
+        help: "Truncate every text to this many tokens. Unset: the model's own max_seq_length.",
+        example: Some("256"),
+    },
+    KeyDoc {
+        section: "model",
+        key: "device",
+        expects: "a device name such as \"cpu\" or \"cuda\"",
+        help: "Where to train: \"cpu\" or a GPU such as \"cuda\".",
+        example: None,
+    },
+    // [data]
+    KeyDoc {
+        section: "data",
+        key: "train",
+        expects: PATH,
+        help: "Required. Training file: CSV, TSV or JSON lines with a header (or keys) naming\n\
+               the columns anchor,positive[,negative] or sentence1,sentence2,score.",
+        example: None,
+    },
+    KeyDoc {
+        section: "data",
+        key: "dev",
+        expects: PATH,
+        help: "Evaluation file of sentence1,sentence2,score rows: Spearman correlation of\n\
+               cosine similarity, before, during (see train.eval_steps) and after training.",
+        example: Some("\"data/dev.csv\""),
+    },
+    KeyDoc {
+        section: "data",
+        key: "format",
+        expects: "one of \"csv\", \"tsv\", \"jsonl\"",
+        help: "File format: \"csv\", \"tsv\" or \"jsonl\". Unset: taken from the file extension\n\
+               (.csv, .tsv, .jsonl, .json).",
+        example: Some("\"csv\""),
+    },
+    KeyDoc {
+        section: "data",
+        key: "columns",
+        expects:
+            "a table of role = \"column name\", e.g. { anchor = \"query\", positive = \"answer\" }",
+        help: "Which column of the file plays which role, when the header does not use the role\n\
+               names. Roles: anchor, positive, negative (pairs, triplets) or sentence1,\n\
+               sentence2, score (scored pairs). Other columns are ignored.\n\
+               On the command line: --set data.columns.anchor=query",
+        example: Some("{ anchor = \"query\", positive = \"answer\" }"),
+    },
+    KeyDoc {
+        section: "data",
+        key: "group_by_length",
+        expects: BOOL,
+        help: "Put rows of similar length in the same batch, so less padding is computed.",
+        example: None,
+    },
+    KeyDoc {
+        section: "data",
+        key: "limit",
+        expects: POSITIVE_INT,
+        help: "Read only the first N rows of each file (handy for a quick smoke run).",
+        example: Some("1000"),
+    },
+    // [train]
+    KeyDoc {
+        section: "train",
+        key: "loss",
+        expects: "one of \"mnrl\", \"cosent\", \"cosine\"",
+        help: "\"mnrl\" (MultipleNegativesRankingLoss) for anchor,positive[,negative] rows;\n\
+               \"cosent\" (CoSENTLoss) or \"cosine\" (CosineSimilarityLoss) for scored pairs.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "epochs",
+        expects: POSITIVE_INT,
+        help: "Passes over the training data.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "max_steps",
+        expects: POSITIVE_INT,
+        help: "Stop after this many optimizer steps. Unset: train.epochs decides.",
+        example: Some("1000"),
+    },
+    KeyDoc {
+        section: "train",
+        key: "batch_size",
+        expects: POSITIVE_INT,
+        help: "Rows per optimizer step. For mnrl this is also the number of in-batch negatives,\n\
+               so it changes the loss, not only the speed.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "micro_batch_size",
+        expects: "a positive integer or \"auto\"",
+        help: "Rows per forward/backward pass; the gradients of the passes of one step are\n\
+               combined, so the result matches one pass over train.batch_size rows.\n\
+               \"auto\": the largest that fits in memory. Unset: train.batch_size.",
+        example: Some("8"),
+    },
+    KeyDoc {
+        section: "train",
+        key: "lr",
+        expects: "a positive number",
+        help: "Peak learning rate of AdamW.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "warmup_ratio",
+        expects: "a number from 0 up to (not including) 1",
+        help: "Fraction of the steps over which the learning rate rises linearly from 0;\n\
+               after that it decays linearly to 0.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "weight_decay",
+        expects: "a non-negative number",
+        help: "AdamW weight decay (not applied to biases and LayerNorm weights).",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "max_grad_norm",
+        expects: "a non-negative number",
+        help: "Clip the global gradient norm to this value; 0 turns clipping off.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "seed",
+        expects: NON_NEGATIVE_INT,
+        help: "Seed of shuffling, dropout and initialisation: the same seed gives the same run.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "eval_steps",
+        expects: NON_NEGATIVE_INT,
+        help: "Evaluate on data.dev every N optimizer steps; 0: only before and after training.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "log_steps",
+        expects: POSITIVE_INT,
+        help: "Log loss and learning rate every N optimizer steps.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "scale",
+        expects: "a positive number",
+        help: "Similarity scale (1 / temperature) of mnrl and cosent; cosine ignores it.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "precision",
+        expects: "one of \"f32\", \"f16\", \"bf16\"",
+        help: "Number type of the forward and backward pass: \"f32\", \"f16\" or \"bf16\".\n\
+               Master weights and optimizer state stay f32.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "freeze_embeddings",
+        expects: BOOL,
+        help: "Do not train the embedding layer (saves its gradients and optimizer state).",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "freeze_layers",
+        expects: NON_NEGATIVE_INT,
+        help: "Do not train the first N transformer layers.",
+        example: None,
+    },
+    KeyDoc {
+        section: "train",
+        key: "gradient_checkpointing",
+        expects: BOOL,
+        help: "Recompute activations in the backward pass instead of keeping them:\n\
+               less memory, more compute.",
+        example: None,
+    },
+    // [memory]
+    KeyDoc {
+        section: "memory",
+        key: "limit",
+        expects: "a size such as \"6GiB\", \"512MiB\" or \"80%\"",
+        help: "Memory budget: a size (\"6GiB\", \"512MiB\") or a share of the device (\"80%\").\n\
+               Unset: whatever the device has.",
+        example: Some("\"80%\""),
+    },
+    KeyDoc {
+        section: "memory",
+        key: "regrow_after",
+        expects: POSITIVE_INT,
+        help: "After an out-of-memory retry at a smaller micro-batch, try a larger one again\n\
+               after this many successful steps.",
+        example: None,
+    },
+    KeyDoc {
+        section: "memory",
+        key: "escalate",
+        expects:
+            "a list drawn from \"gradient_checkpointing\", \"bf16\", \"f16\", \"max_seq_length\"",
+        help: "What the out-of-memory handler may change, in this order, when even a\n\
+               micro-batch of one row does not fit: \"gradient_checkpointing\", \"bf16\" or\n\
+               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.",
+        example: None,
+    },
+    // [output]
+    KeyDoc {
+        section: "output",
+        key: "dir",
+        expects: PATH,
+        help: "Folder for the fine-tuned model, checkpoints and logs.",
+        example: None,
+    },
+    KeyDoc {
+        section: "output",
+        key: "save_best",
+        expects: BOOL,
+        help: "Keep the model with the best dev score (with data.dev), else the last one.",
+        example: None,
+    },
+];
+
+/// Names users bring from sentence-transformers / Hugging Face, mapped to ours.
+const ALIASES: &[(&str, &str)] = &[
+    ("learning_rate", "train.lr"),
+    ("num_train_epochs", "train.epochs"),
+    ("num_epochs", "train.epochs"),
+    ("train_batch_size", "train.batch_size"),
+    ("per_device_train_batch_size", "train.batch_size"),
+    ("warmup_steps", "train.warmup_ratio"),
+    ("max_length", "model.max_seq_length"),
+    ("model_name", "model.path"),
+    ("model_name_or_path", "model.path"),
+    ("output_dir", "output.dir"),
+];
+
+fn key_doc(section: &str, key: &str) -> Option<&'static KeyDoc> {
+    KEYS.iter().find(|k| k.section == section && k.key == key)
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`section.key=value`, later ones win) and checks
+    /// every key. Does not run [`Config::validate`].
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Config::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Like [`Config::load`] on text already in memory; `origin` names it in syntax errors.
+    /// `Config::from_toml("", "--set", overrides)` builds a config from overrides alone.
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::config(origin, e.to_string().trim_end()))?;
+        for o in overrides {
+            apply_override(&mut root, o)?;
+        }
+        check_keys(&root)?;
+        check_types(&root)?;
+        toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config(origin, e.message().to_string()))
+    }
+
+    /// Checks that need the whole config, each error naming the key to change.
+    pub fn validate(&self) -> Result<()> {
+        let (m, d, t, mem, o) = (
+            &self.model,
+            &self.data,
+            &self.train,
+            &self.memory,
+            &self.output,
+        );
+        if m.path.trim().is_empty() {
+            return Err(Error::config(
+                "model.path",
+                "is required: set it to a local sentence-transformers folder or a hub id, \
+                 e.g. --set model.path=sentence-transformers/all-MiniLM-L6-v2",
+            ));
+        }
+        if m.max_seq_length == Some(0) {
+            return Err(at_least_one("model.max_seq_length"));
+        }
+        if m.device.trim().is_empty() {
+            return Err(Error::config(
+                "model.device",
+                "is empty; use \"cpu\" or \"cuda\"",
+            ));
+        }
+        if d.train.as_os_str().is_empty() {
+            return Err(Error::config(
+                "data.train",
+                "is required: set it to a CSV, TSV or JSON lines file, e.g. --set data.train=train.csv",
+            ));
+        }
+        if d.dev.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(Error::config(
+                "data.dev",
+                "is an empty path; remove the key to train without evaluation",
+            ));
+        }
+        if let Some(columns) = &d.columns {
+            crate::data::read::shape_from_roles(columns)?;
+            if let Some((role, _)) = columns.iter().find(|(_, c)| c.is_empty()) {
+                return Err(Error::config(
+                    format!("data.columns.{role}"),
+                    "is empty; give the name of a column in the file",
+                ));
+            }
+        }
+        if d.limit == Some(0) {
+            return Err(Error::config(
+                "data.limit",
+                "must be at least 1; remove the key to read every row",
+            ));
+        }
+        if t.epochs == 0 {
+            return Err(at_least_one("train.epochs"));
+        }
+        if t.max_steps == Some(0) {
+            return Err(Error::config(
+                "train.max_steps",
+                "must be at least 1; remove the key to let train.epochs decide",
+            ));
+        }
+        if t.batch_size == 0 {
+            return Err(at_least_one("train.batch_size"));
+        }
+        if let Some(MicroBatch::Size(n)) = t.micro_batch_size {
+            if n > t.batch_size {
+                return Err(Error::config(
+                    "train.micro_batch_size",
+                    format!(
+                        "({n}) is larger than train.batch_size ({}); a micro-batch is a slice \
+                         of one optimizer step, so use at most {} (or \"auto\")",
+                        t.batch_size, t.batch_size
+                    ),
+                ));
+            }
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(Error::config(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(Error::config(
+                "train.warmup_ratio",
+                format!(
+                    "must be from 0 up to (not including) 1, got {}",
+                    t.warmup_ratio
+                ),
+            ));
+        }
+        non_negative("train.weight_decay", t.weight_decay)?;
+        non_negative("train.max_grad_norm", t.max_grad_norm)?;
+        if !(t.scale > 0.0 && t.scale.is_finite()) {
+            return Err(Error::config(
+                "train.scale",
+                format!("must be a positive number, got {}", t.scale),
+            ));
+        }
+        if t.log_steps == 0 {
+            return Err(at_least_one("train.log_steps"));
+        }
+        // freeze_layers can only be checked against the model's layer count, when it is loaded.
+        if let Some(limit) = &mem.limit {
+            parse_memory_limit(limit)?;
+        }
+        if mem.regrow_after == 0 {
+            return Err(at_least_one("memory.regrow_after"));
+        }
+        for (i, lever) in mem.escalate.iter().enumerate() {
+            if !ESCALATE_LEVERS.contains(&lever.as_str()) {
+                let hint = closest(lever, ESCALATE_LEVERS.iter().copied())
+                    .map(|s| format!("did you mean \"{s}\"? "))
+                    .unwrap_or_default();
+                return Err(Error::config(
+                    "memory.escalate",
+                    format!(
+                        "unknown lever \"{lever}\"; {hint}valid levers: {}",
+                        ESCALATE_LEVERS.join(", ")
+                    ),
+                ));
+            }
+            if mem.escalate[..i].contains(lever) {
+                return Err(Error::config(
+                    "memory.escalate",
+                    format!("lists \"{lever}\" twice"),
+                ));
+            }
+        }
+        if ["bf16", "f16"]
+            .iter()
+            .all(|p| mem.escalate.iter().any(|l| l == p))
+        {
+            return Err(Error::config(
+                "memory.escalate",
+                "lists both \"bf16\" and \"f16\"; keep the one your device supports",
+            ));
+        }
+        if o.dir.as_os_str().is_empty() {
+            return Err(Error::config(
+                "output.dir",
+                "is empty; give a folder for the model",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn at_least_one(key: &str) -> Error {
+    Error::config(key, "must be at least 1")
+}
+
+fn non_negative(key: &str, v: f64) -> Result<()> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            format!("must be a non-negative number, got {v}"),
+        ))
+    }
+}
+
+/// Applies one `--set section.key=value`. The value is read as TOML when it parses
+/// (`3e-5`, `true`, `[1, 2]`, `"auto"`), else taken as text (`auto`, `6GiB`, `data/train.csv`).
+/// Keys whose value is text (paths, names) always take the raw text unless it is quoted, so
+/// `--set output.dir=2024-01-01` is a folder, not a date.
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
+    let Some((key, raw)) = spec.split_once('=') else {
+        return Err(Error::config(
+            spec,
+            "--set expects section.key=value, e.g. --set train.lr=3e-5",
+        ));
+    };
+    let (key, raw) = (key.trim(), raw.trim());
+    let path: Vec<&str> = key.split('.').collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(Error::config(
+            key,
+            format!("--set {spec}: the key must be section.key, e.g. train.lr"),
+        ));
+    }
+    let value = if takes_text(key) && !raw.starts_with(['"', '\'']) {
+        toml::Value::String(raw.to_string())
+    } else {
+        parse_value(raw)
+    };
+    let mut table = root;
+    for (i, part) in path[..path.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            Error::config(
+                path[..=i].join("."),
+                format!("--set {spec}: `{}` is not a table", path[..=i].join(".")),
+            )
+        })?;
+    }
+    table.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// A value as TOML if it is one (dates excepted: no key takes a date), else as text.
+fn parse_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(t) if t.len() == 1 => match t.get("v") {
+            Some(toml::Value::Datetime(_)) | None => toml::Value::String(raw.to_string()),
+            Some(v) => v.clone(),
+        },
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Whether `key` holds text (a path, a name, a column), judged from its default or example.
+fn takes_text(key: &str) -> bool {
+    if key.starts_with("data.columns.") {
+        return true;
+    }
+    let Some((section, name)) = key.split_once('.') else {
+        return false;
+    };
+    key_doc(section, name).is_some_and(|doc| matches!(sample(doc), toml::Value::String(_)))
+}
+
+/// The value `defaults_toml` shows for `doc`: its default, or its example when it has none.
+fn sample(doc: &KeyDoc) -> toml::Value {
+    if let Some(v) = default_table()
+        .get(doc.section)
+        .and_then(|s| s.get(doc.key))
+    {
+        return v.clone();
+    }
+    let example = doc.example.unwrap_or("\"\"");
+    parse_value(example)
+}
+
+fn default_table() -> toml::Table {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        // Config holds only strings, numbers, booleans and lists, which TOML can always hold.
+        other => unreachable!("Config::default() serializes to a table, got {other:?}"),
+    }
+}
+
+/// Rejects unknown sections and keys, with a suggestion and the list of valid ones.
+fn check_keys(root: &toml::Table) -> Result<()> {
+    let section_names = || SECTIONS.iter().map(|(name, _)| *name);
+    for (section, value) in root {
+        if !section_names().any(|s| s == section) {
+            return Err(unknown_section(section, value));
+        }
+        let table = value.as_table().ok_or_else(|| {
+            Error::config(
+                section,
+                format!("expected a [{section}] section (a table), got {value}"),
+            )
+        })?;
+        for key in table.keys() {
+            if key_doc(section, key).is_none() {
+                return Err(unknown_key(section, key));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unknown_section(name: &str, value: &toml::Value) -> Error {
+    let valid: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
+    let hint = if let Some(doc) = (!value.is_table())
+        .then(|| KEYS.iter().find(|k| k.key == name))
+        .flatten()
+    {
+        format!(
+            "keys belong to a section: did you mean `{}` (under [{}])? ",
+            doc.full_key(),
+            doc.section
+        )
+    } else if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == name) {
+        format!("did you mean `{to}`? ")
+    } else if let Some(s) = closest(name, valid.iter().copied()) {
+        format!("did you mean [{s}]? ")
+    } else {
+        String::new()
+    };
+    Error::config(
+        name,
+        format!(
+            "unknown section; {hint}valid sections: {}",
+            valid.join(", ")
+        ),
+    )
+}
+
+fn unknown_key(section: &str, key: &str) -> Error {
+    let in_section = || KEYS.iter().filter(|k| k.section == section);
+    let hint = if let Some(k) = closest(key, in_section().map(|k| k.key)) {
+        format!("did you mean `{section}.{k}`? ")
+    } else if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == key) {
+        format!("did you mean `{to}`? ")
+    } else if let Some(doc) = KEYS.iter().find(|k| k.key == key) {
+        format!("did you mean `{}`? ", doc.full_key())
+    } else {
+        String::new()
+    };
+    let mut valid: Vec<&str> = in_section().map(|k| k.key).collect();
+    valid.sort_unstable();
+    Error::config(
+        format!("{section}.{key}"),
+        format!(
+            "unknown key; {hint}valid keys in [{section}]: {}",
+            valid.join(", ")
+        ),
+    )
+}
+
+/// Deserializes each key on its own, so a type error names the key, the value and what the
+/// key takes (the table's `expects`), instead of serde's "expected usize".
+fn check_types(root: &toml::Table) -> Result<()> {
+    for (section, value) in root {
+        let Some(table) = value.as_table() else {
+            continue;
+        };
+        for (key, v) in table {
+            let mut one_section = toml::Table::new();
+            one_section.insert(key.clone(), v.clone());
+            let mut one = toml::Table::new();
+            one.insert(section.clone(), toml::Value::Table(one_section));
+            if toml::Value::Table(one).try_into::<Config>().is_err() {
+                let expects = key_doc(section, key).map_or("another value", |d| d.expects);
+                return Err(Error::config(
+                    format!("{section}.{key}"),
+                    format!("expected {expects}, got {v}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a typo.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|&(d, _)| d <= (name.chars().count() / 4).max(2) && d < name.chars().count())
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = substitution.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The whole config with its defaults, a comment above each key saying what it does; what
+/// `st-tune config --defaults` prints. Keys without a default are shown commented out, with
+/// an example value. Loading this text gives `Config::default()`.
+pub fn defaults_toml() -> String {
+    let defaults = default_table();
+    let mut out = String::from(
+        "# st-tune training config. Every key shows its default; only model.path and\n\
+         # data.train are required. Override any key on the command line with\n\
+         # --set section.key=value, e.g. --set train.lr=3e-5 (the command line wins).\n",
+    );
+    for (section, help) in SECTIONS {
+        out.push_str(&format!("\n# {help}\n[{section}]\n"));
+        for doc in KEYS.iter().filter(|k| k.section == *section) {
+            for line in doc.help.lines() {
+                out.push_str(&format!("# {}\n", line.trim()));
+            }
+            match defaults.get(*section).and_then(|s| s.get(doc.key)) {
+                Some(value) => out.push_str(&format!("{} = {value}\n", doc.key)),
+                None => out.push_str(&format!(
+                    "# {} = {}\n",
+                    doc.key,
+                    doc.example.unwrap_or("\"\"")
+                )),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<Config> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml(text, "test.toml", &sets)
+    }
+
+    fn config_error(r: Result<Config>) -> (String, String) {
+        match r {
+            Err(Error::Config { key, msg }) => (key, msg),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// The key `validate` rejects `c` for.
+    fn invalid_key(c: &Config) -> String {
+        match c.validate() {
+            Err(Error::Config { key, .. }) => key,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    fn valid() -> Config {
+        parse("[model]\npath = \"m\"\n[data]\ntrain = \"t.csv\"\n", &[]).unwrap()
+    }
+
+    #[test]
+    fn printed_defaults_load_back_to_the_defaults() {
+        let text = defaults_toml();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("defaults.toml");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(Config::load(&path, &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn printed_defaults_document_every_key() {
+        let text = defaults_toml();
+        for doc in KEYS {
+            assert!(
+                text.contains(&format!("\n{} = ", doc.key))
+                    || text.contains(&format!("\n# {} = ", doc.key)),
+                "{} missing from defaults_toml",
+                doc.full_key()
+            );
+        }
+    }
+
+    #[test]
+    fn the_key_table_and_the_structs_name_the_same_keys() {
+        // Every key the structs serialize is documented...
+        for (section, table) in default_table() {
+            for key in table.as_table().unwrap().keys() {
+                assert!(
+                    key_doc(&section, key).is_some(),
+                    "{section}.{key} has no KeyDoc"
+                );
+            }
+        }
+        // ...and every documented key (with its default or example) is accepted by the structs.
+        for doc in KEYS {
+            let mut one = toml::Table::new();
+            one.insert(doc.key.to_string(), sample(doc));
+            let mut root = toml::Table::new();
+            root.insert(doc.section.to_string(), toml::Value::Table(one));
+            let r: std::result::Result<Config, _> = toml::Value::Table(root).try_into();
+            assert!(r.is_ok(), "{} rejected: {r:?}", doc.full_key());
+            assert!(
+                doc.example.is_some() || default_table()[doc.section].get(doc.key).is_some(),
+                "{} has neither a default nor an example",
+                doc.full_key()
+            );
+        }
+        assert_eq!(SECTIONS.len(), default_table().len());
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        assert_eq!(parse("", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_file_sets_keys_and_keeps_other_defaults() {
+        let c = parse("[train]\nlr = 3e-5\nloss = \"mnrl\"\n", &[]).unwrap();
+        assert_eq!(c.train.lr, 3e-5);
+        assert_eq!(c.train.loss, LossKind::Mnrl);
+        assert_eq!(c.train.batch_size, 16);
+    }
+
+    #[test]
+    fn set_overrides_numbers_strings_booleans_and_wins_over_the_file() {
+        let c = parse(
+            "[train]\nlr = 3e-5\n",
+            &[
+                "train.lr=1e-4",
+                "train.batch_size=64",
+                "train.loss=mnrl",
+                "model.path=sentence-transformers/all-MiniLM-L6-v2",
+                "data.group_by_length=true",
+                "memory.limit=6GiB",
+                "memory.escalate=[\"bf16\", \"max_seq_length\"]",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 1e-4);
+        assert_eq!(c.train.batch_size, 64);
+        assert_eq!(c.train.loss, LossKind::Mnrl);
+        assert_eq!(c.model.path, "sentence-transformers/all-MiniLM-L6-v2");
+        assert!(c.data.group_by_length);
+        assert_eq!(c.memory.limit.as_deref(), Some("6GiB"));
+        assert_eq!(c.memory.escalate, ["bf16", "max_seq_length"]);
+    }
+
+    #[test]
+    fn set_with_dotted_keys_builds_nested_tables() {
+        let c = parse(
+            "",
+            &["data.columns.anchor=query", "data.columns.positive=answer"],
+        )
+        .unwrap();
+        let cols = c.data.columns.unwrap();
+        assert_eq!(cols["anchor"], "query");
+        assert_eq!(cols["positive"], "answer");
+    }
+
+    #[test]
+    fn set_adds_to_columns_from_the_file() {
+        let c = parse(
+            "[data.columns]\nanchor = \"q\"\n",
+            &["data.columns.positive=a"],
+        )
+        .unwrap();
+        assert_eq!(c.data.columns.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn set_takes_text_keys_literally_unless_quoted() {
+        let c = parse(
+            "",
+            &[
+                "output.dir=2024-01-01",
+                "model.path=1",
+                "model.device=cuda:0",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.output.dir, PathBuf::from("2024-01-01"));
+        assert_eq!(c.model.path, "1");
+        assert_eq!(c.model.device, "cuda:0");
+        let c = parse("", &["model.path=\"quoted\""]).unwrap();
+        assert_eq!(c.model.path, "quoted");
+    }
+
+    #[test]
+    fn micro_batch_size_takes_a_number_or_auto() {
+        let c = parse("", &["train.micro_batch_size=8"]).unwrap();
+        assert_eq!(c.train.micro_batch_size, Some(MicroBatch::Size(8)));
+        let c = parse("", &["train.micro_batch_size=auto"]).unwrap();
+        assert_eq!(c.train.micro_batch(), MicroBatch::Auto);
+        let c = parse("", &["train.micro_batch_size=\"auto\""]).unwrap();
+        assert_eq!(c.train.micro_batch(), MicroBatch::Auto);
+        let c = parse("[train]\nmicro_batch_size = \"auto\"\n", &[]).unwrap();
+        assert_eq!(c.train.micro_batch(), MicroBatch::Auto);
+    }
+
+    #[test]
+    fn micro_batch_size_defaults_to_the_batch_size() {
+        let c = parse("", &["train.batch_size=32"]).unwrap();
+        assert_eq!(c.train.micro_batch(), MicroBatch::Size(32));
+    }
+
+    #[test]
+    fn micro_batch_size_rejects_zero_and_other_words() {
+        for bad in ["0", "-3", "big", "8.5"] {
+            let (key, msg) = config_error(parse("", &[&format!("train.micro_batch_size={bad}")]));
+            assert_eq!(key, "train.micro_batch_size");
+            assert!(msg.contains("a positive integer or \"auto\""), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_set_without_equals_sign_is_named() {
+        let (key, msg) = config_error(parse("", &["train.lr"]));
+        assert_eq!(key, "train.lr");
+        assert!(msg.contains("section.key=value"), "{msg}");
+    }
+
+    #[test]
+    fn a_set_without_a_section_is_rejected() {
+        let (key, msg) = config_error(parse("", &["lr=1"]));
+        assert_eq!(key, "lr");
+        assert!(msg.contains("section.key"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_key_suggests_the_closest_one_and_lists_the_section() {
+        let (key, msg) = config_error(parse("[train]\nlrr = 1e-5\n", &[]));
+        assert_eq!(key, "train.lrr");
+        assert!(msg.contains("did you mean `train.lr`?"), "{msg}");
+        assert!(
+            msg.contains("valid keys in [train]: batch_size, epochs"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_from_set_is_rejected_too() {
+        let (key, msg) = config_error(parse("", &["train.batchsize=8"]));
+        assert_eq!(key, "train.batchsize");
+        assert!(msg.contains("did you mean `train.batch_size`?"), "{msg}");
+    }
+
+    #[test]
+    fn a_hugging_face_name_points_to_ours() {
+        let (_, msg) = config_error(parse("[train]\nlearning_rate = 1e-5\n", &[]));
+        assert!(msg.contains("did you mean `train.lr`?"), "{msg}");
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_section_points_to_the_right_one() {
+        let (key, msg) = config_error(parse("[train]\ndevice = \"cuda\"\n", &[]));
+        assert_eq!(key, "train.device");
+        assert!(msg.contains("did you mean `model.device`?"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_section_suggests_the_closest_one() {
+        let (key, msg) = config_error(parse("[trian]\nlr = 1e-5\n", &[]));
+        assert_eq!(key, "trian");
+        assert!(msg.contains("did you mean [train]?"), "{msg}");
+        assert!(
+            msg.contains("valid sections: model, data, train, memory, output"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_key_outside_any_section_points_to_its_section() {
+        let (key, msg) = config_error(parse("lr = 1e-5\n", &[]));
+        assert_eq!(key, "lr");
+        assert!(msg.contains("`train.lr` (under [train])"), "{msg}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_the_value_and_what_is_allowed() {
+        let (key, msg) = config_error(parse("[train]\nbatch_size = \"sixteen\"\n", &[]));
+        assert_eq!(key, "train.batch_size");
+        assert_eq!(msg, "expected a positive integer, got \"sixteen\"");
+        let e = parse("", &["train.batch_size=sixteen"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config key `train.batch_size`: expected a positive integer, got \"sixteen\""
+        );
+    }
+
+    #[test]
+    fn a_wrong_enum_value_lists_the_choices() {
+        let (key, msg) = config_error(parse("", &["train.loss=triplet"]));
+        assert_eq!(key, "train.loss");
+        assert!(
+            msg.contains("one of \"mnrl\", \"cosent\", \"cosine\""),
+            "{msg}"
+        );
+        let (key, _) = config_error(parse("", &["train.precision=fp16"]));
+        assert_eq!(key, "train.precision");
+    }
+
+    #[test]
+    fn a_section_that_is_not_a_table_is_rejected() {
+        let (key, msg) = config_error(parse("train = 5\n", &[]));
+        assert_eq!(key, "train");
+        assert!(msg.contains("a table"), "{msg}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_file_and_line() {
+        let (key, msg) = config_error(parse("[train]\nlr = = 1\n", &[]));
+        assert_eq!(key, "test.toml");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_naming_it() {
+        let e = Config::load(Path::new("/nonexistent/st-tune.toml"), &[]).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }));
+        assert!(e.to_string().contains("/nonexistent/st-tune.toml"));
+    }
+
+    #[test]
+    fn a_complete_config_is_valid() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_requires_model_path_and_train_file() {
+        assert_eq!(invalid_key(&Config::default()), "model.path");
+        let mut c = valid();
+        c.data.train = PathBuf::new();
+        assert_eq!(invalid_key(&c), "data.train");
+    }
+
+    #[test]
+    fn a_micro_batch_larger_than_the_batch_is_rejected() {
+        let mut c = valid();
+        c.train.micro_batch_size = Some(MicroBatch::Size(32));
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            e.to_string().split(';').next().unwrap(),
+            "config key `train.micro_batch_size`: (32) is larger than train.batch_size (16)"
+        );
+        c.train.micro_batch_size = Some(MicroBatch::Auto);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_each_bad_number() {
+        type Spoil = fn(&mut Config);
+        let cases: &[(&str, Spoil)] = &[
+            ("train.batch_size", |c| c.train.batch_size = 0),
+            ("train.epochs", |c| c.train.epochs = 0),
+            ("train.lr", |c| c.train.lr = 0.0),
+            ("train.lr", |c| c.train.lr = f64::NAN),
+            ("train.warmup_ratio", |c| c.train.warmup_ratio = 1.0),
+            ("train.warmup_ratio", |c| c.train.warmup_ratio = -0.1),
+            ("train.weight_decay", |c| c.train.weight_decay = -1.0),
+            ("train.max_grad_norm", |c| {
+                c.train.max_grad_norm = f64::INFINITY
+            }),
+            ("train.scale", |c| c.train.scale = 0.0),
+            ("train.log_steps", |c| c.train.log_steps = 0),
+            ("train.max_steps", |c| c.train.max_steps = Some(0)),
+            ("model.max_seq_length", |c| c.model.max_seq_length = Some(0)),
+            ("data.limit", |c| c.data.limit = Some(0)),
+            ("memory.limit", |c| c.memory.limit = Some("lots".into())),
+            ("memory.regrow_after", |c| c.memory.regrow_after = 0),
+            ("output.dir", |c| c.output.dir = PathBuf::new()),
+        ];
+        for (want, spoil) in cases {
+            let mut c = valid();
+            spoil(&mut c);
+            assert_eq!(invalid_key(&c), *want);
+        }
+    }
+
+    #[test]
+    fn escalate_accepts_only_known_levers_once() {
+        let mut c = valid();
+        c.memory.escalate = vec!["gradient_checkpointing".into(), "bf16".into()];
+        c.validate().unwrap();
+        c.memory.escalate = vec!["gradient_checkpoint".into()];
+        let Err(Error::Config { key, msg }) = c.validate() else {
+            panic!("an unknown lever passed validation")
+        };
+        assert_eq!(key, "memory.escalate");
+        assert!(
+            msg.contains("did you mean \"gradient_checkpointing\"?"),
+            "{msg}"
+        );
+        c.memory.escalate = vec!["bf16".into(), "bf16".into()];
+        assert!(c.validate().is_err());
+        c.memory.escalate = vec!["bf16".into(), "f16".into()];
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn columns_must_form_a_row_shape() {
+        let mut c = parse("", &["data.columns.anchor=q", "data.columns.positive=a"]).unwrap();
+        c.model.path = "m".into();
+        c.data.train = "t.csv".into();
+        c.validate().unwrap();
+        c.data
+            .columns
+            .as_mut()
+            .unwrap()
+            .insert("score".into(), "s".into());
+        assert_eq!(invalid_key(&c), "data.columns");
+    }
+
+    #[test]
+    fn memory_limits_parse_sizes_and_percentages() {
+        assert_eq!(
+            parse_memory_limit("6GiB").unwrap(),
+            MemoryLimit::Bytes(6 << 30)
+        );
+        assert_eq!(
+            parse_memory_limit("512MiB").unwrap(),
+            MemoryLimit::Bytes(512 << 20)
+        );
+        assert_eq!(
+            parse_memory_limit("1.5GB").unwrap(),
+            MemoryLimit::Bytes(1_500_000_000)
+        );
+        assert_eq!(
+            parse_memory_limit("800 mb").unwrap(),
+            MemoryLimit::Bytes(800_000_000)
+        );
+        assert_eq!(parse_memory_limit("2KB").unwrap(), MemoryLimit::Bytes(2000));
+        assert_eq!(
+            parse_memory_limit("2KiB").unwrap(),
+            MemoryLimit::Bytes(2048)
+        );
+        assert_eq!(
+            parse_memory_limit("1TiB").unwrap(),
+            MemoryLimit::Bytes(1 << 40)
+        );
+        assert_eq!(parse_memory_limit("100B").unwrap(), MemoryLimit::Bytes(100));
+        assert_eq!(
+            parse_memory_limit("80%").unwrap(),
+            MemoryLimit::Fraction(0.8)
+        );
+        assert_eq!(MemoryLimit::Fraction(0.5).bytes_of(1000), 500);
+    }
+
+    #[test]
+    fn memory_limits_reject_bad_sizes_with_the_key() {
+        for bad in [
+            "6", "6G", "GiB", "0GiB", "0%", "120%", "-1GiB", "x%", "", "1.2.3MiB",
+        ] {
+            match parse_memory_limit(bad) {
+                Err(Error::Config { key, .. }) => assert_eq!(key, "memory.limit", "{bad}"),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(edit_distance("lrr", "lr"), 1);
+        assert_eq!(edit_distance("batchsize", "batch_size"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}

@@ -1,0 +1,64 @@
+//! The model's tokenizer (tokenizer.json), set up as sentence-transformers uses it: truncation
+//! to `max_seq_length` (special tokens included), no padding (batches pad themselves), optional
+//! lower-casing from `sentence_bert_config.json`.
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub max_seq_length: usize,
+    pub lower_case: bool,
+    pub pad_id: u32,
+}
+
+impl TextTokenizer {
+    pub fn load(path: &Path, max_seq_length: usize, lower_case: bool) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::model(path, format!("cannot read tokenizer: {e}")))?;
+        let pad_id = inner
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| ["[PAD]", "<pad>"].iter().find_map(|t| inner.token_to_id(t)))
+            .unwrap_or(0);
+        inner.with_padding(None);
+        let mut tok = Self {
+            inner,
+            max_seq_length,
+            lower_case,
+            pad_id,
+        };
+        tok.set_max_seq_length(max_seq_length)?;
+        Ok(tok)
+    }
+
+    pub fn set_max_seq_length(&mut self, max: usize) -> Result<()> {
+        self.max_seq_length = max;
+        self.inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Token ids of each text, special tokens added, truncated.
+    pub fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let texts: Vec<String> = texts
+            .iter()
+            .map(|t| if self.lower_case { t.to_lowercase() } else { t.to_string() })
+            .collect();
+        let enc = self
+            .inner
+            .encode_batch(texts, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+}

@@ -1,0 +1,98 @@
+//! The library's error type. Each variant carries what the user needs to fix the problem
+//! (file and line, config key, tensor name and shapes); `main` prints the chain once and maps
+//! the variant to a documented exit code (see [`Error::exit_code`]).
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A configuration key has a bad value, or is unknown.
+    #[error("config key `{key}`: {msg}")]
+    Config { key: String, msg: String },
+
+    /// A data file has a bad row or header. `line` is 1-based; 0 means "the whole file".
+    #[error("{}:{line}: {msg}", file.display())]
+    Data {
+        file: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
+    /// A model folder is missing a file, has an unknown type or a tensor of the wrong shape.
+    #[error("model {}: {msg}", path.display())]
+    Model { path: PathBuf, msg: String },
+
+    /// The command line asked for something impossible (unknown device, bad combination).
+    #[error("{0}")]
+    Usage(String),
+
+    /// No micro-batch fits in memory, even after every allowed lever was applied.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+
+    /// The user pressed Ctrl-C; what was trained so far has been saved.
+    #[error("interrupted")]
+    Interrupted,
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn data(file: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
+        Error::Data {
+            file: file.into(),
+            line,
+            msg: msg.into(),
+        }
+    }
+
+    pub fn model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Model {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Exit codes, documented in README.md:
+    /// 1 other failure, 2 bad input (config, data, model, usage), 3 out of memory with nothing
+    /// left to try, 130 interrupted by Ctrl-C.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config { .. }
+            | Error::Data { .. }
+            | Error::Model { .. }
+            | Error::Usage(_)
+            | Error::Tokenizer(_) => 2,
+            Error::OutOfMemory(_) => 3,
+            Error::Interrupted => 130,
+            Error::Io { .. } | Error::Candle(_) => 1,
+        }
+    }
+}

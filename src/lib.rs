@@ -1,0 +1,18 @@
+//! st-tune: fine-tune sentence-transformer embedding models with candle, on CPU and CUDA,
+//! with an out-of-memory handler that keeps the run going.
+//!
+//! The folders are the architecture: `model` (encoders, pooling, loading and saving),
+//! `data` (readers, tokenization, batching), `losses`, `train` (the loop, optimizer,
+//! evaluation), `memory` (budget, OOM recognition and the backoff policy) and `cli`.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod losses;
+pub mod memory;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,138 @@
+//! The OOM backoff policy as a pure function: (state, event) -> action. No model, no tensors:
+//! the step runner in `train::step` carries the action out, and these rules are tested alone.
+//!
+//! - An OOM halves the micro-batch (down to 1) and retries the same rows.
+//! - At micro-batch 1 there is nothing left to halve: give up (the trainer saves and exits).
+//! - After `regrow_after` clean steps, try doubling again (up to the configured size); an OOM
+//!   at a regrown size backs off and doubles the wait before the next try.
+
+/// What the policy remembers between steps; saved with the run so a resumed run starts from
+/// the micro-batch known to fit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemState {
+    /// Rows per forward pass now.
+    pub micro: usize,
+    /// The configured `train.micro_batch_size`: regrowing never goes above it.
+    pub max_micro: usize,
+    /// Clean steps since the last OOM or regrow.
+    pub clean_steps: usize,
+    /// Clean steps to wait before the next regrow (`memory.regrow_after`, doubled on failure).
+    pub regrow_wait: usize,
+    /// True while the current micro-batch size is a regrow not yet proven by a clean step.
+    pub on_trial: bool,
+    /// OOMs recovered so far.
+    pub recovered: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A micro-batch or the optimizer update ran out of memory.
+    Oom,
+    /// An optimizer step finished.
+    StepDone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Go on as before.
+    Continue,
+    /// Retry the failed work with this many rows per forward pass.
+    Retry { micro: usize },
+    /// From the next step on, use this larger micro-batch.
+    Regrow { micro: usize },
+    /// Nothing left to try.
+    GiveUp,
+}
+
+impl MemState {
+    pub fn new(micro: usize, regrow_after: usize) -> Self {
+        Self {
+            micro,
+            max_micro: micro,
+            clean_steps: 0,
+            regrow_wait: regrow_after.max(1),
+            on_trial: false,
+            recovered: 0,
+        }
+    }
+
+    pub fn decide(&mut self, event: Event) -> Action {
+        match event {
+            Event::Oom => {
+                self.clean_steps = 0;
+                if self.on_trial {
+                    // The regrow did not fit: wait twice as long before the next try.
+                    self.regrow_wait = self.regrow_wait.saturating_mul(2);
+                    self.on_trial = false;
+                }
+                if self.micro <= 1 {
+                    return Action::GiveUp;
+                }
+                self.micro = self.micro.div_ceil(2);
+                self.recovered += 1;
+                Action::Retry { micro: self.micro }
+            }
+            Event::StepDone => {
+                self.on_trial = false;
+                self.clean_steps += 1;
+                if self.micro < self.max_micro && self.clean_steps >= self.regrow_wait {
+                    self.clean_steps = 0;
+                    self.micro = (self.micro * 2).min(self.max_micro);
+                    self.on_trial = true;
+                    return Action::Regrow { micro: self.micro };
+                }
+                Action::Continue
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oom_halves_the_micro_batch_down_to_one_then_gives_up() {
+        let mut s = MemState::new(8, 100);
+        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 4 });
+        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 2 });
+        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 1 });
+        assert_eq!(s.decide(Event::Oom), Action::GiveUp);
+        assert_eq!(s.recovered, 3);
+    }
+
+    #[test]
+    fn odd_micro_batches_round_up_when_halved() {
+        let mut s = MemState::new(5, 100);
+        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 3 });
+    }
+
+    #[test]
+    fn clean_steps_regrow_up_to_the_configured_size() {
+        let mut s = MemState::new(8, 2);
+        s.decide(Event::Oom); // 4
+        s.decide(Event::Oom); // 2
+        assert_eq!(s.decide(Event::StepDone), Action::Continue);
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 4 });
+        assert_eq!(s.decide(Event::StepDone), Action::Continue);
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
+        for _ in 0..10 {
+            assert_eq!(s.decide(Event::StepDone), Action::Continue);
+        }
+        assert_eq!(s.micro, 8);
+    }
+
+    #[test]
+    fn a_failed_regrow_backs_off_and_doubles_the_wait() {
+        let mut s = MemState::new(8, 2);
+        s.decide(Event::Oom); // 4
+        s.decide(Event::StepDone);
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
+        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 4 });
+        assert_eq!(s.regrow_wait, 4);
+        for _ in 0..3 {
+            assert_eq!(s.decide(Event::StepDone), Action::Continue);
+        }
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
+    }
+}

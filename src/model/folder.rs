@@ -1,0 +1,248 @@
+//! Reading and writing a sentence-transformers folder: `modules.json` lists the modules
+//! (Transformer at the root, `1_Pooling`, optional `2_Dense`, `2_Normalize`), each with its own
+//! config file. A plain Hugging Face folder (no modules.json) is read as Transformer + mean
+//! pooling. Writing is atomic: the folder is built beside the target and renamed into place.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::pooling::PoolingConfig;
+
+const TRANSFORMER: &str = "sentence_transformers.models.Transformer";
+const POOLING: &str = "sentence_transformers.models.Pooling";
+const DENSE: &str = "sentence_transformers.models.Dense";
+const NORMALIZE: &str = "sentence_transformers.models.Normalize";
+
+/// Files of the Transformer module that are copied verbatim when saving, if present.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleEntry {
+    pub idx: usize,
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// A `Dense` module (`2_Dense/config.json`), applied after pooling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DenseConfig {
+    pub in_features: usize,
+    pub out_features: usize,
+    #[serde(default = "yes")]
+    pub bias: bool,
+    #[serde(default = "tanh")]
+    pub activation_function: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn tanh() -> String {
+    "torch.nn.modules.activation.Tanh".into()
+}
+
+/// Everything about a model folder except its weights.
+#[derive(Debug, Clone)]
+pub struct FolderSpec {
+    pub root: PathBuf,
+    /// `config.json` as read, written back unchanged.
+    pub config: Value,
+    pub model_type: String,
+    pub max_seq_length: usize,
+    pub do_lower_case: bool,
+    pub pooling: PoolingConfig,
+    /// Folder name (e.g. "2_Dense") and config, when the model has a Dense module.
+    pub dense: Option<(String, DenseConfig)>,
+    pub normalize: bool,
+    /// The module list to write back (generated for plain Hugging Face folders).
+    pub modules: Vec<ModuleEntry>,
+    /// True when the folder had no modules.json and mean pooling was assumed.
+    pub assumed_pooling: bool,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(path: &Path, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::model(path, e.to_string()))
+}
+
+impl FolderSpec {
+    pub fn read(root: &Path) -> Result<Self> {
+        let config_path = root.join("config.json");
+        let modules_path = root.join("modules.json");
+        if !config_path.exists() && !modules_path.exists() {
+            return Err(Error::model(
+                root,
+                "neither modules.json nor config.json found: not a sentence-transformers or \
+                 Hugging Face model folder",
+            ));
+        }
+        if !config_path.exists() {
+            return Err(Error::model(root, "config.json not found next to modules.json"));
+        }
+        let config = read_json(&config_path)?;
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::model(&config_path, "no `model_type` key"))?
+            .to_string();
+        let hidden = config.get("hidden_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let max_pos = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .unwrap_or(512) as usize;
+
+        let st_config = root.join("sentence_bert_config.json");
+        let (mut max_seq_length, mut do_lower_case) = (max_pos.min(512), false);
+        if st_config.exists() {
+            let v = read_json(&st_config)?;
+            if let Some(m) = v.get("max_seq_length").and_then(Value::as_u64) {
+                max_seq_length = m as usize;
+            }
+            do_lower_case = v.get("do_lower_case").and_then(Value::as_bool).unwrap_or(false);
+        }
+        // MPNet/RoBERTa positions start after the padding index: they hold max_pos - 2 tokens.
+        if model_type == "mpnet" {
+            max_seq_length = max_seq_length.min(max_pos - 2);
+        }
+
+        let mut spec = FolderSpec {
+            root: root.to_path_buf(),
+            config,
+            model_type,
+            max_seq_length,
+            do_lower_case,
+            pooling: PoolingConfig::mean(hidden),
+            dense: None,
+            normalize: false,
+            modules: Vec::new(),
+            assumed_pooling: false,
+        };
+
+        if !modules_path.exists() {
+            spec.assumed_pooling = true;
+            spec.modules = default_modules(false);
+            return Ok(spec);
+        }
+        spec.modules = parse(&modules_path, read_json(&modules_path)?)?;
+        for m in &spec.modules {
+            let dir = root.join(&m.path);
+            match m.kind.rsplit('.').next().unwrap_or("") {
+                "Transformer" => {}
+                "Pooling" => {
+                    let p = dir.join("config.json");
+                    spec.pooling = parse(&p, read_json(&p)?)?;
+                }
+                "Dense" => {
+                    let p = dir.join("config.json");
+                    spec.dense = Some((m.path.clone(), parse(&p, read_json(&p)?)?));
+                }
+                "Normalize" => spec.normalize = true,
+                other => {
+                    return Err(Error::model(
+                        &modules_path,
+                        format!(
+                            "module type `{}` ({other}) is not supported; st-tune knows \
+                             Transformer, Pooling, Dense and Normalize",
+                            m.kind
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Writes the non-weight files into `dir` (which exists and is empty).
+    pub fn write(&self, dir: &Path, card: &str) -> Result<()> {
+        let write = |rel: &str, text: String| -> Result<()> {
+            let p = dir.join(rel);
+            if let Some(parent) = p.parent() {
+                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            fs::write(&p, text).map_err(|e| Error::io(&p, e))
+        };
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("JSON values serialize");
+        write("config.json", pretty(&self.config))?;
+        for f in TOKENIZER_FILES {
+            let src = self.root.join(f);
+            if src.exists() {
+                let dst = dir.join(f);
+                fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        write(
+            "sentence_bert_config.json",
+            pretty(&json!({"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case})),
+        )?;
+        write("modules.json", pretty(&serde_json::to_value(&self.modules).unwrap()))?;
+        for m in &self.modules {
+            match m.kind.rsplit('.').next().unwrap_or("") {
+                "Pooling" => write(
+                    &format!("{}/config.json", m.path),
+                    pretty(&serde_json::to_value(&self.pooling).unwrap()),
+                )?,
+                "Dense" => {
+                    if let Some((_, cfg)) = &self.dense {
+                        write(&format!("{}/config.json", m.path), pretty(&serde_json::to_value(cfg).unwrap()))?;
+                    }
+                }
+                "Normalize" => fs::create_dir_all(dir.join(&m.path)).map_err(|e| Error::io(dir, e))?,
+                _ => {}
+            }
+        }
+        let st = self.root.join("config_sentence_transformers.json");
+        let st_cfg = if st.exists() {
+            read_json(&st)?
+        } else {
+            json!({"prompts": {}, "default_prompt_name": null, "similarity_fn_name": "cosine"})
+        };
+        write("config_sentence_transformers.json", pretty(&st_cfg))?;
+        write("README.md", card.to_string())
+    }
+}
+
+fn default_modules(normalize: bool) -> Vec<ModuleEntry> {
+    let mut m = vec![
+        ModuleEntry { idx: 0, name: "0".into(), path: "".into(), kind: TRANSFORMER.into() },
+        ModuleEntry { idx: 1, name: "1".into(), path: "1_Pooling".into(), kind: POOLING.into() },
+    ];
+    if normalize {
+        m.push(ModuleEntry { idx: 2, name: "2".into(), path: "2_Normalize".into(), kind: NORMALIZE.into() });
+    }
+    let _ = DENSE;
+    m
+}
+
+/// Replaces `target` with the folder `staged` as atomically as the file system allows:
+/// the old folder is moved aside first and deleted only once the new one is in place.
+pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
+    let old = target.with_extension("old-st-tune");
+    if target.exists() {
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+    }
+    fs::rename(staged, target).map_err(|e| Error::io(target, e))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}

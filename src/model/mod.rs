@@ -1,0 +1,255 @@
+//! A sentence-transformer: encoder (BERT or MPNet) -> pooling -> optional Dense -> optional
+//! Normalize, loaded from and saved to the folder layout Python sentence-transformers uses.
+//!
+//! [`SentenceModel`] owns the weights ([`Params`]); a [`Network`] is the computation built over
+//! them. `network()` builds over the trainable `Var`s (records a graph); `inference_network()`
+//! over detached views of the same storage (no graph), for `encode` and evaluation.
+
+pub mod bert;
+pub mod dropout;
+pub mod folder;
+pub mod hub;
+pub mod layers;
+pub mod mpnet;
+pub mod pooling;
+pub mod weights;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::data::batch::TokenBatch;
+use crate::data::tokenize::TextTokenizer;
+use crate::error::{Error, Result};
+use bert::{Bert, BertConfig};
+use dropout::Dropout;
+use folder::FolderSpec;
+use layers::Linear;
+use mpnet::{Mpnet, MpnetConfig};
+use weights::{Freeze, Params, Prefixed, Weights};
+
+/// The transformer module, chosen by `model_type` in config.json.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    Bert(Bert),
+    Mpnet(Mpnet),
+}
+
+impl Encoder {
+    fn build(spec: &FolderSpec, w: &dyn Weights, prefix: &str) -> Result<Self> {
+        let cfg_path = spec.root.join("config.json");
+        let w = Prefixed { inner: w, prefix: prefix.to_string() };
+        let parse_err = |e: serde_json::Error| Error::model(&cfg_path, e.to_string());
+        match spec.model_type.as_str() {
+            "bert" => {
+                let cfg: BertConfig = serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
+                if !cfg.hidden_act.starts_with("gelu") {
+                    return Err(Error::model(
+                        &cfg_path,
+                        format!("hidden_act `{}` is not supported (only gelu)", cfg.hidden_act),
+                    ));
+                }
+                Ok(Encoder::Bert(Bert::load(&w, cfg)?))
+            }
+            "mpnet" => {
+                let cfg: MpnetConfig = serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
+                Ok(Encoder::Mpnet(Mpnet::load(&w, cfg)?))
+            }
+            other => Err(Error::model(
+                &cfg_path,
+                format!("unknown model_type `{other}`; st-tune supports `bert` and `mpnet`"),
+            )),
+        }
+    }
+
+    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.forward(batch, drop, dtype),
+            Encoder::Mpnet(m) => m.forward(batch, drop, dtype),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Encoder::Bert(m) => m.layers.len(),
+            Encoder::Mpnet(m) => m.layers.len(),
+        }
+    }
+
+    /// (hidden, attention) dropout probabilities from config.json.
+    pub fn dropout_probs(&self) -> (f32, f32) {
+        match self {
+            Encoder::Bert(m) => (m.config.hidden_dropout_prob, m.config.attention_probs_dropout_prob),
+            Encoder::Mpnet(m) => (m.config.hidden_dropout_prob, m.config.attention_probs_dropout_prob),
+        }
+    }
+}
+
+/// The computation from token ids to sentence embeddings.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub encoder: Encoder,
+    spec: FolderSpec,
+    dense: Option<Linear>,
+    /// Type the encoder computes in (f32, or f16/bf16 for mixed precision).
+    pub dtype: DType,
+}
+
+impl Network {
+    /// Sentence embeddings, (batch, dim), f32.
+    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout) -> Result<Tensor> {
+        let tokens = self.encoder.forward(batch, drop, self.dtype)?;
+        let mut x = self.spec.pooling.forward(&tokens, &batch.mask)?;
+        if let (Some(d), Some((_, cfg))) = (&self.dense, &self.spec.dense) {
+            x = d.forward(&x)?;
+            if cfg.activation_function.ends_with("Tanh") {
+                x = x.tanh()?;
+            }
+        }
+        if self.spec.normalize {
+            x = pooling::normalize(&x)?;
+        }
+        Ok(x)
+    }
+}
+
+/// A loaded model: folder description, tokenizer, weights and the device they live on.
+#[derive(Clone)]
+pub struct SentenceModel {
+    pub spec: FolderSpec,
+    pub tokenizer: TextTokenizer,
+    pub params: Params,
+    pub device: Device,
+    /// Name prefix of the encoder's tensors in model.safetensors ("" or "bert." ...).
+    prefix: String,
+}
+
+impl SentenceModel {
+    /// Loads a folder or hub id. `freeze` = None loads for inference (nothing trains).
+    pub fn load(model: &str, device: &Device, freeze: Option<Freeze>) -> Result<Self> {
+        let root = hub::resolve(model)?;
+        let spec = FolderSpec::read(&root)?;
+        let tok_path = root.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(Error::model(&root, "tokenizer.json not found"));
+        }
+        let tokenizer = TextTokenizer::load(&tok_path, spec.max_seq_length, spec.do_lower_case)?;
+
+        let weights_path = root.join("model.safetensors");
+        let mut tensors = read_safetensors(&weights_path, device)?;
+        if let Some((dir, _)) = &spec.dense {
+            for (k, t) in read_safetensors(&root.join(dir).join("model.safetensors"), device)? {
+                tensors.insert(format!("{dir}/{k}"), t);
+            }
+        }
+        let float: std::collections::BTreeSet<String> =
+            tensors.iter().filter(|(_, t)| t.dtype().is_float()).map(|(k, _)| k.clone()).collect();
+        let trainable = |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
+        let params = Params::from_tensors(weights_path, tensors, &trainable)?;
+        let prefix = params.prefix_of("embeddings.word_embeddings.weight").unwrap_or_default();
+        let model = Self { spec, tokenizer, params, device: device.clone(), prefix };
+        model.network()?; // fail now, naming the tensor, rather than at the first batch
+        Ok(model)
+    }
+
+    pub fn network(&self) -> Result<Network> {
+        self.build(&self.params, DType::F32)
+    }
+
+    pub fn inference_network(&self) -> Result<Network> {
+        self.build(&self.params.detached(), DType::F32)
+    }
+
+    pub fn build(&self, params: &Params, dtype: DType) -> Result<Network> {
+        let encoder = Encoder::build(&self.spec, params, &self.prefix)?;
+        let dense = match &self.spec.dense {
+            Some((dir, cfg)) => {
+                let w = Prefixed { inner: params, prefix: format!("{dir}/") };
+                let mut l = Linear::load_weight(&w, "linear", cfg.in_features, cfg.out_features)?;
+                if cfg.bias {
+                    l.bias = Some(w.get("linear.bias", &[cfg.out_features])?);
+                }
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Network { encoder, spec: self.spec.clone(), dense, dtype })
+    }
+
+    /// Tokenizes texts into one padded batch on the model's device.
+    pub fn batch(&self, texts: &[&str], row_ids: Vec<u64>) -> Result<TokenBatch> {
+        let ids = self.tokenizer.encode(texts)?;
+        let rows: Vec<&[u32]> = ids.iter().map(|r| r.as_slice()).collect();
+        TokenBatch::new(&rows, row_ids, self.tokenizer.pad_id, &self.device)
+    }
+
+    /// Embeddings of `texts` without a graph, in batches of texts of similar length.
+    pub fn encode(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        let net = self.inference_network()?;
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        // Longest first, as sentence-transformers does: batches of similar length pad little.
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let batch = self.batch(&batch_texts, vec![0; chunk.len()])?;
+            let emb = net.forward(&batch, &Dropout::off())?.to_vec2::<f32>()?;
+            for (&i, e) in chunk.iter().zip(emb) {
+                out[i] = e;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn num_layers(&self) -> Result<usize> {
+        Ok(self.network()?.encoder.num_layers())
+    }
+
+    pub fn set_max_seq_length(&mut self, max: usize) -> Result<()> {
+        self.spec.max_seq_length = max;
+        self.tokenizer.set_max_seq_length(max)
+    }
+
+    /// Writes a sentence-transformers folder at `dir`, atomically (built beside it, then renamed).
+    pub fn save(&self, dir: &Path, card: &str) -> Result<()> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let staged = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staged);
+        std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+        self.spec.write(&staged, card)?;
+        let mut files: BTreeMap<String, HashMap<String, Tensor>> = BTreeMap::new();
+        for (k, t) in &self.params.tensors {
+            let (file, key) = match k.split_once('/') {
+                Some((dir, key)) => (format!("{dir}/model.safetensors"), key.to_string()),
+                None => ("model.safetensors".to_string(), k.clone()),
+            };
+            files.entry(file).or_default().insert(key, t.detach().to_device(&Device::Cpu)?);
+        }
+        for (file, tensors) in files {
+            let path = staged.join(file);
+            candle_core::safetensors::save(&tensors, &path)
+                .map_err(|e| Error::model(&path, format!("cannot write weights: {e}")))?;
+        }
+        folder::replace_dir(&staged, dir)
+    }
+}
+
+fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::model(path, "weights file not found (st-tune reads model.safetensors)"));
+    }
+    let raw = candle_core::safetensors::load(path, device).map_err(|e| {
+        Error::model(path, format!("cannot read safetensors file (corrupt or truncated?): {e}"))
+    })?;
+    // Float weights become f32 (the master copy); integer buffers such as position_ids stay
+    // as they are, so saving writes them back unchanged.
+    raw.into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
+            Ok((k, t))
+        })
+        .collect()
+}

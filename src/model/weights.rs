@@ -1,0 +1,141 @@
+//! Named tensors of a checkpoint, and the one place that says which of them train.
+//!
+//! Encoders are built from a [`Weights`] view, so the same constructor serves loading real
+//! weights, building the training graph (trainable tensors are `Var`s) and building a detached
+//! copy for inference (no graph). Names are the checkpoint's own, so a missing or mis-shaped
+//! tensor is reported with its full name and both shapes, and saving writes the same names back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// Read access to named tensors, checked against the shape the model expects.
+pub trait Weights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+}
+
+/// Which tensors receive gradients. Frozen tensors get no gradient and no optimizer state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Freeze {
+    pub embeddings: bool,
+    /// Freeze the lowest N encoder layers.
+    pub layers: usize,
+}
+
+impl Freeze {
+    /// Decides, from the checkpoint name alone, whether a tensor trains.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        let name = name.strip_prefix("bert.").unwrap_or(name);
+        // The pooler is not part of a sentence embedding: it would never get a gradient.
+        if name.starts_with("pooler.") {
+            return false;
+        }
+        if name.starts_with("embeddings.") {
+            return !self.embeddings;
+        }
+        if let Some(rest) = name.strip_prefix("encoder.layer.") {
+            let layer: usize = rest.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            return layer >= self.layers;
+        }
+        // MPNet's relative position bias is shared by every layer: it trains unless the whole
+        // stack below the first trained layer is frozen with the embeddings.
+        true
+    }
+}
+
+/// Whether AdamW applies weight decay to a tensor: not to biases and LayerNorm parameters.
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm"))
+}
+
+/// All tensors of one safetensors file; trainable ones are also held as `Var`s.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Where the tensors came from, for error messages.
+    pub source: PathBuf,
+    pub tensors: BTreeMap<String, Tensor>,
+    pub vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    pub fn from_tensors(
+        source: PathBuf,
+        tensors: BTreeMap<String, Tensor>,
+        trainable: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let mut out = Params {
+            source,
+            tensors: BTreeMap::new(),
+            vars: BTreeMap::new(),
+        };
+        for (name, t) in tensors {
+            if trainable(&name) {
+                let var = Var::from_tensor(&t)?;
+                out.tensors.insert(name.clone(), var.as_tensor().clone());
+                out.vars.insert(name, var);
+            } else {
+                out.tensors.insert(name, t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A view sharing storage with `self` but outside any graph: for inference and evaluation.
+    pub fn detached(&self) -> Params {
+        Params {
+            source: self.source.clone(),
+            tensors: self.tensors.iter().map(|(k, t)| (k.clone(), t.detach())).collect(),
+            vars: BTreeMap::new(),
+        }
+    }
+
+    /// Re-decides which tensors train (layer freezing), keeping the current values.
+    pub fn with_trainable(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Params> {
+        let detached = self.detached();
+        Self::from_tensors(self.source.clone(), detached.tensors, trainable)
+    }
+
+    /// The common prefix of encoder tensor names ("" or "bert." and the like).
+    pub fn prefix_of(&self, marker: &str) -> Option<String> {
+        self.tensors
+            .keys()
+            .find_map(|k| k.find(marker).map(|i| k[..i].to_string()))
+    }
+
+    pub fn trainable_count(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+}
+
+impl Weights for Params {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            Error::model(&self.source, format!("tensor `{name}` is missing (expected shape {shape:?})"))
+        })?;
+        if t.dims() != shape {
+            return Err(Error::model(
+                &self.source,
+                format!(
+                    "tensor `{name}` has shape {:?}, but the model config needs {shape:?}",
+                    t.dims()
+                ),
+            ));
+        }
+        Ok(t.clone())
+    }
+}
+
+/// Prepends a prefix to every name asked for, so encoders can use names relative to their root.
+pub struct Prefixed<'a> {
+    pub inner: &'a dyn Weights,
+    pub prefix: String,
+}
+
+impl Weights for Prefixed<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.get(&format!("{}{name}", self.prefix), shape)
+    }
+}

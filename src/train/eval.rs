@@ -1,0 +1,84 @@
+//! Evaluation on scored pairs: Spearman and Pearson correlation between the cosine similarity
+//! of the two embeddings and the gold score, as sentence-transformers'
+//! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties).
+
+use serde::Serialize;
+
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::model::SentenceModel;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Correlation {
+    pub spearman: f64,
+    pub pearson: f64,
+    pub pairs: usize,
+}
+
+/// Embeds both sides of every scored row (no graph) and correlates cosine with score.
+pub fn evaluate(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Correlation> {
+    let a: Vec<&str> = data.rows.iter().map(|r| r.texts[0].as_str()).collect();
+    let b: Vec<&str> = data.rows.iter().map(|r| r.texts[1].as_str()).collect();
+    let ea = model.encode(&a, batch_size)?;
+    let eb = model.encode(&b, batch_size)?;
+    let cos: Vec<f64> = ea.iter().zip(&eb).map(|(x, y)| cosine(x, y)).collect();
+    let gold: Vec<f64> = data.rows.iter().map(|r| r.score.unwrap_or(0.0) as f64).collect();
+    Ok(Correlation { spearman: spearman(&cos, &gold), pearson: pearson(&cos, &gold), pairs: cos.len() })
+}
+
+pub fn cosine(x: &[f32], y: &[f32]) -> f64 {
+    let dot: f64 = x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let nx: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let ny: f64 = y.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (nx * ny).max(1e-12)
+}
+
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    cov / (vx * vy).sqrt()
+}
+
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// 1-based ranks, ties get the average of the ranks they span (scipy's "average").
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            r[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spearman_averages_tied_ranks_like_scipy() {
+        // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]).correlation == 0.9486832980505138
+        let s = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]);
+        assert!((s - 0.9486832980505138).abs() < 1e-12, "{s}");
+    }
+
+    #[test]
+    fn pearson_of_a_linear_relation_is_one() {
+        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]) - 1.0).abs() < 1e-12);
+    }
+}

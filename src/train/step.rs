@@ -1,0 +1,294 @@
+//! One optimizer step's gradients, over micro-batches, surviving out-of-memory.
+//!
+//! Two schemes, chosen by the loss:
+//! - plain accumulation (per-row losses, or a batch that fits in one pass): each micro-batch's
+//!   loss is weighted by its share of the batch and back-propagated, gradients summed;
+//! - cached (GradCache, for batch-coupled losses cut into micro-batches): embed the whole batch
+//!   without a graph, compute the loss and its gradient with respect to the embeddings over the
+//!   full batch, then re-run each micro-batch with a graph and back-propagate those gradients.
+//!
+//! On an OOM the attempt's tensors are dropped (they go out of scope), the policy halves the
+//! micro-batch and the same rows are retried; work already done in the step is kept. Dropout
+//! masks depend on (seed, step, row), so a retried or re-run row sees the same mask.
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::losses::{self, LossKind};
+use crate::memory::oom::{is_oom, Injector, Phase};
+use crate::memory::policy::{Action, Event, MemState};
+use crate::memory::{human_bytes, MemoryBudget};
+use crate::model::dropout::Dropout;
+use crate::model::{Network, SentenceModel};
+use crate::train::optim::Grads;
+
+/// The tokenized training set: `tokens[row][column]`, `scores[row]`.
+pub struct TokenizedData {
+    pub tokens: Vec<Vec<Vec<u32>>>,
+    pub scores: Vec<Option<f32>>,
+    pub columns: usize,
+}
+
+/// An OOM that was recovered (or not), for events.jsonl and the progress line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OomEvent {
+    pub step: u64,
+    pub phase: Phase,
+    pub micro_before: usize,
+    pub micro_after: usize,
+    pub memory_in_use: u64,
+    pub limit: Option<u64>,
+}
+
+/// Everything a step needs that does not change between steps.
+pub struct StepRunner<'a> {
+    pub model: &'a SentenceModel,
+    /// Built over the trainable vars: records a graph.
+    pub train_net: Network,
+    /// The same weights, detached: the cached scheme's first pass.
+    pub embed_net: Network,
+    pub loss: LossKind,
+    pub scale: f64,
+    pub seed: u64,
+    pub dropout: (f32, f32),
+    pub budget: &'a MemoryBudget,
+    pub injector: &'a Injector,
+}
+
+/// Gradients and loss of one optimizer step.
+pub struct StepOutput {
+    pub loss: f32,
+    pub grads: Grads,
+}
+
+impl StepRunner<'_> {
+    /// Computes the gradients of optimizer step `step` over `rows` (indices into `data`).
+    pub fn gradients(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        step: u64,
+        mem: &mut MemState,
+        events: &mut Vec<OomEvent>,
+    ) -> Result<StepOutput> {
+        let n = rows.len();
+        let mut grads = Grads::new();
+        if !losses::couples_batch(self.loss) || mem.micro >= n {
+            let mut loss = 0f32;
+            let mut pos = 0;
+            while pos < n {
+                let m = mem.micro.min(n - pos);
+                match self.plain_chunk(data, &rows[pos..pos + m], n, step, &mut grads) {
+                    Ok(l) => {
+                        loss += l;
+                        pos += m;
+                    }
+                    Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+                }
+                // A coupled loss cut by an OOM cannot be accumulated: switch to the cached scheme.
+                if losses::couples_batch(self.loss) && mem.micro < n && pos < n {
+                    grads.clear();
+                    return self.cached(data, rows, step, mem, events);
+                }
+            }
+            return Ok(StepOutput { loss, grads });
+        }
+        self.cached(data, rows, step, mem, events)
+    }
+
+    /// Handles a failed attempt: an OOM asks the policy for a smaller micro-batch, anything
+    /// else (or an OOM at micro-batch 1) ends the step with an error.
+    fn recover(
+        &self,
+        failed: Failed,
+        step: u64,
+        rows: &[usize],
+        pos: usize,
+        mem: &mut MemState,
+        events: &mut Vec<OomEvent>,
+    ) -> Result<()> {
+        let Failed { phase, error: e } = failed;
+        if !is_oom(&e) {
+            return Err(e);
+        }
+        let before = mem.micro;
+        match mem.decide(Event::Oom) {
+            Action::Retry { micro } => {
+                events.push(OomEvent {
+                    step,
+                    phase,
+                    micro_before: before,
+                    micro_after: micro,
+                    memory_in_use: self.budget.in_use(),
+                    limit: self.budget.limit,
+                });
+                Ok(())
+            }
+            _ => {
+                let row = rows[pos];
+                Err(Error::OutOfMemory(format!(
+                    "step {step}: micro-batch 1 (data row {row}) does not fit: {e}. Memory in \
+                     use {}, limit {}. Consider raising memory.limit, lowering \
+                     model.max_seq_length, or setting train.freeze_layers",
+                    human_bytes(self.budget.in_use()),
+                    self.budget.limit.map(human_bytes).unwrap_or_else(|| "none (device)".into())
+                )))
+            }
+        }
+    }
+
+    fn dropout(&self, rows: &[usize], column: usize, step: u64) -> Dropout {
+        let ids = rows.iter().map(|&r| (r as u64) << 2 | column as u64).collect();
+        Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, ids)
+    }
+
+    /// Embeddings of every text column of `rows`, through `net`.
+    fn embed(&self, net: &Network, data: &TokenizedData, rows: &[usize], step: u64) -> Result<Vec<Tensor>> {
+        (0..data.columns)
+            .map(|c| {
+                let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
+                let batch = crate::data::batch::TokenBatch::new(
+                    &ids,
+                    Vec::new(),
+                    self.model.tokenizer.pad_id,
+                    &self.model.device,
+                )?;
+                net.forward(&batch, &self.dropout(rows, c, step))
+            })
+            .collect()
+    }
+
+    fn scores(&self, data: &TokenizedData, rows: &[usize]) -> Result<Option<Tensor>> {
+        if data.scores.first().is_none_or(|s| s.is_none()) {
+            return Ok(None);
+        }
+        let s: Vec<f32> = rows.iter().map(|&r| data.scores[r].unwrap_or(0.0)).collect();
+        Ok(Some(Tensor::from_vec(s, rows.len(), &self.model.device)?))
+    }
+
+    /// Plain accumulation: loss of this chunk, weighted by its share of the batch.
+    fn plain_chunk(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        batch_len: usize,
+        step: u64,
+        grads: &mut Grads,
+    ) -> Result<f32, Failed> {
+        let loss = in_phase(Phase::Forward, || {
+            self.budget.mark();
+            self.injector.check(step, Phase::Forward)?;
+            let cols = self.embed(&self.train_net, data, rows, step)?;
+            let scores = self.scores(data, rows)?;
+            let weight = rows.len() as f64 / batch_len as f64;
+            let loss = (losses::compute(self.loss, self.scale, &cols, scores.as_ref())? * weight)?;
+            self.budget.check("forward pass")?;
+            Ok(loss)
+        })?;
+        in_phase(Phase::Backward, || {
+            self.injector.check(step, Phase::Backward)?;
+            let store = loss.backward()?;
+            self.budget.check("backward pass")?;
+            self.accumulate(grads, |v| store.get(v.as_tensor()).cloned())?;
+            Ok(loss.to_scalar::<f32>()?)
+        })
+    }
+
+    /// The cached (GradCache) scheme for batch-coupled losses.
+    fn cached(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        step: u64,
+        mem: &mut MemState,
+        events: &mut Vec<OomEvent>,
+    ) -> Result<StepOutput> {
+        let n = rows.len();
+        // 1. Embeddings of the whole batch, chunk by chunk, without a graph.
+        let mut parts: Vec<Vec<Tensor>> = Vec::new();
+        let mut pos = 0;
+        while pos < n {
+            let m = mem.micro.min(n - pos);
+            let attempt = in_phase(Phase::Forward, || {
+                self.budget.mark();
+                self.injector.check(step, Phase::Forward)?;
+                let cols = self.embed(&self.embed_net, data, &rows[pos..pos + m], step)?;
+                self.budget.check("embedding pass")?;
+                Ok(cols)
+            });
+            match attempt {
+                Ok(cols) => {
+                    parts.push(cols);
+                    pos += m;
+                }
+                Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+            }
+        }
+        // 2. The loss over the full batch, and its gradient with respect to each embedding.
+        let full: Vec<Var> = (0..data.columns)
+            .map(|c| {
+                let col: Vec<Tensor> = parts.iter().map(|p| p[c].clone()).collect();
+                Ok(Var::from_tensor(&Tensor::cat(&col, 0)?)?)
+            })
+            .collect::<Result<_>>()?;
+        drop(parts);
+        let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
+        let loss = losses::compute(self.loss, self.scale, &cols, self.scores(data, rows)?.as_ref())?;
+        let store = loss.backward()?;
+        let emb_grads: Vec<Tensor> = full
+            .iter()
+            .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| Error::Usage("loss has no gradient".into())))
+            .collect::<Result<_>>()?;
+        drop(store);
+        // 3. Re-run each chunk with a graph and push the cached gradients through it.
+        let mut grads = Grads::new();
+        let mut pos = 0;
+        while pos < n {
+            let m = mem.micro.min(n - pos);
+            let attempt = in_phase(Phase::Backward, || {
+                self.budget.mark();
+                self.injector.check(step, Phase::Backward)?;
+                let cols = self.embed(&self.train_net, data, &rows[pos..pos + m], step)?;
+                let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
+                for (e, g) in cols.iter().zip(&emb_grads) {
+                    surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
+                }
+                let store = surrogate.backward()?;
+                self.budget.check("backward pass")?;
+                Ok(store)
+            });
+            match attempt {
+                Ok(store) => {
+                    self.accumulate(&mut grads, |v| store.get(v.as_tensor()).cloned())?;
+                    pos += m;
+                }
+                Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+            }
+        }
+        Ok(StepOutput { loss: loss.to_scalar::<f32>()?, grads })
+    }
+
+    fn accumulate(&self, grads: &mut Grads, get: impl Fn(&Var) -> Option<Tensor>) -> Result<()> {
+        for (name, var) in &self.model.params.vars {
+            if let Some(g) = get(var) {
+                let g = g.detach();
+                let sum = match grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                grads.insert(name.clone(), sum);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An attempt that failed, and in which phase (for the OOM event).
+pub struct Failed {
+    pub phase: Phase,
+    pub error: Error,
+}
+
+fn in_phase<T>(phase: Phase, f: impl FnOnce() -> Result<T>) -> Result<T, Failed> {
+    f().map_err(|error| Failed { phase, error })
+}
