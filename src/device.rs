@@ -8,7 +8,10 @@ pub fn parse(spec: &str) -> Result<Device> {
     let ordinal = match spec {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => n,
             None => {
                 return Err(Error::Usage(format!(

@@ -9,7 +9,11 @@ use st_tune::model::dropout::Dropout;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
 
-const TEXTS: [&str; 3] = ["the cat sat on the mat.", "a man is playing guitar!", "big red dog runs fast"];
+const TEXTS: [&str; 3] = [
+    "the cat sat on the mat.",
+    "a man is playing guitar!",
+    "big red dog runs fast",
+];
 
 fn load(mpnet: bool, freeze: Freeze) -> (tempfile::TempDir, SentenceModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,7 +28,9 @@ fn objective(m: &SentenceModel, drop: &Dropout) -> Tensor {
     let batch = m.batch(&TEXTS, vec![0, 1, 2]).unwrap();
     let emb = net.forward(&batch, drop).unwrap();
     let d = emb.dim(1).unwrap();
-    let w: Vec<f32> = (0..3 * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0).collect();
+    let w: Vec<f32> = (0..3 * d)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
+        .collect();
     let w = Tensor::from_vec(w, (3, d), &Device::Cpu).unwrap();
     (emb * w).unwrap().sum_all().unwrap()
 }
@@ -35,12 +41,20 @@ fn every_trainable_tensor_gets_a_gradient(mpnet: bool) {
     let grads = objective(&m, &drop).backward().unwrap();
     assert!(!m.params.vars.is_empty());
     for (name, var) in &m.params.vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name}: non-finite gradient"
+        );
         assert!(v.iter().any(|x| *x != 0.0), "{name}: gradient is all zero");
     }
-    assert!(m.params.vars.keys().all(|k| !k.starts_with("pooler.")), "the unused pooler must not train");
+    assert!(
+        m.params.vars.keys().all(|k| !k.starts_with("pooler.")),
+        "the unused pooler must not train"
+    );
 }
 
 #[test]
@@ -55,9 +69,23 @@ fn gradients_reach_every_trainable_mpnet_tensor() {
 
 #[test]
 fn frozen_tensors_get_no_variable_and_no_gradient() {
-    let (_dir, m) = load(false, Freeze { embeddings: true, layers: 1 });
-    assert!(m.params.vars.keys().all(|k| !k.starts_with("embeddings.") && !k.starts_with("encoder.layer.0.")));
-    assert!(m.params.vars.keys().any(|k| k.starts_with("encoder.layer.1.")));
+    let (_dir, m) = load(
+        false,
+        Freeze {
+            embeddings: true,
+            layers: 1,
+        },
+    );
+    assert!(m
+        .params
+        .vars
+        .keys()
+        .all(|k| !k.starts_with("embeddings.") && !k.starts_with("encoder.layer.0.")));
+    assert!(m
+        .params
+        .vars
+        .keys()
+        .any(|k| k.starts_with("encoder.layer.1.")));
 }
 
 #[test]
@@ -66,7 +94,10 @@ fn inference_builds_no_graph() {
     let net = m.inference_network().unwrap();
     let batch = m.batch(&TEXTS, vec![0, 1, 2]).unwrap();
     let emb = net.forward(&batch, &Dropout::off()).unwrap();
-    assert!(!emb.track_op(), "encode output must not carry an autograd graph");
+    assert!(
+        !emb.track_op(),
+        "encode output must not carry an autograd graph"
+    );
 }
 
 /// Central differences on a few elements of several kinds of tensor, in f32 with a step large
@@ -79,29 +110,57 @@ fn analytic_gradient_matches_finite_differences(mpnet: bool) {
         .params
         .vars
         .keys()
-        .filter(|k| k.contains("LayerNorm.weight") || k.contains("query.weight") || k.contains("attn.q.weight")
-            || k.contains("output.dense.bias") || k.contains("relative_attention_bias") || k.contains("word_embeddings"))
+        .filter(|k| {
+            k.contains("LayerNorm.weight")
+                || k.contains("query.weight")
+                || k.contains("attn.q.weight")
+                || k.contains("output.dense.bias")
+                || k.contains("relative_attention_bias")
+                || k.contains("word_embeddings")
+        })
         .collect();
     names.truncate(8);
     let eps = 1e-2f32;
     for name in names {
         let var = &m.params.vars[name];
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // The element with the largest gradient, and a middle one.
-        let top = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let top = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
         for &i in &[top, g.len() / 2] {
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-                objective(&m, &off).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective(&m, &off)
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let analytic = g[i] as f64;
             let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-3;
-            assert!((analytic - numeric).abs() <= tol, "{name}[{i}]: analytic {analytic} vs numeric {numeric}");
+            assert!(
+                (analytic - numeric).abs() <= tol,
+                "{name}[{i}]: analytic {analytic} vs numeric {numeric}"
+            );
         }
     }
 }

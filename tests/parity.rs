@@ -7,16 +7,35 @@ use candle_core::Device;
 use st_tune::model::SentenceModel;
 
 fn check(name: &str) {
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture(&format!("parity-{name}.json"))).unwrap()).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture(&format!("parity-{name}.json"))).unwrap(),
+    )
+    .unwrap();
     let dir = common::real_model(name);
     let model = SentenceModel::load(dir.to_str().unwrap(), &Device::Cpu, None).unwrap();
-    assert_eq!(model.spec.max_seq_length as u64, fx["max_seq_length"].as_u64().unwrap());
-    let sentences: Vec<&str> = fx["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(
+        model.spec.max_seq_length as u64,
+        fx["max_seq_length"].as_u64().unwrap()
+    );
+    let sentences: Vec<&str> = fx["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     let ids = model.tokenizer.encode(&sentences).unwrap();
     for (i, want) in fx["token_ids"].as_array().unwrap().iter().enumerate() {
-        let want: Vec<u32> = want.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert_eq!(ids[i], want, "token ids of sentence {i} ({:?})", sentences[i]);
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            ids[i], want,
+            "token ids of sentence {i} ({:?})",
+            sentences[i]
+        );
     }
     let got = model.encode(&sentences, 16).unwrap();
     let mut worst = 0f32;

@@ -15,7 +15,9 @@ pub struct ConfigArgs {
 
 pub fn run(a: ConfigArgs) -> Result<()> {
     if !a.defaults {
-        return Err(Error::Usage("nothing to do: try `st-tune config --defaults`".into()));
+        return Err(Error::Usage(
+            "nothing to do: try `st-tune config --defaults`".into(),
+        ));
     }
     print!("{}", crate::config::defaults_toml());
     Ok(())

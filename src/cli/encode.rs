@@ -46,7 +46,8 @@ pub fn run(a: EncodeArgs) -> Result<()> {
         Some(p) => write_atomic(p, out.as_bytes()),
         None => {
             let mut w = BufWriter::new(std::io::stdout().lock());
-            w.write_all(out.as_bytes()).map_err(|e| Error::io("<stdout>", e))
+            w.write_all(out.as_bytes())
+                .map_err(|e| Error::io("<stdout>", e))
         }
     }
 }
@@ -60,9 +61,14 @@ pub fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
         if line.is_empty() && i + 1 == bytes.split(|b| *b == b'\n').count() {
             break; // the newline that ends the file
         }
-        let text = std::str::from_utf8(line).map_err(|_| Error::data(path, i + 1, "line is not valid UTF-8"))?;
+        let text = std::str::from_utf8(line)
+            .map_err(|_| Error::data(path, i + 1, "line is not valid UTF-8"))?;
         if text.trim().is_empty() {
-            return Err(Error::data(path, i + 1, "empty line (one text per line expected)"));
+            return Err(Error::data(
+                path,
+                i + 1,
+                "empty line (one text per line expected)",
+            ));
         }
         out.push(text.to_string());
     }

@@ -34,7 +34,11 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let data = read_dataset(&a.data, None, None, None)?;
     if data.shape != RowShape::Scored {
-        return Err(Error::data(&a.data, 1, "eval needs sentence1, sentence2 and score columns"));
+        return Err(Error::data(
+            &a.data,
+            1,
+            "eval needs sentence1, sentence2 and score columns",
+        ));
     }
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
@@ -42,7 +46,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&c).expect("plain struct"));
     } else {
-        println!("spearman {:.5}\npearson  {:.5}\npairs    {}", c.spearman, c.pearson, c.pairs);
+        println!(
+            "spearman {:.5}\npearson  {:.5}\npairs    {}",
+            c.spearman, c.pearson, c.pairs
+        );
     }
     Ok(())
 }

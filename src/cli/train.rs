@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::memory::oom::Injector;
 use crate::train::report::Output;
 use crate::train::{train, RunOptions};
 
@@ -34,10 +35,17 @@ pub struct TrainArgs {
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut overrides = a.set.clone();
     if let Some(dir) = &a.output {
-        overrides.push(format!("output.dir={}", toml_string(&dir.to_string_lossy())));
+        overrides.push(format!(
+            "output.dir={}",
+            toml_string(&dir.to_string_lossy())
+        ));
     }
     let cfg = Config::load(&a.config, &overrides)?;
-    let opts = RunOptions { output: if a.json { Output::Json } else { Output::Human }, ..Default::default() };
+    let opts = RunOptions {
+        output: if a.json { Output::Json } else { Output::Human },
+        inject_oom: std::env::var(Injector::ENV).ok(),
+        ..Default::default()
+    };
     let flag = opts.interrupt.clone();
     // A second Ctrl-C falls through to the default handler and kills the process.
     let _ = ctrlc::set_handler(move || {
@@ -52,7 +60,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     if let (Some(b), Some(a)) = (&s.dev_before, &s.dev_after) {
-        println!("dev spearman: {:.4} before, {:.4} after ({} pairs)", b.spearman, a.spearman, a.pairs);
+        println!(
+            "dev spearman: {:.4} before, {:.4} after ({} pairs)",
+            b.spearman, a.spearman, a.pairs
+        );
     }
     println!(
         "{} steps in {:.1} s ({:.1} samples/s), final loss {:.4}, peak memory {}",

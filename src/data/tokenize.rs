@@ -53,7 +53,13 @@ impl TextTokenizer {
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let texts: Vec<String> = texts
             .iter()
-            .map(|t| if self.lower_case { t.to_lowercase() } else { t.to_string() })
+            .map(|t| {
+                if self.lower_case {
+                    t.to_lowercase()
+                } else {
+                    t.to_string()
+                }
+            })
             .collect();
         let enc = self
             .inner

@@ -23,10 +23,19 @@ pub fn loss(a: &Tensor, b: &Tensor, scores: &Tensor, scale: f64) -> Result<Tenso
     let n = s.dim(0)?;
     let diff = s.unsqueeze(1)?.broadcast_sub(&s.unsqueeze(0)?)?; // sᵢ − sⱼ, (n, n)
     let y = scores.to_dtype(DType::F32)?;
-    let lower = y.unsqueeze(1)?.broadcast_lt(&y.unsqueeze(0)?)?.to_dtype(DType::F32)?; // yᵢ < yⱼ
-    // Pairs not ordered that way are pushed to -1e12 so exp() makes them vanish.
+    let lower = y
+        .unsqueeze(1)?
+        .broadcast_lt(&y.unsqueeze(0)?)?
+        .to_dtype(DType::F32)?; // yᵢ < yⱼ
+                                // Pairs not ordered that way are pushed to -1e12 so exp() makes them vanish.
     let masked = (diff - ((lower.ones_like()? - lower)? * 1e12)?)?;
     // The leading zero is the "1 +" of the formula.
-    let all = Tensor::cat(&[Tensor::zeros(1, DType::F32, s.device())?, masked.reshape(n * n)?], 0)?;
+    let all = Tensor::cat(
+        &[
+            Tensor::zeros(1, DType::F32, s.device())?,
+            masked.reshape(n * n)?,
+        ],
+        0,
+    )?;
     logsumexp(&all)
 }

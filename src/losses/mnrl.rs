@@ -25,6 +25,9 @@ pub fn loss(columns: &[Tensor], scale: f64) -> Result<Tensor> {
     let logits = (cos_sim_matrix(anchors, &candidates)? * scale)?; // (batch, candidates)
     let n = anchors.dim(0)?;
     // The target of anchor i is candidate i: the diagonal of the first block.
-    let target = logits.narrow(1, 0, n)?.broadcast_mul(&Tensor::eye(n, logits.dtype(), logits.device())?)?.sum(D::Minus1)?;
+    let target = logits
+        .narrow(1, 0, n)?
+        .broadcast_mul(&Tensor::eye(n, logits.dtype(), logits.device())?)?
+        .sum(D::Minus1)?;
     Ok((logsumexp(&logits)? - target)?.mean_all()?)
 }

@@ -22,7 +22,12 @@ use crate::error::{Error, Result};
 
 /// The loss of one batch. `columns[i]` holds the embeddings of the i-th text column,
 /// (batch, dim) f32; `scores` (batch,) for scored rows.
-pub fn compute(kind: LossKind, scale: f64, columns: &[Tensor], scores: Option<&Tensor>) -> Result<Tensor> {
+pub fn compute(
+    kind: LossKind,
+    scale: f64,
+    columns: &[Tensor],
+    scores: Option<&Tensor>,
+) -> Result<Tensor> {
     match kind {
         LossKind::Mnrl => mnrl::loss(columns, scale),
         LossKind::Cosent => cosent::loss(&columns[0], &columns[1], need(scores)?, scale),
@@ -61,7 +66,10 @@ pub fn check_fits(kind: LossKind, shape: RowShape) -> Result<()> {
     };
     Err(Error::config(
         "train.loss",
-        format!("`{}` needs {needs}, but the training data has {shape:?} rows; {hint}", kind.as_str()),
+        format!(
+            "`{}` needs {needs}, but the training data has {shape:?} rows; {hint}",
+            kind.as_str()
+        ),
     ))
 }
 
@@ -82,6 +90,10 @@ pub fn cos_sim_pairwise(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// log Σ exp(x) over the last dimension, stable, with a gradient.
 pub fn logsumexp(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
-    let s = x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let s = x
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?;
     Ok((s + max)?.squeeze(D::Minus1)?)
 }

@@ -67,7 +67,8 @@ fn std_is_oom(e: &(dyn std::error::Error + 'static)) -> bool {
 fn cuda_is_oom(e: &(dyn std::error::Error + 'static)) -> bool {
     use candle_core::cuda_backend::cudarc::{cublas, driver};
     use candle_core::cuda_backend::CudaError;
-    let driver_oom = |d: &driver::DriverError| d.0 == driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+    let driver_oom =
+        |d: &driver::DriverError| d.0 == driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
     if let Some(d) = e.downcast_ref::<driver::DriverError>() {
         return driver_oom(d);
     }
@@ -115,13 +116,6 @@ pub struct Injector {
 impl Injector {
     pub const ENV: &'static str = "ST_TUNE_INJECT_OOM";
 
-    pub fn from_env() -> Result<Self, Error> {
-        match std::env::var(Self::ENV) {
-            Ok(spec) => Self::parse(&spec),
-            Err(_) => Ok(Self::default()),
-        }
-    }
-
     pub fn parse(spec: &str) -> Result<Self, Error> {
         let mut set = BTreeSet::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -140,13 +134,23 @@ impl Injector {
                 }
             }
         }
-        Ok(Self { pending: Mutex::new(set) })
+        Ok(Self {
+            pending: Mutex::new(set),
+        })
     }
 
     /// Fails once at (step, phase) if that was asked for.
     pub fn check(&self, step: u64, phase: Phase) -> Result<(), Error> {
-        if self.pending.lock().expect("injector lock").remove(&(step, phase)) {
-            return Err(oom_error(format!("injected by {} at step {step}, {phase:?}", Self::ENV)));
+        if self
+            .pending
+            .lock()
+            .expect("injector lock")
+            .remove(&(step, phase))
+        {
+            return Err(oom_error(format!(
+                "injected by {} at step {step}, {phase:?}",
+                Self::ENV
+            )));
         }
         Ok(())
     }

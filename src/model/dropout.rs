@@ -69,7 +69,11 @@ impl Dropout {
     /// A (batch, dims...) mask of 0 and 1/(1-p). Each element's draw is keyed by its
     /// coordinates, not its flat offset, so padding length does not shift the masks.
     fn mask(&self, batch: usize, dims: &[usize], p: f32, site: u64) -> Result<Tensor> {
-        assert_eq!(batch, self.row_ids.len(), "dropout needs one row id per batch row");
+        assert_eq!(
+            batch,
+            self.row_ids.len(),
+            "dropout needs one row id per batch row"
+        );
         let keep = 1.0 / (1.0 - p);
         let inner: usize = dims.iter().product();
         let mut data = Vec::with_capacity(batch * inner);

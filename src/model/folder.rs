@@ -96,7 +96,10 @@ impl FolderSpec {
             ));
         }
         if !config_path.exists() {
-            return Err(Error::model(root, "config.json not found next to modules.json"));
+            return Err(Error::model(
+                root,
+                "config.json not found next to modules.json",
+            ));
         }
         let config = read_json(&config_path)?;
         let model_type = config
@@ -104,7 +107,10 @@ impl FolderSpec {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::model(&config_path, "no `model_type` key"))?
             .to_string();
-        let hidden = config.get("hidden_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let hidden = config
+            .get("hidden_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
         let max_pos = config
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
@@ -117,7 +123,10 @@ impl FolderSpec {
             if let Some(m) = v.get("max_seq_length").and_then(Value::as_u64) {
                 max_seq_length = m as usize;
             }
-            do_lower_case = v.get("do_lower_case").and_then(Value::as_bool).unwrap_or(false);
+            do_lower_case = v
+                .get("do_lower_case")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
         }
         // MPNet/RoBERTa positions start after the padding index: they hold max_pos - 2 tokens.
         if model_type == "mpnet" {
@@ -191,9 +200,14 @@ impl FolderSpec {
         }
         write(
             "sentence_bert_config.json",
-            pretty(&json!({"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case})),
+            pretty(
+                &json!({"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case}),
+            ),
         )?;
-        write("modules.json", pretty(&serde_json::to_value(&self.modules).unwrap()))?;
+        write(
+            "modules.json",
+            pretty(&serde_json::to_value(&self.modules).unwrap()),
+        )?;
         for m in &self.modules {
             match m.kind.rsplit('.').next().unwrap_or("") {
                 "Pooling" => write(
@@ -202,10 +216,15 @@ impl FolderSpec {
                 )?,
                 "Dense" => {
                     if let Some((_, cfg)) = &self.dense {
-                        write(&format!("{}/config.json", m.path), pretty(&serde_json::to_value(cfg).unwrap()))?;
+                        write(
+                            &format!("{}/config.json", m.path),
+                            pretty(&serde_json::to_value(cfg).unwrap()),
+                        )?;
                     }
                 }
-                "Normalize" => fs::create_dir_all(dir.join(&m.path)).map_err(|e| Error::io(dir, e))?,
+                "Normalize" => {
+                    fs::create_dir_all(dir.join(&m.path)).map_err(|e| Error::io(dir, e))?
+                }
                 _ => {}
             }
         }
@@ -222,11 +241,26 @@ impl FolderSpec {
 
 fn default_modules(normalize: bool) -> Vec<ModuleEntry> {
     let mut m = vec![
-        ModuleEntry { idx: 0, name: "0".into(), path: "".into(), kind: TRANSFORMER.into() },
-        ModuleEntry { idx: 1, name: "1".into(), path: "1_Pooling".into(), kind: POOLING.into() },
+        ModuleEntry {
+            idx: 0,
+            name: "0".into(),
+            path: "".into(),
+            kind: TRANSFORMER.into(),
+        },
+        ModuleEntry {
+            idx: 1,
+            name: "1".into(),
+            path: "1_Pooling".into(),
+            kind: POOLING.into(),
+        },
     ];
     if normalize {
-        m.push(ModuleEntry { idx: 2, name: "2".into(), path: "2_Normalize".into(), kind: NORMALIZE.into() });
+        m.push(ModuleEntry {
+            idx: 2,
+            name: "2".into(),
+            path: "2_Normalize".into(),
+            kind: NORMALIZE.into(),
+        });
     }
     let _ = DENSE;
     m

@@ -37,7 +37,10 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     let cached: Vec<_> = REQUIRED.iter().map(|f| cache.get(f)).collect();
     if let Some(Some(first)) = cached.first() {
         if cached.iter().all(Option::is_some) {
-            return Ok(first.parent().expect("cached files sit in a snapshot folder").to_path_buf());
+            return Ok(first
+                .parent()
+                .expect("cached files sit in a snapshot folder")
+                .to_path_buf());
         }
     }
     if offline {
@@ -57,8 +60,10 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
         let p = api.get(f).map_err(|e| {
             Error::model(
                 local,
-                format!("cannot download {f} from the Hugging Face hub: {e}. Check the id and \
-                         the network, or pass a local folder"),
+                format!(
+                    "cannot download {f} from the Hugging Face hub: {e}. Check the id and \
+                         the network, or pass a local folder"
+                ),
             )
         })?;
         folder.get_or_insert(p.parent().expect("snapshot folder").to_path_buf());

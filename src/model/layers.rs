@@ -145,7 +145,9 @@ impl EncoderLayer {
         let (b, s, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, s, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;

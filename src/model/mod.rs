@@ -39,21 +39,29 @@ pub enum Encoder {
 impl Encoder {
     fn build(spec: &FolderSpec, w: &dyn Weights, prefix: &str) -> Result<Self> {
         let cfg_path = spec.root.join("config.json");
-        let w = Prefixed { inner: w, prefix: prefix.to_string() };
+        let w = Prefixed {
+            inner: w,
+            prefix: prefix.to_string(),
+        };
         let parse_err = |e: serde_json::Error| Error::model(&cfg_path, e.to_string());
         match spec.model_type.as_str() {
             "bert" => {
-                let cfg: BertConfig = serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
+                let cfg: BertConfig =
+                    serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
                 if !cfg.hidden_act.starts_with("gelu") {
                     return Err(Error::model(
                         &cfg_path,
-                        format!("hidden_act `{}` is not supported (only gelu)", cfg.hidden_act),
+                        format!(
+                            "hidden_act `{}` is not supported (only gelu)",
+                            cfg.hidden_act
+                        ),
                     ));
                 }
                 Ok(Encoder::Bert(Bert::load(&w, cfg)?))
             }
             "mpnet" => {
-                let cfg: MpnetConfig = serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
+                let cfg: MpnetConfig =
+                    serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
                 Ok(Encoder::Mpnet(Mpnet::load(&w, cfg)?))
             }
             other => Err(Error::model(
@@ -80,8 +88,14 @@ impl Encoder {
     /// (hidden, attention) dropout probabilities from config.json.
     pub fn dropout_probs(&self) -> (f32, f32) {
         match self {
-            Encoder::Bert(m) => (m.config.hidden_dropout_prob, m.config.attention_probs_dropout_prob),
-            Encoder::Mpnet(m) => (m.config.hidden_dropout_prob, m.config.attention_probs_dropout_prob),
+            Encoder::Bert(m) => (
+                m.config.hidden_dropout_prob,
+                m.config.attention_probs_dropout_prob,
+            ),
+            Encoder::Mpnet(m) => (
+                m.config.hidden_dropout_prob,
+                m.config.attention_probs_dropout_prob,
+            ),
         }
     }
 }
@@ -143,12 +157,24 @@ impl SentenceModel {
                 tensors.insert(format!("{dir}/{k}"), t);
             }
         }
-        let float: std::collections::BTreeSet<String> =
-            tensors.iter().filter(|(_, t)| t.dtype().is_float()).map(|(k, _)| k.clone()).collect();
-        let trainable = |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
+        let float: std::collections::BTreeSet<String> = tensors
+            .iter()
+            .filter(|(_, t)| t.dtype().is_float())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let trainable =
+            |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
         let params = Params::from_tensors(weights_path, tensors, &trainable)?;
-        let prefix = params.prefix_of("embeddings.word_embeddings.weight").unwrap_or_default();
-        let model = Self { spec, tokenizer, params, device: device.clone(), prefix };
+        let prefix = params
+            .prefix_of("embeddings.word_embeddings.weight")
+            .unwrap_or_default();
+        let model = Self {
+            spec,
+            tokenizer,
+            params,
+            device: device.clone(),
+            prefix,
+        };
         model.network()?; // fail now, naming the tensor, rather than at the first batch
         Ok(model)
     }
@@ -165,7 +191,10 @@ impl SentenceModel {
         let encoder = Encoder::build(&self.spec, params, &self.prefix)?;
         let dense = match &self.spec.dense {
             Some((dir, cfg)) => {
-                let w = Prefixed { inner: params, prefix: format!("{dir}/") };
+                let w = Prefixed {
+                    inner: params,
+                    prefix: format!("{dir}/"),
+                };
                 let mut l = Linear::load_weight(&w, "linear", cfg.in_features, cfg.out_features)?;
                 if cfg.bias {
                     l.bias = Some(w.get("linear.bias", &[cfg.out_features])?);
@@ -174,7 +203,12 @@ impl SentenceModel {
             }
             None => None,
         };
-        Ok(Network { encoder, spec: self.spec.clone(), dense, dtype })
+        Ok(Network {
+            encoder,
+            spec: self.spec.clone(),
+            dense,
+            dtype,
+        })
     }
 
     /// Tokenizes texts into one padded batch on the model's device.
@@ -213,9 +247,15 @@ impl SentenceModel {
 
     /// Writes a sentence-transformers folder at `dir`, atomically (built beside it, then renamed).
     pub fn save(&self, dir: &Path, card: &str) -> Result<()> {
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let staged = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staged);
         std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
@@ -226,7 +266,10 @@ impl SentenceModel {
                 Some((dir, key)) => (format!("{dir}/model.safetensors"), key.to_string()),
                 None => ("model.safetensors".to_string(), k.clone()),
             };
-            files.entry(file).or_default().insert(key, t.detach().to_device(&Device::Cpu)?);
+            files
+                .entry(file)
+                .or_default()
+                .insert(key, t.detach().to_device(&Device::Cpu)?);
         }
         for (file, tensors) in files {
             let path = staged.join(file);
@@ -239,16 +282,26 @@ impl SentenceModel {
 
 fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     if !path.exists() {
-        return Err(Error::model(path, "weights file not found (st-tune reads model.safetensors)"));
+        return Err(Error::model(
+            path,
+            "weights file not found (st-tune reads model.safetensors)",
+        ));
     }
     let raw = candle_core::safetensors::load(path, device).map_err(|e| {
-        Error::model(path, format!("cannot read safetensors file (corrupt or truncated?): {e}"))
+        Error::model(
+            path,
+            format!("cannot read safetensors file (corrupt or truncated?): {e}"),
+        )
     })?;
     // Float weights become f32 (the master copy); integer buffers such as position_ids stay
     // as they are, so saving writes them back unchanged.
     raw.into_iter()
         .map(|(k, t)| {
-            let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
+            let t = if t.dtype().is_float() {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
             Ok((k, t))
         })
         .collect()

@@ -89,7 +89,10 @@ impl Mpnet {
             norm: LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?,
             relative_bias: w.get(
                 "encoder.relative_attention_bias.weight",
-                &[config.relative_attention_num_buckets, config.num_attention_heads],
+                &[
+                    config.relative_attention_num_buckets,
+                    config.num_attention_heads,
+                ],
             )?,
             layers,
             config,
@@ -103,8 +106,13 @@ impl Mpnet {
         let flat = batch.ids.flatten_all()?;
         let words = self.word.index_select(&flat, 0)?.reshape((b, s, ()))?;
         let pos_ids = self.position_ids(&batch.lengths, s, device)?;
-        let pos = self.position.index_select(&pos_ids, 0)?.reshape((b, s, ()))?;
-        let x = drop.hidden(&self.norm.forward(&(words + pos)?)?, 0)?.to_dtype(dtype)?;
+        let pos = self
+            .position
+            .index_select(&pos_ids, 0)?
+            .reshape((b, s, ()))?;
+        let x = drop
+            .hidden(&self.norm.forward(&(words + pos)?)?, 0)?
+            .to_dtype(dtype)?;
 
         let heads = self.config.num_attention_heads;
         let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
@@ -153,8 +161,8 @@ pub fn relative_buckets(seq: usize, num_buckets: usize, max_distance: usize) -> 
             bucket += if n < max_exact {
                 n
             } else {
-                let scaled =
-                    ((n as f32 / max_exact as f32).ln() / log_ratio * (half - max_exact) as f32) as i64;
+                let scaled = ((n as f32 / max_exact as f32).ln() / log_ratio
+                    * (half - max_exact) as f32) as i64;
                 (max_exact + scaled).min(half - 1)
             };
             out.push(bucket as u32);

@@ -37,7 +37,11 @@ impl Freeze {
             return !self.embeddings;
         }
         if let Some(rest) = name.strip_prefix("encoder.layer.") {
-            let layer: usize = rest.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let layer: usize = rest
+                .split('.')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             return layer >= self.layers;
         }
         // MPNet's relative position bias is shared by every layer: it trains unless the whole
@@ -87,7 +91,11 @@ impl Params {
     pub fn detached(&self) -> Params {
         Params {
             source: self.source.clone(),
-            tensors: self.tensors.iter().map(|(k, t)| (k.clone(), t.detach())).collect(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.detach()))
+                .collect(),
             vars: BTreeMap::new(),
         }
     }
@@ -113,7 +121,10 @@ impl Params {
 impl Weights for Params {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| {
-            Error::model(&self.source, format!("tensor `{name}` is missing (expected shape {shape:?})"))
+            Error::model(
+                &self.source,
+                format!("tensor `{name}` is missing (expected shape {shape:?})"),
+            )
         })?;
         if t.dims() != shape {
             return Err(Error::model(

@@ -22,8 +22,16 @@ pub fn evaluate(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Res
     let ea = model.encode(&a, batch_size)?;
     let eb = model.encode(&b, batch_size)?;
     let cos: Vec<f64> = ea.iter().zip(&eb).map(|(x, y)| cosine(x, y)).collect();
-    let gold: Vec<f64> = data.rows.iter().map(|r| r.score.unwrap_or(0.0) as f64).collect();
-    Ok(Correlation { spearman: spearman(&cos, &gold), pearson: pearson(&cos, &gold), pairs: cos.len() })
+    let gold: Vec<f64> = data
+        .rows
+        .iter()
+        .map(|r| r.score.unwrap_or(0.0) as f64)
+        .collect();
+    Ok(Correlation {
+        spearman: spearman(&cos, &gold),
+        pearson: pearson(&cos, &gold),
+        pairs: cos.len(),
+    })
 }
 
 pub fn cosine(x: &[f32], y: &[f32]) -> f64 {

@@ -40,11 +40,17 @@ pub struct RunOptions {
     pub output: Output,
     /// Set by the Ctrl-C handler; the loop stops after the current step and saves.
     pub interrupt: Arc<AtomicBool>,
+    /// OOMs to inject, as `ST_TUNE_INJECT_OOM` takes them (the CLI passes that variable on).
+    pub inject_oom: Option<String>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { output: Output::Quiet, interrupt: Arc::new(AtomicBool::new(false)) }
+        Self {
+            output: Output::Quiet,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            inject_oom: None,
+        }
     }
 }
 
@@ -71,13 +77,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
     refuse_unbuilt_levers(cfg)?;
     let device = crate::device::parse(&cfg.model.device)?;
-    let freeze = Freeze { embeddings: cfg.train.freeze_embeddings, layers: cfg.train.freeze_layers };
+    let freeze = Freeze {
+        embeddings: cfg.train.freeze_embeddings,
+        layers: cfg.train.freeze_layers,
+    };
     let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
     if let Some(max) = cfg.model.max_seq_length {
         model.set_max_seq_length(max)?;
     }
     let t = &cfg.train;
-    let train_set = read_dataset(&cfg.data.train, cfg.data.format, cfg.data.columns.as_ref(), cfg.data.limit)?;
+    let train_set = read_dataset(
+        &cfg.data.train,
+        cfg.data.format,
+        cfg.data.columns.as_ref(),
+        cfg.data.limit,
+    )?;
     losses::check_fits(t.loss, train_set.shape)?;
     let dev_set = match &cfg.data.dev {
         Some(p) => Some(read_dev(p, cfg)?),
@@ -92,7 +106,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let schedule = LinearSchedule::new(t.lr, t.warmup_ratio, total);
     let mut reporter = Reporter::new(out_dir, opts.output, total)?;
     let budget = MemoryBudget::new(cfg.memory.limit.as_deref())?;
-    let injector = Injector::from_env()?;
+    let injector = match &opts.inject_oom {
+        Some(spec) => Injector::parse(spec)?,
+        None => Injector::default(),
+    };
     let micro = match t.micro_batch() {
         MicroBatch::Size(n) => n,
         // No planner yet: start from the whole batch and let the OOM handler find what fits.
@@ -122,14 +139,23 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         micro
     ));
 
-    let dev_eval = |m: &SentenceModel| dev_set.as_ref().map(|d| evaluate(m, d, EVAL_BATCH)).transpose();
+    let dev_eval = |m: &SentenceModel| {
+        dev_set
+            .as_ref()
+            .map(|d| evaluate(m, d, EVAL_BATCH))
+            .transpose()
+    };
     let dev_before = dev_eval(&model)?;
     if let Some(c) = &dev_before {
         reporter.eval(0, "before", c);
     }
     let mut best = dev_before.map(|c| c.spearman);
 
-    let lengths: Vec<usize> = data.tokens.iter().map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0)).collect();
+    let lengths: Vec<usize> = data
+        .tokens
+        .iter()
+        .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
+        .collect();
     let mut order = Vec::new();
     let mut events: Vec<OomEvent> = Vec::new();
     let (mut last_loss, mut samples, mut window_start) = (0f32, 0usize, Instant::now());
@@ -141,9 +167,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let epoch = step / steps_per_epoch;
         let in_epoch = step % steps_per_epoch;
         if in_epoch == 0 {
-            order = epoch_order(&lengths, t.batch_size, t.seed, epoch as u64, cfg.data.group_by_length);
+            order = epoch_order(
+                &lengths,
+                t.batch_size,
+                t.seed,
+                epoch as u64,
+                cfg.data.group_by_length,
+            );
         }
-        let rows = &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
+        let rows =
+            &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
         let lr = schedule.lr(step);
 
         let grads = runner.gradients(&data, rows, step as u64, &mut mem, &mut events);
@@ -153,16 +186,35 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let mut out = match grads {
             Ok(o) => o,
             Err(e @ Error::OutOfMemory(_)) => {
-                save(&model, &out_dir.join("final"), cfg, step, "stopped: out of memory")?;
+                save(
+                    &model,
+                    &out_dir.join("final"),
+                    cfg,
+                    step,
+                    "stopped: out of memory",
+                )?;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
-        apply_update(&mut optimizer, &model, &out.grads, lr, step as u64, &injector, &budget, &mut mem, &mut reporter)?;
+        apply_update(
+            &mut optimizer,
+            &model,
+            &out.grads,
+            lr,
+            step as u64,
+            &injector,
+            &budget,
+            &mut mem,
+            &mut reporter,
+        )?;
         drop(out.grads);
         if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
-            reporter.message(&format!("step {step}: {} clean steps, trying micro-batch {micro}", cfg.memory.regrow_after));
+            reporter.message(&format!(
+                "step {step}: {} clean steps, trying micro-batch {micro}",
+                cfg.memory.regrow_after
+            ));
         }
 
         peak_memory = peak_memory.max(alloc::peak() as u64);
@@ -192,13 +244,25 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 reporter.eval(done, "periodic", &c);
                 if cfg.output.save_best && best.is_none_or(|b| c.spearman > b) {
                     best = Some(c.spearman);
-                    save(&model, &out_dir.join("best"), cfg, done, &format!("best dev Spearman {:.4}", c.spearman))?;
+                    save(
+                        &model,
+                        &out_dir.join("best"),
+                        cfg,
+                        done,
+                        &format!("best dev Spearman {:.4}", c.spearman),
+                    )?;
                 }
             }
         }
         if opts.interrupt.load(Ordering::SeqCst) {
             reporter.finish();
-            save(&model, &out_dir.join("final"), cfg, done, "interrupted by Ctrl-C")?;
+            save(
+                &model,
+                &out_dir.join("final"),
+                cfg,
+                done,
+                "interrupted by Ctrl-C",
+            )?;
             return Err(Error::Interrupted);
         }
     }
@@ -210,7 +274,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         reporter.eval(total, "after", c);
         if cfg.output.save_best && best.is_none_or(|b| c.spearman >= b) {
             best = Some(c.spearman);
-            save(&model, &out_dir.join("best"), cfg, total, &format!("best dev Spearman {:.4}", c.spearman))?;
+            save(
+                &model,
+                &out_dir.join("best"),
+                cfg,
+                total,
+                &format!("best dev Spearman {:.4}", c.spearman),
+            )?;
         }
     }
     save(&model, &out_dir.join("final"), cfg, total, "finished")?;
@@ -279,13 +349,22 @@ fn apply_update(
 /// Levers that have config keys but are not built yet fail loudly instead of being ignored.
 fn refuse_unbuilt_levers(cfg: &Config) -> Result<()> {
     if cfg.train.precision != Precision::F32 {
-        return Err(Error::config("train.precision", "only \"f32\" is implemented in this version"));
+        return Err(Error::config(
+            "train.precision",
+            "only \"f32\" is implemented in this version",
+        ));
     }
     if cfg.train.gradient_checkpointing {
-        return Err(Error::config("train.gradient_checkpointing", "not implemented in this version"));
+        return Err(Error::config(
+            "train.gradient_checkpointing",
+            "not implemented in this version",
+        ));
     }
     if !cfg.memory.escalate.is_empty() {
-        return Err(Error::config("memory.escalate", "escalation levers are not implemented in this version"));
+        return Err(Error::config(
+            "memory.escalate",
+            "escalation levers are not implemented in this version",
+        ));
     }
     Ok(())
 }
@@ -295,7 +374,10 @@ fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
     if dev.shape != RowShape::Scored {
         return Err(Error::config(
             "data.dev",
-            format!("{} must hold (sentence1, sentence2, score) rows for evaluation", path.display()),
+            format!(
+                "{} must hold (sentence1, sentence2, score) rows for evaluation",
+                path.display()
+            ),
         ));
     }
     Ok(dev)
@@ -309,8 +391,14 @@ fn tokenize(model: &SentenceModel, set: &Dataset) -> Result<TokenizedData> {
         let texts: Vec<&str> = set.rows.iter().map(|r| r.texts[c].as_str()).collect();
         per_col.push(model.tokenizer.encode(&texts)?);
     }
-    let tokens = (0..set.len()).map(|r| (0..columns).map(|c| per_col[c][r].clone()).collect()).collect();
-    Ok(TokenizedData { tokens, scores: set.rows.iter().map(|r| r.score).collect(), columns })
+    let tokens = (0..set.len())
+        .map(|r| (0..columns).map(|c| per_col[c][r].clone()).collect())
+        .collect();
+    Ok(TokenizedData {
+        tokens,
+        scores: set.rows.iter().map(|r| r.score).collect(),
+        columns,
+    })
 }
 
 /// Saves the model with a model card saying how it was trained.

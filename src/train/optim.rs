@@ -26,7 +26,14 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(weight_decay: f64) -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, t: 0, state: BTreeMap::new() }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            state: BTreeMap::new(),
+        }
     }
 
     /// Applies one update to every var that has a gradient. Resumable: if it fails part way
@@ -77,7 +84,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 {
@@ -105,15 +116,22 @@ mod tests {
             Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap(),
         )]);
         let mut opt = AdamW::new(0.0);
-        opt.step(&vars, &grads, 0.1, &mut Default::default(), || Ok(())).unwrap();
+        opt.step(&vars, &grads, 0.1, &mut Default::default(), || Ok(()))
+            .unwrap();
         let w = var.as_tensor().to_vec1::<f32>().unwrap();
         // After bias correction the first update is lr * g / (|g| + eps) = ±lr.
-        assert!((w[0] - 0.9).abs() < 1e-6 && (w[1] + 1.9).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0] - 0.9).abs() < 1e-6 && (w[1] + 1.9).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut grads = Grads::from([("a".into(), Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap())]);
+        let mut grads = Grads::from([(
+            "a".into(),
+            Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap(),
+        )]);
         let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         let g = grads["a"].to_vec1::<f32>().unwrap();

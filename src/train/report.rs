@@ -45,7 +45,9 @@ pub struct Reporter {
 }
 
 fn create(path: &Path) -> Result<BufWriter<File>> {
-    Ok(BufWriter::new(File::create(path).map_err(|e| Error::io(path, e))?))
+    Ok(BufWriter::new(
+        File::create(path).map_err(|e| Error::io(path, e))?,
+    ))
 }
 
 impl Reporter {

@@ -83,7 +83,7 @@ impl StepRunner<'_> {
                         loss += l;
                         pos += m;
                     }
-                    Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+                    Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
                 }
                 // A coupled loss cut by an OOM cannot be accumulated: switch to the cached scheme.
                 if losses::couples_batch(self.loss) && mem.micro < n && pos < n {
@@ -98,8 +98,10 @@ impl StepRunner<'_> {
 
     /// Handles a failed attempt: an OOM asks the policy for a smaller micro-batch, anything
     /// else (or an OOM at micro-batch 1) ends the step with an error.
+    #[allow(clippy::too_many_arguments)]
     fn recover(
         &self,
+        data: &TokenizedData,
         failed: Failed,
         step: u64,
         rows: &[usize],
@@ -126,24 +128,38 @@ impl StepRunner<'_> {
             }
             _ => {
                 let row = rows[pos];
+                let tokens = data.tokens[row].iter().map(Vec::len).max().unwrap_or(0);
                 Err(Error::OutOfMemory(format!(
-                    "step {step}: micro-batch 1 (data row {row}) does not fit: {e}. Memory in \
-                     use {}, limit {}. Consider raising memory.limit, lowering \
-                     model.max_seq_length, or setting train.freeze_layers",
+                    "step {step}, {phase:?} phase: even a micro-batch of 1 row does not fit \
+                     (data row {row}, {tokens} tokens). Memory in use {}, limit {}. Consider \
+                     raising memory.limit, lowering model.max_seq_length, or setting \
+                     train.freeze_layers",
                     human_bytes(self.budget.in_use()),
-                    self.budget.limit.map(human_bytes).unwrap_or_else(|| "none (device)".into())
+                    self.budget
+                        .limit
+                        .map(human_bytes)
+                        .unwrap_or_else(|| "the device's".into())
                 )))
             }
         }
     }
 
     fn dropout(&self, rows: &[usize], column: usize, step: u64) -> Dropout {
-        let ids = rows.iter().map(|&r| (r as u64) << 2 | column as u64).collect();
+        let ids = rows
+            .iter()
+            .map(|&r| (r as u64) << 2 | column as u64)
+            .collect();
         Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, ids)
     }
 
     /// Embeddings of every text column of `rows`, through `net`.
-    fn embed(&self, net: &Network, data: &TokenizedData, rows: &[usize], step: u64) -> Result<Vec<Tensor>> {
+    fn embed(
+        &self,
+        net: &Network,
+        data: &TokenizedData,
+        rows: &[usize],
+        step: u64,
+    ) -> Result<Vec<Tensor>> {
         (0..data.columns)
             .map(|c| {
                 let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
@@ -162,7 +178,10 @@ impl StepRunner<'_> {
         if data.scores.first().is_none_or(|s| s.is_none()) {
             return Ok(None);
         }
-        let s: Vec<f32> = rows.iter().map(|&r| data.scores[r].unwrap_or(0.0)).collect();
+        let s: Vec<f32> = rows
+            .iter()
+            .map(|&r| data.scores[r].unwrap_or(0.0))
+            .collect();
         Ok(Some(Tensor::from_vec(s, rows.len(), &self.model.device)?))
     }
 
@@ -221,7 +240,7 @@ impl StepRunner<'_> {
                     parts.push(cols);
                     pos += m;
                 }
-                Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+                Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
             }
         }
         // 2. The loss over the full batch, and its gradient with respect to each embedding.
@@ -233,11 +252,21 @@ impl StepRunner<'_> {
             .collect::<Result<_>>()?;
         drop(parts);
         let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = losses::compute(self.loss, self.scale, &cols, self.scores(data, rows)?.as_ref())?;
+        let loss = losses::compute(
+            self.loss,
+            self.scale,
+            &cols,
+            self.scores(data, rows)?.as_ref(),
+        )?;
         let store = loss.backward()?;
         let emb_grads: Vec<Tensor> = full
             .iter()
-            .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| Error::Usage("loss has no gradient".into())))
+            .map(|v| {
+                store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| Error::Usage("loss has no gradient".into()))
+            })
             .collect::<Result<_>>()?;
         drop(store);
         // 3. Re-run each chunk with a graph and push the cached gradients through it.
@@ -262,10 +291,13 @@ impl StepRunner<'_> {
                     self.accumulate(&mut grads, |v| store.get(v.as_tensor()).cloned())?;
                     pos += m;
                 }
-                Err(e) => self.recover(e, step, rows, pos, mem, events)?,
+                Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
             }
         }
-        Ok(StepOutput { loss: loss.to_scalar::<f32>()?, grads })
+        Ok(StepOutput {
+            loss: loss.to_scalar::<f32>()?,
+            grads,
+        })
     }
 
     fn accumulate(&self, grads: &mut Grads, get: impl Fn(&Var) -> Option<Tensor>) -> Result<()> {

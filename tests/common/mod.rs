@@ -24,7 +24,9 @@ pub fn real_model(name: &str) -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 const VOCAB: &[&str] = &[
@@ -37,7 +39,11 @@ const VOCAB: &[&str] = &[
 /// (MPNet) around each text.
 fn tokenizer_json(mpnet: bool) -> serde_json::Value {
     let vocab: HashMap<&str, usize> = VOCAB.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let (cls, sep) = if mpnet { ("<s>", "</s>") } else { ("[CLS]", "[SEP]") };
+    let (cls, sep) = if mpnet {
+        ("<s>", "</s>")
+    } else {
+        ("[CLS]", "[SEP]")
+    };
     json!({
         "version": "1.0",
         "truncation": null,
@@ -85,7 +91,11 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
     }
     let w = |s: &str| s.to_string();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json(mpnet).to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tokenizer_json(mpnet).to_string(),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("modules.json"),
         json!([
@@ -96,7 +106,11 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
         .to_string(),
     )
     .unwrap();
-    std::fs::write(dir.join("sentence_bert_config.json"), json!({"max_seq_length": 32, "do_lower_case": false}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("sentence_bert_config.json"),
+        json!({"max_seq_length": 32, "do_lower_case": false}).to_string(),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("1_Pooling/config.json"),
         json!({"word_embedding_dimension": h, "pooling_mode_mean_tokens": true}).to_string(),
@@ -109,28 +123,45 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| {
-                rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng_state = rng_state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((rng_state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
             })
             .collect();
         Tensor::from_vec(data, shape, &dev).unwrap()
     };
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let ln = |t: &mut HashMap<String, Tensor>, name: &str, rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
+    let ln = |t: &mut HashMap<String, Tensor>,
+              name: &str,
+              rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
         t.insert(format!("{name}.weight"), (rand(&[h], 0.1) + 1.0).unwrap());
         t.insert(format!("{name}.bias"), rand(&[h], 0.1));
     };
-    let mut lin = |t: &mut HashMap<String, Tensor>, name: &str, i: usize, o: usize, rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
+    let mut lin = |t: &mut HashMap<String, Tensor>,
+                   name: &str,
+                   i: usize,
+                   o: usize,
+                   rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
         t.insert(format!("{name}.weight"), rand(&[o, i], 0.3));
         t.insert(format!("{name}.bias"), rand(&[o], 0.1));
     };
     t.insert(w("embeddings.word_embeddings.weight"), rand(&[v, h], 1.0));
-    t.insert(w("embeddings.position_embeddings.weight"), rand(&[max_pos, h], 0.5));
+    t.insert(
+        w("embeddings.position_embeddings.weight"),
+        rand(&[max_pos, h], 0.5),
+    );
     ln(&mut t, "embeddings.LayerNorm", &mut rand);
     if mpnet {
-        t.insert(w("encoder.relative_attention_bias.weight"), rand(&[32, heads], 0.5));
+        t.insert(
+            w("encoder.relative_attention_bias.weight"),
+            rand(&[32, heads], 0.5),
+        );
     } else {
-        t.insert(w("embeddings.token_type_embeddings.weight"), rand(&[2, h], 0.5));
+        t.insert(
+            w("embeddings.token_type_embeddings.weight"),
+            rand(&[2, h], 0.5),
+        );
     }
     for l in 0..layers {
         let p = format!("encoder.layer.{l}");
@@ -147,13 +178,26 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
         for n in &names {
             lin(&mut t, n, h, h, &mut rand);
         }
-        let attn_ln = if mpnet { format!("{p}.attention.LayerNorm") } else { format!("{p}.attention.output.LayerNorm") };
+        let attn_ln = if mpnet {
+            format!("{p}.attention.LayerNorm")
+        } else {
+            format!("{p}.attention.output.LayerNorm")
+        };
         ln(&mut t, &attn_ln, &mut rand);
-        lin(&mut t, &format!("{p}.intermediate.dense"), h, inter, &mut rand);
+        lin(
+            &mut t,
+            &format!("{p}.intermediate.dense"),
+            h,
+            inter,
+            &mut rand,
+        );
         lin(&mut t, &format!("{p}.output.dense"), inter, h, &mut rand);
         ln(&mut t, &format!("{p}.output.LayerNorm"), &mut rand);
     }
     lin(&mut t, "pooler.dense", h, h, &mut rand);
-    let t: HashMap<String, Tensor> = t.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap())).collect();
+    let t: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
+        .collect();
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Proves that a model saved by st-tune loads unchanged in Python sentence-transformers and embeds
+# exactly as st-tune does (max abs difference <= 1e-5, scripts/check_roundtrip.py), for both models:
+#   all-MiniLM-L6-v2   trained 4 steps with configs/ci-smoke.toml
+#   all-mpnet-base-v2  the same config, 1 step on 8 rows (still a train-and-save; there is no save-only
+#                      command); skipped with --minilm-only or when .weights has no MPNet folder
+# Each: st-tune train -> st-tune encode <out>/final on tests/fixtures/sentences.txt -> check_roundtrip.py.
+# Needs the weights (scripts/fetch-weights.sh) and the Python env (scripts/setup-python.sh); builds
+# st-tune (cargo build) so the binary is never stale.
+#   scripts/roundtrip.sh [--minilm-only] [WORK_DIR]   # default: a temporary folder, removed on success
+# Env: ST_TUNE_WEIGHTS (default <repo>/.weights), ST_TUNE_PYTHON_VENV (see setup-python.sh).
+set -euo pipefail
+shopt -s inherit_errexit
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+minilm_only=0 work=
+for arg in "$@"; do
+  case $arg in
+    --minilm-only) minilm_only=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -*) echo "roundtrip.sh: unknown option $arg" >&2; exit 2 ;;
+    *) work=$arg ;;
+  esac
+done
+weights=${ST_TUNE_WEIGHTS:-$repo/.weights}
+py=$(scripts/setup-python.sh)
+cargo build --quiet
+bin=$repo/target/debug/st-tune
+sentences=tests/fixtures/sentences.txt
+
+if [[ -z $work ]]; then
+  work=$(mktemp -d "${TMPDIR:-/tmp}/st-tune-roundtrip.XXXXXX")
+  trap 'status=$?; if [[ $status == 0 ]]; then rm -rf "$work"; else echo "roundtrip: kept $work for inspection" >&2; fi' EXIT
+fi
+mkdir -p "$work"
+
+# roundtrip NAME [--set KEY=VALUE ...]: train with configs/ci-smoke.toml plus the overrides, encode, check.
+roundtrip() {
+  local name=$1 out=$work/$1; shift
+  echo "--- $name: st-tune train" >&2
+  rm -rf "$out"
+  # (called as `roundtrip ... || fail=1`, where set -e is off: each step returns on failure)
+  "$bin" train --config configs/ci-smoke.toml --set "model.path=$weights/$name" "$@" --output "$out" >&2 || return
+  echo "--- $name: st-tune encode" >&2
+  "$bin" encode --model "$out/final" --input "$sentences" --output "$out/emb.jsonl" || return
+  echo "--- $name: sentence-transformers loads $out/final" >&2
+  "$py" scripts/check_roundtrip.py "$out/final" "$sentences" "$out/emb.jsonl"
+}
+
+fail=0
+roundtrip all-MiniLM-L6-v2 || fail=1
+if [[ $minilm_only == 0 && -f $weights/all-mpnet-base-v2/model.safetensors ]]; then
+  roundtrip all-mpnet-base-v2 --set train.max_steps=1 --set data.limit=8 || fail=1
+elif [[ $minilm_only == 0 ]]; then
+  echo "--- all-mpnet-base-v2: skipped (no $weights/all-mpnet-base-v2; scripts/fetch-weights.sh)" >&2
+fi
+if [[ $fail != 0 ]]; then
+  echo "roundtrip: FAILED" >&2
+  exit 1
+fi
+echo "roundtrip: ok"

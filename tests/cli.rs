@@ -1,0 +1,779 @@
+//! The real `st-tune` binary on good and bad input: exit codes (0 success, 1 other failure,
+//! 2 bad input, see `Error::exit_code`), and error messages that name the file, line, key or
+//! tensor to fix, never a panic.
+//!
+//! Every model here is a tiny random one written by `common::tiny_model` (hidden size 16), so
+//! each test runs in well under a second of compute; no test needs the real weights or a network.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// What a run of the binary gave back.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `st-tune ARGS` with `env` added. The hub is kept offline, fault injection off unless
+/// asked for, and candle on one thread (the test machine is small and shared).
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_st-tune"));
+    cmd.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("ST_TUNE_INJECT_OOM");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the st-tune binary runs");
+    Run {
+        code: out
+            .status
+            .code()
+            .expect("st-tune exited, not killed by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn run(args: &[&str]) -> Run {
+    run_env(args, &[])
+}
+
+impl Run {
+    /// Asserts a clean success.
+    fn succeeded(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts exit code `code`, no panic, and that stderr holds every one of `needles`.
+    fn failed_with(&self, code: i32, needles: &[&str]) -> &Self {
+        eprintln!("DEBUGMSG [{}] {}", self.code, self.stderr.trim_end());
+        assert!(
+            !self.stderr.contains("panicked"),
+            "st-tune panicked:\n{}",
+            self.stderr
+        );
+        assert_eq!(
+            self.code, code,
+            "exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.stderr.starts_with("error: "),
+            "stderr should start with `error: `:\n{}",
+            self.stderr
+        );
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "stderr should mention {n:?}:\n{}",
+                self.stderr
+            );
+        }
+        self
+    }
+
+    /// Non-empty stdout lines parsed as JSON.
+    fn json_lines(&self) -> Vec<Value> {
+        json_lines(&self.stdout)
+    }
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+/// A tiny random model (1 layer, hidden 16) in `dir/name`.
+fn tiny(dir: &TempDir, name: &str, mpnet: bool) -> PathBuf {
+    let path = dir.path().join(name);
+    common::tiny_model(&path, mpnet, 1, 7);
+    path
+}
+
+fn write(dir: &TempDir, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Texts made only of words the tiny tokenizer knows.
+const TEXTS: &[&str] = &[
+    "the cat sat on the mat.",
+    "a dog runs fast.",
+    "a man is playing guitar.",
+    "the plane is taking off!",
+    "a woman is playing.",
+    "the big red dog.",
+    "a small blue cat.",
+    "the man runs.",
+    "a cat is on a mat.",
+    "the woman sat.",
+    "x y z",
+    "dogs and cats?",
+];
+
+/// A scored CSV (sentence1,sentence2,score) of `rows` rows.
+fn scored_csv(rows: usize) -> String {
+    let mut out = String::from("sentence1,sentence2,score\n");
+    for i in 0..rows {
+        let (a, b) = (TEXTS[i % TEXTS.len()], TEXTS[(i * 5 + 3) % TEXTS.len()]);
+        out.push_str(&format!("{a},{b},{:.2}\n", (i % 5) as f32 / 4.0));
+    }
+    out
+}
+
+/// An anchor,positive CSV of `rows` rows.
+fn pairs_csv(rows: usize) -> String {
+    let mut out = String::from("anchor,positive\n");
+    for i in 0..rows {
+        out.push_str(&format!(
+            "{},{}\n",
+            TEXTS[i % TEXTS.len()],
+            TEXTS[(i + 1) % TEXTS.len()]
+        ));
+    }
+    out
+}
+
+fn toml_str(p: &Path) -> String {
+    toml::Value::String(s(p).to_string()).to_string()
+}
+
+/// Writes `dir/run.toml` naming the model, the training file and `dir/out`, plus `extra` TOML
+/// lines under `[train]`. Returns (config path, output dir).
+fn write_config(
+    dir: &TempDir,
+    model: &Path,
+    train: &Path,
+    extra_train: &str,
+) -> (PathBuf, PathBuf) {
+    let out = dir.path().join("out");
+    let text = format!(
+        "[model]\npath = {}\n\n[data]\ntrain = {}\n\n[train]\n{extra_train}\n\n[output]\ndir = {}\n",
+        toml_str(model),
+        toml_str(train),
+        toml_str(&out)
+    );
+    (write(dir, "run.toml", text), out)
+}
+
+/// A tiny BERT, a 12-row scored CSV and a config for them: the usual training setup.
+struct TrainSetup {
+    dir: TempDir,
+    model: PathBuf,
+    config: PathBuf,
+    out: PathBuf,
+}
+
+fn train_setup(data: &str, data_name: &str) -> TrainSetup {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = write(&dir, data_name, data);
+    let (config, out) = write_config(&dir, &model, &train, "");
+    TrainSetup {
+        dir,
+        model,
+        config,
+        out,
+    }
+}
+
+/// `st-tune train --config CONFIG ARGS...` with `--set` pairs for a 3-step run of 4 rows.
+fn train_args<'a>(config: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--config",
+        s(config),
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.batch_size=4",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Rewrites the model's model.safetensors after `edit` has changed its tensors.
+fn edit_weights(model: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = model.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+/// Encodes `TEXTS[..n]` with `model`, returning the embeddings of stdout.
+fn encode_ok(model: &Path, dir: &TempDir, n: usize) -> Vec<Vec<f64>> {
+    let input = write(dir, "texts.txt", TEXTS[..n].join("\n") + "\n");
+    let r = run(&["encode", "--model", s(model), "--input", s(&input)]);
+    r.succeeded();
+    embeddings(&r.json_lines(), n)
+}
+
+/// Checks `n` lines of {"text", "embedding"} in input order, each of dimension 16 and unit
+/// length (the tiny models end with Normalize), and returns the embeddings.
+fn embeddings(lines: &[Value], n: usize) -> Vec<Vec<f64>> {
+    assert_eq!(lines.len(), n, "one JSON line per text");
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            assert_eq!(l["text"], TEXTS[i], "lines come back in input order");
+            let e: Vec<f64> = l["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(e.len(), 16, "tiny models embed in 16 dimensions");
+            let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(
+                (norm - 1.0).abs() < 1e-4,
+                "normalized embedding, got norm {norm}"
+            );
+            e
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// encode and eval: happy paths
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn encode_prints_one_json_line_per_text_for_a_tiny_bert_model() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let emb = encode_ok(&model, &dir, 5);
+    assert_ne!(emb[0], emb[1], "different texts get different embeddings");
+}
+
+#[test]
+fn encode_writes_the_output_file_for_a_tiny_mpnet_model() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "mpnet", true);
+    let input = write(&dir, "texts.txt", TEXTS[..4].join("\n")); // no newline at the end
+    let output = dir.path().join("emb.jsonl");
+    let r = run(&[
+        "encode",
+        "-m",
+        s(&model),
+        "-i",
+        s(&input),
+        "-o",
+        s(&output),
+        "--batch-size",
+        "3",
+    ]);
+    r.succeeded();
+    assert!(
+        r.stdout.trim().is_empty(),
+        "with --output nothing goes to stdout: {}",
+        r.stdout
+    );
+    embeddings(&json_lines(&std::fs::read_to_string(&output).unwrap()), 4);
+}
+
+#[test]
+fn eval_json_prints_spearman_pearson_and_the_number_of_pairs() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let data = write(&dir, "dev.csv", scored_csv(8));
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
+    r.succeeded();
+    let lines = r.json_lines();
+    assert_eq!(lines.len(), 1, "one JSON object: {}", r.stdout);
+    let c = &lines[0];
+    assert_eq!(c["pairs"], 8);
+    for key in ["spearman", "pearson"] {
+        let v = c[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is a number: {c}"));
+        assert!((-1.0..=1.0).contains(&v), "{key} = {v} is a correlation");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// encode: bad input
+// ---------------------------------------------------------------------------------------------
+
+/// Runs encode of a valid two-line input with `model`.
+fn encode_with_model(dir: &TempDir, model: &Path) -> Run {
+    let input = write(dir, "texts.txt", "the cat sat.\na dog runs.\n");
+    run(&["encode", "--model", s(model), "--input", s(&input)])
+}
+
+#[test]
+fn encode_of_an_empty_input_file_names_the_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let input = write(&dir, "empty.txt", "");
+    run(&["encode", "--model", s(&model), "--input", s(&input)])
+        .failed_with(2, &["empty.txt", "no texts"]);
+}
+
+#[test]
+fn encode_names_the_line_that_is_not_utf8() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let input = write(
+        &dir,
+        "texts.txt",
+        b"the cat sat.\na dog runs.\nthe \xff\xfe mat.\nx y z\n",
+    );
+    run(&["encode", "--model", s(&model), "--input", s(&input)])
+        .failed_with(2, &["texts.txt:3:", "UTF-8"]);
+}
+
+#[test]
+fn encode_names_an_empty_line_in_the_middle() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let input = write(&dir, "texts.txt", "the cat sat.\n\na dog runs.\n");
+    run(&["encode", "--model", s(&model), "--input", s(&input)])
+        .failed_with(2, &["texts.txt:2:", "empty line"]);
+}
+
+#[test]
+fn encode_of_a_missing_input_file_names_it() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let input = dir.path().join("nope.txt");
+    // A file that cannot be read is an I/O error: exit code 1 ("other failure").
+    run(&["encode", "--model", s(&model), "--input", s(&input)]).failed_with(1, &["nope.txt"]);
+}
+
+#[test]
+fn encode_rejects_an_unknown_device_and_lists_the_valid_ones() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let input = write(&dir, "texts.txt", "the cat sat.\n");
+    run(&[
+        "encode",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--device",
+        "tpu",
+    ])
+    .failed_with(2, &["`tpu`", "cpu, cuda or cuda:N"]);
+}
+
+#[test]
+fn encode_rejects_a_folder_without_modules_json_or_config_json() {
+    let dir = TempDir::new().unwrap();
+    let model = dir.path().join("not-a-model");
+    std::fs::create_dir(&model).unwrap();
+    encode_with_model(&dir, &model)
+        .failed_with(2, &["not-a-model", "neither modules.json nor config.json"]);
+}
+
+#[test]
+fn encode_rejects_a_model_path_that_is_neither_a_folder_nor_a_hub_id() {
+    let dir = TempDir::new().unwrap();
+    let model = dir.path().join("missing-model");
+    encode_with_model(&dir, &model).failed_with(2, &["missing-model", "not a model folder"]);
+}
+
+#[test]
+fn encode_names_an_unknown_model_type_in_config_json() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let cfg_path = model.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = "gpt2".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    encode_with_model(&dir, &model).failed_with(
+        2,
+        &["config.json", "unknown model_type `gpt2`", "bert", "mpnet"],
+    );
+}
+
+#[test]
+fn encode_names_a_missing_tensor() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let name = "encoder.layer.0.attention.self.query.weight";
+    edit_weights(&model, |t| {
+        t.remove(name).expect("the tiny BERT has this tensor");
+    });
+    encode_with_model(&dir, &model).failed_with(
+        2,
+        &[
+            "model.safetensors",
+            &format!("`{name}` is missing"),
+            "[16, 16]",
+        ],
+    );
+}
+
+#[test]
+fn encode_names_a_mis_shaped_tensor_with_both_shapes() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "mpnet", true);
+    let name = "encoder.layer.0.intermediate.dense.weight";
+    edit_weights(&model, |t| {
+        t.insert(
+            name.into(),
+            Tensor::zeros((16, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    encode_with_model(&dir, &model).failed_with(2, &[&format!("`{name}`"), "[16, 16]", "[32, 16]"]);
+}
+
+#[test]
+fn encode_rejects_a_truncated_safetensors_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let path = model.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    encode_with_model(&dir, &model).failed_with(2, &["model.safetensors", "corrupt or truncated"]);
+}
+
+#[test]
+fn encode_names_a_missing_weights_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    encode_with_model(&dir, &model).failed_with(2, &["model.safetensors", "not found"]);
+}
+
+#[test]
+fn eval_of_pairs_without_scores_says_it_needs_a_score_column() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let data = write(&dir, "pairs.csv", pairs_csv(4));
+    run(&["eval", "--model", s(&model), "--data", s(&data)])
+        .failed_with(2, &["pairs.csv", "score"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// train: bad input
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn train_with_a_missing_data_file_names_the_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let (config, _) = write_config(&dir, &model, &dir.path().join("missing.csv"), "");
+    // A file that cannot be read is an I/O error: exit code 1 ("other failure").
+    run(&train_args(&config, &[])).failed_with(1, &["missing.csv"]);
+}
+
+#[test]
+fn train_with_a_missing_config_file_names_the_file() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("missing.toml");
+    run(&["train", "--config", s(&config)]).failed_with(1, &["missing.toml"]);
+}
+
+#[test]
+fn train_names_the_file_and_line_of_a_row_with_too_few_columns() {
+    let mut data = scored_csv(6);
+    data.push_str("the cat sat.,0.5\n"); // line 8: two fields under a three-column header
+    let t = train_setup(&data, "train.csv");
+    run(&train_args(&t.config, &[]))
+        .failed_with(2, &["train.csv:8:", "expected 3 columns", "found 2"]);
+}
+
+#[test]
+fn train_names_a_score_that_is_not_a_number() {
+    let data = "sentence1,sentence2,score\nthe cat.,a dog.,0.5\nthe man.,a woman.,high\n";
+    let t = train_setup(data, "train.csv");
+    run(&train_args(&t.config, &[])).failed_with(2, &["train.csv:3:", "`high`", "not a number"]);
+}
+
+#[test]
+fn train_names_an_empty_text() {
+    let data = "anchor,positive\nthe cat.,a dog.\nthe man.,\"  \"\n";
+    let t = train_setup(data, "train.csv");
+    run(&train_args(&t.config, &["--set", "train.loss=mnrl"]))
+        .failed_with(2, &["train.csv:3:", "column `positive` is empty"]);
+}
+
+#[test]
+fn train_names_the_key_of_a_value_of_the_wrong_type() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&[
+        "train",
+        "--config",
+        s(&t.config),
+        "--set",
+        "train.batch_size=sixteen",
+    ])
+    .failed_with(2, &["train.batch_size", "sixteen"]);
+}
+
+#[test]
+fn train_names_a_wrong_type_in_the_config_file_too() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = write(&dir, "train.csv", scored_csv(12));
+    let (config, _) = write_config(&dir, &model, &train, "lr = \"fast\"");
+    run(&["train", "--config", s(&config)]).failed_with(2, &["train.lr", "fast"]);
+}
+
+#[test]
+fn train_suggests_train_lr_for_the_unknown_key_train_lrr() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&["train", "--config", s(&t.config), "--set", "train.lrr=3e-5"])
+        .failed_with(2, &["train.lrr", "unknown key", "did you mean `train.lr`"]);
+}
+
+#[test]
+fn train_rejects_a_micro_batch_larger_than_the_batch() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&train_args(
+        &t.config,
+        &["--set", "train.micro_batch_size=8"],
+    ))
+    .failed_with(
+        2,
+        &["train.micro_batch_size", "(8)", "train.batch_size (4)"],
+    );
+}
+
+#[test]
+fn train_with_mnrl_on_scored_pairs_names_train_loss() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&train_args(&t.config, &["--set", "train.loss=mnrl"]))
+        .failed_with(2, &["train.loss", "`mnrl`", "Scored"]);
+}
+
+#[test]
+fn train_with_cosent_on_anchor_positive_pairs_names_train_loss() {
+    let t = train_setup(&pairs_csv(12), "train.csv");
+    run(&train_args(&t.config, &["--set", "train.loss=cosent"]))
+        .failed_with(2, &["train.loss", "`cosent`", "Pair"]);
+}
+
+#[test]
+fn train_without_a_model_path_says_model_path_is_required() {
+    let dir = TempDir::new().unwrap();
+    let config = write(&dir, "run.toml", "");
+    run(&["train", "--config", s(&config)]).failed_with(2, &["model.path", "required"]);
+}
+
+#[test]
+fn train_with_a_toml_syntax_error_names_the_config_file() {
+    let dir = TempDir::new().unwrap();
+    let config = write(&dir, "broken.toml", "[train]\nlr = = 3\n");
+    run(&["train", "--config", s(&config)]).failed_with(2, &["broken.toml", "line 2"]);
+}
+
+#[test]
+fn config_without_defaults_says_what_to_run() {
+    run(&["config"]).failed_with(2, &["config --defaults"]);
+}
+
+#[test]
+fn config_defaults_lists_the_keys_and_runs_a_tiny_training_when_given_model_and_data() {
+    let r = run(&["config", "--defaults"]);
+    r.succeeded();
+    let defaults: toml::Table = r.stdout.parse().expect("the defaults are valid TOML");
+    for section in ["model", "data", "train", "memory", "output"] {
+        assert!(
+            defaults.contains_key(section),
+            "defaults should have [{section}]:\n{}",
+            r.stdout
+        );
+    }
+    assert_eq!(
+        defaults["train"]["lr"].as_float(),
+        Some(2e-5),
+        "train.lr is listed with its default"
+    );
+    assert!(
+        r.stdout.contains("# Peak learning rate"),
+        "each key has its help line"
+    );
+    let dir = TempDir::new().unwrap();
+    let config = write(&dir, "defaults.toml", &r.stdout);
+    let model = tiny(&dir, "model", false);
+    let train = write(&dir, "train.csv", scored_csv(4));
+    let out = dir.path().join("out");
+    let set = |k: &str, v: &Path| format!("{k}={}", s(v));
+    let (m, d, o) = (
+        set("model.path", &model),
+        set("data.train", &train),
+        set("output.dir", &out),
+    );
+    run(&[
+        "train",
+        "-c",
+        s(&config),
+        "--set",
+        &m,
+        "--set",
+        &d,
+        "--set",
+        &o,
+        "--set",
+        "train.max_steps=1",
+    ])
+    .succeeded();
+    assert!(out.join("final/model.safetensors").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// train: happy path, reload, OOM injection
+// ---------------------------------------------------------------------------------------------
+
+/// The `--json` summary line (the last line of stdout).
+fn summary(r: &Run) -> Value {
+    let lines = r.json_lines();
+    let last = lines
+        .last()
+        .unwrap_or_else(|| panic!("no JSON on stdout:\n{}", r.stdout))
+        .clone();
+    assert_eq!(
+        last["event"], "summary",
+        "the last line is the summary: {last}"
+    );
+    last["data"].clone()
+}
+
+fn file_lines(path: &Path) -> Vec<Value> {
+    json_lines(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+#[test]
+fn a_tiny_training_run_saves_a_folder_that_encode_loads() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let r = run(&train_args(&t.config, &["--json"]));
+    r.succeeded();
+    let sum = summary(&r);
+    assert_eq!(sum["steps"], 3);
+    assert_eq!(sum["ooms_recovered"], 0);
+    assert!(
+        sum["final_loss"].as_f64().is_some_and(f64::is_finite),
+        "finite loss: {sum}"
+    );
+    assert_eq!(Path::new(sum["output_dir"].as_str().unwrap()), t.out);
+
+    let final_dir = t.out.join("final");
+    for f in [
+        "model.safetensors",
+        "modules.json",
+        "config.json",
+        "tokenizer.json",
+        "1_Pooling/config.json",
+    ] {
+        assert!(final_dir.join(f).exists(), "final/{f} was saved");
+    }
+    let metrics = file_lines(&t.out.join("metrics.jsonl"));
+    let steps: Vec<u64> = metrics.iter().filter_map(|m| m["step"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3], "one metrics line per step: {metrics:?}");
+    assert!(
+        file_lines(&t.out.join("events.jsonl")).is_empty(),
+        "no OOM, no event"
+    );
+
+    // The saved folder is a working model, and training changed it.
+    let trained = encode_ok(&final_dir, &t.dir, 3);
+    let base = encode_ok(&t.model, &t.dir, 3);
+    assert_ne!(trained, base, "three steps of training moved the weights");
+}
+
+#[test]
+fn a_tiny_mpnet_training_run_saves_a_folder_that_encode_loads() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", true);
+    let train = write(
+        &dir,
+        "train.jsonl",
+        pairs_csv(8)
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (a, p) = l.split_once(',').unwrap();
+                serde_json::json!({"anchor": a, "positive": p}).to_string() + "\n"
+            })
+            .collect::<String>(),
+    );
+    let (config, out) = write_config(&dir, &model, &train, "loss = \"mnrl\"");
+    run(&train_args(&config, &["--set", "train.micro_batch_size=2"])).succeeded();
+    assert_eq!(file_lines(&out.join("metrics.jsonl")).len(), 3);
+    encode_ok(&out.join("final"), &dir, 2);
+}
+
+#[test]
+fn injected_ooms_are_recovered_and_logged_to_events_and_json_output() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let r = run_env(
+        &train_args(&t.config, &["--json"]),
+        &[("ST_TUNE_INJECT_OOM", "1:forward,2:optimizer")],
+    );
+    r.succeeded();
+    let sum = summary(&r);
+    assert_eq!(sum["steps"], 3);
+    assert_eq!(sum["ooms_recovered"], 2);
+    assert_eq!(
+        sum["final_micro_batch_size"], 2,
+        "the forward OOM halved the micro-batch"
+    );
+
+    let printed: Vec<Value> = r
+        .json_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "oom")
+        .collect();
+    assert_eq!(printed.len(), 2, "two oom events on stdout:\n{}", r.stdout);
+    let events = file_lines(&t.out.join("events.jsonl"));
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        (&events[0]["step"], &events[0]["phase"]),
+        (&1.into(), &"forward".into())
+    );
+    assert_eq!(
+        (&events[0]["micro_before"], &events[0]["micro_after"]),
+        (&4.into(), &2.into())
+    );
+    assert_eq!(
+        (&events[1]["step"], &events[1]["phase"]),
+        (&2.into(), &"optimizer".into())
+    );
+    assert_eq!(
+        file_lines(&t.out.join("metrics.jsonl")).len(),
+        3,
+        "every step still logged"
+    );
+    assert!(t.out.join("final/model.safetensors").exists());
+}
+
+#[test]
+fn a_bogus_oom_injection_spec_is_a_usage_error_naming_the_variable() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run_env(
+        &train_args(&t.config, &[]),
+        &[("ST_TUNE_INJECT_OOM", "bogus")],
+    )
+    .failed_with(2, &["ST_TUNE_INJECT_OOM", "`bogus`", "STEP:PHASE"]);
+}
