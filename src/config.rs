@@ -529,7 +529,8 @@ pub const KEYS: &[KeyDoc] = &[
         expects: "a positive integer or \"auto\"",
         help: "Rows per forward/backward pass; the gradients of the passes of one step are\n\
                combined, so the result matches one pass over train.batch_size rows.\n\
-               \"auto\": the largest that fits in memory. Unset: train.batch_size.",
+               \"auto\": start from train.batch_size and let the out-of-memory handler\n\
+               halve it until it fits. Unset: train.batch_size.",
         example: Some("8"),
     },
     KeyDoc {
@@ -594,7 +595,8 @@ pub const KEYS: &[KeyDoc] = &[
         key: "precision",
         expects: "one of \"f32\", \"f16\", \"bf16\"",
         help: "Number type of the forward and backward pass: \"f32\", \"f16\" or \"bf16\".\n\
-               Master weights and optimizer state stay f32.",
+               Master weights and optimizer state stay f32. Not built yet: only \"f32\"\n\
+               is accepted by train.",
         example: None,
     },
     KeyDoc {
@@ -616,7 +618,7 @@ pub const KEYS: &[KeyDoc] = &[
         key: "gradient_checkpointing",
         expects: BOOL,
         help: "Recompute activations in the backward pass instead of keeping them:\n\
-               less memory, more compute.",
+               less memory, more compute. Not built yet: train refuses true.",
         example: None,
     },
     // [memory]
@@ -643,7 +645,8 @@ pub const KEYS: &[KeyDoc] = &[
             "a list drawn from \"gradient_checkpointing\", \"bf16\", \"f16\", \"max_seq_length\"",
         help: "What the out-of-memory handler may change, in this order, when even a\n\
                micro-batch of one row does not fit: \"gradient_checkpointing\", \"bf16\" or\n\
-               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.",
+               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.\n\
+               Not built yet: train refuses a non-empty list.",
         example: None,
     },
     // [output]
@@ -658,7 +661,8 @@ pub const KEYS: &[KeyDoc] = &[
         section: "output",
         key: "save_best",
         expects: BOOL,
-        help: "Keep the model with the best dev score (with data.dev), else the last one.",
+        help: "Also save the model with the best dev Spearman to output.dir/best\n\
+               (output.dir/final always holds the last one).",
         example: None,
     },
 ];

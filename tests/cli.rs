@@ -65,7 +65,6 @@ impl Run {
 
     /// Asserts exit code `code`, no panic, and that stderr holds every one of `needles`.
     fn failed_with(&self, code: i32, needles: &[&str]) -> &Self {
-        eprintln!("DEBUGMSG [{}] {}", self.code, self.stderr.trim_end());
         assert!(
             !self.stderr.contains("panicked"),
             "st-tune panicked:\n{}",
@@ -333,7 +332,8 @@ fn encode_of_an_empty_input_file_names_the_file() {
     let model = tiny(&dir, "bert", false);
     let input = write(&dir, "empty.txt", "");
     run(&["encode", "--model", s(&model), "--input", s(&input)])
-        .failed_with(2, &["empty.txt", "no texts"]);
+        // A whole-file problem names the file without a line number (no `empty.txt:0:`).
+        .failed_with(2, &["empty.txt: no texts"]);
 }
 
 #[test]
@@ -501,6 +501,12 @@ fn train_names_the_file_and_line_of_a_row_with_too_few_columns() {
     let t = train_setup(&data, "train.csv");
     run(&train_args(&t.config, &[]))
         .failed_with(2, &["train.csv:8:", "expected 3 columns", "found 2"]);
+}
+
+#[test]
+fn train_on_an_empty_data_file_names_the_file_without_a_line() {
+    let t = train_setup("", "train.csv");
+    run(&train_args(&t.config, &[])).failed_with(2, &["train.csv: file is empty", "header"]);
 }
 
 #[test]
