@@ -19,9 +19,8 @@ pub enum Error {
     #[error("config key `{key}`: {msg}")]
     Config { key: String, msg: String },
 
-    /// A data file has a bad row or header. `line` is 1-based; 0 means "the whole file"
-    /// (shown as `file: msg`, without a line).
-    #[error("{}{}: {msg}", file.display(), if *line == 0 { String::new() } else { format!(":{line}") })]
+    /// A data file has a bad row or header. `line` is 1-based; 0 means "the whole file".
+    #[error("{}:{line}: {msg}", file.display())]
     Data {
         file: PathBuf,
         line: usize,
