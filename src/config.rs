@@ -595,8 +595,7 @@ pub const KEYS: &[KeyDoc] = &[
         key: "precision",
         expects: "one of \"f32\", \"f16\", \"bf16\"",
         help: "Number type of the forward and backward pass: \"f32\", \"f16\" or \"bf16\".\n\
-               Master weights and optimizer state stay f32. Not built yet: only \"f32\"\n\
-               is accepted by train.",
+               Master weights and optimizer state stay f32.",
         example: None,
     },
     KeyDoc {
@@ -618,7 +617,7 @@ pub const KEYS: &[KeyDoc] = &[
         key: "gradient_checkpointing",
         expects: BOOL,
         help: "Recompute activations in the backward pass instead of keeping them:\n\
-               less memory, more compute. Not built yet: train refuses true.",
+               less memory, more compute.",
         example: None,
     },
     // [memory]

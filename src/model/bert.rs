@@ -95,8 +95,8 @@ impl Bert {
         })
     }
 
-    /// Token embeddings, (batch, seq, hidden).
-    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
+    /// Embedding layer output, (batch, seq, hidden), in `dtype`.
+    pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         let (b, s) = batch.ids.dims2()?;
         let flat = batch.ids.flatten_all()?;
         let words = self.word.index_select(&flat, 0)?.reshape((b, s, ()))?;
@@ -104,12 +104,11 @@ impl Bert {
         let pos = self.position.narrow(0, 0, s)?;
         let typ = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&(pos.broadcast_add(&typ)?))?;
-        let x = drop.hidden(&self.norm.forward(&x)?, 0)?.to_dtype(dtype)?;
-        let bias = padding_bias(&batch.mask)?;
-        let mut x = x;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &bias, drop, 1 + 3 * i as u64)?;
-        }
-        Ok(x)
+        Ok(drop.hidden(&self.norm.forward(&x)?, 0)?.to_dtype(dtype)?)
+    }
+
+    /// Additive attention bias: the padding mask.
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
+        padding_bias(&batch.mask)
     }
 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use bert::{Bert, BertConfig};
 use dropout::Dropout;
 use folder::FolderSpec;
-use layers::Linear;
+use layers::{EncoderLayer, Linear};
 use mpnet::{Mpnet, MpnetConfig};
 use weights::{Freeze, Params, Prefixed, Weights};
 
@@ -71,18 +71,46 @@ impl Encoder {
         }
     }
 
-    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
+    /// Embedding layer output, (batch, seq, hidden).
+    pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         match self {
-            Encoder::Bert(m) => m.forward(batch, drop, dtype),
-            Encoder::Mpnet(m) => m.forward(batch, drop, dtype),
+            Encoder::Bert(m) => m.embed(batch, drop, dtype),
+            Encoder::Mpnet(m) => m.embed(batch, drop, dtype),
         }
     }
 
-    pub fn num_layers(&self) -> usize {
+    /// Additive attention bias shared by every layer for this batch.
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
         match self {
-            Encoder::Bert(m) => m.layers.len(),
-            Encoder::Mpnet(m) => m.layers.len(),
+            Encoder::Bert(m) => m.attention_bias(batch),
+            Encoder::Mpnet(m) => m.attention_bias(batch),
         }
+    }
+
+    pub fn layers(&self) -> &[EncoderLayer] {
+        match self {
+            Encoder::Bert(m) => &m.layers,
+            Encoder::Mpnet(m) => &m.layers,
+        }
+    }
+
+    /// Dropout site numbers of layer `i` (the embedding layer uses site 0).
+    pub fn layer_site(i: usize) -> u64 {
+        1 + 3 * i as u64
+    }
+
+    /// Token embeddings, (batch, seq, hidden).
+    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
+        let mut x = self.embed(batch, drop, dtype)?;
+        let bias = self.attention_bias(batch)?;
+        for (i, layer) in self.layers().iter().enumerate() {
+            x = layer.forward(&x, &bias, drop, Self::layer_site(i))?;
+        }
+        Ok(x)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers().len()
     }
 
     /// (hidden, attention) dropout probabilities from config.json.
@@ -114,7 +142,12 @@ impl Network {
     /// Sentence embeddings, (batch, dim), f32.
     pub fn forward(&self, batch: &TokenBatch, drop: &Dropout) -> Result<Tensor> {
         let tokens = self.encoder.forward(batch, drop, self.dtype)?;
-        let mut x = self.spec.pooling.forward(&tokens, &batch.mask)?;
+        self.head(&tokens, batch)
+    }
+
+    /// Token embeddings -> sentence embeddings: pooling, Dense, Normalize.
+    pub fn head(&self, tokens: &Tensor, batch: &TokenBatch) -> Result<Tensor> {
+        let mut x = self.spec.pooling.forward(tokens, &batch.mask)?;
         if let (Some(d), Some((_, cfg))) = (&self.dense, &self.spec.dense) {
             x = d.forward(&x)?;
             if cfg.activation_function.ends_with("Tanh") {

@@ -99,24 +99,29 @@ impl Mpnet {
         })
     }
 
-    /// Token embeddings, (batch, seq, hidden).
-    pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
+    /// Embedding layer output, (batch, seq, hidden), in `dtype`.
+    pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         let (b, s) = batch.ids.dims2()?;
-        let device = batch.ids.device();
         let flat = batch.ids.flatten_all()?;
         let words = self.word.index_select(&flat, 0)?.reshape((b, s, ()))?;
-        let pos_ids = self.position_ids(&batch.lengths, s, device)?;
+        let pos_ids = self.position_ids(&batch.lengths, s, batch.ids.device())?;
         let pos = self
             .position
             .index_select(&pos_ids, 0)?
             .reshape((b, s, ()))?;
-        let x = drop
+        Ok(drop
             .hidden(&self.norm.forward(&(words + pos)?)?, 0)?
-            .to_dtype(dtype)?;
+            .to_dtype(dtype)?)
+    }
 
+    /// Additive attention bias: the padding mask plus the learned bias of each
+    /// relative-position bucket, (batch, heads, seq, seq), f32.
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let s = batch.ids.dim(1)?;
         let heads = self.config.num_attention_heads;
         let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
-        let buckets = Tensor::from_vec(buckets, s * s, &Device::Cpu)?.to_device(device)?;
+        let buckets =
+            Tensor::from_vec(buckets, s * s, &Device::Cpu)?.to_device(batch.ids.device())?;
         // (s*s, heads) -> (1, heads, s, s)
         let rel = self
             .relative_bias
@@ -125,13 +130,7 @@ impl Mpnet {
             .permute((2, 0, 1))?
             .unsqueeze(0)?
             .to_dtype(DType::F32)?;
-        let bias = padding_bias(&batch.mask)?.broadcast_add(&rel)?;
-
-        let mut x = x;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &bias, drop, 1 + 3 * i as u64)?;
-        }
-        Ok(x)
+        Ok(padding_bias(&batch.mask)?.broadcast_add(&rel)?)
     }
 
     /// Real tokens get positions pad+1, pad+2, ...; padding gets the padding index.

@@ -6,6 +6,8 @@
 
 pub mod eval;
 pub mod optim;
+pub mod precision;
+pub mod recompute;
 pub mod report;
 pub mod schedule;
 pub mod step;
@@ -17,7 +19,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, MicroBatch, Precision};
+use crate::config::{Config, MicroBatch};
 use crate::data::batch::epoch_order;
 use crate::data::read::read_dataset;
 use crate::data::{Dataset, RowShape};
@@ -30,6 +32,7 @@ use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use eval::{evaluate, Correlation};
 use optim::{clip_grad_norm, AdamW};
+use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
 use step::{OomEvent, StepRunner, TokenizedData};
@@ -116,16 +119,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         MicroBatch::Auto => t.batch_size,
     };
     let mut mem = MemState::new(micro, cfg.memory.regrow_after);
-    let runner = StepRunner {
+    let dtype = precision::dtype(t.precision);
+    let mut scaler = LossScaler::new(t.precision);
+    let mut runner = StepRunner {
         model: &model,
-        train_net: model.network()?,
-        embed_net: model.inference_network()?,
+        train_net: model.build(&model.params, dtype)?,
+        embed_net: model.build(&model.params.detached(), dtype)?,
         loss: t.loss,
         scale: t.scale,
         seed: t.seed,
         dropout: model.network()?.encoder.dropout_probs(),
         budget: &budget,
         injector: &injector,
+        checkpointing: t.gradient_checkpointing,
+        loss_scale: scaler.scale,
     };
     let mut optimizer = AdamW::new(t.weight_decay);
     reporter.message(&format!(
@@ -197,18 +204,24 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             }
             Err(e) => return Err(e),
         };
-        clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
-        apply_update(
-            &mut optimizer,
-            &model,
-            &out.grads,
-            lr,
-            step as u64,
-            &injector,
-            &budget,
-            &mut mem,
-            &mut reporter,
-        )?;
+        // f16: unscale, and skip the update if a gradient overflowed (the scale halves).
+        if scaler.unscale(&mut out.grads)? {
+            clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
+            apply_update(
+                &mut optimizer,
+                &model,
+                &out.grads,
+                lr,
+                step as u64,
+                &injector,
+                &budget,
+                &mut mem,
+                &mut reporter,
+            )?;
+        } else {
+            reporter.skipped(step + 1, scaler.scale);
+        }
+        runner.loss_scale = scaler.scale;
         drop(out.grads);
         if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
             reporter.message(&format!(
@@ -348,18 +361,6 @@ fn apply_update(
 
 /// Levers that have config keys but are not built yet fail loudly instead of being ignored.
 fn refuse_unbuilt_levers(cfg: &Config) -> Result<()> {
-    if cfg.train.precision != Precision::F32 {
-        return Err(Error::config(
-            "train.precision",
-            "only \"f32\" is implemented in this version",
-        ));
-    }
-    if cfg.train.gradient_checkpointing {
-        return Err(Error::config(
-            "train.gradient_checkpointing",
-            "not implemented in this version",
-        ));
-    }
     if !cfg.memory.escalate.is_empty() {
         return Err(Error::config(
             "memory.escalate",

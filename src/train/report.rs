@@ -135,6 +135,19 @@ impl Reporter {
         }
     }
 
+    /// An f16 step whose gradients overflowed: no update, smaller loss scale.
+    pub fn skipped(&mut self, step: usize, new_scale: f64) {
+        let v = json!({"event": "skipped_step", "step": step, "loss_scale": new_scale});
+        Self::line(&mut self.events, &v);
+        match self.output {
+            Output::Json => println!("{v}"),
+            Output::Human => self.message(&format!(
+                "step {step}: f16 gradient overflow, update skipped; loss scale now {new_scale}"
+            )),
+            Output::Quiet => {}
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

@@ -3,15 +3,19 @@
 //! Two schemes, chosen by the loss:
 //! - plain accumulation (per-row losses, or a batch that fits in one pass): each micro-batch's
 //!   loss is weighted by its share of the batch and back-propagated, gradients summed;
-//! - cached (GradCache, for batch-coupled losses cut into micro-batches): embed the whole batch
-//!   without a graph, compute the loss and its gradient with respect to the embeddings over the
-//!   full batch, then re-run each micro-batch with a graph and back-propagate those gradients.
+//! - cached (GradCache, for batch-coupled losses cut into micro-batches, and for every loss under
+//!   gradient checkpointing): embed the whole batch without a graph, compute the loss and its
+//!   gradient with respect to the embeddings over the full batch, then re-run each micro-batch
+//!   with a graph (or layer by layer, see `recompute.rs`) and back-propagate those gradients.
 //!
 //! On an OOM the attempt's tensors are dropped (they go out of scope), the policy halves the
 //! micro-batch and the same rows are retried; work already done in the step is kept. Dropout
 //! masks depend on (seed, step, row), so a retried or re-run row sees the same mask.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+
+use crate::data::batch::TokenBatch;
 
 use crate::error::{Error, Result};
 use crate::losses::{self, LossKind};
@@ -21,6 +25,7 @@ use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::dropout::Dropout;
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::Grads;
+use crate::train::recompute::backward_recomputing;
 
 /// The tokenized training set: `tokens[row][column]`, `scores[row]`.
 pub struct TokenizedData {
@@ -53,6 +58,11 @@ pub struct StepRunner<'a> {
     pub dropout: (f32, f32),
     pub budget: &'a MemoryBudget,
     pub injector: &'a Injector,
+    /// Gradient checkpointing: recompute each layer's activations in the backward pass.
+    pub checkpointing: bool,
+    /// Multiplies the loss before backward (f16 dynamic loss scaling); gradients come out
+    /// scaled by it too. 1 for f32 and bf16.
+    pub loss_scale: f64,
 }
 
 /// Gradients and loss of one optimizer step.
@@ -73,7 +83,8 @@ impl StepRunner<'_> {
     ) -> Result<StepOutput> {
         let n = rows.len();
         let mut grads = Grads::new();
-        if !losses::couples_batch(self.loss) || mem.micro >= n {
+        // Checkpointing always goes through a gradient on the embeddings (the cached scheme).
+        if !self.checkpointing && (!losses::couples_batch(self.loss) || mem.micro >= n) {
             let mut loss = 0f32;
             let mut pos = 0;
             while pos < n {
@@ -152,6 +163,17 @@ impl StepRunner<'_> {
         Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, ids)
     }
 
+    /// Column `c` of `rows`, padded to its longest row, on the model's device.
+    fn batch(&self, data: &TokenizedData, rows: &[usize], c: usize) -> Result<TokenBatch> {
+        let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
+        TokenBatch::new(
+            &ids,
+            Vec::new(),
+            self.model.tokenizer.pad_id,
+            &self.model.device,
+        )
+    }
+
     /// Embeddings of every text column of `rows`, through `net`.
     fn embed(
         &self,
@@ -161,16 +183,7 @@ impl StepRunner<'_> {
         step: u64,
     ) -> Result<Vec<Tensor>> {
         (0..data.columns)
-            .map(|c| {
-                let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
-                let batch = crate::data::batch::TokenBatch::new(
-                    &ids,
-                    Vec::new(),
-                    self.model.tokenizer.pad_id,
-                    &self.model.device,
-                )?;
-                net.forward(&batch, &self.dropout(rows, c, step))
-            })
+            .map(|c| net.forward(&self.batch(data, rows, c)?, &self.dropout(rows, c, step)))
             .collect()
     }
 
@@ -206,14 +219,15 @@ impl StepRunner<'_> {
         })?;
         in_phase(Phase::Backward, || {
             self.injector.check(step, Phase::Backward)?;
-            let store = loss.backward()?;
+            let store = (&loss * self.loss_scale)?.backward()?;
             self.budget.check("backward pass")?;
-            self.accumulate(grads, |v| store.get(v.as_tensor()).cloned())?;
+            self.accumulate(grads, &store)?;
             Ok(loss.to_scalar::<f32>()?)
         })
     }
 
-    /// The cached (GradCache) scheme for batch-coupled losses.
+    /// The cached (GradCache) scheme: for batch-coupled losses cut into micro-batches, and for
+    /// every loss under gradient checkpointing.
     fn cached(
         &self,
         data: &TokenizedData,
@@ -252,24 +266,20 @@ impl StepRunner<'_> {
             .collect::<Result<_>>()?;
         drop(parts);
         let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = losses::compute(
-            self.loss,
-            self.scale,
-            &cols,
-            self.scores(data, rows)?.as_ref(),
-        )?;
+        let scores = self.scores(data, rows)?;
+        let loss = losses::compute(self.loss, self.scale, &cols, scores.as_ref())?;
         let store = loss.backward()?;
         let emb_grads: Vec<Tensor> = full
             .iter()
             .map(|v| {
-                store
+                let g = store
                     .get(v.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| Error::Usage("loss has no gradient".into()))
+                    .ok_or_else(|| Error::Usage("loss has no gradient".into()))?;
+                Ok((g * self.loss_scale)?)
             })
             .collect::<Result<_>>()?;
         drop(store);
-        // 3. Re-run each chunk with a graph and push the cached gradients through it.
+        // 3. Push the cached gradients back through the network, chunk by chunk.
         let mut grads = Grads::new();
         let mut pos = 0;
         while pos < n {
@@ -277,18 +287,16 @@ impl StepRunner<'_> {
             let attempt = in_phase(Phase::Backward, || {
                 self.budget.mark();
                 self.injector.check(step, Phase::Backward)?;
-                let cols = self.embed(&self.train_net, data, &rows[pos..pos + m], step)?;
-                let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
-                for (e, g) in cols.iter().zip(&emb_grads) {
-                    surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
-                }
-                let store = surrogate.backward()?;
+                let mut part = Grads::new();
+                self.backward_chunk(data, &rows[pos..pos + m], pos, step, &emb_grads, &mut part)?;
                 self.budget.check("backward pass")?;
-                Ok(store)
+                Ok(part)
             });
             match attempt {
-                Ok(store) => {
-                    self.accumulate(&mut grads, |v| store.get(v.as_tensor()).cloned())?;
+                Ok(part) => {
+                    for (name, g) in part {
+                        add(&mut grads, name, g)?;
+                    }
                     pos += m;
                 }
                 Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
@@ -300,19 +308,59 @@ impl StepRunner<'_> {
         })
     }
 
-    fn accumulate(&self, grads: &mut Grads, get: impl Fn(&Var) -> Option<Tensor>) -> Result<()> {
+    /// Pushes the cached embedding gradients of `rows` (at `pos` in the batch) back through the
+    /// network: through one graph, or layer by layer with recomputation (checkpointing).
+    fn backward_chunk(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        pos: usize,
+        step: u64,
+        emb_grads: &[Tensor],
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let m = rows.len();
+        if !self.checkpointing {
+            let cols = self.embed(&self.train_net, data, rows, step)?;
+            let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
+            for (e, g) in cols.iter().zip(emb_grads) {
+                surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
+            }
+            return self.accumulate(grads, &surrogate.backward()?);
+        }
+        for (c, g) in emb_grads.iter().enumerate() {
+            let batch = self.batch(data, rows, c)?;
+            let drop = self.dropout(rows, c, step);
+            let mut sink = |store: &GradStore| self.accumulate(grads, store);
+            backward_recomputing(
+                &self.train_net,
+                &batch,
+                &drop,
+                &g.narrow(0, pos, m)?,
+                &mut sink,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds the gradient of every trainable tensor found in `store` to `grads`.
+    fn accumulate(&self, grads: &mut Grads, store: &GradStore) -> Result<()> {
         for (name, var) in &self.model.params.vars {
-            if let Some(g) = get(var) {
-                let g = g.detach();
-                let sum = match grads.remove(name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                grads.insert(name.clone(), sum);
+            if let Some(g) = store.get(var.as_tensor()) {
+                add(grads, name.clone(), g.detach())?;
             }
         }
         Ok(())
     }
+}
+
+fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {
+    let sum = match grads.remove(&name) {
+        Some(acc) => (acc + g)?,
+        None => g,
+    };
+    grads.insert(name, sum);
+    Ok(())
 }
 
 /// An attempt that failed, and in which phase (for the OOM event).

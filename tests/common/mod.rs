@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -200,4 +201,71 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
         .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
         .collect();
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+const WORDS: [&str; 16] = [
+    "the", "cat", "sat", "on", "mat", "dog", "man", "woman", "playing", "guitar", "plane", "big",
+    "small", "red", "blue", "runs",
+];
+
+/// 24 rows of word salad; row i's texts have lengths that vary with i, so batches pad.
+pub fn write_data(path: &Path, scored: bool) {
+    let mut out = String::from(if scored {
+        "sentence1,sentence2,score\n"
+    } else {
+        "anchor,positive\n"
+    });
+    for i in 0..24usize {
+        let text = |k: usize, n: usize| -> String {
+            (0..n)
+                .map(|j| WORDS[(i * 7 + j * 3 + k) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (a, b) = (text(0, 3 + i % 5), text(1, 2 + i % 7));
+        if scored {
+            out.push_str(&format!("{a},{b},{}\n", (i % 6) as f32 / 5.0));
+        } else {
+            out.push_str(&format!("{a},{b}\n"));
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+pub fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("final/model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Largest per-tensor relative difference, and the name of that tensor.
+pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
+    let (wa, wb) = (weights(a), weights(b));
+    let mut worst = (0f32, String::new());
+    for (name, ta) in &wa {
+        // The attention key bias adds the same q·b to every score of a query, which softmax
+        // ignores: its true gradient is exactly 0 and what it gets is rounding noise, which
+        // AdamW scales up to full ±lr steps. It carries no signal to compare.
+        if !ta.dtype().is_float() || name.ends_with("key.bias") || name.ends_with("attn.k.bias") {
+            continue;
+        }
+        let d = (ta - &wb[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = ta
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
+        if d / scale > worst.0 {
+            worst = (d / scale, name.clone());
+        }
+    }
+    worst
 }

@@ -1,0 +1,96 @@
+//! Mixed precision: the forward and backward passes run in f16 or bf16 while the master
+//! weights and AdamW state stay f32 (`Linear` casts each weight to the activation type, so the
+//! gradient lands on the f32 master copy). Layer norm, softmax, pooling and the loss compute in
+//! f32 whatever the setting. f16's narrow range needs dynamic loss scaling; bf16 does not.
+
+use candle_core::DType;
+
+use crate::config::Precision;
+use crate::error::Result;
+use crate::train::optim::Grads;
+
+pub fn dtype(p: Precision) -> DType {
+    match p {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// Dynamic loss scaling: start at 2^16, halve and skip the step when a gradient overflows,
+/// double after `growth_interval` clean steps. A fixed scale of 1 when disabled.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    enabled: bool,
+    clean_steps: usize,
+    growth_interval: usize,
+}
+
+impl LossScaler {
+    pub fn new(p: Precision) -> Self {
+        let enabled = p == Precision::F16;
+        Self {
+            scale: if enabled { 65536.0 } else { 1.0 },
+            enabled,
+            clean_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+
+    /// Divides the gradients by the scale. Returns false (skip this step) if any is inf or NaN.
+    pub fn unscale(&mut self, grads: &mut Grads) -> Result<bool> {
+        if !self.enabled {
+            return Ok(true);
+        }
+        let mut finite = true;
+        for g in grads.values_mut() {
+            *g = (&*g / self.scale)?;
+            let s = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            finite &= s.is_finite();
+        }
+        if !finite {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.clean_steps = 0;
+            return Ok(false);
+        }
+        self.clean_steps += 1;
+        if self.clean_steps >= self.growth_interval {
+            self.scale *= 2.0;
+            self.clean_steps = 0;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn an_overflowing_gradient_halves_the_scale_and_skips_the_step() {
+        let mut s = LossScaler::new(Precision::F16);
+        let mut grads = Grads::from([(
+            "w".into(),
+            Tensor::new(&[f32::INFINITY, 1.0], &Device::Cpu).unwrap(),
+        )]);
+        assert!(!s.unscale(&mut grads).unwrap());
+        assert_eq!(s.scale, 32768.0);
+        let mut grads = Grads::from([(
+            "w".into(),
+            Tensor::new(&[65536.0f32, 0.0], &Device::Cpu).unwrap(),
+        )]);
+        assert!(s.unscale(&mut grads).unwrap());
+        assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![2.0, 0.0]);
+    }
+
+    #[test]
+    fn bf16_and_f32_do_not_scale() {
+        let mut s = LossScaler::new(Precision::Bf16);
+        let mut grads = Grads::from([("w".into(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap())]);
+        assert!(s.unscale(&mut grads).unwrap());
+        assert_eq!(s.scale, 1.0);
+        assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![3.0]);
+    }
+}
