@@ -1,6 +1,7 @@
 //! The command line: clap definitions and dispatch. Each subcommand lives in its own file and
 //! only turns arguments into a library call and its result into output.
 
+pub mod bench;
 pub mod config;
 pub mod encode;
 pub mod eval;
@@ -29,6 +30,7 @@ pub enum Command {
     Encode(encode::EncodeArgs),
     Eval(eval::EvalArgs),
     Config(config::ConfigArgs),
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -37,5 +39,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Encode(a) => encode::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Config(a) => config::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -5,6 +5,7 @@
 //! recomputing gradients); memory policy bookkeeping (regrow); log; evaluate and save the best.
 
 pub mod eval;
+pub mod measure;
 pub mod optim;
 pub mod precision;
 pub mod recompute;
@@ -119,21 +120,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         MicroBatch::Auto => t.batch_size,
     };
     let mut mem = MemState::new(micro, cfg.memory.regrow_after);
-    let dtype = precision::dtype(t.precision);
     let mut scaler = LossScaler::new(t.precision);
-    let mut runner = StepRunner {
-        model: &model,
-        train_net: model.build(&model.params, dtype)?,
-        embed_net: model.build(&model.params.detached(), dtype)?,
-        loss: t.loss,
-        scale: t.scale,
-        seed: t.seed,
-        dropout: model.network()?.encoder.dropout_probs(),
-        budget: &budget,
-        injector: &injector,
-        checkpointing: t.gradient_checkpointing,
-        loss_scale: scaler.scale,
-    };
+    let mut runner = StepRunner::new(&model, t, &budget, &injector)?;
     let mut optimizer = AdamW::new(t.weight_decay);
     reporter.message(&format!(
         "training {} ({} trainable parameters) on {} rows of {}: {} steps of {} rows, micro-batch {}",

@@ -17,6 +17,7 @@ use candle_core::{Tensor, Var};
 
 use crate::data::batch::TokenBatch;
 
+use crate::config::{Precision, TrainSection};
 use crate::error::{Error, Result};
 use crate::losses::{self, LossKind};
 use crate::memory::oom::{is_oom, Injector, Phase};
@@ -25,6 +26,7 @@ use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::dropout::Dropout;
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::Grads;
+use crate::train::precision::{self, LossScaler};
 use crate::train::recompute::backward_recomputing;
 
 /// The tokenized training set: `tokens[row][column]`, `scores[row]`.
@@ -71,7 +73,39 @@ pub struct StepOutput {
     pub grads: Grads,
 }
 
-impl StepRunner<'_> {
+impl<'a> StepRunner<'a> {
+    /// A runner for `model` as the `[train]` section sets it up (loss, precision, checkpointing).
+    pub fn new(
+        model: &'a SentenceModel,
+        t: &TrainSection,
+        budget: &'a MemoryBudget,
+        injector: &'a Injector,
+    ) -> Result<Self> {
+        let dtype = precision::dtype(t.precision);
+        Ok(Self {
+            model,
+            train_net: model.build(&model.params, dtype)?,
+            embed_net: model.build(&model.params.detached(), dtype)?,
+            loss: t.loss,
+            scale: t.scale,
+            seed: t.seed,
+            dropout: model.network()?.encoder.dropout_probs(),
+            budget,
+            injector,
+            checkpointing: t.gradient_checkpointing,
+            loss_scale: LossScaler::new(t.precision).scale,
+        })
+    }
+
+    /// Switches precision and checkpointing (the OOM handler's escalation levers).
+    pub fn set_levers(&mut self, precision: Precision, checkpointing: bool) -> Result<()> {
+        let dtype = precision::dtype(precision);
+        self.train_net = self.model.build(&self.model.params, dtype)?;
+        self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
+        self.checkpointing = checkpointing;
+        Ok(())
+    }
+
     /// Computes the gradients of optimizer step `step` over `rows` (indices into `data`).
     pub fn gradients(
         &self,
