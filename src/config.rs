@@ -644,8 +644,7 @@ pub const KEYS: &[KeyDoc] = &[
             "a list drawn from \"gradient_checkpointing\", \"bf16\", \"f16\", \"max_seq_length\"",
         help: "What the out-of-memory handler may change, in this order, when even a\n\
                micro-batch of one row does not fit: \"gradient_checkpointing\", \"bf16\" or\n\
-               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.\n\
-               Not built yet: train refuses a non-empty list.",
+               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.",
         example: None,
     },
     // [output]

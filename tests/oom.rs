@@ -93,3 +93,52 @@ fn a_batch_cut_by_an_oom_matches_the_batch_in_one_pass() {
     // into micro-batches and switches to the cached scheme.
     same_weights_with_and_without_ooms("cosent", 16);
 }
+
+/// One row per pass, and an OOM at the first step: nothing left to halve.
+fn run_at_the_floor(dir: &Path, escalate: &str) -> st_tune::Result<Summary> {
+    let toml = format!(
+        "[model]\npath = {:?}\n[data]\ntrain = {:?}\n[train]\nloss = \"cosent\"\nbatch_size = 4\n\
+         micro_batch_size = 1\nmax_steps = 2\n[memory]\nescalate = [{escalate}]\n[output]\ndir = {:?}\n",
+        dir.join("model"),
+        dir.join("train.csv"),
+        dir.join("floor")
+    );
+    let cfg = Config::from_toml(&toml, "test", &[]).unwrap();
+    let opts = RunOptions {
+        inject_oom: Some("0:forward,0:backward".into()),
+        ..Default::default()
+    };
+    train(&cfg, &opts)
+}
+
+#[test]
+fn at_micro_batch_one_the_allowed_levers_are_pulled_in_order_and_the_run_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_model(&dir.path().join("model"), false, 2, 3);
+    write_data(&dir.path().join("train.csv"), true);
+    let s = run_at_the_floor(dir.path(), "\"gradient_checkpointing\", \"max_seq_length\"").unwrap();
+    assert_eq!(s.steps, 2);
+    let events = std::fs::read_to_string(dir.path().join("floor/events.jsonl")).unwrap();
+    let levers: Vec<String> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "escalate")
+        .map(|v| v["lever"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(levers, ["gradient_checkpointing", "max_seq_length"]);
+}
+
+#[test]
+fn with_no_lever_left_the_run_stops_with_an_out_of_memory_error_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_model(&dir.path().join("model"), false, 2, 3);
+    write_data(&dir.path().join("train.csv"), true);
+    let err = run_at_the_floor(dir.path(), "").unwrap_err();
+    assert_eq!(err.exit_code(), 3);
+    let msg = err.to_string();
+    assert!(msg.contains("tokens") && msg.contains("Consider"), "{msg}");
+    assert!(
+        dir.path().join("floor/final/model.safetensors").exists(),
+        "the last good state is saved"
+    );
+}

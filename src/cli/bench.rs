@@ -64,10 +64,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("f16", Precision::F16, 0, false),
         ("freeze half the layers", Precision::F32, half, false),
         ("gradient checkpointing", Precision::F32, 0, true),
-        ("bf16 + freeze half + checkpointing", Precision::Bf16, half, true),
+        (
+            "bf16 + freeze half + checkpointing",
+            Precision::Bf16,
+            half,
+            true,
+        ),
     ];
     if !a.json {
-        println!("model {}, batch {}, loss {}\n", cfg.model.path, cfg.train.batch_size, cfg.train.loss);
+        println!(
+            "model {}, batch {}, loss {}\n",
+            cfg.model.path, cfg.train.batch_size, cfg.train.loss
+        );
         println!("| lever | seq | peak memory | vs f32 | step time | vs f32 |");
         println!("| --- | --- | --- | --- | --- | --- |");
     }
@@ -78,14 +86,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             t.precision = precision;
             t.gradient_checkpointing = ckpt;
             t.micro_batch_size = Some(MicroBatch::Size(t.batch_size));
-            let freeze = Freeze { embeddings: freeze_layers > 0, layers: freeze_layers };
+            let freeze = Freeze {
+                embeddings: freeze_layers > 0,
+                layers: freeze_layers,
+            };
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
             let m = measure_step(&model, &t, seq)?;
             drop(model);
             let b = *base.get_or_insert(m);
             if a.json {
-                let row = Row { lever: name, seq, batch: t.batch_size, m };
+                let row = Row {
+                    lever: name,
+                    seq,
+                    batch: t.batch_size,
+                    m,
+                };
                 println!("{}", serde_json::to_string(&row).expect("plain struct"));
             } else {
                 println!(

@@ -77,3 +77,60 @@ pub fn epoch_order(
     batches.shuffle(&mut rng);
     batches.concat()
 }
+
+/// Moves the `batch_size` longest rows to the front of `order` (swapping them with the rows that
+/// were there), so the first step is the most memory-hungry one and an OOM shows in the first
+/// seconds of a run rather than hours in.
+pub fn longest_first(order: &mut [usize], lengths: &[usize], batch_size: usize) {
+    let mut by_len: Vec<usize> = (0..order.len()).collect();
+    by_len.sort_by_key(|&p| (std::cmp::Reverse(lengths[order[p]]), p));
+    let mut longest: Vec<usize> = by_len.into_iter().take(batch_size).collect();
+    longest.sort_unstable();
+    // Positions already in the first batch stay; the others swap with the front's short rows.
+    let front: Vec<usize> = (0..batch_size.min(order.len()))
+        .filter(|p| !longest.contains(p))
+        .collect();
+    let mut free = front.into_iter();
+    for p in longest.into_iter().filter(|&p| p >= batch_size) {
+        let q = free
+            .next()
+            .expect("as many free front slots as longest rows outside the front");
+        order.swap(p, q);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_batch_holds_the_longest_rows() {
+        let lengths = [3, 9, 1, 7, 2, 8, 5];
+        let mut order = epoch_order(&lengths, 2, 42, 0, false);
+        longest_first(&mut order, &lengths, 3);
+        let mut first: Vec<usize> = order[..3].iter().map(|&i| lengths[i]).collect();
+        first.sort_unstable();
+        assert_eq!(first, vec![7, 8, 9]);
+        let mut all = order.clone();
+        all.sort_unstable();
+        assert_eq!(all, (0..7).collect::<Vec<_>>(), "still a permutation");
+    }
+
+    #[test]
+    fn length_grouping_keeps_similar_lengths_together() {
+        let lengths: Vec<usize> = (0..400).map(|i| (i * 37) % 100).collect();
+        let order = epoch_order(&lengths, 8, 1, 0, true);
+        let spread: usize = order
+            .chunks(8)
+            .map(|c| {
+                c.iter().map(|&i| lengths[i]).max().unwrap()
+                    - c.iter().map(|&i| lengths[i]).min().unwrap()
+            })
+            .sum();
+        assert!(
+            spread / 50 < 10,
+            "average spread within a batch {}",
+            spread / 50
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! the step runner in `train::step` carries the action out, and these rules are tested alone.
 //!
 //! - An OOM halves the micro-batch (down to 1) and retries the same rows.
-//! - At micro-batch 1 there is nothing left to halve: give up (the trainer saves and exits).
+//! - At micro-batch 1 there is nothing left to halve: pull the next lever the user allowed in
+//!   `memory.escalate` (see [`MemState::escalate`]); with none left, give up (the trainer saves
+//!   and exits with code 3).
 //! - After `regrow_after` clean steps, try doubling again (up to the configured size); an OOM
 //!   at a regrown size backs off and doubles the wait before the next try.
 
@@ -22,6 +24,8 @@ pub struct MemState {
     pub on_trial: bool,
     /// OOMs recovered so far.
     pub recovered: usize,
+    /// How many of the `memory.escalate` levers have been pulled.
+    pub escalated: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +57,17 @@ impl MemState {
             regrow_wait: regrow_after.max(1),
             on_trial: false,
             recovered: 0,
+            escalated: 0,
         }
+    }
+
+    /// The next lever to pull once micro-batch 1 does not fit, in the user's order; None when
+    /// every allowed lever is already pulled.
+    pub fn escalate<'a>(&mut self, allowed: &'a [String]) -> Option<&'a str> {
+        let lever = allowed.get(self.escalated)?;
+        self.escalated += 1;
+        self.recovered += 1;
+        Some(lever)
     }
 
     pub fn decide(&mut self, event: Event) -> Action {
@@ -99,6 +113,20 @@ mod tests {
         assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 1 });
         assert_eq!(s.decide(Event::Oom), Action::GiveUp);
         assert_eq!(s.recovered, 3);
+    }
+
+    #[test]
+    fn levers_are_pulled_in_the_given_order_and_only_once() {
+        let mut s = MemState::new(1, 100);
+        let allowed = vec![
+            "gradient_checkpointing".to_string(),
+            "max_seq_length".to_string(),
+        ];
+        assert_eq!(s.decide(Event::Oom), Action::GiveUp);
+        assert_eq!(s.escalate(&allowed), Some("gradient_checkpointing"));
+        assert_eq!(s.escalate(&allowed), Some("max_seq_length"));
+        assert_eq!(s.escalate(&allowed), None);
+        assert_eq!(s.escalate(&[]), None);
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub struct StepMeasure {
 pub fn synthetic_pairs(rows: usize, seq: usize) -> TokenizedData {
     let text = |r: usize, c: usize| -> Vec<u32> {
         // Ids well inside every vocabulary; varied so attention is not degenerate.
-        (0..seq).map(|i| 1000 + ((r * 31 + c * 17 + i * 7) % 997) as u32).collect()
+        (0..seq)
+            .map(|i| 1000 + ((r * 31 + c * 17 + i * 7) % 997) as u32)
+            .collect()
     };
     TokenizedData {
         tokens: (0..rows).map(|r| vec![text(r, 0), text(r, 1)]).collect(),
@@ -53,14 +55,24 @@ pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Resu
     };
     let mut mem = MemState::new(micro, usize::MAX);
     let mut opt = AdamW::new(t.weight_decay);
-    let mut measure = StepMeasure { baseline_bytes: 0, peak_bytes: 0, seconds: 0.0 };
+    let mut measure = StepMeasure {
+        baseline_bytes: 0,
+        peak_bytes: 0,
+        seconds: 0.0,
+    };
     for step in 0..2u64 {
         measure.baseline_bytes = alloc::current() as u64;
         alloc::reset_peak();
         let started = Instant::now();
         let mut out = runner.gradients(&data, &rows, step, &mut mem, &mut Vec::new())?;
         clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
-        opt.step(&model.params.vars, &out.grads, t.lr, &mut Default::default(), || Ok(()))?;
+        opt.step(
+            &model.params.vars,
+            &out.grads,
+            t.lr,
+            &mut Default::default(),
+            || Ok(()),
+        )?;
         drop(out);
         measure.seconds = started.elapsed().as_secs_f64();
         measure.peak_bytes = alloc::peak() as u64;

@@ -20,9 +20,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, MicroBatch};
-use crate::data::batch::epoch_order;
+use crate::config::{Config, MicroBatch, Precision};
+use crate::data::batch::{epoch_order, longest_first};
 use crate::data::read::read_dataset;
+use crate::data::tokenize::TextTokenizer;
 use crate::data::{Dataset, RowShape};
 use crate::error::{Error, Result};
 use crate::losses;
@@ -79,7 +80,6 @@ const EVAL_BATCH: usize = 64;
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
-    refuse_unbuilt_levers(cfg)?;
     let device = crate::device::parse(&cfg.model.device)?;
     let freeze = Freeze {
         embeddings: cfg.train.freeze_embeddings,
@@ -101,7 +101,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
-    let data = tokenize(&model, &train_set)?;
+    let mut data = tokenize(&model.tokenizer, &train_set)?;
 
     let out_dir = &cfg.output.dir;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -122,6 +122,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut mem = MemState::new(micro, cfg.memory.regrow_after);
     let mut scaler = LossScaler::new(t.precision);
     let mut runner = StepRunner::new(&model, t, &budget, &injector)?;
+    let mut levers = Levers {
+        precision: t.precision,
+        checkpointing: t.gradient_checkpointing,
+        max_seq_length: model.tokenizer.max_seq_length,
+    };
     let mut optimizer = AdamW::new(t.weight_decay);
     reporter.message(&format!(
         "training {} ({} trainable parameters) on {} rows of {}: {} steps of {} rows, micro-batch {}",
@@ -169,28 +174,47 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 epoch as u64,
                 cfg.data.group_by_length,
             );
+            if epoch == 0 {
+                longest_first(&mut order, &lengths, t.batch_size);
+            }
         }
         let rows =
             &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
         let lr = schedule.lr(step);
 
-        let grads = runner.gradients(&data, rows, step as u64, &mut mem, &mut events);
-        for e in events.drain(..) {
-            reporter.oom(&e);
-        }
-        let mut out = match grads {
-            Ok(o) => o,
-            Err(e @ Error::OutOfMemory(_)) => {
-                save(
-                    &model,
-                    &out_dir.join("final"),
-                    cfg,
-                    step,
-                    "stopped: out of memory",
-                )?;
-                return Err(e);
+        let mut out = loop {
+            let grads = runner.gradients(&data, rows, step as u64, &mut mem, &mut events);
+            for e in events.drain(..) {
+                reporter.oom(&e);
             }
-            Err(e) => return Err(e),
+            match grads {
+                Ok(o) => break o,
+                Err(e @ Error::OutOfMemory(_)) => match mem.escalate(&cfg.memory.escalate) {
+                    // Pull the next allowed lever and retry the same step from scratch.
+                    Some(lever) => {
+                        levers.pull(
+                            lever,
+                            &mut runner,
+                            &mut scaler,
+                            &mut data,
+                            &model,
+                            &train_set,
+                        )?;
+                        reporter.escalated(step + 1, lever);
+                    }
+                    None => {
+                        save(
+                            &model,
+                            &out_dir.join("final"),
+                            cfg,
+                            step,
+                            "stopped: out of memory",
+                        )?;
+                        return Err(e);
+                    }
+                },
+                Err(e) => return Err(e),
+            }
         };
         // f16: unscale, and skip the update if a gradient overflowed (the scale halves).
         if scaler.unscale(&mut out.grads)? {
@@ -347,17 +371,6 @@ fn apply_update(
     }
 }
 
-/// Levers that have config keys but are not built yet fail loudly instead of being ignored.
-fn refuse_unbuilt_levers(cfg: &Config) -> Result<()> {
-    if !cfg.memory.escalate.is_empty() {
-        return Err(Error::config(
-            "memory.escalate",
-            "escalation levers are not implemented in this version",
-        ));
-    }
-    Ok(())
-}
-
 fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
     let dev = read_dataset(path, cfg.data.format, None, None)?;
     if dev.shape != RowShape::Scored {
@@ -372,13 +385,55 @@ fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
     Ok(dev)
 }
 
+/// The memory levers in force; the OOM handler's escalation changes them mid-run.
+struct Levers {
+    precision: Precision,
+    checkpointing: bool,
+    max_seq_length: usize,
+}
+
+impl Levers {
+    fn pull(
+        &mut self,
+        lever: &str,
+        runner: &mut StepRunner,
+        scaler: &mut LossScaler,
+        data: &mut TokenizedData,
+        model: &SentenceModel,
+        set: &Dataset,
+    ) -> Result<()> {
+        match lever {
+            "gradient_checkpointing" => self.checkpointing = true,
+            "bf16" => self.precision = Precision::Bf16,
+            "f16" => {
+                self.precision = Precision::F16;
+                *scaler = LossScaler::new(Precision::F16);
+                runner.loss_scale = scaler.scale;
+            }
+            "max_seq_length" => {
+                self.max_seq_length = (self.max_seq_length / 2).max(8);
+                let mut tok = model.tokenizer.clone();
+                tok.set_max_seq_length(self.max_seq_length)?;
+                *data = tokenize(&tok, set)?;
+            }
+            other => {
+                return Err(Error::config(
+                    "memory.escalate",
+                    format!("unknown lever `{other}`"),
+                ))
+            }
+        }
+        runner.set_levers(self.precision, self.checkpointing)
+    }
+}
+
 /// Tokenizes every text of every row once, before training.
-fn tokenize(model: &SentenceModel, set: &Dataset) -> Result<TokenizedData> {
+fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
     let columns = set.shape.text_columns();
     let mut per_col = Vec::new();
     for c in 0..columns {
         let texts: Vec<&str> = set.rows.iter().map(|r| r.texts[c].as_str()).collect();
-        per_col.push(model.tokenizer.encode(&texts)?);
+        per_col.push(tokenizer.encode(&texts)?);
     }
     let tokens = (0..set.len())
         .map(|r| (0..columns).map(|c| per_col[c][r].clone()).collect())

@@ -135,6 +135,19 @@ impl Reporter {
         }
     }
 
+    /// Micro-batch 1 did not fit: a `memory.escalate` lever was pulled.
+    pub fn escalated(&mut self, step: usize, lever: &str) {
+        let v = json!({"event": "escalate", "step": step, "lever": lever});
+        Self::line(&mut self.events, &v);
+        match self.output {
+            Output::Json => println!("{v}"),
+            Output::Human => self.message(&format!(
+                "step {step}: even one row per pass ran out of memory; switching on {lever} (memory.escalate)"
+            )),
+            Output::Quiet => {}
+        }
+    }
+
     /// An f16 step whose gradients overflowed: no update, smaller loss scale.
     pub fn skipped(&mut self, step: usize, new_scale: f64) {
         let v = json!({"event": "skipped_step", "step": step, "loss_scale": new_scale});
