@@ -25,7 +25,7 @@ fn load(mpnet: bool, freeze: Freeze) -> (tempfile::TempDir, SentenceModel) {
 /// A scalar that depends on every output dimension: Σ embeddings · fixed weights.
 fn objective(m: &SentenceModel, drop: &Dropout) -> Tensor {
     let net = m.network().unwrap();
-    let batch = m.batch(&TEXTS, vec![0, 1, 2]).unwrap();
+    let batch = m.batch(&TEXTS).unwrap();
     let emb = net.forward(&batch, drop).unwrap();
     let d = emb.dim(1).unwrap();
     let w: Vec<f32> = (0..3 * d)
@@ -92,7 +92,7 @@ fn frozen_tensors_get_no_variable_and_no_gradient() {
 fn inference_builds_no_graph() {
     let (_dir, m) = load(false, Freeze::default());
     let net = m.inference_network().unwrap();
-    let batch = m.batch(&TEXTS, vec![0, 1, 2]).unwrap();
+    let batch = m.batch(&TEXTS).unwrap();
     let emb = net.forward(&batch, &Dropout::off()).unwrap();
     assert!(
         !emb.track_op(),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::dropout::Dropout;
-use crate::model::layers::{padding_bias, Dims, EncoderLayer, LayerNames, LayerNorm};
+use crate::model::layers::{Dims, EncoderLayer, LayerNames, LayerNorm};
 use crate::model::weights::Weights;
 
 /// The fields of a Hugging Face BERT `config.json` the encoder needs.
@@ -95,20 +95,20 @@ impl Bert {
         })
     }
 
-    /// Embedding layer output, (batch, seq, hidden), in `dtype`.
+    /// Embedding layer output, (tokens, hidden), in `dtype`.
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
-        let (b, s) = batch.ids.dims2()?;
-        let flat = batch.ids.flatten_all()?;
-        let words = self.word.index_select(&flat, 0)?.reshape((b, s, ()))?;
-        // Single-segment input: token type 0 everywhere, positions 0..s.
-        let pos = self.position.narrow(0, 0, s)?;
+        let words = self.word.index_select(&batch.ids, 0)?;
+        // Single-segment input: token type 0 everywhere, positions 0..len in each row.
+        let pos: Vec<u32> = batch.lengths.iter().flat_map(|&l| 0..l as u32).collect();
+        let pos = Tensor::from_vec(pos, batch.tokens(), batch.ids.device())?;
+        let pos = self.position.index_select(&pos, 0)?;
         let typ = self.token_type.narrow(0, 0, 1)?;
-        let x = words.broadcast_add(&(pos.broadcast_add(&typ)?))?;
-        Ok(drop.hidden(&self.norm.forward(&x)?, 0)?.to_dtype(dtype)?)
+        let x = (words + pos)?.broadcast_add(&typ)?;
+        Ok(drop.hidden(&self.norm.forward(&x)?, &batch.lengths, 0)?.to_dtype(dtype)?)
     }
 
-    /// Additive attention bias: the padding mask.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
-        padding_bias(&batch.mask)
+    /// Additive attention bias per row: none (packed rows have no padding to mask).
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![None; batch.len()])
     }
 }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::dropout::Dropout;
 use crate::model::weights::Weights;
@@ -138,41 +139,44 @@ impl EncoderLayer {
         })
     }
 
-    /// x: (batch, seq, hidden); `bias`: additive attention bias broadcastable to
-    /// (batch, heads, seq, seq) (padding mask, plus MPNet's relative positions).
-    /// `site` numbers this layer's dropout sites so every mask is distinct.
-    pub fn forward(&self, x: &Tensor, bias: &Tensor, drop: &Dropout, site: u64) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
+    /// x: (tokens, hidden), the rows of `batch` packed; `bias[r]`: additive attention bias of
+    /// row r, (heads, len, len) (MPNet's relative positions; None for BERT). `site` numbers
+    /// this layer's dropout sites so every mask is distinct.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: &[Option<Tensor>],
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
+        let h = x.dim(1)?;
         let hd = h / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        // The 1/sqrt(d) of the scores folded into q: a (tokens, hidden) product instead of a
+        // (heads, len, len) one per row.
+        let q = (self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        let heads = |t: &Tensor, off: usize, len: usize| -> Result<Tensor> {
+            // (len, hidden) -> (heads, len, head_dim)
+            Ok(t.narrow(0, off, len)?.reshape((len, self.heads, hd))?.transpose(0, 1)?.contiguous()?)
         };
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        // (b, heads, s, s); scores and softmax in f32 for stable half-precision training.
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?
-            .to_dtype(DType::F32)?
-            .broadcast_add(bias)?;
-        let probs = softmax_last_dim(&scores)?;
-        let probs = drop.attention(&probs, site)?.to_dtype(x.dtype())?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        let attn = drop.hidden(&self.o.forward(&ctx)?, site + 1)?;
+        let mut ctx = Vec::with_capacity(batch.len());
+        for (r, (off, len)) in batch.rows().enumerate() {
+            let (qr, kr, vr) = (heads(&q, off, len)?, heads(&k, off, len)?, heads(&v, off, len)?);
+            // (heads, len, len); scores and softmax in f32 for stable half-precision training.
+            let mut scores = qr.matmul(&kr.t()?)?.to_dtype(DType::F32)?;
+            if let Some(b) = &bias[r] {
+                scores = scores.broadcast_add(b)?;
+            }
+            let probs = drop.attention(&softmax_last_dim(&scores)?, r, site)?.to_dtype(x.dtype())?;
+            ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
+        }
+        let ctx = Tensor::cat(&ctx, 0)?;
+        let attn = drop.hidden(&self.o.forward(&ctx)?, &batch.lengths, site + 1)?;
         let x = self.attn_norm.forward(&(attn + x)?)?;
         let ffn = self.ffn_in.forward(&x)?.gelu_erf()?;
-        let ffn = drop.hidden(&self.ffn_out.forward(&ffn)?, site + 2)?;
+        let ffn = drop.hidden(&self.ffn_out.forward(&ffn)?, &batch.lengths, site + 2)?;
         self.ffn_norm.forward(&(ffn + x)?)
     }
-}
-
-/// Additive attention bias from a (batch, seq) 0/1 mask: 0 where a token is real, a large
-/// negative number on padding, shaped (batch, 1, 1, seq) to broadcast over heads and queries.
-pub fn padding_bias(mask: &Tensor) -> Result<Tensor> {
-    let (b, s) = mask.dims2()?;
-    let m = mask.to_dtype(DType::F32)?;
-    // (1 - m) * f32::MIN, as transformers does; softmax then gives padding exactly zero weight.
-    let bias = ((m.ones_like()? - m)? * f32::MIN as f64)?;
-    Ok(bias.reshape((b, 1, 1, s))?)
 }

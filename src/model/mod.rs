@@ -71,7 +71,7 @@ impl Encoder {
         }
     }
 
-    /// Embedding layer output, (batch, seq, hidden).
+    /// Embedding layer output, (tokens, hidden).
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         match self {
             Encoder::Bert(m) => m.embed(batch, drop, dtype),
@@ -80,7 +80,7 @@ impl Encoder {
     }
 
     /// Additive attention bias shared by every layer for this batch.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
         match self {
             Encoder::Bert(m) => m.attention_bias(batch),
             Encoder::Mpnet(m) => m.attention_bias(batch),
@@ -99,12 +99,12 @@ impl Encoder {
         1 + 3 * i as u64
     }
 
-    /// Token embeddings, (batch, seq, hidden).
+    /// Token embeddings, (tokens, hidden), rows packed as in `batch`.
     pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         let mut x = self.embed(batch, drop, dtype)?;
         let bias = self.attention_bias(batch)?;
         for (i, layer) in self.layers().iter().enumerate() {
-            x = layer.forward(&x, &bias, drop, Self::layer_site(i))?;
+            x = layer.forward(&x, batch, &bias, drop, Self::layer_site(i))?;
         }
         Ok(x)
     }
@@ -147,7 +147,7 @@ impl Network {
 
     /// Token embeddings -> sentence embeddings: pooling, Dense, Normalize.
     pub fn head(&self, tokens: &Tensor, batch: &TokenBatch) -> Result<Tensor> {
-        let mut x = self.spec.pooling.forward(tokens, &batch.mask)?;
+        let mut x = self.spec.pooling.forward(tokens, batch)?;
         if let (Some(d), Some((_, cfg))) = (&self.dense, &self.spec.dense) {
             x = d.forward(&x)?;
             if cfg.activation_function.ends_with("Tanh") {
@@ -244,11 +244,11 @@ impl SentenceModel {
         })
     }
 
-    /// Tokenizes texts into one padded batch on the model's device.
-    pub fn batch(&self, texts: &[&str], row_ids: Vec<u64>) -> Result<TokenBatch> {
+    /// Tokenizes texts into one packed batch on the model's device.
+    pub fn batch(&self, texts: &[&str]) -> Result<TokenBatch> {
         let ids = self.tokenizer.encode(texts)?;
         let rows: Vec<&[u32]> = ids.iter().map(|r| r.as_slice()).collect();
-        TokenBatch::new(&rows, row_ids, self.tokenizer.pad_id, &self.device)
+        TokenBatch::new(&rows, &self.device)
     }
 
     /// Embeddings of `texts` without a graph, in batches of texts of similar length.
@@ -260,7 +260,7 @@ impl SentenceModel {
         let mut out = vec![Vec::new(); texts.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-            let batch = self.batch(&batch_texts, vec![0; chunk.len()])?;
+            let batch = self.batch(&batch_texts)?;
             let emb = net.forward(&batch, &Dropout::off())?.to_vec2::<f32>()?;
             for (&i, e) in chunk.iter().zip(emb) {
                 out[i] = e;

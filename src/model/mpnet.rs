@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::dropout::Dropout;
-use crate::model::layers::{padding_bias, Dims, EncoderLayer, LayerNames, LayerNorm};
+use crate::model::layers::{Dims, EncoderLayer, LayerNames, LayerNorm};
 use crate::model::weights::Weights;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,48 +99,39 @@ impl Mpnet {
         })
     }
 
-    /// Embedding layer output, (batch, seq, hidden), in `dtype`.
+    /// Embedding layer output, (tokens, hidden), in `dtype`.
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
-        let (b, s) = batch.ids.dims2()?;
-        let flat = batch.ids.flatten_all()?;
-        let words = self.word.index_select(&flat, 0)?.reshape((b, s, ()))?;
-        let pos_ids = self.position_ids(&batch.lengths, s, batch.ids.device())?;
-        let pos = self
-            .position
-            .index_select(&pos_ids, 0)?
-            .reshape((b, s, ()))?;
-        Ok(drop
-            .hidden(&self.norm.forward(&(words + pos)?)?, 0)?
-            .to_dtype(dtype)?)
-    }
-
-    /// Additive attention bias: the padding mask plus the learned bias of each
-    /// relative-position bucket, (batch, heads, seq, seq), f32.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Tensor> {
-        let s = batch.ids.dim(1)?;
-        let heads = self.config.num_attention_heads;
-        let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
-        let buckets =
-            Tensor::from_vec(buckets, s * s, &Device::Cpu)?.to_device(batch.ids.device())?;
-        // (s*s, heads) -> (1, heads, s, s)
-        let rel = self
-            .relative_bias
-            .index_select(&buckets, 0)?
-            .reshape((s, s, heads))?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?
-            .to_dtype(DType::F32)?;
-        Ok(padding_bias(&batch.mask)?.broadcast_add(&rel)?)
-    }
-
-    /// Real tokens get positions pad+1, pad+2, ...; padding gets the padding index.
-    fn position_ids(&self, lengths: &[usize], seq: usize, device: &Device) -> Result<Tensor> {
+        let words = self.word.index_select(&batch.ids, 0)?;
+        // Real tokens get positions pad+1, pad+2, ... (RoBERTa style).
         let pad = self.config.pad_token_id as u32;
-        let mut ids = Vec::with_capacity(lengths.len() * seq);
-        for &len in lengths {
-            ids.extend((0..seq).map(|p| if p < len { pad + 1 + p as u32 } else { pad }));
+        let pos: Vec<u32> = batch.lengths.iter().flat_map(|&l| (0..l as u32).map(move |p| pad + 1 + p)).collect();
+        let pos = Tensor::from_vec(pos, batch.tokens(), batch.ids.device())?;
+        let pos = self.position.index_select(&pos, 0)?;
+        Ok(drop.hidden(&self.norm.forward(&(words + pos)?)?, &batch.lengths, 0)?.to_dtype(dtype)?)
+    }
+
+    /// Additive attention bias per row: the learned bias of each relative-position bucket,
+    /// (heads, len, len), f32; computed once per distinct length.
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
+        let mut by_len: std::collections::HashMap<usize, Tensor> = Default::default();
+        let heads = self.config.num_attention_heads;
+        let mut out = Vec::with_capacity(batch.len());
+        for &s in &batch.lengths {
+            if !by_len.contains_key(&s) {
+                let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
+                let buckets = Tensor::from_vec(buckets, s * s, &Device::Cpu)?.to_device(batch.ids.device())?;
+                // (s*s, heads) -> (heads, s, s)
+                let rel = self
+                    .relative_bias
+                    .index_select(&buckets, 0)?
+                    .reshape((s, s, heads))?
+                    .permute((2, 0, 1))?
+                    .to_dtype(DType::F32)?;
+                by_len.insert(s, rel);
+            }
+            out.push(Some(by_len[&s].clone()));
         }
-        Ok(Tensor::from_vec(ids, lengths.len() * seq, &Device::Cpu)?.to_device(device)?)
+        Ok(out)
     }
 }
 

@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::data::batch::TokenBatch;
 use crate::error::Result;
 
 /// `1_Pooling/config.json`. Several modes may be on: their outputs are concatenated in the
@@ -42,22 +43,30 @@ impl PoolingConfig {
         modes.iter().filter(|m| **m).count() * self.word_embedding_dimension
     }
 
-    /// tokens: (batch, seq, hidden); mask: (batch, seq) of 0/1. Returns (batch, out_dim), f32.
-    pub fn forward(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// tokens: (tokens, hidden), rows packed as in `batch`. Returns (rows, out_dim), f32.
+    pub fn forward(&self, tokens: &Tensor, batch: &TokenBatch) -> Result<Tensor> {
         let tokens = tokens.to_dtype(DType::F32)?;
-        let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, s, 1)
         let mut parts = Vec::new();
         if self.pooling_mode_cls_token {
-            parts.push(tokens.narrow(1, 0, 1)?.squeeze(1)?);
+            let first: Vec<u32> = batch.offsets.iter().map(|&o| o as u32).collect();
+            let first = Tensor::from_vec(first, batch.len(), tokens.device())?;
+            parts.push(tokens.index_select(&first, 0)?);
         }
         if self.pooling_mode_max_tokens {
-            // Padding is pushed to -1e9 so it never wins the maximum.
-            let pad = ((m.ones_like()? - &m)? * -1e9)?;
-            parts.push(tokens.broadcast_add(&pad)?.max(1)?);
+            let rows: Vec<Tensor> =
+                batch.rows().map(|(o, l)| tokens.narrow(0, o, l)?.max_keepdim(0)).collect::<candle_core::Result<_>>()?;
+            parts.push(Tensor::cat(&rows, 0)?);
         }
         if self.pooling_mode_mean_tokens || self.pooling_mode_mean_sqrt_len_tokens {
-            let sum = tokens.broadcast_mul(&m)?.sum(1)?; // (b, h)
-            let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // (b, 1)
+            // One (rows, tokens) x (tokens, hidden) product sums every row's tokens.
+            let n = batch.tokens();
+            let mut sel = vec![0f32; batch.len() * n];
+            for (r, (o, l)) in batch.rows().enumerate() {
+                sel[r * n + o..r * n + o + l].iter_mut().for_each(|v| *v = 1.0);
+            }
+            let sum = Tensor::from_vec(sel, (batch.len(), n), tokens.device())?.matmul(&tokens)?;
+            let lens: Vec<f32> = batch.lengths.iter().map(|&l| (l as f32).max(1e-9)).collect();
+            let count = Tensor::from_vec(lens, (batch.len(), 1), tokens.device())?;
             if self.pooling_mode_mean_tokens {
                 parts.push(sum.broadcast_div(&count)?);
             }

@@ -24,10 +24,11 @@ pub fn backward_recomputing(
     let enc = &net.encoder;
     let layers = enc.layers();
     let bias = enc.attention_bias(batch)?;
+    let detached: Vec<_> = bias.iter().map(|b| b.as_ref().map(Tensor::detach)).collect();
     // Forward, keeping only layer inputs; each layer's graph is dropped with its output.
     let mut inputs = vec![enc.embed(batch, drop, net.dtype)?.detach()];
     for (i, layer) in layers.iter().enumerate() {
-        let out = layer.forward(&inputs[i], &bias.detach(), drop, Encoder::layer_site(i))?;
+        let out = layer.forward(&inputs[i], batch, &detached, drop, Encoder::layer_site(i))?;
         inputs.push(out.detach());
     }
     // Head: pooling, Dense, Normalize.
@@ -36,7 +37,7 @@ pub fn backward_recomputing(
     // Layers, top down, each recomputed from its input.
     for i in (0..layers.len()).rev() {
         let x = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
-        let out = layers[i].forward(x.as_tensor(), &bias, drop, Encoder::layer_site(i))?;
+        let out = layers[i].forward(x.as_tensor(), batch, &bias, drop, Encoder::layer_site(i))?;
         g = backward_step(&out, &g, &x, sink)?;
     }
     // Embeddings (their gradient only matters when they train).

@@ -197,15 +197,10 @@ impl<'a> StepRunner<'a> {
         Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, ids)
     }
 
-    /// Column `c` of `rows`, padded to its longest row, on the model's device.
+    /// Column `c` of `rows`, packed, on the model's device.
     fn batch(&self, data: &TokenizedData, rows: &[usize], c: usize) -> Result<TokenBatch> {
         let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
-        TokenBatch::new(
-            &ids,
-            Vec::new(),
-            self.model.tokenizer.pad_id,
-            &self.model.device,
-        )
+        TokenBatch::new(&ids, &self.model.device)
     }
 
     /// Embeddings of every text column of `rows`, through `net`.
