@@ -51,7 +51,10 @@ impl TokenBatch {
 
     /// Rows as (offset, length) pairs.
     pub fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.offsets.iter().copied().zip(self.lengths.iter().copied())
+        self.offsets
+            .iter()
+            .copied()
+            .zip(self.lengths.iter().copied())
     }
 }
 

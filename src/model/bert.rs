@@ -104,7 +104,9 @@ impl Bert {
         let pos = self.position.index_select(&pos, 0)?;
         let typ = self.token_type.narrow(0, 0, 1)?;
         let x = (words + pos)?.broadcast_add(&typ)?;
-        Ok(drop.hidden(&self.norm.forward(&x)?, &batch.lengths, 0)?.to_dtype(dtype)?)
+        Ok(drop
+            .hidden(&self.norm.forward(&x)?, &batch.lengths, 0)?
+            .to_dtype(dtype)?)
     }
 
     /// Additive attention bias per row: none (packed rows have no padding to mask).

@@ -23,7 +23,13 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn off() -> Self {
-        Self { hidden_p: 0.0, attention_p: 0.0, step_key: 0, row_ids: Vec::new(), on: false }
+        Self {
+            hidden_p: 0.0,
+            attention_p: 0.0,
+            step_key: 0,
+            row_ids: Vec::new(),
+            on: false,
+        }
     }
 
     pub fn train(hidden_p: f32, attention_p: f32, seed: u64, step: u64, row_ids: Vec<u64>) -> Self {

@@ -1,12 +1,14 @@
 //! Building blocks shared by the BERT and MPNet encoders, written for training: every op here
 //! records a backward pass. candle-nn's fused `layer_norm` and `softmax_last_dim` record none, so
-//! gradients would silently stop at them; this file composes the same maths from plain ops.
+//! gradients would silently stop at them; this file composes the same maths from plain ops, and
+//! uses the kernels of `fused.rs` (which have a backward) on CPU.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::dropout::Dropout;
+use crate::model::fused;
 use crate::model::weights::Weights;
 
 /// `y = x Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch checkpoints.
@@ -67,22 +69,38 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
-        Ok(y.to_dtype(dtype)?)
+        let y = if x.device().is_cpu() {
+            fused::layer_norm(x, &self.weight, &self.bias, self.eps)?
+        } else {
+            layer_norm_composed(x, &self.weight, &self.bias, self.eps)?
+        };
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 
-/// Softmax over the last dimension in f32, with a backward pass. Subtracting the (detached)
-/// row maximum keeps `exp` finite and does not change the result or its gradient.
+/// Layer norm from plain ops (every device), in f32.
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?)
+}
+
+/// Softmax over the last dimension in f32, with a backward pass: the fused kernel on CPU.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return fused::softmax(x);
+    }
+    softmax_composed(x)
+}
+
+/// Softmax from plain ops (every device). Subtracting the (detached) row maximum keeps `exp`
+/// finite and does not change the result or its gradient.
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -159,17 +177,26 @@ impl EncoderLayer {
         let v = self.v.forward(x)?;
         let heads = |t: &Tensor, off: usize, len: usize| -> Result<Tensor> {
             // (len, hidden) -> (heads, len, head_dim)
-            Ok(t.narrow(0, off, len)?.reshape((len, self.heads, hd))?.transpose(0, 1)?.contiguous()?)
+            Ok(t.narrow(0, off, len)?
+                .reshape((len, self.heads, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
         };
         let mut ctx = Vec::with_capacity(batch.len());
         for (r, (off, len)) in batch.rows().enumerate() {
-            let (qr, kr, vr) = (heads(&q, off, len)?, heads(&k, off, len)?, heads(&v, off, len)?);
+            let (qr, kr, vr) = (
+                heads(&q, off, len)?,
+                heads(&k, off, len)?,
+                heads(&v, off, len)?,
+            );
             // (heads, len, len); scores and softmax in f32 for stable half-precision training.
             let mut scores = qr.matmul(&kr.t()?)?.to_dtype(DType::F32)?;
             if let Some(b) = &bias[r] {
                 scores = scores.broadcast_add(b)?;
             }
-            let probs = drop.attention(&softmax_last_dim(&scores)?, r, site)?.to_dtype(x.dtype())?;
+            let probs = drop
+                .attention(&softmax_last_dim(&scores)?, r, site)?
+                .to_dtype(x.dtype())?;
             ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
         }
         let ctx = Tensor::cat(&ctx, 0)?;

@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod dropout;
 pub mod folder;
+pub mod fused;
 pub mod hub;
 pub mod layers;
 pub mod mpnet;

@@ -104,10 +104,16 @@ impl Mpnet {
         let words = self.word.index_select(&batch.ids, 0)?;
         // Real tokens get positions pad+1, pad+2, ... (RoBERTa style).
         let pad = self.config.pad_token_id as u32;
-        let pos: Vec<u32> = batch.lengths.iter().flat_map(|&l| (0..l as u32).map(move |p| pad + 1 + p)).collect();
+        let pos: Vec<u32> = batch
+            .lengths
+            .iter()
+            .flat_map(|&l| (0..l as u32).map(move |p| pad + 1 + p))
+            .collect();
         let pos = Tensor::from_vec(pos, batch.tokens(), batch.ids.device())?;
         let pos = self.position.index_select(&pos, 0)?;
-        Ok(drop.hidden(&self.norm.forward(&(words + pos)?)?, &batch.lengths, 0)?.to_dtype(dtype)?)
+        Ok(drop
+            .hidden(&self.norm.forward(&(words + pos)?)?, &batch.lengths, 0)?
+            .to_dtype(dtype)?)
     }
 
     /// Additive attention bias per row: the learned bias of each relative-position bucket,
@@ -119,7 +125,8 @@ impl Mpnet {
         for &s in &batch.lengths {
             if !by_len.contains_key(&s) {
                 let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
-                let buckets = Tensor::from_vec(buckets, s * s, &Device::Cpu)?.to_device(batch.ids.device())?;
+                let buckets = Tensor::from_vec(buckets, s * s, &Device::Cpu)?
+                    .to_device(batch.ids.device())?;
                 // (s*s, heads) -> (heads, s, s)
                 let rel = self
                     .relative_bias

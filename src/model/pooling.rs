@@ -53,8 +53,10 @@ impl PoolingConfig {
             parts.push(tokens.index_select(&first, 0)?);
         }
         if self.pooling_mode_max_tokens {
-            let rows: Vec<Tensor> =
-                batch.rows().map(|(o, l)| tokens.narrow(0, o, l)?.max_keepdim(0)).collect::<candle_core::Result<_>>()?;
+            let rows: Vec<Tensor> = batch
+                .rows()
+                .map(|(o, l)| tokens.narrow(0, o, l)?.max_keepdim(0))
+                .collect::<candle_core::Result<_>>()?;
             parts.push(Tensor::cat(&rows, 0)?);
         }
         if self.pooling_mode_mean_tokens || self.pooling_mode_mean_sqrt_len_tokens {
@@ -62,10 +64,16 @@ impl PoolingConfig {
             let n = batch.tokens();
             let mut sel = vec![0f32; batch.len() * n];
             for (r, (o, l)) in batch.rows().enumerate() {
-                sel[r * n + o..r * n + o + l].iter_mut().for_each(|v| *v = 1.0);
+                sel[r * n + o..r * n + o + l]
+                    .iter_mut()
+                    .for_each(|v| *v = 1.0);
             }
             let sum = Tensor::from_vec(sel, (batch.len(), n), tokens.device())?.matmul(&tokens)?;
-            let lens: Vec<f32> = batch.lengths.iter().map(|&l| (l as f32).max(1e-9)).collect();
+            let lens: Vec<f32> = batch
+                .lengths
+                .iter()
+                .map(|&l| (l as f32).max(1e-9))
+                .collect();
             let count = Tensor::from_vec(lens, (batch.len(), 1), tokens.device())?;
             if self.pooling_mode_mean_tokens {
                 parts.push(sum.broadcast_div(&count)?);

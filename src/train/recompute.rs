@@ -24,7 +24,10 @@ pub fn backward_recomputing(
     let enc = &net.encoder;
     let layers = enc.layers();
     let bias = enc.attention_bias(batch)?;
-    let detached: Vec<_> = bias.iter().map(|b| b.as_ref().map(Tensor::detach)).collect();
+    let detached: Vec<_> = bias
+        .iter()
+        .map(|b| b.as_ref().map(Tensor::detach))
+        .collect();
     // Forward, keeping only layer inputs; each layer's graph is dropped with its output.
     let mut inputs = vec![enc.embed(batch, drop, net.dtype)?.detach()];
     for (i, layer) in layers.iter().enumerate() {
