@@ -62,6 +62,7 @@ run() {
 }
 
 models=(all-MiniLM-L6-v2 all-mpnet-base-v2)
+load_start=$(cut -d' ' -f1 /proc/loadavg)
 for model in "${models[@]}"; do
   for ((r = 1; r <= reps; r++)); do
     echo "$model rep $r/$reps: st-tune" >&2
@@ -72,16 +73,19 @@ for model in "${models[@]}"; do
   done
 done
 
+load_end=$(cut -d' ' -f1 /proc/loadavg)
+
 # Medians, and how far st-tune's embeddings are from the peer's (last repetition of each).
-"$py" - "$work" "$reps" "$n" "${models[@]}" <<'EOF'
+"$py" - "$work" "$reps" "$n" "$(nproc) cores, load average $load_start at the start, $load_end at the end" \
+  "${models[@]}" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 import numpy as np
-work, reps, n, models = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+work, reps, n, machine, models = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
 num = lambda p: float(p.read_text().strip())
 med = lambda xs: statistics.median(xs)
 print(f"Encoding the {n} STS-B validation sentences (sentence1 and sentence2 of each row), CPU, batch 32, "
-      f"2 threads; median of {reps} alternating runs.\n")
+      f"2 threads; median of {reps} alternating runs ({machine}).\n")
 print("| model | tool | encode s | sentences/s | process wall s | sentences/s (process) | peak RSS MiB | max abs diff vs peer |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for m in models:

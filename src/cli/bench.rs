@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::config::{Config, MicroBatch, Precision};
 use crate::error::Result;
 use crate::memory::human_bytes;
+use crate::memory::plan::estimate;
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use crate::train::measure::{measure_step, StepMeasure};
@@ -50,6 +51,7 @@ struct Row {
     batch: usize,
     #[serde(flatten)]
     m: StepMeasure,
+    estimated_bytes: u64,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -76,8 +78,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "model {}, batch {}, loss {}\n",
             cfg.model.path, cfg.train.batch_size, cfg.train.loss
         );
-        println!("| lever | seq | peak memory | vs f32 | step time | vs f32 |");
-        println!("| --- | --- | --- | --- | --- | --- |");
+        println!("| lever | seq | peak memory | vs f32 | estimated (plan) | estimate error | step time | vs f32 |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     }
     for &seq in &a.seq {
         let mut base: Option<StepMeasure> = None;
@@ -93,6 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
             let m = measure_step(&model, &t, seq)?;
+            let est = estimate(&model.plan_input(&t, 2)?, &vec![seq; t.batch_size]).total;
             drop(model);
             let b = *base.get_or_insert(m);
             if a.json {
@@ -101,13 +104,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     seq,
                     batch: t.batch_size,
                     m,
+                    estimated_bytes: est,
                 };
                 println!("{}", serde_json::to_string(&row).expect("plain struct"));
             } else {
                 println!(
-                    "| {name} | {seq} | {} | {:+.0} % | {:.2} s | {:+.0} % |",
+                    "| {name} | {seq} | {} | {:+.0} % | {} | {:+.0} % | {:.2} s | {:+.0} % |",
                     human_bytes(m.peak_bytes),
                     100.0 * (m.peak_bytes as f64 / b.peak_bytes as f64 - 1.0),
+                    human_bytes(est),
+                    100.0 * (est as f64 / m.peak_bytes as f64 - 1.0),
                     m.seconds,
                     100.0 * (m.seconds / b.seconds - 1.0)
                 );

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod oom;
+pub mod plan;
 pub mod policy;
 
 use crate::config::{parse_memory_limit, MemoryLimit};

@@ -114,6 +114,24 @@ impl Encoder {
         self.layers().len()
     }
 
+    /// What the memory planner needs: (hidden, intermediate, heads, relative position bias).
+    pub fn shape(&self) -> (usize, usize, usize, bool) {
+        match self {
+            Encoder::Bert(m) => (
+                m.config.hidden_size,
+                m.config.intermediate_size,
+                m.config.num_attention_heads,
+                false,
+            ),
+            Encoder::Mpnet(m) => (
+                m.config.hidden_size,
+                m.config.intermediate_size,
+                m.config.num_attention_heads,
+                true,
+            ),
+        }
+    }
+
     /// (hidden, attention) dropout probabilities from config.json.
     pub fn dropout_probs(&self) -> (f32, f32) {
         match self {
@@ -272,6 +290,40 @@ impl SentenceModel {
 
     pub fn num_layers(&self) -> Result<usize> {
         Ok(self.network()?.encoder.num_layers())
+    }
+
+    /// The memory planner's view of this model under the `[train]` settings.
+    pub fn plan_input(
+        &self,
+        t: &crate::config::TrainSection,
+        columns: usize,
+    ) -> Result<crate::memory::plan::PlanInput> {
+        let net = self.network()?;
+        let (hidden, intermediate, heads, relative_bias) = net.encoder.shape();
+        let layers = net.encoder.num_layers();
+        // A frozen bottom runs without a graph only when nothing below it trains.
+        let layers_with_graph = if t.freeze_embeddings {
+            layers.saturating_sub(t.freeze_layers)
+        } else {
+            layers
+        };
+        Ok(crate::memory::plan::PlanInput {
+            hidden,
+            intermediate,
+            heads,
+            layers,
+            layers_with_graph,
+            relative_bias,
+            params: self.params.tensors.values().map(|t| t.elem_count()).sum(),
+            trainable: self.params.trainable_count(),
+            act_bytes: if t.precision == crate::config::Precision::F32 {
+                4
+            } else {
+                2
+            },
+            checkpointing: t.gradient_checkpointing,
+            columns,
+        })
     }
 
     pub fn set_max_seq_length(&mut self, max: usize) -> Result<()> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::Result;
 use crate::model::weights::decays;
@@ -20,6 +20,8 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Number of updates applied so far (bias correction).
     pub t: u64,
+    /// Update CPU tensors in place (the default); the tensor-op path serves other devices.
+    pub in_place: bool,
     /// First and second moments by tensor name.
     state: BTreeMap<String, (Tensor, Tensor)>,
 }
@@ -32,6 +34,7 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             t: 0,
+            in_place: true,
             state: BTreeMap::new(),
         }
     }
@@ -57,15 +60,47 @@ impl AdamW {
             }
             before_each()?;
             let g = g.to_dtype(DType::F32)?;
+            let wd = if decays(name) { self.weight_decay } else { 0.0 };
+            if self.in_place && g.device().is_cpu() {
+                // In place, one pass, no temporaries: the optimizer phase would otherwise
+                // allocate several copies of the largest tensor (the word embeddings).
+                let (m, v) = match self.state.get(name) {
+                    Some(s) => s.clone(),
+                    None => (g.zeros_like()?, g.zeros_like()?),
+                };
+                let g = g.contiguous()?;
+                m.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: self.beta1 as f32,
+                        square: false,
+                    },
+                )?;
+                v.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: self.beta2 as f32,
+                        square: true,
+                    },
+                )?;
+                let update = Update {
+                    keep: (1.0 - lr * wd) as f32,
+                    step: (lr / bc1) as f32,
+                    inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                    eps: self.eps as f32,
+                };
+                var.as_tensor().inplace_op3(&m, &v, &update)?;
+                self.state.insert(name.clone(), (m, v));
+                done.insert(name.clone());
+                continue;
+            }
             let (m, v) = match self.state.get(name) {
                 Some(s) => s.clone(),
                 None => (g.zeros_like()?, g.zeros_like()?),
             };
             let m = ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let w = var.as_tensor();
-            let wd = if decays(name) { self.weight_decay } else { 0.0 };
-            let w = (w * (1.0 - lr * wd))?;
+            let w = (var.as_tensor() * (1.0 - lr * wd))?;
             let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
             let w = (w - ((&m / denom)? * (lr / bc1))?)?;
             // All three computed before any is stored: a failure above changes nothing.
@@ -75,6 +110,81 @@ impl AdamW {
         }
         self.t = t;
         done.clear();
+        Ok(())
+    }
+}
+
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 state"),
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 state"),
+    }
+}
+
+/// m ← β·m + (1−β)·g, or with `square` v ← β·v + (1−β)·g², in place.
+struct Moment {
+    beta: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (slice_mut(dst, dl)?, slice(g, gl)?);
+        let (b, c) = (self.beta, 1.0 - self.beta);
+        if self.square {
+            m.iter_mut()
+                .zip(g)
+                .for_each(|(m, g)| *m = b * *m + c * g * g);
+        } else {
+            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
+        }
+        Ok(())
+    }
+}
+
+/// w ← keep·w − step · m / (√v · inv_sqrt_bc2 + eps), in place (torch.optim.AdamW's update).
+struct Update {
+    keep: f32,
+    step: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (w, m, v) = (slice_mut(dst, dl)?, slice(m, ml)?, slice(v, vl)?);
+        for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+            *w = self.keep * *w - self.step * m / (v.sqrt() * self.inv_sqrt_bc2 + self.eps);
+        }
         Ok(())
     }
 }
@@ -123,6 +233,28 @@ mod tests {
         assert!(
             (w[0] - 0.9).abs() < 1e-6 && (w[1] + 1.9).abs() < 1e-6,
             "{w:?}"
+        );
+    }
+
+    #[test]
+    fn the_in_place_update_matches_the_tensor_op_update_over_several_steps() {
+        let run = |in_place: bool| {
+            let var = Var::from_vec(vec![0.5f32, -1.0, 2.0], 3, &Device::Cpu).unwrap();
+            let vars = BTreeMap::from([("l.weight".to_string(), var.clone())]);
+            let mut opt = AdamW::new(0.01);
+            opt.in_place = in_place;
+            for step in 0..5 {
+                let g = Tensor::new(&[0.1f32 * step as f32, -0.3, 0.02], &Device::Cpu).unwrap();
+                let grads = Grads::from([("l.weight".to_string(), g)]);
+                opt.step(&vars, &grads, 1e-2, &mut Default::default(), || Ok(()))
+                    .unwrap();
+            }
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6),
+            "{a:?} vs {b:?}"
         );
     }
 
