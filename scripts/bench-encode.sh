@@ -4,6 +4,7 @@
 # sentence2 of every row of shared/data/stsb/validation.csv, one per line), batch 32, on CPU.
 # The two run alternately, REPS times per model, in the same run; the table shows medians.
 #   scripts/bench-encode.sh [REPS]      # default 3; markdown table on stdout, progress on stderr
+#   BENCH_ENCODE_LIMIT=64 scripts/bench-encode.sh 1    # quick check of the script: first 64 sentences
 # Timing: st-tune is timed as a whole process (load + tokenize + encode + write JSON lines), since
 # it prints no timing of its own; the peer both as a whole process and encode() alone.
 # Peak RSS: /usr/bin/time -f %M of each process. Needs ../shared (or ST_TUNE_SHARED), the weights
@@ -31,6 +32,9 @@ lines = [s for r in rows for s in (r["sentence1"], r["sentence2"])]
 assert all(s.strip() and "\n" not in s and "\r" not in s for s in lines)
 open(sys.argv[2], "w", encoding="utf-8").write("\n".join(lines) + "\n")
 EOF
+if [[ -n ${BENCH_ENCODE_LIMIT:-} ]]; then
+  head -n "$BENCH_ENCODE_LIMIT" "$sentences" > "$sentences.head" && mv "$sentences.head" "$sentences"
+fi
 n=$(wc -l < "$sentences")
 
 # The peer: SentenceTransformer.encode, batch 32, 2 torch threads; prints the seconds of encode() alone
@@ -84,7 +88,7 @@ import numpy as np
 work, reps, n, machine, models = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
 num = lambda p: float(p.read_text().strip())
 med = lambda xs: statistics.median(xs)
-print(f"Encoding the {n} STS-B validation sentences (sentence1 and sentence2 of each row), CPU, batch 32, "
+print(f"Encoding {n} STS-B validation sentences (sentence1 and sentence2 of each row), CPU, batch 32, "
       f"2 threads; median of {reps} alternating runs ({machine}).\n")
 print("| model | tool | encode s | sentences/s | process wall s | sentences/s (process) | peak RSS MiB | max abs diff vs peer |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod encode;
 pub mod eval;
+pub mod random;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,7 @@ pub enum Command {
     Eval(eval::EvalArgs),
     Config(config::ConfigArgs),
     Bench(bench::BenchArgs),
+    RandomModel(random::RandomArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -40,5 +42,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Config(a) => config::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::RandomModel(a) => random::run(a),
     }
 }

@@ -366,6 +366,21 @@ impl SentenceModel {
     }
 }
 
+/// Writes a copy of the model folder `like` (config, tokenizer, modules) with randomly
+/// initialised weights of the same names and shapes: a stand-in for real weights where they
+/// cannot be sent (the GPU check) or are not needed. Initialised as BERT is: normal(0, 0.02),
+/// layer norms at weight 1, bias 0.
+pub fn write_random_model(like: &Path, out: &Path, seed: u64) -> Result<()> {
+    let spec = FolderSpec::read(like)?;
+    let random = weights::RandomWeights::new(seed);
+    Encoder::build(&spec, &random, "")?;
+    let tensors = random.into_tensors();
+    let params = Params::from_tensors(out.join("model.safetensors"), tensors, &|_| false)?;
+    let tokenizer = TextTokenizer::load(&like.join("tokenizer.json"), spec.max_seq_length, spec.do_lower_case)?;
+    let model = SentenceModel { spec, tokenizer, params, device: Device::Cpu, prefix: String::new() };
+    model.save(out, &format!("# Random model\n\nRandomly initialised with the shapes of `{}` (seed {seed}); not trained.\n", like.display()))
+}
+
 fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     if !path.exists() {
         return Err(Error::model(

@@ -150,3 +150,43 @@ impl Weights for Prefixed<'_> {
         self.inner.get(&format!("{}{name}", self.prefix), shape)
     }
 }
+
+/// Hands out random tensors of whatever name and shape a model asks for, and keeps them:
+/// building an encoder over it yields a complete, randomly initialised checkpoint.
+pub struct RandomWeights {
+    rng: std::cell::RefCell<rand::rngs::StdRng>,
+    made: std::cell::RefCell<BTreeMap<String, Tensor>>,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self { rng: rand::rngs::StdRng::seed_from_u64(seed).into(), made: Default::default() }
+    }
+
+    pub fn into_tensors(self) -> BTreeMap<String, Tensor> {
+        self.made.into_inner()
+    }
+}
+
+impl Weights for RandomWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.contains("LayerNorm") {
+            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+        } else {
+            let mut rng = self.rng.borrow_mut();
+            // Box-Muller: normal(0, 0.02), BERT's initializer_range.
+            (0..n)
+                .map(|_| {
+                    let (u, v): (f32, f32) = (rng.gen_range(f32::EPSILON..1.0), rng.gen());
+                    0.02 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+                })
+                .collect()
+        };
+        let t = Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?;
+        self.made.borrow_mut().insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+}
