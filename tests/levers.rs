@@ -11,6 +11,10 @@ use st_tune::config::Config;
 use st_tune::train::{train, RunOptions, Summary};
 
 fn run(dir: &Path, loss: &str, extra: &str, out: &str) -> Summary {
+    run_with(dir, loss, extra, out, None)
+}
+
+fn run_with(dir: &Path, loss: &str, extra: &str, out: &str, inject: Option<&str>) -> Summary {
     let steps = if extra.contains("max_steps") {
         ""
     } else {
@@ -23,11 +27,11 @@ fn run(dir: &Path, loss: &str, extra: &str, out: &str) -> Summary {
         dir.join("train.csv"),
         dir.join(out)
     );
-    train(
-        &Config::from_toml(&toml, "test", &[]).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap()
+    let opts = RunOptions {
+        inject_oom: inject.map(str::to_string),
+        ..Default::default()
+    };
+    train(&Config::from_toml(&toml, "test", &[]).unwrap(), &opts).unwrap()
 }
 
 fn setup(mpnet: bool, scored: bool) -> tempfile::TempDir {
@@ -64,6 +68,23 @@ fn gradient_checkpointing_gives_the_same_weights_for_bert_and_cosine() {
 #[test]
 fn gradient_checkpointing_gives_the_same_weights_for_mpnet_and_mnrl_in_micro_batches() {
     checkpointing_changes_nothing(true, "mnrl", 4);
+}
+
+#[test]
+fn checkpointing_with_ooms_cutting_the_batch_differently_in_each_pass_changes_nothing() {
+    let dir = setup(true, true);
+    run(dir.path(), "cosent", "micro_batch_size = 8", "plain");
+    // An OOM in the backward pass of step 1 re-cuts the rows after the checkpoints were taken.
+    let s = run_with(
+        dir.path(),
+        "cosent",
+        "micro_batch_size = 8\ngradient_checkpointing = true",
+        "ckpt",
+        Some("1:backward,2:forward"),
+    );
+    assert_eq!(s.ooms_recovered, 2);
+    let (diff, name) = max_relative_difference(&dir.path().join("plain"), &dir.path().join("ckpt"));
+    assert!(diff <= 1e-5, "{name} differs by {diff}");
 }
 
 #[test]

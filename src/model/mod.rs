@@ -376,8 +376,18 @@ pub fn write_random_model(like: &Path, out: &Path, seed: u64) -> Result<()> {
     Encoder::build(&spec, &random, "")?;
     let tensors = random.into_tensors();
     let params = Params::from_tensors(out.join("model.safetensors"), tensors, &|_| false)?;
-    let tokenizer = TextTokenizer::load(&like.join("tokenizer.json"), spec.max_seq_length, spec.do_lower_case)?;
-    let model = SentenceModel { spec, tokenizer, params, device: Device::Cpu, prefix: String::new() };
+    let tokenizer = TextTokenizer::load(
+        &like.join("tokenizer.json"),
+        spec.max_seq_length,
+        spec.do_lower_case,
+    )?;
+    let model = SentenceModel {
+        spec,
+        tokenizer,
+        params,
+        device: Device::Cpu,
+        prefix: String::new(),
+    };
     model.save(out, &format!("# Random model\n\nRandomly initialised with the shapes of `{}` (seed {seed}); not trained.\n", like.display()))
 }
 

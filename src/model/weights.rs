@@ -161,7 +161,10 @@ pub struct RandomWeights {
 impl RandomWeights {
     pub fn new(seed: u64) -> Self {
         use rand::SeedableRng;
-        Self { rng: rand::rngs::StdRng::seed_from_u64(seed).into(), made: Default::default() }
+        Self {
+            rng: rand::rngs::StdRng::seed_from_u64(seed).into(),
+            made: Default::default(),
+        }
     }
 
     pub fn into_tensors(self) -> BTreeMap<String, Tensor> {

@@ -3,6 +3,8 @@
 //! turn comes in the backward pass, its activations are recomputed from that input, with the
 //! same dropout masks (they are keyed to the row, not drawn in order), so the gradients equal
 //! those of the ordinary backward pass. Memory: L+1 layer inputs instead of every activation.
+//! The step runner takes the checkpoints in its first (embedding) pass over the batch, so the
+//! whole scheme costs one forward pass more than plain training, not two.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -12,34 +14,52 @@ use crate::error::{Error, Result};
 use crate::model::dropout::Dropout;
 use crate::model::{Encoder, Network};
 
-/// `grad`: d loss / d sentence embeddings of `batch`, (rows, dim). `sink` receives each partial
-/// gradient store (head, every layer top-down, embeddings) to accumulate parameter gradients.
+/// The forward pass without a graph, keeping each encoder layer's input (and the last layer's
+/// output): the checkpoints. Returns (sentence embeddings, checkpoints), the latter L+1
+/// tensors of (tokens, hidden), rows packed as in `batch`.
+pub fn forward_checkpoints(
+    net: &Network,
+    batch: &TokenBatch,
+    drop: &Dropout,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let enc = &net.encoder;
+    let bias: Vec<_> = enc
+        .attention_bias(batch)?
+        .iter()
+        .map(|b| b.as_ref().map(Tensor::detach))
+        .collect();
+    let mut inputs = vec![enc.embed(batch, drop, net.dtype)?.detach()];
+    for (i, layer) in enc.layers().iter().enumerate() {
+        // Detaching drops each layer's graph as soon as its output exists.
+        let out = layer.forward(&inputs[i], batch, &bias, drop, Encoder::layer_site(i))?;
+        inputs.push(out.detach());
+    }
+    let emb = net
+        .head(inputs.last().expect("the embedding output"), batch)?
+        .detach();
+    Ok((emb, inputs))
+}
+
+/// `grad`: d loss / d sentence embeddings of `batch`, (rows, dim); `checkpoints` from
+/// [`forward_checkpoints`] for the same rows. `sink` receives each partial gradient store
+/// (head, every layer top-down, embeddings) to accumulate parameter gradients.
 pub fn backward_recomputing(
     net: &Network,
     batch: &TokenBatch,
     drop: &Dropout,
     grad: &Tensor,
+    mut checkpoints: Vec<Tensor>,
     sink: &mut dyn FnMut(&GradStore) -> Result<()>,
 ) -> Result<()> {
     let enc = &net.encoder;
     let layers = enc.layers();
     let bias = enc.attention_bias(batch)?;
-    let detached: Vec<_> = bias
-        .iter()
-        .map(|b| b.as_ref().map(Tensor::detach))
-        .collect();
-    // Forward, keeping only layer inputs; each layer's graph is dropped with its output.
-    let mut inputs = vec![enc.embed(batch, drop, net.dtype)?.detach()];
-    for (i, layer) in layers.iter().enumerate() {
-        let out = layer.forward(&inputs[i], batch, &detached, drop, Encoder::layer_site(i))?;
-        inputs.push(out.detach());
-    }
     // Head: pooling, Dense, Normalize.
-    let top = Var::from_tensor(&inputs.pop().expect("at least the embedding output"))?;
+    let top = Var::from_tensor(&checkpoints.pop().expect("the last layer's output"))?;
     let mut g = backward_step(&net.head(top.as_tensor(), batch)?, grad, &top, sink)?;
     // Layers, top down, each recomputed from its input.
     for i in (0..layers.len()).rev() {
-        let x = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+        let x = Var::from_tensor(&checkpoints.pop().expect("one input per layer"))?;
         let out = layers[i].forward(x.as_tensor(), batch, &bias, drop, Encoder::layer_site(i))?;
         g = backward_step(&out, &g, &x, sink)?;
     }

@@ -27,7 +27,7 @@ use crate::model::dropout::Dropout;
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::Grads;
 use crate::train::precision::{self, LossScaler};
-use crate::train::recompute::backward_recomputing;
+use crate::train::recompute::{backward_recomputing, forward_checkpoints};
 
 /// The tokenized training set: `tokens[row][column]`, `scores[row]`.
 pub struct TokenizedData {
@@ -266,21 +266,39 @@ impl<'a> StepRunner<'a> {
         events: &mut Vec<OomEvent>,
     ) -> Result<StepOutput> {
         let n = rows.len();
-        // 1. Embeddings of the whole batch, chunk by chunk, without a graph.
+        // 1. Embeddings of the whole batch, chunk by chunk, without a graph (with checkpointing,
+        //    also every row's layer inputs, kept per row so later chunks may be cut otherwise).
         let mut parts: Vec<Vec<Tensor>> = Vec::new();
+        let mut ckpts: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); data.columns]; // [column][row][layer]
         let mut pos = 0;
         while pos < n {
             let m = mem.micro.min(n - pos);
             let attempt = in_phase(Phase::Forward, || {
                 self.budget.mark();
                 self.injector.check(step, Phase::Forward)?;
-                let cols = self.embed(&self.embed_net, data, &rows[pos..pos + m], step)?;
+                let chunk = &rows[pos..pos + m];
+                let mut cols = Vec::with_capacity(data.columns);
+                let mut kept = Vec::with_capacity(data.columns);
+                for c in 0..data.columns {
+                    let batch = self.batch(data, chunk, c)?;
+                    let drop = self.dropout(chunk, c, step);
+                    if self.checkpointing {
+                        let (emb, inputs) = forward_checkpoints(&self.embed_net, &batch, &drop)?;
+                        cols.push(emb);
+                        kept.push(per_row(&inputs, &batch)?);
+                    } else {
+                        cols.push(self.embed_net.forward(&batch, &drop)?);
+                    }
+                }
                 self.budget.check("embedding pass")?;
-                Ok(cols)
+                Ok((cols, kept))
             });
             match attempt {
-                Ok(cols) => {
+                Ok((cols, kept)) => {
                     parts.push(cols);
+                    for (c, rows_kept) in kept.into_iter().enumerate() {
+                        ckpts[c].extend(rows_kept);
+                    }
                     pos += m;
                 }
                 Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
@@ -317,7 +335,15 @@ impl<'a> StepRunner<'a> {
                 self.budget.mark();
                 self.injector.check(step, Phase::Backward)?;
                 let mut part = Grads::new();
-                self.backward_chunk(data, &rows[pos..pos + m], pos, step, &emb_grads, &mut part)?;
+                self.backward_chunk(
+                    data,
+                    &rows[pos..pos + m],
+                    pos,
+                    step,
+                    &emb_grads,
+                    &ckpts,
+                    &mut part,
+                )?;
                 self.budget.check("backward pass")?;
                 Ok(part)
             });
@@ -346,6 +372,7 @@ impl<'a> StepRunner<'a> {
         pos: usize,
         step: u64,
         emb_grads: &[Tensor],
+        ckpts: &[Vec<Vec<Tensor>>],
         grads: &mut Grads,
     ) -> Result<()> {
         let m = rows.len();
@@ -360,12 +387,20 @@ impl<'a> StepRunner<'a> {
         for (c, g) in emb_grads.iter().enumerate() {
             let batch = self.batch(data, rows, c)?;
             let drop = self.dropout(rows, c, step);
+            let layers = ckpts[c][pos].len();
+            let inputs = (0..layers)
+                .map(|l| {
+                    let rows: Vec<&Tensor> = ckpts[c][pos..pos + m].iter().map(|r| &r[l]).collect();
+                    Ok(Tensor::cat(&rows, 0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mut sink = |store: &GradStore| self.accumulate(grads, store);
             backward_recomputing(
                 &self.train_net,
                 &batch,
                 &drop,
                 &g.narrow(0, pos, m)?,
+                inputs,
                 &mut sink,
             )?;
         }
@@ -381,6 +416,14 @@ impl<'a> StepRunner<'a> {
         }
         Ok(())
     }
+}
+
+/// Splits packed per-layer tensors into per-row views: `[row][layer]`.
+fn per_row(inputs: &[Tensor], batch: &TokenBatch) -> Result<Vec<Vec<Tensor>>> {
+    batch
+        .rows()
+        .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
+        .collect()
 }
 
 fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {

@@ -139,11 +139,11 @@ pub fn tiny_model(dir: &Path, mpnet: bool, layers: usize, seed: u64) {
         t.insert(format!("{name}.weight"), (rand(&[h], 0.1) + 1.0).unwrap());
         t.insert(format!("{name}.bias"), rand(&[h], 0.1));
     };
-    let mut lin = |t: &mut HashMap<String, Tensor>,
-                   name: &str,
-                   i: usize,
-                   o: usize,
-                   rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
+    let lin = |t: &mut HashMap<String, Tensor>,
+               name: &str,
+               i: usize,
+               o: usize,
+               rand: &mut dyn FnMut(&[usize], f32) -> Tensor| {
         t.insert(format!("{name}.weight"), rand(&[o, i], 0.3));
         t.insert(format!("{name}.bias"), rand(&[o], 0.1));
     };
