@@ -133,6 +133,98 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// `y = scale · (x Wᵀ + b)` in one gemm call (the bias pre-loaded into the output), so the graph
+/// keeps only `y`, not the product and the sum besides.
+struct LinearOp {
+    scale: f32,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "st-tune-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (n_out, k) = (b.len(), l2.dims()[1]);
+        let m = x.len() / k;
+        let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
+        for _ in 0..m {
+            out.extend(b.iter().map(|v| v * self.scale));
+        }
+        // SAFETY: every pointer covers the extents given: x is (m, k) row-major, w is
+        // (n_out, k) row-major read as its transpose, out is (m, n_out) row-major.
+        unsafe {
+            gemm::gemm(
+                m,
+                n_out,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n_out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("2-D input") = n_out;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    /// dx = s·g W, dW = s·gᵀ x, db = s·Σ_rows g.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w) = (x.detach(), w.detach());
+        let g = if self.scale == 1.0 {
+            g.clone()
+        } else {
+            (g * self.scale as f64)?
+        };
+        let dx = g.matmul(&w)?;
+        let dw = g.t()?.matmul(&x)?;
+        let db = g.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `scale · (x Wᵀ + b)` for a 2-D f32 CPU `x`, with a backward pass.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(
+        w,
+        b,
+        LinearOp {
+            scale: scale as f32,
+        },
+    )?)
+}
+
 /// Softmax over the last dimension of an f32 CPU tensor, with a backward pass.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1(Softmax)?)
@@ -159,6 +251,40 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_plus_bias_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 3, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
+        let a = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), 0.5).unwrap();
+        let c = ((x
+            .as_tensor()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor()))
+        .unwrap()
+            * 0.5)
+            .unwrap();
+        assert!(close(&a, &c) < 1e-5);
+        let ga = (&a * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&c * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            assert!(close(ga.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
+        }
     }
 
     #[test]

@@ -33,20 +33,28 @@ impl Linear {
         })
     }
 
-    /// x: (..., in) -> (..., out). Flattens leading dims so one 2-D matmul does the work.
+    /// x: (tokens, in) -> (tokens, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inner = *dims.last().expect("linear input has a last dimension");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
+        self.forward_scaled(x, 1.0)
+    }
+
+    /// `scale · (x Wᵀ + b)`: the fused kernel for f32 on CPU, plain ops otherwise.
+    pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
+        if let (Some(b), true) = (
+            &self.bias,
+            x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2,
+        ) {
+            return fused::linear(x, &self.weight, b, scale);
+        }
         let w = self.weight.to_dtype(x.dtype())?;
-        let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().unwrap() = y.dim(1)?;
-        Ok(y.reshape(out)?)
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        if scale != 1.0 {
+            y = (y * scale)?;
+        }
+        Ok(y)
     }
 }
 
@@ -172,7 +180,7 @@ impl EncoderLayer {
         let hd = h / self.heads;
         // The 1/sqrt(d) of the scores folded into q: a (tokens, hidden) product instead of a
         // (heads, len, len) one per row.
-        let q = (self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?;
+        let q = self.q.forward_scaled(x, 1.0 / (hd as f64).sqrt())?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
         let heads = |t: &Tensor, off: usize, len: usize| -> Result<Tensor> {
