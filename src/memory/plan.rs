@@ -46,10 +46,12 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let tokens: u64 = lengths.iter().map(|&l| l as u64).sum::<u64>() * p.columns as u64;
     let sq: u64 = lengths.iter().map(|&l| (l * l) as u64).sum::<u64>() * p.columns as u64;
     let act = p.act_bytes as u64;
-    // Per token and layer: 25 hidden-wide and 3 intermediate-wide tensors in the activation
-    // type; per row and layer: scores, softmax, dropout mask and product (+ bias) in f32.
-    let per_layer =
-        tokens * (25 * h + 3 * i) * act + sq * p.heads as u64 * (4 + p.relative_bias as u64) * 4;
+    // Per token and layer: hidden-wide and intermediate-wide tensors in the activation type
+    // (f32 on CPU uses the fused linear kernel, which keeps one output where matmul + bias keep
+    // two); per row and layer: scores, softmax, dropout mask and product (+ bias) in f32.
+    let (wide_h, wide_i) = if act == 4 { (19, 2) } else { (25, 3) };
+    let per_layer = tokens * (wide_h * h + wide_i * i) * act
+        + sq * p.heads as u64 * (4 + p.relative_bias as u64) * 4;
     let embed = tokens * 6 * h * 4;
     let activations = if p.checkpointing {
         // Every layer's input, plus one layer's activations while it is recomputed.
