@@ -782,3 +782,115 @@ fn a_bogus_oom_injection_spec_is_a_usage_error_naming_the_variable() {
     )
     .failed_with(2, &["ST_TUNE_INJECT_OOM", "`bogus`", "STEP:PHASE"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C, the hub offline, plan, repeatability
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ctrl_c_stops_after_the_current_step_saves_and_exits_130() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_st-tune"))
+        .args([
+            "train",
+            "--config",
+            s(&t.config),
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.batch_size=4",
+        ])
+        .args(["--set", "train.log_steps=1", "--json"])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a step has been logged, so the signal arrives mid-training.
+    let metrics = t.out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(started.elapsed().as_secs() < 60, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.out.join("final/model.safetensors").exists(),
+        "what was trained is saved"
+    );
+    let card = std::fs::read_to_string(t.out.join("final/README.md")).unwrap();
+    assert!(card.contains("interrupted"), "{card}");
+}
+
+#[test]
+fn an_uncached_hub_id_offline_says_what_to_do() {
+    let dir = TempDir::new().unwrap();
+    let input = write(&dir, "in.txt", "hello\n");
+    let r = run_env(
+        &[
+            "encode",
+            "--model",
+            "sentence-transformers/no-such-model",
+            "--input",
+            s(&input),
+        ],
+        &[("HF_HOME", s(dir.path())), ("HF_HUB_OFFLINE", "1")],
+    );
+    r.failed_with(2, &["HF_HUB_OFFLINE", "not in the Hugging Face cache"]);
+}
+
+#[test]
+fn plan_prints_an_estimate_and_the_micro_batch_that_fits_the_limit() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let r = run(&[
+        "plan",
+        "--config",
+        s(&t.config),
+        "--set",
+        "memory.limit=\"64MiB\"",
+        "--json",
+    ]);
+    r.succeeded();
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(v["estimate"]["total"].as_u64().unwrap() > 0);
+    assert_eq!(v["budget_bytes"].as_u64().unwrap(), 64 << 20);
+    assert!(v["largest_fitting_micro_batch"].as_u64().is_some());
+    let r = run(&[
+        "plan",
+        "--config",
+        s(&t.config),
+        "--set",
+        "memory.limit=\"1KiB\"",
+    ]);
+    r.succeeded();
+    assert!(r.stdout.contains("not even one row fits"), "{}", r.stdout);
+}
+
+#[test]
+fn the_same_seed_and_data_give_bit_identical_weights() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let mut weights = Vec::new();
+    for out in ["a", "b"] {
+        let dir = t.dir.path().join(out);
+        let mut args = train_args(&t.config, &["--output", s(&dir)]);
+        args.push("--json");
+        run_env(&args, &[("RAYON_NUM_THREADS", "2")]).succeeded();
+        weights.push(std::fs::read(dir.join("final/model.safetensors")).unwrap());
+    }
+    assert!(
+        weights[0] == weights[1],
+        "two runs with the same seed differ"
+    );
+}

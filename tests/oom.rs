@@ -142,3 +142,24 @@ fn with_no_lever_left_the_run_stops_with_an_out_of_memory_error_and_saves() {
         "the last good state is saved"
     );
 }
+
+#[test]
+fn a_repeated_run_in_the_same_folder_starts_from_the_micro_batch_known_to_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_model(&dir.path().join("model"), false, 2, 3);
+    write_data(&dir.path().join("train.csv"), true);
+    let toml = format!(
+        "[model]\npath = {:?}\n[data]\ntrain = {:?}\n[train]\nloss = \"cosine\"\nbatch_size = 16\n\
+         micro_batch_size = 16\nmax_steps = 1\nlog_steps = 1\n[output]\ndir = {:?}\n",
+        dir.path().join("model"),
+        dir.path().join("train.csv"),
+        dir.path().join("out")
+    );
+    let cfg = Config::from_toml(&toml, "test", &[]).unwrap();
+    let first = RunOptions { inject_oom: Some("0:forward".into()), ..Default::default() };
+    assert_eq!(train(&cfg, &first).unwrap().final_micro_batch_size, 8);
+    train(&cfg, &RunOptions::default()).unwrap();
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(step["micro_batch_size"], 8, "{metrics}");
+}

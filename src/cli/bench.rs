@@ -94,8 +94,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
-            let m = measure_step(&model, &t, seq)?;
             let est = estimate(&model.plan_input(&t, 2)?, &vec![seq; t.batch_size]).total;
+            // The planner's use: a step that cannot fit in this machine's memory is not tried.
+            if device.is_cpu() && est > crate::memory::available_memory() / 10 * 9 {
+                println!("| {name} | {seq} | skipped: estimated {} > 90 % of the {} available | | | | | |",
+                    human_bytes(est), human_bytes(crate::memory::available_memory()));
+                continue;
+            }
+            let m = measure_step(&model, &t, seq)?;
             drop(model);
             let b = *base.get_or_insert(m);
             if a.json {

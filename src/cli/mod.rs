@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod encode;
 pub mod eval;
+pub mod plan;
 pub mod random;
 pub mod train;
 
@@ -30,6 +31,7 @@ pub enum Command {
     Train(train::TrainArgs),
     Encode(encode::EncodeArgs),
     Eval(eval::EvalArgs),
+    Plan(plan::PlanArgs),
     Config(config::ConfigArgs),
     Bench(bench::BenchArgs),
     RandomModel(random::RandomArgs),
@@ -40,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Encode(a) => encode::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Config(a) => config::run(a),
         Command::Bench(a) => bench::run(a),
         Command::RandomModel(a) => random::run(a),

@@ -55,6 +55,18 @@ impl MemoryBudget {
     }
 }
 
+/// MemAvailable from /proc/meminfo: what a CPU run may take without a `memory.limit`
+/// (u64::MAX where it cannot be read).
+pub fn available_memory() -> u64 {
+    meminfo("MemAvailable:").unwrap_or(u64::MAX)
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// Total RAM from /proc/meminfo (0 where it cannot be read).
 fn total_system_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")

@@ -101,6 +101,32 @@ impl MemState {
     }
 }
 
+/// What a run leaves behind for the next run in the same output folder (`run_state.json`):
+/// the micro-batch known to fit, so a repeated run does not hit the same OOMs again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    pub micro: usize,
+    pub max_micro: usize,
+}
+
+impl RunState {
+    const FILE: &'static str = "run_state.json";
+
+    pub fn read(dir: &std::path::Path) -> Option<RunState> {
+        let text = std::fs::read_to_string(dir.join(Self::FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Written atomically (temporary file, then rename).
+    pub fn write(&self, dir: &std::path::Path) -> crate::error::Result<()> {
+        let path = dir.join(Self::FILE);
+        let tmp = dir.join(".run_state.json.tmp");
+        let text = serde_json::to_string(self).expect("plain struct");
+        std::fs::write(&tmp, text).map_err(|e| crate::error::Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| crate::error::Error::io(&path, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,7 +359,9 @@ impl SentenceModel {
         }
         for (file, tensors) in files {
             let path = staged.join(file);
-            candle_core::safetensors::save(&tensors, &path)
+            // "format": "pt" as PyTorch writes it; some transformers versions require it.
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            safetensors::serialize_to_file(&tensors, Some(meta), &path)
                 .map_err(|e| Error::model(&path, format!("cannot write weights: {e}")))?;
         }
         folder::replace_dir(&staged, dir)

@@ -28,7 +28,7 @@ use crate::data::{Dataset, RowShape};
 use crate::error::{Error, Result};
 use crate::losses;
 use crate::memory::oom::{is_oom, Injector, Phase};
-use crate::memory::policy::{Action, Event, MemState};
+use crate::memory::policy::{Action, Event, MemState, RunState};
 use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
@@ -78,7 +78,16 @@ pub struct Summary {
 /// Rows per evaluation batch: evaluation keeps no graph, so it can be larger than training's.
 const EVAL_BATCH: usize = 64;
 
-pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+/// The model and data of a run, loaded and checked (everything that can fail on bad input
+/// fails here, before any training).
+pub struct Loaded {
+    pub model: SentenceModel,
+    pub train_set: Dataset,
+    pub dev_set: Option<Dataset>,
+    pub data: TokenizedData,
+}
+
+pub fn load(cfg: &Config) -> Result<Loaded> {
     cfg.validate()?;
     let device = crate::device::parse(&cfg.model.device)?;
     let freeze = Freeze {
@@ -89,19 +98,91 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     if let Some(max) = cfg.model.max_seq_length {
         model.set_max_seq_length(max)?;
     }
-    let t = &cfg.train;
     let train_set = read_dataset(
         &cfg.data.train,
         cfg.data.format,
         cfg.data.columns.as_ref(),
         cfg.data.limit,
     )?;
-    losses::check_fits(t.loss, train_set.shape)?;
+    losses::check_fits(cfg.train.loss, train_set.shape)?;
     let dev_set = match &cfg.data.dev {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
-    let mut data = tokenize(&model.tokenizer, &train_set)?;
+    let data = tokenize(&model.tokenizer, &train_set)?;
+    Ok(Loaded {
+        model,
+        train_set,
+        dev_set,
+        data,
+    })
+}
+
+/// What `st-tune plan` reports: the estimated peak of a step at the configured micro-batch on
+/// the longest rows, the budget, and the largest micro-batch the estimate says fits.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub longest_row_tokens: usize,
+    pub micro_batch_size: usize,
+    pub estimate: crate::memory::plan::Estimate,
+    pub budget_bytes: u64,
+    pub budget_source: String,
+    pub largest_fitting_micro_batch: Option<usize>,
+}
+
+pub fn plan(cfg: &Config, loaded: &Loaded) -> Result<Plan> {
+    let t = &cfg.train;
+    let input = loaded.model.plan_input(t, loaded.data.columns)?;
+    let longest = loaded
+        .data
+        .tokens
+        .iter()
+        .flat_map(|r| r.iter().map(Vec::len))
+        .max()
+        .unwrap_or(1);
+    let micro = match t.micro_batch() {
+        MicroBatch::Size(n) => n,
+        MicroBatch::Auto => t.batch_size,
+    };
+    let (budget_bytes, budget_source) = match MemoryBudget::new(cfg.memory.limit.as_deref())?.limit
+    {
+        Some(b) => (
+            b,
+            format!(
+                "memory.limit = {:?}",
+                cfg.memory.limit.as_deref().unwrap_or("")
+            ),
+        ),
+        None => (
+            crate::memory::available_memory(),
+            "memory available on this machine".to_string(),
+        ),
+    };
+    Ok(Plan {
+        longest_row_tokens: longest,
+        micro_batch_size: micro,
+        estimate: crate::memory::plan::estimate(&input, &vec![longest; micro]),
+        budget_bytes,
+        budget_source,
+        largest_fitting_micro_batch: crate::memory::plan::largest_fitting(
+            &input,
+            t.batch_size,
+            longest,
+            budget_bytes,
+        ),
+    })
+}
+
+pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    let loaded = load(cfg)?;
+    let planned = plan(cfg, &loaded)?;
+    let Loaded {
+        model,
+        train_set,
+        dev_set,
+        mut data,
+    } = loaded;
+    let t = &cfg.train;
 
     let out_dir = &cfg.output.dir;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -116,10 +197,25 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     };
     let micro = match t.micro_batch() {
         MicroBatch::Size(n) => n,
-        // No planner yet: start from the whole batch and let the OOM handler find what fits.
-        MicroBatch::Auto => t.batch_size,
+        // The planner's pick (one row if not even that fits: the OOM handler takes over).
+        MicroBatch::Auto => planned.largest_fitting_micro_batch.unwrap_or(1),
+    };
+    // A repeated run starts from the micro-batch the last one ended with, if that was smaller.
+    let micro = match RunState::read(&cfg.output.dir) {
+        Some(s) if s.max_micro == micro && s.micro < micro => {
+            reporter.message(&format!(
+                "starting at micro-batch {} (the last run in this folder ended there)",
+                s.micro
+            ));
+            s.micro
+        }
+        _ => micro,
     };
     let mut mem = MemState::new(micro, cfg.memory.regrow_after);
+    mem.max_micro = match t.micro_batch() {
+        MicroBatch::Size(n) => n,
+        MicroBatch::Auto => t.batch_size,
+    };
     let mut scaler = LossScaler::new(t.precision);
     let mut runner = StepRunner::new(&model, t, &budget, &injector)?;
     let mut levers = Levers {
@@ -210,6 +306,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                             step,
                             "stopped: out of memory",
                         )?;
+                        RunState {
+                            micro: 1,
+                            max_micro: mem.max_micro,
+                        }
+                        .write(out_dir)?;
                         return Err(e);
                     }
                 },
@@ -288,6 +389,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 done,
                 "interrupted by Ctrl-C",
             )?;
+            RunState {
+                micro: mem.micro,
+                max_micro: mem.max_micro,
+            }
+            .write(out_dir)?;
             return Err(Error::Interrupted);
         }
     }
@@ -309,6 +415,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
     }
     save(&model, &out_dir.join("final"), cfg, total, "finished")?;
+    RunState {
+        micro: mem.micro,
+        max_micro: mem.max_micro,
+    }
+    .write(out_dir)?;
     let rows_seen = (total * t.batch_size).min(total.div_ceil(steps_per_epoch) * train_set.len());
     Ok(Summary {
         steps: total,
@@ -372,7 +483,7 @@ fn apply_update(
 }
 
 fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
-    let dev = read_dataset(path, cfg.data.format, None, None)?;
+    let dev = read_dataset(path, cfg.data.format, None, cfg.data.limit)?;
     if dev.shape != RowShape::Scored {
         return Err(Error::config(
             "data.dev",
