@@ -87,6 +87,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut t = cfg.train.clone();
             t.precision = precision;
             t.gradient_checkpointing = ckpt;
+            t.freeze_layers = freeze_layers;
+            t.freeze_embeddings = freeze_layers > 0;
             t.micro_batch_size = Some(MicroBatch::Size(t.batch_size));
             let freeze = Freeze {
                 embeddings: freeze_layers > 0,
