@@ -156,7 +156,10 @@ fn a_repeated_run_in_the_same_folder_starts_from_the_micro_batch_known_to_fit() 
         dir.path().join("out")
     );
     let cfg = Config::from_toml(&toml, "test", &[]).unwrap();
-    let first = RunOptions { inject_oom: Some("0:forward".into()), ..Default::default() };
+    let first = RunOptions {
+        inject_oom: Some("0:forward".into()),
+        ..Default::default()
+    };
     assert_eq!(train(&cfg, &first).unwrap().final_micro_batch_size, 8);
     train(&cfg, &RunOptions::default()).unwrap();
     let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();

@@ -39,6 +39,13 @@ pub struct MemoryArgs {
     /// Sequence lengths to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "128,256")]
     pub seq: Vec<usize>,
+    /// Which levers to measure, comma separated, from: f32, bf16, f16, freeze, ckpt, all.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,bf16,f16,freeze,ckpt,all"
+    )]
+    pub levers: Vec<String>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -60,19 +67,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = crate::device::parse(&cfg.model.device)?;
     let layers = SentenceModel::load(&cfg.model.path, &device, None)?.num_layers()?;
     let half = layers / 2;
-    let levers: [(&str, Precision, usize, bool); 6] = [
-        ("f32 (baseline)", Precision::F32, 0, false),
-        ("bf16", Precision::Bf16, 0, false),
-        ("f16", Precision::F16, 0, false),
-        ("freeze half the layers", Precision::F32, half, false),
-        ("gradient checkpointing", Precision::F32, 0, true),
+    let all: [(&str, &str, Precision, usize, bool); 6] = [
+        ("f32", "f32 (baseline)", Precision::F32, 0, false),
+        ("bf16", "bf16", Precision::Bf16, 0, false),
+        ("f16", "f16", Precision::F16, 0, false),
         (
+            "freeze",
+            "freeze half the layers",
+            Precision::F32,
+            half,
+            false,
+        ),
+        ("ckpt", "gradient checkpointing", Precision::F32, 0, true),
+        (
+            "all",
             "bf16 + freeze half + checkpointing",
             Precision::Bf16,
             half,
             true,
         ),
     ];
+    let levers: Vec<_> = all
+        .iter()
+        .filter(|l| a.levers.iter().any(|k| k == l.0))
+        .map(|&(_, name, p, f, c)| (name, p, f, c))
+        .collect();
     if !a.json {
         println!(
             "model {}, batch {}, loss {}\n",
@@ -83,7 +102,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     for &seq in &a.seq {
         let mut base: Option<StepMeasure> = None;
-        for (name, precision, freeze_layers, ckpt) in levers {
+        for &(name, precision, freeze_layers, ckpt) in &levers {
             let mut t = cfg.train.clone();
             t.precision = precision;
             t.gradient_checkpointing = ckpt;
