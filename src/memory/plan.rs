@@ -46,16 +46,25 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let tokens: u64 = lengths.iter().map(|&l| l as u64).sum::<u64>() * p.columns as u64;
     let sq: u64 = lengths.iter().map(|&l| (l * l) as u64).sum::<u64>() * p.columns as u64;
     let act = p.act_bytes as u64;
-    // Per token and layer: hidden-wide and intermediate-wide tensors in the activation type
-    // (f32 on CPU uses the fused linear kernel, which keeps one output where matmul + bias keep
-    // two); per row and layer: scores, softmax, dropout mask and product (+ bias) in f32.
-    let (wide_h, wide_i) = if act == 4 { (19, 2) } else { (25, 3) };
-    let per_layer = tokens * (wide_h * h + wide_i * i) * act
-        + sq * p.heads as u64 * (4 + p.relative_bias as u64) * 4;
+    // Per token and layer, counted from what `EncoderLayer::forward` keeps (19 hidden-wide and 2
+    // intermediate-wide tensors with the fused f32 kernels) and scaled to what the counting
+    // allocator measured at the peak of the backward pass (docs/memory.md): 27 and 3. Per row
+    // and layer: scores, softmax, dropout mask and product (+ MPNet's bias) are kept, in f32,
+    // and the backward pass adds as much again: 8 (10) tensors of heads · len².
+    let per_layer_f32 =
+        tokens * (27 * h + 3 * i) * 4 + sq * p.heads as u64 * (8 + 2 * p.relative_bias as u64) * 4;
+    // Half precision on CPU keeps most tensors in f32 too (norms, softmax, casts of both
+    // kinds): measured 7 % less than f32, not half.
+    let per_layer = if act < 4 {
+        per_layer_f32 / 100 * 93
+    } else {
+        per_layer_f32
+    };
     let embed = tokens * 6 * h * 4;
     let activations = if p.checkpointing {
-        // Every layer's input, plus one layer's activations while it is recomputed.
-        tokens * h * act * (p.layers as u64 + 1) + per_layer + embed
+        // Every layer's input, plus one layer's activations for one text column at a time
+        // while it is recomputed.
+        tokens * h * act * (p.layers as u64 + 1) + per_layer / p.columns.max(1) as u64 + embed
     } else {
         per_layer * p.layers_with_graph as u64 + embed
     };
