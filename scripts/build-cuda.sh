@@ -16,20 +16,11 @@ if [[ ! -x $venv/bin/python ]]; then
   "$venv/bin/pip" install -q 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-crt==13.0.*' \
     'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*' 'nvidia-nvvm==13.0.*'
 fi
-nv=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + "/nvidia")')
-# The wheels spread the toolkit over several folders; gather them into one CUDA_HOME.
-home=$repo/target/cuda-home
-rm -rf "$home" && mkdir -p "$home/bin" "$home/include" "$home/lib64"
-for d in "$nv"/*/; do
-  [[ -d $d/bin ]] && cp -rs "$d"/bin/. "$home/bin/" 2>/dev/null || true
-  [[ -d $d/include ]] && cp -rs "$d"/include/. "$home/include/" 2>/dev/null || true
-  [[ -d $d/lib ]] && cp -rs "$d"/lib/. "$home/lib64/" 2>/dev/null || true
-done
-[[ -d $nv/cu13/nvvm ]] && ln -sfn "$nv/cu13/nvvm" "$home/nvvm"
-[[ -d $nv/nvvm ]] && ln -sfn "$nv/nvvm" "$home/nvvm"
-( cd "$home/lib64" && for f in libcudart.so.*; do [[ -e $f ]] && ln -sf "$f" libcudart.so; done )
-export CUDA_HOME=$home CUDA_PATH=$home PATH=$home/bin:$PATH CUDA_COMPUTE_CAP=90
-export LIBRARY_PATH=$home/lib64:${LIBRARY_PATH:-}
+# The 13.0 wheels put the whole toolkit (bin, include, lib, nvvm) under nvidia/cu13.
+home=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+[[ -e $home/lib64 ]] || ln -s lib "$home/lib64"
+export CUDA_HOME=$home CUDA_PATH=$home CUDA_ROOT=$home PATH=$home/bin:$PATH CUDA_COMPUTE_CAP=90
+export LIBRARY_PATH=$home/lib:${LIBRARY_PATH:-}
 nvcc --version | tail -2
 cargo build --release --features cuda --target-dir target/cuda
 kit=dist/gpu-kit
