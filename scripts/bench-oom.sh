@@ -14,10 +14,13 @@ bin=./target/debug/st-tune
 common=(--config configs/quickstart.toml --set data.dev=data/stsb-small/validation.csv
         --set train.max_steps=12 --set train.log_steps=1 --set data.limit=400)
 # Per-step seconds from metrics.jsonl (samples_per_s of one-step windows).
-steps() { python3 -c '
+steps() { python3 - "$1" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if "\"step\"" in l and "samples_per_s" in l]
-print(" ".join(f"{16 / r[\"samples_per_s\"]:.2f}" for r in rows))' "$1"; }
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rows = [r for r in rows if "samples_per_s" in r]
+print(" ".join("%.2f" % (16 / r["samples_per_s"]) for r in rows))
+PY
+}
 ST_TUNE_INJECT_OOM=6:forward "$bin" train "${common[@]}" --output "$out/oom" --json > "$out/oom.jsonl"
 "$bin" train "${common[@]}" --output "$out/plain" --json > "$out/plain.jsonl"
 "$bin" train "${common[@]}" --set train.micro_batch_size=8 --output "$out/cached" --json > "$out/cached.jsonl"

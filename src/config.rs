@@ -609,7 +609,9 @@ pub const KEYS: &[KeyDoc] = &[
         section: "train",
         key: "freeze_layers",
         expects: NON_NEGATIVE_INT,
-        help: "Do not train the first N transformer layers.",
+        help: "Do not train the first N transformer layers (for MPNet also the relative-position\n\
+               bias every layer shares). With freeze_embeddings too, the frozen part runs\n\
+               without an autograd graph and keeps no activations.",
         example: None,
     },
     KeyDoc {

@@ -63,22 +63,16 @@ impl Bert {
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("encoder.layer.{i}");
-                let names = LayerNames {
-                    q: format!("{p}.attention.self.query"),
-                    k: format!("{p}.attention.self.key"),
-                    v: format!("{p}.attention.self.value"),
-                    o: format!("{p}.attention.output.dense"),
-                    attn_norm: format!("{p}.attention.output.LayerNorm"),
-                    ffn_in: format!("{p}.intermediate.dense"),
-                    ffn_out: format!("{p}.output.dense"),
-                    ffn_norm: format!("{p}.output.LayerNorm"),
-                };
-                EncoderLayer::load(w, &names, dims)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = EncoderLayer::load_stack(w, config.num_hidden_layers, dims, |p| LayerNames {
+            q: format!("{p}.attention.self.query"),
+            k: format!("{p}.attention.self.key"),
+            v: format!("{p}.attention.self.value"),
+            o: format!("{p}.attention.output.dense"),
+            attn_norm: format!("{p}.attention.output.LayerNorm"),
+            ffn_in: format!("{p}.intermediate.dense"),
+            ffn_out: format!("{p}.output.dense"),
+            ffn_norm: format!("{p}.output.LayerNorm"),
+        })?;
         Ok(Self {
             word: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
             position: w.get(

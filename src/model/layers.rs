@@ -150,6 +150,16 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// Loads `count` layers; `names(prefix)` maps "encoder.layer.{i}" to the layer's tensor names.
+    pub fn load_stack(
+        w: &dyn Weights,
+        count: usize,
+        d: Dims,
+        names: impl Fn(&str) -> LayerNames,
+    ) -> Result<Vec<Self>> {
+        (0..count).map(|i| Self::load(w, &names(&format!("encoder.layer.{i}")), d)).collect()
+    }
+
     pub fn load(w: &dyn Weights, n: &LayerNames, d: Dims) -> Result<Self> {
         let h = d.hidden;
         Ok(Self {

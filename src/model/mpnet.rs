@@ -64,22 +64,16 @@ impl Mpnet {
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("encoder.layer.{i}");
-                let names = LayerNames {
-                    q: format!("{p}.attention.attn.q"),
-                    k: format!("{p}.attention.attn.k"),
-                    v: format!("{p}.attention.attn.v"),
-                    o: format!("{p}.attention.attn.o"),
-                    attn_norm: format!("{p}.attention.LayerNorm"),
-                    ffn_in: format!("{p}.intermediate.dense"),
-                    ffn_out: format!("{p}.output.dense"),
-                    ffn_norm: format!("{p}.output.LayerNorm"),
-                };
-                EncoderLayer::load(w, &names, dims)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = EncoderLayer::load_stack(w, config.num_hidden_layers, dims, |p| LayerNames {
+            q: format!("{p}.attention.attn.q"),
+            k: format!("{p}.attention.attn.k"),
+            v: format!("{p}.attention.attn.v"),
+            o: format!("{p}.attention.attn.o"),
+            attn_norm: format!("{p}.attention.LayerNorm"),
+            ffn_in: format!("{p}.intermediate.dense"),
+            ffn_out: format!("{p}.output.dense"),
+            ffn_norm: format!("{p}.output.LayerNorm"),
+        })?;
         Ok(Self {
             word: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
             position: w.get(

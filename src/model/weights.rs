@@ -44,8 +44,12 @@ impl Freeze {
                 .unwrap_or(0);
             return layer >= self.layers;
         }
-        // MPNet's relative position bias is shared by every layer: it trains unless the whole
-        // stack below the first trained layer is frozen with the embeddings.
+        // MPNet's relative position bias is shared by every layer, frozen ones included: if it
+        // trained, the gradient would have to flow back through the frozen layers, which then
+        // could not run without a graph. So it freezes with the first frozen layer.
+        if name.starts_with("encoder.relative_attention_bias") {
+            return self.layers == 0;
+        }
         true
     }
 }

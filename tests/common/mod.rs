@@ -247,14 +247,7 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
         if !ta.dtype().is_float() || name.ends_with("key.bias") || name.ends_with("attn.k.bias") {
             continue;
         }
-        let d = (ta - &wb[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(ta, &wb[name]);
         let scale = ta
             .abs()
             .unwrap()
@@ -268,4 +261,9 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
         }
     }
     worst
+}
+
+/// max |a − b| over all elements.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
