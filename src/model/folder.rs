@@ -14,8 +14,6 @@ use crate::model::pooling::PoolingConfig;
 
 const TRANSFORMER: &str = "sentence_transformers.models.Transformer";
 const POOLING: &str = "sentence_transformers.models.Pooling";
-const DENSE: &str = "sentence_transformers.models.Dense";
-const NORMALIZE: &str = "sentence_transformers.models.Normalize";
 
 /// Files of the Transformer module that are copied verbatim when saving, if present.
 const TOKENIZER_FILES: &[&str] = &[
@@ -148,7 +146,7 @@ impl FolderSpec {
 
         if !modules_path.exists() {
             spec.assumed_pooling = true;
-            spec.modules = default_modules(false);
+            spec.modules = default_modules();
             return Ok(spec);
         }
         spec.modules = parse(&modules_path, read_json(&modules_path)?)?;
@@ -239,31 +237,15 @@ impl FolderSpec {
     }
 }
 
-fn default_modules(normalize: bool) -> Vec<ModuleEntry> {
-    let mut m = vec![
-        ModuleEntry {
-            idx: 0,
-            name: "0".into(),
-            path: "".into(),
-            kind: TRANSFORMER.into(),
-        },
-        ModuleEntry {
-            idx: 1,
-            name: "1".into(),
-            path: "1_Pooling".into(),
-            kind: POOLING.into(),
-        },
-    ];
-    if normalize {
-        m.push(ModuleEntry {
-            idx: 2,
-            name: "2".into(),
-            path: "2_Normalize".into(),
-            kind: NORMALIZE.into(),
-        });
-    }
-    let _ = DENSE;
-    m
+/// The modules of a plain Hugging Face folder: the transformer and mean pooling.
+fn default_modules() -> Vec<ModuleEntry> {
+    let entry = |idx: usize, path: &str, kind: &str| ModuleEntry {
+        idx,
+        name: idx.to_string(),
+        path: path.into(),
+        kind: kind.into(),
+    };
+    vec![entry(0, "", TRANSFORMER), entry(1, "1_Pooling", POOLING)]
 }
 
 /// Replaces `target` with the folder `staged` as atomically as the file system allows:

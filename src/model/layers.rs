@@ -157,7 +157,9 @@ impl EncoderLayer {
         d: Dims,
         names: impl Fn(&str) -> LayerNames,
     ) -> Result<Vec<Self>> {
-        (0..count).map(|i| Self::load(w, &names(&format!("encoder.layer.{i}")), d)).collect()
+        (0..count)
+            .map(|i| Self::load(w, &names(&format!("encoder.layer.{i}")), d))
+            .collect()
     }
 
     pub fn load(w: &dyn Weights, n: &LayerNames, d: Dims) -> Result<Self> {

@@ -265,5 +265,12 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
 
 /// max |a − b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
