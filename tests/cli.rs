@@ -790,7 +790,7 @@ fn a_bogus_oom_injection_spec_is_a_usage_error_naming_the_variable() {
 #[test]
 fn ctrl_c_stops_after_the_current_step_saves_and_exits_130() {
     let t = train_setup(&scored_csv(12), "train.csv");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_st-tune"))
+    let child = Command::new(env!("CARGO_BIN_EXE_st-tune"))
         .args([
             "train",
             "--config",

@@ -6,7 +6,7 @@ pub mod oom;
 pub mod plan;
 pub mod policy;
 
-use crate::config::{parse_memory_limit, MemoryLimit};
+use crate::config::parse_memory_limit;
 use crate::error::Result;
 
 /// `memory.limit` resolved to bytes. On CPU the counting allocator measures use, and going
@@ -21,10 +21,7 @@ impl MemoryBudget {
     pub fn new(spec: Option<&str>) -> Result<Self> {
         let limit = match spec {
             None => None,
-            Some(s) => Some(match parse_memory_limit(s)? {
-                MemoryLimit::Bytes(b) => b,
-                MemoryLimit::Fraction(f) => (total_system_memory() as f64 * f) as u64,
-            }),
+            Some(s) => Some(parse_memory_limit(s)?.bytes_of(meminfo("MemTotal:").unwrap_or(0))),
         };
         Ok(Self { limit })
     }
@@ -65,19 +62,6 @@ fn meminfo(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
-/// Total RAM from /proc/meminfo (0 where it cannot be read).
-fn total_system_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
 }
 
 pub fn human_bytes(b: u64) -> String {

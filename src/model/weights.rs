@@ -104,12 +104,6 @@ impl Params {
         }
     }
 
-    /// Re-decides which tensors train (layer freezing), keeping the current values.
-    pub fn with_trainable(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Params> {
-        let detached = self.detached();
-        Self::from_tensors(self.source.clone(), detached.tensors, trainable)
-    }
-
     /// The common prefix of encoder tensor names ("" or "bert." and the like).
     pub fn prefix_of(&self, marker: &str) -> Option<String> {
         self.tensors

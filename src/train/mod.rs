@@ -299,18 +299,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                         reporter.escalated(step + 1, lever);
                     }
                     None => {
-                        save(
+                        save_final(
                             &model,
-                            &out_dir.join("final"),
                             cfg,
                             step,
                             "stopped: out of memory",
+                            1,
+                            mem.max_micro,
                         )?;
-                        RunState {
-                            micro: 1,
-                            max_micro: mem.max_micro,
-                        }
-                        .write(out_dir)?;
                         return Err(e);
                     }
                 },
@@ -382,18 +378,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
         if opts.interrupt.load(Ordering::SeqCst) {
             reporter.finish();
-            save(
+            save_final(
                 &model,
-                &out_dir.join("final"),
                 cfg,
                 done,
                 "interrupted by Ctrl-C",
+                mem.micro,
+                mem.max_micro,
             )?;
-            RunState {
-                micro: mem.micro,
-                max_micro: mem.max_micro,
-            }
-            .write(out_dir)?;
             return Err(Error::Interrupted);
         }
     }
@@ -414,12 +406,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             )?;
         }
     }
-    save(&model, &out_dir.join("final"), cfg, total, "finished")?;
-    RunState {
-        micro: mem.micro,
-        max_micro: mem.max_micro,
-    }
-    .write(out_dir)?;
+    save_final(&model, cfg, total, "finished", mem.micro, mem.max_micro)?;
     let rows_seen = (total * t.batch_size).min(total.div_ceil(steps_per_epoch) * train_set.len());
     Ok(Summary {
         steps: total,
@@ -554,6 +541,19 @@ fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
         scores: set.rows.iter().map(|r| r.score).collect(),
         columns,
     })
+}
+
+/// Saves `output.dir/final` and the run state a repeated run starts from.
+fn save_final(
+    model: &SentenceModel,
+    cfg: &Config,
+    step: usize,
+    status: &str,
+    micro: usize,
+    max_micro: usize,
+) -> Result<()> {
+    save(model, &cfg.output.dir.join("final"), cfg, step, status)?;
+    RunState { micro, max_micro }.write(&cfg.output.dir)
 }
 
 /// Saves the model with a model card saying how it was trained.
