@@ -529,8 +529,8 @@ pub const KEYS: &[KeyDoc] = &[
         expects: "a positive integer or \"auto\"",
         help: "Rows per forward/backward pass; the gradients of the passes of one step are\n\
                combined, so the result matches one pass over train.batch_size rows.\n\
-               \"auto\": start from train.batch_size and let the out-of-memory handler\n\
-               halve it until it fits. Unset: train.batch_size.",
+               \"auto\": the largest micro-batch `st-tune plan` estimates to fit memory.limit\n\
+               (or the free memory). Unset: train.batch_size.",
         example: Some("8"),
     },
     KeyDoc {
