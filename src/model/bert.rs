@@ -103,8 +103,8 @@ impl Bert {
             .to_dtype(dtype)?)
     }
 
-    /// Additive attention bias per row: none (packed rows have no padding to mask).
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![None; batch.len()])
+    /// Additive attention bias: none (packed rows have no padding to mask).
+    pub fn attention_bias(&self, _batch: &TokenBatch) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }

@@ -3,9 +3,12 @@
 //! micro-batch of 32, of 4 after an OOM, or recomputed by the cached (GradCache) scheme or by
 //! gradient checkpointing, and a run with retries ends with the same weights as one without.
 
-use candle_core::{Device, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::fused::{cpu_f32, cpu_storage};
 
 /// Where to draw masks from; `Dropout::off()` for inference (identity, no work).
 #[derive(Debug, Clone)]
@@ -42,17 +45,22 @@ impl Dropout {
         }
     }
 
-    /// x: (tokens, hidden), rows packed as `lengths` says.
+    /// x: (tokens, hidden), rows packed as `lengths` says. On CPU one op whose backward
+    /// regenerates the mask: a product with a mask tensor would keep the mask, and candle
+    /// would also keep a gradient for it until the backward pass ends.
     pub fn hidden(&self, x: &Tensor, lengths: &[usize], site: u64) -> Result<Tensor> {
         if !self.on || self.hidden_p == 0.0 {
             return Ok(x.clone());
         }
-        let h = x.dim(1)?;
-        let mut data = Vec::with_capacity(x.elem_count());
-        for (r, &len) in lengths.iter().enumerate() {
-            self.fill(&mut data, r, &[len, h], self.hidden_p, site);
+        let op = HiddenMask {
+            p: self.hidden_p,
+            row_keys: (0..lengths.len()).map(|r| self.row_key(r, site)).collect(),
+            lengths: lengths.to_vec(),
+        };
+        if x.device().is_cpu() {
+            return Ok(x.contiguous()?.apply_op1(op)?);
         }
-        let mask = Tensor::from_vec(data, x.shape(), &Device::Cpu)?;
+        let mask = Tensor::from_vec(op.values(x.dim(1)?), x.shape(), &Device::Cpu)?;
         Ok(x.mul(&mask.to_device(x.device())?.to_dtype(x.dtype())?)?)
     }
 
@@ -68,18 +76,31 @@ impl Dropout {
         Ok(p.mul(&mask.to_device(p.device())?.to_dtype(p.dtype())?)?)
     }
 
+    /// The attention-dropout masks of this batch at `site`, as keys (None when off).
+    pub fn attention_masks(&self, site: u64) -> Option<AttentionMasks> {
+        if !self.on || self.attention_p == 0.0 {
+            return None;
+        }
+        Some(AttentionMasks {
+            p: self.attention_p,
+            row_keys: (0..self.row_ids.len())
+                .map(|r| self.row_key(r, site))
+                .collect(),
+        })
+    }
+
+    fn row_key(&self, row: usize, site: u64) -> u64 {
+        mix(self.step_key ^ mix(self.row_ids[row] ^ mix(site)))
+    }
+
     /// Appends row `row`'s mask over `dims` (0 or 1/(1-p)). Each element's draw is keyed by its
     /// coordinates, not its offset, so neither padding nor packing shifts the masks.
     fn fill(&self, out: &mut Vec<f32>, row: usize, dims: &[usize], p: f32, site: u64) {
-        let keep = 1.0 / (1.0 - p);
-        let row_key = mix(self.step_key ^ mix(self.row_ids[row] ^ mix(site)));
+        let row_key = self.row_key(row, site);
         let inner: usize = dims.iter().product();
         let mut coords = vec![0usize; dims.len()];
         for _ in 0..inner {
-            // Coordinates packed into 16 bits each: sequences and widths stay below 65536.
-            let pos = coords.iter().fold(0u64, |acc, &c| (acc << 16) | c as u64);
-            let u = (mix(row_key ^ pos) >> 40) as f32 / (1u64 << 24) as f32;
-            out.push(if u < p { 0.0 } else { keep });
+            out.push(mask_value(row_key, pack(&coords), p));
             for d in (0..dims.len()).rev() {
                 coords[d] += 1;
                 if coords[d] < dims[d] {
@@ -91,10 +112,127 @@ impl Dropout {
     }
 }
 
+/// A batch's attention-dropout masks at one site, kept as keys: a fused attention kernel
+/// regenerates any (row, head) block on demand instead of keeping (heads, len, len) per row.
+#[derive(Debug, Clone)]
+pub struct AttentionMasks {
+    p: f32,
+    row_keys: Vec<u64>,
+}
+
+impl AttentionMasks {
+    /// Writes the (len, len) mask of `row` and `head` into `out`, row-major; the same values
+    /// `Dropout::attention` multiplies by.
+    pub fn fill_head(&self, row: usize, head: usize, len: usize, out: &mut [f32]) {
+        let key = self.row_keys[row];
+        for (i, line) in out[..len * len].chunks_mut(len).enumerate() {
+            for (j, v) in line.iter_mut().enumerate() {
+                *v = mask_value(key, pack(&[head, i, j]), self.p);
+            }
+        }
+    }
+}
+
+/// Dropout on packed hidden states, (tokens, hidden): the mask of row r at (i, c) is keyed by
+/// (row key, i, c), as `Dropout::fill` draws it.
+struct HiddenMask {
+    p: f32,
+    row_keys: Vec<u64>,
+    lengths: Vec<usize>,
+}
+
+impl HiddenMask {
+    /// The whole mask, (tokens, width) row-major, rows drawn in parallel.
+    fn values(&self, width: usize) -> Vec<f32> {
+        let rows: Vec<Vec<f32>> = (0..self.lengths.len())
+            .into_par_iter()
+            .map(|r| {
+                let key = self.row_keys[r];
+                (0..self.lengths[r] * width)
+                    .map(|n| mask_value(key, pack(&[n / width, n % width]), self.p))
+                    .collect()
+            })
+            .collect();
+        rows.concat()
+    }
+}
+
+impl CustomOp1 for HiddenMask {
+    fn name(&self) -> &'static str {
+        "st-tune-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (tokens, width) = l.shape().dims2()?;
+        if tokens != self.lengths.iter().sum::<usize>() {
+            candle_core::bail!("dropout: {tokens} tokens, the rows hold {:?}", self.lengths);
+        }
+        let mut x = cpu_f32(s, l, self.name())?.into_owned();
+        x.iter_mut()
+            .zip(self.values(width))
+            .for_each(|(x, m)| *x *= m);
+        Ok((cpu_storage(s.dtype(), x)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let mask = Tensor::from_vec(self.values(x.dim(1)?), x.shape(), x.device())?;
+        Ok(Some(g.mul(&mask.to_dtype(g.dtype())?)?))
+    }
+}
+
+/// Coordinates packed into 16 bits each: sequences and widths stay below 65536.
+fn pack(coords: &[usize]) -> u64 {
+    coords.iter().fold(0u64, |acc, &c| (acc << 16) | c as u64)
+}
+
+/// 0 with probability `p`, else 1/(1-p), drawn from `hash(row_key, pos)`.
+fn mask_value(row_key: u64, pos: u64, p: f32) -> f32 {
+    let u = (mix(row_key ^ pos) >> 40) as f32 / (1u64 << 24) as f32;
+    if u < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
+}
+
 /// SplitMix64 finaliser: a cheap, well-mixed hash of one u64.
 pub fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn the_hidden_dropout_op_draws_the_masks_of_fill_and_passes_gradients_through_them() {
+        let drop = Dropout::train(0.4, 0.1, 3, 9, vec![5, 6]);
+        let lengths = [3usize, 4];
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 6), &Device::Cpu).unwrap()).unwrap();
+        let y = drop.hidden(x.as_tensor(), &lengths, 2).unwrap();
+        let mut mask = Vec::new();
+        for (r, &len) in lengths.iter().enumerate() {
+            drop.fill(&mut mask, r, &[len, 6], 0.4, 2);
+        }
+        assert!(mask.iter().any(|&m| m == 0.0) && mask.iter().any(|&m| m > 1.0));
+        let mask = Tensor::from_vec(mask, (7, 6), &Device::Cpu).unwrap();
+        let expected = x.as_tensor().mul(&mask).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&y, &expected) < 1e-6);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(diff(g.get(x.as_tensor()).unwrap(), &mask) < 1e-6);
+    }
 }

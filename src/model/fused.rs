@@ -1,66 +1,65 @@
-//! CPU kernels for softmax and layer norm, as candle custom ops *with* a backward pass.
+//! CPU kernels for layer norm and linear, as candle custom ops *with* a backward pass.
 //!
-//! The composed versions in `layers.rs` are correct on every device but keep five or six
+//! The composed versions in `layers.rs` are correct on every device but keep several
 //! intermediate tensors per call alive in the autograd graph, and pass over memory as often.
-//! These keep only their input and output (the backward recomputes the rest, transiently), one
-//! pass each way. Used on CPU; other devices take the composed path.
+//! These keep only their inputs and output (the backward recomputes the rest, transiently), one
+//! pass each way. Inputs may be f32, bf16 or f16: the arithmetic is f32 and the output takes the
+//! input's type, so half precision halves what the graph keeps without losing precision in the
+//! norms. Used on CPU; other devices take the composed path.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::Result;
 
+/// The contiguous elements of a CPU tensor as f32 (borrowed when already f32).
+pub fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> candle_core::Result<Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous input")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => {
+            let mut out = vec![0f32; b - a];
+            v[a..b].convert_to_f32_slice(&mut out);
+            Cow::Owned(out)
+        }
+        CpuStorage::F16(v) => {
+            let mut out = vec![0f32; b - a];
+            v[a..b].convert_to_f32_slice(&mut out);
+            Cow::Owned(out)
+        }
+        _ => candle_core::bail!("{op}: expected a float input"),
+    })
+}
+
+/// f32 results stored as `dtype` (f32, bf16 or f16).
+pub fn cpu_storage(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
+        DType::F16 => CpuStorage::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
+        other => candle_core::bail!("expected a float type, got {other:?}"),
+    })
+}
+
+/// f32 parameters (weights and biases stay f32 whatever the activations' type).
 fn f32_slice<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &'static str,
 ) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: expected an f32 input")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous input"),
-    }
-}
-
-/// Softmax over the last dimension.
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "st-tune-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, self.name())?;
-        let d = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    /// dx = y ⊙ (g − Σ g⊙y)
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let y = res.detach();
-        let gy = (grad * &y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(y.mul(&grad.broadcast_sub(&gy)?)?))
+    match cpu_f32(s, l, op)? {
+        Cow::Borrowed(v) => Ok(v),
+        Cow::Owned(_) => candle_core::bail!("{op}: expected f32 parameters"),
     }
 }
 
@@ -83,7 +82,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
+        let x = cpu_f32(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
         let d = w.len();
@@ -98,7 +97,7 @@ impl CustomOp3 for LayerNormOp {
                     o[i] = (x[i] - mean) * rstd * w[i] + b[i];
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((cpu_storage(s1.dtype(), out)?, l1.shape().clone()))
     }
 
     /// With x̂ = (x − μ)·r and ĝ = g ⊙ w: dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)),
@@ -111,7 +110,12 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w) = (x.detach(), w.detach());
+        let dtype = x.dtype();
+        let (x, w, g) = (
+            x.detach().to_dtype(DType::F32)?,
+            w.detach(),
+            g.to_dtype(DType::F32)?,
+        );
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
@@ -120,23 +124,78 @@ impl CustomOp3 for LayerNormOp {
         let xhat = centered.broadcast_mul(&rstd)?;
         let rows = x.elem_count() / w.elem_count();
         let flat = |t: &Tensor| t.reshape((rows, w.elem_count()));
-        let dw = flat(&(g * &xhat)?)?.sum(0)?;
-        let db = flat(g)?.sum(0)?;
+        let dw = flat(&(&g * &xhat)?)?.sum(0)?;
+        let db = flat(&g)?.sum(0)?;
         let gh = g.broadcast_mul(&w)?;
         let m1 = gh.mean_keepdim(D::Minus1)?;
         let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = gh
             .broadcast_sub(&m1)?
             .sub(&xhat.broadcast_mul(&m2)?)?
-            .broadcast_mul(&rstd)?;
+            .broadcast_mul(&rstd)?
+            .to_dtype(dtype)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// `y = scale · (x Wᵀ + b)` in one gemm call (the bias pre-loaded into the output), so the graph
-/// keeps only `y`, not the product and the sum besides.
+/// `y = scale · (a Wᵀ + b)` in one gemm call (the bias pre-loaded into the output), so the graph
+/// keeps only `y`, not the product and the sum besides. With `gelu`, `a = gelu(x)` is computed
+/// here and recomputed in the backward pass, so the feed-forward's widest activation is never
+/// kept; otherwise `a = x`.
 struct LinearOp {
     scale: f32,
+    gelu: bool,
+}
+
+/// GELU with the exact erf, as candle's `gelu_erf` and PyTorch's `gelu` compute it.
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d gelu(x) / dx = Φ(x) + x φ(x).
+fn gelu_grad(v: f32) -> f32 {
+    use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2));
+    cdf + v * (-0.5 * v * v).exp() * (0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2)
+}
+
+/// `gelu(x)` as f32 from any float `x`, one pass (backward helper, no graph).
+struct GeluF32;
+
+impl CustomOp1 for GeluF32 {
+    fn name(&self) -> &'static str {
+        "st-tune-gelu-f32"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut x = cpu_f32(s, l, self.name())?.into_owned();
+        x.par_iter_mut().for_each(|v| *v = gelu(*v));
+        Ok((CpuStorage::F32(x), l.shape().clone()))
+    }
+}
+
+/// `d ⊙ gelu'(x)` for an f32 `d`, in `x`'s type, one pass (backward helper, no graph).
+struct GeluGradMul;
+
+impl CustomOp2 for GeluGradMul {
+    fn name(&self) -> &'static str {
+        "st-tune-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut d = cpu_f32(s1, l1, self.name())?.into_owned();
+        let x = cpu_f32(s2, l2, self.name())?;
+        d.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(d, &x)| *d *= gelu_grad(x));
+        Ok((cpu_storage(s2.dtype(), d)?, l2.shape().clone()))
+    }
 }
 
 impl CustomOp3 for LinearOp {
@@ -153,7 +212,10 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
+        let mut x = cpu_f32(s1, l1, self.name())?;
+        if self.gelu {
+            x.to_mut().par_iter_mut().for_each(|v| *v = gelu(*v));
+        }
         let w = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
         let (n_out, k) = (b.len(), l2.dims()[1]);
@@ -189,10 +251,10 @@ impl CustomOp3 for LinearOp {
         }
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("2-D input") = n_out;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((cpu_storage(s1.dtype(), out)?, Shape::from(dims)))
     }
 
-    /// dx = s·g W, dW = s·gᵀ x, db = s·Σ_rows g.
+    /// dW = s·gᵀ a, db = s·Σ_rows g, dx = s·g W (⊙ gelu'(x) with `gelu`).
     fn bwd(
         &self,
         x: &Tensor,
@@ -201,38 +263,50 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w) = (x.detach(), w.detach());
-        let g = if self.scale == 1.0 {
-            g.clone()
-        } else {
-            (g * self.scale as f64)?
-        };
-        let dx = g.matmul(&w)?;
-        let dw = g.t()?.matmul(&x)?;
+        // Every f32 temporary here is as large as x: at most two live at once.
+        let (x, w) = (x.detach().contiguous()?, w.detach());
+        let g = (g.to_dtype(DType::F32)? * self.scale as f64)?;
         let db = g.sum(0)?;
+        let a = if self.gelu {
+            x.apply_op1_no_bwd(&GeluF32)?
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        let dw = g.t()?.matmul(&a)?;
+        drop(a);
+        let dx = g.matmul(&w)?;
+        let dx = if self.gelu {
+            dx.apply_op2_no_bwd(&x, &GeluGradMul)?
+        } else {
+            dx.to_dtype(x.dtype())?
+        };
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// `scale · (x Wᵀ + b)` for a 2-D f32 CPU `x`, with a backward pass.
+/// `scale · (x Wᵀ + b)` for a 2-D CPU `x` (f32, bf16 or f16; `w`, `b` f32), with a backward
+/// pass. The output has `x`'s type.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(
-        w,
-        b,
-        LinearOp {
-            scale: scale as f32,
-        },
-    )?)
+    let op = LinearOp {
+        scale: scale as f32,
+        gelu: false,
+    };
+    Ok(x.contiguous()?.apply_op3(w, b, op)?)
 }
 
-/// Softmax over the last dimension of an f32 CPU tensor, with a backward pass.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1(Softmax)?)
+/// `gelu(x) Wᵀ + b` for a 2-D CPU `x`, keeping only `x` and the output for the backward pass.
+pub fn gelu_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = LinearOp {
+        scale: 1.0,
+        gelu: true,
+    };
+    Ok(x.contiguous()?.apply_op3(w, b, op)?)
 }
 
-/// Layer norm of an f32 CPU tensor over its last dimension, with a backward pass.
+/// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
+/// backward pass. The output has `x`'s type.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let x = x.contiguous()?;
     Ok(x.apply_op3(w, b, LayerNormOp { eps: eps as f32 })?)
 }
 
@@ -288,16 +362,64 @@ mod tests {
     }
 
     #[test]
-    fn fused_softmax_matches_the_composed_one_in_value_and_gradient() {
-        let x =
-            Var::from_tensor(&(Tensor::randn(0f32, 3.0, (4, 7), &Device::Cpu).unwrap())).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (4, 7), &Device::Cpu).unwrap();
-        let a = softmax(x.as_tensor()).unwrap();
-        let b = layers::softmax_composed(x.as_tensor()).unwrap();
-        assert!(close(&a, &b) < 1e-6);
-        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(close(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-6);
+    fn fused_gelu_linear_matches_gelu_then_matmul_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (6, 5), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 3, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
+        let a = gelu_linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let c = x
+            .as_tensor()
+            .gelu_erf()
+            .unwrap()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert!(close(&a, &c) < 1e-5);
+        let ga = (&a * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&c * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            assert!(close(ga.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn half_precision_inputs_keep_their_type_and_stay_close_to_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (3, 8), &dev).unwrap();
+        let (b, nw, nb) = (
+            Tensor::zeros(3, DType::F32, &dev).unwrap(),
+            Tensor::ones(8, DType::F32, &dev).unwrap(),
+            Tensor::zeros(8, DType::F32, &dev).unwrap(),
+        );
+        for dtype in [DType::BF16, DType::F16] {
+            let xh = x.to_dtype(dtype).unwrap();
+            let y = linear(&xh, &w, &b, 1.0).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            assert!(
+                close(
+                    &y.to_dtype(DType::F32).unwrap(),
+                    &linear(&x, &w, &b, 1.0).unwrap()
+                ) < 0.05
+            );
+            let n = layer_norm(&xh, &nw, &nb, 1e-5).unwrap();
+            assert_eq!(n.dtype(), dtype);
+            let n32 = layer_norm(&x, &nw, &nb, 1e-5).unwrap();
+            assert!(close(&n.to_dtype(DType::F32).unwrap(), &n32) < 0.05);
+        }
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Building blocks shared by the BERT and MPNet encoders, written for training: every op here
 //! records a backward pass. candle-nn's fused `layer_norm` and `softmax_last_dim` record none, so
 //! gradients would silently stop at them; this file composes the same maths from plain ops, and
-//! uses the kernels of `fused.rs` (which have a backward) on CPU.
+//! uses the kernels of `fused.rs` and `attention.rs` (which have a backward) on CPU.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
+use crate::model::attention::{self, Attention};
 use crate::model::dropout::Dropout;
 use crate::model::fused;
 use crate::model::weights::Weights;
@@ -38,12 +39,9 @@ impl Linear {
         self.forward_scaled(x, 1.0)
     }
 
-    /// `scale · (x Wᵀ + b)`: the fused kernel for f32 on CPU, plain ops otherwise.
+    /// `scale · (x Wᵀ + b)`: the fused kernel on CPU (f32 weights), plain ops otherwise.
     pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
-        if let (Some(b), true) = (
-            &self.bias,
-            x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2,
-        ) {
+        if let Some(b) = self.fused_bias(x) {
             return fused::linear(x, &self.weight, b, scale);
         }
         let w = self.weight.to_dtype(x.dtype())?;
@@ -55,6 +53,22 @@ impl Linear {
             y = (y * scale)?;
         }
         Ok(y)
+    }
+
+    /// The bias, when the fused CPU kernels apply: a 2-D CPU input, f32 weight and bias.
+    fn fused_bias(&self, x: &Tensor) -> Option<&Tensor> {
+        let b = self.bias.as_ref()?;
+        let f32_params = self.weight.dtype() == DType::F32 && b.dtype() == DType::F32;
+        (x.device().is_cpu() && x.rank() == 2 && f32_params).then_some(b)
+    }
+
+    /// `gelu(x) Wᵀ + b`: on CPU one kernel that recomputes `gelu(x)` in the backward pass
+    /// instead of keeping it.
+    pub fn forward_gelu_input(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(b) = self.fused_bias(x) {
+            return fused::gelu_linear(x, &self.weight, b);
+        }
+        self.forward(&x.gelu_erf()?)
     }
 }
 
@@ -98,15 +112,7 @@ pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
         .broadcast_add(&b.to_dtype(DType::F32)?)?)
 }
 
-/// Softmax over the last dimension in f32, with a backward pass: the fused kernel on CPU.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        return fused::softmax(x);
-    }
-    softmax_composed(x)
-}
-
-/// Softmax from plain ops (every device). Subtracting the (detached) row maximum keeps `exp`
+/// Softmax over the last dimension from plain ops (every device). Subtracting the (detached) row maximum keeps `exp`
 /// finite and does not change the result or its gradient.
 pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -177,53 +183,88 @@ impl EncoderLayer {
         })
     }
 
-    /// x: (tokens, hidden), the rows of `batch` packed; `bias[r]`: additive attention bias of
-    /// row r, (heads, len, len) (MPNet's relative positions; None for BERT). `site` numbers
-    /// this layer's dropout sites so every mask is distinct.
+    /// q, k and v as one linear layer (tokens, hidden) -> (tokens, 3·hidden): one matrix
+    /// product instead of three, and the layout the fused attention reads.
+    fn qkv(&self) -> Result<Linear> {
+        let bias = |l: &Linear| l.bias.clone().expect("q, k and v have biases");
+        Ok(Linear {
+            weight: Tensor::cat(&[&self.q.weight, &self.k.weight, &self.v.weight], 0)?,
+            bias: Some(Tensor::cat(
+                &[bias(&self.q), bias(&self.k), bias(&self.v)],
+                0,
+            )?),
+        })
+    }
+
+    /// x: (tokens, hidden), the rows of `batch` packed; `bias`: additive attention bias,
+    /// (heads, L, L) with L the longest row (MPNet's relative positions; None for BERT).
+    /// `site` numbers this layer's dropout sites so every mask is distinct.
     pub fn forward(
         &self,
         x: &Tensor,
         batch: &TokenBatch,
-        bias: &[Option<Tensor>],
+        bias: Option<&Tensor>,
         drop: &Dropout,
         site: u64,
     ) -> Result<Tensor> {
-        let h = x.dim(1)?;
-        let hd = h / self.heads;
-        // The 1/sqrt(d) of the scores folded into q: a (tokens, hidden) product instead of a
-        // (heads, len, len) one per row.
-        let q = self.q.forward_scaled(x, 1.0 / (hd as f64).sqrt())?;
-        let k = self.k.forward(x)?;
-        let v = self.v.forward(x)?;
-        let heads = |t: &Tensor, off: usize, len: usize| -> Result<Tensor> {
-            // (len, hidden) -> (heads, len, head_dim)
-            Ok(t.narrow(0, off, len)?
-                .reshape((len, self.heads, hd))?
-                .transpose(0, 1)?
-                .contiguous()?)
+        let hd = x.dim(1)? / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qkv = self.qkv()?.forward(x)?;
+        let ctx = if x.device().is_cpu() {
+            let op = Attention {
+                heads: self.heads,
+                scale: scale as f32,
+                rows: batch.rows().collect(),
+                masks: drop.attention_masks(site),
+            };
+            attention::attention(&qkv, bias, op)?
+        } else {
+            attention_composed(&qkv, batch, bias, drop, site, self.heads)?
         };
-        let mut ctx = Vec::with_capacity(batch.len());
-        for (r, (off, len)) in batch.rows().enumerate() {
-            let (qr, kr, vr) = (
-                heads(&q, off, len)?,
-                heads(&k, off, len)?,
-                heads(&v, off, len)?,
-            );
-            // (heads, len, len); scores and softmax in f32 for stable half-precision training.
-            let mut scores = qr.matmul(&kr.t()?)?.to_dtype(DType::F32)?;
-            if let Some(b) = &bias[r] {
-                scores = scores.broadcast_add(b)?;
-            }
-            let probs = drop
-                .attention(&softmax_last_dim(&scores)?, r, site)?
-                .to_dtype(x.dtype())?;
-            ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
-        }
-        let ctx = Tensor::cat(&ctx, 0)?;
         let attn = drop.hidden(&self.o.forward(&ctx)?, &batch.lengths, site + 1)?;
         let x = self.attn_norm.forward(&(attn + x)?)?;
-        let ffn = self.ffn_in.forward(&x)?.gelu_erf()?;
-        let ffn = drop.hidden(&self.ffn_out.forward(&ffn)?, &batch.lengths, site + 2)?;
+        let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
+        let ffn = drop.hidden(&ffn, &batch.lengths, site + 2)?;
         self.ffn_norm.forward(&(ffn + x)?)
     }
+}
+
+/// Self-attention from plain ops, one row at a time (every device): what `attention.rs`
+/// computes, with scores and softmax in f32. qkv: (tokens, 3·hidden) -> (tokens, hidden).
+pub fn attention_composed(
+    qkv: &Tensor,
+    batch: &TokenBatch,
+    bias: Option<&Tensor>,
+    drop: &Dropout,
+    site: u64,
+    heads: usize,
+) -> Result<Tensor> {
+    let h = qkv.dim(1)? / 3;
+    let hd = h / heads;
+    let q = (qkv.narrow(1, 0, h)? * (1.0 / (hd as f64).sqrt()))?;
+    let (k, v) = (qkv.narrow(1, h, h)?, qkv.narrow(1, 2 * h, h)?);
+    let split = |t: &Tensor, off: usize, len: usize| -> Result<Tensor> {
+        // (len, hidden) -> (heads, len, head_dim)
+        Ok(t.narrow(0, off, len)?
+            .reshape((len, heads, hd))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let mut ctx = Vec::with_capacity(batch.len());
+    for (r, (off, len)) in batch.rows().enumerate() {
+        let (qr, kr, vr) = (
+            split(&q, off, len)?,
+            split(&k, off, len)?,
+            split(&v, off, len)?,
+        );
+        let mut scores = qr.matmul(&kr.t()?)?.to_dtype(DType::F32)?;
+        if let Some(b) = bias {
+            scores = scores.broadcast_add(&b.narrow(1, 0, len)?.narrow(2, 0, len)?)?;
+        }
+        let probs = drop
+            .attention(&softmax_composed(&scores)?, r, site)?
+            .to_dtype(qkv.dtype())?;
+        ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
+    }
+    Ok(Tensor::cat(&ctx, 0)?)
 }

@@ -5,6 +5,7 @@
 //! them. `network()` builds over the trainable `Var`s (records a graph); `inference_network()`
 //! over detached views of the same storage (no graph), for `encode` and evaluation.
 
+pub mod attention;
 pub mod bert;
 pub mod dropout;
 pub mod folder;
@@ -81,7 +82,7 @@ impl Encoder {
     }
 
     /// Additive attention bias shared by every layer for this batch.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Option<Tensor>> {
         match self {
             Encoder::Bert(m) => m.attention_bias(batch),
             Encoder::Mpnet(m) => m.attention_bias(batch),
@@ -105,7 +106,7 @@ impl Encoder {
         let mut x = self.embed(batch, drop, dtype)?;
         let bias = self.attention_bias(batch)?;
         for (i, layer) in self.layers().iter().enumerate() {
-            x = layer.forward(&x, batch, &bias, drop, Self::layer_site(i))?;
+            x = layer.forward(&x, batch, bias.as_ref(), drop, Self::layer_site(i))?;
         }
         Ok(x)
     }

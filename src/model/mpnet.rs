@@ -110,29 +110,24 @@ impl Mpnet {
             .to_dtype(dtype)?)
     }
 
-    /// Additive attention bias per row: the learned bias of each relative-position bucket,
-    /// (heads, len, len), f32; computed once per distinct length.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Vec<Option<Tensor>>> {
-        let mut by_len: std::collections::HashMap<usize, Tensor> = Default::default();
+    /// Additive attention bias, (heads, L, L) f32 for L the longest row: the learned bias of
+    /// each relative-position bucket. A bucket depends only on key − query, so a row of length
+    /// n takes the top-left n × n block.
+    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Option<Tensor>> {
         let heads = self.config.num_attention_heads;
-        let mut out = Vec::with_capacity(batch.len());
-        for &s in &batch.lengths {
-            if !by_len.contains_key(&s) {
-                let buckets = relative_buckets(s, self.config.relative_attention_num_buckets, 128);
-                let buckets = Tensor::from_vec(buckets, s * s, &Device::Cpu)?
-                    .to_device(batch.ids.device())?;
-                // (s*s, heads) -> (heads, s, s)
-                let rel = self
-                    .relative_bias
-                    .index_select(&buckets, 0)?
-                    .reshape((s, s, heads))?
-                    .permute((2, 0, 1))?
-                    .to_dtype(DType::F32)?;
-                by_len.insert(s, rel);
-            }
-            out.push(Some(by_len[&s].clone()));
-        }
-        Ok(out)
+        let l = batch.lengths.iter().copied().max().unwrap_or(0);
+        let buckets = relative_buckets(l, self.config.relative_attention_num_buckets, 128);
+        let buckets =
+            Tensor::from_vec(buckets, l * l, &Device::Cpu)?.to_device(batch.ids.device())?;
+        // (l*l, heads) -> (heads, l, l)
+        Ok(Some(
+            self.relative_bias
+                .index_select(&buckets, 0)?
+                .reshape((l, l, heads))?
+                .permute((2, 0, 1))?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+        ))
     }
 }
 

@@ -23,15 +23,17 @@ pub fn forward_checkpoints(
     drop: &Dropout,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let enc = &net.encoder;
-    let bias: Vec<_> = enc
-        .attention_bias(batch)?
-        .iter()
-        .map(|b| b.as_ref().map(Tensor::detach))
-        .collect();
+    let bias = enc.attention_bias(batch)?.map(|b| b.detach());
     let mut inputs = vec![enc.embed(batch, drop, net.dtype)?.detach()];
     for (i, layer) in enc.layers().iter().enumerate() {
         // Detaching drops each layer's graph as soon as its output exists.
-        let out = layer.forward(&inputs[i], batch, &bias, drop, Encoder::layer_site(i))?;
+        let out = layer.forward(
+            &inputs[i],
+            batch,
+            bias.as_ref(),
+            drop,
+            Encoder::layer_site(i),
+        )?;
         inputs.push(out.detach());
     }
     let emb = net
@@ -60,7 +62,13 @@ pub fn backward_recomputing(
     // Layers, top down, each recomputed from its input.
     for i in (0..layers.len()).rev() {
         let x = Var::from_tensor(&checkpoints.pop().expect("one input per layer"))?;
-        let out = layers[i].forward(x.as_tensor(), batch, &bias, drop, Encoder::layer_site(i))?;
+        let out = layers[i].forward(
+            x.as_tensor(),
+            batch,
+            bias.as_ref(),
+            drop,
+            Encoder::layer_site(i),
+        )?;
         g = backward_step(&out, &g, &x, sink)?;
     }
     // Embeddings (their gradient only matters when they train).

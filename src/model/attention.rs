@@ -1,0 +1,551 @@
+//! Self-attention over packed rows as one CPU op with its own backward, in the manner of flash
+//! attention: the autograd graph keeps only the fused q|k|v projection and the output, and the
+//! backward recomputes each row's scores, softmax and dropout mask (masks are functions of
+//! their keys, see `dropout.rs`). The composed path in `layers.rs` keeps four
+//! (heads, len, len) tensors per row instead, which dominate memory at long sequences.
+//!
+//! Work is split by head (every row of one head on one thread), so MPNet's bias gradient sums
+//! over rows without sharing. Arithmetic is f32; q|k|v and the output may be bf16 or f16.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::model::dropout::AttentionMasks;
+use crate::model::fused::{cpu_f32, cpu_storage};
+
+/// softmax(scale · q kᵀ + bias) ⊙ mask · v per row and head, rows packed as (offset, len).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub heads: usize,
+    pub scale: f32,
+    pub rows: Vec<(usize, usize)>,
+    pub masks: Option<AttentionMasks>,
+}
+
+/// qkv: (tokens, 3·hidden), the q, k and v projections side by side; bias: (heads, L, L) f32
+/// with L at least the longest row (a row of length n uses its top-left n × n block).
+/// Returns (tokens, hidden) in qkv's type.
+pub fn attention(qkv: &Tensor, bias: Option<&Tensor>, op: Attention) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    Ok(match bias {
+        Some(b) => qkv.apply_op2(&b.contiguous()?, op)?,
+        None => qkv.apply_op1(op)?,
+    })
+}
+
+/// A strided read-only matrix inside a slice.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    off: usize,
+    /// Row and column strides.
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
+        Self { data, off, rs, cs }
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst[m×n, row stride dst_rs] = (accumulate ? dst : 0) + beta · a[m×k] · b[k×n].
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    beta: f32,
+    accumulate: bool,
+) {
+    assert!(View::new(dst, 0, dst_rs, 1).covers(m, n) && a.covers(m, k) && b.covers(k, n));
+    // SAFETY: the assert above keeps every index gemm touches inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Gradients of one head: d q, d k, d v as (tokens, head_dim) each, and d bias (L × L).
+struct HeadGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dbias: Vec<f32>,
+}
+
+impl Attention {
+    fn dims(&self, qkv_len: usize, width: usize) -> (usize, usize, usize) {
+        let hidden = width / 3;
+        (qkv_len / width, hidden, hidden / self.heads)
+    }
+
+    /// Row `r`'s attention probabilities for head `hh` into `p` (len × len), and its dropout
+    /// mask into `mask` (when dropout is on).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        hh: usize,
+        r: usize,
+        p: &mut Vec<f32>,
+        mask: &mut Vec<f32>,
+        hidden: usize,
+    ) {
+        let (off, len) = self.rows[r];
+        let (w, hd) = (3 * hidden, hidden / self.heads);
+        p.resize(len * len, 0.0);
+        let q = View::new(qkv, off * w + hh * hd, w, 1);
+        let kt = View::new(qkv, off * w + hidden + hh * hd, 1, w);
+        matmul(p, len, (len, len, hd), q, kt, self.scale, false);
+        if let Some((b, l)) = bias {
+            let b = &b[hh * l * l..];
+            for (i, line) in p.chunks_mut(len).enumerate() {
+                line.iter_mut().zip(&b[i * l..]).for_each(|(v, b)| *v += b);
+            }
+        }
+        for line in p.chunks_mut(len) {
+            let max = line.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in line.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            line.iter_mut().for_each(|v| *v /= sum);
+        }
+        if let Some(m) = &self.masks {
+            mask.resize(len * len, 0.0);
+            m.fill_head(r, hh, len, mask);
+        }
+    }
+
+    /// One head's output for every row, (tokens, head_dim).
+    fn head_forward(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        hh: usize,
+        hidden: usize,
+    ) -> Vec<f32> {
+        let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
+        let w = 3 * hidden;
+        let mut out = vec![0f32; tokens * hd];
+        let (mut p, mut mask) = (Vec::new(), Vec::new());
+        for (r, &(off, len)) in self.rows.iter().enumerate() {
+            self.probs(qkv, bias, hh, r, &mut p, &mut mask, hidden);
+            if self.masks.is_some() {
+                p.iter_mut().zip(&mask).for_each(|(p, m)| *p *= m);
+            }
+            let v = View::new(qkv, off * w + 2 * hidden + hh * hd, w, 1);
+            matmul(
+                &mut out[off * hd..],
+                hd,
+                (len, hd, len),
+                View::new(&p, 0, len, 1),
+                v,
+                1.0,
+                false,
+            );
+        }
+        out
+    }
+
+    /// One head's gradients from the output gradient `g`, (tokens, hidden).
+    fn head_backward(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        g: &[f32],
+        hh: usize,
+        hidden: usize,
+    ) -> HeadGrads {
+        let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
+        let w = 3 * hidden;
+        let mut grads = HeadGrads {
+            dq: vec![0f32; tokens * hd],
+            dk: vec![0f32; tokens * hd],
+            dv: vec![0f32; tokens * hd],
+            dbias: vec![0f32; bias.map_or(0, |(_, l)| l * l)],
+        };
+        let (mut p, mut mask, mut pd, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, &(off, len)) in self.rows.iter().enumerate() {
+            self.probs(qkv, bias, hh, r, &mut p, &mut mask, hidden);
+            let dropped = match self.masks {
+                Some(_) => {
+                    pd.clear();
+                    pd.extend(p.iter().zip(&mask).map(|(p, m)| p * m));
+                    &pd
+                }
+                None => &p,
+            };
+            let go = View::new(g, off * hidden + hh * hd, hidden, 1);
+            let q = View::new(qkv, off * w + hh * hd, w, 1);
+            let k = View::new(qkv, off * w + hidden + hh * hd, w, 1);
+            let v = View::new(qkv, off * w + 2 * hidden + hh * hd, w, 1);
+            // dv = dropped(p)ᵀ g
+            let pt = View::new(dropped, 0, 1, len);
+            matmul(
+                &mut grads.dv[off * hd..],
+                hd,
+                (len, hd, len),
+                pt,
+                go,
+                1.0,
+                false,
+            );
+            // d dropped(p) = g vᵀ, then through the mask and the softmax.
+            ds.resize(len * len, 0.0);
+            let vt = View::new(qkv, v.off, 1, w);
+            matmul(&mut ds, len, (len, len, hd), go, vt, 1.0, false);
+            if self.masks.is_some() {
+                ds.iter_mut().zip(&mask).for_each(|(d, m)| *d *= m);
+            }
+            for (d, p) in ds.chunks_mut(len).zip(p.chunks(len)) {
+                let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+            }
+            if let Some((_, l)) = bias {
+                for (i, line) in ds.chunks(len).enumerate() {
+                    grads.dbias[i * l..i * l + len]
+                        .iter_mut()
+                        .zip(line)
+                        .for_each(|(b, d)| *b += d);
+                }
+            }
+            // dq = scale · ds k, dk = scale · dsᵀ q
+            let dsv = View::new(&ds, 0, len, 1);
+            matmul(
+                &mut grads.dq[off * hd..],
+                hd,
+                (len, hd, len),
+                dsv,
+                k,
+                self.scale,
+                false,
+            );
+            let dst = View::new(&ds, 0, 1, len);
+            matmul(
+                &mut grads.dk[off * hd..],
+                hd,
+                (len, hd, len),
+                dst,
+                q,
+                self.scale,
+                false,
+            );
+        }
+        grads
+    }
+
+    fn forward_cpu(&self, qkv: &[f32], bias: Option<(&[f32], usize)>, width: usize) -> Vec<f32> {
+        let (tokens, hidden, hd) = self.dims(qkv.len(), width);
+        let per_head: Vec<Vec<f32>> = (0..self.heads)
+            .into_par_iter()
+            .map(|hh| self.head_forward(qkv, bias, hh, hidden))
+            .collect();
+        let mut out = vec![0f32; tokens * hidden];
+        for (hh, o) in per_head.iter().enumerate() {
+            for (t, src) in o.chunks(hd).enumerate() {
+                out[t * hidden + hh * hd..][..hd].copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    /// (d qkv, d bias) for output gradient `g`.
+    fn backward_cpu(
+        &self,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let width = qkv.dim(1)?;
+        let flat = |t: &Tensor| {
+            t.detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let (q32, g32) = (flat(qkv)?, flat(g)?);
+        let b32 = bias.map(flat).transpose()?;
+        let l = bias.map(|b| b.dim(1)).transpose()?.unwrap_or(0);
+        let b = b32.as_deref().map(|b| (b, l));
+        let (tokens, hidden, hd) = self.dims(q32.len(), width);
+        let per_head: Vec<HeadGrads> = (0..self.heads)
+            .into_par_iter()
+            .map(|hh| self.head_backward(&q32, b, &g32, hh, hidden))
+            .collect();
+        let mut dqkv = vec![0f32; tokens * width];
+        let mut dbias = Vec::with_capacity(self.heads * l * l);
+        for (hh, hg) in per_head.into_iter().enumerate() {
+            for (part, src) in [hg.dq, hg.dk, hg.dv].iter().enumerate() {
+                for (t, s) in src.chunks(hd).enumerate() {
+                    dqkv[t * width + part * hidden + hh * hd..][..hd].copy_from_slice(s);
+                }
+            }
+            dbias.extend(hg.dbias);
+        }
+        let dqkv = Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?.to_dtype(qkv.dtype())?;
+        let dbias = match bias {
+            Some(b) => Some(Tensor::from_vec(dbias, b.shape(), b.device())?.to_dtype(b.dtype())?),
+            None => None,
+        };
+        Ok((dqkv, dbias))
+    }
+
+    fn fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "st-tune-attention";
+        let (tokens, width) = l.shape().dims2()?;
+        if width % 3 != 0 || (width / 3) % self.heads != 0 {
+            candle_core::bail!("{name}: width {width} is not 3 × heads × head_dim");
+        }
+        if let Some(&(off, len)) = self.rows.last() {
+            if off + len > tokens {
+                candle_core::bail!(
+                    "{name}: rows cover {} tokens, the input has {tokens}",
+                    off + len
+                );
+            }
+        }
+        let qkv = cpu_f32(s, l, name)?;
+        let b = match bias {
+            Some((bs, bl)) => {
+                let (heads, lq, lk) = bl.shape().dims3()?;
+                let longest = self.rows.iter().map(|r| r.1).max().unwrap_or(0);
+                if heads != self.heads || lq != lk || lq < longest {
+                    candle_core::bail!(
+                        "{name}: bias {:?} does not cover {} heads × {longest}²",
+                        bl.dims(),
+                        self.heads
+                    );
+                }
+                Some((cpu_f32(bs, bl, name)?, lq))
+            }
+            None => None,
+        };
+        let out = self.forward_cpu(&qkv, b.as_ref().map(|(b, l)| (&b[..], *l)), width);
+        Ok((
+            cpu_storage(s.dtype(), out)?,
+            Shape::from((tokens, width / 3)),
+        ))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "st-tune-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s, l, None)
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward_cpu(qkv, None, g)?.0))
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "st-tune-attention-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s1, l1, Some((s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dqkv, dbias) = self.backward_cpu(qkv, Some(bias), g)?;
+        Ok((Some(dqkv), dbias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::batch::TokenBatch;
+    use crate::model::dropout::Dropout;
+    use crate::model::layers::attention_composed;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Three packed rows (5, 3 and 7 tokens), 2 heads of width 4.
+    fn setup() -> (TokenBatch, Var, Var, Tensor) {
+        let dev = Device::Cpu;
+        let rows: Vec<Vec<u32>> = [5u32, 3, 7].iter().map(|&n| (0..n).collect()).collect();
+        let rows: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
+        let batch = TokenBatch::new(&rows, &dev).unwrap();
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (15, 24), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 7), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (15, 8), &dev).unwrap();
+        (batch, qkv, bias, probe)
+    }
+
+    fn op(batch: &TokenBatch, drop: &Dropout, site: u64) -> Attention {
+        Attention {
+            heads: 2,
+            scale: 0.5,
+            rows: batch.rows().collect(),
+            masks: drop.attention_masks(site),
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_one_with_bias_and_dropout() {
+        let (batch, qkv, bias, probe) = setup();
+        let drop = Dropout::train(0.1, 0.3, 7, 3, vec![11, 12, 13]);
+        let fused = attention(
+            qkv.as_tensor(),
+            Some(bias.as_tensor()),
+            op(&batch, &drop, 4),
+        )
+        .unwrap();
+        let composed =
+            attention_composed(qkv.as_tensor(), &batch, Some(bias.as_tensor()), &drop, 4, 2)
+                .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&qkv, &bias] {
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                b.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 1e-3
+            );
+            assert!(
+                max_diff(a, b) < 1e-5,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn fused_attention_without_bias_or_dropout_matches_the_composed_one() {
+        let (batch, qkv, _, probe) = setup();
+        let drop = Dropout::off();
+        let fused = attention(qkv.as_tensor(), None, op(&batch, &drop, 1)).unwrap();
+        let composed = attention_composed(qkv.as_tensor(), &batch, None, &drop, 1, 2).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            max_diff(
+                gf.get(qkv.as_tensor()).unwrap(),
+                gc.get(qkv.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+    }
+
+    #[test]
+    fn bf16_attention_keeps_bf16_and_stays_close_to_f32() {
+        let (batch, qkv, bias, _) = setup();
+        let drop = Dropout::off();
+        let half = qkv.as_tensor().to_dtype(DType::BF16).unwrap();
+        let out = attention(&half, Some(bias.as_tensor()), op(&batch, &drop, 1)).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        let reference = attention(
+            qkv.as_tensor(),
+            Some(bias.as_tensor()),
+            op(&batch, &drop, 1),
+        )
+        .unwrap();
+        assert!(max_diff(&out, &reference) < 0.05);
+    }
+
+    #[test]
+    fn a_bias_smaller_than_the_longest_row_is_an_error() {
+        let (batch, qkv, _, _) = setup();
+        let small = Tensor::zeros((2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(attention(
+            qkv.as_tensor(),
+            Some(&small),
+            op(&batch, &Dropout::off(), 1)
+        )
+        .is_err());
+    }
+}
