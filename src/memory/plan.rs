@@ -2,9 +2,10 @@
 //! the trainable parameters and the activations each token keeps for the backward pass.
 //!
 //! The per-token counts follow what `model::layers::EncoderLayer::forward` keeps alive in the
-//! autograd graph (linear outputs and their bias sums, per-row head copies, residual sums,
-//! norm outputs, dropout masks and products, feed-forward activations) and the per-row
-//! attention tensors (scores, softmax, dropout mask and product: `heads · len²` each).
+//! autograd graph with the fused CPU kernels (`model/fused.rs`, `model/attention.rs`,
+//! `model/dropout.rs`): linear outputs, residual sums, norm outputs and dropout products, but no
+//! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
+//! Calibrated on CPU; the composed ops that other devices use keep more.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
 
 use serde::Serialize;
@@ -44,31 +45,33 @@ pub struct Estimate {
 pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let (h, i) = (p.hidden as u64, p.intermediate as u64);
     let tokens: u64 = lengths.iter().map(|&l| l as u64).sum::<u64>() * p.columns as u64;
-    let sq: u64 = lengths.iter().map(|&l| (l * l) as u64).sum::<u64>() * p.columns as u64;
+    let longest = lengths.iter().copied().max().unwrap_or(0) as u64;
     let act = p.act_bytes as u64;
-    // Per token and layer, counted from what `EncoderLayer::forward` keeps (19 hidden-wide and 2
-    // intermediate-wide tensors with the fused f32 kernels) and scaled to what the counting
-    // allocator measured at the peak of the backward pass (docs/memory.md): 27 and 3. Per row
-    // and layer: scores, softmax, dropout mask and product (+ MPNet's bias) are kept, in f32,
-    // and the backward pass adds as much again: 8 (10) tensors of heads · len².
-    let per_layer_f32 =
-        tokens * (27 * h + 3 * i) * 4 + sq * p.heads as u64 * (8 + 2 * p.relative_bias as u64) * 4;
-    // Half precision on CPU keeps most tensors in f32 too (norms, softmax, casts of both
-    // kinds): measured 7 % less than f32, not half.
-    let per_layer = if act < 4 {
-        per_layer_f32 / 100 * 93
-    } else {
-        per_layer_f32
-    };
+    // Per token and layer, in the activation type: q|k|v (3h); the attention output, its
+    // projection, dropout, residual sum and norm (5h); the feed-forward's first projection (i,
+    // GELU is recomputed); its output, dropout, residual sum and norm (4h).
+    let per_layer = tokens * (12 * h + i) * act;
+    // The embedding layer runs in f32 (gathers, sums, norm, dropout: 6h), and the backward pass
+    // of a layer needs f32 scratch (4h, calibrated against the counting allocator at the peak;
+    // docs/memory.md).
     let embed = tokens * 6 * h * 4;
-    let activations = if p.checkpointing {
-        // Every layer's input, plus one layer's activations for one text column at a time
-        // while it is recomputed.
-        tokens * h * act * (p.layers as u64 + 1) + per_layer / p.columns.max(1) as u64 + embed
+    let scratch = tokens * 4 * h * 4;
+    // MPNet's relative-position bias, (heads, L, L) f32 per text column, and its gradient.
+    let bias = if p.relative_bias {
+        2 * p.heads as u64 * longest * longest * 4 * p.columns as u64
     } else {
-        per_layer * p.layers_with_graph as u64 + embed
+        0
     };
-    let weights = p.params as u64 * 4 + if act < 4 { p.params as u64 * act } else { 0 };
+    let activations = embed + scratch + bias
+        + if p.checkpointing {
+            // Every layer's input, plus one layer's activations for one text column at a time
+            // while it is recomputed.
+            tokens * h * act * (p.layers as u64 + 1) + per_layer / p.columns.max(1) as u64
+        } else {
+            per_layer * p.layers_with_graph as u64
+        };
+    // The f32 master copy; the CPU kernels read it directly in half precision too.
+    let weights = p.params as u64 * 4;
     let optimizer = p.trainable as u64 * 8;
     // The step's accumulated gradients, and one micro-batch's being added to them.
     let gradients = p.trainable as u64 * 8;
