@@ -6,8 +6,8 @@
 # CUDA 13.0's compiler, headers and libraries come from PyPI, pinned to 13.0.* because the GPU
 # machines run driver 580 (CUDA 13.0), which refuses PTX from a newer compiler. Compute
 # capability 90 (H100/H200) is set by hand: there is no GPU here to ask.
-# candle links cudarc against libcuda, libnvrtc, libcurand, libcublas and libcublasLt: the last
-# four come from their 13.0 wheels; libcuda belongs to the driver, which a machine without a GPU
+# candle links against libcuda, libcudart, libnvrtc, libcurand, libcublas and libcublasLt: all
+# but libcuda come from their 13.0 wheels; libcuda belongs to the driver, which a machine without a GPU
 # lacks, so the link uses a stub (every driver function cudarc declares, doing nothing) with the
 # driver's soname. The binary then loads the real libraries by soname on the GPU machine.
 # Not part of CI. Usage: scripts/build-cuda.sh   (needs scripts/fetch-weights.sh first)
@@ -28,7 +28,7 @@ export CUDA_HOME=$home CUDA_PATH=$home CUDA_ROOT=$home PATH=$home/bin:$PATH CUDA
 # Link-time names (libX.so) for the wheels' versioned libraries, and the libcuda stub.
 links=$repo/target/cuda/link
 mkdir -p "$links"
-for lib in cublas cublasLt nvrtc curand; do
+for lib in cublas cublasLt nvrtc curand cudart; do
   ln -sf "$(ls "$home"/lib/lib$lib.so.* | head -n 1)" "$links/lib$lib.so"
 done
 cargo fetch --quiet

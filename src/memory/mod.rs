@@ -6,29 +6,60 @@ pub mod oom;
 pub mod plan;
 pub mod policy;
 
+use candle_core::Device;
+
 use crate::config::parse_memory_limit;
 use crate::error::Result;
 
 /// `memory.limit` resolved to bytes. On CPU the counting allocator measures use, and going
-/// over the limit raises the same OOM error a CUDA allocation failure does.
+/// over the limit raises the same OOM error a CUDA allocation failure does. On CUDA the
+/// driver's free memory does (it knows no peak, so use is read when a phase ends), besides
+/// real allocation failures.
 #[derive(Debug, Clone)]
 pub struct MemoryBudget {
     pub limit: Option<u64>,
+    /// CUDA only: the device and the bytes in use on it before the run (other processes, the
+    /// context), so that `in_use` counts this run's share.
+    cuda: Option<(Device, u64)>,
 }
 
 impl MemoryBudget {
-    /// `spec` as in `memory.limit`; a percentage is of the machine's total memory on CPU.
-    pub fn new(spec: Option<&str>) -> Result<Self> {
+    /// `spec` as in `memory.limit`; a percentage is of the total memory of the machine (CPU)
+    /// or of the device (CUDA). Without a spec: no limit on CPU, the free device memory on
+    /// CUDA.
+    pub fn new(spec: Option<&str>, device: &Device) -> Result<Self> {
+        if let Some((free, total)) = device_memory(device) {
+            let limit = match spec {
+                Some(s) => parse_memory_limit(s)?.bytes_of(total),
+                None => free,
+            };
+            return Ok(Self {
+                limit: Some(limit),
+                cuda: Some((device.clone(), total - free)),
+            });
+        }
         let limit = match spec {
             None => None,
             Some(s) => Some(parse_memory_limit(s)?.bytes_of(meminfo("MemTotal:").unwrap_or(0))),
         };
-        Ok(Self { limit })
+        Ok(Self { limit, cuda: None })
     }
 
-    /// Bytes in use now.
+    /// No limit, use counted by the allocator (benchmarks).
+    pub fn unlimited() -> Self {
+        Self {
+            limit: None,
+            cuda: None,
+        }
+    }
+
+    /// Bytes in use now by this run.
     pub fn in_use(&self) -> u64 {
-        alloc::current() as u64
+        match &self.cuda {
+            Some((device, before)) => device_memory(device)
+                .map_or(0, |(free, total)| (total - free).saturating_sub(*before)),
+            None => alloc::current() as u64,
+        }
     }
 
     /// Starts a measuring window (e.g. one micro-batch's forward pass).
@@ -36,10 +67,14 @@ impl MemoryBudget {
         alloc::reset_peak();
     }
 
-    /// Fails with an OOM if use went over the limit at any point since `mark()`.
+    /// Fails with an OOM if use went over the limit: at any point since `mark()` on CPU, now
+    /// on CUDA.
     pub fn check(&self, what: &str) -> Result<()> {
         if let Some(limit) = self.limit {
-            let peak = alloc::peak() as u64;
+            let peak = match self.cuda {
+                Some(_) => self.in_use(),
+                None => alloc::peak() as u64,
+            };
             if peak > limit {
                 return Err(oom::oom_error(format!(
                     "{what} needed {} with a limit of {}",
@@ -50,6 +85,22 @@ impl MemoryBudget {
         }
         Ok(())
     }
+}
+
+/// (free, total) bytes of a CUDA device, from the driver; None on CPU.
+#[cfg(feature = "cuda")]
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    let Device::Cuda(d) = device else {
+        return None;
+    };
+    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+/// (free, total) bytes of a CUDA device; this build has no CUDA.
+#[cfg(not(feature = "cuda"))]
+pub fn device_memory(_device: &Device) -> Option<(u64, u64)> {
+    None
 }
 
 /// MemAvailable from /proc/meminfo: what a CPU run may take without a `memory.limit`

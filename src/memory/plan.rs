@@ -62,7 +62,9 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     } else {
         0
     };
-    let activations = embed + scratch + bias
+    let activations = embed
+        + scratch
+        + bias
         + if p.checkpointing {
             // Every layer's input, plus one layer's activations for one text column at a time
             // while it is recomputed.

@@ -44,7 +44,7 @@ pub fn synthetic_pairs(rows: usize, seq: usize) -> TokenizedData {
 /// Runs two optimizer steps of `t.batch_size` rows of `seq` tokens (micro-batch as `t` says)
 /// and measures the second.
 pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Result<StepMeasure> {
-    let budget = MemoryBudget { limit: None };
+    let budget = MemoryBudget::unlimited();
     let injector = Injector::default();
     let runner = StepRunner::new(model, t, &budget, &injector)?;
     let data = synthetic_pairs(t.batch_size, seq);

@@ -144,14 +144,14 @@ pub fn plan(cfg: &Config, loaded: &Loaded) -> Result<Plan> {
         MicroBatch::Size(n) => n,
         MicroBatch::Auto => t.batch_size,
     };
-    let (budget_bytes, budget_source) = match MemoryBudget::new(cfg.memory.limit.as_deref())?.limit
-    {
+    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+    let (budget_bytes, budget_source) = match budget.limit {
         Some(b) => (
             b,
-            format!(
-                "memory.limit = {:?}",
-                cfg.memory.limit.as_deref().unwrap_or("")
-            ),
+            match &cfg.memory.limit {
+                Some(l) => format!("memory.limit = {l:?}"),
+                None => "free device memory".to_string(),
+            },
         ),
         None => (
             crate::memory::available_memory(),
@@ -190,7 +190,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let total = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     let schedule = LinearSchedule::new(t.lr, t.warmup_ratio, total);
     let mut reporter = Reporter::new(out_dir, opts.output, total)?;
-    let budget = MemoryBudget::new(cfg.memory.limit.as_deref())?;
+    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &model.device)?;
     let injector = match &opts.inject_oom {
         Some(spec) => Injector::parse(spec)?,
         None => Injector::default(),
