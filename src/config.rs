@@ -627,8 +627,9 @@ pub const KEYS: &[KeyDoc] = &[
         section: "memory",
         key: "limit",
         expects: "a size such as \"6GiB\", \"512MiB\" or \"80%\"",
-        help: "Memory budget: a size (\"6GiB\", \"512MiB\") or a share of the device (\"80%\").\n\
-               Unset: whatever the device has.",
+        help: "Memory budget: a size (\"6GiB\", \"512MiB\") or a share of the device (\"80%\":\n\
+               of the machine's memory on CPU, of the GPU's on CUDA). Going over it is handled\n\
+               like an out-of-memory error. Unset: no limit on CPU, the free GPU memory on CUDA.",
         example: Some("\"80%\""),
     },
     KeyDoc {
