@@ -20,7 +20,7 @@ pub enum Error {
     Config { key: String, msg: String },
 
     /// A data file has a bad row or header. `line` is 1-based; 0 means "the whole file".
-    #[error("{}:{line}: {msg}", file.display())]
+    #[error("{}: {msg}", location(file, *line))]
     Data {
         file: PathBuf,
         line: usize,
@@ -81,8 +81,8 @@ impl Error {
     }
 
     /// Exit codes, documented in README.md:
-    /// 1 other failure, 2 bad input (config, data, model, usage), 3 out of memory with nothing
-    /// left to try, 130 interrupted by Ctrl-C.
+    /// 1 other failure, 2 bad input (config, data, model, usage, a missing file), 3 out of
+    /// memory with nothing left to try, 130 interrupted by Ctrl-C.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config { .. }
@@ -92,7 +92,17 @@ impl Error {
             | Error::Tokenizer(_) => 2,
             Error::OutOfMemory(_) => 3,
             Error::Interrupted => 130,
+            // A file the user named that does not exist is bad input too.
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
             Error::Io { .. } | Error::Candle(_) => 1,
         }
+    }
+}
+
+/// `file:line`, or just `file` when the error concerns the whole file (line 0).
+fn location(file: &std::path::Path, line: usize) -> String {
+    match line {
+        0 => file.display().to_string(),
+        n => format!("{}:{n}", file.display()),
     }
 }

