@@ -413,17 +413,8 @@ mod tests {
     use crate::data::batch::TokenBatch;
     use crate::model::dropout::Dropout;
     use crate::model::layers::attention_composed;
+    use crate::model::testing::{grads_through, max_diff};
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Three packed rows (5, 3 and 7 tokens), 2 heads of width 4.
     fn setup() -> (TokenBatch, Var, Var, Tensor) {
@@ -460,18 +451,8 @@ mod tests {
             attention_composed(qkv.as_tensor(), &batch, Some(bias.as_tensor()), &drop, 4, 2)
                 .unwrap();
         assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads_through(&fused, &probe);
+        let gc = grads_through(&composed, &probe);
         for v in [&qkv, &bias] {
             let (a, b) = (
                 gf.get(v.as_tensor()).unwrap(),
@@ -501,18 +482,8 @@ mod tests {
         let fused = attention(qkv.as_tensor(), None, op(&batch, &drop, 1)).unwrap();
         let composed = attention_composed(qkv.as_tensor(), &batch, None, &drop, 1, 2).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads_through(&fused, &probe);
+        let gc = grads_through(&composed, &probe);
         assert!(
             max_diff(
                 gf.get(qkv.as_tensor()).unwrap(),

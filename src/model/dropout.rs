@@ -206,6 +206,7 @@ pub fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::max_diff;
     use candle_core::Var;
 
     #[test]
@@ -221,18 +222,8 @@ mod tests {
         assert!(mask.iter().any(|&m| m == 0.0) && mask.iter().any(|&m| m > 1.0));
         let mask = Tensor::from_vec(mask, (7, 6), &Device::Cpu).unwrap();
         let expected = x.as_tensor().mul(&mask).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&y, &expected) < 1e-6);
+        assert!(max_diff(&y, &expected) < 1e-6);
         let g = y.sum_all().unwrap().backward().unwrap();
-        assert!(diff(g.get(x.as_tensor()).unwrap(), &mask) < 1e-6);
+        assert!(max_diff(g.get(x.as_tensor()).unwrap(), &mask) < 1e-6);
     }
 }

@@ -314,18 +314,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 mod tests {
     use super::*;
     use crate::model::layers;
+    use crate::model::testing::{assert_same_function, max_diff as close};
     use candle_core::{Device, Var};
-
-    fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn fused_linear_matches_matmul_plus_bias_in_value_and_gradients() {
@@ -343,22 +333,7 @@ mod tests {
         .unwrap()
             * 0.5)
             .unwrap();
-        assert!(close(&a, &c) < 1e-5);
-        let ga = (&a * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&c * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            assert!(close(ga.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
-        }
+        assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
     }
 
     #[test]
@@ -377,22 +352,7 @@ mod tests {
             .unwrap()
             .broadcast_add(b.as_tensor())
             .unwrap();
-        assert!(close(&a, &c) < 1e-5);
-        let ga = (&a * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&c * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            assert!(close(ga.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
-        }
+        assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
     }
 
     #[test]
@@ -432,21 +392,6 @@ mod tests {
         let a = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         let c =
             layers::layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-        assert!(close(&a, &c) < 1e-5);
-        let ga = (&a * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&c * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            assert!(close(ga.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
-        }
+        assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
     }
 }

@@ -14,6 +14,8 @@ pub mod hub;
 pub mod layers;
 pub mod mpnet;
 pub mod pooling;
+#[cfg(test)]
+pub mod testing;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
