@@ -57,8 +57,7 @@ impl<'a> View<'a> {
     }
 }
 
-/// dst[m×n, row stride dst_rs] = (accumulate ? dst : 0) + beta · a[m×k] · b[k×n].
-#[allow(clippy::too_many_arguments)]
+/// dst[m×n, row stride dst_rs] = beta · a[m×k] · b[k×n].
 fn matmul(
     dst: &mut [f32],
     dst_rs: usize,
@@ -66,7 +65,6 @@ fn matmul(
     a: View,
     b: View,
     beta: f32,
-    accumulate: bool,
 ) {
     assert!(View::new(dst, 0, dst_rs, 1).covers(m, n) && a.covers(m, k) && b.covers(k, n));
     // SAFETY: the assert above keeps every index gemm touches inside the three slices.
@@ -78,7 +76,7 @@ fn matmul(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            accumulate,
+            false,
             a.data.as_ptr().add(a.off),
             a.cs as isize,
             a.rs as isize,
@@ -127,7 +125,7 @@ impl Attention {
         p.resize(len * len, 0.0);
         let q = View::new(qkv, off * w + hh * hd, w, 1);
         let kt = View::new(qkv, off * w + hidden + hh * hd, 1, w);
-        matmul(p, len, (len, len, hd), q, kt, self.scale, false);
+        matmul(p, len, (len, len, hd), q, kt, self.scale);
         if let Some((b, l)) = bias {
             let b = &b[hh * l * l..];
             for (i, line) in p.chunks_mut(len).enumerate() {
@@ -174,7 +172,6 @@ impl Attention {
                 View::new(&p, 0, len, 1),
                 v,
                 1.0,
-                false,
             );
         }
         out
@@ -214,19 +211,11 @@ impl Attention {
             let v = View::new(qkv, off * w + 2 * hidden + hh * hd, w, 1);
             // dv = dropped(p)ᵀ g
             let pt = View::new(dropped, 0, 1, len);
-            matmul(
-                &mut grads.dv[off * hd..],
-                hd,
-                (len, hd, len),
-                pt,
-                go,
-                1.0,
-                false,
-            );
+            matmul(&mut grads.dv[off * hd..], hd, (len, hd, len), pt, go, 1.0);
             // d dropped(p) = g vᵀ, then through the mask and the softmax.
             ds.resize(len * len, 0.0);
             let vt = View::new(qkv, v.off, 1, w);
-            matmul(&mut ds, len, (len, len, hd), go, vt, 1.0, false);
+            matmul(&mut ds, len, (len, len, hd), go, vt, 1.0);
             if self.masks.is_some() {
                 ds.iter_mut().zip(&mask).for_each(|(d, m)| *d *= m);
             }
@@ -251,7 +240,6 @@ impl Attention {
                 dsv,
                 k,
                 self.scale,
-                false,
             );
             let dst = View::new(&ds, 0, 1, len);
             matmul(
@@ -261,7 +249,6 @@ impl Attention {
                 dst,
                 q,
                 self.scale,
-                false,
             );
         }
         grads
@@ -305,6 +292,8 @@ impl Attention {
             .into_par_iter()
             .map(|hh| self.head_backward(&q32, b, &g32, hh, hidden))
             .collect();
+        // Free the f32 inputs before the output exists: this is the peak of a layer's backward.
+        drop((q32, g32, b32));
         let mut dqkv = vec![0f32; tokens * width];
         let mut dbias = Vec::with_capacity(self.heads * l * l);
         for (hh, hg) in per_head.into_iter().enumerate() {

@@ -263,18 +263,21 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Every f32 temporary here is as large as x: at most two live at once.
-        let (x, w) = (x.detach().contiguous()?, w.detach());
-        let g = (g.to_dtype(DType::F32)? * self.scale as f64)?;
-        let db = g.sum(0)?;
+        // The scale goes on the small tensors (W, dW, db), never on a copy of g; the f32
+        // temporaries as large as x or g live one or two at a time.
+        let s = self.scale as f64;
+        let (x, w) = (x.detach().contiguous()?, (w.detach() * s)?);
+        let g = g.to_dtype(DType::F32)?;
+        let db = (g.sum(0)? * s)?;
         let a = if self.gelu {
             x.apply_op1_no_bwd(&GeluF32)?
         } else {
             x.to_dtype(DType::F32)?
         };
-        let dw = g.t()?.matmul(&a)?;
+        let dw = (g.t()?.matmul(&a)? * s)?;
         drop(a);
         let dx = g.matmul(&w)?;
+        drop(g);
         let dx = if self.gelu {
             dx.apply_op2_no_bwd(&x, &GeluGradMul)?
         } else {
