@@ -568,7 +568,11 @@ mod tests {
                     unreachable!()
                 };
                 assert!(file.ends_with(name), "{shown}");
-                assert!(shown.contains(&format!("{name}:{line}: ")), "{shown}");
+                let at = match line {
+                    0 => format!("{name}: "),
+                    n => format!("{name}:{n}: "),
+                };
+                assert!(shown.contains(&at), "{shown}");
                 (line, msg)
             }
             other => panic!("expected a data error, got {other:?}"),
