@@ -1,7 +1,9 @@
-//! Mixed precision: the forward and backward passes run in f16 or bf16 while the master
-//! weights and AdamW state stay f32 (`Linear` casts each weight to the activation type, so the
-//! gradient lands on the f32 master copy). Layer norm, softmax, pooling and the loss compute in
-//! f32 whatever the setting. f16's narrow range needs dynamic loss scaling; bf16 does not.
+//! Mixed precision: activations are f16 or bf16 in the forward and backward passes while the
+//! master weights, gradients and AdamW state stay f32. On CPU the fused kernels read the f32
+//! weights directly and compute in f32, storing only their outputs in the half type; the
+//! composed ops of other devices cast each weight to the activation type, so the gradient still
+//! lands on the f32 master copy. Layer norm, softmax, pooling and the loss compute in f32
+//! whatever the setting. f16's narrow range needs dynamic loss scaling; bf16 does not.
 
 use candle_core::DType;
 
