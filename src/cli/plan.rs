@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::memory::human_bytes;
+use crate::memory::{human_bytes, MemoryBudget};
 
 /// Estimate a run's peak memory per step and the largest micro-batch that fits.
 ///
@@ -31,7 +31,8 @@ pub struct PlanArgs {
 pub fn run(a: PlanArgs) -> Result<()> {
     let cfg = Config::load(&a.config, &a.set)?;
     let loaded = crate::train::load(&cfg)?;
-    let p = crate::train::plan(&cfg, &loaded)?;
+    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+    let p = crate::train::plan(&cfg, &loaded, &budget)?;
     if a.json {
         println!("{}", serde_json::to_string(&p).expect("plain struct"));
         return Ok(());

@@ -138,12 +138,11 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// `y = scale · (a Wᵀ + b)` in one gemm call (the bias pre-loaded into the output), so the graph
-/// keeps only `y`, not the product and the sum besides. With `gelu`, `a = gelu(x)` is computed
-/// here and recomputed in the backward pass, so the feed-forward's widest activation is never
-/// kept; otherwise `a = x`.
+/// `y = a Wᵀ + b` in one gemm call (the bias pre-loaded into the output), so the graph keeps
+/// only `y`, not the product and the sum besides. With `gelu`, `a = gelu(x)` is computed here
+/// and recomputed in the backward pass, so the feed-forward's widest activation is never kept;
+/// otherwise `a = x`.
 struct LinearOp {
-    scale: f32,
     gelu: bool,
 }
 
@@ -222,7 +221,7 @@ impl CustomOp3 for LinearOp {
         let m = x.len() / k;
         let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
         for _ in 0..m {
-            out.extend(b.iter().map(|v| v * self.scale));
+            out.extend_from_slice(b);
         }
         // SAFETY: every pointer covers the extents given: x is (m, k) row-major, w is
         // (n_out, k) row-major read as its transpose, out is (m, n_out) row-major.
@@ -242,7 +241,7 @@ impl CustomOp3 for LinearOp {
                 k as isize,
                 1,
                 1.0,
-                self.scale,
+                1.0,
                 false,
                 false,
                 false,
@@ -254,7 +253,7 @@ impl CustomOp3 for LinearOp {
         Ok((cpu_storage(s1.dtype(), out)?, Shape::from(dims)))
     }
 
-    /// dW = s·gᵀ a, db = s·Σ_rows g, dx = s·g W (⊙ gelu'(x) with `gelu`).
+    /// dW = gᵀ a, db = Σ_rows g, dx = g W (⊙ gelu'(x) with `gelu`).
     fn bwd(
         &self,
         x: &Tensor,
@@ -263,18 +262,16 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The scale goes on the small tensors (W, dW, db), never on a copy of g; the f32
-        // temporaries as large as x or g live one or two at a time.
-        let s = self.scale as f64;
-        let (x, w) = (x.detach().contiguous()?, (w.detach() * s)?);
+        // The f32 temporaries as large as x or g live one or two at a time.
+        let (x, w) = (x.detach().contiguous()?, w.detach());
         let g = g.to_dtype(DType::F32)?;
-        let db = (g.sum(0)? * s)?;
+        let db = g.sum(0)?;
         let a = if self.gelu {
             x.apply_op1_no_bwd(&GeluF32)?
         } else {
             x.to_dtype(DType::F32)?
         };
-        let dw = (g.t()?.matmul(&a)? * s)?;
+        let dw = g.t()?.matmul(&a)?;
         drop(a);
         let dx = g.matmul(&w)?;
         drop(g);
@@ -287,23 +284,15 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// `scale · (x Wᵀ + b)` for a 2-D CPU `x` (f32, bf16 or f16; `w`, `b` f32), with a backward
-/// pass. The output has `x`'s type.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = LinearOp {
-        scale: scale as f32,
-        gelu: false,
-    };
-    Ok(x.contiguous()?.apply_op3(w, b, op)?)
+/// `x Wᵀ + b` for a 2-D CPU `x` (f32, bf16 or f16; `w`, `b` f32), with a backward pass. The
+/// output has `x`'s type.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(w, b, LinearOp { gelu: false })?)
 }
 
 /// `gelu(x) Wᵀ + b` for a 2-D CPU `x`, keeping only `x` and the output for the backward pass.
 pub fn gelu_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let op = LinearOp {
-        scale: 1.0,
-        gelu: true,
-    };
-    Ok(x.contiguous()?.apply_op3(w, b, op)?)
+    Ok(x.contiguous()?.apply_op3(w, b, LinearOp { gelu: true })?)
 }
 
 /// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
@@ -327,14 +316,12 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 3, &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
-        let a = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), 0.5).unwrap();
-        let c = ((x
+        let a = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let c = x
             .as_tensor()
             .matmul(&w.as_tensor().t().unwrap())
             .unwrap()
-            .broadcast_add(b.as_tensor()))
-        .unwrap()
-            * 0.5)
+            .broadcast_add(b.as_tensor())
             .unwrap();
         assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
     }
@@ -370,12 +357,12 @@ mod tests {
         );
         for dtype in [DType::BF16, DType::F16] {
             let xh = x.to_dtype(dtype).unwrap();
-            let y = linear(&xh, &w, &b, 1.0).unwrap();
+            let y = linear(&xh, &w, &b).unwrap();
             assert_eq!(y.dtype(), dtype);
             assert!(
                 close(
                     &y.to_dtype(DType::F32).unwrap(),
-                    &linear(&x, &w, &b, 1.0).unwrap()
+                    &linear(&x, &w, &b).unwrap()
                 ) < 0.05
             );
             let n = layer_norm(&xh, &nw, &nb, 1e-5).unwrap();

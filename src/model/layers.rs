@@ -34,25 +34,18 @@ impl Linear {
         })
     }
 
-    /// x: (tokens, in) -> (tokens, out).
+    /// x: (tokens, in) -> (tokens, out): the fused kernel on CPU (f32 weights), plain ops
+    /// otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_scaled(x, 1.0)
-    }
-
-    /// `scale · (x Wᵀ + b)`: the fused kernel on CPU (f32 weights), plain ops otherwise.
-    pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
         if let Some(b) = self.fused_bias(x) {
-            return fused::linear(x, &self.weight, b, scale);
+            return fused::linear(x, &self.weight, b);
         }
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = x.matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
-        if scale != 1.0 {
-            y = (y * scale)?;
-        }
-        Ok(y)
+        let y = x.matmul(&w.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            None => y,
+        })
     }
 
     /// The bias, when the fused CPU kernels apply: a 2-D CPU input, f32 weight and bias.

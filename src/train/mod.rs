@@ -130,7 +130,7 @@ pub struct Plan {
     pub largest_fitting_micro_batch: Option<usize>,
 }
 
-pub fn plan(cfg: &Config, loaded: &Loaded) -> Result<Plan> {
+pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
     let input = loaded.model.plan_input(t, loaded.data.columns)?;
     let longest = loaded
@@ -144,7 +144,6 @@ pub fn plan(cfg: &Config, loaded: &Loaded) -> Result<Plan> {
         MicroBatch::Size(n) => n,
         MicroBatch::Auto => t.batch_size,
     };
-    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
     let (budget_bytes, budget_source) = match budget.limit {
         Some(b) => (
             b,
@@ -175,7 +174,8 @@ pub fn plan(cfg: &Config, loaded: &Loaded) -> Result<Plan> {
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let loaded = load(cfg)?;
-    let planned = plan(cfg, &loaded)?;
+    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+    let planned = plan(cfg, &loaded, &budget)?;
     let Loaded {
         model,
         train_set,
@@ -190,7 +190,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let total = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     let schedule = LinearSchedule::new(t.lr, t.warmup_ratio, total);
     let mut reporter = Reporter::new(out_dir, opts.output, total)?;
-    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &model.device)?;
     let injector = match &opts.inject_oom {
         Some(spec) => Injector::parse(spec)?,
         None => Injector::default(),

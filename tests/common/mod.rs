@@ -248,14 +248,7 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
             continue;
         }
         let d = max_abs_diff(ta, &wb[name]);
-        let scale = ta
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-12);
+        let scale = max_abs(ta).max(1e-12);
         if d / scale > worst.0 {
             worst = (d / scale, name.clone());
         }
@@ -265,9 +258,12 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
 
 /// max |a − b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// max |t| over all elements.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
