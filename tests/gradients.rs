@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use st_tune::model::dropout::Dropout;
+use st_tune::model::embedding_cut::forward_cut;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
 
@@ -26,7 +27,10 @@ fn load(mpnet: bool, freeze: Freeze) -> (tempfile::TempDir, SentenceModel) {
 fn objective(m: &SentenceModel, drop: &Dropout) -> Tensor {
     let net = m.network().unwrap();
     let batch = m.batch(&TEXTS).unwrap();
-    let emb = net.forward(&batch, drop).unwrap();
+    weighted_sum(&net.forward(&batch, drop).unwrap())
+}
+
+fn weighted_sum(emb: &Tensor) -> Tensor {
     let d = emb.dim(1).unwrap();
     let w: Vec<f32> = (0..3 * d)
         .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
@@ -65,6 +69,48 @@ fn gradients_reach_every_trainable_bert_tensor() {
 #[test]
 fn gradients_reach_every_trainable_mpnet_tensor() {
     every_trainable_tensor_gets_a_gradient(true);
+}
+
+/// The training step's backward pass in two halves (encoder, then the recomputed embedding
+/// layer; `model/embedding_cut.rs`) gives the gradients of one backward pass.
+fn the_embedding_cut_changes_no_gradient(mpnet: bool) {
+    let (_dir, m) = load(mpnet, Freeze::default());
+    let drop = Dropout::train(0.1, 0.1, 42, 0, vec![0, 1, 2]);
+    let whole = objective(&m, &drop).backward().unwrap();
+    let net = m.network().unwrap();
+    let (emb, cut) = forward_cut(&net, &m.batch(&TEXTS).unwrap(), &drop).unwrap();
+    let encoder = weighted_sum(&emb).backward().unwrap();
+    let cut = cut.expect("the embeddings train");
+    let g = cut.gradient(&encoder).unwrap();
+    let embedding = cut.backward(&net, &g).unwrap();
+    let mut embedding_tensors = 0;
+    for (name, var) in &m.params.vars {
+        let two = match (encoder.get(var.as_tensor()), embedding.get(var.as_tensor())) {
+            (Some(g), None) => g.clone(),
+            (None, Some(g)) => {
+                embedding_tensors += 1;
+                g.clone()
+            }
+            other => panic!("{name}: gradient from the encoder and embedding halves: {other:?}"),
+        };
+        let one = whole.get(var.as_tensor()).unwrap();
+        let d = common::max_abs_diff(&two, one);
+        assert!(
+            d <= 1e-5 * common::max_abs(one).max(1.0),
+            "{name}: differs by {d}"
+        );
+    }
+    assert!(embedding_tensors >= 3, "the embedding tables and norm");
+}
+
+#[test]
+fn the_embedding_cut_changes_no_bert_gradient() {
+    the_embedding_cut_changes_no_gradient(false);
+}
+
+#[test]
+fn the_embedding_cut_changes_no_mpnet_gradient() {
+    the_embedding_cut_changes_no_gradient(true);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the trainable parameters and the activations each token keeps for the backward pass.
 //!
 //! The per-token counts follow what `model::layers::EncoderLayer::forward` keeps alive in the
-//! autograd graph with the fused CPU kernels (`model/fused.rs`, `model/attention.rs`,
+//! autograd graph with the CPU kernels (`model/fused.rs`, `model/norm.rs`, `model/attention.rs`,
 //! `model/dropout.rs`): linear outputs, residual sums, norm outputs and dropout products, but no
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
 //! Calibrated on CPU; the composed ops that other devices use keep more.
@@ -29,6 +29,10 @@ pub struct PlanInput {
     pub checkpointing: bool,
     /// Text columns per row (2 for pairs).
     pub columns: usize,
+    /// Rows per optimizer step: a smaller micro-batch accumulates gradients.
+    pub batch_size: usize,
+    /// Elements of the word-embedding table when it trains, else 0.
+    pub trainable_word_embeddings: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -51,14 +55,16 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // projection, dropout, residual sum and norm (5h); the feed-forward's first projection (i,
     // GELU is recomputed); its output, dropout, residual sum and norm (4h).
     let per_layer = tokens * (12 * h + i) * act;
-    // The embedding layer runs in f32 (gathers, sums, norm, dropout: 6h), and the backward pass
-    // of a layer needs f32 scratch (4h, calibrated against the counting allocator at the peak;
-    // docs/memory.md).
-    let embed = tokens * 6 * h * 4;
-    let scratch = tokens * 4 * h * 4;
-    // MPNet's relative-position bias, (heads, L, L) f32 per text column, and its gradient.
+    // The embedding layer's output: the layer itself is recomputed after the encoder's backward
+    // pass (model/embedding_cut.rs), so its gathers and norm keep nothing here.
+    let embed = tokens * h * act;
+    // The backward pass of one layer for one text column at a time holds intermediate-sized
+    // temporaries: about 14 bytes per token and intermediate unit in f32, 10 in half precision
+    // (calibrated against the counting allocator at the peak; docs/memory.md).
+    let scratch = tokens / p.columns.max(1) as u64 * i * if act == 4 { 14 } else { 10 };
+    // MPNet's relative-position bias, (heads, L, L) f32, and its gradient.
     let bias = if p.relative_bias {
-        2 * p.heads as u64 * longest * longest * 4 * p.columns as u64
+        2 * p.heads as u64 * longest * longest * 4
     } else {
         0
     };
@@ -68,16 +74,27 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
         + if p.checkpointing {
             // Every layer's input, plus one layer's activations for one text column at a time
             // while it is recomputed.
-            tokens * h * act * (p.layers as u64 + 1) + per_layer / p.columns.max(1) as u64
+            tokens * h * act * p.layers as u64 + per_layer / p.columns.max(1) as u64
         } else {
             per_layer * p.layers_with_graph as u64
         };
     // The f32 master copy; the CPU kernels read it directly in half precision too.
     let weights = p.params as u64 * 4;
     let optimizer = p.trainable as u64 * 8;
-    // The step's accumulated gradients, and one micro-batch's being added to them.
-    let gradients = p.trainable as u64 * 8;
-    let total = weights + optimizer + gradients + activations;
+    // f32 gradients; when a step adds up several backward passes (micro-batches, or the
+    // layer-by-layer passes of checkpointing), the sum so far and one pass's besides.
+    let accumulating = p.checkpointing || lengths.len() < p.batch_size;
+    let gradients = p.trainable as u64 * 4 * if accumulating { 2 } else { 1 };
+    // The embedding layer's backward pass comes after the encoder's activations are freed
+    // (model/embedding_cut.rs), but builds the table's dense gradient twice over (a zeroed
+    // table and the sum into it): the peak of small steps. (Checkpointing's doubled gradient
+    // term covers it there.)
+    let embedding_tail = if p.checkpointing {
+        0
+    } else {
+        2 * p.trainable_word_embeddings as u64 * 4
+    };
+    let total = weights + optimizer + gradients + activations.max(embedding_tail);
     Estimate {
         weights,
         optimizer,
@@ -119,6 +136,8 @@ mod tests {
             act_bytes: 4,
             checkpointing: false,
             columns: 2,
+            batch_size: 32,
+            trainable_word_embeddings: 30522 * 384,
         }
     }
 

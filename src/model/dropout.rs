@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::model::fused::{cpu_f32, cpu_storage};
+use crate::model::fused::{cpu_rows, read_row};
 
 /// Where to draw masks from; `Dropout::off()` for inference (identity, no work).
 #[derive(Debug, Clone)]
@@ -52,11 +52,8 @@ impl Dropout {
         if !self.on || self.hidden_p == 0.0 {
             return Ok(x.clone());
         }
-        let op = HiddenMask {
-            p: self.hidden_p,
-            row_keys: (0..lengths.len()).map(|r| self.row_key(r, site)).collect(),
-            lengths: lengths.to_vec(),
-        };
+        let keys = (0..lengths.len()).map(|r| self.row_key(r, site)).collect();
+        let op = HiddenMask::new(self.hidden_p, keys, lengths);
         if x.device().is_cpu() {
             return Ok(x.contiguous()?.apply_op1(op)?);
         }
@@ -134,29 +131,52 @@ impl AttentionMasks {
 }
 
 /// Dropout on packed hidden states, (tokens, hidden): the mask of row r at (i, c) is keyed by
-/// (row key, i, c), as `Dropout::fill` draws it.
+/// (row key, i, c), as `Dropout::fill` draws it. Each token's mask is drawn when needed, in
+/// the forward pass and again in the backward pass, and never stored.
 struct HiddenMask {
     p: f32,
     row_keys: Vec<u64>,
-    lengths: Vec<usize>,
+    /// Index of each row's first token in the packed batch, and the total after the last.
+    starts: Vec<usize>,
 }
 
 impl HiddenMask {
-    /// The whole mask, (tokens, width) row-major, rows drawn in parallel.
+    fn new(p: f32, row_keys: Vec<u64>, lengths: &[usize]) -> Self {
+        let mut starts = vec![0];
+        for len in lengths {
+            starts.push(starts.last().unwrap_or(&0) + len);
+        }
+        Self {
+            p,
+            row_keys,
+            starts,
+        }
+    }
+
+    fn tokens(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// Token `t`'s mask over `out.len()` features, multiplied into `out`.
+    fn apply_row(&self, t: usize, out: &mut [f32]) {
+        let row = self.starts.partition_point(|&s| s <= t) - 1;
+        let (key, i) = (self.row_keys[row], t - self.starts[row]);
+        for (c, v) in out.iter_mut().enumerate() {
+            *v *= mask_value(key, pack(&[i, c]), self.p);
+        }
+    }
+
+    /// The whole mask, (tokens, width) row-major (devices without the CPU kernel).
     fn values(&self, width: usize) -> Vec<f32> {
-        let rows: Vec<Vec<f32>> = (0..self.lengths.len())
-            .into_par_iter()
-            .map(|r| {
-                let key = self.row_keys[r];
-                (0..self.lengths[r] * width)
-                    .map(|n| mask_value(key, pack(&[n / width, n % width]), self.p))
-                    .collect()
-            })
-            .collect();
-        rows.concat()
+        let mut out = vec![1f32; self.tokens() * width];
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(t, row)| self.apply_row(t, row));
+        out
     }
 }
 
+/// `x ⊙ mask` in `x`'s type. The backward pass applies the same op to the gradient.
 impl CustomOp1 for HiddenMask {
     fn name(&self) -> &'static str {
         "st-tune-dropout"
@@ -164,19 +184,19 @@ impl CustomOp1 for HiddenMask {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (tokens, width) = l.shape().dims2()?;
-        if tokens != self.lengths.iter().sum::<usize>() {
-            candle_core::bail!("dropout: {tokens} tokens, the rows hold {:?}", self.lengths);
+        if tokens != self.tokens() {
+            candle_core::bail!("dropout: {tokens} tokens, the rows hold {}", self.tokens());
         }
-        let mut x = cpu_f32(s, l, self.name())?.into_owned();
-        x.iter_mut()
-            .zip(self.values(width))
-            .for_each(|(x, m)| *x *= m);
-        Ok((cpu_storage(s.dtype(), x)?, l.shape().clone()))
+        let out = cpu_rows(s.dtype(), tokens * width, width, |t, row| {
+            read_row(s, l, t, row)?;
+            self.apply_row(t, row);
+            Ok(())
+        })?;
+        Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let mask = Tensor::from_vec(self.values(x.dim(1)?), x.shape(), x.device())?;
-        Ok(Some(g.mul(&mask.to_dtype(g.dtype())?)?))
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 

@@ -1,4 +1,5 @@
-//! CPU kernels for layer norm and linear, as candle custom ops *with* a backward pass.
+//! CPU kernels for linear (and GELU fused into it), as candle custom ops *with* a backward
+//! pass, and the helpers every CPU kernel shares (reading and writing f32/bf16/f16 storage).
 //!
 //! The composed versions in `layers.rs` are correct on every device but keep several
 //! intermediate tensors per call alive in the autograd graph, and pass over memory as often.
@@ -10,7 +11,7 @@
 use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -51,8 +52,64 @@ pub fn cpu_storage(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage>
     })
 }
 
+/// Row `row` (of `out.len()` elements) of a contiguous CPU float tensor, as f32.
+pub fn read_row(
+    s: &CpuStorage,
+    l: &Layout,
+    row: usize,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    let Some((start, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous input")
+    };
+    let r = start + row * out.len()..start + (row + 1) * out.len();
+    match s {
+        CpuStorage::F32(v) => out.copy_from_slice(&v[r]),
+        CpuStorage::BF16(v) => v[r].convert_to_f32_slice(out),
+        CpuStorage::F16(v) => v[r].convert_to_f32_slice(out),
+        _ => candle_core::bail!("expected a float input"),
+    }
+    Ok(())
+}
+
+/// `n` elements of type `dtype`, computed `d` at a time (one row) in f32 by `f(row, buffer)`,
+/// rows in parallel: a half-precision result never exists as a full f32 copy.
+pub fn cpu_rows(
+    dtype: DType,
+    n: usize,
+    d: usize,
+    f: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<CpuStorage> {
+    fn fill<T: Copy + Send + Sync>(
+        n: usize,
+        d: usize,
+        zero: T,
+        from_f32: impl Fn(f32) -> T + Sync,
+        f: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
+    ) -> candle_core::Result<Vec<T>> {
+        let mut out = vec![zero; n];
+        out.par_chunks_mut(d).enumerate().try_for_each_init(
+            || vec![0f32; d],
+            |buf, (row, o)| {
+                f(row, buf)?;
+                o.iter_mut()
+                    .zip(buf.iter())
+                    .for_each(|(o, &v)| *o = from_f32(v));
+                Ok::<_, candle_core::Error>(())
+            },
+        )?;
+        Ok(out)
+    }
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(fill(n, d, 0f32, |v| v, f)?),
+        DType::BF16 => CpuStorage::BF16(fill(n, d, half::bf16::ZERO, half::bf16::from_f32, f)?),
+        DType::F16 => CpuStorage::F16(fill(n, d, half::f16::ZERO, half::f16::from_f32, f)?),
+        other => candle_core::bail!("expected a float type, got {other:?}"),
+    })
+}
+
 /// f32 parameters (weights and biases stay f32 whatever the activations' type).
-fn f32_slice<'a>(
+pub fn f32_params<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &'static str,
@@ -60,81 +117,6 @@ fn f32_slice<'a>(
     match cpu_f32(s, l, op)? {
         Cow::Borrowed(v) => Ok(v),
         Cow::Owned(_) => candle_core::bail!("{op}: expected f32 parameters"),
-    }
-}
-
-/// Layer norm over the last dimension: (x − mean) / sqrt(var + eps) · w + b.
-struct LayerNormOp {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "st-tune-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
-        let d = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| {
-                let mean = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + self.eps).sqrt();
-                for i in 0..d {
-                    o[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                }
-            });
-        Ok((cpu_storage(s1.dtype(), out)?, l1.shape().clone()))
-    }
-
-    /// With x̂ = (x − μ)·r and ĝ = g ⊙ w: dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)),
-    /// dw = Σ_rows g ⊙ x̂, db = Σ_rows g.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dtype = x.dtype();
-        let (x, w, g) = (
-            x.detach().to_dtype(DType::F32)?,
-            w.detach(),
-            g.to_dtype(DType::F32)?,
-        );
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let xhat = centered.broadcast_mul(&rstd)?;
-        let rows = x.elem_count() / w.elem_count();
-        let flat = |t: &Tensor| t.reshape((rows, w.elem_count()));
-        let dw = flat(&(&g * &xhat)?)?.sum(0)?;
-        let db = flat(&g)?.sum(0)?;
-        let gh = g.broadcast_mul(&w)?;
-        let m1 = gh.mean_keepdim(D::Minus1)?;
-        let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
-        let dx = gh
-            .broadcast_sub(&m1)?
-            .sub(&xhat.broadcast_mul(&m2)?)?
-            .broadcast_mul(&rstd)?
-            .to_dtype(dtype)?;
-        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -173,8 +155,24 @@ impl CustomOp1 for GeluF32 {
     }
 }
 
-/// `d ⊙ gelu'(x)` for an f32 `d`, in `x`'s type, one pass (backward helper, no graph).
+/// `d ⊙ gelu'(x)` for an f32 `d`, in `x`'s type, one pass (backward helper, no graph). Each
+/// element converts on the fly: an f32 copy of a half-precision `x` would be the widest
+/// temporary of the backward pass.
 struct GeluGradMul;
+
+/// `f(d[i], x[i])` over an f32 `d` and an `x` of any element type, stored in `x`'s type.
+fn map_f32<T: Copy + Send + Sync>(
+    d: &[f32],
+    x: &[T],
+    to_f32: impl Fn(T) -> f32 + Sync,
+    from_f32: impl Fn(f32) -> T + Sync,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Vec<T> {
+    d.par_iter()
+        .zip(x.par_iter())
+        .map(|(&d, &x)| from_f32(f(d, to_f32(x))))
+        .collect()
+}
 
 impl CustomOp2 for GeluGradMul {
     fn name(&self) -> &'static str {
@@ -188,12 +186,34 @@ impl CustomOp2 for GeluGradMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut d = cpu_f32(s1, l1, self.name())?.into_owned();
-        let x = cpu_f32(s2, l2, self.name())?;
-        d.par_iter_mut()
-            .zip(x.par_iter())
-            .for_each(|(d, &x)| *d *= gelu_grad(x));
-        Ok((cpu_storage(s2.dtype(), d)?, l2.shape().clone()))
+        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: expected contiguous inputs", self.name())
+        };
+        let CpuStorage::F32(d) = s1 else {
+            candle_core::bail!("{}: expected an f32 gradient", self.name())
+        };
+        let d = &d[a1..b1];
+        let f = |d: f32, x: f32| d * gelu_grad(x);
+        let out = match s2 {
+            CpuStorage::F32(x) => CpuStorage::F32(map_f32(d, &x[a2..b2], |v| v, |v| v, f)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(map_f32(
+                d,
+                &x[a2..b2],
+                half::bf16::to_f32,
+                half::bf16::from_f32,
+                f,
+            )),
+            CpuStorage::F16(x) => CpuStorage::F16(map_f32(
+                d,
+                &x[a2..b2],
+                half::f16::to_f32,
+                half::f16::from_f32,
+                f,
+            )),
+            _ => candle_core::bail!("{}: expected a float input", self.name()),
+        };
+        Ok((out, l2.shape().clone()))
     }
 }
 
@@ -215,8 +235,8 @@ impl CustomOp3 for LinearOp {
         if self.gelu {
             x.to_mut().par_iter_mut().for_each(|v| *v = gelu(*v));
         }
-        let w = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
+        let w = f32_params(s2, l2, self.name())?;
+        let b = f32_params(s3, l3, self.name())?;
         let (n_out, k) = (b.len(), l2.dims()[1]);
         let m = x.len() / k;
         let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
@@ -295,17 +315,9 @@ pub fn gelu_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op3(w, b, LinearOp { gelu: true })?)
 }
 
-/// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
-/// backward pass. The output has `x`'s type.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    Ok(x.apply_op3(w, b, LayerNormOp { eps: eps as f32 })?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layers;
     use crate::model::testing::{assert_same_function, max_diff as close};
     use candle_core::{Device, Var};
 
@@ -346,42 +358,31 @@ mod tests {
     }
 
     #[test]
-    fn half_precision_inputs_keep_their_type_and_stay_close_to_f32() {
+    fn half_precision_inputs_keep_their_type_and_gradients_stay_close_to_f32() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
-        let w = Tensor::randn(0f32, 0.3, (3, 8), &dev).unwrap();
-        let (b, nw, nb) = (
-            Tensor::zeros(3, DType::F32, &dev).unwrap(),
-            Tensor::ones(8, DType::F32, &dev).unwrap(),
-            Tensor::zeros(8, DType::F32, &dev).unwrap(),
-        );
-        for dtype in [DType::BF16, DType::F16] {
-            let xh = x.to_dtype(dtype).unwrap();
-            let y = linear(&xh, &w, &b).unwrap();
-            assert_eq!(y.dtype(), dtype);
-            assert!(
-                close(
-                    &y.to_dtype(DType::F32).unwrap(),
-                    &linear(&x, &w, &b).unwrap()
-                ) < 0.05
-            );
-            let n = layer_norm(&xh, &nw, &nb, 1e-5).unwrap();
-            assert_eq!(n.dtype(), dtype);
-            let n32 = layer_norm(&x, &nw, &nb, 1e-5).unwrap();
-            assert!(close(&n.to_dtype(DType::F32).unwrap(), &n32) < 0.05);
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (3, 8), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        for op in [linear, gelu_linear] {
+            // (output, d x, d w) with x in `dtype`.
+            let run = |dtype| {
+                let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                let y = op(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+                assert_eq!(y.dtype(), dtype);
+                let y = y.to_dtype(DType::F32).unwrap();
+                let g = crate::model::testing::grads_through(&y, &probe);
+                let dx = g.get(x.as_tensor()).unwrap().clone();
+                assert_eq!(dx.dtype(), dtype);
+                (y, dx, g.get(&w).unwrap().clone())
+            };
+            let full = run(DType::F32);
+            for dtype in [DType::BF16, DType::F16] {
+                let half = run(dtype);
+                assert!(close(&half.0, &full.0) < 0.05, "{dtype:?} output");
+                assert!(close(&half.1, &full.1) < 0.05, "{dtype:?} d x");
+                assert!(close(&half.2, &full.2) < 0.05, "{dtype:?} d w");
+            }
         }
-    }
-
-    #[test]
-    fn fused_layer_norm_matches_the_composed_one_in_value_and_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (5, 8), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 8, &dev).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
-        let a = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-        let c =
-            layers::layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-        assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
     }
 }

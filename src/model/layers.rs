@@ -1,7 +1,7 @@
 //! Building blocks shared by the BERT and MPNet encoders, written for training: every op here
 //! records a backward pass. candle-nn's fused `layer_norm` and `softmax_last_dim` record none, so
 //! gradients would silently stop at them; this file composes the same maths from plain ops, and
-//! uses the kernels of `fused.rs` and `attention.rs` (which have a backward) on CPU.
+//! uses the kernels of `fused.rs`, `norm.rs` and `attention.rs` (which have a backward) on CPU.
 
 use candle_core::{DType, Tensor, D};
 
@@ -9,8 +9,8 @@ use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::attention::{self, Attention};
 use crate::model::dropout::Dropout;
-use crate::model::fused;
 use crate::model::weights::Weights;
+use crate::model::{fused, norm};
 
 /// `y = x Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if x.device().is_cpu() {
-            fused::layer_norm(x, &self.weight, &self.bias, self.eps)?
+            norm::layer_norm(x, &self.weight, &self.bias, self.eps)?
         } else {
             layer_norm_composed(x, &self.weight, &self.bias, self.eps)?
         };

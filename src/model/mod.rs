@@ -8,11 +8,13 @@
 pub mod attention;
 pub mod bert;
 pub mod dropout;
+pub mod embedding_cut;
 pub mod folder;
 pub mod fused;
 pub mod hub;
 pub mod layers;
 pub mod mpnet;
+pub mod norm;
 pub mod pooling;
 #[cfg(test)]
 pub mod testing;
@@ -105,7 +107,16 @@ impl Encoder {
 
     /// Token embeddings, (tokens, hidden), rows packed as in `batch`.
     pub fn forward(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
-        let mut x = self.embed(batch, drop, dtype)?;
+        self.forward_layers(self.embed(batch, drop, dtype)?, batch, drop)
+    }
+
+    /// Every encoder layer over the embedding layer's output `x`.
+    pub fn forward_layers(
+        &self,
+        mut x: Tensor,
+        batch: &TokenBatch,
+        drop: &Dropout,
+    ) -> Result<Tensor> {
         let bias = self.attention_bias(batch)?;
         for (i, layer) in self.layers().iter().enumerate() {
             x = layer.forward(&x, batch, bias.as_ref(), drop, Self::layer_site(i))?;
@@ -326,6 +337,12 @@ impl SentenceModel {
             },
             checkpointing: t.gradient_checkpointing,
             columns,
+            batch_size: t.batch_size,
+            trainable_word_embeddings: self
+                .params
+                .vars
+                .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
+                .map_or(0, |v| v.elem_count()),
         })
     }
 

@@ -24,6 +24,7 @@ use crate::memory::oom::{is_oom, Injector, Phase};
 use crate::memory::policy::{Action, Event, MemState};
 use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::dropout::Dropout;
+use crate::model::embedding_cut::{forward_cut, EmbeddingCut};
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::Grads;
 use crate::train::precision::{self, LossScaler};
@@ -189,31 +190,60 @@ impl<'a> StepRunner<'a> {
         }
     }
 
-    fn dropout(&self, rows: &[usize], column: usize, step: u64) -> Dropout {
-        let ids = rows
-            .iter()
-            .map(|&r| (r as u64) << 2 | column as u64)
-            .collect();
-        Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, ids)
-    }
-
-    /// Column `c` of `rows`, packed, on the model's device.
-    fn batch(&self, data: &TokenizedData, rows: &[usize], c: usize) -> Result<TokenBatch> {
+    /// Column `c` of `rows`, packed, on the model's device, and its dropout: masks keyed by each
+    /// row's (data row, column), whatever batch it sits in.
+    fn column(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        c: usize,
+        step: u64,
+    ) -> Result<(TokenBatch, Dropout)> {
         let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
-        TokenBatch::new(&ids, &self.model.device)
+        let keys = rows.iter().map(|&r| (r as u64) << 2 | c as u64).collect();
+        let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
+        Ok((TokenBatch::new(&ids, &self.model.device)?, drop))
     }
 
-    /// Embeddings of every text column of `rows`, through `net`.
+    /// Embeddings of every text column of `rows`, through `net`, and the embedding-layer cuts
+    /// to finish their backward pass with (see `model/embedding_cut.rs`). Columns go through
+    /// the encoder one at a time: the backward pass then holds one column's temporaries at
+    /// a time, not both.
     fn embed(
         &self,
         net: &Network,
         data: &TokenizedData,
         rows: &[usize],
         step: u64,
-    ) -> Result<Vec<Tensor>> {
-        (0..data.columns)
-            .map(|c| net.forward(&self.batch(data, rows, c)?, &self.dropout(rows, c, step)))
-            .collect()
+    ) -> Result<(Vec<Tensor>, Vec<EmbeddingCut>)> {
+        let (mut cols, mut cuts) = (Vec::new(), Vec::new());
+        for c in 0..data.columns {
+            let (batch, drop) = self.column(data, rows, c, step)?;
+            let (emb, cut) = forward_cut(net, &batch, &drop)?;
+            cols.push(emb);
+            cuts.extend(cut);
+        }
+        Ok((cols, cuts))
+    }
+
+    /// Accumulates the gradients of the encoder's backward pass `store`, then, with the
+    /// encoder's graph gone (the caller dropped it), those of the embedding layer.
+    fn finish_backward(
+        &self,
+        grads: &mut Grads,
+        store: GradStore,
+        cuts: Vec<EmbeddingCut>,
+    ) -> Result<()> {
+        self.accumulate(grads, &store)?;
+        let reached = cuts
+            .iter()
+            .map(|cut| cut.gradient(&store))
+            .collect::<Result<Vec<_>>>()?;
+        drop(store);
+        for (cut, g) in cuts.into_iter().zip(reached) {
+            self.accumulate(grads, &cut.backward(&self.train_net, &g)?)?;
+        }
+        Ok(())
     }
 
     fn scores(&self, data: &TokenizedData, rows: &[usize]) -> Result<Option<Tensor>> {
@@ -236,22 +266,24 @@ impl<'a> StepRunner<'a> {
         step: u64,
         grads: &mut Grads,
     ) -> Result<f32, Failed> {
-        let loss = in_phase(Phase::Forward, || {
+        let (loss, cuts) = in_phase(Phase::Forward, || {
             self.budget.mark();
             self.injector.check(step, Phase::Forward)?;
-            let cols = self.embed(&self.train_net, data, rows, step)?;
+            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
             let scores = self.scores(data, rows)?;
             let weight = rows.len() as f64 / batch_len as f64;
             let loss = (losses::compute(self.loss, self.scale, &cols, scores.as_ref())? * weight)?;
             self.budget.check("forward pass")?;
-            Ok(loss)
+            Ok((loss, cuts))
         })?;
         in_phase(Phase::Backward, || {
             self.injector.check(step, Phase::Backward)?;
             let store = (&loss * self.loss_scale)?.backward()?;
+            let value = loss.to_scalar::<f32>()?;
+            drop(loss); // frees the encoder's activations before the embedding layer's pass
+            self.finish_backward(grads, store, cuts)?;
             self.budget.check("backward pass")?;
-            self.accumulate(grads, &store)?;
-            Ok(loss.to_scalar::<f32>()?)
+            Ok(value)
         })
     }
 
@@ -280,8 +312,7 @@ impl<'a> StepRunner<'a> {
                 let mut cols = Vec::with_capacity(data.columns);
                 let mut kept = Vec::with_capacity(data.columns);
                 for c in 0..data.columns {
-                    let batch = self.batch(data, chunk, c)?;
-                    let drop = self.dropout(chunk, c, step);
+                    let (batch, drop) = self.column(data, chunk, c, step)?;
                     if self.checkpointing {
                         let (emb, inputs) = forward_checkpoints(&self.embed_net, &batch, &drop)?;
                         cols.push(emb);
@@ -326,6 +357,10 @@ impl<'a> StepRunner<'a> {
             })
             .collect::<Result<_>>()?;
         drop(store);
+        let cached = Cached {
+            emb_grads,
+            checkpoints: ckpts,
+        };
         // 3. Push the cached gradients back through the network, chunk by chunk.
         let mut grads = Grads::new();
         let mut pos = 0;
@@ -335,15 +370,7 @@ impl<'a> StepRunner<'a> {
                 self.budget.mark();
                 self.injector.check(step, Phase::Backward)?;
                 let mut part = Grads::new();
-                self.backward_chunk(
-                    data,
-                    &rows[pos..pos + m],
-                    pos,
-                    step,
-                    &emb_grads,
-                    &ckpts,
-                    &mut part,
-                )?;
+                self.backward_chunk(data, &rows[pos..pos + m], pos, step, &cached, &mut part)?;
                 self.budget.check("backward pass")?;
                 Ok(part)
             });
@@ -371,22 +398,23 @@ impl<'a> StepRunner<'a> {
         rows: &[usize],
         pos: usize,
         step: u64,
-        emb_grads: &[Tensor],
-        ckpts: &[Vec<Vec<Tensor>>],
+        cached: &Cached,
         grads: &mut Grads,
     ) -> Result<()> {
-        let m = rows.len();
+        let (m, emb_grads, ckpts) = (rows.len(), &cached.emb_grads, &cached.checkpoints);
         if !self.checkpointing {
-            let cols = self.embed(&self.train_net, data, rows, step)?;
+            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
             let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
             for (e, g) in cols.iter().zip(emb_grads) {
                 surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
             }
-            return self.accumulate(grads, &surrogate.backward()?);
+            drop(cols);
+            let store = surrogate.backward()?;
+            drop(surrogate);
+            return self.finish_backward(grads, store, cuts);
         }
         for (c, g) in emb_grads.iter().enumerate() {
-            let batch = self.batch(data, rows, c)?;
-            let drop = self.dropout(rows, c, step);
+            let (batch, drop) = self.column(data, rows, c, step)?;
             let layers = ckpts[c][pos].len();
             let inputs = (0..layers)
                 .map(|l| {
@@ -416,6 +444,13 @@ impl<'a> StepRunner<'a> {
         }
         Ok(())
     }
+}
+
+/// What the cached scheme's first passes leave for its last: d loss / d embeddings per column,
+/// (batch, dim), and with checkpointing every row's layer inputs, `[column][row][layer]`.
+struct Cached {
+    emb_grads: Vec<Tensor>,
+    checkpoints: Vec<Vec<Vec<Tensor>>>,
 }
 
 /// Splits packed per-layer tensors into per-row views: `[row][layer]`.

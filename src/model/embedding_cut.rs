@@ -1,0 +1,75 @@
+//! Training forward pass with the graph cut at the embedding layer's output.
+//!
+//! candle keeps every activation of a graph alive until its backward pass returns, and the
+//! last and largest gradients of that pass are the embedding tables' (vocab × hidden, dense).
+//! Cutting the graph there lets the encoder's activations go first: the encoder's backward
+//! pass stops at the cut, and [`EmbeddingCut::backward`] then recomputes the embedding layer
+//! (a gather, a layer norm and dropout with the same mask) and back-propagates through it
+//! alone. Same gradients, at the cost of one more embedding-layer forward pass.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::data::batch::TokenBatch;
+use crate::error::{Error, Result};
+use crate::model::dropout::Dropout;
+use crate::model::Network;
+
+/// What the second half of the backward pass needs: the cut point and the batch to recompute
+/// the embedding layer from.
+pub struct EmbeddingCut {
+    leaf: Var,
+    batch: TokenBatch,
+    drop: Dropout,
+}
+
+/// Sentence embeddings, (batch, dim), and the cut to finish the backward pass with; None when
+/// the embedding layer does not train (frozen), so there is nothing to cut.
+pub fn forward_cut(
+    net: &Network,
+    batch: &TokenBatch,
+    drop: &Dropout,
+) -> Result<(Tensor, Option<EmbeddingCut>)> {
+    let (x0, cut) = embedding_leaf(net, batch, drop)?;
+    let tokens = net.encoder.forward_layers(x0, batch, drop)?;
+    Ok((net.head(&tokens, batch)?, cut))
+}
+
+/// The embedding layer's output: a fresh leaf when it has a graph (which is dropped here), or
+/// the plain tensor of a frozen embedding layer (then frozen layers above build no graph).
+fn embedding_leaf(
+    net: &Network,
+    batch: &TokenBatch,
+    drop: &Dropout,
+) -> Result<(Tensor, Option<EmbeddingCut>)> {
+    let x0 = net.encoder.embed(batch, drop, net.dtype)?;
+    if !x0.track_op() {
+        return Ok((x0, None));
+    }
+    let leaf = Var::from_tensor(&x0.detach())?;
+    let cut = EmbeddingCut {
+        leaf: leaf.clone(),
+        batch: batch.clone(),
+        drop: drop.clone(),
+    };
+    Ok((leaf.as_tensor().clone(), Some(cut)))
+}
+
+impl EmbeddingCut {
+    /// The gradient that reached the cut, from the encoder's backward pass `store`. Drop the
+    /// encoder's graph (the loss) before calling [`Self::backward`] with it.
+    pub fn gradient(&self, store: &GradStore) -> Result<Tensor> {
+        store
+            .get(self.leaf.as_tensor())
+            .cloned()
+            .ok_or_else(|| Error::Usage("no gradient reached the embedding layer".into()))
+    }
+
+    /// Recomputes the embedding layer with a graph and back-propagates `grad` through it:
+    /// the gradients of the embedding tables and their layer norm.
+    pub fn backward(self, net: &Network, grad: &Tensor) -> Result<GradStore> {
+        let x0 = net.encoder.embed(&self.batch, &self.drop, net.dtype)?;
+        let surrogate = (x0.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
+        Ok(surrogate.backward()?)
+    }
+}

@@ -1,0 +1,218 @@
+//! Layer norm as a CPU kernel with its own backward pass, row by row.
+//!
+//! Each row is read into a small f32 buffer, normalised, and written back in the input's type,
+//! so neither pass makes a full-size f32 copy of a half-precision input. The backward pass
+//! recomputes the row's mean and deviation instead of keeping them, and sums the weight and
+//! bias gradients per block of rows.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::model::fused::{cpu_rows, f32_params, read_row};
+
+/// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
+/// backward pass. The output has `x`'s type.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(x.apply_op3(w, b, LayerNormOp { eps: eps as f32 })?)
+}
+
+/// Layer norm over the last dimension: (x − mean) / sqrt(var + eps) · w + b.
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// x̂ = (x − μ)·r in place; returns r = 1 / sqrt(var + eps).
+fn normalise(x: &mut [f32], eps: f32) -> f32 {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let rstd = 1.0 / (var + eps).sqrt();
+    x.iter_mut().for_each(|v| *v = (*v - mean) * rstd);
+    rstd
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "st-tune-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = f32_params(s2, l2, self.name())?;
+        let b = f32_params(s3, l3, self.name())?;
+        let out = cpu_rows(s1.dtype(), l1.shape().elem_count(), w.len(), |row, o| {
+            read_row(s1, l1, row, o)?;
+            normalise(o, self.eps);
+            for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
+                *o = *o * w + b;
+            }
+            Ok(())
+        })?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.contiguous()?);
+        let grad = |part| LayerNormGrad {
+            eps: self.eps,
+            part,
+        };
+        let dx = x.apply_op3_no_bwd(&w, &g, &grad(Part::Input))?;
+        let params = x.apply_op3_no_bwd(&w, &g, &grad(Part::Params))?;
+        Ok((Some(dx), Some(params.get(0)?), Some(params.get(1)?)))
+    }
+}
+
+/// Which gradient of layer norm to compute from (x, w, g).
+#[derive(Clone, Copy)]
+enum Part {
+    /// dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) with ĝ = g ⊙ w, in x's type.
+    Input,
+    /// (2, d) f32: dw = Σ_rows g ⊙ x̂ and db = Σ_rows g.
+    Params,
+}
+
+struct LayerNormGrad {
+    eps: f32,
+    part: Part,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "st-tune-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = f32_params(s2, l2, self.name())?;
+        let d = w.len();
+        let rows = l1.shape().elem_count() / d;
+        match self.part {
+            Part::Input => {
+                let out = cpu_rows(s1.dtype(), rows * d, d, |row, dx| {
+                    let mut g = vec![0f32; d];
+                    read_row(s1, l1, row, dx)?;
+                    read_row(s3, l3, row, &mut g)?;
+                    let rstd = normalise(dx, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for i in 0..d {
+                        g[i] *= w[i];
+                        m1 += g[i];
+                        m2 += g[i] * dx[i];
+                    }
+                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    for i in 0..d {
+                        dx[i] = rstd * (g[i] - m1 - dx[i] * m2);
+                    }
+                    Ok(())
+                })?;
+                Ok((out, l1.shape().clone()))
+            }
+            Part::Params => {
+                let sums = (0..rows)
+                    .into_par_iter()
+                    .try_fold(
+                        || (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]),
+                        |(mut acc, mut xh, mut g), row| {
+                            read_row(s1, l1, row, &mut xh)?;
+                            read_row(s3, l3, row, &mut g)?;
+                            normalise(&mut xh, self.eps);
+                            let (dw, db) = acc.split_at_mut(d);
+                            for i in 0..d {
+                                dw[i] += g[i] * xh[i];
+                                db[i] += g[i];
+                            }
+                            Ok::<_, candle_core::Error>((acc, xh, g))
+                        },
+                    )
+                    .map(|r| r.map(|(acc, _, _)| acc))
+                    .try_reduce(
+                        || vec![0f32; 2 * d],
+                        |mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                            Ok(a)
+                        },
+                    )?;
+                Ok((CpuStorage::F32(sums), Shape::from((2, d))))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers;
+    use crate::model::testing::{assert_same_function, max_diff};
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_one_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (5, 8), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 8, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let a = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let c =
+            layers::layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn half_precision_inputs_keep_their_type_and_stay_close_to_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0.5f32, 2.0, (7, 16), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 16, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (7, 16), &dev).unwrap();
+        let y32 = layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let grads = |x: &Var| {
+            let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            assert_eq!(y.dtype(), x.dtype());
+            assert!(max_diff(&y, &y32) < 0.05, "output {:?}", x.dtype());
+            let p = probe.to_dtype(y.dtype()).unwrap();
+            let s = (y.to_dtype(DType::F32).unwrap() * p.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gx = s.get(x.as_tensor()).unwrap().clone();
+            (gx, s.get(&w).unwrap().clone(), s.get(&b).unwrap().clone())
+        };
+        let full = grads(&Var::from_tensor(&x).unwrap());
+        for dtype in [DType::BF16, DType::F16] {
+            let half = grads(&Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+            assert_eq!(half.0.dtype(), dtype);
+            assert_eq!(half.1.dtype(), DType::F32);
+            assert!(max_diff(&half.0, &full.0) < 0.05, "dx {:?}", dtype);
+            assert!(max_diff(&half.1, &full.1) < 0.1, "dw {:?}", dtype);
+            assert!(max_diff(&half.2, &full.2) < 0.05, "db {:?}", dtype);
+        }
+    }
+}
