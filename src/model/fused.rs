@@ -108,7 +108,8 @@ pub fn cpu_rows(
     })
 }
 
-/// f32 parameters (weights and biases stay f32 whatever the activations' type).
+/// A contiguous f32 CPU tensor as a slice: parameters (f32 whatever the activations' type), or an
+/// f32 gradient.
 pub fn f32_params<'a>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -155,24 +156,10 @@ impl CustomOp1 for GeluF32 {
     }
 }
 
-/// `d ⊙ gelu'(x)` for an f32 `d`, in `x`'s type, one pass (backward helper, no graph). Each
-/// element converts on the fly: an f32 copy of a half-precision `x` would be the widest
+/// `d ⊙ gelu'(x)` for an f32 `d`, in `x`'s type, one pass (backward helper, no graph). Rows
+/// of `x` convert on the fly: an f32 copy of a half-precision `x` would be the widest
 /// temporary of the backward pass.
 struct GeluGradMul;
-
-/// `f(d[i], x[i])` over an f32 `d` and an `x` of any element type, stored in `x`'s type.
-fn map_f32<T: Copy + Send + Sync>(
-    d: &[f32],
-    x: &[T],
-    to_f32: impl Fn(T) -> f32 + Sync,
-    from_f32: impl Fn(f32) -> T + Sync,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) -> Vec<T> {
-    d.par_iter()
-        .zip(x.par_iter())
-        .map(|(&d, &x)| from_f32(f(d, to_f32(x))))
-        .collect()
-}
 
 impl CustomOp2 for GeluGradMul {
     fn name(&self) -> &'static str {
@@ -186,33 +173,16 @@ impl CustomOp2 for GeluGradMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: expected contiguous inputs", self.name())
-        };
-        let CpuStorage::F32(d) = s1 else {
-            candle_core::bail!("{}: expected an f32 gradient", self.name())
-        };
-        let d = &d[a1..b1];
-        let f = |d: f32, x: f32| d * gelu_grad(x);
-        let out = match s2 {
-            CpuStorage::F32(x) => CpuStorage::F32(map_f32(d, &x[a2..b2], |v| v, |v| v, f)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(map_f32(
-                d,
-                &x[a2..b2],
-                half::bf16::to_f32,
-                half::bf16::from_f32,
-                f,
-            )),
-            CpuStorage::F16(x) => CpuStorage::F16(map_f32(
-                d,
-                &x[a2..b2],
-                half::f16::to_f32,
-                half::f16::from_f32,
-                f,
-            )),
-            _ => candle_core::bail!("{}: expected a float input", self.name()),
-        };
+        let d = f32_params(s1, l1, self.name())?;
+        let width = l2.dims().last().copied().unwrap_or(1);
+        let out = cpu_rows(s2.dtype(), l2.shape().elem_count(), width, |row, x| {
+            read_row(s2, l2, row, x)?;
+            let d = &d[row * width..(row + 1) * width];
+            x.iter_mut()
+                .zip(d)
+                .for_each(|(x, d)| *x = d * gelu_grad(*x));
+            Ok(())
+        })?;
         Ok((out, l2.shape().clone()))
     }
 }
