@@ -109,7 +109,10 @@ pub struct TrainSection {
     /// Similarity scale (1 / temperature) of mnrl and cosent.
     pub scale: f64,
     pub precision: Precision,
-    pub freeze_embeddings: bool,
+    /// `None`: frozen when `freeze_layers > 0`. Read it through
+    /// [`TrainSection::freezes_embeddings`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_embeddings: Option<bool>,
     pub freeze_layers: usize,
     pub gradient_checkpointing: bool,
 }
@@ -131,7 +134,7 @@ impl Default for TrainSection {
             log_steps: 10,
             scale: 20.0,
             precision: Precision::F32,
-            freeze_embeddings: false,
+            freeze_embeddings: None,
             freeze_layers: 0,
             gradient_checkpointing: false,
         }
@@ -139,6 +142,12 @@ impl Default for TrainSection {
 }
 
 impl TrainSection {
+    /// Whether the embedding layer trains: frozen with the layers above it unless the user
+    /// says otherwise (training it would keep every frozen layer's activations).
+    pub fn freezes_embeddings(&self) -> bool {
+        self.freeze_embeddings.unwrap_or(self.freeze_layers > 0)
+    }
+
     /// The micro-batch setting with its default filled in: the whole batch in one pass.
     pub fn micro_batch(&self) -> MicroBatch {
         self.micro_batch_size
@@ -176,6 +185,10 @@ pub struct OutputSection {
     pub dir: PathBuf,
     /// Keep the checkpoint with the best dev score (else the last one).
     pub save_best: bool,
+    /// Save a resumable checkpoint every N optimizer steps; 0: only on interrupt.
+    pub checkpoint_steps: usize,
+    /// Newest checkpoints kept.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for OutputSection {
@@ -183,6 +196,10 @@ impl Default for OutputSection {
         OutputSection {
             dir: PathBuf::from("output/run"),
             save_best: true,
+            // As the Hugging Face Trainer's save_steps: a few minutes of lost work at most on
+            // a GPU, and a MiniLM checkpoint (weights and AdamW moments) writes in under a second.
+            checkpoint_steps: 500,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -602,16 +619,20 @@ pub const KEYS: &[KeyDoc] = &[
         section: "train",
         key: "freeze_embeddings",
         expects: BOOL,
-        help: "Do not train the embedding layer (saves its gradients and optimizer state).",
-        example: None,
+        help: "Do not train the embedding layer (saves its gradients and optimizer state).\n\
+               Unset: frozen when freeze_layers > 0, trained otherwise. With freeze_layers > 0\n\
+               and freeze_embeddings = false, the frozen layers must keep their activations for\n\
+               the embeddings' gradient, so freezing then saves little memory (docs/memory.md).",
+        example: Some("false"),
     },
     KeyDoc {
         section: "train",
         key: "freeze_layers",
         expects: NON_NEGATIVE_INT,
         help: "Do not train the first N transformer layers (for MPNet also the relative-position\n\
-               bias every layer shares). With freeze_embeddings too, the frozen part runs\n\
-               without an autograd graph and keeps no activations.",
+               bias every layer shares); at most the model's layer count. The embeddings\n\
+               freeze with them (see freeze_embeddings): the frozen part then runs without an\n\
+               autograd graph and keeps no activations.",
         example: None,
     },
     KeyDoc {
@@ -666,7 +687,45 @@ pub const KEYS: &[KeyDoc] = &[
                (output.dir/final always holds the last one).",
         example: None,
     },
+    KeyDoc {
+        section: "output",
+        key: "checkpoint_steps",
+        expects: NON_NEGATIVE_INT,
+        help: "Save a checkpoint (weights, optimizer and memory-policy state) to\n\
+               output.dir/checkpoints/step-N every N optimizer steps and at the end, so that\n\
+               `st-tune train --resume` continues a killed run exactly; 0 turns it off\n\
+               (Ctrl-C and SIGTERM still save one).",
+        example: None,
+    },
+    KeyDoc {
+        section: "output",
+        key: "keep_checkpoints",
+        expects: POSITIVE_INT,
+        help: "How many of the newest checkpoints to keep; older ones are deleted.",
+        example: None,
+    },
 ];
+
+/// Keys that do not change a run's result (logging, evaluation, where and how often it saves,
+/// the memory budget: the OOM handler keeps the loss exact under any budget). A resumed run may
+/// change these; any other difference from the checkpoint's config is refused.
+const RESULT_NEUTRAL: &[&str] = &[
+    "model.device",
+    "data.dev",
+    "train.eval_steps",
+    "train.log_steps",
+    "memory.limit",
+    "memory.regrow_after",
+    "output.dir",
+    "output.save_best",
+    "output.checkpoint_steps",
+    "output.keep_checkpoints",
+];
+
+/// Whether a different value of `key` ("section.key") gives a different trained model.
+pub fn changes_result(key: &str) -> bool {
+    !RESULT_NEUTRAL.contains(&key)
+}
 
 /// Names users bring from sentence-transformers / Hugging Face, mapped to ours.
 const ALIASES: &[(&str, &str)] = &[
@@ -846,6 +905,13 @@ impl Config {
             return Err(Error::config(
                 "memory.escalate",
                 "lists both \"bf16\" and \"f16\"; keep the one your device supports",
+            ));
+        }
+        if o.keep_checkpoints == 0 {
+            return Err(Error::config(
+                "output.keep_checkpoints",
+                "must be at least 1 (the newest checkpoint is what --resume continues from); \
+                 set output.checkpoint_steps = 0 to save none",
             ));
         }
         if o.dir.as_os_str().is_empty() {
@@ -1129,6 +1195,15 @@ mod tests {
 
     fn valid() -> Config {
         parse("[model]\npath = \"m\"\n[data]\ntrain = \"t.csv\"\n", &[]).unwrap()
+    }
+
+    #[test]
+    fn every_result_neutral_key_is_a_documented_key() {
+        for key in RESULT_NEUTRAL {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(key_doc(section, name).is_some(), "{key}");
+        }
+        assert!(changes_result("train.lr") && !changes_result("train.log_steps"));
     }
 
     #[test]

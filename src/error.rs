@@ -39,9 +39,18 @@ pub enum Error {
     #[error("out of memory: {0}")]
     OutOfMemory(String),
 
-    /// The user pressed Ctrl-C; what was trained so far has been saved.
-    #[error("interrupted")]
-    Interrupted,
+    /// A checkpoint folder cannot be trusted or used (damaged, incomplete, another model,
+    /// another format, another config).
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    /// Ctrl-C (SIGINT) or SIGTERM: a checkpoint was saved, `--resume` continues.
+    #[error("interrupted by {}: a checkpoint was saved; run the same command with --resume to continue", signal_name(*signal))]
+    Interrupted { signal: i32 },
+
+    /// A broken internal invariant: a bug in st-tune, not bad input.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -80,21 +89,30 @@ impl Error {
         }
     }
 
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
     /// Exit codes, documented in README.md:
-    /// 1 other failure, 2 bad input (config, data, model, usage, a missing file), 3 out of
-    /// memory with nothing left to try, 130 interrupted by Ctrl-C.
+    /// 1 other failure (and internal errors), 2 bad input (config, data, model, checkpoint,
+    /// usage, a missing file), 3 out of memory with nothing left to try, 128 + the signal when
+    /// interrupted (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config { .. }
             | Error::Data { .. }
             | Error::Model { .. }
+            | Error::Checkpoint { .. }
             | Error::Usage(_)
             | Error::Tokenizer(_) => 2,
             Error::OutOfMemory(_) => 3,
-            Error::Interrupted => 130,
+            Error::Interrupted { signal } => 128 + signal,
             // A file the user named that does not exist is bad input too.
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
-            Error::Io { .. } | Error::Candle(_) => 1,
+            Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => 1,
         }
     }
 }
@@ -104,5 +122,13 @@ fn location(file: &std::path::Path, line: usize) -> String {
     match line {
         0 => file.display().to_string(),
         n => format!("{}:{n}", file.display()),
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        2 => "Ctrl-C (SIGINT)".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
     }
 }

@@ -5,6 +5,7 @@
 //! `data` (readers, tokenization, batching), `losses`, `train` (the loop, optimizer,
 //! evaluation), `memory` (budget, OOM recognition and the backoff policy) and `cli`.
 
+pub mod atomic;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -107,7 +107,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             t.precision = precision;
             t.gradient_checkpointing = ckpt;
             t.freeze_layers = freeze_layers;
-            t.freeze_embeddings = freeze_layers > 0;
+            t.freeze_embeddings = Some(freeze_layers > 0);
             t.micro_batch_size = Some(MicroBatch::Size(t.batch_size));
             let freeze = Freeze {
                 embeddings: freeze_layers > 0,

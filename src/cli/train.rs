@@ -1,7 +1,8 @@
 //! `st-tune train`: config file + `--set` overrides -> `train::train` -> summary.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 
@@ -15,7 +16,9 @@ use crate::train::{train, RunOptions};
 ///
 /// The config holds everything a run needs (`st-tune config --defaults` prints every key with
 /// its default and meaning). The output folder gets `final/` and `best/` (sentence-transformers
-/// folders), `metrics.jsonl` and `events.jsonl`. Ctrl-C stops after the current step and saves.
+/// folders), `metrics.jsonl`, `events.jsonl` and `checkpoints/` (every
+/// `output.checkpoint_steps` steps). Ctrl-C or SIGTERM stops after the current step, saves a
+/// checkpoint and exits with 130 or 143; `--resume` then continues exactly where it stopped.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// The run's TOML config file.
@@ -30,6 +33,11 @@ pub struct TrainArgs {
     /// Print progress and the summary as JSON lines (for scripts and sweeps).
     #[arg(long)]
     pub json: bool,
+    /// Continue from the newest checkpoint in the output folder (same steps, data order and
+    /// dropout as if never stopped); with none there yet, start from the beginning, so a job
+    /// script can always pass it.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -44,16 +52,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         output: if a.json { Output::Json } else { Output::Human },
         inject_oom: std::env::var(Injector::ENV).ok(),
+        resume: a.resume,
         ..Default::default()
     };
-    let flag = opts.interrupt.clone();
-    // A second Ctrl-C falls through to the default handler and kills the process.
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step and saving (Ctrl-C again to quit now)");
-    });
+    watch_signals(opts.interrupt.clone());
     let s = train(&cfg, &opts)?;
     if a.json {
         println!("{}", serde_json::json!({"event": "summary", "data": s}));
@@ -77,8 +79,31 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "out-of-memory events recovered: {}; micro-batch at the end: {}",
         s.ooms_recovered, s.final_micro_batch_size
     );
+    if let Some(step) = s.resumed_from {
+        println!("resumed after step {step}");
+    }
     println!("model saved to {}", s.output_dir.join("final").display());
     Ok(())
+}
+
+/// SIGINT and SIGTERM ask the loop to stop after the current step (it saves a checkpoint); a
+/// second one quits at once.
+fn watch_signals(flag: Arc<AtomicI32>) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // No handler: the default action (exit) stays, nothing is lost but the step.
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if flag.swap(signal, Ordering::SeqCst) != 0 {
+                std::process::exit(128 + signal);
+            }
+            eprintln!(
+                "\nstopping after this step and saving a checkpoint (again to quit now; \
+                 --resume continues)"
+            );
+        }
+    });
 }
 
 fn toml_string(s: &str) -> String {

@@ -36,7 +36,7 @@ pub fn compute(
 }
 
 fn need(scores: Option<&Tensor>) -> Result<&Tensor> {
-    scores.ok_or_else(|| Error::Usage("this loss needs a score column".into()))
+    scores.ok_or_else(|| Error::Internal("this loss needs a score column".into()))
 }
 
 /// Whether the loss couples the rows of a batch (and so needs the cached scheme to be exact

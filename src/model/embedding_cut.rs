@@ -62,7 +62,7 @@ impl EmbeddingCut {
         store
             .get(self.leaf.as_tensor())
             .cloned()
-            .ok_or_else(|| Error::Usage("no gradient reached the embedding layer".into()))
+            .ok_or_else(|| Error::Internal("no gradient reached the embedding layer".into()))
     }
 
     /// Recomputes the embedding layer with a graph and back-propagates `grad` through it:

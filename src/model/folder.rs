@@ -73,6 +73,23 @@ pub struct FolderSpec {
     pub assumed_pooling: bool,
 }
 
+impl FolderSpec {
+    /// The most tokens a text can have: the position table's size (MPNet/RoBERTa positions
+    /// start after the padding index, so two fewer).
+    pub fn position_limit(&self) -> usize {
+        let max_pos = self
+            .config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .unwrap_or(512) as usize;
+        if self.model_type == "mpnet" {
+            max_pos.saturating_sub(2)
+        } else {
+            max_pos
+        }
+    }
+}
+
 fn read_json(path: &Path) -> Result<Value> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
@@ -227,11 +244,19 @@ impl FolderSpec {
             }
         }
         let st = self.root.join("config_sentence_transformers.json");
-        let st_cfg = if st.exists() {
+        let mut st_cfg = if st.exists() {
             read_json(&st)?
         } else {
             json!({"prompts": {}, "default_prompt_name": null, "similarity_fn_name": "cosine"})
         };
+        // Who wrote this folder: st-tune, not the base model's sentence-transformers version
+        // (Python only compares `__version__.sentence_transformers`, so leaving it out is safe).
+        if let Some(obj) = st_cfg.as_object_mut() {
+            obj.insert(
+                "__version__".into(),
+                json!({"st_tune": env!("CARGO_PKG_VERSION")}),
+            );
+        }
         write("config_sentence_transformers.json", pretty(&st_cfg))?;
         write("README.md", card.to_string())
     }
@@ -246,19 +271,4 @@ fn default_modules() -> Vec<ModuleEntry> {
         kind: kind.into(),
     };
     vec![entry(0, "", TRANSFORMER), entry(1, "1_Pooling", POOLING)]
-}
-
-/// Replaces `target` with the folder `staged` as atomically as the file system allows:
-/// the old folder is moved aside first and deleted only once the new one is in place.
-pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
-    let old = target.with_extension("old-st-tune");
-    if target.exists() {
-        let _ = fs::remove_dir_all(&old);
-        fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
-    }
-    fs::rename(staged, target).map_err(|e| Error::io(target, e))?;
-    if old.exists() {
-        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
 }

@@ -316,7 +316,7 @@ impl SentenceModel {
         let (hidden, intermediate, heads, relative_bias) = net.encoder.shape();
         let layers = net.encoder.num_layers();
         // A frozen bottom runs without a graph only when nothing below it trains.
-        let layers_with_graph = if t.freeze_embeddings {
+        let layers_with_graph = if t.freezes_embeddings() {
             layers.saturating_sub(t.freeze_layers)
         } else {
             layers
@@ -353,16 +353,9 @@ impl SentenceModel {
 
     /// Writes a sentence-transformers folder at `dir`, atomically (built beside it, then renamed).
     pub fn save(&self, dir: &Path, card: &str) -> Result<()> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = crate::atomic::parent(dir);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let staged = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let staged = crate::atomic::sibling(dir, "tmp");
         let _ = std::fs::remove_dir_all(&staged);
         std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
         self.spec.write(&staged, card)?;
@@ -384,7 +377,7 @@ impl SentenceModel {
             safetensors::serialize_to_file(&tensors, Some(meta), &path)
                 .map_err(|e| Error::model(&path, format!("cannot write weights: {e}")))?;
         }
-        folder::replace_dir(&staged, dir)
+        crate::atomic::replace_dir(&staged, dir)
     }
 }
 

@@ -133,11 +133,14 @@ impl CustomOp3 for LayerNormGrad {
                 Ok((out, l1.shape().clone()))
             }
             Part::Params => {
-                let sums = (0..rows)
+                // Fixed blocks of rows summed in block order: the same sums, bit for bit,
+                // whatever the thread count or scheduling (a rayon reduce is not).
+                let blocks = (0..rows.div_ceil(ROWS_PER_BLOCK))
                     .into_par_iter()
-                    .try_fold(
-                        || (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]),
-                        |(mut acc, mut xh, mut g), row| {
+                    .map(|b| {
+                        let (mut acc, mut xh, mut g) =
+                            (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]);
+                        for row in b * ROWS_PER_BLOCK..((b + 1) * ROWS_PER_BLOCK).min(rows) {
                             read_row(s1, l1, row, &mut xh)?;
                             read_row(s3, l3, row, &mut g)?;
                             normalise(&mut xh, self.eps);
@@ -146,22 +149,22 @@ impl CustomOp3 for LayerNormGrad {
                                 dw[i] += g[i] * xh[i];
                                 db[i] += g[i];
                             }
-                            Ok::<_, candle_core::Error>((acc, xh, g))
-                        },
-                    )
-                    .map(|r| r.map(|(acc, _, _)| acc))
-                    .try_reduce(
-                        || vec![0f32; 2 * d],
-                        |mut a, b| {
-                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                            Ok(a)
-                        },
-                    )?;
+                        }
+                        Ok::<_, candle_core::Error>(acc)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let mut sums = vec![0f32; 2 * d];
+                for block in blocks {
+                    sums.iter_mut().zip(&block).for_each(|(a, b)| *a += b);
+                }
                 Ok((CpuStorage::F32(sums), Shape::from((2, d))))
             }
         }
     }
 }
+
+/// Rows per partial sum of the weight and bias gradients.
+const ROWS_PER_BLOCK: usize = 64;
 
 #[cfg(test)]
 mod tests {

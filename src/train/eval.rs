@@ -2,13 +2,13 @@
 //! of the two embeddings and the gold score, as sentence-transformers'
 //! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::model::SentenceModel;
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Correlation {
     pub spearman: f64,
     pub pearson: f64,

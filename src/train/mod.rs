@@ -4,6 +4,7 @@
 //! micro-batches (`step.rs`, which survives OOM); clip; AdamW update (retried on OOM without
 //! recomputing gradients); memory policy bookkeeping (regrow); log; evaluate and save the best.
 
+pub mod checkpoint;
 pub mod eval;
 pub mod measure;
 pub mod optim;
@@ -14,7 +15,7 @@ pub mod schedule;
 pub mod step;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,7 @@ use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use eval::{evaluate, Correlation};
 use optim::{clip_grad_norm, AdamW};
+use checkpoint::Progress;
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
@@ -43,18 +45,22 @@ use step::{OomEvent, StepRunner, TokenizedData};
 #[derive(Clone)]
 pub struct RunOptions {
     pub output: Output,
-    /// Set by the Ctrl-C handler; the loop stops after the current step and saves.
-    pub interrupt: Arc<AtomicBool>,
+    /// The number of the signal (SIGINT, SIGTERM) that asked the run to stop, 0 while none
+    /// has: the loop then saves a checkpoint after the current step and returns.
+    pub interrupt: Arc<AtomicI32>,
     /// OOMs to inject, as `ST_TUNE_INJECT_OOM` takes them (the CLI passes that variable on).
     pub inject_oom: Option<String>,
+    /// Continue from the newest checkpoint in `output.dir` (`train --resume`).
+    pub resume: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
             output: Output::Quiet,
-            interrupt: Arc::new(AtomicBool::new(false)),
+            interrupt: Arc::new(AtomicI32::new(0)),
             inject_oom: None,
+            resume: false,
         }
     }
 }
@@ -63,6 +69,8 @@ impl Default for RunOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub steps: usize,
+    /// The checkpoint step this run continued from (`--resume`), if any.
+    pub resumed_from: Option<usize>,
     pub dev_before: Option<Correlation>,
     pub dev_after: Option<Correlation>,
     pub best_spearman: Option<f64>,
@@ -91,11 +99,32 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
     cfg.validate()?;
     let device = crate::device::parse(&cfg.model.device)?;
     let freeze = Freeze {
-        embeddings: cfg.train.freeze_embeddings,
+        embeddings: cfg.train.freezes_embeddings(),
         layers: cfg.train.freeze_layers,
     };
     let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
+    let layers = model.num_layers()?;
+    if cfg.train.freeze_layers > layers {
+        return Err(Error::config(
+            "train.freeze_layers",
+            format!(
+                "is {}, but {} has {layers} layers; use at most {layers} (with {layers} \
+                 nothing but the pooling would train)",
+                cfg.train.freeze_layers, cfg.model.path
+            ),
+        ));
+    }
     if let Some(max) = cfg.model.max_seq_length {
+        let limit = model.spec.position_limit();
+        if max > limit {
+            return Err(Error::config(
+                "model.max_seq_length",
+                format!(
+                    "is {max}, but {} has positions for {limit} tokens; use at most {limit}",
+                    cfg.model.path
+                ),
+            ));
+        }
         model.set_max_seq_length(max)?;
     }
     let train_set = read_dataset(
@@ -173,9 +202,21 @@ pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    let out_dir = &cfg.output.dir;
+    // Decided before anything is written, so a refused run leaves the folder as it was.
+    let resume = checkpoint_to_resume(cfg, opts.resume)?;
     let loaded = load(cfg)?;
     let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
     let planned = plan(cfg, &loaded, &budget)?;
+    let restored = match &resume {
+        Resume::From { path, fallback } => Some(restore(
+            path,
+            fallback.as_deref(),
+            cfg,
+            &loaded.model,
+        )?),
+        _ => None,
+    };
     let Loaded {
         model,
         train_set,
@@ -184,15 +225,37 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     } = loaded;
     let t = &cfg.train;
 
-    let out_dir = &cfg.output.dir;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let steps_per_epoch = train_set.len().div_ceil(t.batch_size);
     let total = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     let schedule = LinearSchedule::new(t.lr, t.warmup_ratio, total);
-    let mut reporter = Reporter::new(out_dir, opts.output, total)?;
+    let start = restored.as_ref().map_or(0, |r| r.progress.step);
+    let mut reporter = Reporter::new(
+        out_dir,
+        opts.output,
+        total,
+        restored.as_ref().map(|r| r.progress.step),
+    )?;
+    if let Resume::NothingYet = resume {
+        reporter.message(&format!(
+            "--resume: no checkpoint in {} yet, starting from the beginning",
+            checkpoint::folder(out_dir).display()
+        ));
+    }
+    if t.freeze_layers > 0 && t.freeze_embeddings == Some(false) {
+        reporter.message(
+            "warning: train.freeze_embeddings = false with train.freeze_layers > 0: the \
+             embeddings' gradient flows back through the frozen layers, so they keep their \
+             activations and freezing saves little memory",
+        );
+    }
     let injector = match &opts.inject_oom {
         Some(spec) => Injector::parse(spec)?,
         None => Injector::default(),
+    };
+    let max_micro = match t.micro_batch() {
+        MicroBatch::Size(n) => n,
+        MicroBatch::Auto => t.batch_size,
     };
     let micro = match t.micro_batch() {
         MicroBatch::Size(n) => n,
@@ -200,8 +263,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         MicroBatch::Auto => planned.largest_fitting_micro_batch.unwrap_or(1),
     };
     // A repeated run starts from the micro-batch the last one ended with, if that was smaller.
-    let micro = match RunState::read(&cfg.output.dir) {
-        Some(s) if s.max_micro == micro && s.micro < micro => {
+    let micro = match RunState::read(out_dir)? {
+        Some(s) if restored.is_none() && s.max_micro == micro && s.micro < micro => {
             reporter.message(&format!(
                 "starting at micro-batch {} (the last run in this folder ended there)",
                 s.micro
@@ -210,19 +273,48 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
         _ => micro,
     };
-    let mut mem = MemState::new(micro, cfg.memory.regrow_after);
-    mem.max_micro = match t.micro_batch() {
-        MicroBatch::Size(n) => n,
-        MicroBatch::Auto => t.batch_size,
+    let mut progress = Progress {
+        step: 0,
+        scaler: LossScaler::new(t.precision),
+        mem: MemState {
+            max_micro,
+            ..MemState::new(micro, cfg.memory.regrow_after)
+        },
+        best: None,
+        dev_before: None,
     };
-    let mut scaler = LossScaler::new(t.precision);
+    let mut optimizer = AdamW::new(t.weight_decay);
     let mut runner = StepRunner::new(&model, t, &budget, &injector)?;
     let mut levers = Levers {
         precision: t.precision,
         checkpointing: t.gradient_checkpointing,
         max_seq_length: model.tokenizer.max_seq_length,
     };
-    let mut optimizer = AdamW::new(t.weight_decay);
+    let dev_eval = |m: &SentenceModel| {
+        dev_set
+            .as_ref()
+            .map(|d| evaluate(m, d, EVAL_BATCH))
+            .transpose()
+    };
+    match restored {
+        Some(r) => {
+            // The levers the OOM handler had pulled, in the order it pulled them.
+            for lever in &cfg.memory.escalate[..r.progress.mem.escalated] {
+                levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
+            }
+            optimizer.restore(r.adam_step, r.moments);
+            progress = r.progress;
+            reporter.resumed(start, &r.path);
+            reporter.start_at(start);
+        }
+        None => {
+            progress.dev_before = dev_eval(&model)?;
+            if let Some(c) = &progress.dev_before {
+                reporter.eval(0, "before", c);
+            }
+            progress.best = progress.dev_before.map(|c| c.spearman);
+        }
+    }
     reporter.message(&format!(
         "training {} ({} trainable parameters) on {} rows of {}: {} steps of {} rows, micro-batch {}",
         cfg.model.path,
@@ -231,20 +323,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         cfg.data.train.display(),
         total,
         t.batch_size,
-        micro
+        progress.mem.micro
     ));
-
-    let dev_eval = |m: &SentenceModel| {
-        dev_set
-            .as_ref()
-            .map(|d| evaluate(m, d, EVAL_BATCH))
-            .transpose()
-    };
-    let dev_before = dev_eval(&model)?;
-    if let Some(c) = &dev_before {
-        reporter.eval(0, "before", c);
-    }
-    let mut best = dev_before.map(|c| c.spearman);
 
     let lengths: Vec<usize> = data
         .tokens
@@ -254,14 +334,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut order = Vec::new();
     let mut events: Vec<OomEvent> = Vec::new();
     let (mut last_loss, mut samples, mut window_start) = (0f32, 0usize, Instant::now());
+    let mut rows_trained = 0usize;
     let started = Instant::now();
     alloc::reset_peak();
     let mut peak_memory = 0u64;
 
-    for step in 0..total {
+    for step in start..total {
         let epoch = step / steps_per_epoch;
         let in_epoch = step % steps_per_epoch;
-        if in_epoch == 0 {
+        // The order is a function of (seed, epoch): a resumed run rebuilds it mid-epoch.
+        if in_epoch == 0 || step == start {
             order = epoch_order(
                 &lengths,
                 t.batch_size,
@@ -276,9 +358,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let rows =
             &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
         let lr = schedule.lr(step);
+        let mem = &mut progress.mem;
+        let scaler = &mut progress.scaler;
+        runner.loss_scale = scaler.scale;
 
         let mut out = loop {
-            let grads = runner.gradients(&data, rows, step as u64, &mut mem, &mut events);
+            let grads = runner.gradients(&data, rows, step as u64, mem, &mut events);
             for e in events.drain(..) {
                 reporter.oom(&e);
             }
@@ -287,14 +372,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 Err(e @ Error::OutOfMemory(_)) => match mem.escalate(&cfg.memory.escalate) {
                     // Pull the next allowed lever and retry the same step from scratch.
                     Some(lever) => {
-                        levers.pull(
-                            lever,
-                            &mut runner,
-                            &mut scaler,
-                            &mut data,
-                            &model,
-                            &train_set,
-                        )?;
+                        levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
+                        if lever == "f16" {
+                            *scaler = LossScaler::new(Precision::F16);
+                            runner.loss_scale = scaler.scale;
+                        }
                         reporter.escalated(step + 1, lever);
                     }
                     None => {
@@ -312,6 +394,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 Err(e) => return Err(e),
             }
         };
+        checkpoint::crash_point("step", step + 1);
         // f16: unscale, and skip the update if a gradient overflowed (the scale halves).
         if scaler.unscale(&mut out.grads)? {
             clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
@@ -323,25 +406,23 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 step as u64,
                 &injector,
                 &budget,
-                &mut mem,
+                mem,
                 &mut reporter,
             )?;
         } else {
             reporter.skipped(step + 1, scaler.scale);
         }
-        runner.loss_scale = scaler.scale;
         drop(out.grads);
         if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
-            reporter.message(&format!(
-                "step {step}: {} clean steps, trying micro-batch {micro}",
-                cfg.memory.regrow_after
-            ));
+            reporter.regrew(step + 1, micro);
         }
 
         peak_memory = peak_memory.max(alloc::peak() as u64);
         last_loss = out.loss;
         samples += rows.len();
+        rows_trained += rows.len();
         let done = step + 1;
+        progress.step = done;
         let log_now = done % t.log_steps.max(1) == 0 || done == total;
         let secs = window_start.elapsed().as_secs_f64();
         reporter.step(
@@ -351,7 +432,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 loss: out.loss,
                 lr,
                 samples_per_s: samples as f64 / secs.max(1e-9),
-                micro_batch_size: mem.micro,
+                micro_batch_size: progress.mem.micro,
                 memory_in_use: budget.in_use(),
             },
             log_now,
@@ -361,10 +442,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             window_start = Instant::now();
         }
         if t.eval_steps > 0 && done % t.eval_steps == 0 && done < total {
+            checkpoint::crash_point("eval", done);
             if let Some(c) = dev_eval(&model)? {
                 reporter.eval(done, "periodic", &c);
-                if cfg.output.save_best && best.is_none_or(|b| c.spearman > b) {
-                    best = Some(c.spearman);
+                if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman > b) {
+                    progress.best = Some(c.spearman);
                     save(
                         &model,
                         &out_dir.join("best"),
@@ -375,17 +457,32 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 }
             }
         }
-        if opts.interrupt.load(Ordering::SeqCst) {
+        let signal = opts.interrupt.load(Ordering::SeqCst);
+        let every = cfg.output.checkpoint_steps;
+        if signal != 0 || (every > 0 && (done % every == 0 || done == total)) {
+            let path = checkpoint::save(
+                out_dir,
+                cfg.output.keep_checkpoints,
+                &progress,
+                cfg,
+                &model.params.vars,
+                &optimizer,
+            )?;
+            reporter.checkpoint(done, &path);
+        }
+        if signal != 0 {
+            reporter.interrupted(done, signal);
             reporter.finish();
+            let status = format!("interrupted by signal {signal}");
             save_final(
                 &model,
                 cfg,
                 done,
-                "interrupted by Ctrl-C",
-                mem.micro,
-                mem.max_micro,
+                &status,
+                progress.mem.micro,
+                progress.mem.max_micro,
             )?;
-            return Err(Error::Interrupted);
+            return Err(Error::Interrupted { signal });
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();
@@ -394,8 +491,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let dev_after = dev_eval(&model)?;
     if let Some(c) = &dev_after {
         reporter.eval(total, "after", c);
-        if cfg.output.save_best && best.is_none_or(|b| c.spearman >= b) {
-            best = Some(c.spearman);
+        if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman >= b) {
+            progress.best = Some(c.spearman);
             save(
                 &model,
                 &out_dir.join("best"),
@@ -405,21 +502,108 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             )?;
         }
     }
+    let mem = &progress.mem;
     save_final(&model, cfg, total, "finished", mem.micro, mem.max_micro)?;
-    let rows_seen = (total * t.batch_size).min(total.div_ceil(steps_per_epoch) * train_set.len());
     Ok(Summary {
         steps: total,
-        dev_before,
+        resumed_from: (start > 0).then_some(start),
+        dev_before: progress.dev_before,
         dev_after,
-        best_spearman: best,
+        best_spearman: progress.best,
         train_seconds,
-        samples_per_s: rows_seen as f64 / train_seconds.max(1e-9),
+        samples_per_s: rows_trained as f64 / train_seconds.max(1e-9),
         final_loss: last_loss,
         ooms_recovered: mem.recovered,
         final_micro_batch_size: mem.micro,
         peak_memory,
         output_dir: out_dir.clone(),
     })
+}
+
+/// Where a run starts: from scratch, or from a checkpoint (and the one before it, offered
+/// if this one turns out damaged).
+enum Resume {
+    Fresh,
+    /// `--resume` with no checkpoint yet: from scratch, said so.
+    NothingYet,
+    From {
+        path: PathBuf,
+        fallback: Option<PathBuf>,
+    },
+}
+
+fn checkpoint_to_resume(cfg: &Config, resume: bool) -> Result<Resume> {
+    let mut found = checkpoint::list(&cfg.output.dir)?;
+    let newest = found.pop();
+    match (resume, newest) {
+        (false, None) => Ok(Resume::Fresh),
+        (true, None) => Ok(Resume::NothingYet),
+        (true, Some((_, path))) => Ok(Resume::From {
+            path,
+            fallback: found.pop().map(|(_, p)| p),
+        }),
+        (false, Some(_)) => Err(Error::Usage(format!(
+            "{} already holds checkpoints of a run, the newest {}. Run the same command with \
+             --resume to continue it, or choose another output.dir (--output DIR) to start \
+             afresh; st-tune does not overwrite them",
+            cfg.output.dir.display(),
+            checkpoint::describe_newest(&cfg.output.dir)?.unwrap_or_default()
+        ))),
+    }
+}
+
+/// Reads the checkpoint at `path`, checks it belongs to this run (same result-changing config,
+/// same trainable tensors) and loads its weights into `model`.
+fn restore(
+    path: &Path,
+    fallback: Option<&Path>,
+    cfg: &Config,
+    model: &SentenceModel,
+) -> Result<checkpoint::Restored> {
+    let r = checkpoint::load(path, fallback, &model.device)?;
+    let differences = checkpoint::config_differences(&r.config, cfg);
+    if !differences.is_empty() {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "was saved by a run with another config, and resuming would not give the same \
+                 model: {}. Resume with the checkpoint's values, or start afresh in another \
+                 output.dir",
+                differences.join("; ")
+            ),
+        ));
+    }
+    let weights_file = path.join("weights.safetensors");
+    let vars = &model.params.vars;
+    for (name, var) in vars {
+        let Some(t) = r.weights.get(name) else {
+            return Err(Error::checkpoint(
+                &weights_file,
+                format!("has no tensor `{name}`: it was saved from another model"),
+            ));
+        };
+        if t.dims() != var.dims() {
+            return Err(Error::checkpoint(
+                &weights_file,
+                format!(
+                    "holds `{name}` with shape {:?}, the model's is {:?}: it was saved from \
+                     another model",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+    }
+    if let Some(extra) = r.weights.keys().find(|n| !vars.contains_key(*n)) {
+        return Err(Error::checkpoint(
+            &weights_file,
+            format!("holds `{extra}`, which this model does not train: it was saved from another model or with other train.freeze_* settings"),
+        ));
+    }
+    for (name, var) in vars {
+        var.set(&r.weights[name])?;
+    }
+    Ok(r)
 }
 
 /// The AdamW update, retried on OOM: tensors already updated are not updated twice.
@@ -490,11 +674,12 @@ struct Levers {
 }
 
 impl Levers {
+    /// Pulls `lever` (a `memory.escalate` value). Pulling "f16" also needs a fresh loss
+    /// scaler, which the caller owns.
     fn pull(
         &mut self,
         lever: &str,
         runner: &mut StepRunner,
-        scaler: &mut LossScaler,
         data: &mut TokenizedData,
         model: &SentenceModel,
         set: &Dataset,
@@ -502,11 +687,7 @@ impl Levers {
         match lever {
             "gradient_checkpointing" => self.checkpointing = true,
             "bf16" => self.precision = Precision::Bf16,
-            "f16" => {
-                self.precision = Precision::F16;
-                *scaler = LossScaler::new(Precision::F16);
-                runner.loss_scale = scaler.scale;
-            }
+            "f16" => self.precision = Precision::F16,
             "max_seq_length" => {
                 self.max_seq_length = (self.max_seq_length / 2).max(8);
                 let mut tok = model.tokenizer.clone();
@@ -514,10 +695,9 @@ impl Levers {
                 *data = tokenize(&tok, set)?;
             }
             other => {
-                return Err(Error::config(
-                    "memory.escalate",
-                    format!("unknown lever `{other}`"),
-                ))
+                return Err(Error::Internal(format!(
+                    "memory.escalate lever `{other}` passed validation"
+                )))
             }
         }
         runner.set_levers(self.precision, self.checkpointing)

@@ -112,6 +112,17 @@ impl AdamW {
         done.clear();
         Ok(())
     }
+
+    /// First and second moments by tensor name (what a checkpoint saves).
+    pub fn moments(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
+        &self.state
+    }
+
+    /// Continues from a checkpoint: `t` updates done, with these moments.
+    pub fn restore(&mut self, t: u64, moments: BTreeMap<String, (Tensor, Tensor)>) {
+        self.t = t;
+        self.state = moments;
+    }
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {

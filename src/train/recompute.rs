@@ -89,6 +89,6 @@ fn backward_step(
         .backward()?;
     sink(&store)?;
     store.get(input.as_tensor()).cloned().ok_or_else(|| {
-        Error::Usage("gradient checkpointing: no gradient reached a layer input".into())
+        Error::Internal("gradient checkpointing: no gradient reached a layer input".into())
     })
 }

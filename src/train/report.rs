@@ -1,6 +1,11 @@
 //! One stream of run events to three places: `metrics.jsonl` (every logged step and every
-//! evaluation), `events.jsonl` (every OOM), and the terminal: a progress bar on a TTY, plain
+//! evaluation), `events.jsonl` (what happened to the run: each line has `"event"` — `oom`,
+//! `escalate`, `regrow`, `skipped_step`, `checkpoint`, `resume`, `interrupted` — and `"step"`,
+//! the 1-based optimizer step it concerns), and the terminal: a progress bar on a TTY, plain
 //! lines otherwise, or JSON lines with `--json` (for scripts and sweeps).
+//!
+//! A resumed run appends to both files after dropping the lines of steps the checkpoint does
+//! not hold (they are run again), so no step appears twice.
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -44,14 +49,45 @@ pub struct Reporter {
     events: BufWriter<File>,
 }
 
-fn create(path: &Path) -> Result<BufWriter<File>> {
-    Ok(BufWriter::new(
-        File::create(path).map_err(|e| Error::io(path, e))?,
-    ))
+/// Opens `path` for appending; with `keep_until` set, first drops the lines whose `"step"` is
+/// after it (atomically), else starts the file empty.
+fn open(path: &Path, keep_until: Option<usize>) -> Result<BufWriter<File>> {
+    let file = match keep_until {
+        None => File::create(path).map_err(|e| Error::io(path, e))?,
+        Some(step) => {
+            let old = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            let kept: String = old
+                .lines()
+                .filter(|l| {
+                    // A line cut short by a kill is dropped too.
+                    serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                        v["step"].as_u64().is_none_or(|s| s as usize <= step)
+                    })
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::atomic::write_file(path, kept.as_bytes())?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?
+        }
+    };
+    Ok(BufWriter::new(file))
 }
 
 impl Reporter {
-    pub fn new(dir: &Path, output: Output, total_steps: usize) -> Result<Self> {
+    /// `resumed_at`: the step of the checkpoint a resumed run continues from.
+    pub fn new(
+        dir: &Path,
+        output: Output,
+        total_steps: usize,
+        resumed_at: Option<usize>,
+    ) -> Result<Self> {
         let bar = (output == Output::Human && std::io::stdout().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps as u64);
             bar.set_style(
@@ -64,8 +100,8 @@ impl Reporter {
         Ok(Self {
             output,
             bar,
-            metrics: create(&dir.join("metrics.jsonl"))?,
-            events: create(&dir.join("events.jsonl"))?,
+            metrics: open(&dir.join("metrics.jsonl"), resumed_at)?,
+            events: open(&dir.join("events.jsonl"), resumed_at)?,
         })
     }
 
@@ -122,42 +158,82 @@ impl Reporter {
         }
     }
 
+    /// One line of events.jsonl (and of stdout with `--json`).
+    fn event(&mut self, event: &str, step: usize, mut fields: serde_json::Value) {
+        fields["event"] = event.into();
+        fields["step"] = step.into();
+        Self::line(&mut self.events, &fields);
+        if self.output == Output::Json {
+            println!("{fields}");
+        }
+    }
+
     pub fn oom(&mut self, e: &OomEvent) {
-        let v = json!({"event": "oom", "data": e});
-        Self::line(&mut self.events, &v["data"]);
-        match self.output {
-            Output::Json => println!("{v}"),
-            Output::Human => self.message(&format!(
+        let fields = serde_json::to_value(e).expect("plain struct");
+        // The runner counts steps from 0 (as ST_TUNE_INJECT_OOM does); the files from 1.
+        self.event("oom", e.step as usize + 1, fields);
+        if self.output == Output::Human {
+            self.message(&format!(
                 "out of memory at step {} ({:?}): micro-batch {} -> {}, retrying the same rows",
-                e.step, e.phase, e.micro_before, e.micro_after
-            )),
-            Output::Quiet => {}
+                e.step + 1,
+                e.phase,
+                e.micro_before,
+                e.micro_after
+            ));
         }
     }
 
     /// Micro-batch 1 did not fit: a `memory.escalate` lever was pulled.
     pub fn escalated(&mut self, step: usize, lever: &str) {
-        let v = json!({"event": "escalate", "step": step, "lever": lever});
-        Self::line(&mut self.events, &v);
-        match self.output {
-            Output::Json => println!("{v}"),
-            Output::Human => self.message(&format!(
+        self.event("escalate", step, json!({ "lever": lever }));
+        if self.output == Output::Human {
+            self.message(&format!(
                 "step {step}: even one row per pass ran out of memory; switching on {lever} (memory.escalate)"
-            )),
-            Output::Quiet => {}
+            ));
+        }
+    }
+
+    /// Enough clean steps: the next step tries a larger micro-batch.
+    pub fn regrew(&mut self, step: usize, micro: usize) {
+        self.event("regrow", step, json!({ "micro_after": micro }));
+        if self.output == Output::Human {
+            self.message(&format!("step {step}: trying micro-batch {micro} again"));
         }
     }
 
     /// An f16 step whose gradients overflowed: no update, smaller loss scale.
     pub fn skipped(&mut self, step: usize, new_scale: f64) {
-        let v = json!({"event": "skipped_step", "step": step, "loss_scale": new_scale});
-        Self::line(&mut self.events, &v);
-        match self.output {
-            Output::Json => println!("{v}"),
-            Output::Human => self.message(&format!(
+        self.event("skipped_step", step, json!({ "loss_scale": new_scale }));
+        if self.output == Output::Human {
+            self.message(&format!(
                 "step {step}: f16 gradient overflow, update skipped; loss scale now {new_scale}"
-            )),
-            Output::Quiet => {}
+            ));
+        }
+    }
+
+    pub fn checkpoint(&mut self, step: usize, path: &Path) {
+        self.event("checkpoint", step, json!({ "path": path }));
+    }
+
+    pub fn resumed(&mut self, step: usize, path: &Path) {
+        self.event("resume", step, json!({ "from": path }));
+        if self.output == Output::Human {
+            self.message(&format!(
+                "resuming after step {step} from {}",
+                path.display()
+            ));
+        }
+    }
+
+    pub fn interrupted(&mut self, step: usize, signal: i32) {
+        self.event("interrupted", step, json!({ "signal": signal }));
+    }
+
+    /// Moves the progress bar to where a resumed run starts.
+    pub fn start_at(&self, step: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64);
+            bar.reset_eta();
         }
     }
 

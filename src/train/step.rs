@@ -352,7 +352,7 @@ impl<'a> StepRunner<'a> {
             .map(|v| {
                 let g = store
                     .get(v.as_tensor())
-                    .ok_or_else(|| Error::Usage("loss has no gradient".into()))?;
+                    .ok_or_else(|| Error::Internal("loss has no gradient".into()))?;
                 Ok((g * self.loss_scale)?)
             })
             .collect::<Result<_>>()?;

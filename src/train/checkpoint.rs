@@ -1,0 +1,384 @@
+//! Checkpoints: everything the next optimizer step depends on, so that `train --resume`
+//! continues a killed run exactly (the same weights, bit for bit on CPU, as a run never
+//! interrupted). Data order and dropout masks are functions of (seed, epoch, step, row), so
+//! nothing random needs saving.
+//!
+//! `output.dir/checkpoints/step-N/` holds:
+//! - `weights.safetensors`: the trainable tensors (the f32 master weights);
+//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME`;
+//! - `state.json`: the step, AdamW's step count, loss scaler, memory policy, best dev metric,
+//!   and the resolved config;
+//! - `manifest.json`, written last: the format and each file's size and CRC-32.
+//!
+//! A checkpoint is built in a hidden folder, fsynced, then renamed to `step-N`: a kill at any
+//! instant leaves the previous checkpoints intact and at worst a hidden folder that is ignored
+//! (and removed by the next save). Loading verifies the manifest, so a damaged folder is
+//! refused with the name of the one to fall back to, never trusted and never skipped silently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::memory::policy::MemState;
+use crate::train::eval::Correlation;
+use crate::train::optim::AdamW;
+use crate::train::precision::LossScaler;
+
+/// Bumped when the folder's layout or `state.json` changes incompatibly.
+pub const FORMAT: u32 = 1;
+const FOLDER: &str = "checkpoints";
+const WEIGHTS: &str = "weights.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+const MANIFEST: &str = "manifest.json";
+
+/// The training loop's state between two optimizer steps, beside the weights and moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub scaler: LossScaler,
+    pub mem: MemState,
+    pub best: Option<f64>,
+    pub dev_before: Option<Correlation>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    st_tune: String,
+    created_unix: u64,
+    progress: Progress,
+    /// AdamW's update count (bias correction); differs from `step` after skipped f16 steps.
+    adam_step: u64,
+    config: Config,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    files: BTreeMap<String, FileSum>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
+struct FileSum {
+    bytes: u64,
+    crc32: u32,
+}
+
+/// A checkpoint read back and verified.
+pub struct Restored {
+    pub path: PathBuf,
+    pub progress: Progress,
+    pub adam_step: u64,
+    pub config: Config,
+    pub weights: HashMap<String, Tensor>,
+    /// AdamW moments by tensor name.
+    pub moments: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+/// `output.dir/checkpoints`.
+pub fn folder(out_dir: &Path) -> PathBuf {
+    out_dir.join(FOLDER)
+}
+
+/// The `step-N` folders of `out_dir`, oldest first (hidden, half-written ones are not listed).
+pub fn list(out_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let root = folder(out_dir);
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&root, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(&root, e))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let (Some(step), true) = (step, path.is_dir()) {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// One line about the newest checkpoint, for messages: "step-40 (saved 2026-12-02T07:01:02Z)".
+pub fn describe_newest(out_dir: &Path) -> Result<Option<String>> {
+    let Some((_, path)) = list(out_dir)?.pop() else {
+        return Ok(None);
+    };
+    let saved = read_state(&path)
+        .ok()
+        .map(|s| {
+            let t = UNIX_EPOCH + Duration::from_secs(s.created_unix);
+            format!(" (saved {})", humantime::format_rfc3339_seconds(t))
+        })
+        .unwrap_or_default();
+    Ok(Some(format!("{}{saved}", path.display())))
+}
+
+/// Writes `step-N` atomically, then deletes all but the `keep` newest checkpoints.
+pub fn save(
+    out_dir: &Path,
+    keep: usize,
+    progress: &Progress,
+    config: &Config,
+    vars: &BTreeMap<String, Var>,
+    optimizer: &AdamW,
+) -> Result<PathBuf> {
+    let root = folder(out_dir);
+    fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let target = root.join(format!("step-{}", progress.step));
+    let staged = root.join(format!(".step-{}.tmp-{}", progress.step, std::process::id()));
+    let _ = fs::remove_dir_all(&staged);
+    fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+
+    let weights: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    write_tensors(&staged.join(WEIGHTS), &weights)?;
+    crash_point("checkpoint", progress.step);
+    let mut opt = HashMap::new();
+    for (n, (m, v)) in optimizer.moments() {
+        opt.insert(format!("m.{n}"), m.to_device(&Device::Cpu)?);
+        opt.insert(format!("v.{n}"), v.to_device(&Device::Cpu)?);
+    }
+    write_tensors(&staged.join(OPTIMIZER), &opt)?;
+    let state = StateFile {
+        format: FORMAT,
+        st_tune: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        progress: progress.clone(),
+        adam_step: optimizer.t,
+        config: config.clone(),
+    };
+    let text = serde_json::to_string_pretty(&state).expect("plain data serializes");
+    fs::write(staged.join(STATE), text).map_err(|e| Error::io(staged.join(STATE), e))?;
+    // The manifest last: a folder with a valid manifest has all its files.
+    let mut files = BTreeMap::new();
+    for name in [WEIGHTS, OPTIMIZER, STATE] {
+        files.insert(name.to_string(), checksum(&staged.join(name))?);
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        files,
+    };
+    let text = serde_json::to_string_pretty(&manifest).expect("plain data serializes");
+    fs::write(staged.join(MANIFEST), text).map_err(|e| Error::io(staged.join(MANIFEST), e))?;
+    atomic::replace_dir(&staged, &target)?;
+    prune(&root, out_dir, keep)?;
+    Ok(target)
+}
+
+fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| Error::checkpoint(path, format!("cannot write: {e}")))
+}
+
+/// Deletes the oldest checkpoints beyond `keep`, and hidden folders left by killed saves.
+fn prune(root: &Path, out_dir: &Path, keep: usize) -> Result<()> {
+    let all = list(out_dir)?;
+    for (_, path) in &all[..all.len().saturating_sub(keep)] {
+        fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".step-") {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    atomic::sync_dir(root)
+}
+
+/// Reads and verifies the checkpoint at `path`. `fallback` names the previous checkpoint,
+/// offered in the error when this one cannot be trusted.
+pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Restored> {
+    let refuse = |file: &str, why: String| {
+        let todo = match fallback {
+            Some(prev) => format!(
+                "to resume from the previous checkpoint, {}, move {} out of the way and run \
+                 again with --resume",
+                prev.display(),
+                path.display()
+            ),
+            None => "there is no earlier checkpoint: start again without --resume in a new \
+                     output.dir"
+                .to_string(),
+        };
+        Error::checkpoint(path.join(file), format!("{why}; {todo}"))
+    };
+    let text = fs::read_to_string(path.join(MANIFEST)).map_err(|e| {
+        refuse(
+            MANIFEST,
+            format!("cannot be read ({e}): the checkpoint is incomplete"),
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| refuse(MANIFEST, format!("is damaged ({e})")))?;
+    if manifest.format != FORMAT {
+        return Err(refuse(
+            MANIFEST,
+            format!(
+                "was written in checkpoint format {}; this st-tune reads format {FORMAT}",
+                manifest.format
+            ),
+        ));
+    }
+    for name in [WEIGHTS, OPTIMIZER, STATE] {
+        let Some(want) = manifest.files.get(name) else {
+            return Err(refuse(MANIFEST, format!("does not list {name}")));
+        };
+        let got = checksum(&path.join(name))
+            .map_err(|e| refuse(name, format!("cannot be read ({e})")))?;
+        if &got != want {
+            return Err(refuse(
+                name,
+                format!(
+                    "is damaged: {} bytes with CRC-32 {:08x}, the manifest says {} bytes with \
+                     {:08x}",
+                    got.bytes, got.crc32, want.bytes, want.crc32
+                ),
+            ));
+        }
+    }
+    let state = read_state(path).map_err(|e| refuse(STATE, e))?;
+    let tensors = |name: &str| {
+        candle_core::safetensors::load(path.join(name), device)
+            .map_err(|e| refuse(name, format!("cannot be read ({e})")))
+    };
+    let weights = tensors(WEIGHTS)?;
+    let mut opt = tensors(OPTIMIZER)?;
+    let mut moments = BTreeMap::new();
+    let names: Vec<String> = opt
+        .keys()
+        .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
+        .collect();
+    for name in names {
+        match (opt.remove(&format!("m.{name}")), opt.remove(&format!("v.{name}"))) {
+            (Some(m), Some(v)) => {
+                moments.insert(name, (m, v));
+            }
+            _ => return Err(refuse(OPTIMIZER, format!("has no second moment for {name}"))),
+        }
+    }
+    Ok(Restored {
+        path: path.to_path_buf(),
+        progress: state.progress,
+        adam_step: state.adam_step,
+        config: state.config,
+        weights,
+        moments,
+    })
+}
+
+fn read_state(path: &Path) -> std::result::Result<StateFile, String> {
+    let text = fs::read_to_string(path.join(STATE)).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| format!("is not a checkpoint state ({e})"))
+}
+
+fn checksum(path: &Path) -> Result<FileSum> {
+    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileSum {
+        bytes,
+        crc32: hasher.finalize(),
+    })
+}
+
+/// The config keys whose values differ between a checkpoint's config and this run's and
+/// that change the result (see [`crate::config::changes_result`]).
+pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
+    let (a, b) = (flatten(saved), flatten(now));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| crate::config::changes_result(k) && a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
+            format!("{k} (checkpoint: {}, now: {})", show(&a), show(&b))
+        })
+        .collect()
+}
+
+fn flatten(cfg: &Config) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Ok(toml::Value::Table(root)) = toml::Value::try_from(cfg) {
+        for (section, v) in root {
+            if let toml::Value::Table(keys) = v {
+                for (k, v) in keys {
+                    out.insert(format!("{section}.{k}"), v.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[,...]"` kills the process with SIGKILL at that
+/// place (`step`: between backward and update; `checkpoint`: half-way through writing one;
+/// `eval`: during an evaluation) of optimizer step STEP (1-based), as a power cut would.
+pub fn crash_point(place: &str, step: usize) {
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| std::env::var(CRASH_ENV).ok());
+    let Some(spec) = spec else { return };
+    let hit = spec
+        .split(',')
+        .filter_map(|item| item.trim().split_once(':'))
+        .any(|(p, s)| p == place && s.parse() == Ok(step));
+    if hit {
+        #[cfg(unix)]
+        // SAFETY: kill(2) on our own pid; nothing is touched afterwards.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
+
+pub const CRASH_ENV: &str = "ST_TUNE_CRASH_AT";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_keys_that_change_the_result_are_reported() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.train.log_steps = 1;
+        b.output.checkpoint_steps = 3;
+        b.memory.limit = Some("1GiB".into());
+        assert!(config_differences(&a, &b).is_empty());
+        b.train.lr = 1e-3;
+        b.train.max_steps = Some(7);
+        let d = config_differences(&a, &b);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("train.lr (checkpoint: 2e-5, now: 0.001)"), "{d:?}");
+        assert!(d[1].starts_with("train.max_steps (checkpoint: unset, now: 7)"), "{d:?}");
+    }
+}
