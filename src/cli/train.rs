@@ -58,16 +58,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     watch_signals(opts.interrupt.clone());
     let s = train(&cfg, &opts)?;
     if a.json {
-        println!("{}", serde_json::json!({"event": "summary", "data": s}));
+        crate::say!("{}", serde_json::json!({"event": "summary", "data": s}));
         return Ok(());
     }
     if let (Some(b), Some(a)) = (&s.dev_before, &s.dev_after) {
-        println!(
+        crate::say!(
             "dev spearman: {:.4} before, {:.4} after ({} pairs)",
-            b.spearman, a.spearman, a.pairs
+            b.spearman,
+            a.spearman,
+            a.pairs
         );
     }
-    println!(
+    crate::say!(
         "{} steps in {:.1} s ({:.1} samples/s), final loss {:.4}, peak memory {}",
         s.steps,
         s.train_seconds,
@@ -75,14 +77,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.final_loss,
         crate::memory::human_bytes(s.peak_memory)
     );
-    println!(
+    crate::say!(
         "out-of-memory events recovered: {}; micro-batch at the end: {}",
-        s.ooms_recovered, s.final_micro_batch_size
+        s.ooms_recovered,
+        s.final_micro_batch_size
     );
     if let Some(step) = s.resumed_from {
-        println!("resumed after step {step}");
+        crate::say!("resumed after step {step}");
     }
-    println!("model saved to {}", s.output_dir.join("final").display());
+    crate::say!("model saved to {}", s.output_dir.join("final").display());
     Ok(())
 }
 

@@ -107,9 +107,11 @@ impl Phase {
 }
 
 /// Fault injection for tests: `ST_TUNE_INJECT_OOM="STEP:PHASE[,STEP:PHASE...]"` raises one
-/// OOM (shaped like CUDA's) the first time optimizer step STEP (0-based) reaches PHASE.
+/// OOM (shaped like CUDA's) the first time optimizer step STEP reaches PHASE. STEP counts from 1,
+/// as metrics.jsonl and events.jsonl do.
 #[derive(Debug, Default)]
 pub struct Injector {
+    /// (0-based step, phase), the runner's own numbering.
     pending: Mutex<BTreeSet<(u64, Phase)>>,
 }
 
@@ -119,16 +121,17 @@ impl Injector {
     pub fn parse(spec: &str) -> Result<Self, Error> {
         let mut set = BTreeSet::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let parsed = item
-                .split_once(':')
-                .and_then(|(s, p)| Some((s.trim().parse::<u64>().ok()?, Phase::parse(p.trim())?)));
+            let parsed = item.split_once(':').and_then(|(s, p)| {
+                let step = s.trim().parse::<u64>().ok()?.checked_sub(1)?;
+                Some((step, Phase::parse(p.trim())?))
+            });
             match parsed {
                 Some(x) => {
                     set.insert(x);
                 }
                 None => {
                     return Err(Error::Usage(format!(
-                        "{}: bad entry `{item}`; expected STEP:PHASE with PHASE forward, backward or optimizer",
+                        "{}: bad entry `{item}`; expected STEP:PHASE with STEP from 1 and PHASE forward, backward or optimizer",
                         Self::ENV
                     )))
                 }
@@ -139,7 +142,7 @@ impl Injector {
         })
     }
 
-    /// Fails once at (step, phase) if that was asked for.
+    /// Fails once at (0-based step, phase) if that was asked for.
     pub fn check(&self, step: u64, phase: Phase) -> Result<(), Error> {
         if self
             .pending
@@ -148,8 +151,9 @@ impl Injector {
             .remove(&(step, phase))
         {
             return Err(oom_error(format!(
-                "injected by {} at step {step}, {phase:?}",
-                Self::ENV
+                "injected by {} at step {}, {phase:?}",
+                Self::ENV,
+                step + 1
             )));
         }
         Ok(())
@@ -178,7 +182,7 @@ mod tests {
 
     #[test]
     fn injector_fires_once_per_entry() {
-        let inj = Injector::parse("2:forward, 3:optimizer").unwrap();
+        let inj = Injector::parse("3:forward, 4:optimizer").unwrap();
         assert!(inj.check(1, Phase::Forward).is_ok());
         let e = inj.check(2, Phase::Forward).unwrap_err();
         assert!(is_oom(&e));
@@ -191,5 +195,6 @@ mod tests {
     fn injector_rejects_bad_specs() {
         assert!(Injector::parse("2:sideways").is_err());
         assert!(Injector::parse("two:forward").is_err());
+        assert!(Injector::parse("0:forward").is_err(), "steps count from 1");
     }
 }

@@ -131,8 +131,8 @@ impl RunState {
                 format!("{msg}; delete the file to start from the configured micro-batch"),
             )
         };
-        let s: RunState = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("not a run state ({e})")))?;
+        let s: RunState =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a run state ({e})")))?;
         if s.micro == 0 || s.max_micro == 0 || s.micro > s.max_micro {
             return Err(bad(format!(
                 "micro {} and max_micro {} must satisfy 1 <= micro <= max_micro",
@@ -216,13 +216,25 @@ mod tests {
     fn a_run_state_with_micro_zero_is_refused_naming_the_file() {
         let dir = tempfile::TempDir::new().unwrap();
         assert_eq!(RunState::read(dir.path()).unwrap(), None);
-        std::fs::write(dir.path().join("run_state.json"), r#"{"micro":0,"max_micro":8}"#).unwrap();
+        std::fs::write(
+            dir.path().join("run_state.json"),
+            r#"{"micro":0,"max_micro":8}"#,
+        )
+        .unwrap();
         let e = RunState::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("run_state.json") && e.contains("micro 0"), "{e}");
-        RunState { micro: 2, max_micro: 8 }.write(dir.path()).unwrap();
+        RunState {
+            micro: 2,
+            max_micro: 8,
+        }
+        .write(dir.path())
+        .unwrap();
         assert_eq!(
             RunState::read(dir.path()).unwrap(),
-            Some(RunState { micro: 2, max_micro: 8 })
+            Some(RunState {
+                micro: 2,
+                max_micro: 8
+            })
         );
     }
 }

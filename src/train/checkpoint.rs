@@ -129,19 +129,44 @@ pub fn describe_newest(out_dir: &Path) -> Result<Option<String>> {
     Ok(Some(format!("{}{saved}", path.display())))
 }
 
-/// Writes `step-N` atomically, then deletes all but the `keep` newest checkpoints.
-pub fn save(
+/// A checkpoint written to its hidden staging folder, not yet visible to `--resume`.
+pub struct Staged {
+    staged: PathBuf,
+    target: PathBuf,
+    out_dir: PathBuf,
+}
+
+impl Staged {
+    /// Where the checkpoint will be once published: `checkpoints/step-N`.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Fsyncs the staging folder and renames it to `step-N` (atomically), then deletes all but
+    /// the `keep` newest checkpoints.
+    pub fn publish(self, keep: usize) -> Result<PathBuf> {
+        atomic::replace_dir(&self.staged, &self.target)?;
+        prune(&self.out_dir, keep)?;
+        Ok(self.target)
+    }
+}
+
+/// Writes the checkpoint of `progress.step` into a hidden staging folder.
+pub fn stage(
     out_dir: &Path,
-    keep: usize,
     progress: &Progress,
     config: &Config,
     vars: &BTreeMap<String, Var>,
     optimizer: &AdamW,
-) -> Result<PathBuf> {
+) -> Result<Staged> {
     let root = folder(out_dir);
     fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let target = root.join(format!("step-{}", progress.step));
-    let staged = root.join(format!(".step-{}.tmp-{}", progress.step, std::process::id()));
+    let staged = root.join(format!(
+        ".step-{}.tmp-{}",
+        progress.step,
+        std::process::id()
+    ));
     let _ = fs::remove_dir_all(&staged);
     fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
 
@@ -180,9 +205,11 @@ pub fn save(
     };
     let text = serde_json::to_string_pretty(&manifest).expect("plain data serializes");
     fs::write(staged.join(MANIFEST), text).map_err(|e| Error::io(staged.join(MANIFEST), e))?;
-    atomic::replace_dir(&staged, &target)?;
-    prune(&root, out_dir, keep)?;
-    Ok(target)
+    Ok(Staged {
+        staged,
+        target,
+        out_dir: out_dir.to_path_buf(),
+    })
 }
 
 fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
@@ -191,12 +218,16 @@ fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
 }
 
 /// Deletes the oldest checkpoints beyond `keep`, and hidden folders left by killed saves.
-fn prune(root: &Path, out_dir: &Path, keep: usize) -> Result<()> {
+fn prune(out_dir: &Path, keep: usize) -> Result<()> {
+    let root = &folder(out_dir);
     let all = list(out_dir)?;
     for (_, path) in &all[..all.len().saturating_sub(keep)] {
         fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
-    for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))?.flatten() {
+    for entry in fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .flatten()
+    {
         if entry.file_name().to_string_lossy().starts_with(".step-") {
             let _ = fs::remove_dir_all(entry.path());
         }
@@ -227,8 +258,8 @@ pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Res
             format!("cannot be read ({e}): the checkpoint is incomplete"),
         )
     })?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| refuse(MANIFEST, format!("is damaged ({e})")))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| refuse(MANIFEST, format!("is damaged ({e})")))?;
     if manifest.format != FORMAT {
         return Err(refuse(
             MANIFEST,
@@ -268,11 +299,19 @@ pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Res
         .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
         .collect();
     for name in names {
-        match (opt.remove(&format!("m.{name}")), opt.remove(&format!("v.{name}"))) {
+        match (
+            opt.remove(&format!("m.{name}")),
+            opt.remove(&format!("v.{name}")),
+        ) {
             (Some(m), Some(v)) => {
                 moments.insert(name, (m, v));
             }
-            _ => return Err(refuse(OPTIMIZER, format!("has no second moment for {name}"))),
+            _ => {
+                return Err(refuse(
+                    OPTIMIZER,
+                    format!("has no second moment for {name}"),
+                ))
+            }
         }
     }
     Ok(Restored {
@@ -339,22 +378,36 @@ fn flatten(cfg: &Config) -> BTreeMap<String, String> {
     out
 }
 
-/// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[,...]"` kills the process with SIGKILL at that
-/// place (`step`: between backward and update; `checkpoint`: half-way through writing one;
-/// `eval`: during an evaluation) of optimizer step STEP (1-based), as a power cut would.
+/// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[:SIGNAL][,...]"` sends the process SIGNAL (`KILL`,
+/// the default, as a power cut would; `TERM` or `INT`, as a scheduler or Ctrl-C would) at that
+/// place of optimizer step STEP (1-based): `step`, between backward and update; `checkpoint`,
+/// half-way through writing one; `eval`, during an evaluation.
 pub fn crash_point(place: &str, step: usize) {
     static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let spec = SPEC.get_or_init(|| std::env::var(CRASH_ENV).ok());
     let Some(spec) = spec else { return };
-    let hit = spec
-        .split(',')
-        .filter_map(|item| item.trim().split_once(':'))
-        .any(|(p, s)| p == place && s.parse() == Ok(step));
-    if hit {
+    for item in spec.split(',') {
+        let mut parts = item.trim().split(':');
+        let (Some(p), Some(s)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if p != place || s.parse() != Ok(step) {
+            continue;
+        }
         #[cfg(unix)]
-        // SAFETY: kill(2) on our own pid; nothing is touched afterwards.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+        {
+            let signal = match parts.next() {
+                Some("TERM") => libc::SIGTERM,
+                Some("INT") => libc::SIGINT,
+                _ => libc::SIGKILL,
+            };
+            // SAFETY: kill(2) on our own pid.
+            unsafe {
+                libc::kill(libc::getpid(), signal);
+            }
+            if signal != libc::SIGKILL {
+                return;
+            }
         }
         std::process::abort();
     }
@@ -378,7 +431,13 @@ mod tests {
         b.train.max_steps = Some(7);
         let d = config_differences(&a, &b);
         assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].starts_with("train.lr (checkpoint: 2e-5, now: 0.001)"), "{d:?}");
-        assert!(d[1].starts_with("train.max_steps (checkpoint: unset, now: 7)"), "{d:?}");
+        assert!(
+            d[0].starts_with("train.lr (checkpoint: 0.00002, now: 0.001)"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].starts_with("train.max_steps (checkpoint: unset, now: 7)"),
+            "{d:?}"
+        );
     }
 }

@@ -33,9 +33,9 @@ use crate::memory::policy::{Action, Event, MemState, RunState};
 use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
+use checkpoint::Progress;
 use eval::{evaluate, Correlation};
 use optim::{clip_grad_norm, AdamW};
-use checkpoint::Progress;
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
@@ -209,12 +209,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
     let planned = plan(cfg, &loaded, &budget)?;
     let restored = match &resume {
-        Resume::From { path, fallback } => Some(restore(
-            path,
-            fallback.as_deref(),
-            cfg,
-            &loaded.model,
-        )?),
+        Resume::From { path, fallback } => {
+            Some(restore(path, fallback.as_deref(), cfg, &loaded.model)?)
+        }
         _ => None,
     };
     let Loaded {
@@ -460,15 +457,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let signal = opts.interrupt.load(Ordering::SeqCst);
         let every = cfg.output.checkpoint_steps;
         if signal != 0 || (every > 0 && (done % every == 0 || done == total)) {
-            let path = checkpoint::save(
-                out_dir,
-                cfg.output.keep_checkpoints,
-                &progress,
-                cfg,
-                &model.params.vars,
-                &optimizer,
-            )?;
-            reporter.checkpoint(done, &path);
+            let staged =
+                checkpoint::stage(out_dir, &progress, cfg, &model.params.vars, &optimizer)?;
+            // Logged before it is published: a kill in between leaves a line for a step after
+            // the newest checkpoint, which --resume drops.
+            reporter.checkpoint(done, staged.path());
+            staged.publish(cfg.output.keep_checkpoints)?;
         }
         if signal != 0 {
             reporter.interrupted(done, signal);

@@ -20,6 +20,16 @@ use crate::error::{Error, Result};
 use crate::train::eval::Correlation;
 use crate::train::step::OomEvent;
 
+/// `println!` that ignores write errors: a closed stdout (the reader of a pipe quit, the
+/// terminal went away) must not kill a training run, which `println!` would with a panic.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     /// Progress bar when stdout is a terminal, plain lines otherwise.
@@ -50,7 +60,7 @@ pub struct Reporter {
 }
 
 /// Opens `path` for appending; with `keep_until` set, first drops the lines whose `"step"` is
-/// after it (atomically), else starts the file empty.
+/// after it and the final evaluation (atomically), else starts the file empty.
 fn open(path: &Path, keep_until: Option<usize>) -> Result<BufWriter<File>> {
     let file = match keep_until {
         None => File::create(path).map_err(|e| Error::io(path, e))?,
@@ -63,9 +73,11 @@ fn open(path: &Path, keep_until: Option<usize>) -> Result<BufWriter<File>> {
             let kept: String = old
                 .lines()
                 .filter(|l| {
-                    // A line cut short by a kill is dropped too.
+                    // A line cut short by a kill is dropped too, and the end-of-run evaluation,
+                    // which a resumed run always does again.
                     serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
                         v["step"].as_u64().is_none_or(|s| s as usize <= step)
+                            && v["label"] != "after"
                     })
                 })
                 .map(|l| format!("{l}\n"))
@@ -114,9 +126,9 @@ impl Reporter {
     pub fn message(&self, text: &str) {
         match (self.output, &self.bar) {
             (Output::Quiet, _) => {}
-            (Output::Json, _) => println!("{}", json!({"event": "message", "text": text})),
+            (Output::Json, _) => say!("{}", json!({"event": "message", "text": text})),
             (Output::Human, Some(bar)) => bar.println(text),
-            (Output::Human, None) => println!("{text}"),
+            (Output::Human, None) => say!("{text}"),
         }
     }
 
@@ -135,10 +147,15 @@ impl Reporter {
             return;
         }
         match self.output {
-            Output::Json => println!("{v}"),
-            Output::Human => println!(
+            Output::Json => say!("{v}"),
+            Output::Human => say!(
                 "step {} epoch {} loss {:.4} lr {:.2e} {:.1} samples/s micro {}",
-                log.step, log.epoch, log.loss, log.lr, log.samples_per_s, log.micro_batch_size
+                log.step,
+                log.epoch,
+                log.loss,
+                log.lr,
+                log.samples_per_s,
+                log.micro_batch_size
             ),
             Output::Quiet => {}
         }
@@ -149,7 +166,7 @@ impl Reporter {
                        "pearson": c.pearson, "pairs": c.pairs});
         Self::line(&mut self.metrics, &v);
         match self.output {
-            Output::Json => println!("{v}"),
+            Output::Json => say!("{v}"),
             Output::Human => self.message(&format!(
                 "eval ({label}, step {step}): spearman {:.4} pearson {:.4} on {} pairs",
                 c.spearman, c.pearson, c.pairs
@@ -164,13 +181,13 @@ impl Reporter {
         fields["step"] = step.into();
         Self::line(&mut self.events, &fields);
         if self.output == Output::Json {
-            println!("{fields}");
+            say!("{fields}");
         }
     }
 
     pub fn oom(&mut self, e: &OomEvent) {
         let fields = serde_json::to_value(e).expect("plain struct");
-        // The runner counts steps from 0 (as ST_TUNE_INJECT_OOM does); the files from 1.
+        // The runner counts steps from 0; the files (and ST_TUNE_INJECT_OOM) from 1.
         self.event("oom", e.step as usize + 1, fields);
         if self.output == Output::Human {
             self.message(&format!(
