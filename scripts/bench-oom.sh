@@ -21,9 +21,10 @@ rows = [r for r in rows if "samples_per_s" in r]
 print(" ".join("%.2f" % (16 / r["samples_per_s"]) for r in rows))
 PY
 }
-ST_TUNE_INJECT_OOM=6:forward "$bin" train "${common[@]}" --output "$out/oom" --json > "$out/oom.jsonl"
+rm -rf "$out/oom" "$out/plain" "$out/cached"
+ST_TUNE_INJECT_OOM=7:forward "$bin" train "${common[@]}" --output "$out/oom" --json > "$out/oom.jsonl"
 "$bin" train "${common[@]}" --output "$out/plain" --json > "$out/plain.jsonl"
 "$bin" train "${common[@]}" --set train.micro_batch_size=8 --output "$out/cached" --json > "$out/cached.jsonl"
-echo "step seconds, OOM injected at step 7 (0-based 6): $(steps "$out/oom/metrics.jsonl")"
+echo "step seconds, OOM injected at step 7:             $(steps "$out/oom/metrics.jsonl")"
 echo "step seconds, plain (one pass of 16):              $(steps "$out/plain/metrics.jsonl")"
 echo "step seconds, cached (2 micro-batches of 8):       $(steps "$out/cached/metrics.jsonl")"

@@ -21,6 +21,7 @@ echo "peer: sentence-transformers (2 threads)" >&2
 cat "$out/peer.json" >&2
 
 echo "st-tune" >&2
+rm -rf "$out/st-tune-run" # a new run, not a resumed one
 /usr/bin/time -f '%M' -o "$out/st-tune.maxrss_kib" \
   ./target/debug/st-tune train --config configs/stsb.toml --json \
   --set "data.train=$train" --set "data.dev=$dev" --set "output.dir=$out/st-tune-run" > "$out/st-tune.jsonl"

@@ -622,7 +622,9 @@ pub const KEYS: &[KeyDoc] = &[
         help: "Do not train the embedding layer (saves its gradients and optimizer state).\n\
                Unset: frozen when freeze_layers > 0, trained otherwise. With freeze_layers > 0\n\
                and freeze_embeddings = false, the frozen layers must keep their activations for\n\
-               the embeddings' gradient, so freezing then saves little memory (docs/memory.md).",
+               the embeddings' gradient: measured on MiniLM, MNRL, batch 32, 256 tokens,\n\
+               freeze_layers = 3 cuts peak RSS by 43 % with the embeddings frozen, by 0.4 %\n\
+               without (docs/memory.md).",
         example: Some("false"),
     },
     KeyDoc {

@@ -896,3 +896,82 @@ fn the_same_seed_and_data_give_bit_identical_weights() {
         "two runs with the same seed differ"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Freezing, and limits that only the loaded model knows
+// ---------------------------------------------------------------------------------------------
+
+/// The word-embedding table of `dir`'s model.safetensors.
+fn word_embeddings(dir: &Path) -> Tensor {
+    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    t["embeddings.word_embeddings.weight"].clone()
+}
+
+#[test]
+fn freeze_layers_freezes_the_embeddings_too_unless_told_otherwise_and_then_warns() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let base = word_embeddings(&t.model);
+    let changed = |dir: &Path| common::max_abs_diff(&base, &word_embeddings(&dir.join("final")));
+
+    let frozen = t.dir.path().join("frozen");
+    let r = run(&train_args(
+        &t.config,
+        &["--set", "train.freeze_layers=1", "--output", s(&frozen)],
+    ));
+    r.succeeded();
+    assert!(!r.stdout.contains("warning"), "{}", r.stdout);
+    assert_eq!(changed(&frozen), 0.0, "embeddings frozen with the layer");
+
+    let trained = t.dir.path().join("trained");
+    let r = run(&train_args(
+        &t.config,
+        &[
+            "--set",
+            "train.freeze_layers=1",
+            "--set",
+            "train.freeze_embeddings=false",
+            "--output",
+            s(&trained),
+        ],
+    ));
+    r.succeeded();
+    assert!(
+        r.stdout
+            .contains("warning: train.freeze_embeddings = false"),
+        "{}",
+        r.stdout
+    );
+    assert!(changed(&trained) > 0.0, "embeddings trained when asked");
+}
+
+#[test]
+fn freeze_layers_above_the_layer_count_is_a_config_error() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&train_args(&t.config, &["--set", "train.freeze_layers=2"]))
+        .failed_with(2, &["train.freeze_layers", "is 2", "1 layers", "at most 1"]);
+    assert!(!t.out.exists(), "nothing written");
+}
+
+#[test]
+fn max_seq_length_above_the_position_table_is_a_config_error() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&train_args(
+        &t.config,
+        &["--set", "model.max_seq_length=65"],
+    ))
+    .failed_with(2, &["model.max_seq_length", "is 65", "64 tokens"]);
+}
+
+#[test]
+fn a_saved_model_says_which_st_tune_wrote_it() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    run(&train_args(&t.config, &[])).succeeded();
+    let text =
+        std::fs::read_to_string(t.out.join("final/config_sentence_transformers.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["__version__"]["st_tune"],
+        env!("CARGO_PKG_VERSION"),
+        "{v}"
+    );
+}
