@@ -771,6 +771,21 @@ impl Config {
             .map_err(|e: toml::de::Error| Error::config(origin, e.message().to_string()))
     }
 
+    /// Every key set, as `section.key` -> its TOML text (tables such as `data.columns` whole).
+    pub fn flat(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Ok(toml::Value::Table(root)) = toml::Value::try_from(self) {
+            for (section, v) in root {
+                if let toml::Value::Table(keys) = v {
+                    for (k, v) in keys {
+                        out.insert(format!("{section}.{k}"), v.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Checks that need the whole config, each error naming the key to change.
     pub fn validate(&self) -> Result<()> {
         let (m, d, t, mem, o) = (

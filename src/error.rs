@@ -44,6 +44,10 @@ pub enum Error {
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 
+    /// A sweep file, sweep folder or trial index that cannot be used.
+    #[error("sweep {}: {msg}", path.display())]
+    Sweep { path: PathBuf, msg: String },
+
     /// Ctrl-C (SIGINT) or SIGTERM: a checkpoint was saved, `--resume` continues.
     #[error("interrupted by {}: a checkpoint was saved; run the same command with --resume to continue", signal_name(*signal))]
     Interrupted { signal: i32 },
@@ -96,6 +100,13 @@ impl Error {
         }
     }
 
+    pub fn sweep(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Sweep {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
     /// Exit codes, documented in README.md:
     /// 1 other failure (and internal errors), 2 bad input (config, data, model, checkpoint,
     /// usage, a missing file), 3 out of memory with nothing left to try, 128 + the signal when
@@ -106,6 +117,7 @@ impl Error {
             | Error::Data { .. }
             | Error::Model { .. }
             | Error::Checkpoint { .. }
+            | Error::Sweep { .. }
             | Error::Usage(_)
             | Error::Tokenizer(_) => 2,
             Error::OutOfMemory(_) => 3,

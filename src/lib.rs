@@ -3,7 +3,8 @@
 //!
 //! The folders are the architecture: `model` (encoders, pooling, loading and saving),
 //! `data` (readers, tokenization, batching), `losses`, `train` (the loop, optimizer,
-//! evaluation), `memory` (budget, OOM recognition and the backoff policy) and `cli`.
+//! evaluation, checkpoints), `memory` (budget, OOM recognition and the backoff policy), `sweep`
+//! (hyperparameter search over trials run as processes) and `cli`.
 
 pub mod atomic;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod losses;
 pub mod memory;
 pub mod model;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@ pub mod encode;
 pub mod eval;
 pub mod plan;
 pub mod random;
+pub mod sweep;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -18,7 +19,7 @@ use crate::error::Result;
 ///
 /// Exit codes: 0 success; 1 other failure; 2 bad input (config, data, model, arguments, a
 /// file that does not exist); 3 out of memory with nothing left to try (the last good state is
-/// saved); 130 Ctrl-C (what was trained so far is saved).
+/// saved); 130 Ctrl-C and 143 SIGTERM (a checkpoint is saved; `train --resume` continues).
 #[derive(Debug, Parser)]
 #[command(name = "st-tune", version, about, long_about)]
 pub struct Cli {
@@ -35,6 +36,7 @@ pub enum Command {
     Config(config::ConfigArgs),
     Bench(bench::BenchArgs),
     RandomModel(random::RandomArgs),
+    Sweep(sweep::SweepArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -46,5 +48,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(a) => config::run(a),
         Command::Bench(a) => bench::run(a),
         Command::RandomModel(a) => random::run(a),
+        Command::Sweep(a) => sweep::run(a),
     }
 }

@@ -351,7 +351,7 @@ fn checksum(path: &Path) -> Result<FileSum> {
 /// The config keys whose values differ between a checkpoint's config and this run's and
 /// that change the result (see [`crate::config::changes_result`]).
 pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
-    let (a, b) = (flatten(saved), flatten(now));
+    let (a, b) = (saved.flat(), now.flat());
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -362,20 +362,6 @@ pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
             format!("{k} (checkpoint: {}, now: {})", show(&a), show(&b))
         })
         .collect()
-}
-
-fn flatten(cfg: &Config) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    if let Ok(toml::Value::Table(root)) = toml::Value::try_from(cfg) {
-        for (section, v) in root {
-            if let toml::Value::Table(keys) = v {
-                for (k, v) in keys {
-                    out.insert(format!("{section}.{k}"), v.to_string());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[:SIGNAL][,...]"` sends the process SIGNAL (`KILL`,

@@ -1,0 +1,227 @@
+//! Running trials: each in its own `st-tune train --resume` process, so memory goes back to the
+//! system between trials, a crash ends one trial and not the sweep, and a trial that was
+//! stopped continues from its checkpoint when the sweep runs again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::memory::policy::RunState;
+use crate::sweep::spec::Sweep;
+use crate::sweep::store::{self, MemoryNote, Status, Store, TrialRecord};
+use crate::sweep::trials;
+
+/// Trial `index`'s config: the base config, the trial's keys, and its own output folder.
+/// Local paths are made absolute so the trial runs from any working directory (a scheduler's).
+pub fn trial_config(sweep: &Sweep, store: &Store, index: usize) -> Result<Config> {
+    let mut sets: Vec<String> = trials::params(sweep, index)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let out = absolute(&store.trial_dir(index));
+    sets.push(format!(
+        "output.dir={}",
+        toml::Value::String(out.display().to_string())
+    ));
+    let mut cfg = Config::load(&sweep.base, &sets)?;
+    cfg.data.train = absolute(&cfg.data.train);
+    cfg.data.dev = cfg.data.dev.as_deref().map(absolute);
+    if Path::new(&cfg.model.path).exists() {
+        cfg.model.path = absolute(Path::new(&cfg.model.path)).display().to_string();
+    }
+    Ok(cfg)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+pub fn check_index(sweep: &Sweep, index: usize) -> Result<()> {
+    if index >= sweep.trials {
+        return Err(Error::sweep(
+            &sweep.file,
+            format!(
+                "has {} trials, numbered 0 to {}; there is no trial {index}",
+                sweep.trials,
+                sweep.trials - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs trial `index` unless it is finished (a failed one only when `retry_failed`) or another
+/// live process holds it (`None`). `interrupt` is the signal this process received, if any:
+/// it is passed on to the trial, which saves a checkpoint and stops.
+pub fn run_trial(
+    sweep: &Sweep,
+    store: &Store,
+    index: usize,
+    retry_failed: bool,
+    interrupt: &AtomicI32,
+) -> Result<Option<TrialRecord>> {
+    check_index(sweep, index)?;
+    let params = trials::params(sweep, index);
+    let mut record = store.record(index, &params)?;
+    if record.status.is_final() && !(retry_failed && record.status == Status::Failed) {
+        return Ok(Some(record));
+    }
+    let Some(_lock) = store.claim(index)? else {
+        return Ok(None);
+    };
+    let dir = store.trial_dir(index);
+    let cfg = trial_config(sweep, store, index)?;
+    let config_path = dir.join("config.toml");
+    let text =
+        toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
+    crate::atomic::write_file(&config_path, text.as_bytes())?;
+
+    let key = store::memory_key(&cfg);
+    let note = store.memory_note(&key)?;
+    record = TrialRecord {
+        status: Status::Running,
+        ..TrialRecord::new(index, &params)
+    };
+    if let Some(why) = note.as_ref().and_then(|n| n.infeasible.clone()) {
+        record.status = Status::Infeasible;
+        record.message = Some(why);
+        store.write_record(&record)?;
+        return Ok(Some(record));
+    }
+    start_from_known_micro(&dir, &cfg, note.as_ref())?;
+    store.write_record(&record)?;
+
+    let started = Instant::now();
+    let code = train_process(&config_path, &dir, interrupt)?;
+    record.seconds = Some(started.elapsed().as_secs_f64());
+    record.exit_code = Some(code);
+    let summary = summary_of(&dir.join("train.jsonl"));
+    record.status = match code {
+        0 if summary.is_some() => Status::Complete,
+        3 => Status::Infeasible,
+        130 | 143 => Status::Interrupted,
+        _ => Status::Failed,
+    };
+    if let Some(s) = &summary {
+        record.metric = metric_of(s, &sweep.metric);
+        record.samples_per_s = s["samples_per_s"].as_f64();
+        record.peak_memory = s["peak_memory"].as_u64();
+        record.ooms_recovered = s["ooms_recovered"].as_u64().map(|n| n as usize);
+        record.final_micro_batch_size = s["final_micro_batch_size"].as_u64().map(|n| n as usize);
+    }
+    if record.status != Status::Complete {
+        record.message = last_error(&dir.join("train.log"));
+    }
+    learn_memory(store, &key, &record, &dir)?;
+    store.write_record(&record)?;
+    Ok(Some(record))
+}
+
+/// A trial whose memory settings an earlier trial already cut down starts at that micro-batch
+/// (through `run_state.json`, which `train` reads) instead of hitting the same OOMs.
+fn start_from_known_micro(dir: &Path, cfg: &Config, note: Option<&MemoryNote>) -> Result<()> {
+    let (Some(configured), Some(known)) =
+        (store::configured_micro(cfg), note.and_then(|n| n.micro))
+    else {
+        return Ok(());
+    };
+    if known < configured && crate::train::checkpoint::list(dir)?.is_empty() {
+        RunState {
+            micro: known,
+            max_micro: configured,
+        }
+        .write(dir)?;
+    }
+    Ok(())
+}
+
+fn learn_memory(store: &Store, key: &str, record: &TrialRecord, dir: &Path) -> Result<()> {
+    let note = match record.status {
+        Status::Infeasible => MemoryNote {
+            micro: None,
+            infeasible: Some(format!(
+                "trial {} with the same memory settings did not fit even at micro-batch 1: {}",
+                record.index,
+                record.message.clone().unwrap_or_default()
+            )),
+            trial: record.index,
+        },
+        Status::Complete => match RunState::read(dir)? {
+            Some(s) if s.micro < s.max_micro => MemoryNote {
+                micro: Some(s.micro),
+                infeasible: None,
+                trial: record.index,
+            },
+            _ => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    store.note_memory(key, note)
+}
+
+/// `st-tune train --config CONFIG --resume --json`, its stdout to `train.jsonl` and stderr to
+/// `train.log` in the trial folder; returns its exit code (128 + signal if it was killed).
+fn train_process(config: &Path, dir: &Path, interrupt: &AtomicI32) -> Result<i32> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("st-tune executable", e))?;
+    let file = |name: &str| {
+        let p = dir.join(name);
+        std::fs::File::create(&p).map_err(|e| Error::io(&p, e))
+    };
+    let mut child = Command::new(exe)
+        .args(["train", "--resume", "--json", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(file("train.jsonl")?)
+        .stderr(file("train.log")?)
+        .spawn()
+        .map_err(|e| Error::io(config, e))?;
+    let mut forwarded = false;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| Error::io(config, e))? {
+            use std::os::unix::process::ExitStatusExt;
+            return Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+        }
+        let signal = interrupt.load(Ordering::SeqCst);
+        if signal != 0 && !forwarded {
+            // SAFETY: kill(2) on our own child, which has not been reaped yet.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            forwarded = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `{"event": "summary"}` line of a trial's `--json` output.
+fn summary_of(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .map(|v| v["data"].clone())
+}
+
+/// `dev.spearman` and `dev.pearson` from the end-of-training evaluation; `train.loss`, the
+/// last step's loss.
+pub fn metric_of(summary: &serde_json::Value, metric: &str) -> Option<f64> {
+    match metric.split_once('.') {
+        Some(("dev", name)) => summary["dev_after"][name].as_f64(),
+        Some(("train", "loss")) => summary["final_loss"].as_f64(),
+        _ => None,
+    }
+}
+
+/// The `error: ...` line a failed trial printed, for the report.
+fn last_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error: "))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))?;
+    Some(line.trim_start_matches("error: ").to_string())
+}

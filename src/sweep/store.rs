@@ -1,0 +1,332 @@
+//! The sweep folder, shared by every process that runs the sweep's trials (one machine, or many
+//! with the folder on a shared filesystem). Files only, no server: records are replaced by
+//! atomic renames, and a trial or the memory file is claimed with a lock file created with
+//! O_EXCL, which local filesystems and NFS (v3 and later) both honour.
+//!
+//! ```text
+//! DIR/sweep.json          the sweep's fingerprint: a folder serves one sweep file
+//! DIR/memory.json         what trials learned about memory, by memory settings
+//! DIR/trial-0007/         one trial: config.toml, trial.json, train.jsonl (its --json
+//!                         output), train.log (its stderr) and its training output (final/,
+//!                         checkpoints/, metrics.jsonl, ...); .lock while a process runs it
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::atomic;
+use crate::config::{Config, MicroBatch};
+use crate::error::{Error, Result};
+use crate::sweep::spec::Sweep;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Not started yet (no trial.json).
+    Pending,
+    /// A process is running it, or was when it died (then the next run resumes it).
+    Running,
+    Complete,
+    /// Did not fit in memory even at micro-batch 1 with every allowed lever (exit 3).
+    Infeasible,
+    Failed,
+    /// Stopped by Ctrl-C or SIGTERM after a checkpoint: the next run resumes it.
+    Interrupted,
+}
+
+impl Status {
+    /// Whether `sweep run` leaves the trial alone (`--trial N` retries a failed one).
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Complete | Status::Infeasible | Status::Failed)
+    }
+}
+
+/// `trial-N/trial.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrialRecord {
+    pub index: usize,
+    pub params: BTreeMap<String, toml::Value>,
+    pub status: Status,
+    pub metric: Option<f64>,
+    pub seconds: Option<f64>,
+    pub samples_per_s: Option<f64>,
+    pub peak_memory: Option<u64>,
+    pub ooms_recovered: Option<usize>,
+    pub final_micro_batch_size: Option<usize>,
+    pub exit_code: Option<i32>,
+    /// Why it failed or was infeasible.
+    pub message: Option<String>,
+    /// Who ran it last.
+    pub host: String,
+    pub pid: u32,
+}
+
+impl TrialRecord {
+    pub fn new(index: usize, params: &[(String, toml::Value)]) -> Self {
+        TrialRecord {
+            index,
+            params: params.iter().cloned().collect(),
+            status: Status::Pending,
+            metric: None,
+            seconds: None,
+            samples_per_s: None,
+            peak_memory: None,
+            ooms_recovered: None,
+            final_micro_batch_size: None,
+            exit_code: None,
+            message: None,
+            host: hostname(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// What trials with the same memory settings ([`memory_key`]) learned: the micro-batch that
+/// last fitted, or that even one row does not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemoryNote {
+    pub micro: Option<usize>,
+    pub infeasible: Option<String>,
+    pub trial: usize,
+}
+
+pub struct Store {
+    pub dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SweepFile {
+    file: PathBuf,
+    fingerprint: BTreeMap<String, String>,
+}
+
+impl Store {
+    /// Opens (creating) the sweep's folder, refusing one made by another sweep file.
+    pub fn open(sweep: &Sweep) -> Result<Store> {
+        let dir = sweep.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join("sweep.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let saved: SweepFile = serde_json::from_str(&text).map_err(|e| {
+                    Error::sweep(
+                        &path,
+                        format!("is damaged ({e}); move it away to start over"),
+                    )
+                })?;
+                let diffs = differences(&saved.fingerprint, &sweep.fingerprint);
+                if !diffs.is_empty() {
+                    return Err(Error::sweep(
+                        &sweep.file,
+                        format!(
+                            "its folder {} was made by another sweep ({}): {}. Use another \
+                             sweep.dir, or restore the sweep file",
+                            dir.display(),
+                            saved.file.display(),
+                            diffs.join("; ")
+                        ),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let text = serde_json::to_string_pretty(&SweepFile {
+                    file: sweep.file.clone(),
+                    fingerprint: sweep.fingerprint.clone(),
+                })
+                .expect("plain data");
+                atomic::write_file(&path, text.as_bytes())?;
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        Ok(Store { dir })
+    }
+
+    pub fn trial_dir(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("trial-{index:04}"))
+    }
+
+    /// The trial's record; `Pending` when it never started.
+    pub fn record(&self, index: usize, params: &[(String, toml::Value)]) -> Result<TrialRecord> {
+        let path = self.trial_dir(index).join("trial.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::sweep(
+                    &path,
+                    format!("is damaged ({e}); delete it to run the trial again"),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(TrialRecord::new(index, params))
+            }
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    pub fn write_record(&self, r: &TrialRecord) -> Result<()> {
+        let dir = self.trial_dir(r.index);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let text = serde_json::to_string_pretty(r).expect("plain data");
+        atomic::write_file(&dir.join("trial.json"), text.as_bytes())
+    }
+
+    /// Claims trial `index` for this process; `None` if a live process holds it.
+    pub fn claim(&self, index: usize) -> Result<Option<Lock>> {
+        let dir = self.trial_dir(index);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Lock::try_take(&dir.join(".lock"))
+    }
+
+    /// What earlier trials learned about memory for `key`.
+    pub fn memory_note(&self, key: &str) -> Result<Option<MemoryNote>> {
+        Ok(self.memory_notes()?.remove(key))
+    }
+
+    /// Records what trial `trial` learned about `key`, under the memory file's lock.
+    pub fn note_memory(&self, key: &str, note: MemoryNote) -> Result<()> {
+        let lock_path = self.dir.join(".memory.lock");
+        let started = Instant::now();
+        let _lock = loop {
+            if let Some(l) = Lock::try_take(&lock_path)? {
+                break l;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(Error::sweep(
+                    &lock_path,
+                    "has been held for a minute; if no trial is running, delete it",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut notes = self.memory_notes()?;
+        notes.insert(key.to_string(), note);
+        let text = serde_json::to_string_pretty(&notes).expect("plain data");
+        atomic::write_file(&self.dir.join("memory.json"), text.as_bytes())
+    }
+
+    fn memory_notes(&self) -> Result<BTreeMap<String, MemoryNote>> {
+        let path = self.dir.join("memory.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::sweep(
+                    &path,
+                    format!("is damaged ({e}); delete it (it is only a cache)"),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
+/// What decides a trial's memory, as one string: trials that agree on it fit the same
+/// micro-batch (the batch size does not matter: it is cut into micro-batches).
+pub fn memory_key(cfg: &Config) -> String {
+    let (m, d, t) = (&cfg.model, &cfg.data, &cfg.train);
+    format!(
+        "model={} max_seq_length={:?} data={} limit={:?} loss={} precision={} \
+         checkpointing={} freeze_layers={} freeze_embeddings={} device={} memory.limit={:?}",
+        m.path,
+        m.max_seq_length,
+        d.train.display(),
+        d.limit,
+        t.loss,
+        t.precision,
+        t.gradient_checkpointing,
+        t.freeze_layers,
+        t.freezes_embeddings(),
+        m.device,
+        cfg.memory.limit
+    )
+}
+
+/// The configured micro-batch of `cfg`, if fixed (`"auto"` lets the planner choose).
+pub fn configured_micro(cfg: &Config) -> Option<usize> {
+    match cfg.train.micro_batch() {
+        MicroBatch::Size(n) => Some(n),
+        MicroBatch::Auto => None,
+    }
+}
+
+fn differences(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
+            format!("{k} (folder: {}, file: {})", show(saved), show(now))
+        })
+        .collect()
+}
+
+/// A lock file holding "HOST PID"; removed when dropped. A lock left by a dead process of
+/// this host is taken over; one of another host is respected (it cannot be checked).
+pub struct Lock {
+    path: PathBuf,
+}
+
+impl Lock {
+    pub fn try_take(path: &Path) -> Result<Option<Lock>> {
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(mut f) => {
+                    writeln!(f, "{} {}", hostname(), std::process::id())
+                        .map_err(|e| Error::io(path, e))?;
+                    return Ok(Some(Lock {
+                        path: path.to_path_buf(),
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(path).unwrap_or_default();
+                    if !held_by_dead_process_here(&holder) {
+                        return Ok(None);
+                    }
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn held_by_dead_process_here(holder: &str) -> bool {
+    let mut parts = holder.split_whitespace();
+    let (Some(host), Some(pid)) = (
+        parts.next(),
+        parts.next().and_then(|p| p.parse::<i32>().ok()),
+    ) else {
+        return false;
+    };
+    host == hostname() && !process_alive(pid)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -1,0 +1,80 @@
+//! Which keys trial N sets: a function of (sweep file, N) only, so trials come out the same in
+//! any order, at any concurrency, on any machine.
+
+use crate::sweep::spec::{Method, Sweep, Values};
+
+/// Trial `index`'s (key, value) pairs, in key order.
+pub fn params(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
+    match sweep.method {
+        Method::Grid => grid(sweep, index),
+        Method::Random => random(sweep, index),
+    }
+}
+
+/// Mixed-radix digits of `index`, the last key changing fastest (like nested loops).
+fn grid(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
+    let mut rest = index;
+    let mut out: Vec<(String, toml::Value)> = sweep
+        .space
+        .iter()
+        .rev()
+        // A grid holds lists only (checked when the sweep file loads).
+        .filter_map(|(key, values)| match values {
+            Values::Choice(choices) => {
+                let pick = choices[rest % choices.len()].clone();
+                rest /= choices.len();
+                Some((key.clone(), pick))
+            }
+            _ => None,
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+fn random(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
+    let mut rng = SplitMix64(sweep.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    sweep
+        .space
+        .iter()
+        .map(|(key, values)| {
+            let u = rng.unit();
+            let v = match values {
+                Values::Choice(c) => c[((u * c.len() as f64) as usize).min(c.len() - 1)].clone(),
+                Values::Uniform(lo, hi) => toml::Value::Float(round(lo + u * (hi - lo))),
+                Values::LogUniform(lo, hi) => {
+                    toml::Value::Float(round((lo.ln() + u * (hi.ln() - lo.ln())).exp()))
+                }
+                Values::IntUniform(lo, hi) => {
+                    let span = (hi - lo + 1) as f64;
+                    toml::Value::Integer(lo + ((u * span) as i64).min(hi - lo))
+                }
+            };
+            (key.clone(), v)
+        })
+        .collect()
+}
+
+/// Six significant digits: the value a user reads in the report is the value the trial used.
+fn round(x: f64) -> f64 {
+    format!("{x:.5e}").parse().expect("formatted float parses")
+}
+
+/// SplitMix64: tiny, and the same sequence on every platform and version (rand's StdRng
+/// promises neither).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
