@@ -113,7 +113,13 @@ pub fn run_trial(
         record.final_micro_batch_size = s["final_micro_batch_size"].as_u64().map(|n| n as usize);
     }
     if record.status != Status::Complete {
-        record.message = last_error(&dir.join("train.log"));
+        record.message = match code {
+            129..=191 if code != 130 && code != 143 => Some(format!(
+                "killed by signal {} (the kernel's out-of-memory killer sends 9)",
+                code - 128
+            )),
+            _ => last_error(&dir.join("train.log")),
+        };
     }
     learn_memory(store, &key, &record, &dir)?;
     store.write_record(&record)?;
