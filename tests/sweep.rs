@@ -473,3 +473,78 @@ fn bad_sweep_files_are_refused_before_any_trial_runs_naming_the_key() {
         "nope.toml",
     ]);
 }
+
+#[test]
+fn the_median_pruner_stops_a_trial_worse_than_the_others_at_a_rung_and_keeps_its_model() {
+    let s = Setup::new("max_steps = 6");
+    let base = std::fs::read_to_string(s.path("base.toml"))
+        .unwrap()
+        .replace("max_steps = 3\n", "");
+    std::fs::write(s.path("base.toml"), base).unwrap();
+    // Rungs every 16 rows = every 2 steps of 8; one earlier trial is enough to compare with.
+    s.sweep(
+        "",
+        "\"train.lr\" = [3e-3, 1e-5, 1e-2, 3e-5]\n\
+         [prune]\nmethod = \"median\"\nmin_rows = 16\nmin_trials = 1",
+    );
+    s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
+    let report = s.report();
+    let trials = report["trials"].as_array().unwrap();
+    let pruned: Vec<&Value> = trials.iter().filter(|t| t["status"] == "pruned").collect();
+    assert!(!pruned.is_empty(), "{report}");
+    assert!(trials.iter().any(|t| t["status"] == "complete"), "{report}");
+
+    // Every decision follows the rule, against the trials that ran before (one at a time).
+    let rung = |k: u32, i: usize| -> Option<f64> {
+        let path = s.path(&format!("sweep-out/rungs/rung-{k:02}-trial-{i:04}.json"));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        v["value"].as_f64()
+    };
+    for t in trials {
+        let i = t["index"].as_u64().unwrap() as usize;
+        let steps = lines(&s.trial_file(i, "metrics.jsonl"))
+            .iter()
+            .filter(|l| l.get("loss").is_some())
+            .count();
+        let last_rung = (0..3).rev().find(|&k| rung(k, i).is_some()).unwrap();
+        let mine = rung(last_rung, i).unwrap();
+        let below_median = |k: u32| {
+            let mut earlier: Vec<f64> = (0..i).filter_map(|j| rung(k, j)).collect();
+            earlier.sort_by(f64::total_cmp);
+            let n = earlier.len();
+            n > 0 && {
+                let median = if n % 2 == 1 {
+                    earlier[n / 2]
+                } else {
+                    (earlier[n / 2 - 1] + earlier[n / 2]) / 2.0
+                };
+                rung(k, i).unwrap() < median
+            }
+        };
+        for k in 0..last_rung {
+            assert!(
+                !below_median(k),
+                "trial {i} went on past rung {k}: {report}"
+            );
+        }
+        if t["status"] == "pruned" {
+            assert!(
+                below_median(last_rung),
+                "trial {i} pruned at rung {last_rung}: {report}"
+            );
+            assert_eq!(steps, 2 * (last_rung as usize + 1), "stopped at the rung");
+            assert_eq!(t["metric"].as_f64(), Some(mine), "its metric is the rung's");
+            assert!(
+                s.trial_file(i, "final/model.safetensors").exists(),
+                "model kept"
+            );
+            let events = lines(&s.trial_file(i, "events.jsonl"));
+            assert!(events.iter().any(|e| e["event"] == "pruned"), "{events:?}");
+        } else {
+            assert_eq!(steps, 6, "trial {i} ran to the end: {report}");
+            assert_eq!(last_rung, 2);
+            assert!(!below_median(2), "{report}");
+        }
+    }
+    assert_ne!(report["best"]["status"], "pruned");
+}

@@ -38,6 +38,9 @@ pub struct TrainArgs {
     /// script can always pass it.
     #[arg(long)]
     pub resume: bool,
+    /// A sweep trial's pruner file (written by `st-tune sweep run`).
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub prune: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -53,6 +56,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         output: if a.json { Output::Json } else { Output::Human },
         inject_oom: std::env::var(Injector::ENV).ok(),
         resume: a.resume,
+        pruner: a
+            .prune
+            .as_deref()
+            .map(crate::sweep::prune::Pruner::read)
+            .transpose()?,
         ..Default::default()
     };
     watch_signals(opts.interrupt.clone());

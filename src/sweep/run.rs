@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::policy::RunState;
+use crate::sweep::prune::Pruner;
 use crate::sweep::spec::Sweep;
 use crate::sweep::store::{self, MemoryNote, Status, Store, TrialRecord};
 use crate::sweep::trials;
@@ -94,12 +95,32 @@ pub fn run_trial(
     start_from_known_micro(&dir, &cfg, note.as_ref())?;
     store.write_record(&record)?;
 
+    let pruner = match &sweep.prune {
+        Some(p) => {
+            let path = dir.join("prune.json");
+            let pruner = Pruner {
+                method: p.method,
+                min_rows: p.min_rows,
+                reduction: p.reduction,
+                min_trials: p.min_trials,
+                metric: sweep.metric.split_once('.').map_or("", |m| m.1).to_string(),
+                goal: sweep.goal,
+                rungs_dir: absolute(&store.dir.join("rungs")),
+                trial: index,
+            };
+            let text = serde_json::to_string_pretty(&pruner).expect("plain data");
+            crate::atomic::write_file(&path, text.as_bytes())?;
+            Some(path)
+        }
+        None => None,
+    };
     let started = Instant::now();
-    let code = train_process(&config_path, &dir, interrupt)?;
+    let code = train_process(&config_path, pruner.as_deref(), &dir, interrupt)?;
     record.seconds = Some(started.elapsed().as_secs_f64());
     record.exit_code = Some(code);
     let summary = summary_of(&dir.join("train.jsonl"));
     record.status = match code {
+        0 if summary.as_ref().is_some_and(|s| !s["pruned_at"].is_null()) => Status::Pruned,
         0 if summary.is_some() => Status::Complete,
         3 => Status::Infeasible,
         130 | 143 => Status::Interrupted,
@@ -112,7 +133,7 @@ pub fn run_trial(
         record.ooms_recovered = s["ooms_recovered"].as_u64().map(|n| n as usize);
         record.final_micro_batch_size = s["final_micro_batch_size"].as_u64().map(|n| n as usize);
     }
-    if record.status != Status::Complete {
+    if !matches!(record.status, Status::Complete | Status::Pruned) {
         record.message = match code {
             129..=191 if code != 130 && code != 143 => Some(format!(
                 "killed by signal {} (the kernel's out-of-memory killer sends 9)",
@@ -155,7 +176,7 @@ fn learn_memory(store: &Store, key: &str, record: &TrialRecord, dir: &Path) -> R
             )),
             trial: record.index,
         },
-        Status::Complete => match RunState::read(dir)? {
+        Status::Complete | Status::Pruned => match RunState::read(dir)? {
             Some(s) if s.micro < s.max_micro => MemoryNote {
                 micro: Some(s.micro),
                 infeasible: None,
@@ -168,17 +189,26 @@ fn learn_memory(store: &Store, key: &str, record: &TrialRecord, dir: &Path) -> R
     store.note_memory(key, note)
 }
 
-/// `st-tune train --config CONFIG --resume --json`, its stdout to `train.jsonl` and stderr to
+/// `st-tune train --config CONFIG --resume --json [--prune FILE]`, its stdout to `train.jsonl` and stderr to
 /// `train.log` in the trial folder; returns its exit code (128 + signal if it was killed).
-fn train_process(config: &Path, dir: &Path, interrupt: &AtomicI32) -> Result<i32> {
+fn train_process(
+    config: &Path,
+    pruner: Option<&Path>,
+    dir: &Path,
+    interrupt: &AtomicI32,
+) -> Result<i32> {
     let exe = std::env::current_exe().map_err(|e| Error::io("st-tune executable", e))?;
     let file = |name: &str| {
         let p = dir.join(name);
         std::fs::File::create(&p).map_err(|e| Error::io(&p, e))
     };
-    let mut child = Command::new(exe)
-        .args(["train", "--resume", "--json", "--config"])
-        .arg(config)
+    let mut cmd = Command::new(exe);
+    cmd.args(["train", "--resume", "--json", "--config"])
+        .arg(config);
+    if let Some(p) = pruner {
+        cmd.arg("--prune").arg(p);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(file("train.jsonl")?)
         .stderr(file("train.log")?)

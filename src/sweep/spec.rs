@@ -17,7 +17,8 @@ pub enum Method {
     Random,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Goal {
     Max,
     Min,
@@ -34,6 +35,15 @@ pub enum Values {
     LogUniform(f64, f64),
     /// `{ int_uniform = [lo, hi] }`: an integer in [lo, hi], both included.
     IntUniform(i64, i64),
+}
+
+/// `[prune]`: stop weak trials at rungs counted in training rows (see `prune.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneSpec {
+    pub method: crate::sweep::prune::Method,
+    pub min_rows: usize,
+    pub reduction: usize,
+    pub min_trials: usize,
 }
 
 /// What a trial's result is judged by: a figure of the end-of-training evaluation
@@ -54,6 +64,8 @@ pub struct Sweep {
     pub goal: Goal,
     /// Sorted by key, so trial N's draw does not depend on the order of the file's lines.
     pub space: BTreeMap<String, Values>,
+    /// `[prune]`, if a method other than "none" is set.
+    pub prune: Option<PruneSpec>,
     /// The file's tables flattened (`sweep.seed`, `space.train.lr`, ...) with the base config's
     /// (`base.train.lr`, ...): what a sweep folder is checked against.
     pub fingerprint: BTreeMap<String, String>,
@@ -89,7 +101,7 @@ impl Sweep {
                 SWEEP_KEYS.join(", ")
             )));
         }
-        check_prune(&prune).map_err(&bad)?;
+        let prune_spec = parse_prune(&prune).map_err(&bad)?;
         let text_of = |key: &str| -> Result<Option<String>> {
             match sweep.get(key) {
                 None => Ok(None),
@@ -224,23 +236,46 @@ impl Sweep {
             metric,
             goal,
             space: values,
+            prune: prune_spec,
             fingerprint,
         })
     }
 }
 
-/// `[prune]` is accepted only as `method = "none"` for now.
-fn check_prune(prune: &toml::Table) -> std::result::Result<(), String> {
-    match prune.get("method") {
-        None if prune.is_empty() => Ok(()),
-        Some(toml::Value::String(m)) if m == "none" && prune.len() == 1 => Ok(()),
-        Some(toml::Value::String(m)) if m == "median" || m == "asha" => Err(format!(
-            "prune.method = {m:?} is not implemented yet; remove [prune] or set method = \"none\""
-        )),
-        _ => {
-            Err("[prune] takes method = \"none\" (median and asha are not implemented yet)".into())
-        }
+const PRUNE_KEYS: &[&str] = &["method", "min_rows", "reduction", "min_trials"];
+
+fn parse_prune(prune: &toml::Table) -> std::result::Result<Option<PruneSpec>, String> {
+    if let Some(k) = prune.keys().find(|k| !PRUNE_KEYS.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown key prune.{k}; [prune] takes {}",
+            PRUNE_KEYS.join(", ")
+        ));
     }
+    let positive = |key: &str, default: usize| match prune.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(n)) if *n > 0 => Ok(*n as usize),
+        Some(v) => Err(format!("prune.{key} must be a positive integer, not {v}")),
+    };
+    use crate::sweep::prune::Method;
+    let method = match prune.get("method").and_then(toml::Value::as_str) {
+        None if prune.is_empty() => return Ok(None),
+        Some("none") => return Ok(None),
+        Some("median") => Method::Median,
+        Some("asha") => Method::Asha,
+        _ => return Err("prune.method must be \"none\", \"median\" or \"asha\"".into()),
+    };
+    let reduction = positive("reduction", 3)?;
+    if method == Method::Asha && reduction < 2 {
+        return Err(format!(
+            "prune.reduction is {reduction}; asha needs at least 2"
+        ));
+    }
+    Ok(Some(PruneSpec {
+        method,
+        min_rows: positive("min_rows", 1000)?,
+        reduction,
+        min_trials: positive("min_trials", 3)?,
+    }))
 }
 
 fn parse_values(key: &str, v: &toml::Value) -> std::result::Result<Values, String> {

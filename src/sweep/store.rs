@@ -31,6 +31,8 @@ pub enum Status {
     /// A process is running it, or was when it died (then the next run resumes it).
     Running,
     Complete,
+    /// Stopped early by the pruner at a rung; its model and metrics are kept.
+    Pruned,
     /// Did not fit in memory even at micro-batch 1 with every allowed lever (exit 3).
     Infeasible,
     Failed,
@@ -41,7 +43,10 @@ pub enum Status {
 impl Status {
     /// Whether `sweep run` leaves the trial alone (`--trial N` retries a failed one).
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Complete | Status::Infeasible | Status::Failed)
+        matches!(
+            self,
+            Status::Complete | Status::Pruned | Status::Infeasible | Status::Failed
+        )
     }
 }
 

@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub inject_oom: Option<String>,
     /// Continue from the newest checkpoint in `output.dir` (`train --resume`).
     pub resume: bool,
+    /// A sweep trial's pruner: report at rungs, stop when out (`train --prune FILE`).
+    pub pruner: Option<crate::sweep::prune::Pruner>,
 }
 
 impl Default for RunOptions {
@@ -61,6 +63,7 @@ impl Default for RunOptions {
             interrupt: Arc::new(AtomicI32::new(0)),
             inject_oom: None,
             resume: false,
+            pruner: None,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Summary {
     pub steps: usize,
     /// The checkpoint step this run continued from (`--resume`), if any.
     pub resumed_from: Option<usize>,
+    /// The step after which a sweep's pruner stopped this trial, if it did.
+    pub pruned_at: Option<usize>,
     pub dev_before: Option<Correlation>,
     pub dev_after: Option<Correlation>,
     pub best_spearman: Option<f64>,
@@ -335,6 +340,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
     alloc::reset_peak();
     let mut peak_memory = 0u64;
+    // Set when a sweep's pruner stops the run: the evaluation at the rung, if any.
+    let mut pruned: Option<Option<Correlation>> = None;
 
     for step in start..total {
         let epoch = step / steps_per_epoch;
@@ -438,9 +445,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             samples = 0;
             window_start = Instant::now();
         }
+        let mut dev_now = None;
         if t.eval_steps > 0 && done % t.eval_steps == 0 && done < total {
             checkpoint::crash_point("eval", done);
-            if let Some(c) = dev_eval(&model)? {
+            dev_now = dev_eval(&model)?;
+            if let Some(c) = dev_now {
                 reporter.eval(done, "periodic", &c);
                 if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman > b) {
                     progress.best = Some(c.spearman);
@@ -451,6 +460,26 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                         done,
                         &format!("best dev Spearman {:.4}", c.spearman),
                     )?;
+                }
+            }
+        }
+        if let Some(p) = &opts.pruner {
+            let rows = (step * t.batch_size, done * t.batch_size);
+            if let Some(k) = crate::sweep::prune::rung_crossed(p, rows.0, rows.1) {
+                if dev_now.is_none() && p.metric != "loss" {
+                    dev_now = dev_eval(&model)?;
+                }
+                let value = match p.metric.as_str() {
+                    "loss" => Some(out.loss as f64),
+                    "pearson" => dev_now.map(|c| c.pearson),
+                    _ => dev_now.map(|c| c.spearman),
+                };
+                if let Some(v) = value {
+                    if p.report(k, rows.1, v)? {
+                        reporter.pruned(done, rows.1, v);
+                        pruned = Some(dev_now);
+                        break;
+                    }
                 }
             }
         }
@@ -482,8 +511,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let train_seconds = started.elapsed().as_secs_f64();
     reporter.finish();
 
-    let dev_after = dev_eval(&model)?;
-    if let Some(c) = &dev_after {
+    let steps = progress.step;
+    let dev_after = match pruned {
+        Some(at_rung) => at_rung,
+        None => dev_eval(&model)?,
+    };
+    if let (Some(c), None) = (&dev_after, &pruned) {
         reporter.eval(total, "after", c);
         if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman >= b) {
             progress.best = Some(c.spearman);
@@ -497,10 +530,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
     }
     let mem = &progress.mem;
-    save_final(&model, cfg, total, "finished", mem.micro, mem.max_micro)?;
+    let status = if pruned.is_some() {
+        "stopped early by the sweep's pruner"
+    } else {
+        "finished"
+    };
+    save_final(&model, cfg, steps, status, mem.micro, mem.max_micro)?;
     Ok(Summary {
-        steps: total,
+        steps,
         resumed_from: (start > 0).then_some(start),
+        pruned_at: pruned.is_some().then_some(steps),
         dev_before: progress.dev_before,
         dev_after,
         best_spearman: progress.best,

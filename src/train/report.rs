@@ -1,6 +1,6 @@
 //! One stream of run events to three places: `metrics.jsonl` (every logged step and every
 //! evaluation), `events.jsonl` (what happened to the run: each line has `"event"` — `oom`,
-//! `escalate`, `regrow`, `skipped_step`, `checkpoint`, `resume`, `interrupted` — and `"step"`,
+//! `escalate`, `regrow`, `skipped_step`, `checkpoint`, `resume`, `interrupted`, `pruned` — and `"step"`,
 //! the 1-based optimizer step it concerns), and the terminal: a progress bar on a TTY, plain
 //! lines otherwise, or JSON lines with `--json` (for scripts and sweeps).
 //!
@@ -238,6 +238,16 @@ impl Reporter {
             self.message(&format!(
                 "resuming after step {step} from {}",
                 path.display()
+            ));
+        }
+    }
+
+    /// A sweep's pruner stopped this trial at a rung.
+    pub fn pruned(&mut self, step: usize, rows: usize, value: f64) {
+        self.event("pruned", step, json!({ "rows": rows, "value": value }));
+        if self.output == Output::Human {
+            self.message(&format!(
+                "step {step}: stopped by the sweep's pruner ({value:.4} after {rows} rows)"
             ));
         }
     }
