@@ -448,9 +448,19 @@ fn bad_sweep_files_are_refused_before_any_trial_runs_naming_the_key() {
         &["range", "method = \"random\""],
     );
     check(
+        "method = \"bayes\"",
+        "\"train.lr\" = [1e-4]",
+        &["bayes", "\"tpe\""],
+    );
+    check(
         "method = \"tpe\"",
         "\"train.lr\" = [1e-4]",
-        &["tpe", "not implemented"],
+        &["sweep.trials", "required"],
+    );
+    check(
+        "",
+        "\"train.lr\" = [1e-4]\n[prune]\nmethod = \"asha\"\nreduction = 1",
+        &["prune.reduction", "at least 2"],
     );
     check(
         "metric = \"dev.accuracy\"",
@@ -547,4 +557,63 @@ fn the_median_pruner_stops_a_trial_worse_than_the_others_at_a_rung_and_keeps_its
         }
     }
     assert_ne!(report["best"]["status"], "pruned");
+}
+
+#[test]
+fn tpe_chooses_later_trials_from_the_finished_ones_reproducibly_one_at_a_time() {
+    let s = Setup::new("");
+    let space =
+        "\"train.lr\" = { log_uniform = [1e-5, 1e-2] }\n\"train.loss\" = [\"cosent\", \"cosine\"]";
+    let run = |dir: &str| {
+        std::fs::write(
+            s.path("sweep.toml"),
+            format!(
+                "[sweep]\nbase = \"base.toml\"\ndir = \"{dir}\"\nmethod = \"tpe\"\ntrials = 8\nseed = 3\n[space]\n{space}\n"
+            ),
+        )
+        .unwrap();
+        s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
+        s.report()
+    };
+    let listed = {
+        s.sweep("method = \"tpe\"\ntrials = 8\nseed = 3", space);
+        s.run(&["sweep", "list", "sweep.toml", "--json"], &[])
+            .ok()
+            .json_lines()
+    };
+    assert!(
+        listed[..5].iter().all(|t| t["params"].is_object()),
+        "random startup trials"
+    );
+    assert!(
+        listed[5..].iter().all(|t| t["params"].is_null()),
+        "chosen when they start"
+    );
+
+    let params = |report: &Value| -> Vec<(u64, String)> {
+        let mut p: Vec<(u64, String)> = report["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["index"].as_u64().unwrap(), t["params"].to_string()))
+            .collect();
+        p.sort();
+        p
+    };
+    let (a, b) = (run("tpe-a"), run("tpe-b"));
+    assert!(
+        a["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["status"] == "complete"),
+        "{a}"
+    );
+    assert_eq!(params(&a), params(&b), "one at a time, the same trials");
+    let lr = |t: &Value| t["params"]["train.lr"].as_f64().unwrap();
+    assert!(a["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| (1e-5..=1e-2).contains(&lr(t))));
 }

@@ -17,9 +17,10 @@ use crate::sweep::{self as sw, report, run, trials};
 
 /// Search hyperparameters: each trial is a `train` run of its own, in its own folder.
 ///
-/// The sweep file has `[sweep]` (base = the training config, dir, method = "grid" or "random",
+/// The sweep file has `[sweep]` (base = the training config, dir, method = "grid", "random" or "tpe",
 /// trials, seed, metric = "dev.spearman" | "dev.pearson" | "train.loss", goal = "max" | "min")
-/// and `[space]` (config key = [values] or { uniform | log_uniform | int_uniform = [lo, hi] }).
+/// `[space]` (config key = [values] or { uniform | log_uniform | int_uniform = [lo, hi] }) and
+/// optionally `[prune]` (method = "median" or "asha", min_rows, reduction, min_trials).
 /// Trials keep their batch size and loss exact under OOM; one that cannot fit at all is
 /// "infeasible", and the sweep goes on. See docs/sweeps.md.
 #[derive(Debug, Args)]
@@ -85,7 +86,15 @@ fn list(a: ListArgs) -> Result<()> {
     // Planning loads the model and tokenizes the data: once per distinct memory setting.
     let mut plans = HashMap::new();
     for index in 0..sweep.trials {
-        let cfg = run::trial_config(&sweep, &store, index)?;
+        let Some(params) = trials::params(&sweep, index) else {
+            if a.json {
+                crate::say!("{}", json!({"index": index, "params": null}));
+            } else {
+                crate::say!("trial {index:>4}  keys chosen by TPE when it starts");
+            }
+            continue;
+        };
+        let cfg = run::trial_config(&sweep, &store, index, &params)?;
         let key = (store::memory_key(&cfg), cfg.train.micro_batch().to_string());
         if !plans.contains_key(&key) {
             let loaded = crate::train::load(&cfg)?;
@@ -93,7 +102,7 @@ fn list(a: ListArgs) -> Result<()> {
             plans.insert(key.clone(), crate::train::plan(&cfg, &loaded, &budget)?);
         }
         let plan = &plans[&key];
-        let params: serde_json::Map<String, serde_json::Value> = trials::params(&sweep, index)
+        let params: serde_json::Map<String, serde_json::Value> = params
             .into_iter()
             .map(|(k, v)| (k, serde_json::to_value(v).expect("TOML values are JSON")))
             .collect();

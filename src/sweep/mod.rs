@@ -14,6 +14,7 @@ pub mod report;
 pub mod run;
 pub mod spec;
 pub mod store;
+pub mod tpe;
 pub mod trials;
 
 use std::sync::atomic::{AtomicI32, Ordering};

@@ -14,9 +14,14 @@ use crate::sweep::{best, trials};
 /// All trials' records (pending ones included), best first: complete trials by the metric,
 /// then the rest by index.
 pub fn records(sweep: &Sweep, store: &Store) -> Result<Vec<TrialRecord>> {
-    let mut all = (0..sweep.trials)
-        .map(|i| store.record(i, &trials::params(sweep, i)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut all = Vec::new();
+    for i in 0..sweep.trials {
+        all.push(match store.record(i)? {
+            Some(r) => r,
+            // A TPE trial not started yet has no keys yet.
+            None => TrialRecord::new(i, &trials::params(sweep, i).unwrap_or_default()),
+        });
+    }
     let best_first = |r: &TrialRecord| match (r.status, r.metric) {
         (Status::Complete, Some(m)) if m.is_finite() => match sweep.goal {
             crate::sweep::spec::Goal::Max => -m,

@@ -13,15 +13,18 @@ use crate::memory::policy::RunState;
 use crate::sweep::prune::Pruner;
 use crate::sweep::spec::Sweep;
 use crate::sweep::store::{self, MemoryNote, Status, Store, TrialRecord};
+use crate::sweep::tpe::{self, Observation};
 use crate::sweep::trials;
 
 /// Trial `index`'s config: the base config, the trial's keys, and its own output folder.
 /// Local paths are made absolute so the trial runs from any working directory (a scheduler's).
-pub fn trial_config(sweep: &Sweep, store: &Store, index: usize) -> Result<Config> {
-    let mut sets: Vec<String> = trials::params(sweep, index)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+pub fn trial_config(
+    sweep: &Sweep,
+    store: &Store,
+    index: usize,
+    params: &[(String, toml::Value)],
+) -> Result<Config> {
+    let mut sets: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let out = absolute(&store.trial_dir(index));
     sets.push(format!(
         "output.dir={}",
@@ -65,16 +68,25 @@ pub fn run_trial(
     interrupt: &AtomicI32,
 ) -> Result<Option<TrialRecord>> {
     check_index(sweep, index)?;
-    let params = trials::params(sweep, index);
-    let mut record = store.record(index, &params)?;
-    if record.status.is_final() && !(retry_failed && record.status == Status::Failed) {
-        return Ok(Some(record));
+    let earlier = store.record(index)?;
+    if let Some(r) = &earlier {
+        if r.status.is_final() && !(retry_failed && r.status == Status::Failed) {
+            return Ok(Some(r.clone()));
+        }
     }
     let Some(_lock) = store.claim(index)? else {
         return Ok(None);
     };
+    // A trial that started before keeps its keys (TPE's depend on when it started).
+    let params: Vec<(String, toml::Value)> = match earlier {
+        Some(r) if !r.params.is_empty() => r.params.into_iter().collect(),
+        _ => match trials::params(sweep, index) {
+            Some(p) => p,
+            None => tpe_suggestion(sweep, store, index)?,
+        },
+    };
     let dir = store.trial_dir(index);
-    let cfg = trial_config(sweep, store, index)?;
+    let cfg = trial_config(sweep, store, index, &params)?;
     let config_path = dir.join("config.toml");
     let text =
         toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
@@ -82,7 +94,7 @@ pub fn run_trial(
 
     let key = store::memory_key(&cfg);
     let note = store.memory_note(&key)?;
-    record = TrialRecord {
+    let mut record = TrialRecord {
         status: Status::Running,
         ..TrialRecord::new(index, &params)
     };
@@ -145,6 +157,35 @@ pub fn run_trial(
     learn_memory(store, &key, &record, &dir)?;
     store.write_record(&record)?;
     Ok(Some(record))
+}
+
+/// TPE's keys for trial `index`, from the trials before it that have a result.
+fn tpe_suggestion(
+    sweep: &Sweep,
+    store: &Store,
+    index: usize,
+) -> Result<Vec<(String, toml::Value)>> {
+    let mut finished = Vec::new();
+    for i in 0..index {
+        if let Some(r) = store.record(i)? {
+            let metric = match r.status {
+                Status::Complete | Status::Pruned if r.metric.is_some_and(f64::is_finite) => {
+                    r.metric
+                }
+                Status::Infeasible => None,
+                _ => continue,
+            };
+            finished.push((r.params.into_iter().collect::<Vec<_>>(), metric));
+        }
+    }
+    let history: Vec<Observation> = finished
+        .iter()
+        .map(|(params, metric)| Observation {
+            params,
+            metric: *metric,
+        })
+        .collect();
+    Ok(tpe::suggest(sweep, index, &history))
 }
 
 /// A trial whose memory settings an earlier trial already cut down starts at that micro-batch

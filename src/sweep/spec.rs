@@ -15,6 +15,8 @@ pub enum Method {
     Grid,
     /// `trials` independent draws; trial N's draw depends only on (seed, N).
     Random,
+    /// Tree-structured Parzen Estimator: random first trials, then chosen from the history.
+    Tpe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -137,16 +139,10 @@ impl Sweep {
         let method = match text_of("method")?.as_deref() {
             None | Some("grid") => Method::Grid,
             Some("random") => Method::Random,
-            Some("tpe") => {
-                return Err(bad(
-                    "sweep.method = \"tpe\" is not implemented yet; use \"grid\" \
-                                or \"random\""
-                        .into(),
-                ))
-            }
+            Some("tpe") => Method::Tpe,
             Some(m) => {
                 return Err(bad(format!(
-                    "sweep.method = {m:?}; use \"grid\" or \"random\""
+                    "sweep.method = {m:?}; use \"grid\", \"random\" or \"tpe\""
                 )))
             }
         };
@@ -203,14 +199,15 @@ impl Sweep {
                     })
                     .product()
             }
-            Method::Random => match int_of("trials")? {
-                Some(n) if n > 0 => n as usize,
-                _ => {
-                    return Err(bad(
-                        "sweep.trials (a positive integer) is required for random sweeps".into(),
-                    ))
+            Method::Random | Method::Tpe => {
+                match int_of("trials")? {
+                    Some(n) if n > 0 => n as usize,
+                    _ => return Err(bad(
+                        "sweep.trials (a positive integer) is required for random and tpe sweeps"
+                            .into(),
+                    )),
                 }
-            },
+            }
         };
         let mut fingerprint = BTreeMap::new();
         for (section, t) in [("sweep", &sweep), ("space", &space), ("prune", &prune)] {

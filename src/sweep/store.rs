@@ -154,19 +154,17 @@ impl Store {
         self.dir.join(format!("trial-{index:04}"))
     }
 
-    /// The trial's record; `Pending` when it never started.
-    pub fn record(&self, index: usize, params: &[(String, toml::Value)]) -> Result<TrialRecord> {
+    /// The trial's record; `None` when it never started.
+    pub fn record(&self, index: usize) -> Result<Option<TrialRecord>> {
         let path = self.trial_dir(index).join("trial.json");
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
                 Error::sweep(
                     &path,
                     format!("is damaged ({e}); delete it to run the trial again"),
                 )
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(TrialRecord::new(index, params))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&path, e)),
         }
     }

@@ -1,13 +1,18 @@
-//! Which keys trial N sets: a function of (sweep file, N) only, so trials come out the same in
-//! any order, at any concurrency, on any machine.
+//! Which keys trial N sets. For grid and random sweeps (and TPE's first trials) a function of
+//! (sweep file, N) only, so trials come out the same in any order, at any concurrency, on any
+//! machine; later TPE trials are chosen from the history when they start (`tpe.rs`).
 
 use crate::sweep::spec::{Method, Sweep, Values};
+use crate::sweep::tpe::STARTUP_TRIALS;
 
-/// Trial `index`'s (key, value) pairs, in key order.
-pub fn params(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
+/// Trial `index`'s (key, value) pairs in key order; `None` for a TPE trial past the startup
+/// ones, whose keys are chosen from the finished trials when it starts.
+pub fn params(sweep: &Sweep, index: usize) -> Option<Vec<(String, toml::Value)>> {
     match sweep.method {
-        Method::Grid => grid(sweep, index),
-        Method::Random => random(sweep, index),
+        Method::Grid => Some(grid(sweep, index)),
+        Method::Random => Some(random(sweep, index)),
+        Method::Tpe if index < STARTUP_TRIALS => Some(random(sweep, index)),
+        Method::Tpe => None,
     }
 }
 
@@ -33,7 +38,7 @@ fn grid(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
 }
 
 fn random(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
-    let mut rng = SplitMix64(sweep.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng = SplitMix64::new(sweep.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     sweep
         .space
         .iter()
@@ -56,15 +61,19 @@ fn random(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
 }
 
 /// Six significant digits: the value a user reads in the report is the value the trial used.
-fn round(x: f64) -> f64 {
+pub fn round(x: f64) -> f64 {
     format!("{x:.5e}").parse().expect("formatted float parses")
 }
 
 /// SplitMix64: tiny, and the same sequence on every platform and version (rand's StdRng
 /// promises neither).
-struct SplitMix64(u64);
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -74,7 +83,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
+    pub fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
