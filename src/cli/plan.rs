@@ -31,7 +31,7 @@ pub struct PlanArgs {
 pub fn run(a: PlanArgs) -> Result<()> {
     let cfg = Config::load(&a.config, &a.set)?;
     let loaded = crate::train::load(&cfg)?;
-    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+    let budget = MemoryBudget::new(cfg.memory.limit.as_ref(), &loaded.model.device)?;
     let p = crate::train::plan(&cfg, &loaded, &budget)?;
     if a.json {
         println!("{}", serde_json::to_string(&p).expect("plain struct"));

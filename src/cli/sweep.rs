@@ -98,7 +98,7 @@ fn list(a: ListArgs) -> Result<()> {
         let key = (store::memory_key(&cfg), cfg.train.micro_batch().to_string());
         if !plans.contains_key(&key) {
             let loaded = crate::train::load(&cfg)?;
-            let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+            let budget = MemoryBudget::new(cfg.memory.limit.as_ref(), &loaded.model.device)?;
             plans.insert(key.clone(), crate::train::plan(&cfg, &loaded, &budget)?);
         }
         let plan = &plans[&key];

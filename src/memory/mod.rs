@@ -8,7 +8,7 @@ pub mod policy;
 
 use candle_core::Device;
 
-use crate::config::parse_memory_limit;
+use crate::config::MemoryLimit;
 use crate::error::Result;
 
 /// `memory.limit` resolved to bytes. On CPU the counting allocator measures use, and going
@@ -27,10 +27,10 @@ impl MemoryBudget {
     /// `spec` as in `memory.limit`; a percentage is of the total memory of the machine (CPU)
     /// or of the device (CUDA). Without a spec: no limit on CPU, the free device memory on
     /// CUDA.
-    pub fn new(spec: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn new(spec: Option<&MemoryLimit>, device: &Device) -> Result<Self> {
         if let Some((free, total)) = device_memory(device) {
             let limit = match spec {
-                Some(s) => parse_memory_limit(s)?.bytes_of(total),
+                Some(s) => s.bytes_of(total),
                 None => free,
             };
             return Ok(Self {
@@ -38,10 +38,7 @@ impl MemoryBudget {
                 cuda: Some((device.clone(), total - free)),
             });
         }
-        let limit = match spec {
-            None => None,
-            Some(s) => Some(parse_memory_limit(s)?.bytes_of(meminfo("MemTotal:").unwrap_or(0))),
-        };
+        let limit = spec.map(|s| s.bytes_of(meminfo("MemTotal:").unwrap_or(0)));
         Ok(Self { limit, cuda: None })
     }
 

@@ -10,6 +10,7 @@
 
 use std::path::Path;
 
+use crate::config::Lever;
 use crate::error::{Error, Result};
 
 /// What the policy remembers between steps; saved with the run so a resumed run starts from
@@ -67,8 +68,8 @@ impl MemState {
 
     /// The next lever to pull once micro-batch 1 does not fit, in the user's order; None when
     /// every allowed lever is already pulled.
-    pub fn escalate<'a>(&mut self, allowed: &'a [String]) -> Option<&'a str> {
-        let lever = allowed.get(self.escalated)?;
+    pub fn escalate(&mut self, allowed: &[Lever]) -> Option<Lever> {
+        let lever = *allowed.get(self.escalated)?;
         self.escalated += 1;
         self.recovered += 1;
         Some(lever)
@@ -166,13 +167,10 @@ mod tests {
     #[test]
     fn levers_are_pulled_in_the_given_order_and_only_once() {
         let mut s = MemState::new(1, 100);
-        let allowed = vec![
-            "gradient_checkpointing".to_string(),
-            "max_seq_length".to_string(),
-        ];
+        let allowed = [Lever::GradientCheckpointing, Lever::MaxSeqLength];
         assert_eq!(s.decide(Event::Oom), Action::GiveUp);
-        assert_eq!(s.escalate(&allowed), Some("gradient_checkpointing"));
-        assert_eq!(s.escalate(&allowed), Some("max_seq_length"));
+        assert_eq!(s.escalate(&allowed), Some(Lever::GradientCheckpointing));
+        assert_eq!(s.escalate(&allowed), Some(Lever::MaxSeqLength));
         assert_eq!(s.escalate(&allowed), None);
         assert_eq!(s.escalate(&[]), None);
     }

@@ -242,7 +242,7 @@ pub fn memory_key(cfg: &Config) -> String {
         t.freeze_layers,
         t.freezes_embeddings(),
         m.device,
-        cfg.memory.limit
+        cfg.memory.limit.as_ref().map(|l| l.as_str())
     )
 }
 

@@ -411,7 +411,7 @@ mod tests {
         let mut b = a.clone();
         b.train.log_steps = 1;
         b.output.checkpoint_steps = 3;
-        b.memory.limit = Some("1GiB".into());
+        b.memory.limit = Some(crate::config::parse_memory_limit("1GiB").unwrap());
         assert!(config_differences(&a, &b).is_empty());
         b.train.lr = 1e-3;
         b.train.max_steps = Some(7);

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, MicroBatch, Precision};
+use crate::config::{Config, Lever, MicroBatch, Precision};
 use crate::data::batch::{epoch_order, longest_first};
 use crate::data::read::read_dataset;
 use crate::data::tokenize::TextTokenizer;
@@ -182,7 +182,7 @@ pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan
         Some(b) => (
             b,
             match &cfg.memory.limit {
-                Some(l) => format!("memory.limit = {l:?}"),
+                Some(l) => format!("memory.limit = {:?}", l.as_str()),
                 None => "free device memory".to_string(),
             },
         ),
@@ -211,7 +211,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     // Decided before anything is written, so a refused run leaves the folder as it was.
     let resume = checkpoint_to_resume(cfg, opts.resume)?;
     let loaded = load(cfg)?;
-    let budget = MemoryBudget::new(cfg.memory.limit.as_deref(), &loaded.model.device)?;
+    let budget = MemoryBudget::new(cfg.memory.limit.as_ref(), &loaded.model.device)?;
     let planned = plan(cfg, &loaded, &budget)?;
     let restored = match &resume {
         Resume::From { path, fallback } => {
@@ -301,7 +301,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     match restored {
         Some(r) => {
             // The levers the OOM handler had pulled, in the order it pulled them.
-            for lever in &cfg.memory.escalate[..r.progress.mem.escalated] {
+            for &lever in &cfg.memory.escalate[..r.progress.mem.escalated] {
                 levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
             }
             optimizer.restore(r.adam_step, r.moments);
@@ -377,11 +377,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                     // Pull the next allowed lever and retry the same step from scratch.
                     Some(lever) => {
                         levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
-                        if lever == "f16" {
+                        if lever == Lever::F16 {
                             *scaler = LossScaler::new(Precision::F16);
                             runner.loss_scale = scaler.scale;
                         }
-                        reporter.escalated(step + 1, lever);
+                        reporter.escalated(step + 1, lever.as_str());
                     }
                     None => {
                         save_final(
@@ -707,30 +707,24 @@ struct Levers {
 }
 
 impl Levers {
-    /// Pulls `lever` (a `memory.escalate` value). Pulling "f16" also needs a fresh loss
-    /// scaler, which the caller owns.
+    /// Pulls `lever`. Pulling f16 also needs a fresh loss scaler, which the caller owns.
     fn pull(
         &mut self,
-        lever: &str,
+        lever: Lever,
         runner: &mut StepRunner,
         data: &mut TokenizedData,
         model: &SentenceModel,
         set: &Dataset,
     ) -> Result<()> {
         match lever {
-            "gradient_checkpointing" => self.checkpointing = true,
-            "bf16" => self.precision = Precision::Bf16,
-            "f16" => self.precision = Precision::F16,
-            "max_seq_length" => {
+            Lever::GradientCheckpointing => self.checkpointing = true,
+            Lever::Bf16 => self.precision = Precision::Bf16,
+            Lever::F16 => self.precision = Precision::F16,
+            Lever::MaxSeqLength => {
                 self.max_seq_length = (self.max_seq_length / 2).max(8);
                 let mut tok = model.tokenizer.clone();
                 tok.set_max_seq_length(self.max_seq_length)?;
                 *data = tokenize(&tok, set)?;
-            }
-            other => {
-                return Err(Error::Internal(format!(
-                    "memory.escalate lever `{other}` passed validation"
-                )))
             }
         }
         runner.set_levers(self.precision, self.checkpointing)

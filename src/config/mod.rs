@@ -2,144 +2,38 @@
 //! `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
 //! (file first, `--set` wins).
 //!
-//! Every key is documented once, in [`KEYS`]; that table drives `st-tune config --defaults`
-//! ([`defaults_toml`]), the list of valid keys in unknown-key errors and the "expected …" text
-//! of type errors. Default *values* live in the `Default` impls only; a test checks that the
-//! table and the structs name the same keys.
+//! Every key is declared once, in `keys.rs`: type, default, help, the rule its value follows,
+//! and whether it changes the trained model. From that one declaration come the struct field,
+//! `config --defaults` ([`defaults_toml`]), the list of valid keys in unknown-key errors, the
+//! "expected …" text of type errors, the checks of [`Config::validate`], the keys a resumed run
+//! may change ([`changes_result`]) and what a sweep may search over.
 //!
 //! Loading happens in three passes so that every error names the key at fault:
 //! 1. parse TOML and apply overrides (syntax errors name the file, line and column);
-//! 2. check every key against [`KEYS`] (unknown keys get a "did you mean" suggestion);
+//! 2. check every key against the declarations (unknown keys get a "did you mean" suggestion);
 //! 3. deserialize, key by key first, so a type error reads
 //!    ``config key `train.batch_size`: expected a positive integer, got "sixteen"``.
+//!    Typed values are parsed here, once: `memory.limit` into a [`MemoryLimit`],
+//!    `memory.escalate` into [`Lever`]s.
 //!
-//! Semantic checks that look at more than one key (micro-batch vs batch size, a parsable
-//! memory limit, …) are in [`Config::validate`], which the caller runs after `load`:
-//! `load` alone accepts the printed defaults, whose `model.path` and `data.train` are empty.
+//! [`Config::validate`], which the caller runs after `load`, applies each key's own rule and
+//! the rules between keys (a micro-batch no larger than the batch): `load` alone accepts the
+//! printed defaults, whose `model.path` and `data.train` are empty.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::read::Format;
 use crate::error::{Error, Result};
 
-/// The whole training config. See [`defaults_toml`] for every key with its meaning.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub model: ModelSection,
-    pub data: DataSection,
-    pub train: TrainSection,
-    pub memory: MemorySection,
-    pub output: OutputSection,
-}
-
-/// `[model]`: which model to fine-tune, and where.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelSection {
-    /// Local sentence-transformers folder or Hugging Face hub id. Required.
-    pub path: String,
-    /// Truncate inputs to this many tokens; `None` keeps the model's own limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_seq_length: Option<usize>,
-    /// Device name, resolved by the caller ("cpu", "cuda", …).
-    pub device: String,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            path: String::new(),
-            max_seq_length: None,
-            device: "cpu".into(),
-        }
-    }
-}
-
-/// `[data]`: the training (and evaluation) files and how to read them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataSection {
-    /// Training file. Required.
-    pub train: PathBuf,
-    /// Scored pairs evaluated before, during and after training.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dev: Option<PathBuf>,
-    /// File format; `None` picks it from the extension.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub format: Option<Format>,
-    /// Role (anchor, positive, …) → column name in the file; `None` takes the header's names.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub columns: Option<BTreeMap<String, String>>,
-    /// Batch rows of similar length together, to pad less.
-    pub group_by_length: bool,
-    /// Read only the first N rows of each file.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<usize>,
-}
-
-/// `[train]`: loss, schedule and optimizer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainSection {
-    pub loss: LossKind,
-    pub epochs: usize,
-    /// Stop after this many optimizer steps; `None` lets `epochs` decide.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_steps: Option<usize>,
-    /// Rows per optimizer step.
-    pub batch_size: usize,
-    /// Rows per forward/backward pass; `None` means the whole batch. Read it through
-    /// [`TrainSection::micro_batch`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub micro_batch_size: Option<MicroBatch>,
-    pub lr: f64,
-    pub warmup_ratio: f64,
-    pub weight_decay: f64,
-    /// Clip the global gradient norm to this; 0 turns clipping off.
-    pub max_grad_norm: f64,
-    pub seed: u64,
-    /// Evaluate every N optimizer steps; 0 only before and after training.
-    pub eval_steps: usize,
-    pub log_steps: usize,
-    /// Similarity scale (1 / temperature) of mnrl and cosent.
-    pub scale: f64,
-    pub precision: Precision,
-    /// `None`: frozen when `freeze_layers > 0`. Read it through
-    /// [`TrainSection::freezes_embeddings`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub freeze_embeddings: Option<bool>,
-    pub freeze_layers: usize,
-    pub gradient_checkpointing: bool,
-}
-
-impl Default for TrainSection {
-    fn default() -> Self {
-        TrainSection {
-            loss: LossKind::Cosent,
-            epochs: 1,
-            max_steps: None,
-            batch_size: 16,
-            micro_batch_size: None,
-            lr: 2e-5,
-            warmup_ratio: 0.1,
-            weight_decay: 0.01,
-            max_grad_norm: 1.0,
-            seed: 42,
-            eval_steps: 0,
-            log_steps: 10,
-            scale: 20.0,
-            precision: Precision::F32,
-            freeze_embeddings: None,
-            freeze_layers: 0,
-            gradient_checkpointing: false,
-        }
-    }
-}
+mod keys;
+pub use keys::{
+    all_keys, DataSection, KeyDoc, MemorySection, ModelSection, OutputSection, TrainSection,
+    SECTIONS,
+};
 
 impl TrainSection {
     /// Whether the embedding layer trains: frozen with the layers above it unless the user
@@ -155,53 +49,15 @@ impl TrainSection {
     }
 }
 
-/// `[memory]`: the budget and what the out-of-memory handler may change to stay in it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The whole training config. See [`defaults_toml`] for every key with its meaning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MemorySection {
-    /// "6GiB", "512MiB", "80%" (of the device's memory); parse with [`parse_memory_limit`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<String>,
-    /// Successful steps at a reduced micro-batch before trying a larger one again.
-    pub regrow_after: usize,
-    /// Levers (from [`ESCALATE_LEVERS`]) to pull, in order, once micro-batch 1 still fails.
-    pub escalate: Vec<String>,
-}
-
-impl Default for MemorySection {
-    fn default() -> Self {
-        MemorySection {
-            limit: None,
-            regrow_after: 100,
-            escalate: Vec::new(),
-        }
-    }
-}
-
-/// `[output]`: where the fine-tuned model and logs go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutputSection {
-    pub dir: PathBuf,
-    /// Keep the checkpoint with the best dev score (else the last one).
-    pub save_best: bool,
-    /// Save a resumable checkpoint every N optimizer steps; 0: only on interrupt.
-    pub checkpoint_steps: usize,
-    /// Newest checkpoints kept.
-    pub keep_checkpoints: usize,
-}
-
-impl Default for OutputSection {
-    fn default() -> Self {
-        OutputSection {
-            dir: PathBuf::from("output/run"),
-            save_best: true,
-            // As the Hugging Face Trainer's save_steps: a few minutes of lost work at most on
-            // a GPU, and a MiniLM checkpoint (weights and AdamW moments) writes in under a second.
-            checkpoint_steps: 500,
-            keep_checkpoints: 2,
-        }
-    }
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub memory: MemorySection,
+    pub output: OutputSection,
 }
 
 /// The training loss; see `losses/` for what each computes and when to use it.
@@ -315,23 +171,89 @@ impl<'de> Deserialize<'de> for MicroBatch {
     }
 }
 
-/// The values `memory.escalate` may list.
-pub const ESCALATE_LEVERS: &[&str] = &["gradient_checkpointing", "bf16", "f16", "max_seq_length"];
+/// A `memory.escalate` lever: what the OOM handler may switch on when even one row per pass
+/// does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lever {
+    GradientCheckpointing,
+    Bf16,
+    F16,
+    /// Halve `model.max_seq_length` (at least 8 tokens).
+    MaxSeqLength,
+}
 
-/// A parsed `memory.limit`: an absolute size, or a fraction (0, 1] of the device's memory.
+impl Lever {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lever::GradientCheckpointing => "gradient_checkpointing",
+            Lever::Bf16 => "bf16",
+            Lever::F16 => "f16",
+            Lever::MaxSeqLength => "max_seq_length",
+        }
+    }
+}
+
+impl fmt::Display for Lever {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `memory.escalate`'s own rules: each lever once, not both half types.
+fn check_levers(levers: &[Lever]) -> std::result::Result<(), String> {
+    for (i, lever) in levers.iter().enumerate() {
+        if levers[..i].contains(lever) {
+            return Err(format!("lists \"{lever}\" twice"));
+        }
+    }
+    if levers.contains(&Lever::Bf16) && levers.contains(&Lever::F16) {
+        return Err("lists both \"bf16\" and \"f16\"; keep the one your device supports".into());
+    }
+    Ok(())
+}
+
+/// A parsed `memory.limit`: an absolute size, or a fraction (0, 1] of the device's memory,
+/// with the text it was written as (shown in messages, written back to configs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryLimit {
+    text: String,
+    amount: Amount,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MemoryLimit {
+enum Amount {
     Bytes(u64),
     Fraction(f64),
 }
 
 impl MemoryLimit {
     /// The limit in bytes on a device with `total` bytes.
-    pub fn bytes_of(self, total: u64) -> u64 {
-        match self {
-            MemoryLimit::Bytes(b) => b,
-            MemoryLimit::Fraction(f) => (total as f64 * f) as u64,
+    pub fn bytes_of(&self, total: u64) -> u64 {
+        match self.amount {
+            Amount::Bytes(b) => b,
+            Amount::Fraction(f) => (total as f64 * f) as u64,
         }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Serialize for MemoryLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_memory_limit(&text).map_err(|e| match e {
+            Error::Config { msg, .. } => serde::de::Error::custom(msg),
+            other => serde::de::Error::custom(other),
+        })
     }
 }
 
@@ -353,7 +275,10 @@ pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit> {
                 format!("`{s}`: a percentage must be above 0% and at most 100%"),
             ));
         }
-        return Ok(MemoryLimit::Fraction(p / 100.0));
+        return Ok(MemoryLimit {
+            text: s.to_string(),
+            amount: Amount::Fraction(p / 100.0),
+        });
     }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -391,342 +316,18 @@ pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit> {
     if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
         return Err(Error::config(KEY, format!("`{s}` is not a usable size")));
     }
-    Ok(MemoryLimit::Bytes(bytes as u64))
+    Ok(MemoryLimit {
+        text: s.to_string(),
+        amount: Amount::Bytes(bytes as u64),
+    })
 }
-
-/// One documented config key. `example` is shown (commented out) by [`defaults_toml`] for
-/// keys whose default is "unset"; keys with a default value show that value instead.
-pub struct KeyDoc {
-    pub section: &'static str,
-    pub key: &'static str,
-    /// What a value must look like, for type errors: "expected {expects}, got …".
-    pub expects: &'static str,
-    /// One or more lines of help, printed as comments above the key.
-    pub help: &'static str,
-    /// A TOML value, for keys without a default value.
-    pub example: Option<&'static str>,
-}
-
-impl KeyDoc {
-    /// "section.key", as users write it in `--set` and as errors name it.
-    pub fn full_key(&self) -> String {
-        format!("{}.{}", self.section, self.key)
-    }
-}
-
-/// The sections, in file order, with one line of help each.
-pub const SECTIONS: &[(&str, &str)] = &[
-    ("model", "The model to fine-tune."),
-    ("data", "Training and evaluation data."),
-    ("train", "Loss, schedule and optimizer."),
-    (
-        "memory",
-        "Memory budget, and what the out-of-memory handler may change to stay within it.",
-    ),
-    (
-        "output",
-        "Where the fine-tuned model, checkpoints and logs go.",
-    ),
-];
-
-const POSITIVE_INT: &str = "a positive integer";
-const NON_NEGATIVE_INT: &str = "a non-negative integer";
-const BOOL: &str = "true or false";
-const PATH: &str = "a file path (a string)";
-
-/// Every config key, documented once, in the order `config --defaults` prints them.
-pub const KEYS: &[KeyDoc] = &[
-    // [model]
-    KeyDoc {
-        section: "model",
-        key: "path",
-        expects: "a string: a local folder or a hub id",
-        help: "Required. A local sentence-transformers folder or a Hugging Face hub id,\n\
-               e.g. \"sentence-transformers/all-MiniLM-L6-v2\".",
-        example: None,
-    },
-    KeyDoc {
-        section: "model",
-        key: "max_seq_length",
-        expects: POSITIVE_INT,
-        help: "Truncate every text to this many tokens. Unset: the model's own max_seq_length.",
-        example: Some("256"),
-    },
-    KeyDoc {
-        section: "model",
-        key: "device",
-        expects: "a device name such as \"cpu\" or \"cuda\"",
-        help: "Where to train: \"cpu\" or a GPU such as \"cuda\".",
-        example: None,
-    },
-    // [data]
-    KeyDoc {
-        section: "data",
-        key: "train",
-        expects: PATH,
-        help: "Required. Training file: CSV, TSV or JSON lines with a header (or keys) naming\n\
-               the columns anchor,positive[,negative] or sentence1,sentence2,score.",
-        example: None,
-    },
-    KeyDoc {
-        section: "data",
-        key: "dev",
-        expects: PATH,
-        help: "Evaluation file of sentence1,sentence2,score rows: Spearman correlation of\n\
-               cosine similarity, before, during (see train.eval_steps) and after training.",
-        example: Some("\"data/dev.csv\""),
-    },
-    KeyDoc {
-        section: "data",
-        key: "format",
-        expects: "one of \"csv\", \"tsv\", \"jsonl\"",
-        help: "File format: \"csv\", \"tsv\" or \"jsonl\". Unset: taken from the file extension\n\
-               (.csv, .tsv, .jsonl, .json).",
-        example: Some("\"csv\""),
-    },
-    KeyDoc {
-        section: "data",
-        key: "columns",
-        expects:
-            "a table of role = \"column name\", e.g. { anchor = \"query\", positive = \"answer\" }",
-        help: "Which column of the file plays which role, when the header does not use the role\n\
-               names. Roles: anchor, positive, negative (pairs, triplets) or sentence1,\n\
-               sentence2, score (scored pairs). Other columns are ignored.\n\
-               On the command line: --set data.columns.anchor=query",
-        example: Some("{ anchor = \"query\", positive = \"answer\" }"),
-    },
-    KeyDoc {
-        section: "data",
-        key: "group_by_length",
-        expects: BOOL,
-        help: "Put rows of similar length in the same batch, so less padding is computed.",
-        example: None,
-    },
-    KeyDoc {
-        section: "data",
-        key: "limit",
-        expects: POSITIVE_INT,
-        help: "Read only the first N rows of each file (handy for a quick smoke run).",
-        example: Some("1000"),
-    },
-    // [train]
-    KeyDoc {
-        section: "train",
-        key: "loss",
-        expects: "one of \"mnrl\", \"cosent\", \"cosine\"",
-        help: "\"mnrl\" (MultipleNegativesRankingLoss) for anchor,positive[,negative] rows;\n\
-               \"cosent\" (CoSENTLoss) or \"cosine\" (CosineSimilarityLoss) for scored pairs.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "epochs",
-        expects: POSITIVE_INT,
-        help: "Passes over the training data.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "max_steps",
-        expects: POSITIVE_INT,
-        help: "Stop after this many optimizer steps. Unset: train.epochs decides.",
-        example: Some("1000"),
-    },
-    KeyDoc {
-        section: "train",
-        key: "batch_size",
-        expects: POSITIVE_INT,
-        help: "Rows per optimizer step. For mnrl this is also the number of in-batch negatives,\n\
-               so it changes the loss, not only the speed.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "micro_batch_size",
-        expects: "a positive integer or \"auto\"",
-        help: "Rows per forward/backward pass; the gradients of the passes of one step are\n\
-               combined, so the result matches one pass over train.batch_size rows.\n\
-               \"auto\": the largest micro-batch `st-tune plan` estimates to fit memory.limit\n\
-               (or the free memory). Unset: train.batch_size.",
-        example: Some("8"),
-    },
-    KeyDoc {
-        section: "train",
-        key: "lr",
-        expects: "a positive number",
-        help: "Peak learning rate of AdamW.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "warmup_ratio",
-        expects: "a number from 0 up to (not including) 1",
-        help: "Fraction of the steps over which the learning rate rises linearly from 0;\n\
-               after that it decays linearly to 0.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "weight_decay",
-        expects: "a non-negative number",
-        help: "AdamW weight decay (not applied to biases and LayerNorm weights).",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "max_grad_norm",
-        expects: "a non-negative number",
-        help: "Clip the global gradient norm to this value; 0 turns clipping off.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "seed",
-        expects: NON_NEGATIVE_INT,
-        help: "Seed of shuffling, dropout and initialisation: the same seed gives the same run.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "eval_steps",
-        expects: NON_NEGATIVE_INT,
-        help: "Evaluate on data.dev every N optimizer steps; 0: only before and after training.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "log_steps",
-        expects: POSITIVE_INT,
-        help: "Log loss and learning rate every N optimizer steps.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "scale",
-        expects: "a positive number",
-        help: "Similarity scale (1 / temperature) of mnrl and cosent; cosine ignores it.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "precision",
-        expects: "one of \"f32\", \"f16\", \"bf16\"",
-        help: "Number type of the forward and backward pass: \"f32\", \"f16\" or \"bf16\".\n\
-               Master weights and optimizer state stay f32.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "freeze_embeddings",
-        expects: BOOL,
-        help: "Do not train the embedding layer (saves its gradients and optimizer state).\n\
-               Unset: frozen when freeze_layers > 0, trained otherwise. With freeze_layers > 0\n\
-               and freeze_embeddings = false, the frozen layers must keep their activations for\n\
-               the embeddings' gradient: measured on MiniLM, MNRL, batch 32, 256 tokens,\n\
-               freeze_layers = 3 cuts peak RSS by 43 % with the embeddings frozen, by 0.4 %\n\
-               without (docs/memory.md).",
-        example: Some("false"),
-    },
-    KeyDoc {
-        section: "train",
-        key: "freeze_layers",
-        expects: NON_NEGATIVE_INT,
-        help: "Do not train the first N transformer layers (for MPNet also the relative-position\n\
-               bias every layer shares); at most the model's layer count. The embeddings\n\
-               freeze with them (see freeze_embeddings): the frozen part then runs without an\n\
-               autograd graph and keeps no activations.",
-        example: None,
-    },
-    KeyDoc {
-        section: "train",
-        key: "gradient_checkpointing",
-        expects: BOOL,
-        help: "Recompute activations in the backward pass instead of keeping them:\n\
-               less memory, more compute.",
-        example: None,
-    },
-    // [memory]
-    KeyDoc {
-        section: "memory",
-        key: "limit",
-        expects: "a size such as \"6GiB\", \"512MiB\" or \"80%\"",
-        help: "Memory budget: a size (\"6GiB\", \"512MiB\") or a share of the device (\"80%\":\n\
-               of the machine's memory on CPU, of the GPU's on CUDA). Going over it is handled\n\
-               like an out-of-memory error. Unset: no limit on CPU, the free GPU memory on CUDA.",
-        example: Some("\"80%\""),
-    },
-    KeyDoc {
-        section: "memory",
-        key: "regrow_after",
-        expects: POSITIVE_INT,
-        help: "After an out-of-memory retry at a smaller micro-batch, try a larger one again\n\
-               after this many successful steps.",
-        example: None,
-    },
-    KeyDoc {
-        section: "memory",
-        key: "escalate",
-        expects:
-            "a list drawn from \"gradient_checkpointing\", \"bf16\", \"f16\", \"max_seq_length\"",
-        help: "What the out-of-memory handler may change, in this order, when even a\n\
-               micro-batch of one row does not fit: \"gradient_checkpointing\", \"bf16\" or\n\
-               \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.",
-        example: None,
-    },
-    // [output]
-    KeyDoc {
-        section: "output",
-        key: "dir",
-        expects: PATH,
-        help: "Folder for the fine-tuned model, checkpoints and logs.",
-        example: None,
-    },
-    KeyDoc {
-        section: "output",
-        key: "save_best",
-        expects: BOOL,
-        help: "Also save the model with the best dev Spearman to output.dir/best\n\
-               (output.dir/final always holds the last one).",
-        example: None,
-    },
-    KeyDoc {
-        section: "output",
-        key: "checkpoint_steps",
-        expects: NON_NEGATIVE_INT,
-        help: "Save a checkpoint (weights, optimizer and memory-policy state) to\n\
-               output.dir/checkpoints/step-N every N optimizer steps and at the end, so that\n\
-               `st-tune train --resume` continues a killed run exactly; 0 turns it off\n\
-               (Ctrl-C and SIGTERM still save one).",
-        example: None,
-    },
-    KeyDoc {
-        section: "output",
-        key: "keep_checkpoints",
-        expects: POSITIVE_INT,
-        help: "How many of the newest checkpoints to keep; older ones are deleted.",
-        example: None,
-    },
-];
-
-/// Keys that do not change a run's result (logging, evaluation, where and how often it saves,
-/// the memory budget: the OOM handler keeps the loss exact under any budget). A resumed run may
-/// change these; any other difference from the checkpoint's config is refused.
-const RESULT_NEUTRAL: &[&str] = &[
-    "model.device",
-    "data.dev",
-    "train.eval_steps",
-    "train.log_steps",
-    "memory.limit",
-    "memory.regrow_after",
-    "output.dir",
-    "output.save_best",
-    "output.checkpoint_steps",
-    "output.keep_checkpoints",
-];
 
 /// Whether a different value of `key` ("section.key") gives a different trained model.
 pub fn changes_result(key: &str) -> bool {
-    !RESULT_NEUTRAL.contains(&key)
+    let Some((section, name)) = key.split_once('.') else {
+        return true;
+    };
+    key_doc(section, name).is_none_or(|d| d.changes_result)
 }
 
 /// Names users bring from sentence-transformers / Hugging Face, mapped to ours.
@@ -744,7 +345,7 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 fn key_doc(section: &str, key: &str) -> Option<&'static KeyDoc> {
-    KEYS.iter().find(|k| k.section == section && k.key == key)
+    all_keys().find(|k| k.section == section && k.key == key)
 }
 
 impl Config {
@@ -786,44 +387,15 @@ impl Config {
         out
     }
 
-    /// Checks that need the whole config, each error naming the key to change.
+    /// Each key's own rule (declared with the key in `keys.rs`), then the rules between
+    /// keys; each error names the key to change.
     pub fn validate(&self) -> Result<()> {
-        let (m, d, t, mem, o) = (
-            &self.model,
-            &self.data,
-            &self.train,
-            &self.memory,
-            &self.output,
-        );
-        if m.path.trim().is_empty() {
-            return Err(Error::config(
-                "model.path",
-                "is required: set it to a local sentence-transformers folder or a hub id, \
-                 e.g. --set model.path=sentence-transformers/all-MiniLM-L6-v2",
-            ));
-        }
-        if m.max_seq_length == Some(0) {
-            return Err(at_least_one("model.max_seq_length"));
-        }
-        if m.device.trim().is_empty() {
-            return Err(Error::config(
-                "model.device",
-                "is empty; use \"cpu\" or \"cuda\"",
-            ));
-        }
-        if d.train.as_os_str().is_empty() {
-            return Err(Error::config(
-                "data.train",
-                "is required: set it to a CSV, TSV or JSON lines file, e.g. --set data.train=train.csv",
-            ));
-        }
-        if d.dev.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return Err(Error::config(
-                "data.dev",
-                "is an empty path; remove the key to train without evaluation",
-            ));
-        }
-        if let Some(columns) = &d.columns {
+        self.model.check_each()?;
+        self.data.check_each()?;
+        self.train.check_each()?;
+        self.memory.check_each()?;
+        self.output.check_each()?;
+        if let Some(columns) = &self.data.columns {
             crate::data::read::shape_from_roles(columns)?;
             if let Some((role, _)) = columns.iter().find(|(_, c)| c.is_empty()) {
                 return Err(Error::config(
@@ -832,24 +404,7 @@ impl Config {
                 ));
             }
         }
-        if d.limit == Some(0) {
-            return Err(Error::config(
-                "data.limit",
-                "must be at least 1; remove the key to read every row",
-            ));
-        }
-        if t.epochs == 0 {
-            return Err(at_least_one("train.epochs"));
-        }
-        if t.max_steps == Some(0) {
-            return Err(Error::config(
-                "train.max_steps",
-                "must be at least 1; remove the key to let train.epochs decide",
-            ));
-        }
-        if t.batch_size == 0 {
-            return Err(at_least_one("train.batch_size"));
-        }
+        let t = &self.train;
         if let Some(MicroBatch::Size(n)) = t.micro_batch_size {
             if n > t.batch_size {
                 return Err(Error::config(
@@ -862,97 +417,7 @@ impl Config {
                 ));
             }
         }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err(Error::config(
-                "train.lr",
-                format!("must be a positive number, got {}", t.lr),
-            ));
-        }
-        if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return Err(Error::config(
-                "train.warmup_ratio",
-                format!(
-                    "must be from 0 up to (not including) 1, got {}",
-                    t.warmup_ratio
-                ),
-            ));
-        }
-        non_negative("train.weight_decay", t.weight_decay)?;
-        non_negative("train.max_grad_norm", t.max_grad_norm)?;
-        if !(t.scale > 0.0 && t.scale.is_finite()) {
-            return Err(Error::config(
-                "train.scale",
-                format!("must be a positive number, got {}", t.scale),
-            ));
-        }
-        if t.log_steps == 0 {
-            return Err(at_least_one("train.log_steps"));
-        }
-        // freeze_layers can only be checked against the model's layer count, when it is loaded.
-        if let Some(limit) = &mem.limit {
-            parse_memory_limit(limit)?;
-        }
-        if mem.regrow_after == 0 {
-            return Err(at_least_one("memory.regrow_after"));
-        }
-        for (i, lever) in mem.escalate.iter().enumerate() {
-            if !ESCALATE_LEVERS.contains(&lever.as_str()) {
-                let hint = closest(lever, ESCALATE_LEVERS.iter().copied())
-                    .map(|s| format!("did you mean \"{s}\"? "))
-                    .unwrap_or_default();
-                return Err(Error::config(
-                    "memory.escalate",
-                    format!(
-                        "unknown lever \"{lever}\"; {hint}valid levers: {}",
-                        ESCALATE_LEVERS.join(", ")
-                    ),
-                ));
-            }
-            if mem.escalate[..i].contains(lever) {
-                return Err(Error::config(
-                    "memory.escalate",
-                    format!("lists \"{lever}\" twice"),
-                ));
-            }
-        }
-        if ["bf16", "f16"]
-            .iter()
-            .all(|p| mem.escalate.iter().any(|l| l == p))
-        {
-            return Err(Error::config(
-                "memory.escalate",
-                "lists both \"bf16\" and \"f16\"; keep the one your device supports",
-            ));
-        }
-        if o.keep_checkpoints == 0 {
-            return Err(Error::config(
-                "output.keep_checkpoints",
-                "must be at least 1 (the newest checkpoint is what --resume continues from); \
-                 set output.checkpoint_steps = 0 to save none",
-            ));
-        }
-        if o.dir.as_os_str().is_empty() {
-            return Err(Error::config(
-                "output.dir",
-                "is empty; give a folder for the model",
-            ));
-        }
         Ok(())
-    }
-}
-
-fn at_least_one(key: &str) -> Error {
-    Error::config(key, "must be at least 1")
-}
-
-fn non_negative(key: &str, v: f64) -> Result<()> {
-    if v >= 0.0 && v.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::config(
-            key,
-            format!("must be a non-negative number, got {v}"),
-        ))
     }
 }
 
@@ -1063,7 +528,7 @@ fn check_keys(root: &toml::Table) -> Result<()> {
 fn unknown_section(name: &str, value: &toml::Value) -> Error {
     let valid: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
     let hint = if let Some(doc) = (!value.is_table())
-        .then(|| KEYS.iter().find(|k| k.key == name))
+        .then(|| all_keys().find(|k| k.key == name))
         .flatten()
     {
         format!(
@@ -1088,12 +553,12 @@ fn unknown_section(name: &str, value: &toml::Value) -> Error {
 }
 
 fn unknown_key(section: &str, key: &str) -> Error {
-    let in_section = || KEYS.iter().filter(|k| k.section == section);
+    let in_section = || all_keys().filter(|k| k.section == section);
     let hint = if let Some(k) = closest(key, in_section().map(|k| k.key)) {
         format!("did you mean `{section}.{k}`? ")
     } else if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == key) {
         format!("did you mean `{to}`? ")
-    } else if let Some(doc) = KEYS.iter().find(|k| k.key == key) {
+    } else if let Some(doc) = all_keys().find(|k| k.key == key) {
         format!("did you mean `{}`? ", doc.full_key())
     } else {
         String::new()
@@ -1121,11 +586,27 @@ fn check_types(root: &toml::Table) -> Result<()> {
             one_section.insert(key.clone(), v.clone());
             let mut one = toml::Table::new();
             one.insert(section.clone(), toml::Value::Table(one_section));
-            if toml::Value::Table(one).try_into::<Config>().is_err() {
+            if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
                 let expects = key_doc(section, key).map_or("another value", |d| d.expects);
+                // A typed value's own parser (memory.limit) says what is wrong; serde's
+                // generic messages ("invalid type: ...") do not.
+                let why = e.message();
+                let generic = [
+                    "invalid type",
+                    "invalid value",
+                    "unknown variant",
+                    "invalid length",
+                ]
+                .iter()
+                .any(|g| why.starts_with(g));
+                let detail = if generic {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                };
                 return Err(Error::config(
                     format!("{section}.{key}"),
-                    format!("expected {expects}, got {v}"),
+                    format!("expected {expects}, got {v}{detail}"),
                 ));
             }
         }
@@ -1169,7 +650,7 @@ pub fn defaults_toml() -> String {
     );
     for (section, help) in SECTIONS {
         out.push_str(&format!("\n# {help}\n[{section}]\n"));
-        for doc in KEYS.iter().filter(|k| k.section == *section) {
+        for doc in all_keys().filter(|k| k.section == *section) {
             for line in doc.help.lines() {
                 out.push_str(&format!("# {}\n", line.trim()));
             }
@@ -1188,6 +669,8 @@ pub fn defaults_toml() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn parse(text: &str, sets: &[&str]) -> Result<Config> {
@@ -1215,12 +698,13 @@ mod tests {
     }
 
     #[test]
-    fn every_result_neutral_key_is_a_documented_key() {
-        for key in RESULT_NEUTRAL {
-            let (section, name) = key.split_once('.').unwrap();
-            assert!(key_doc(section, name).is_some(), "{key}");
-        }
-        assert!(changes_result("train.lr") && !changes_result("train.log_steps"));
+    fn keys_declared_neutral_are_the_only_ones_a_resume_may_change() {
+        assert!(changes_result("train.lr") && changes_result("train.batch_size"));
+        assert!(!changes_result("train.log_steps") && !changes_result("memory.limit"));
+        assert!(
+            changes_result("no.such_key"),
+            "unknown keys are not waved through"
+        );
     }
 
     #[test]
@@ -1235,7 +719,7 @@ mod tests {
     #[test]
     fn printed_defaults_document_every_key() {
         let text = defaults_toml();
-        for doc in KEYS {
+        for doc in all_keys() {
             assert!(
                 text.contains(&format!("\n{} = ", doc.key))
                     || text.contains(&format!("\n# {} = ", doc.key)),
@@ -1257,7 +741,7 @@ mod tests {
             }
         }
         // ...and every documented key (with its default or example) is accepted by the structs.
-        for doc in KEYS {
+        for doc in all_keys() {
             let mut one = toml::Table::new();
             one.insert(doc.key.to_string(), sample(doc));
             let mut root = toml::Table::new();
@@ -1306,8 +790,11 @@ mod tests {
         assert_eq!(c.train.loss, LossKind::Mnrl);
         assert_eq!(c.model.path, "sentence-transformers/all-MiniLM-L6-v2");
         assert!(c.data.group_by_length);
-        assert_eq!(c.memory.limit.as_deref(), Some("6GiB"));
-        assert_eq!(c.memory.escalate, ["bf16", "max_seq_length"]);
+        assert_eq!(
+            c.memory.limit.as_ref().map(MemoryLimit::as_str),
+            Some("6GiB")
+        );
+        assert_eq!(c.memory.escalate, [Lever::Bf16, Lever::MaxSeqLength]);
     }
 
     #[test]
@@ -1530,7 +1017,6 @@ mod tests {
             ("train.max_steps", |c| c.train.max_steps = Some(0)),
             ("model.max_seq_length", |c| c.model.max_seq_length = Some(0)),
             ("data.limit", |c| c.data.limit = Some(0)),
-            ("memory.limit", |c| c.memory.limit = Some("lots".into())),
             ("memory.regrow_after", |c| c.memory.regrow_after = 0),
             ("output.dir", |c| c.output.dir = PathBuf::new()),
         ];
@@ -1544,21 +1030,32 @@ mod tests {
     #[test]
     fn escalate_accepts_only_known_levers_once() {
         let mut c = valid();
-        c.memory.escalate = vec!["gradient_checkpointing".into(), "bf16".into()];
+        c.memory.escalate = vec![Lever::GradientCheckpointing, Lever::Bf16];
         c.validate().unwrap();
-        c.memory.escalate = vec!["gradient_checkpoint".into()];
-        let Err(Error::Config { key, msg }) = c.validate() else {
-            panic!("an unknown lever passed validation")
-        };
+        let (key, msg) = config_error(parse("[memory]\nescalate = [\"gradient_checkpoint\"]", &[]));
         assert_eq!(key, "memory.escalate");
         assert!(
-            msg.contains("did you mean \"gradient_checkpointing\"?"),
-            "{msg}"
+            msg.contains("\"gradient_checkpointing\""),
+            "lists the levers: {msg}"
         );
-        c.memory.escalate = vec!["bf16".into(), "bf16".into()];
-        assert!(c.validate().is_err());
-        c.memory.escalate = vec!["bf16".into(), "f16".into()];
-        assert!(c.validate().is_err());
+        c.memory.escalate = vec![Lever::Bf16, Lever::Bf16];
+        assert_eq!(invalid_key(&c), "memory.escalate");
+        c.memory.escalate = vec![Lever::Bf16, Lever::F16];
+        assert_eq!(invalid_key(&c), "memory.escalate");
+    }
+
+    #[test]
+    fn a_memory_limit_is_parsed_once_when_the_config_loads() {
+        let c = parse("[memory]\nlimit = \"6GiB\"", &[]).unwrap();
+        assert_eq!(
+            c.memory.limit.as_ref().map(|l| l.bytes_of(0)),
+            Some(6 << 30)
+        );
+        let (key, msg) = config_error(parse("[memory]\nlimit = \"lots\"", &[]));
+        assert_eq!(key, "memory.limit");
+        assert!(msg.contains("`lots` is not a size"), "{msg}");
+        // Written back as the user wrote it.
+        assert!(toml::to_string(&c).unwrap().contains("limit = \"6GiB\""));
     }
 
     #[test]
@@ -1577,37 +1074,21 @@ mod tests {
 
     #[test]
     fn memory_limits_parse_sizes_and_percentages() {
+        assert_eq!(parse_memory_limit("6GiB").unwrap().bytes_of(0), 6 << 30);
+        assert_eq!(parse_memory_limit("512MiB").unwrap().bytes_of(0), 512 << 20);
         assert_eq!(
-            parse_memory_limit("6GiB").unwrap(),
-            MemoryLimit::Bytes(6 << 30)
+            parse_memory_limit("1.5GB").unwrap().bytes_of(0),
+            1_500_000_000
         );
         assert_eq!(
-            parse_memory_limit("512MiB").unwrap(),
-            MemoryLimit::Bytes(512 << 20)
+            parse_memory_limit("800 mb").unwrap().bytes_of(0),
+            800_000_000
         );
-        assert_eq!(
-            parse_memory_limit("1.5GB").unwrap(),
-            MemoryLimit::Bytes(1_500_000_000)
-        );
-        assert_eq!(
-            parse_memory_limit("800 mb").unwrap(),
-            MemoryLimit::Bytes(800_000_000)
-        );
-        assert_eq!(parse_memory_limit("2KB").unwrap(), MemoryLimit::Bytes(2000));
-        assert_eq!(
-            parse_memory_limit("2KiB").unwrap(),
-            MemoryLimit::Bytes(2048)
-        );
-        assert_eq!(
-            parse_memory_limit("1TiB").unwrap(),
-            MemoryLimit::Bytes(1 << 40)
-        );
-        assert_eq!(parse_memory_limit("100B").unwrap(), MemoryLimit::Bytes(100));
-        assert_eq!(
-            parse_memory_limit("80%").unwrap(),
-            MemoryLimit::Fraction(0.8)
-        );
-        assert_eq!(MemoryLimit::Fraction(0.5).bytes_of(1000), 500);
+        assert_eq!(parse_memory_limit("2KB").unwrap().bytes_of(0), 2000);
+        assert_eq!(parse_memory_limit("2KiB").unwrap().bytes_of(0), 2048);
+        assert_eq!(parse_memory_limit("1TiB").unwrap().bytes_of(0), 1 << 40);
+        assert_eq!(parse_memory_limit("100B").unwrap().bytes_of(0), 100);
+        assert_eq!(parse_memory_limit("80%").unwrap().bytes_of(1000), 800);
     }
 
     #[test]

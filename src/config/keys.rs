@@ -1,0 +1,436 @@
+//! Every config key, declared once: its type, default, help, what a value must look like, the
+//! rule a value must follow alone, and whether changing it changes the trained model. The
+//! [`section!`] macro turns each declaration into the struct field, its `Default`, its
+//! [`KeyDoc`] (for `config --defaults`, unknown-key and type errors, sweeps) and its check.
+//! Rules between keys (a micro-batch no larger than the batch) are in `Config::validate`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Format, LossKind, MemoryLimit, MicroBatch, Precision};
+use crate::error::{Error, Result};
+
+/// One documented config key.
+pub struct KeyDoc {
+    pub section: &'static str,
+    pub key: &'static str,
+    /// What a value must look like, for type errors: "expected {expects}, got …".
+    pub expects: &'static str,
+    /// One or more lines of help, printed as comments above the key.
+    pub help: &'static str,
+    /// A TOML value, shown (commented out) by `config --defaults` for keys unset by default.
+    pub example: Option<&'static str>,
+    /// Whether a different value gives a different trained model; a resumed run may change
+    /// only the keys for which this is false.
+    pub changes_result: bool,
+}
+
+impl KeyDoc {
+    /// "section.key", as users write it in `--set` and as errors name it.
+    pub fn full_key(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+}
+
+/// Keys unset by default are left out when a config is written back.
+pub trait Unset {
+    fn is_unset(&self) -> bool {
+        false
+    }
+}
+
+impl<T> Unset for Option<T> {
+    fn is_unset(&self) -> bool {
+        self.is_none()
+    }
+}
+
+impl Unset for String {}
+impl Unset for PathBuf {}
+impl Unset for bool {}
+impl Unset for usize {}
+impl Unset for u64 {}
+impl Unset for f64 {}
+impl Unset for LossKind {}
+impl Unset for Precision {}
+impl<T> Unset for Vec<T> {}
+
+/// `section! { Name "name" { key: Type = default; expects "..."; [example "..";] [check f;]
+/// [neutral;] help "..."; ... } }`: see the module doc.
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        $name:ident $section:literal {
+            $(
+                $key:ident : $ty:ty = $default:expr ;
+                expects $expects:expr ;
+                $( example $example:literal ; )?
+                $( check $check:expr ; )?
+                $( neutral $neutral:tt ; )?
+                help $help:literal ;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                #[doc = $help]
+                #[serde(skip_serializing_if = "Unset::is_unset")]
+                pub $key: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $( $key: $default, )* }
+            }
+        }
+
+        impl $name {
+            pub const KEYS: &'static [KeyDoc] = &[$(
+                KeyDoc {
+                    section: $section,
+                    key: stringify!($key),
+                    expects: $expects,
+                    help: $help,
+                    example: section!(@example $($example)?),
+                    changes_result: !section!(@neutral $($neutral)?),
+                },
+            )*];
+
+            /// Each key's own rule; the error names the key.
+            pub fn check_each(&self) -> Result<()> {
+                $($(
+                    let check: fn(&$ty) -> std::result::Result<(), String> = $check;
+                    check(&self.$key).map_err(|msg| {
+                        Error::config(concat!($section, ".", stringify!($key)), msg)
+                    })?;
+                )?)*
+                Ok(())
+            }
+        }
+    };
+    (@example) => { None };
+    (@example $e:literal) => { Some($e) };
+    (@neutral) => { false };
+    (@neutral $t:tt) => { true };
+}
+
+const POSITIVE_INT: &str = "a positive integer";
+const NON_NEGATIVE_INT: &str = "a non-negative integer";
+const BOOL: &str = "true or false";
+const PATH: &str = "a file path (a string)";
+
+/// The sections, in file order, with one line of help each.
+pub const SECTIONS: &[(&str, &str)] = &[
+    ("model", "The model to fine-tune."),
+    ("data", "Training and evaluation data."),
+    ("train", "Loss, schedule and optimizer."),
+    (
+        "memory",
+        "Memory budget, and what the out-of-memory handler may change to stay within it.",
+    ),
+    (
+        "output",
+        "Where the fine-tuned model, checkpoints and logs go.",
+    ),
+];
+
+/// Every key, in the order `config --defaults` prints them.
+pub fn all_keys() -> impl Iterator<Item = &'static KeyDoc> {
+    [
+        ModelSection::KEYS,
+        DataSection::KEYS,
+        TrainSection::KEYS,
+        MemorySection::KEYS,
+        OutputSection::KEYS,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+section! {
+    /// `[model]`: which model to fine-tune, and where.
+    ModelSection "model" {
+        path: String = String::new();
+        expects "a string: a local folder or a hub id";
+        check |p| required(p.trim().is_empty(), "set it to a local sentence-transformers folder \
+            or a hub id, e.g. --set model.path=sentence-transformers/all-MiniLM-L6-v2");
+        help "Required. A local sentence-transformers folder or a Hugging Face hub id,\n\
+              e.g. \"sentence-transformers/all-MiniLM-L6-v2\".";
+
+        max_seq_length: Option<usize> = None;
+        expects POSITIVE_INT;
+        example "256";
+        check |v| at_least_one(v.unwrap_or(1));
+        help "Truncate every text to this many tokens. Unset: the model's own max_seq_length.";
+
+        device: String = "cpu".into();
+        expects "a device name such as \"cpu\" or \"cuda\"";
+        check |d| if d.trim().is_empty() { Err("is empty; use \"cpu\" or \"cuda\"".into()) } else { Ok(()) };
+        neutral yes;
+        help "Where to train: \"cpu\" or a GPU such as \"cuda\".";
+    }
+}
+
+section! {
+    /// `[data]`: the training (and evaluation) files and how to read them.
+    DataSection "data" {
+        train: PathBuf = PathBuf::new();
+        expects PATH;
+        check |p| required(p.as_os_str().is_empty(), "set it to a CSV, TSV or JSON lines file, \
+            e.g. --set data.train=train.csv");
+        help "Required. Training file: CSV, TSV or JSON lines with a header (or keys) naming\n\
+              the columns anchor,positive[,negative] or sentence1,sentence2,score.";
+
+        dev: Option<PathBuf> = None;
+        expects PATH;
+        example "\"data/dev.csv\"";
+        check |p| match p {
+            Some(p) if p.as_os_str().is_empty() => {
+                Err("is an empty path; remove the key to train without evaluation".into())
+            }
+            _ => Ok(()),
+        };
+        neutral yes;
+        help "Evaluation file of sentence1,sentence2,score rows: Spearman correlation of\n\
+              cosine similarity, before, during (see train.eval_steps) and after training.";
+
+        format: Option<Format> = None;
+        expects "one of \"csv\", \"tsv\", \"jsonl\"";
+        example "\"csv\"";
+        help "File format: \"csv\", \"tsv\" or \"jsonl\". Unset: taken from the file extension\n\
+              (.csv, .tsv, .jsonl, .json).";
+
+        columns: Option<BTreeMap<String, String>> = None;
+        expects "a table of role = \"column name\", e.g. { anchor = \"query\", positive = \"answer\" }";
+        example "{ anchor = \"query\", positive = \"answer\" }";
+        help "Which column of the file plays which role, when the header does not use the role\n\
+              names. Roles: anchor, positive, negative (pairs, triplets) or sentence1,\n\
+              sentence2, score (scored pairs). Other columns are ignored.\n\
+              On the command line: --set data.columns.anchor=query";
+
+        group_by_length: bool = false;
+        expects BOOL;
+        help "Put rows of similar length in the same batch, so less padding is computed.";
+
+        limit: Option<usize> = None;
+        expects POSITIVE_INT;
+        example "1000";
+        check |v| match v {
+            Some(0) => Err("must be at least 1; remove the key to read every row".into()),
+            _ => Ok(()),
+        };
+        help "Read only the first N rows of each file (handy for a quick smoke run).";
+    }
+}
+
+section! {
+    /// `[train]`: loss, schedule and optimizer.
+    TrainSection "train" {
+        loss: LossKind = LossKind::Cosent;
+        expects "one of \"mnrl\", \"cosent\", \"cosine\"";
+        help "\"mnrl\" (MultipleNegativesRankingLoss) for anchor,positive[,negative] rows;\n\
+              \"cosent\" (CoSENTLoss) or \"cosine\" (CosineSimilarityLoss) for scored pairs.";
+
+        epochs: usize = 1;
+        expects POSITIVE_INT;
+        check |v| at_least_one(*v);
+        help "Passes over the training data.";
+
+        max_steps: Option<usize> = None;
+        expects POSITIVE_INT;
+        example "1000";
+        check |v| match v {
+            Some(0) => Err("must be at least 1; remove the key to let train.epochs decide".into()),
+            _ => Ok(()),
+        };
+        help "Stop after this many optimizer steps. Unset: train.epochs decides.";
+
+        batch_size: usize = 16;
+        expects POSITIVE_INT;
+        check |v| at_least_one(*v);
+        help "Rows per optimizer step. For mnrl this is also the number of in-batch negatives,\n\
+              so it changes the loss, not only the speed.";
+
+        micro_batch_size: Option<MicroBatch> = None;
+        expects "a positive integer or \"auto\"";
+        example "8";
+        help "Rows per forward/backward pass; the gradients of the passes of one step are\n\
+              combined, so the result matches one pass over train.batch_size rows.\n\
+              \"auto\": the largest micro-batch `st-tune plan` estimates to fit memory.limit\n\
+              (or the free memory). Unset: train.batch_size.";
+
+        lr: f64 = 2e-5;
+        expects "a positive number";
+        check |v| positive(*v);
+        help "Peak learning rate of AdamW.";
+
+        warmup_ratio: f64 = 0.1;
+        expects "a number from 0 up to (not including) 1";
+        check |v| if (0.0..1.0).contains(v) { Ok(()) } else {
+            Err(format!("must be from 0 up to (not including) 1, got {v}"))
+        };
+        help "Fraction of the steps over which the learning rate rises linearly from 0;\n\
+              after that it decays linearly to 0.";
+
+        weight_decay: f64 = 0.01;
+        expects "a non-negative number";
+        check |v| non_negative(*v);
+        help "AdamW weight decay (not applied to biases and LayerNorm weights).";
+
+        max_grad_norm: f64 = 1.0;
+        expects "a non-negative number";
+        check |v| non_negative(*v);
+        help "Clip the global gradient norm to this value; 0 turns clipping off.";
+
+        seed: u64 = 42;
+        expects NON_NEGATIVE_INT;
+        help "Seed of shuffling, dropout and initialisation: the same seed gives the same run.";
+
+        eval_steps: usize = 0;
+        expects NON_NEGATIVE_INT;
+        neutral yes;
+        help "Evaluate on data.dev every N optimizer steps; 0: only before and after training.";
+
+        log_steps: usize = 10;
+        expects POSITIVE_INT;
+        check |v| at_least_one(*v);
+        neutral yes;
+        help "Log loss and learning rate every N optimizer steps.";
+
+        scale: f64 = 20.0;
+        expects "a positive number";
+        check |v| positive(*v);
+        help "Similarity scale (1 / temperature) of mnrl and cosent; cosine ignores it.";
+
+        precision: Precision = Precision::F32;
+        expects "one of \"f32\", \"f16\", \"bf16\"";
+        help "Number type of the forward and backward pass: \"f32\", \"f16\" or \"bf16\".\n\
+              Master weights and optimizer state stay f32.";
+
+        freeze_embeddings: Option<bool> = None;
+        expects BOOL;
+        example "false";
+        help "Do not train the embedding layer (saves its gradients and optimizer state).\n\
+              Unset: frozen when freeze_layers > 0, trained otherwise. With freeze_layers > 0\n\
+              and freeze_embeddings = false, the frozen layers must keep their activations for\n\
+              the embeddings' gradient: measured on MiniLM, MNRL, batch 32, 256 tokens,\n\
+              freeze_layers = 3 cuts peak RSS by 43 % with the embeddings frozen, by 0.4 %\n\
+              without (docs/memory.md).";
+
+        // Checked against the model's layer count when the model is loaded.
+        freeze_layers: usize = 0;
+        expects NON_NEGATIVE_INT;
+        help "Do not train the first N transformer layers (for MPNet also the relative-position\n\
+              bias every layer shares); at most the model's layer count. The embeddings\n\
+              freeze with them (see freeze_embeddings): the frozen part then runs without an\n\
+              autograd graph and keeps no activations.";
+
+        gradient_checkpointing: bool = false;
+        expects BOOL;
+        help "Recompute activations in the backward pass instead of keeping them:\n\
+              less memory, more compute.";
+    }
+}
+
+section! {
+    /// `[memory]`: the budget and what the out-of-memory handler may change to stay in it.
+    MemorySection "memory" {
+        // The OOM handler keeps the loss exact under any budget: the same model (up to the
+        // rounding of other micro-batch cuts).
+        limit: Option<MemoryLimit> = None;
+        expects "a size such as \"6GiB\", \"512MiB\" or \"80%\"";
+        example "\"80%\"";
+        neutral yes;
+        help "Memory budget: a size (\"6GiB\", \"512MiB\") or a share of the device (\"80%\":\n\
+              of the machine's memory on CPU, of the GPU's on CUDA). Going over it is handled\n\
+              like an out-of-memory error. Unset: no limit on CPU, the free GPU memory on CUDA.";
+
+        regrow_after: usize = 100;
+        expects POSITIVE_INT;
+        check |v| at_least_one(*v);
+        neutral yes;
+        help "After an out-of-memory retry at a smaller micro-batch, try a larger one again\n\
+              after this many successful steps.";
+
+        escalate: Vec<super::Lever> = Vec::new();
+        expects "a list drawn from \"gradient_checkpointing\", \"bf16\", \"f16\", \"max_seq_length\"";
+        check |levers| super::check_levers(levers);
+        help "What the out-of-memory handler may change, in this order, when even a\n\
+              micro-batch of one row does not fit: \"gradient_checkpointing\", \"bf16\" or\n\
+              \"f16\", \"max_seq_length\" (shorter inputs). Empty: stop with an error instead.";
+    }
+}
+
+section! {
+    /// `[output]`: where the fine-tuned model, checkpoints and logs go.
+    OutputSection "output" {
+        dir: PathBuf = PathBuf::from("output/run");
+        expects PATH;
+        check |p| required(p.as_os_str().is_empty(), "give a folder for the model");
+        neutral yes;
+        help "Folder for the fine-tuned model, checkpoints and logs.";
+
+        save_best: bool = true;
+        expects BOOL;
+        neutral yes;
+        help "Also save the model with the best dev Spearman to output.dir/best\n\
+              (output.dir/final always holds the last one).";
+
+        // As the Hugging Face Trainer's save_steps: a few minutes of lost work at most on a
+        // GPU, and a MiniLM checkpoint (weights and AdamW moments) writes in under a second.
+        checkpoint_steps: usize = 500;
+        expects NON_NEGATIVE_INT;
+        neutral yes;
+        help "Save a checkpoint (weights, optimizer and memory-policy state) to\n\
+              output.dir/checkpoints/step-N every N optimizer steps and at the end, so that\n\
+              `st-tune train --resume` continues a killed run exactly; 0 turns it off\n\
+              (Ctrl-C and SIGTERM still save one).";
+
+        keep_checkpoints: usize = 2;
+        expects POSITIVE_INT;
+        check |v| if *v == 0 {
+            Err("must be at least 1 (the newest checkpoint is what --resume continues from); \
+                 set output.checkpoint_steps = 0 to save none".into())
+        } else { Ok(()) };
+        neutral yes;
+        help "How many of the newest checkpoints to keep; older ones are deleted.";
+    }
+}
+
+fn required(missing: bool, how: &str) -> std::result::Result<(), String> {
+    if missing {
+        Err(format!("is required: {how}"))
+    } else {
+        Ok(())
+    }
+}
+
+fn at_least_one(v: usize) -> std::result::Result<(), String> {
+    if v == 0 {
+        Err("must be at least 1".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn positive(v: f64) -> std::result::Result<(), String> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("must be a positive number, got {v}"))
+    }
+}
+
+fn non_negative(v: f64) -> std::result::Result<(), String> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("must be a non-negative number, got {v}"))
+    }
+}
