@@ -599,15 +599,12 @@ fn check_types(root: &toml::Table) -> Result<()> {
                 ]
                 .iter()
                 .any(|g| why.starts_with(g));
-                let detail = if generic {
-                    String::new()
+                let msg = if generic {
+                    format!("expected {expects}, got {v}")
                 } else {
-                    format!(": {why}")
+                    why.to_string()
                 };
-                return Err(Error::config(
-                    format!("{section}.{key}"),
-                    format!("expected {expects}, got {v}{detail}"),
-                ));
+                return Err(Error::config(format!("{section}.{key}"), msg));
             }
         }
     }
