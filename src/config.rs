@@ -472,8 +472,10 @@ pub const KEYS: &[KeyDoc] = &[
         section: "data",
         key: "dev",
         expects: PATH,
-        help: "Evaluation file of sentence1,sentence2,score rows: Spearman correlation of\n\
-               cosine similarity, before, during (see train.eval_steps) and after training.",
+        help: "Evaluation file, before, during (see train.eval_steps) and after training; its\n\
+               columns pick the evaluation: sentence1,sentence2,score rows give the Spearman\n\
+               correlation of cosine similarity, anchor,positive[,negative] rows retrieval\n\
+               figures (NDCG@10, MRR@10, accuracy@k, ...).",
         example: Some("\"data/dev.csv\""),
     },
     KeyDoc {
@@ -685,7 +687,8 @@ pub const KEYS: &[KeyDoc] = &[
         section: "output",
         key: "save_best",
         expects: BOOL,
-        help: "Also save the model with the best dev Spearman to output.dir/best\n\
+        help: "Also save the model with the best dev Spearman (NDCG@10 for a retrieval\n\
+               dev file) to output.dir/best\n\
                (output.dir/final always holds the last one).",
         example: None,
     },

@@ -1,14 +1,54 @@
 //! Evaluation on scored pairs: Spearman and Pearson correlation between the cosine similarity
 //! of the two embeddings and the gold score, as sentence-transformers'
-//! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties).
+//! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties); and
+//! [`evaluate_any`], which picks this or retrieval (`retrieval.rs`) from a file's row shape.
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use crate::data::{Dataset, RowShape};
 use crate::error::Result;
 use crate::model::SentenceModel;
+use crate::train::retrieval::{evaluate_retrieval, Retrieval};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// The figures of an evaluation file: correlation for scored pairs, retrieval for pairs and
+/// triplets. Serialized as the inner figures alone (no tag), so a scored file's JSON is
+/// `{"spearman", "pearson", "pairs"}` as before retrieval existed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Scores {
+    Similarity(Correlation),
+    Retrieval(Retrieval),
+}
+
+impl Scores {
+    /// The figure that picks the best model: Spearman, or NDCG@10 for retrieval (the
+    /// sentence-transformers evaluators' primary metrics).
+    pub fn metric(&self) -> &'static str {
+        match self {
+            Scores::Similarity(_) => "spearman",
+            Scores::Retrieval(_) => "ndcg@10",
+        }
+    }
+
+    pub fn value(&self) -> f64 {
+        match self {
+            Scores::Similarity(c) => c.spearman,
+            Scores::Retrieval(r) => r.ndcg_10,
+        }
+    }
+}
+
+/// Scored pairs: [`evaluate`]; (anchor, positive[, negative]) rows: retrieval.
+pub fn evaluate_any(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Scores> {
+    Ok(match data.shape {
+        RowShape::Scored => Scores::Similarity(evaluate(model, data, batch_size)?),
+        RowShape::Pair | RowShape::Triplet => {
+            Scores::Retrieval(evaluate_retrieval(model, data, batch_size)?)
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Correlation {
     pub spearman: f64,
     pub pearson: f64,
