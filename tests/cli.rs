@@ -1137,3 +1137,135 @@ fn a_saved_model_says_which_st_tune_wrote_it() {
         "{v}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// shell integration: --version, completions, man
+// ---------------------------------------------------------------------------------------------
+
+/// The subcommands every completion script and the man page must name.
+const SUBCOMMANDS: [&str; 9] = [
+    "train",
+    "encode",
+    "eval",
+    "plan",
+    "config",
+    "bench",
+    "random-model",
+    "completions",
+    "man",
+];
+
+/// The version of `name` in the committed Cargo.lock.
+fn locked_version(name: &str) -> String {
+    let lock =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock")).unwrap();
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == format!("name = \"{name}\"") {
+            let v = lines.next().unwrap();
+            return v["version = \"".len()..v.len() - 1].to_string();
+        }
+    }
+    panic!("{name} is not in Cargo.lock");
+}
+
+#[test]
+fn version_names_st_tune_candle_and_whether_the_build_has_cuda() {
+    let want = format!(
+        "st-tune {} (candle {}, CUDA: {})",
+        env!("CARGO_PKG_VERSION"),
+        locked_version("candle-core"),
+        if cfg!(feature = "cuda") { "yes" } else { "no" }
+    );
+    for flag in ["--version", "-V"] {
+        let r = run(&[flag]);
+        r.succeeded();
+        assert_eq!(r.stdout.trim(), want);
+    }
+}
+
+#[test]
+fn completions_for_each_shell_name_every_subcommand() {
+    for (shell, marker) in [
+        ("bash", "complete -F _st__tune"),
+        ("zsh", "#compdef st-tune"),
+        ("fish", "complete -c st-tune"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let r = run(&["completions", shell]);
+        r.succeeded();
+        assert!(r.stdout.contains(marker), "{shell}: no {marker:?}");
+        for sub in SUBCOMMANDS {
+            assert!(r.stdout.contains(sub), "{shell} script lacks {sub}");
+        }
+    }
+    run(&["completions", "tcsh"]).failed_with(2, &["tcsh", "bash", "powershell"]);
+}
+
+/// What the bash script offers for `st-tune WORDS... CUR<TAB>`.
+fn bash_completes(script: &Path, words: &[&str]) -> Vec<String> {
+    let words_q: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let cur = words.last().unwrap();
+    let prev = words[words.len() - 2];
+    let code = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _st__tune st-tune '{cur}' '{prev}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        words_q.join(" "),
+        words.len() - 1
+    );
+    let out = Command::new("bash").args(["-c", &code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_bash_script_parses_and_completes_subcommands_and_their_options() {
+    let dir = TempDir::new().unwrap();
+    let r = run(&["completions", "bash"]);
+    r.succeeded();
+    let script = write(&dir, "st-tune.bash", &r.stdout);
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    assert_eq!(bash_completes(&script, &["st-tune", "ev"]), ["eval"]);
+    // After a subcommand (clap_complete's hyphenated-name bug would give nothing here).
+    let eval = bash_completes(&script, &["st-tune", "eval", "--"]);
+    for opt in ["--model", "--data", "--json"] {
+        assert!(eval.iter().any(|o| o == opt), "{opt} in {eval:?}");
+    }
+    let memory = bash_completes(&script, &["st-tune", "bench", "memory", "--se"]);
+    assert_eq!(memory, ["--set", "--seq"]);
+}
+
+#[test]
+fn man_prints_a_page_naming_every_subcommand_and_one_per_subcommand() {
+    let r = run(&["man"]);
+    r.succeeded();
+    assert!(r.stdout.contains(".TH st-tune 1"), "{}", r.stdout);
+    assert!(r.stdout.contains(".SH SUBCOMMANDS"));
+    for sub in SUBCOMMANDS {
+        let page = format!("st\\-tune\\-{}(1)", sub.replace('-', "\\-"));
+        assert!(r.stdout.contains(&page), "the page lists {page}");
+    }
+    let r = run(&["man", "eval"]);
+    r.succeeded();
+    assert!(r.stdout.contains(".TH st-tune-eval 1"), "{}", r.stdout);
+    assert!(r.stdout.contains("\\-\\-model") && r.stdout.contains("anchor,positive"));
+    run(&["man", "nope"]).failed_with(2, &["nope", "train, encode, eval"]);
+}
