@@ -1269,3 +1269,32 @@ fn man_prints_a_page_naming_every_subcommand_and_one_per_subcommand() {
     assert!(r.stdout.contains("\\-\\-model") && r.stdout.contains("anchor,positive"));
     run(&["man", "nope"]).failed_with(2, &["nope", "train, encode, eval"]);
 }
+
+#[test]
+fn a_run_with_a_retrieval_dev_file_resumes_with_its_figures() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", pairs_csv(10));
+    let dev_set = format!("data.dev={}", toml_str(&dev));
+    let args = train_args(
+        &t.config,
+        &["--json", "--set", &dev_set, "--set", "train.max_steps=8"],
+    );
+    let stopped = run_env(&args, &[("ST_TUNE_CRASH_AT", "step:2:TERM")]);
+    assert_eq!(stopped.code, 143, "{}", stopped.stderr);
+    let mut resumed = args.clone();
+    resumed.push("--resume");
+    let r = run(&resumed);
+    r.succeeded();
+    let sum = summary(&r);
+    // SIGTERM stops the run after the step it arrives in, or (on a busy machine) a little later.
+    assert_eq!(sum["steps"], 8, "{sum}");
+    let from = sum["resumed_from"].as_u64().unwrap_or(0);
+    assert!(
+        (2..8).contains(&from),
+        "resumed after a step before the last: {sum}"
+    );
+    // The figures before training come back from the checkpoint's state.json.
+    assert_retrieval_figures(&sum["dev_before"]);
+    assert_retrieval_figures(&sum["dev_after"]);
+    assert_eq!(sum["best_dev"]["metric"], "ndcg@10", "{sum}");
+}

@@ -126,6 +126,29 @@ mod tests {
     }
 
     #[test]
+    fn scores_read_back_as_the_variant_they_were_written_as() {
+        // Checkpoints store the dev figures before training as JSON without a tag.
+        let c = Scores::Similarity(Correlation {
+            spearman: 0.5,
+            pearson: 0.25,
+            pairs: 3,
+        });
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(text, r#"{"spearman":0.5,"pearson":0.25,"pairs":3}"#);
+        assert_eq!(serde_json::from_str::<Scores>(&text).unwrap(), c);
+        let v = serde_json::json!({"queries": 4, "corpus": 9, "similarity": "cosine",
+            "ndcg@10": 0.75, "accuracy@1": 0.5, "accuracy@3": 0.5, "accuracy@5": 0.5,
+            "accuracy@10": 0.5, "precision@1": 0.5, "precision@3": 0.5, "precision@5": 0.5,
+            "precision@10": 0.5, "recall@1": 0.5, "recall@3": 0.5, "recall@5": 0.5,
+            "recall@10": 0.5, "mrr@10": 0.5, "map@100": 0.5});
+        let r: Scores = serde_json::from_value(v).unwrap();
+        assert!(matches!(&r, Scores::Retrieval(x) if x.corpus == 9), "{r:?}");
+        assert_eq!((r.metric(), r.value()), ("ndcg@10", 0.75));
+        let back: Scores = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
     fn pearson_of_a_linear_relation_is_one() {
         assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]) - 1.0).abs() < 1e-12);
     }
