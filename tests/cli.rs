@@ -316,6 +316,64 @@ fn eval_json_prints_spearman_pearson_and_the_number_of_pairs() {
     }
 }
 
+const RETRIEVAL_KEYS: [&str; 15] = [
+    "accuracy@1",
+    "accuracy@3",
+    "accuracy@5",
+    "accuracy@10",
+    "precision@1",
+    "precision@3",
+    "precision@5",
+    "precision@10",
+    "recall@1",
+    "recall@3",
+    "recall@5",
+    "recall@10",
+    "mrr@10",
+    "ndcg@10",
+    "map@100",
+];
+
+/// Every retrieval figure is there and lies in [0, 1].
+fn assert_retrieval_figures(v: &Value) {
+    for key in RETRIEVAL_KEYS {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is a number: {v}"));
+        assert!((0.0..=1.0).contains(&x), "{key} = {x}: {v}");
+    }
+}
+
+#[test]
+fn eval_of_pairs_and_triplets_prints_retrieval_figures() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    // 10 rows over TEXTS (10 texts): every anchor and every positive is distinct.
+    let data = write(&dir, "pairs.csv", pairs_csv(10));
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
+    r.succeeded();
+    let lines = r.json_lines();
+    assert_eq!(lines.len(), 1, "one JSON object: {}", r.stdout);
+    assert_retrieval_figures(&lines[0]);
+    assert_eq!(lines[0]["queries"], 10);
+    assert_eq!(lines[0]["corpus"], 10);
+    assert_eq!(lines[0]["similarity"], "cosine");
+    // One relevant document per query and all ten retrieved: recall@10 is 1.
+    assert_eq!(lines[0]["recall@10"], 1.0);
+
+    let mut triplets = String::from("anchor,positive,negative\n");
+    for i in 0..6 {
+        let t = |k: usize| TEXTS[(i + k) % TEXTS.len()];
+        triplets.push_str(&format!("{},{},{}\n", t(0), t(1), t(5)));
+    }
+    let data = write(&dir, "triplets.csv", triplets);
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data)]);
+    r.succeeded();
+    for key in ["queries 6, corpus 10", "ndcg@10", "map@100", "precision@5"] {
+        assert!(r.stdout.contains(key), "{key}:\n{}", r.stdout);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // encode: bad input
 // ---------------------------------------------------------------------------------------------
@@ -465,12 +523,54 @@ fn encode_names_a_missing_weights_file() {
 }
 
 #[test]
-fn eval_of_pairs_without_scores_says_it_needs_a_score_column() {
+fn eval_of_a_header_that_fits_no_evaluation_names_the_file_and_both_layouts() {
     let dir = TempDir::new().unwrap();
     let model = tiny(&dir, "bert", false);
-    let data = write(&dir, "pairs.csv", pairs_csv(4));
+    let data = write(
+        &dir,
+        "qa.csv",
+        "question,answer\nthe cat sat.,a dog runs fast.\n",
+    );
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data)]);
+    r.failed_with(
+        2,
+        &[
+            "qa.csv:1:",
+            "`question`, `answer`",
+            "fits no evaluation",
+            "sentence1,sentence2,score",
+            "anchor,positive[,negative]",
+        ],
+    );
+    assert!(
+        !r.stderr.contains("--set"),
+        "eval has no --set: {}",
+        r.stderr
+    );
+    let data = write(
+        &dir,
+        "both.csv",
+        "anchor,positive,sentence1,sentence2,score\na,b,c,d,1\n",
+    );
     run(&["eval", "--model", s(&model), "--data", s(&data)])
-        .failed_with(2, &["pairs.csv", "score"]);
+        .failed_with(2, &["both.csv:1:", "keep the columns of one"]);
+    let data = write(&dir, "pairs.txt", pairs_csv(4));
+    run(&["eval", "--model", s(&model), "--data", s(&data)])
+        .failed_with(2, &["pairs.txt", ".csv, .tsv or .jsonl"]);
+}
+
+#[test]
+fn eval_names_the_line_of_an_empty_text_in_a_triplets_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let data = write(
+        &dir,
+        "dev.jsonl",
+        "{\"anchor\": \"a cat.\", \"positive\": \"a dog.\", \"negative\": \"x\"}\n\
+         {\"anchor\": \"a cat.\", \"positive\": \"a dog.\", \"negative\": \" \"}\n",
+    );
+    run(&["eval", "--model", s(&model), "--data", s(&data)])
+        .failed_with(2, &["dev.jsonl:2:", "column `negative` is empty"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,6 +829,68 @@ fn a_tiny_mpnet_training_run_saves_a_folder_that_encode_loads() {
 }
 
 #[test]
+fn a_pairs_dev_file_is_evaluated_by_retrieval_and_picks_best_by_ndcg() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", pairs_csv(10));
+    let r = run(&train_args(
+        &t.config,
+        &[
+            "--json",
+            "--set",
+            &format!("data.dev={}", toml_str(&dev)),
+            "--set",
+            "train.eval_steps=2",
+        ],
+    ));
+    r.succeeded();
+    let evals: Vec<Value> = file_lines(&t.out.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|m| m["event"] == "eval")
+        .collect();
+    let labels: Vec<&str> = evals.iter().filter_map(|e| e["label"].as_str()).collect();
+    assert_eq!(labels, ["before", "periodic", "after"], "{evals:?}");
+    for e in &evals {
+        assert_retrieval_figures(e);
+        assert_eq!(e["queries"], 10);
+        assert!(e.get("spearman").is_none(), "{e}");
+    }
+    let sum = summary(&r);
+    assert_eq!(sum["best_dev"]["metric"], "ndcg@10", "{sum}");
+    let best = evals
+        .iter()
+        .map(|e| e["ndcg@10"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(sum["best_dev"]["value"].as_f64(), Some(best), "{sum}");
+    assert!(sum["best_spearman"].is_null(), "{sum}");
+    assert_retrieval_figures(&sum["dev_after"]);
+    assert!(t.out.join("best/model.safetensors").exists());
+    let card = std::fs::read_to_string(t.out.join("best/README.md")).unwrap();
+    assert!(card.contains("best dev ndcg@10"), "{card}");
+}
+
+#[test]
+fn a_scored_dev_file_still_picks_best_by_spearman() {
+    let t = train_setup(&pairs_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", scored_csv(10));
+    let r = run(&train_args(
+        &t.config,
+        &[
+            "--json",
+            "--set",
+            "train.loss=\"mnrl\"",
+            "--set",
+            &format!("data.dev={}", toml_str(&dev)),
+        ],
+    ));
+    r.succeeded();
+    let sum = summary(&r);
+    assert_eq!(sum["best_dev"]["metric"], "spearman", "{sum}");
+    assert_eq!(sum["best_dev"]["value"], sum["best_spearman"], "{sum}");
+    assert!(sum["dev_after"]["spearman"].is_number(), "{sum}");
+    assert_eq!(sum["dev_after"]["pairs"], 10, "{sum}");
+}
+
+#[test]
 fn injected_ooms_are_recovered_and_logged_to_events_and_json_output() {
     let t = train_setup(&scored_csv(12), "train.csv");
     let r = run_env(
@@ -974,4 +1136,165 @@ fn a_saved_model_says_which_st_tune_wrote_it() {
         env!("CARGO_PKG_VERSION"),
         "{v}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// shell integration: --version, completions, man
+// ---------------------------------------------------------------------------------------------
+
+/// The subcommands every completion script and the man page must name.
+const SUBCOMMANDS: [&str; 9] = [
+    "train",
+    "encode",
+    "eval",
+    "plan",
+    "config",
+    "bench",
+    "random-model",
+    "completions",
+    "man",
+];
+
+/// The version of `name` in the committed Cargo.lock.
+fn locked_version(name: &str) -> String {
+    let lock =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock")).unwrap();
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == format!("name = \"{name}\"") {
+            let v = lines.next().unwrap();
+            return v["version = \"".len()..v.len() - 1].to_string();
+        }
+    }
+    panic!("{name} is not in Cargo.lock");
+}
+
+#[test]
+fn version_names_st_tune_candle_and_whether_the_build_has_cuda() {
+    let want = format!(
+        "st-tune {} (candle {}, CUDA: {})",
+        env!("CARGO_PKG_VERSION"),
+        locked_version("candle-core"),
+        if cfg!(feature = "cuda") { "yes" } else { "no" }
+    );
+    for flag in ["--version", "-V"] {
+        let r = run(&[flag]);
+        r.succeeded();
+        assert_eq!(r.stdout.trim(), want);
+    }
+}
+
+#[test]
+fn completions_for_each_shell_name_every_subcommand() {
+    for (shell, marker) in [
+        ("bash", "complete -F _st__tune"),
+        ("zsh", "#compdef st-tune"),
+        ("fish", "complete -c st-tune"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let r = run(&["completions", shell]);
+        r.succeeded();
+        assert!(r.stdout.contains(marker), "{shell}: no {marker:?}");
+        for sub in SUBCOMMANDS {
+            assert!(r.stdout.contains(sub), "{shell} script lacks {sub}");
+        }
+    }
+    run(&["completions", "tcsh"]).failed_with(2, &["tcsh", "bash", "powershell"]);
+}
+
+/// What the bash script offers for `st-tune WORDS... CUR<TAB>`.
+fn bash_completes(script: &Path, words: &[&str]) -> Vec<String> {
+    let words_q: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let cur = words.last().unwrap();
+    let prev = words[words.len() - 2];
+    let code = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _st__tune st-tune '{cur}' '{prev}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        words_q.join(" "),
+        words.len() - 1
+    );
+    let out = Command::new("bash").args(["-c", &code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_bash_script_parses_and_completes_subcommands_and_their_options() {
+    let dir = TempDir::new().unwrap();
+    let r = run(&["completions", "bash"]);
+    r.succeeded();
+    let script = write(&dir, "st-tune.bash", &r.stdout);
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    assert_eq!(bash_completes(&script, &["st-tune", "ev"]), ["eval"]);
+    // After a subcommand (clap_complete's hyphenated-name bug would give nothing here).
+    let eval = bash_completes(&script, &["st-tune", "eval", "--"]);
+    for opt in ["--model", "--data", "--json"] {
+        assert!(eval.iter().any(|o| o == opt), "{opt} in {eval:?}");
+    }
+    let memory = bash_completes(&script, &["st-tune", "bench", "memory", "--se"]);
+    assert_eq!(memory, ["--set", "--seq"]);
+}
+
+#[test]
+fn man_prints_a_page_naming_every_subcommand_and_one_per_subcommand() {
+    let r = run(&["man"]);
+    r.succeeded();
+    assert!(r.stdout.contains(".TH st-tune 1"), "{}", r.stdout);
+    assert!(r.stdout.contains(".SH SUBCOMMANDS"));
+    for sub in SUBCOMMANDS {
+        let page = format!("st\\-tune\\-{}(1)", sub.replace('-', "\\-"));
+        assert!(r.stdout.contains(&page), "the page lists {page}");
+    }
+    let r = run(&["man", "eval"]);
+    r.succeeded();
+    assert!(r.stdout.contains(".TH st-tune-eval 1"), "{}", r.stdout);
+    assert!(r.stdout.contains("\\-\\-model") && r.stdout.contains("anchor,positive"));
+    run(&["man", "nope"]).failed_with(2, &["nope", "train, encode, eval"]);
+}
+
+#[test]
+fn a_run_with_a_retrieval_dev_file_resumes_with_its_figures() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", pairs_csv(10));
+    let dev_set = format!("data.dev={}", toml_str(&dev));
+    let args = train_args(
+        &t.config,
+        &["--json", "--set", &dev_set, "--set", "train.max_steps=8"],
+    );
+    let stopped = run_env(&args, &[("ST_TUNE_CRASH_AT", "step:2:TERM")]);
+    assert_eq!(stopped.code, 143, "{}", stopped.stderr);
+    let mut resumed = args.clone();
+    resumed.push("--resume");
+    let r = run(&resumed);
+    r.succeeded();
+    let sum = summary(&r);
+    // SIGTERM stops the run after the step it arrives in, or (on a busy machine) a little later.
+    assert_eq!(sum["steps"], 8, "{sum}");
+    let from = sum["resumed_from"].as_u64().unwrap_or(0);
+    assert!(
+        (2..8).contains(&from),
+        "resumed after a step before the last: {sum}"
+    );
+    // The figures before training come back from the checkpoint's state.json.
+    assert_retrieval_figures(&sum["dev_before"]);
+    assert_retrieval_figures(&sum["dev_after"]);
+    assert_eq!(sum["best_dev"]["metric"], "ndcg@10", "{sum}");
 }

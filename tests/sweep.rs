@@ -617,3 +617,27 @@ fn tpe_chooses_later_trials_from_the_finished_ones_reproducibly_one_at_a_time() 
         .iter()
         .all(|t| (1e-5..=1e-2).contains(&lr(t))));
 }
+
+#[test]
+fn a_sweep_can_optimise_a_retrieval_figure_of_a_pairs_dev_file() {
+    let s = Setup::new("");
+    common::write_data(&s.path("pairs.csv"), false);
+    let base = std::fs::read_to_string(s.path("base.toml"))
+        .unwrap()
+        .replace("\"train.csv\"", "\"pairs.csv\"")
+        .replace("\"cosent\"", "\"mnrl\"");
+    std::fs::write(s.path("base.toml"), base).unwrap();
+    s.sweep("metric = \"dev.ndcg@10\"", "\"train.lr\" = [1e-4, 1e-2]");
+    s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
+    let report = s.report();
+    assert_eq!(report["metric"], "dev.ndcg@10");
+    for t in report["trials"].as_array().unwrap() {
+        assert_eq!(t["status"], "complete", "{report}");
+        let i = t["index"].as_u64().unwrap() as usize;
+        let after = lines(&s.trial_file(i, "metrics.jsonl"))
+            .into_iter()
+            .find(|l| l["label"] == "after")
+            .unwrap();
+        assert_eq!(after["ndcg@10"], t["metric"], "{after}");
+    }
+}

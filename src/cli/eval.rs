@@ -1,26 +1,33 @@
-//! `st-tune eval`: Spearman and Pearson of cosine similarity against gold scores.
+//! `st-tune eval`: the evaluation a file's columns call for. Scored pairs: Spearman and Pearson
+//! of cosine similarity against the gold scores; (anchor, positive[, negative]) rows: retrieval
+//! figures (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100).
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::data::read::read_dataset;
-use crate::data::RowShape;
-use crate::error::{Error, Result};
+use crate::data::read::read_eval_file;
+use crate::error::Result;
 use crate::model::SentenceModel;
-use crate::train::eval::evaluate;
+use crate::train::eval::{evaluate_any, Scores};
 
-/// Correlate a model's cosine similarities with gold scores (sentence1,sentence2,score rows),
-/// as sentence-transformers' EmbeddingSimilarityEvaluator does.
+/// Evaluate a model on a file, as sentence-transformers' evaluators do; the columns pick which.
+///
+/// sentence1,sentence2,score rows: Spearman and Pearson correlation of the cosine similarity with
+/// the score (EmbeddingSimilarityEvaluator). anchor,positive[,negative] rows: retrieval
+/// (InformationRetrievalEvaluator) with the distinct anchors as queries and the distinct positive
+/// and negative texts as the corpus; each anchor's positives are its relevant documents.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Model folder or Hugging Face hub id.
     #[arg(long, short)]
     pub model: String,
-    /// CSV/TSV/JSONL file with sentence1, sentence2 and score columns.
+    /// CSV/TSV/JSONL file with sentence1,sentence2,score or anchor,positive[,negative] columns.
     #[arg(long, short)]
     pub data: PathBuf,
-    /// Print one JSON object ({"spearman", "pearson", "pairs"}).
+    /// Print one JSON object: {"spearman", "pearson", "pairs"}, or for retrieval
+    /// {"accuracy@1", ..., "precision@k", "recall@k", "mrr@10", "ndcg@10", "map@100", "queries",
+    /// "corpus", "similarity"}.
     #[arg(long)]
     pub json: bool,
     /// Texts per forward pass.
@@ -32,24 +39,49 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let data = read_dataset(&a.data, None, None, None)?;
-    if data.shape != RowShape::Scored {
-        return Err(Error::data(
-            &a.data,
-            1,
-            "eval needs sentence1, sentence2 and score columns",
-        ));
-    }
+    let data = read_eval_file(&a.data)?;
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
-    let c = evaluate(&model, &data, a.batch_size)?;
+    let scores = evaluate_any(&model, &data, a.batch_size)?;
     if a.json {
-        println!("{}", serde_json::to_string(&c).expect("plain struct"));
-    } else {
-        println!(
+        crate::say!("{}", serde_json::to_string(&scores).expect("plain struct"));
+        return Ok(());
+    }
+    match scores {
+        Scores::Similarity(c) => crate::say!(
             "spearman {:.5}\npearson  {:.5}\npairs    {}",
-            c.spearman, c.pearson, c.pairs
-        );
+            c.spearman,
+            c.pearson,
+            c.pairs
+        ),
+        Scores::Retrieval(r) => {
+            let v = serde_json::to_value(&r).expect("plain struct");
+            crate::say!(
+                "queries {}, corpus {} (distinct texts), {} similarity",
+                r.queries,
+                r.corpus,
+                r.similarity
+            );
+            for key in [
+                "accuracy@1",
+                "accuracy@3",
+                "accuracy@5",
+                "accuracy@10",
+                "precision@1",
+                "precision@3",
+                "precision@5",
+                "precision@10",
+                "recall@1",
+                "recall@3",
+                "recall@5",
+                "recall@10",
+                "mrr@10",
+                "ndcg@10",
+                "map@100",
+            ] {
+                crate::say!("{key:<13}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
+            }
+        }
     }
     Ok(())
 }

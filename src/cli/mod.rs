@@ -2,17 +2,25 @@
 //! only turns arguments into a library call and its result into output.
 
 pub mod bench;
+pub mod completions;
 pub mod config;
 pub mod encode;
 pub mod eval;
+pub mod man;
 pub mod plan;
 pub mod random;
 pub mod sweep;
 pub mod train;
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// `st-tune --version`: st-tune's version, the candle version it links and whether the build
+/// has CUDA (the `cuda` cargo feature; set by build.rs), e.g. `0.1.0 (candle 0.11.1, CUDA: no)`.
+pub const VERSION: &str = env!("ST_TUNE_VERSION_LINE");
 
 /// Fine-tune sentence-transformer embedding models (MiniLM, MPNet, BERT) with candle, on CPU or
 /// CUDA, without dying of out-of-memory.
@@ -21,7 +29,7 @@ use crate::error::Result;
 /// file that does not exist); 3 out of memory with nothing left to try (the last good state is
 /// saved); 130 Ctrl-C and 143 SIGTERM (a checkpoint is saved; `train --resume` continues).
 #[derive(Debug, Parser)]
-#[command(name = "st-tune", version, about, long_about)]
+#[command(name = "st-tune", version = VERSION, about, long_about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -37,6 +45,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     RandomModel(random::RandomArgs),
     Sweep(sweep::SweepArgs),
+    Completions(completions::CompletionsArgs),
+    Man(man::ManArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -49,5 +59,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::RandomModel(a) => random::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Completions(a) => completions::run(a),
+        Command::Man(a) => man::run(a),
+    }
+}
+
+/// Writes generated text to stdout; a reader that quit early (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("<stdout>", e)),
+        _ => Ok(()),
     }
 }

@@ -9,6 +9,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::error::Result;
 use crate::memory::oom::Injector;
+use crate::train::eval::Scores;
 use crate::train::report::Output;
 use crate::train::{train, RunOptions};
 
@@ -70,11 +71,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     if let (Some(b), Some(a)) = (&s.dev_before, &s.dev_after) {
+        let size = match a {
+            Scores::Similarity(c) => format!("{} pairs", c.pairs),
+            Scores::Retrieval(r) => format!("{} queries, {} documents", r.queries, r.corpus),
+        };
         crate::say!(
-            "dev spearman: {:.4} before, {:.4} after ({} pairs)",
-            b.spearman,
-            a.spearman,
-            a.pairs
+            "dev {}: {:.4} before, {:.4} after ({size})",
+            a.metric(),
+            b.value(),
+            a.value()
         );
     }
     crate::say!(

@@ -197,8 +197,10 @@ section! {
             _ => Ok(()),
         };
         neutral yes;
-        help "Evaluation file of sentence1,sentence2,score rows: Spearman correlation of\n\
-              cosine similarity, before, during (see train.eval_steps) and after training.";
+        help "Evaluation file, before, during (see train.eval_steps) and after training; its\n\
+              columns pick the evaluation: sentence1,sentence2,score rows give the Spearman\n\
+              correlation of cosine similarity, anchor,positive[,negative] rows retrieval\n\
+              figures (NDCG@10, MRR@10, accuracy@k, ...).";
 
         format: Option<Format> = None;
         expects "one of \"csv\", \"tsv\", \"jsonl\"";
@@ -379,8 +381,8 @@ section! {
         save_best: bool = true;
         expects BOOL;
         neutral yes;
-        help "Also save the model with the best dev Spearman to output.dir/best\n\
-              (output.dir/final always holds the last one).";
+        help "Also save the model with the best dev Spearman (NDCG@10 for a retrieval\n\
+              dev file) to output.dir/best (output.dir/final always holds the last one).";
 
         // As the Hugging Face Trainer's save_steps: a few minutes of lost work at most on a
         // GPU, and a MiniLM checkpoint (weights and AdamW moments) writes in under a second.

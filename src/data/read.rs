@@ -103,8 +103,31 @@ pub fn read_dataset(
     columns: Option<&BTreeMap<String, String>>,
     limit: Option<usize>,
 ) -> Result<Dataset> {
+    read(path, format, columns, limit, false)
+}
+
+/// Reads a file for `st-tune eval`, which takes the roles from the header only: a header that
+/// fits no evaluation is told the column names each evaluation needs (not `data.columns`).
+pub fn read_eval_file(path: &Path) -> Result<Dataset> {
+    read(path, None, None, None, true)
+}
+
+fn read(
+    path: &Path,
+    format: Option<Format>,
+    columns: Option<&BTreeMap<String, String>>,
+    limit: Option<usize>,
+    eval: bool,
+) -> Result<Dataset> {
     let format = match format.or_else(|| Format::from_path(path)) {
         Some(f) => f,
+        None if eval => {
+            return Err(Error::data(
+                path,
+                0,
+                "cannot tell the format from the extension; name the file .csv, .tsv or .jsonl",
+            ))
+        }
         None => {
             return Err(Error::config(
                 "data.format",
@@ -130,6 +153,7 @@ pub fn read_dataset(
         path,
         columns,
         limit: limit.unwrap_or(usize::MAX),
+        eval,
     };
     let (shape, rows) = match format {
         Format::Csv | Format::Tsv => reader.delimited(bytes, format)?,
@@ -166,6 +190,8 @@ struct Reader<'a> {
     path: &'a Path,
     columns: Option<&'a BTreeMap<String, String>>,
     limit: usize,
+    /// For `st-tune eval`: header errors name the evaluations instead of `data.columns`.
+    eval: bool,
 }
 
 impl Reader<'_> {
@@ -219,6 +245,27 @@ impl Reader<'_> {
             (true, false) if has("negative") => RowShape::Triplet,
             (true, false) => RowShape::Pair,
             (false, true) => RowShape::Scored,
+            (true, true) if self.eval => {
+                return Err(self.err(
+                    line,
+                    format!(
+                        "the {what} has both anchor/positive and sentence1/sentence2/score \
+                         columns, so it fits both retrieval and similarity evaluation; keep \
+                         the columns of one"
+                    ),
+                ))
+            }
+            (false, false) if self.eval => {
+                return Err(self.err(
+                    line,
+                    format!(
+                        "the {what} ({}) fits no evaluation; name the columns \
+                         sentence1,sentence2,score (similarity: Spearman and Pearson) or \
+                         anchor,positive[,negative] (retrieval: NDCG@10, MRR@10, ...)",
+                        listed()
+                    ),
+                ))
+            }
             (true, true) => {
                 return Err(self.err(
                     line,

@@ -140,12 +140,19 @@ pub fn run_trial(
     };
     if let Some(s) = &summary {
         record.metric = metric_of(s, &sweep.metric);
+        if record.metric.is_none() {
+            record.message = Some(format!(
+                "the run reported no {} (does the dev file's evaluation have that figure?)",
+                sweep.metric
+            ));
+        }
         record.samples_per_s = s["samples_per_s"].as_f64();
         record.peak_memory = s["peak_memory"].as_u64();
         record.ooms_recovered = s["ooms_recovered"].as_u64().map(|n| n as usize);
         record.final_micro_batch_size = s["final_micro_batch_size"].as_u64().map(|n| n as usize);
     }
     if !matches!(record.status, Status::Complete | Status::Pruned) {
+        // Why it did not complete replaces any note about the metric.
         record.message = match code {
             129..=191 if code != 130 && code != 143 => Some(format!(
                 "killed by signal {} (the kernel's out-of-memory killer sends 9)",
@@ -282,8 +289,8 @@ fn summary_of(path: &Path) -> Option<serde_json::Value> {
         .map(|v| v["data"].clone())
 }
 
-/// `dev.spearman` and `dev.pearson` from the end-of-training evaluation; `train.loss`, the
-/// last step's loss.
+/// `dev.FIGURE` from the end-of-training evaluation (as `eval --json` names it); `train.loss`,
+/// the last step's loss.
 pub fn metric_of(summary: &serde_json::Value, metric: &str) -> Option<f64> {
     match metric.split_once('.') {
         Some(("dev", name)) => summary["dev_after"][name].as_f64(),

@@ -48,9 +48,29 @@ pub struct PruneSpec {
     pub min_trials: usize,
 }
 
-/// What a trial's result is judged by: a figure of the end-of-training evaluation
-/// (`dev.spearman`, `dev.pearson`) or the final training loss (`train.loss`).
-pub const METRICS: &[&str] = &["dev.spearman", "dev.pearson", "train.loss"];
+/// What a trial's result is judged by: a figure of the end-of-training evaluation (`dev.` and
+/// the name `st-tune eval --json` gives it: Spearman and Pearson for scored dev files,
+/// retrieval figures for pairs or triplets) or the final training loss (`train.loss`).
+pub const METRICS: &[&str] = &[
+    "dev.spearman",
+    "dev.pearson",
+    "dev.ndcg@10",
+    "dev.mrr@10",
+    "dev.map@100",
+    "dev.accuracy@1",
+    "dev.accuracy@3",
+    "dev.accuracy@5",
+    "dev.accuracy@10",
+    "dev.precision@1",
+    "dev.precision@3",
+    "dev.precision@5",
+    "dev.precision@10",
+    "dev.recall@1",
+    "dev.recall@3",
+    "dev.recall@5",
+    "dev.recall@10",
+    "train.loss",
+];
 
 #[derive(Debug, Clone)]
 pub struct Sweep {

@@ -28,7 +28,7 @@ use crate::atomic;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::policy::MemState;
-use crate::train::eval::Correlation;
+use crate::train::eval::Scores;
 use crate::train::optim::AdamW;
 use crate::train::precision::LossScaler;
 
@@ -48,7 +48,7 @@ pub struct Progress {
     pub scaler: LossScaler,
     pub mem: MemState,
     pub best: Option<f64>,
-    pub dev_before: Option<Correlation>,
+    pub dev_before: Option<Scores>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -1,14 +1,60 @@
 //! Evaluation on scored pairs: Spearman and Pearson correlation between the cosine similarity
 //! of the two embeddings and the gold score, as sentence-transformers'
-//! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties).
+//! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties); and
+//! [`evaluate_any`], which picks this or retrieval (`retrieval.rs`) from a file's row shape.
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use crate::data::{Dataset, RowShape};
 use crate::error::Result;
 use crate::model::SentenceModel;
+use crate::train::retrieval::{evaluate_retrieval, Retrieval};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// The figures of an evaluation file: correlation for scored pairs, retrieval for pairs and
+/// triplets. Serialized as the inner figures alone (no tag), so a scored file's JSON is
+/// `{"spearman", "pearson", "pairs"}` as before retrieval existed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Scores {
+    Similarity(Correlation),
+    Retrieval(Retrieval),
+}
+
+impl Scores {
+    /// The figure that picks the best model: Spearman, or NDCG@10 for retrieval (the
+    /// sentence-transformers evaluators' primary metrics).
+    pub fn metric(&self) -> &'static str {
+        match self {
+            Scores::Similarity(_) => "spearman",
+            Scores::Retrieval(_) => "ndcg@10",
+        }
+    }
+
+    pub fn value(&self) -> f64 {
+        match self {
+            Scores::Similarity(c) => c.spearman,
+            Scores::Retrieval(r) => r.ndcg_10,
+        }
+    }
+
+    /// Any figure by the name the JSON output gives it ("spearman", "mrr@10", ...); `None`
+    /// when this kind of evaluation has no such figure.
+    pub fn figure(&self, name: &str) -> Option<f64> {
+        serde_json::to_value(self).ok()?.get(name)?.as_f64()
+    }
+}
+
+/// Scored pairs: [`evaluate`]; (anchor, positive[, negative]) rows: retrieval.
+pub fn evaluate_any(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Scores> {
+    Ok(match data.shape {
+        RowShape::Scored => Scores::Similarity(evaluate(model, data, batch_size)?),
+        RowShape::Pair | RowShape::Triplet => {
+            Scores::Retrieval(evaluate_retrieval(model, data, batch_size)?)
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Correlation {
     pub spearman: f64,
     pub pearson: f64,
@@ -83,6 +129,29 @@ mod tests {
         // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]).correlation == 0.9486832980505138
         let s = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]);
         assert!((s - 0.9486832980505138).abs() < 1e-12, "{s}");
+    }
+
+    #[test]
+    fn scores_read_back_as_the_variant_they_were_written_as() {
+        // Checkpoints store the dev figures before training as JSON without a tag.
+        let c = Scores::Similarity(Correlation {
+            spearman: 0.5,
+            pearson: 0.25,
+            pairs: 3,
+        });
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(text, r#"{"spearman":0.5,"pearson":0.25,"pairs":3}"#);
+        assert_eq!(serde_json::from_str::<Scores>(&text).unwrap(), c);
+        let v = serde_json::json!({"queries": 4, "corpus": 9, "similarity": "cosine",
+            "ndcg@10": 0.75, "accuracy@1": 0.5, "accuracy@3": 0.5, "accuracy@5": 0.5,
+            "accuracy@10": 0.5, "precision@1": 0.5, "precision@3": 0.5, "precision@5": 0.5,
+            "precision@10": 0.5, "recall@1": 0.5, "recall@3": 0.5, "recall@5": 0.5,
+            "recall@10": 0.5, "mrr@10": 0.5, "map@100": 0.5});
+        let r: Scores = serde_json::from_value(v).unwrap();
+        assert!(matches!(&r, Scores::Retrieval(x) if x.corpus == 9), "{r:?}");
+        assert_eq!((r.metric(), r.value()), ("ndcg@10", 0.75));
+        let back: Scores = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod precision;
 pub mod recompute;
 pub mod report;
+pub mod retrieval;
 pub mod schedule;
 pub mod step;
 
@@ -25,7 +26,7 @@ use crate::config::{Config, Lever, MicroBatch, Precision};
 use crate::data::batch::{epoch_order, longest_first};
 use crate::data::read::read_dataset;
 use crate::data::tokenize::TextTokenizer;
-use crate::data::{Dataset, RowShape};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses;
 use crate::memory::oom::{is_oom, Injector, Phase};
@@ -34,7 +35,7 @@ use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use checkpoint::Progress;
-use eval::{evaluate, Correlation};
+use eval::{evaluate_any, Scores};
 use optim::{clip_grad_norm, AdamW};
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
@@ -76,9 +77,13 @@ pub struct Summary {
     pub resumed_from: Option<usize>,
     /// The step after which a sweep's pruner stopped this trial, if it did.
     pub pruned_at: Option<usize>,
-    pub dev_before: Option<Correlation>,
-    pub dev_after: Option<Correlation>,
+    /// Spearman/Pearson for a scored dev file, retrieval figures for pairs or triplets.
+    pub dev_before: Option<Scores>,
+    pub dev_after: Option<Scores>,
+    /// The best dev Spearman (scored dev files only; see `best_dev`).
     pub best_spearman: Option<f64>,
+    /// The best dev figure and its name: "spearman", or "ndcg@10" for a retrieval dev file.
+    pub best_dev: Option<BestDev>,
     pub train_seconds: f64,
     pub samples_per_s: f64,
     pub final_loss: f32,
@@ -86,6 +91,13 @@ pub struct Summary {
     pub final_micro_batch_size: usize,
     pub peak_memory: u64,
     pub output_dir: PathBuf,
+}
+
+/// The dev figure `best/` was chosen by.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BestDev {
+    pub metric: &'static str,
+    pub value: f64,
 }
 
 /// Rows per evaluation batch: evaluation keeps no graph, so it can be larger than training's.
@@ -295,7 +307,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let dev_eval = |m: &SentenceModel| {
         dev_set
             .as_ref()
-            .map(|d| evaluate(m, d, EVAL_BATCH))
+            .map(|d| evaluate_any(m, d, EVAL_BATCH))
             .transpose()
     };
     match restored {
@@ -314,7 +326,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             if let Some(c) = &progress.dev_before {
                 reporter.eval(0, "before", c);
             }
-            progress.best = progress.dev_before.map(|c| c.spearman);
+            progress.best = progress.dev_before.as_ref().map(Scores::value);
         }
     }
     reporter.message(&format!(
@@ -341,7 +353,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     alloc::reset_peak();
     let mut peak_memory = 0u64;
     // Set when a sweep's pruner stops the run: the evaluation at the rung, if any.
-    let mut pruned: Option<Option<Correlation>> = None;
+    let mut pruned: Option<Option<Scores>> = None;
 
     for step in start..total {
         let epoch = step / steps_per_epoch;
@@ -449,16 +461,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         if t.eval_steps > 0 && done % t.eval_steps == 0 && done < total {
             checkpoint::crash_point("eval", done);
             dev_now = dev_eval(&model)?;
-            if let Some(c) = dev_now {
-                reporter.eval(done, "periodic", &c);
-                if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman > b) {
-                    progress.best = Some(c.spearman);
+            if let Some(c) = &dev_now {
+                reporter.eval(done, "periodic", c);
+                if cfg.output.save_best && progress.best.is_none_or(|b| c.value() > b) {
+                    progress.best = Some(c.value());
                     save(
                         &model,
                         &out_dir.join("best"),
                         cfg,
                         done,
-                        &format!("best dev Spearman {:.4}", c.spearman),
+                        &format!("best dev {} {:.4}", c.metric(), c.value()),
                     )?;
                 }
             }
@@ -471,8 +483,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 }
                 let value = match p.metric.as_str() {
                     "loss" => Some(out.loss as f64),
-                    "pearson" => dev_now.map(|c| c.pearson),
-                    _ => dev_now.map(|c| c.spearman),
+                    name => dev_now.as_ref().and_then(|c| c.figure(name)),
                 };
                 if let Some(v) = value {
                     if p.report(k, rows.1, v)? {
@@ -512,37 +523,42 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     reporter.finish();
 
     let steps = progress.step;
+    let was_pruned = pruned.is_some();
     let dev_after = match pruned {
         Some(at_rung) => at_rung,
         None => dev_eval(&model)?,
     };
-    if let (Some(c), None) = (&dev_after, &pruned) {
+    if let (Some(c), false) = (&dev_after, was_pruned) {
         reporter.eval(total, "after", c);
-        if cfg.output.save_best && progress.best.is_none_or(|b| c.spearman >= b) {
-            progress.best = Some(c.spearman);
+        if cfg.output.save_best && progress.best.is_none_or(|b| c.value() >= b) {
+            progress.best = Some(c.value());
             save(
                 &model,
                 &out_dir.join("best"),
                 cfg,
                 total,
-                &format!("best dev Spearman {:.4}", c.spearman),
+                &format!("best dev {} {:.4}", c.metric(), c.value()),
             )?;
         }
     }
     let mem = &progress.mem;
-    let status = if pruned.is_some() {
+    let status = if was_pruned {
         "stopped early by the sweep's pruner"
     } else {
         "finished"
     };
     save_final(&model, cfg, steps, status, mem.micro, mem.max_micro)?;
+    let metric = dev_after.as_ref().map(Scores::metric);
     Ok(Summary {
         steps,
         resumed_from: (start > 0).then_some(start),
-        pruned_at: pruned.is_some().then_some(steps),
+        pruned_at: was_pruned.then_some(steps),
         dev_before: progress.dev_before,
         dev_after,
-        best_spearman: progress.best,
+        best_spearman: progress.best.filter(|_| metric == Some("spearman")),
+        best_dev: metric
+            .zip(progress.best)
+            .map(|(metric, value)| BestDev { metric, value }),
         train_seconds,
         samples_per_s: rows_trained as f64 / train_seconds.max(1e-9),
         final_loss: last_loss,
@@ -685,18 +701,10 @@ fn apply_update(
     }
 }
 
+/// The dev file; its row shape picks the evaluation (scored pairs: Spearman, which also picks
+/// `best/`; pairs or triplets: retrieval, NDCG@10).
 fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
-    let dev = read_dataset(path, cfg.data.format, None, cfg.data.limit)?;
-    if dev.shape != RowShape::Scored {
-        return Err(Error::config(
-            "data.dev",
-            format!(
-                "{} must hold (sentence1, sentence2, score) rows for evaluation",
-                path.display()
-            ),
-        ));
-    }
-    Ok(dev)
+    read_dataset(path, cfg.data.format, None, cfg.data.limit)
 }
 
 /// The memory levers in force; the OOM handler's escalation changes them mid-run.

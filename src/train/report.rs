@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::train::eval::Correlation;
+use crate::train::eval::Scores;
 use crate::train::step::OomEvent;
 
 /// `println!` that ignores write errors: a closed stdout (the reader of a pipe quit, the
@@ -161,16 +161,26 @@ impl Reporter {
         }
     }
 
-    pub fn eval(&mut self, step: usize, label: &str, c: &Correlation) {
-        let v = json!({"event": "eval", "step": step, "label": label, "spearman": c.spearman,
-                       "pearson": c.pearson, "pairs": c.pairs});
+    /// One evaluation: the figures of `Scores` (correlation or retrieval) beside the step.
+    pub fn eval(&mut self, step: usize, label: &str, scores: &Scores) {
+        let mut v = json!({"event": "eval", "step": step, "label": label});
+        if let serde_json::Value::Object(figures) = json!(scores) {
+            v.as_object_mut().expect("an object").extend(figures);
+        }
         Self::line(&mut self.metrics, &v);
         match self.output {
             Output::Json => say!("{v}"),
-            Output::Human => self.message(&format!(
-                "eval ({label}, step {step}): spearman {:.4} pearson {:.4} on {} pairs",
-                c.spearman, c.pearson, c.pairs
-            )),
+            Output::Human => self.message(&match scores {
+                Scores::Similarity(c) => format!(
+                    "eval ({label}, step {step}): spearman {:.4} pearson {:.4} on {} pairs",
+                    c.spearman, c.pearson, c.pairs
+                ),
+                Scores::Retrieval(r) => format!(
+                    "eval ({label}, step {step}): ndcg@10 {:.4} mrr@10 {:.4} accuracy@1 {:.4} \
+                     on {} queries, {} documents",
+                    r.ndcg_10, r.mrr_10, r.accuracy_1, r.queries, r.corpus
+                ),
+            }),
             Output::Quiet => {}
         }
     }
