@@ -35,16 +35,6 @@ fn avx512() -> bool {
     }
 }
 
-/// `x ← exp(x)`.
-pub fn exp(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F is present (checked above).
-        return unsafe { avx::exp_slice(x) };
-    }
-    x.iter_mut().for_each(|v| *v = v.exp());
-}
-
 /// `x ← exp(x − shift)`, returning the sum of the results (a softmax's numerator and
 /// denominator). The sum's order is fixed by the slice's length alone.
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
@@ -61,8 +51,9 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
-/// `x ← erf(x)`.
-pub fn erf(x: &mut [f32]) {
+/// `x ← erf(x)` (the kernels use it through GELU; the tests check it alone).
+#[cfg(test)]
+fn erf(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present (checked above).
@@ -142,11 +133,7 @@ mod avx {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_slice(x: &mut [f32]) {
-        map(x, |v| exp(v))
-    }
-
+    #[cfg(test)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn erf_slice(x: &mut [f32]) {
         map(x, |v| erf(v))
@@ -278,7 +265,7 @@ mod tests {
     fn exp_is_within_2_ulp_of_libm_and_handles_the_ends() {
         let x = grid(-87.0, 88.0, 3e-3);
         let mut fast = x.clone();
-        exp(&mut fast);
+        exp_shifted_sum(&mut fast, 0.0);
         for (g, &x) in fast.iter().zip(&x) {
             let want = x.exp();
             assert!(
@@ -287,10 +274,10 @@ mod tests {
             );
         }
         let mut ends = vec![f32::NEG_INFINITY, -200.0, 0.0, 100.0, f32::INFINITY];
-        exp(&mut ends);
+        exp_shifted_sum(&mut ends, 0.0);
         assert_eq!(ends, [0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY]);
         let mut nan = vec![f32::NAN; 3];
-        exp(&mut nan);
+        exp_shifted_sum(&mut nan, 0.0);
         assert!(nan.iter().all(|v| v.is_nan()));
     }
 
@@ -312,6 +299,8 @@ mod tests {
         let mut y = x.clone();
         gelu(&mut y);
         assert!(max_abs_err(&y, |v| v * cdf(v), &x) < 2e-6);
+        let y: Vec<f32> = x.iter().map(|&v| gelu_scalar(v)).collect();
+        assert!(max_abs_err(&y, |v| v * cdf(v), &x) < 2e-6);
         let d: Vec<f32> = x.iter().map(|v| 1.0 + v.sin()).collect();
         let mut g = x.clone();
         gelu_grad_mul(&mut g, &d);
@@ -319,6 +308,12 @@ mod tests {
             .iter()
             .zip(&d)
             .map(|(&v, d)| d * (cdf(v) + v * (-0.5 * v * v).exp() * INV_SQRT_2PI))
+            .collect();
+        assert!(max_abs_err(&g, |v| v, &want) < 2e-6);
+        let g: Vec<f32> = x
+            .iter()
+            .zip(&d)
+            .map(|(&v, d)| d * gelu_grad_scalar(v))
             .collect();
         assert!(max_abs_err(&g, |v| v, &want) < 2e-6);
     }
