@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::model::dropout::AttentionMasks;
 use crate::model::fused::{cpu_f32, cpu_storage};
+use crate::model::vmath;
 
 /// softmax(scale · q kᵀ + bias) ⊙ mask · v per row and head, rows packed as (offset, len).
 #[derive(Debug, Clone)]
@@ -134,11 +135,7 @@ impl Attention {
         }
         for line in p.chunks_mut(len) {
             let max = line.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in line.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
+            let sum = vmath::exp_shifted_sum(line, max);
             line.iter_mut().for_each(|v| *v /= sum);
         }
         if let Some(m) = &self.masks {

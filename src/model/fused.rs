@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use super::vmath;
 use crate::error::Result;
 
 /// The contiguous elements of a CPU tensor as f32 (borrowed when already f32).
@@ -129,17 +130,8 @@ struct LinearOp {
     gelu: bool,
 }
 
-/// GELU with the exact erf, as candle's `gelu_erf` and PyTorch's `gelu` compute it.
-fn gelu(v: f32) -> f32 {
-    0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// d gelu(x) / dx = Φ(x) + x φ(x).
-fn gelu_grad(v: f32) -> f32 {
-    use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2));
-    cdf + v * (-0.5 * v * v).exp() * (0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2)
-}
+/// Elements per parallel task of the element-wise GELU passes.
+const GELU_CHUNK: usize = 1 << 14;
 
 /// `gelu(x)` as f32 from any float `x`, one pass (backward helper, no graph).
 struct GeluF32;
@@ -151,7 +143,7 @@ impl CustomOp1 for GeluF32 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let mut x = cpu_f32(s, l, self.name())?.into_owned();
-        x.par_iter_mut().for_each(|v| *v = gelu(*v));
+        x.par_chunks_mut(GELU_CHUNK).for_each(vmath::gelu);
         Ok((CpuStorage::F32(x), l.shape().clone()))
     }
 }
@@ -178,9 +170,7 @@ impl CustomOp2 for GeluGradMul {
         let out = cpu_rows(s2.dtype(), l2.shape().elem_count(), width, |row, x| {
             read_row(s2, l2, row, x)?;
             let d = &d[row * width..(row + 1) * width];
-            x.iter_mut()
-                .zip(d)
-                .for_each(|(x, d)| *x = d * gelu_grad(*x));
+            vmath::gelu_grad_mul(x, d);
             Ok(())
         })?;
         Ok((out, l2.shape().clone()))
@@ -203,7 +193,7 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let mut x = cpu_f32(s1, l1, self.name())?;
         if self.gelu {
-            x.to_mut().par_iter_mut().for_each(|v| *v = gelu(*v));
+            x.to_mut().par_chunks_mut(GELU_CHUNK).for_each(vmath::gelu);
         }
         let w = f32_params(s2, l2, self.name())?;
         let b = f32_params(s3, l3, self.name())?;

@@ -18,6 +18,7 @@ pub mod norm;
 pub mod pooling;
 #[cfg(test)]
 pub mod testing;
+pub mod vmath;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};

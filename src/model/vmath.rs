@@ -1,0 +1,320 @@
+//! Vectorised `exp`, `erf` and GELU over f32 slices for the CPU kernels.
+//!
+//! libm's scalar `erff` and `expf` took about a fifth of a training step. On x86-64 with
+//! AVX-512 (detected at run time) these run 16 lanes at a time; elsewhere a scalar version of the
+//! same formulas runs. `erf` is the Abramowitz-Stegun 7.1.26 approximation PyTorch's CPU
+//! kernels use (absolute error at most 5.3e-7 against libm in f32, as PyTorch's); `exp` is
+//! Cephes' `expf` polynomial (about 1 ulp). The result depends on the machine (lanes use fused multiply-adds) but never on
+//! the number of threads.
+// The published constants (A&S, Cephes) are kept digit for digit, so they can be checked.
+#![allow(clippy::excessive_precision)]
+
+use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+
+/// erf(x) = sign(x) (1 − t·P(t)·exp(−x²)), t = 1 / (1 + p|x|) (A&S 7.1.26).
+const ERF_P: f32 = 0.3275911;
+const ERF_A: [f32; 5] = [
+    0.254829592,
+    -0.284496736,
+    1.421413741,
+    -1.453152027,
+    1.061405429,
+];
+
+/// φ(x)'s constant, 1/√(2π).
+const INV_SQRT_2PI: f32 = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x ← exp(x − shift)`, returning the sum of the results (a softmax's numerator and
+/// denominator). The sum's order is fixed by the slice's length alone.
+pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { avx::exp_shifted_sum(x, shift) };
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - shift).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `x ← erf(x)` (the kernels use it through GELU; the tests check it alone).
+#[cfg(test)]
+fn erf(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { avx::erf_slice(x) };
+    }
+    x.iter_mut().for_each(|v| *v = erf_scalar(*v));
+}
+
+/// `x ← gelu(x) = x Φ(x)`, with Φ through erf, as PyTorch's `gelu` (approximate="none").
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { avx::gelu_slice(x) };
+    }
+    x.iter_mut().for_each(|v| *v = gelu_scalar(*v));
+}
+
+/// `x ← d · gelu'(x)`, gelu'(x) = Φ(x) + x φ(x).
+pub fn gelu_grad_mul(x: &mut [f32], d: &[f32]) {
+    assert_eq!(x.len(), d.len(), "gelu_grad_mul: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above); the lengths are equal.
+        return unsafe { avx::gelu_grad_mul(x, d) };
+    }
+    x.iter_mut()
+        .zip(d)
+        .for_each(|(x, d)| *x = d * gelu_grad_scalar(*x));
+}
+
+fn erf_scalar(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (ERF_P * a + 1.0);
+    let r = ERF_A.iter().rev().fold(0.0, |acc, c| acc * t + c);
+    (1.0 - r * t * (-a * a).exp()).copysign(x)
+}
+
+fn cdf_scalar(x: f32) -> f32 {
+    0.5 * (1.0 + erf_scalar(x * FRAC_1_SQRT_2))
+}
+
+fn gelu_scalar(x: f32) -> f32 {
+    x * cdf_scalar(x)
+}
+
+fn gelu_grad_scalar(x: f32) -> f32 {
+    cdf_scalar(x) + x * (-0.5 * x * x).exp() * INV_SQRT_2PI
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{ERF_A, ERF_P, FRAC_1_SQRT_2, INV_SQRT_2PI};
+
+    /// Lanes of a slice: full vectors, then the tail under a mask.
+    fn lanes(n: usize) -> impl Iterator<Item = (usize, __mmask16)> {
+        (0..n).step_by(16).map(move |i| {
+            let left = n - i;
+            let mask = if left >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << left) - 1
+            };
+            (i, mask)
+        })
+    }
+
+    /// `x ← f(x)`; inlined into each caller below, so `f` runs with AVX-512 enabled.
+    #[inline(always)]
+    unsafe fn map(x: &mut [f32], f: impl Fn(__m512) -> __m512) {
+        let p = x.as_mut_ptr();
+        for (i, k) in lanes(x.len()) {
+            let v = _mm512_maskz_loadu_ps(k, p.add(i));
+            _mm512_mask_storeu_ps(p.add(i), k, f(v));
+        }
+    }
+
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn erf_slice(x: &mut [f32]) {
+        map(x, |v| erf(v))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_slice(x: &mut [f32]) {
+        map(x, |v| _mm512_mul_ps(v, cdf(v)))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        let (p, s) = (x.as_mut_ptr(), _mm512_set1_ps(shift));
+        let mut sum = _mm512_setzero_ps();
+        for (i, k) in lanes(x.len()) {
+            let v = _mm512_maskz_loadu_ps(k, p.add(i));
+            let e = exp(_mm512_sub_ps(v, s));
+            _mm512_mask_storeu_ps(p.add(i), k, e);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_grad_mul(x: &mut [f32], d: &[f32]) {
+        let (p, q) = (x.as_mut_ptr(), d.as_ptr());
+        let (half, c) = (_mm512_set1_ps(-0.5), _mm512_set1_ps(INV_SQRT_2PI));
+        for (i, k) in lanes(x.len()) {
+            let v = _mm512_maskz_loadu_ps(k, p.add(i));
+            let g = _mm512_maskz_loadu_ps(k, q.add(i));
+            let pdf = _mm512_mul_ps(exp(_mm512_mul_ps(_mm512_mul_ps(half, v), v)), c);
+            let grad = _mm512_fmadd_ps(v, pdf, cdf(v));
+            _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(g, grad));
+        }
+    }
+
+    /// exp(x): 2ⁿ · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by Cephes' polynomial;
+    /// `scalef` gives the overflow to ∞ and the underflow through subnormals to 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        // Past these exp is ∞ or 0 anyway; the clamp keeps n finite. NaN passes (second operand).
+        let x = _mm512_min_ps(_mm512_set1_ps(89.0), x);
+        let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4), r);
+        let mut y = _mm512_set1_ps(1.9875691500E-4);
+        for c in [
+            1.3981999507E-3,
+            8.3334519073E-3,
+            4.1665795894E-2,
+            1.6666665459E-1,
+            5.0000001201E-1,
+        ] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_fmadd_ps(
+            _mm512_mul_ps(y, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn erf(x: __m512) -> __m512 {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let a = _mm512_abs_ps(x);
+        let one = _mm512_set1_ps(1.0);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(ERF_P), a, one));
+        let mut r = _mm512_set1_ps(ERF_A[4]);
+        for c in ERF_A[..4].iter().rev() {
+            r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(*c));
+        }
+        let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+        let y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);
+        let s = _mm512_and_si512(_mm512_castps_si512(x), sign);
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), s))
+    }
+
+    /// Φ(x) = (1 + erf(x / √2)) / 2.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn cdf(x: __m512) -> __m512 {
+        let e = erf(_mm512_mul_ps(x, _mm512_set1_ps(FRAC_1_SQRT_2)));
+        let half = _mm512_set1_ps(0.5);
+        _mm512_fmadd_ps(e, half, half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `step` from `lo` to `hi`.
+    fn grid(lo: f32, hi: f32, step: f32) -> Vec<f32> {
+        let n = ((hi - lo) / step) as usize + 1;
+        (0..n).map(|i| lo + i as f32 * step).collect()
+    }
+
+    fn max_abs_err(got: &[f32], want: impl Fn(f32) -> f32, x: &[f32]) -> f32 {
+        got.iter()
+            .zip(x)
+            .map(|(g, &x)| (g - want(x)).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn erf_is_within_6e_7_of_libm_over_a_dense_range() {
+        let x = grid(-6.0, 6.0, 1e-4);
+        let mut fast = x.clone();
+        erf(&mut fast);
+        let slow: Vec<f32> = x.iter().map(|&v| erf_scalar(v)).collect();
+        for got in [&fast, &slow] {
+            let err = max_abs_err(got, candle_core::cpu::erf::erf_f32, &x);
+            assert!(err < 6e-7, "max abs error {err:e}");
+        }
+        // Exactly ±1 far out.
+        let mut ends = vec![10.0, -10.0, f32::INFINITY, f32::NEG_INFINITY];
+        erf(&mut ends);
+        assert_eq!(ends, [1.0, -1.0, 1.0, -1.0]);
+    }
+
+    #[test]
+    fn exp_is_within_2_ulp_of_libm_and_handles_the_ends() {
+        let x = grid(-87.0, 88.0, 3e-3);
+        let mut fast = x.clone();
+        exp_shifted_sum(&mut fast, 0.0);
+        for (g, &x) in fast.iter().zip(&x) {
+            let want = x.exp();
+            assert!(
+                (g - want).abs() <= 2.0 * f32::EPSILON * want,
+                "exp({x}) = {g}, not {want}"
+            );
+        }
+        let mut ends = vec![f32::NEG_INFINITY, -200.0, 0.0, 100.0, f32::INFINITY];
+        exp_shifted_sum(&mut ends, 0.0);
+        assert_eq!(ends, [0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY]);
+        let mut nan = vec![f32::NAN; 3];
+        exp_shifted_sum(&mut nan, 0.0);
+        assert!(nan.iter().all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn exp_shifted_sum_matches_the_scalar_softmax_numerator() {
+        // 37: two full vectors and a masked tail.
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let mut got = x.clone();
+        let sum = exp_shifted_sum(&mut got, 3.0);
+        let want: Vec<f32> = x.iter().map(|v| (v - 3.0).exp()).collect();
+        assert!(max_abs_err(&got, |v| v, &want) < 1e-6);
+        assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_the_libm_formulas() {
+        let x = grid(-10.0, 10.0, 1e-3);
+        let cdf = |v: f32| 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2));
+        let mut y = x.clone();
+        gelu(&mut y);
+        assert!(max_abs_err(&y, |v| v * cdf(v), &x) < 2e-6);
+        let y: Vec<f32> = x.iter().map(|&v| gelu_scalar(v)).collect();
+        assert!(max_abs_err(&y, |v| v * cdf(v), &x) < 2e-6);
+        let d: Vec<f32> = x.iter().map(|v| 1.0 + v.sin()).collect();
+        let mut g = x.clone();
+        gelu_grad_mul(&mut g, &d);
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&d)
+            .map(|(&v, d)| d * (cdf(v) + v * (-0.5 * v * v).exp() * INV_SQRT_2PI))
+            .collect();
+        assert!(max_abs_err(&g, |v| v, &want) < 2e-6);
+        let g: Vec<f32> = x
+            .iter()
+            .zip(&d)
+            .map(|(&v, d)| d * gelu_grad_scalar(v))
+            .collect();
+        assert!(max_abs_err(&g, |v| v, &want) < 2e-6);
+    }
+}
