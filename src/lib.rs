@@ -15,6 +15,7 @@ pub mod error;
 pub mod losses;
 pub mod memory;
 pub mod model;
+pub mod plot;
 pub mod sweep;
 pub mod train;
 

@@ -1298,3 +1298,68 @@ fn a_run_with_a_retrieval_dev_file_resumes_with_its_figures() {
     assert_retrieval_figures(&sum["dev_after"]);
     assert_eq!(sum["best_dev"]["metric"], "ndcg@10", "{sum}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pictures and the model card
+// ---------------------------------------------------------------------------------------------
+
+/// (width, height) of a PNG file, checking its signature.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[test]
+fn a_run_draws_its_curves_and_its_card_says_what_happened() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", scored_csv(8));
+    let r = run_env(
+        &train_args(
+            &t.config,
+            &[
+                "--set",
+                &format!("data.dev={}", s(&dev)),
+                "--set",
+                "train.micro_batch_size=4",
+            ],
+        ),
+        &[("ST_TUNE_INJECT_OOM", "2:forward")],
+    );
+    r.succeeded();
+    // Five panels (loss, lr, dev, speed, memory) of 250 px, 1000 px wide.
+    assert_eq!(png_size(&t.out.join("training.png")), (1000, 1250));
+    assert!(t.out.join("training.svg").exists());
+    assert_eq!(png_size(&t.out.join("final/training.png")), (1000, 1250));
+    let card = std::fs::read_to_string(t.out.join("final/README.md")).unwrap();
+    for needle in [
+        "12 rows of (sentence1, sentence2, score)",
+        "| spearman |",
+        "| pearson |",
+        "](training.png)",
+        "Out-of-memory events recovered: 1",
+        "Micro-batch at the end: 2",
+        "SentenceTransformer(",
+        "st-tune encode --model",
+    ] {
+        assert!(card.contains(needle), "card lacks `{needle}`:\n{card}");
+    }
+
+    // `st-tune plot` redraws from the files alone.
+    std::fs::remove_file(t.out.join("training.png")).unwrap();
+    let r = run(&["plot", s(&t.out)]);
+    r.succeeded();
+    assert_eq!(png_size(&t.out.join("training.png")), (1000, 1250));
+}
+
+#[test]
+fn plot_of_a_folder_without_metrics_names_the_file() {
+    let dir = TempDir::new().unwrap();
+    run(&["plot", s(dir.path())]).failed_with(2, &["metrics.jsonl", "nothing to plot"]);
+}

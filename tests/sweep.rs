@@ -168,6 +168,11 @@ fn a_grid_sweep_runs_every_combination_reports_best_first_and_a_rerun_skips_them
         "best first: {metrics:?}"
     );
     assert_eq!(report["best"]["index"], trials[0]["index"]);
+    assert!(
+        report["plot"].as_str().unwrap().ends_with("sweep.png"),
+        "the metric against each key: {report}"
+    );
+    assert!(s.path("sweep-out/sweep.png").exists());
     // The metric is the trial's own end-of-training evaluation.
     let i = trials[0]["index"].as_u64().unwrap() as usize;
     let after = lines(&s.trial_file(i, "metrics.jsonl"))

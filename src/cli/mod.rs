@@ -8,6 +8,7 @@ pub mod encode;
 pub mod eval;
 pub mod man;
 pub mod plan;
+pub mod plot;
 pub mod random;
 pub mod sweep;
 pub mod train;
@@ -45,6 +46,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     RandomModel(random::RandomArgs),
     Sweep(sweep::SweepArgs),
+    Plot(plot::PlotArgs),
     Completions(completions::CompletionsArgs),
     Man(man::ManArgs),
 }
@@ -59,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::RandomModel(a) => random::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Completions(a) => completions::run(a),
         Command::Man(a) => man::run(a),
     }

@@ -227,10 +227,26 @@ fn report_sweep(a: ReportArgs) -> Result<()> {
     if let Some(to) = &a.export {
         report::export_best(&sweep, &store, &records, to)?;
     }
+    // The metric against each searched key, once a trial has a result.
+    let results: Vec<(Vec<(String, toml::Value)>, f64)> = records
+        .iter()
+        .filter(|r| matches!(r.status, Status::Complete | Status::Pruned))
+        .filter_map(|r| Some((r.params.clone().into_iter().collect(), r.metric?)))
+        .collect();
+    let picture = if results.is_empty() {
+        None
+    } else {
+        Some(crate::plot::sweep(&store.dir, &sweep.metric, &results)?)
+    };
     if a.json {
-        crate::say!("{}", report::to_json(&sweep, &records));
+        let mut v = report::to_json(&sweep, &records);
+        v["plot"] = json!(picture);
+        crate::say!("{v}");
     } else {
         crate::say!("{}", report::to_table(&sweep, &records).trim_end());
+        if let Some(p) = &picture {
+            crate::say!("{} against each key: {}", sweep.metric, p.display());
+        }
         if let Some(to) = &a.export {
             crate::say!("best model copied to {}", to.display());
         }

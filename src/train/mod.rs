@@ -4,6 +4,7 @@
 //! micro-batches (`step.rs`, which survives OOM); clip; AdamW update (retried on OOM without
 //! recomputing gradients); memory policy bookkeeping (regrow); log; evaluate and save the best.
 
+pub mod card;
 pub mod checkpoint;
 pub mod eval;
 pub mod measure;
@@ -350,6 +351,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let (mut last_loss, mut samples, mut window_start) = (0f32, 0usize, Instant::now());
     let mut rows_trained = 0usize;
     let started = Instant::now();
+    let info = RunInfo {
+        train_rows: train_set.len(),
+        columns: train_set.shape.roles(),
+        started,
+    };
     alloc::reset_peak();
     let mut peak_memory = 0u64;
     // Set when a sweep's pruner stops the run: the evaluation at the rung, if any.
@@ -399,6 +405,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                         save_final(
                             &model,
                             cfg,
+                            &info,
                             step,
                             "stopped: out of memory",
                             1,
@@ -450,6 +457,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 samples_per_s: samples as f64 / secs.max(1e-9),
                 micro_batch_size: progress.mem.micro,
                 memory_in_use: budget.in_use(),
+                memory_limit: budget.limit,
             },
             log_now,
         );
@@ -467,10 +475,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                     progress.best = Some(c.value());
                     save(
                         &model,
-                        &out_dir.join("best"),
                         cfg,
+                        &info,
+                        &out_dir.join("best"),
                         done,
                         &format!("best dev {} {:.4}", c.metric(), c.value()),
+                        progress.mem.micro,
+                        false,
                     )?;
                 }
             }
@@ -511,6 +522,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             save_final(
                 &model,
                 cfg,
+                &info,
                 done,
                 &status,
                 progress.mem.micro,
@@ -534,10 +546,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             progress.best = Some(c.value());
             save(
                 &model,
-                &out_dir.join("best"),
                 cfg,
+                &info,
+                &out_dir.join("best"),
                 total,
                 &format!("best dev {} {:.4}", c.metric(), c.value()),
+                progress.mem.micro,
+                false,
             )?;
         }
     }
@@ -547,7 +562,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     } else {
         "finished"
     };
-    save_final(&model, cfg, steps, status, mem.micro, mem.max_micro)?;
+    save_final(&model, cfg, &info, steps, status, mem.micro, mem.max_micro)?;
     let metric = dev_after.as_ref().map(Scores::metric);
     Ok(Summary {
         steps,
@@ -757,40 +772,77 @@ fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
     })
 }
 
-/// Saves `output.dir/final` and the run state a repeated run starts from.
+/// What the model card says about the run besides the config and the run's own files.
+struct RunInfo {
+    train_rows: usize,
+    columns: &'static [&'static str],
+    started: Instant,
+}
+
+/// Saves `output.dir/final` with the training curves (`training.png`, also beside it) and the
+/// run state a repeated run starts from.
 fn save_final(
     model: &SentenceModel,
     cfg: &Config,
+    info: &RunInfo,
     step: usize,
     status: &str,
     micro: usize,
     max_micro: usize,
 ) -> Result<()> {
-    save(model, &cfg.output.dir.join("final"), cfg, step, status)?;
-    RunState { micro, max_micro }.write(&cfg.output.dir)
+    let out = &cfg.output.dir;
+    // The picture is a by-product: failing to draw it must not fail the run.
+    let curves = match crate::plot::training(out) {
+        Ok(png) => Some(png),
+        Err(e) => {
+            eprintln!(
+                "warning: training.png not drawn ({e}); `st-tune plot {}` draws it",
+                out.display()
+            );
+            None
+        }
+    };
+    let dir = out.join("final");
+    save(
+        model,
+        cfg,
+        info,
+        &dir,
+        step,
+        status,
+        micro,
+        curves.is_some(),
+    )?;
+    if let Some(png) = curves {
+        let bytes = std::fs::read(&png).map_err(|e| Error::io(&png, e))?;
+        crate::atomic::write_file(&dir.join("training.png"), &bytes)?;
+    }
+    RunState { micro, max_micro }.write(out)
 }
 
-/// Saves the model with a model card saying how it was trained.
-fn save(model: &SentenceModel, dir: &Path, cfg: &Config, step: usize, status: &str) -> Result<()> {
-    let t = &cfg.train;
-    let card = format!(
-        "---\nlibrary_name: sentence-transformers\ntags:\n- sentence-transformers\n- st-tune\n---\n\n\
-         # Fine-tuned with st-tune\n\nBase model: `{}`. Trained on `{}` with the `{}` loss for {step} \
-         optimizer steps ({status}).\n\n| setting | value |\n| --- | --- |\n| batch size | {} |\n\
-         | learning rate | {} (warmup ratio {}, linear decay) |\n| weight decay | {} |\n\
-         | max grad norm | {} |\n| max_seq_length | {} |\n| seed | {} |\n\n\
-         Load it with `SentenceTransformer(\"{}\")`.\n",
-        cfg.model.path,
-        cfg.data.train.display(),
-        t.loss,
-        t.batch_size,
-        t.lr,
-        t.warmup_ratio,
-        t.weight_decay,
-        t.max_grad_norm,
-        model.spec.max_seq_length,
-        t.seed,
-        dir.display()
-    );
+/// Saves the model with a model card saying how it was trained (`card.rs`).
+#[allow(clippy::too_many_arguments)]
+fn save(
+    model: &SentenceModel,
+    cfg: &Config,
+    info: &RunInfo,
+    dir: &Path,
+    step: usize,
+    status: &str,
+    micro: usize,
+    curves: bool,
+) -> Result<()> {
+    let card = card::render(&card::Facts {
+        cfg,
+        dir,
+        step,
+        status,
+        max_seq_length: model.spec.max_seq_length,
+        train_rows: info.train_rows,
+        columns: info.columns,
+        micro_batch: micro,
+        seconds: info.started.elapsed().as_secs_f64(),
+        curves,
+    });
     model.save(dir, &card)
 }

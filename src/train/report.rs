@@ -50,6 +50,9 @@ pub struct StepLog {
     pub samples_per_s: f64,
     pub micro_batch_size: usize,
     pub memory_in_use: u64,
+    /// `memory.limit` in bytes, if any (drawn beside the memory in use).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
 }
 
 pub struct Reporter {
