@@ -131,6 +131,19 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
             ),
         ));
     }
+    if let Some(dims) = &cfg.train.matryoshka_dims {
+        let width = model.spec.embedding_dim();
+        if let Some(d) = dims.iter().find(|&&d| d > width) {
+            return Err(Error::config(
+                "train.matryoshka_dims",
+                format!(
+                    "holds {d}, but {} makes embeddings of {width} dimensions; use widths of \
+                     at most {width} (and include {width} to keep training the full width)",
+                    cfg.model.path
+                ),
+            ));
+        }
+    }
     if let Some(max) = cfg.model.max_seq_length {
         let limit = model.spec.position_limit();
         if max > limit {
