@@ -1363,3 +1363,149 @@ fn plot_of_a_folder_without_metrics_names_the_file() {
     let dir = TempDir::new().unwrap();
     run(&["plot", s(dir.path())]).failed_with(2, &["metrics.jsonl", "nothing to plot"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Matryoshka training
+// ---------------------------------------------------------------------------------------------
+
+/// The eval lines of metrics.jsonl.
+fn eval_lines(out: &Path) -> Vec<Value> {
+    file_lines(&out.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|m| m["event"] == "eval")
+        .collect()
+}
+
+#[test]
+fn matryoshka_training_reports_the_dev_figures_at_each_width() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", scored_csv(10));
+    let dev_set = format!("data.dev={}", toml_str(&dev));
+    let r = run(&train_args(
+        &t.config,
+        &[
+            "--json",
+            "--set",
+            &dev_set,
+            "--set",
+            "train.matryoshka_dims=[16, 8, 4]",
+            "--set",
+            "train.matryoshka_weights=[1, 0.5, 0.5]",
+        ],
+    ));
+    r.succeeded();
+    let evals = eval_lines(&t.out);
+    assert_eq!(evals.len(), 2, "before and after: {evals:?}");
+    for e in &evals {
+        for w in ["16", "8", "4"] {
+            assert!(e["dims"][w]["spearman"].is_number(), "{w}: {e}");
+            assert_eq!(e["dims"][w]["pairs"], 10, "{e}");
+        }
+        // The full width cut to itself is the full width.
+        assert_eq!(e["dims"]["16"]["spearman"], e["spearman"], "{e}");
+    }
+    let sum = summary(&r);
+    assert!(sum["dev_after_dims"]["4"]["spearman"].is_number(), "{sum}");
+    encode_ok(&t.out.join("final"), &t.dir, 2);
+
+    // A pairs dev file: retrieval figures at each width.
+    let t = train_setup(&pairs_csv(12), "train.csv");
+    let dev = write(&t.dir, "dev.csv", pairs_csv(10));
+    let dev_set = format!("data.dev={}", toml_str(&dev));
+    run(&train_args(
+        &t.config,
+        &[
+            "--set",
+            "train.loss=\"mnrl\"",
+            "--set",
+            &dev_set,
+            "--set",
+            "train.matryoshka_dims=[12, 2]",
+        ],
+    ))
+    .succeeded();
+    let e = &eval_lines(&t.out)[1];
+    assert_retrieval_figures(&e["dims"]["12"]);
+    assert_retrieval_figures(&e["dims"]["2"]);
+    assert!(e["dims"].get("16").is_none(), "{e}");
+}
+
+#[test]
+fn matryoshka_changes_the_trained_model() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let plain = t.dir.path().join("plain");
+    let nested = t.dir.path().join("nested");
+    run(&train_args(&t.config, &["--output", s(&plain)])).succeeded();
+    run(&train_args(
+        &t.config,
+        &[
+            "--output",
+            s(&nested),
+            "--set",
+            "train.matryoshka_dims=[16, 4]",
+        ],
+    ))
+    .succeeded();
+    let (diff, name) = common::max_relative_difference(&plain, &nested);
+    assert!(diff > 1e-4, "{name} moved by {diff} only");
+}
+
+#[test]
+fn bad_matryoshka_settings_are_config_errors_naming_the_key() {
+    let t = train_setup(&scored_csv(12), "train.csv");
+    let bad = |sets: &[&str], needles: &[&str]| {
+        let mut extra = Vec::new();
+        for set in sets {
+            extra.extend(["--set", *set]);
+        }
+        run(&train_args(&t.config, &extra)).failed_with(2, needles);
+    };
+    bad(
+        &["train.matryoshka_dims=[8, 16]"],
+        &["train.matryoshka_dims", "strictly decreasing", "8 then 16"],
+    );
+    bad(
+        &["train.matryoshka_dims=[8, 8]"],
+        &["train.matryoshka_dims", "strictly decreasing"],
+    );
+    bad(
+        &["train.matryoshka_dims=[8, 0]"],
+        &["train.matryoshka_dims", "at least 1"],
+    );
+    bad(
+        &["train.matryoshka_dims=[]"],
+        &["train.matryoshka_dims", "empty"],
+    );
+    bad(
+        &["train.matryoshka_dims=[\"big\"]"],
+        &["train.matryoshka_dims", "strictly decreasing"],
+    );
+    bad(
+        &["train.matryoshka_dims=[32, 8]"],
+        &[
+            "train.matryoshka_dims",
+            "holds 32",
+            "16 dimensions",
+            "at most 16",
+        ],
+    );
+    bad(
+        &[
+            "train.matryoshka_dims=[16, 8, 4]",
+            "train.matryoshka_weights=[1, 1]",
+        ],
+        &["train.matryoshka_weights", "2 weights", "3 widths"],
+    );
+    bad(
+        &[
+            "train.matryoshka_dims=[16, 8]",
+            "train.matryoshka_weights=[1, -1]",
+        ],
+        &["train.matryoshka_weights", "positive"],
+    );
+    bad(
+        &["train.matryoshka_weights=[1]"],
+        &["train.matryoshka_weights", "train.matryoshka_dims is not"],
+    );
+    assert!(!t.out.exists(), "nothing written");
+}

@@ -57,7 +57,7 @@ fn every_loss_matches_python_in_value_and_gradient() {
             .collect();
         let cols: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let scale = case["scale"].as_f64().unwrap_or(20.0);
-        let loss = compute(kind, scale, &cols, Some(&scores)).unwrap();
+        let loss = compute(kind, scale, None, &cols, Some(&scores)).unwrap();
         let value = loss.to_scalar::<f32>().unwrap() as f64;
         let want = case["value"].as_f64().unwrap();
         let label = format!("{} {:?}", case["loss"], names);

@@ -337,6 +337,31 @@ section! {
         expects BOOL;
         help "Recompute activations in the backward pass instead of keeping them:\n\
               less memory, more compute.";
+
+        // Checked against the model's embedding dimension when the model is loaded.
+        matryoshka_dims: Option<Vec<usize>> = None;
+        expects "a list of positive integers, strictly decreasing, e.g. [384, 256, 128, 64]";
+        example "[384, 256, 128, 64]";
+        check |v| match v {
+            Some(dims) => check_matryoshka_dims(dims),
+            None => Ok(()),
+        };
+        help "Matryoshka training: the loss is also computed on the embeddings cut to each of\n\
+              these widths (first N components, re-normalised) and the results are summed, as\n\
+              sentence-transformers' MatryoshkaLoss does, so the model still works when users\n\
+              keep only the first N dimensions. Widths strictly decreasing, at most the model's\n\
+              embedding dimension (include it to keep training the full width). The dev\n\
+              evaluation is then also reported at each width.";
+
+        matryoshka_weights: Option<Vec<f64>> = None;
+        expects "a list of positive numbers, one per train.matryoshka_dims width";
+        example "[1.0, 1.0, 1.0, 1.0]";
+        check |v| match v {
+            Some(w) => check_matryoshka_weights(w),
+            None => Ok(()),
+        };
+        help "Weight of each train.matryoshka_dims width in the summed loss, in the same\n\
+              order. Unset: 1 for every width.";
     }
 }
 
@@ -434,5 +459,35 @@ fn non_negative(v: f64) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!("must be a non-negative number, got {v}"))
+    }
+}
+
+fn check_matryoshka_dims(dims: &[usize]) -> std::result::Result<(), String> {
+    if dims.is_empty() {
+        return Err(
+            "is empty; give at least one width, e.g. [384, 256, 128, 64], or remove \
+                    the key to train at the full width only"
+                .into(),
+        );
+    }
+    if dims.contains(&0) {
+        return Err(format!("{dims:?} holds 0; every width must be at least 1"));
+    }
+    if let Some(w) = dims.windows(2).find(|w| w[0] <= w[1]) {
+        return Err(format!(
+            "{dims:?} is not strictly decreasing ({} then {}); list each width once, largest \
+             first, e.g. [384, 256, 128, 64]",
+            w[0], w[1]
+        ));
+    }
+    Ok(())
+}
+
+fn check_matryoshka_weights(weights: &[f64]) -> std::result::Result<(), String> {
+    match weights.iter().find(|w| !(**w > 0.0 && w.is_finite())) {
+        Some(w) => Err(format!(
+            "{weights:?} holds {w}; every weight must be a positive number"
+        )),
+        None => Ok(()),
     }
 }

@@ -417,6 +417,27 @@ impl Config {
                 ));
             }
         }
+        match (&t.matryoshka_dims, &t.matryoshka_weights) {
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "train.matryoshka_weights",
+                    "is set but train.matryoshka_dims is not; set the widths (e.g. \
+                     train.matryoshka_dims = [384, 256, 128, 64]) or remove the weights",
+                ))
+            }
+            (Some(d), Some(w)) if d.len() != w.len() => {
+                return Err(Error::config(
+                    "train.matryoshka_weights",
+                    format!(
+                        "has {} weights but train.matryoshka_dims has {} widths ({d:?}); give \
+                         one weight per width, in the same order",
+                        w.len(),
+                        d.len()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         Ok(())
     }
 }

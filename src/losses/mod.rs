@@ -9,9 +9,13 @@
 //!
 //! A batch-coupled loss compares every row with every other row of the batch, so it is not the
 //! mean of per-micro-batch losses: the trainer computes it over the whole batch (cached scheme).
+//!
+//! [`matryoshka`] wraps any of them: the same loss at several truncated widths, summed
+//! (`train.matryoshka_dims`).
 
 pub mod cosent;
 pub mod cosine;
+pub mod matryoshka;
 pub mod mnrl;
 
 use candle_core::{Tensor, D};
@@ -19,10 +23,26 @@ use candle_core::{Tensor, D};
 pub use crate::config::LossKind;
 use crate::data::RowShape;
 use crate::error::{Error, Result};
+pub use matryoshka::Matryoshka;
 
 /// The loss of one batch. `columns[i]` holds the embeddings of the i-th text column,
-/// (batch, dim) f32; `scores` (batch,) for scored rows.
+/// (batch, dim) f32; `scores` (batch,) for scored rows. With `matryoshka`, the loss is summed
+/// over its widths (see [`matryoshka`]).
 pub fn compute(
+    kind: LossKind,
+    scale: f64,
+    matryoshka: Option<&Matryoshka>,
+    columns: &[Tensor],
+    scores: Option<&Tensor>,
+) -> Result<Tensor> {
+    match matryoshka {
+        Some(m) => m.loss(columns, |cut| single(kind, scale, cut, scores)),
+        None => single(kind, scale, columns, scores),
+    }
+}
+
+/// One loss at the embeddings' full width.
+fn single(
     kind: LossKind,
     scale: f64,
     columns: &[Tensor],

@@ -74,6 +74,14 @@ pub struct FolderSpec {
 }
 
 impl FolderSpec {
+    /// Width of the sentence embeddings: the Dense layer's output, else the pooling's.
+    pub fn embedding_dim(&self) -> usize {
+        match &self.dense {
+            Some((_, d)) => d.out_features,
+            None => self.pooling.output_dim(),
+        }
+    }
+
     /// The most tokens a text can have: the position table's size (MPNet/RoBERTa positions
     /// start after the padding index, so two fewer).
     pub fn position_limit(&self) -> usize {

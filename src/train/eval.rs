@@ -2,13 +2,14 @@
 //! of the two embeddings and the gold score, as sentence-transformers'
 //! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties); and
 //! [`evaluate_any`], which picks this or retrieval (`retrieval.rs`) from a file's row shape.
+//! [`evaluate_widths`] also scores truncated embeddings (Matryoshka training).
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, RowShape};
 use crate::error::Result;
 use crate::model::SentenceModel;
-use crate::train::retrieval::{evaluate_retrieval, Retrieval};
+use crate::train::retrieval::{evaluate_at_widths, Retrieval, CORPUS_CHUNK, QUERY_CHUNK};
 
 /// The figures of an evaluation file: correlation for scored pairs, retrieval for pairs and
 /// triplets. Serialized as the inner figures alone (no tag), so a scored file's JSON is
@@ -46,11 +47,44 @@ impl Scores {
 
 /// Scored pairs: [`evaluate`]; (anchor, positive[, negative]) rows: retrieval.
 pub fn evaluate_any(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Scores> {
-    Ok(match data.shape {
-        RowShape::Scored => Scores::Similarity(evaluate(model, data, batch_size)?),
+    Ok(evaluate_widths(model, data, batch_size, &[])?.full)
+}
+
+/// A dev evaluation at the full width and, for Matryoshka training, at each truncated width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevScores {
+    pub full: Scores,
+    /// (width, figures on the embeddings cut to that width and re-normalised).
+    pub widths: Vec<(usize, Scores)>,
+}
+
+/// [`evaluate_any`] at the full width and at each of `widths`: the first n components of every
+/// embedding, re-normalised (sentence-transformers' `truncate_dim`). Each text is embedded once.
+pub fn evaluate_widths(
+    model: &SentenceModel,
+    data: &Dataset,
+    batch_size: usize,
+    widths: &[usize],
+) -> Result<DevScores> {
+    let all: Vec<Option<usize>> = std::iter::once(None)
+        .chain(widths.iter().map(|&w| Some(w)))
+        .collect();
+    let mut scores: Vec<Scores> = match data.shape {
+        RowShape::Scored => correlations(model, data, batch_size, &all)?
+            .into_iter()
+            .map(Scores::Similarity)
+            .collect(),
         RowShape::Pair | RowShape::Triplet => {
-            Scores::Retrieval(evaluate_retrieval(model, data, batch_size)?)
+            evaluate_at_widths(model, data, batch_size, CORPUS_CHUNK, QUERY_CHUNK, &all)?
+                .into_iter()
+                .map(Scores::Retrieval)
+                .collect()
         }
+    };
+    let full = scores.remove(0);
+    Ok(DevScores {
+        full,
+        widths: widths.iter().copied().zip(scores).collect(),
     })
 }
 
@@ -63,21 +97,44 @@ pub struct Correlation {
 
 /// Embeds both sides of every scored row (no graph) and correlates cosine with score.
 pub fn evaluate(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Correlation> {
+    Ok(correlations(model, data, batch_size, &[None])?.remove(0))
+}
+
+/// [`evaluate`] at each width: `None` the full embeddings, `Some(n)` their first n components
+/// (the cosine re-normalises them).
+fn correlations(
+    model: &SentenceModel,
+    data: &Dataset,
+    batch_size: usize,
+    widths: &[Option<usize>],
+) -> Result<Vec<Correlation>> {
     let a: Vec<&str> = data.rows.iter().map(|r| r.texts[0].as_str()).collect();
     let b: Vec<&str> = data.rows.iter().map(|r| r.texts[1].as_str()).collect();
     let ea = model.encode(&a, batch_size)?;
     let eb = model.encode(&b, batch_size)?;
-    let cos: Vec<f64> = ea.iter().zip(&eb).map(|(x, y)| cosine(x, y)).collect();
     let gold: Vec<f64> = data
         .rows
         .iter()
         .map(|r| r.score.unwrap_or(0.0) as f64)
         .collect();
-    Ok(Correlation {
-        spearman: spearman(&cos, &gold),
-        pearson: pearson(&cos, &gold),
-        pairs: cos.len(),
-    })
+    Ok(widths
+        .iter()
+        .map(|w| {
+            let cos: Vec<f64> = ea
+                .iter()
+                .zip(&eb)
+                .map(|(x, y)| {
+                    let n = w.unwrap_or(x.len()).min(x.len());
+                    cosine(&x[..n], &y[..n])
+                })
+                .collect();
+            Correlation {
+                spearman: spearman(&cos, &gold),
+                pearson: pearson(&cos, &gold),
+                pairs: cos.len(),
+            }
+        })
+        .collect())
 }
 
 pub fn cosine(x: &[f32], y: &[f32]) -> f64 {

@@ -36,7 +36,7 @@ use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use checkpoint::Progress;
-use eval::{evaluate_any, Scores};
+use eval::{evaluate_widths, DevScores, Scores};
 use optim::{clip_grad_norm, AdamW};
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
@@ -81,6 +81,9 @@ pub struct Summary {
     /// Spearman/Pearson for a scored dev file, retrieval figures for pairs or triplets.
     pub dev_before: Option<Scores>,
     pub dev_after: Option<Scores>,
+    /// With train.matryoshka_dims: the final dev figures at each width, keyed by the width.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub dev_after_dims: std::collections::BTreeMap<usize, Scores>,
     /// The best dev Spearman (scored dev files only; see `best_dev`).
     pub best_spearman: Option<f64>,
     /// The best dev figure and its name: "spearman", or "ndcg@10" for a retrieval dev file.
@@ -131,6 +134,19 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
                 cfg.train.freeze_layers, cfg.model.path
             ),
         ));
+    }
+    if let Some(dims) = &cfg.train.matryoshka_dims {
+        let width = model.spec.embedding_dim();
+        if let Some(d) = dims.iter().find(|&&d| d > width) {
+            return Err(Error::config(
+                "train.matryoshka_dims",
+                format!(
+                    "holds {d}, but {} makes embeddings of {width} dimensions; use widths of \
+                     at most {width} (and include {width} to keep training the full width)",
+                    cfg.model.path
+                ),
+            ));
+        }
     }
     if let Some(max) = cfg.model.max_seq_length {
         let limit = model.spec.position_limit();
@@ -305,12 +321,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         checkpointing: t.gradient_checkpointing,
         max_seq_length: model.tokenizer.max_seq_length,
     };
-    let dev_eval = |m: &SentenceModel| {
+    // The dev figures, and with train.matryoshka_dims those at each width too.
+    let widths = t.matryoshka_dims.clone().unwrap_or_default();
+    let dev_eval_at = |m: &SentenceModel, widths: &[usize]| {
         dev_set
             .as_ref()
-            .map(|d| evaluate_any(m, d, EVAL_BATCH))
+            .map(|d| evaluate_widths(m, d, EVAL_BATCH, widths))
             .transpose()
     };
+    let dev_eval = |m: &SentenceModel| dev_eval_at(m, &widths);
     match restored {
         Some(r) => {
             // The levers the OOM handler had pulled, in the order it pulled them.
@@ -323,10 +342,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             reporter.start_at(start);
         }
         None => {
-            progress.dev_before = dev_eval(&model)?;
-            if let Some(c) = &progress.dev_before {
-                reporter.eval(0, "before", c);
+            let dev = dev_eval(&model)?;
+            if let Some(d) = &dev {
+                reporter.eval(0, "before", &d.full, &d.widths);
             }
+            progress.dev_before = dev.map(|d| d.full);
             progress.best = progress.dev_before.as_ref().map(Scores::value);
         }
     }
@@ -468,9 +488,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let mut dev_now = None;
         if t.eval_steps > 0 && done % t.eval_steps == 0 && done < total {
             checkpoint::crash_point("eval", done);
-            dev_now = dev_eval(&model)?;
+            let dev = dev_eval(&model)?;
+            if let Some(d) = &dev {
+                reporter.eval(done, "periodic", &d.full, &d.widths);
+            }
+            dev_now = dev.map(|d| d.full);
             if let Some(c) = &dev_now {
-                reporter.eval(done, "periodic", c);
                 if cfg.output.save_best && progress.best.is_none_or(|b| c.value() > b) {
                     progress.best = Some(c.value());
                     save(
@@ -490,7 +513,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             let rows = (step * t.batch_size, done * t.batch_size);
             if let Some(k) = crate::sweep::prune::rung_crossed(p, rows.0, rows.1) {
                 if dev_now.is_none() && p.metric != "loss" {
-                    dev_now = dev_eval(&model)?;
+                    dev_now = dev_eval_at(&model, &[])?.map(|d| d.full);
                 }
                 let value = match p.metric.as_str() {
                     "loss" => Some(out.loss as f64),
@@ -536,12 +559,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
 
     let steps = progress.step;
     let was_pruned = pruned.is_some();
-    let dev_after = match pruned {
-        Some(at_rung) => at_rung,
-        None => dev_eval(&model)?,
+    let (dev_after, dev_after_dims) = match pruned {
+        Some(at_rung) => (at_rung, Vec::new()),
+        None => match dev_eval(&model)? {
+            Some(DevScores { full, widths }) => (Some(full), widths),
+            None => (None, Vec::new()),
+        },
     };
     if let (Some(c), false) = (&dev_after, was_pruned) {
-        reporter.eval(total, "after", c);
+        reporter.eval(total, "after", c, &dev_after_dims);
         if cfg.output.save_best && progress.best.is_none_or(|b| c.value() >= b) {
             progress.best = Some(c.value());
             save(
@@ -570,6 +596,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         pruned_at: was_pruned.then_some(steps),
         dev_before: progress.dev_before,
         dev_after,
+        dev_after_dims: dev_after_dims.into_iter().collect(),
         best_spearman: progress.best.filter(|_| metric == Some("spearman")),
         best_dev: metric
             .zip(progress.best)

@@ -164,11 +164,19 @@ impl Reporter {
         }
     }
 
-    /// One evaluation: the figures of `Scores` (correlation or retrieval) beside the step.
-    pub fn eval(&mut self, step: usize, label: &str, scores: &Scores) {
+    /// One evaluation: the figures of `Scores` (correlation or retrieval) beside the step, and
+    /// with Matryoshka training those at each width under "dims": {"256": {figures}, ...}.
+    pub fn eval(&mut self, step: usize, label: &str, scores: &Scores, widths: &[(usize, Scores)]) {
         let mut v = json!({"event": "eval", "step": step, "label": label});
         if let serde_json::Value::Object(figures) = json!(scores) {
             v.as_object_mut().expect("an object").extend(figures);
+        }
+        if !widths.is_empty() {
+            let dims: serde_json::Map<String, serde_json::Value> = widths
+                .iter()
+                .map(|(w, s)| (w.to_string(), json!(s)))
+                .collect();
+            v["dims"] = dims.into();
         }
         Self::line(&mut self.metrics, &v);
         match self.output {
@@ -185,6 +193,14 @@ impl Reporter {
                 ),
             }),
             Output::Quiet => {}
+        }
+        if self.output == Output::Human && !widths.is_empty() {
+            let parts: Vec<String> = widths
+                .iter()
+                .map(|(w, s)| format!("{w}: {:.4}", s.value()))
+                .collect();
+            let metric = scores.metric();
+            self.message(&format!("  {metric} by width: {}", parts.join(", ")));
         }
     }
 

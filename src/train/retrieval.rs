@@ -32,9 +32,9 @@ const MAP_AT: usize = 100;
 /// The most documents any metric looks at.
 const MAX_K: usize = MAP_AT;
 /// Corpus texts embedded (and scored) at a time.
-const CORPUS_CHUNK: usize = 8192;
+pub const CORPUS_CHUNK: usize = 8192;
 /// Queries scored against a corpus chunk at a time: at most QUERY_CHUNK x CORPUS_CHUNK f32.
-const QUERY_CHUNK: usize = 512;
+pub const QUERY_CHUNK: usize = 512;
 
 /// The figures, keyed as `st-tune eval --json` and metrics.jsonl print them ("ndcg@10").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,27 +154,59 @@ pub fn evaluate_in_chunks(
     corpus_chunk: usize,
     query_chunk: usize,
 ) -> Result<Retrieval> {
+    let mut all = evaluate_at_widths(model, data, batch_size, corpus_chunk, query_chunk, &[None])?;
+    Ok(all.remove(0))
+}
+
+/// The figures at each of `widths`: `None` the full embeddings, `Some(n)` their first n
+/// components (re-normalised, as sentence-transformers' `truncate_dim`). Every text is embedded
+/// once, whatever the number of widths.
+pub fn evaluate_at_widths(
+    model: &SentenceModel,
+    data: &Dataset,
+    batch_size: usize,
+    corpus_chunk: usize,
+    query_chunk: usize,
+    widths: &[Option<usize>],
+) -> Result<Vec<Retrieval>> {
     let (corpus_chunk, query_chunk) = (corpus_chunk.max(1), query_chunk.max(1));
     let task = Task::new(data)?;
-    let queries = normalized(&model.encode(&task.queries, batch_size)?)?;
-    let mut hits: Vec<Vec<Hit>> = vec![Vec::new(); task.queries.len()];
+    let query_emb = model.encode(&task.queries, batch_size)?;
+    let queries = widths
+        .iter()
+        .map(|w| normalized(&cut(&query_emb, *w)))
+        .collect::<Result<Vec<_>>>()?;
+    drop(query_emb);
+    let mut hits: Vec<Vec<Vec<Hit>>> = vec![vec![Vec::new(); task.queries.len()]; widths.len()];
     for (c, texts) in task.corpus.chunks(corpus_chunk).enumerate() {
         let first_doc = c * corpus_chunk;
-        let docs = normalized(&model.encode(texts, batch_size)?)?.t()?;
-        for q0 in (0..task.queries.len()).step_by(query_chunk) {
-            let n = query_chunk.min(task.queries.len() - q0);
-            let scores = queries.narrow(0, q0, n)?.matmul(&docs)?.to_vec2::<f32>()?;
-            for (i, row) in scores.into_iter().enumerate() {
-                let best = &mut hits[q0 + i];
-                best.extend(row.into_iter().enumerate().map(|(j, score)| Hit {
-                    score,
-                    doc: first_doc + j,
-                }));
-                keep_best(best, &task.corpus);
+        let doc_emb = model.encode(texts, batch_size)?;
+        for ((w, queries), hits) in widths.iter().zip(&queries).zip(&mut hits) {
+            let docs = normalized(&cut(&doc_emb, *w))?.t()?;
+            for q0 in (0..task.queries.len()).step_by(query_chunk) {
+                let n = query_chunk.min(task.queries.len() - q0);
+                let scores = queries.narrow(0, q0, n)?.matmul(&docs)?.to_vec2::<f32>()?;
+                for (i, row) in scores.into_iter().enumerate() {
+                    let best = &mut hits[q0 + i];
+                    best.extend(row.into_iter().enumerate().map(|(j, score)| Hit {
+                        score,
+                        doc: first_doc + j,
+                    }));
+                    keep_best(best, &task.corpus);
+                }
             }
         }
     }
-    Ok(metrics(&task, hits))
+    Ok(hits.into_iter().map(|h| metrics(&task, h)).collect())
+}
+
+/// The first `width` components of each row (all of them for `None`); `normalized` then
+/// scales them to unit length.
+fn cut(rows: &[Vec<f32>], width: Option<usize>) -> Vec<Vec<f32>> {
+    match width {
+        Some(w) => rows.iter().map(|r| r[..w.min(r.len())].to_vec()).collect(),
+        None => rows.to_vec(),
+    }
 }
 
 /// [n, dim] f32 rows scaled to unit length (as sentence-transformers' cos_sim normalizes).

@@ -57,6 +57,8 @@ pub struct StepRunner<'a> {
     pub embed_net: Network,
     pub loss: LossKind,
     pub scale: f64,
+    /// `train.matryoshka_dims`: the loss summed over truncated widths.
+    pub matryoshka: Option<losses::Matryoshka>,
     pub seed: u64,
     pub dropout: (f32, f32),
     pub budget: &'a MemoryBudget,
@@ -89,6 +91,7 @@ impl<'a> StepRunner<'a> {
             embed_net: model.build(&model.params.detached(), dtype)?,
             loss: t.loss,
             scale: t.scale,
+            matryoshka: losses::Matryoshka::from_train(t),
             seed: t.seed,
             dropout: model.network()?.encoder.dropout_probs(),
             budget,
@@ -272,7 +275,13 @@ impl<'a> StepRunner<'a> {
             let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
             let scores = self.scores(data, rows)?;
             let weight = rows.len() as f64 / batch_len as f64;
-            let loss = (losses::compute(self.loss, self.scale, &cols, scores.as_ref())? * weight)?;
+            let loss = (losses::compute(
+                self.loss,
+                self.scale,
+                self.matryoshka.as_ref(),
+                &cols,
+                scores.as_ref(),
+            )? * weight)?;
             self.budget.check("forward pass")?;
             Ok((loss, cuts))
         })?;
@@ -345,7 +354,13 @@ impl<'a> StepRunner<'a> {
         drop(parts);
         let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
         let scores = self.scores(data, rows)?;
-        let loss = losses::compute(self.loss, self.scale, &cols, scores.as_ref())?;
+        let loss = losses::compute(
+            self.loss,
+            self.scale,
+            self.matryoshka.as_ref(),
+            &cols,
+            scores.as_ref(),
+        )?;
         let store = loss.backward()?;
         let emb_grads: Vec<Tensor> = full
             .iter()
