@@ -316,23 +316,7 @@ fn eval_json_prints_spearman_pearson_and_the_number_of_pairs() {
     }
 }
 
-const RETRIEVAL_KEYS: [&str; 15] = [
-    "accuracy@1",
-    "accuracy@3",
-    "accuracy@5",
-    "accuracy@10",
-    "precision@1",
-    "precision@3",
-    "precision@5",
-    "precision@10",
-    "recall@1",
-    "recall@3",
-    "recall@5",
-    "recall@10",
-    "mrr@10",
-    "ndcg@10",
-    "map@100",
-];
+use st_tune::train::retrieval::FIGURES as RETRIEVAL_KEYS;
 
 /// Every retrieval figure is there and lies in [0, 1].
 fn assert_retrieval_figures(v: &Value) {

@@ -62,23 +62,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 r.corpus,
                 r.similarity
             );
-            for key in [
-                "accuracy@1",
-                "accuracy@3",
-                "accuracy@5",
-                "accuracy@10",
-                "precision@1",
-                "precision@3",
-                "precision@5",
-                "precision@10",
-                "recall@1",
-                "recall@3",
-                "recall@5",
-                "recall@10",
-                "mrr@10",
-                "ndcg@10",
-                "map@100",
-            ] {
+            for key in crate::train::retrieval::FIGURES {
                 crate::say!("{key:<13}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
             }
         }

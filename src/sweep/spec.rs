@@ -51,26 +51,13 @@ pub struct PruneSpec {
 /// What a trial's result is judged by: a figure of the end-of-training evaluation (`dev.` and
 /// the name `st-tune eval --json` gives it: Spearman and Pearson for scored dev files,
 /// retrieval figures for pairs or triplets) or the final training loss (`train.loss`).
-pub const METRICS: &[&str] = &[
-    "dev.spearman",
-    "dev.pearson",
-    "dev.ndcg@10",
-    "dev.mrr@10",
-    "dev.map@100",
-    "dev.accuracy@1",
-    "dev.accuracy@3",
-    "dev.accuracy@5",
-    "dev.accuracy@10",
-    "dev.precision@1",
-    "dev.precision@3",
-    "dev.precision@5",
-    "dev.precision@10",
-    "dev.recall@1",
-    "dev.recall@3",
-    "dev.recall@5",
-    "dev.recall@10",
-    "train.loss",
-];
+pub fn metrics() -> Vec<String> {
+    let dev = ["spearman", "pearson"]
+        .into_iter()
+        .chain(crate::train::retrieval::FIGURES)
+        .map(|f| format!("dev.{f}"));
+    dev.chain(["train.loss".to_string()]).collect()
+}
 
 #[derive(Debug, Clone)]
 pub struct Sweep {
@@ -167,10 +154,10 @@ impl Sweep {
             }
         };
         let metric = text_of("metric")?.unwrap_or_else(|| "dev.spearman".into());
-        if !METRICS.contains(&metric.as_str()) {
+        if !metrics().contains(&metric) {
             return Err(bad(format!(
                 "sweep.metric = {metric:?}; use one of {}",
-                METRICS.join(", ")
+                metrics().join(", ")
             )));
         }
         if metric.starts_with("dev.") && base_cfg.data.dev.is_none() {
