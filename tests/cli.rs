@@ -1024,6 +1024,7 @@ fn plan_prints_an_estimate_and_the_micro_batch_that_fits_the_limit() {
     ]);
     r.succeeded();
     assert!(r.stdout.contains("not even one row fits"), "{}", r.stdout);
+    assert!(r.stdout.contains("a step needs about"), "{}", r.stdout);
 }
 
 #[test]
@@ -1317,6 +1318,11 @@ fn a_run_draws_its_curves_and_its_card_says_what_happened() {
         &[("ST_TUNE_INJECT_OOM", "2:forward")],
     );
     r.succeeded();
+    assert!(
+        r.stdout.contains("memory: measured peak") && r.stdout.contains("+ optimizer state"),
+        "the end-of-run memory summary:\n{}",
+        r.stdout
+    );
     // Five panels (loss, lr, dev, speed, memory) of 250 px, 1000 px wide.
     assert_eq!(png_size(&t.out.join("training.png")), (1000, 1250));
     assert!(t.out.join("training.svg").exists());

@@ -134,6 +134,10 @@ fn with_no_lever_left_the_run_stops_with_an_out_of_memory_error_and_saves() {
     let msg = err.to_string();
     assert!(msg.contains("tokens") && msg.contains("Consider"), "{msg}");
     assert!(
+        msg.contains("As configured (micro-batch 1 of") && msg.contains("a step needs about"),
+        "names the memory the run needs: {msg}"
+    );
+    assert!(
         dir.path().join("floor/final/model.safetensors").exists(),
         "the last good state is saved"
     );

@@ -56,10 +56,23 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(m) => println!(
             "largest micro-batch that fits: {m} (train.micro_batch_size = \"auto\" starts there)"
         ),
-        None => println!(
-            "not even one row fits: consider model.max_seq_length, train.gradient_checkpointing, \
-             train.freeze_layers or a larger memory.limit"
-        ),
+        None => {
+            println!(
+                "not even one row fits: consider model.max_seq_length, \
+                 train.gradient_checkpointing, train.freeze_layers or a larger memory.limit"
+            );
+            let input = loaded.model.plan_input(&cfg.train, loaded.data.columns)?;
+            println!(
+                "{}",
+                crate::memory::alternatives::advice(
+                    &input,
+                    &loaded.model.spec.model_type,
+                    p.micro_batch_size,
+                    p.longest_row_tokens,
+                    Some(p.budget_bytes),
+                )
+            );
+        }
     }
     Ok(())
 }

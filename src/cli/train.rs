@@ -95,6 +95,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.ooms_recovered,
         s.final_micro_batch_size
     );
+    let p = &s.planned;
+    let mb = crate::memory::human_bytes;
+    crate::say!(
+        "memory: measured peak {}; planned {} = weights {} + gradients {} + optimizer state {} \
+         + activations and scratch {}",
+        mb(s.peak_memory),
+        mb(p.total),
+        mb(p.weights),
+        mb(p.gradients),
+        mb(p.optimizer),
+        mb(p.total - p.weights - p.gradients - p.optimizer)
+    );
     if let Some(step) = s.resumed_from {
         crate::say!("resumed after step {step}");
     }

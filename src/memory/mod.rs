@@ -2,6 +2,7 @@
 //! to do about one. The trainer's step runner carries the decisions out (`train::step`).
 
 pub mod alloc;
+pub mod alternatives;
 pub mod oom;
 pub mod plan;
 pub mod policy;

@@ -93,7 +93,11 @@ pub struct Summary {
     pub final_loss: f32,
     pub ooms_recovered: usize,
     pub final_micro_batch_size: usize,
+    /// The heap's peak during training, measured.
     pub peak_memory: u64,
+    /// The planner's estimate of a step at the configured micro-batch on the longest rows,
+    /// part by part, to read beside the measured peak.
+    pub planned: crate::memory::plan::Estimate,
     pub output_dir: PathBuf,
 }
 
@@ -431,7 +435,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                             1,
                             mem.max_micro,
                         )?;
-                        return Err(e);
+                        // Name what would fit: the memory this run needs, smaller models.
+                        let input = model.plan_input(t, data.columns)?;
+                        let longest = lengths.iter().copied().max().unwrap_or(1);
+                        let advice = crate::memory::alternatives::advice(
+                            &input,
+                            &model.spec.model_type,
+                            mem.max_micro,
+                            longest,
+                            budget.limit,
+                        );
+                        return Err(match e {
+                            Error::OutOfMemory(m) => Error::OutOfMemory(format!("{m}. {advice}")),
+                            other => other,
+                        });
                     }
                 },
                 Err(e) => return Err(e),
@@ -607,6 +624,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         ooms_recovered: mem.recovered,
         final_micro_batch_size: mem.micro,
         peak_memory,
+        planned: planned.estimate,
         output_dir: out_dir.clone(),
     })
 }
