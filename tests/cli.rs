@@ -1499,3 +1499,39 @@ fn bad_matryoshka_settings_are_config_errors_naming_the_key() {
     );
     assert!(!t.out.exists(), "nothing written");
 }
+
+#[test]
+fn train_metric_picks_the_figure_that_chooses_the_best_model() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = write(&dir, "pairs.csv", pairs_csv(12));
+    let (config, out) = write_config(&dir, &model, &train, "loss = \"mnrl\"");
+    let dev = format!("data.dev={}", s(&train));
+    let r = run(&train_args(
+        &config,
+        &["--set", &dev, "--set", "train.metric=mrr@10", "--json"],
+    ));
+    r.succeeded();
+    let sum = summary(&r);
+    assert_eq!(sum["best_dev"]["metric"], "mrr@10", "{sum}");
+    let figure = |when: &str| sum[when]["mrr@10"].as_f64().unwrap();
+    let best = figure("dev_before").max(figure("dev_after"));
+    assert_eq!(sum["best_dev"]["value"].as_f64(), Some(best), "{sum}");
+    let card = std::fs::read_to_string(out.join("best/README.md")).unwrap();
+    assert!(card.contains("best dev mrr@10"), "{card}");
+
+    // A figure the dev file's evaluation does not have, an unknown one, or no dev file at all.
+    let other = dir.path().join("other");
+    let bad = |metric: &str, with_dev: bool| {
+        let set = format!("train.metric={metric}");
+        let mut extra = vec!["--set", set.as_str(), "--output", s(&other)];
+        if with_dev {
+            extra.extend(["--set", dev.as_str()]);
+        }
+        run(&train_args(&config, &extra))
+    };
+    bad("spearman", true).failed_with(2, &["train.metric", "\"spearman\"", "retrieval"]);
+    bad("bleu", true).failed_with(2, &["train.metric", "\"bleu\"", "mrr@10"]);
+    bad("mrr@10", false).failed_with(2, &["train.metric", "data.dev is not set"]);
+    assert!(!other.exists(), "nothing written");
+}

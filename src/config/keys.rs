@@ -338,6 +338,22 @@ section! {
         help "Recompute activations in the backward pass instead of keeping them:\n\
               less memory, more compute.";
 
+        // Checked against the dev file's kind of evaluation when it is read.
+        metric: Option<String> = None;
+        expects "a figure name such as \"spearman\" or \"ndcg@10\"";
+        example "\"mrr@10\"";
+        check |m| match m {
+            Some(name) if !super::dev_figures().contains(&name.as_str()) => Err(format!(
+                "\"{name}\" is not a figure of the dev evaluation; use one of {}",
+                super::dev_figures().join(", ")
+            )),
+            _ => Ok(()),
+        };
+        help "The dev figure that picks output.dir/best (higher is better). Unset: spearman\n\
+              for a scored dev file, ndcg@10 for pairs or triplets. Scored files give\n\
+              spearman and pearson; pairs and triplets the retrieval figures (accuracy@k,\n\
+              precision@k, recall@k for k = 1, 3, 5, 10, mrr@10, ndcg@10, map@100).";
+
         // Checked against the model's embedding dimension when the model is loaded.
         matryoshka_dims: Option<Vec<usize>> = None;
         expects "a list of positive integers, strictly decreasing, e.g. [384, 256, 128, 64]";

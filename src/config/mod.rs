@@ -200,6 +200,14 @@ impl fmt::Display for Lever {
     }
 }
 
+/// The figures a dev evaluation reports, by name (`train.metric`).
+pub fn dev_figures() -> Vec<&'static str> {
+    ["spearman", "pearson"]
+        .into_iter()
+        .chain(crate::train::retrieval::FIGURES)
+        .collect()
+}
+
 /// `memory.escalate`'s own rules: each lever once, not both half types.
 fn check_levers(levers: &[Lever]) -> std::result::Result<(), String> {
     for (i, lever) in levers.iter().enumerate() {

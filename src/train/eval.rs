@@ -38,6 +38,13 @@ impl Scores {
         }
     }
 
+    /// The figure that picks the best model, `name` (`train.metric`) or else [`Scores::metric`],
+    /// and its value; `None` when this kind of evaluation has no such figure.
+    pub fn chosen(&self, name: Option<&str>) -> Option<(String, f64)> {
+        let name = name.unwrap_or(self.metric());
+        Some((name.to_string(), self.figure(name)?))
+    }
+
     /// Any figure by the name the JSON output gives it ("spearman", "mrr@10", ...); `None`
     /// when this kind of evaluation has no such figure.
     pub fn figure(&self, name: &str) -> Option<f64> {

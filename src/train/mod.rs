@@ -102,9 +102,9 @@ pub struct Summary {
 }
 
 /// The dev figure `best/` was chosen by.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BestDev {
-    pub metric: &'static str,
+    pub metric: String,
     pub value: f64,
 }
 
@@ -176,6 +176,30 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
+    if let Some(metric) = &cfg.train.metric {
+        let Some(dev) = &dev_set else {
+            return Err(Error::config(
+                "train.metric",
+                "picks the best model by a dev figure, but data.dev is not set",
+            ));
+        };
+        let scored = dev.shape == crate::data::RowShape::Scored;
+        if scored != matches!(metric.as_str(), "spearman" | "pearson") {
+            return Err(Error::config(
+                "train.metric",
+                format!(
+                    "\"{metric}\" is not a figure of {}'s evaluation ({}); use {}",
+                    dev.path.display(),
+                    if scored { "scored pairs" } else { "retrieval" },
+                    if scored {
+                        "spearman or pearson"
+                    } else {
+                        "a retrieval figure such as ndcg@10"
+                    }
+                ),
+            ));
+        }
+    }
     let data = tokenize(&model.tokenizer, &train_set)?;
     Ok(Loaded {
         model,
@@ -241,6 +265,8 @@ pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let out_dir = &cfg.output.dir;
+    // A bad config is reported before what the folder holds.
+    cfg.validate()?;
     // Decided before anything is written, so a refused run leaves the folder as it was.
     let resume = checkpoint_to_resume(cfg, opts.resume)?;
     let loaded = load(cfg)?;
@@ -351,7 +377,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 reporter.eval(0, "before", &d.full, &d.widths);
             }
             progress.dev_before = dev.map(|d| d.full);
-            progress.best = progress.dev_before.as_ref().map(Scores::value);
+            progress.best = progress
+                .dev_before
+                .as_ref()
+                .and_then(|c| c.chosen(t.metric.as_deref()))
+                .map(|(_, value)| value);
         }
     }
     reporter.message(&format!(
@@ -511,15 +541,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             }
             dev_now = dev.map(|d| d.full);
             if let Some(c) = &dev_now {
-                if cfg.output.save_best && progress.best.is_none_or(|b| c.value() > b) {
-                    progress.best = Some(c.value());
+                let (name, value) = c.chosen(t.metric.as_deref()).unwrap_or_default();
+                if cfg.output.save_best && progress.best.is_none_or(|b| value > b) {
+                    progress.best = Some(value);
                     save(
                         &model,
                         cfg,
                         &info,
                         &out_dir.join("best"),
                         done,
-                        &format!("best dev {} {:.4}", c.metric(), c.value()),
+                        &format!("best dev {name} {value:.4}"),
                         progress.mem.micro,
                         false,
                     )?;
@@ -585,15 +616,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     };
     if let (Some(c), false) = (&dev_after, was_pruned) {
         reporter.eval(total, "after", c, &dev_after_dims);
-        if cfg.output.save_best && progress.best.is_none_or(|b| c.value() >= b) {
-            progress.best = Some(c.value());
+        let (name, value) = c.chosen(t.metric.as_deref()).unwrap_or_default();
+        if cfg.output.save_best && progress.best.is_none_or(|b| value >= b) {
+            progress.best = Some(value);
             save(
                 &model,
                 cfg,
                 &info,
                 &out_dir.join("best"),
                 total,
-                &format!("best dev {} {:.4}", c.metric(), c.value()),
+                &format!("best dev {name} {value:.4}"),
                 progress.mem.micro,
                 false,
             )?;
@@ -606,7 +638,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         "finished"
     };
     save_final(&model, cfg, &info, steps, status, mem.micro, mem.max_micro)?;
-    let metric = dev_after.as_ref().map(Scores::metric);
+    let metric = dev_after
+        .as_ref()
+        .and_then(|c| c.chosen(t.metric.as_deref()))
+        .map(|(name, _)| name);
     Ok(Summary {
         steps,
         resumed_from: (start > 0).then_some(start),
@@ -614,7 +649,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         dev_before: progress.dev_before,
         dev_after,
         dev_after_dims: dev_after_dims.into_iter().collect(),
-        best_spearman: progress.best.filter(|_| metric == Some("spearman")),
+        best_spearman: progress
+            .best
+            .filter(|_| metric.as_deref() == Some("spearman")),
         best_dev: metric
             .zip(progress.best)
             .map(|(metric, value)| BestDev { metric, value }),
