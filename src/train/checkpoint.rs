@@ -392,6 +392,9 @@ pub fn crash_point(place: &str, step: usize) {
                 libc::kill(libc::getpid(), signal);
             }
             if signal != libc::SIGKILL {
+                // Give the handler thread time to see it, so the step it lands in is the one
+                // named (a loaded test machine may not schedule that thread at once).
+                std::thread::sleep(std::time::Duration::from_millis(200));
                 return;
             }
         }
