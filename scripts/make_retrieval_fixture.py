@@ -8,6 +8,8 @@ Writes into tests/fixtures/:
                            anchors, so the dedupe rule matters).
   retrieval-triplets.csv   anchor,positive,negative: the first 40 of those rows, each with the sentence2
                            of a row scored <= 0.2 (taken in file order) as its negative.
+  retrieval-corpus.txt     distractors (data.corpus): the sentence2 of validation rows 100-179 that are in
+                           neither file, one per line; evaluated with retrieval-pairs.csv as a third case.
   retrieval-all-MiniLM-L6-v2.json
       {"model", "versions", "cases": [{"file", "queries", "corpus", "metrics"}]}: the figures of
       sentence_transformers' InformationRetrievalEvaluator (sentence-transformers 6.2.0,
@@ -60,10 +62,14 @@ def build_files():
     triplets = [(a, p, n["sentence2"]) for (a, p), n in zip(pairs[:40], low)]
     write_csv(FIX / "retrieval-pairs.csv", ["anchor", "positive"], pairs)
     write_csv(FIX / "retrieval-triplets.csv", ["anchor", "positive", "negative"], triplets)
-    return {"retrieval-pairs.csv": pairs, "retrieval-triplets.csv": triplets}
+    used = {t for row in pairs + triplets for t in row}
+    extra = list(dict.fromkeys(r["sentence2"] for r in rows[100:180] if r["sentence2"] not in used))
+    (FIX / "retrieval-corpus.txt").write_text("".join(t + "\n" for t in extra), encoding="utf-8")
+    print("wrote", (FIX / "retrieval-corpus.txt").relative_to(REPO))
+    return {"retrieval-pairs.csv": pairs, "retrieval-triplets.csv": triplets}, extra
 
 
-def evaluate(model, rows):
+def evaluate(model, rows, extra=()):
     queries, corpus, relevant = {}, {}, {}
     for row in rows:
         anchor, positive, negatives = row[0], row[1], row[2:]
@@ -71,6 +77,8 @@ def evaluate(model, rows):
         relevant.setdefault(anchor, set()).add(positive)
         for text in (positive, *negatives):
             corpus.setdefault(text, text)
+    for text in extra:
+        corpus.setdefault(text, text)
     ev = InformationRetrievalEvaluator(queries, corpus, relevant, write_csv=False)
     metrics = ev(model)
     prefix = f"{model.similarity_fn_name}_"
@@ -81,10 +89,12 @@ def evaluate(model, rows):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    files = build_files()
+    files, extra = build_files()
     model = SentenceTransformer(str(WEIGHTS / MODEL), device="cpu")
     assert model.similarity_fn_name == "cosine", model.similarity_fn_name
     cases = [{"file": name, **evaluate(model, rows)} for name, rows in files.items()]
+    cases.append({"file": "retrieval-pairs.csv", "corpus_file": "retrieval-corpus.txt",
+                  **evaluate(model, files["retrieval-pairs.csv"], extra)})
     out = FIX / f"retrieval-{MODEL}.json"
     out.write_text(json.dumps({"model": MODEL, "versions": VERSIONS, "cases": cases}, indent=1) + "\n",
                    encoding="utf-8")

@@ -1535,3 +1535,43 @@ fn train_metric_picks_the_figure_that_chooses_the_best_model() {
     bad("mrr@10", false).failed_with(2, &["train.metric", "data.dev is not set"]);
     assert!(!other.exists(), "nothing written");
 }
+
+#[test]
+fn data_corpus_adds_distractors_to_a_retrieval_dev_file() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = write(&dir, "pairs.csv", pairs_csv(12));
+    let (config, _) = write_config(&dir, &model, &train, "loss = \"mnrl\"");
+    let corpus = write(
+        &dir,
+        "corpus.txt",
+        "the red dog.\na small blue cat.\nx y z\n",
+    );
+    let dev = format!("data.dev={}", s(&train));
+    let with = format!("data.corpus={}", s(&corpus));
+    let r = run(&train_args(
+        &config,
+        &["--set", &dev, "--set", &with, "--json"],
+    ));
+    r.succeeded();
+    let sum = summary(&r);
+    // pairs_csv(12)'s positives are the 12 texts; "a small blue cat." and "x y z" are among
+    // them already, "the red dog." is new.
+    assert_eq!(sum["dev_after"]["corpus"], 13, "{sum}");
+
+    let out = dir.path().join("other");
+    let twice = write(&dir, "twice.txt", "a text\nanother\na text\n");
+    let set = format!("data.corpus={}", s(&twice));
+    run(&train_args(
+        &config,
+        &["--set", &dev, "--set", &set, "--output", s(&out)],
+    ))
+    .failed_with(2, &["twice.txt:3", "line 1"]);
+    let scored = write(&dir, "scored.csv", scored_csv(8));
+    let set_dev = format!("data.dev={}", s(&scored));
+    run(&train_args(
+        &config,
+        &["--set", &set_dev, "--set", &with, "--output", s(&out)],
+    ))
+    .failed_with(2, &["data.corpus", "scored pairs"]);
+}

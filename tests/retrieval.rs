@@ -1,12 +1,13 @@
 //! Retrieval evaluation of the real all-MiniLM-L6-v2 matches Python sentence-transformers'
 //! InformationRetrievalEvaluator (fixture from scripts/make_retrieval_fixture.py) to 1e-4, on
-//! a pairs file and a triplets file that repeat texts; small chunks change nothing.
+//! a pairs file and a triplets file that repeat texts, and the pairs with distractors
+//! (`data.corpus`); small chunks change nothing.
 
 mod common;
 
 use candle_core::Device;
 use serde_json::Value;
-use st_tune::data::read::read_dataset;
+use st_tune::data::read::{read_corpus, read_dataset};
 use st_tune::model::SentenceModel;
 use st_tune::train::retrieval::{evaluate_in_chunks, evaluate_retrieval, Retrieval};
 
@@ -45,7 +46,10 @@ fn retrieval_figures_match_python_information_retrieval_evaluator() {
     let (fx, model) = (fixture(), model());
     for case in fx["cases"].as_array().unwrap() {
         let file = case["file"].as_str().unwrap();
-        let data = read_dataset(&common::fixture(file), None, None, None).unwrap();
+        let mut data = read_dataset(&common::fixture(file), None, None, None).unwrap();
+        if let Some(corpus) = case["corpus_file"].as_str() {
+            data.distractors = read_corpus(&common::fixture(corpus)).unwrap();
+        }
         let got = evaluate_retrieval(&model, &data, 64).unwrap();
         eprintln!("{file}: max abs diff {:e}", worst_difference(&got, case));
     }

@@ -29,7 +29,7 @@ pub struct EncodeArgs {
 }
 
 pub fn run(a: EncodeArgs) -> Result<()> {
-    let texts = read_lines(&a.input)?;
+    let texts = crate::data::read::read_text_lines(&a.input)?;
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
     if model.spec.assumed_pooling {
@@ -50,32 +50,6 @@ pub fn run(a: EncodeArgs) -> Result<()> {
                 .map_err(|e| Error::io("<stdout>", e))
         }
     }
-}
-
-/// Lines of a text file; a non-UTF-8 or empty line is an error naming its number.
-pub fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() && i + 1 == bytes.split(|b| *b == b'\n').count() {
-            break; // the newline that ends the file
-        }
-        let text = std::str::from_utf8(line)
-            .map_err(|_| Error::data(path, i + 1, "line is not valid UTF-8"))?;
-        if text.trim().is_empty() {
-            return Err(Error::data(
-                path,
-                i + 1,
-                "empty line (one text per line expected)",
-            ));
-        }
-        out.push(text.to_string());
-    }
-    if out.is_empty() {
-        return Err(Error::data(path, 0, "no texts in the input file"));
-    }
-    Ok(out)
 }
 
 /// Writes to a temporary file beside `path`, then renames it into place.

@@ -202,6 +202,13 @@ section! {
               correlation of cosine similarity, anchor,positive[,negative] rows retrieval\n\
               figures (NDCG@10, MRR@10, accuracy@k, ...).";
 
+        corpus: Option<PathBuf> = None;
+        expects PATH;
+        example "\"data/corpus.txt\"";
+        neutral yes;
+        help "Extra documents for a retrieval dev file (pairs or triplets): one text per line,\n\
+              added to the corpus as distractors no query is relevant to. Each text once.";
+
         format: Option<Format> = None;
         expects "one of \"csv\", \"tsv\", \"jsonl\"";
         example "\"csv\"";

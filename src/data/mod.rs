@@ -54,6 +54,9 @@ pub struct Dataset {
     pub path: PathBuf,
     pub shape: RowShape,
     pub rows: Vec<Row>,
+    /// Extra corpus texts for retrieval evaluation (`data.corpus`): distractors no query is
+    /// relevant to.
+    pub distractors: Vec<String>,
 }
 
 impl Dataset {

@@ -163,6 +163,7 @@ fn read(
         path: path.to_path_buf(),
         shape,
         rows,
+        distractors: Vec::new(),
     })
 }
 
@@ -583,6 +584,49 @@ impl LineIndex {
         });
         (self.line_of(start), blank)
     }
+}
+
+/// Lines of a text file; a non-UTF-8 or empty line is an error naming its number.
+pub fn read_text_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() && i + 1 == bytes.split(|b| *b == b'\n').count() {
+            break; // the newline that ends the file
+        }
+        let text = std::str::from_utf8(line)
+            .map_err(|_| Error::data(path, i + 1, "line is not valid UTF-8"))?;
+        if text.trim().is_empty() {
+            return Err(Error::data(
+                path,
+                i + 1,
+                "empty line (one text per line expected)",
+            ));
+        }
+        out.push(text.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::data(path, 0, "no texts in the input file"));
+    }
+    Ok(out)
+}
+
+/// A corpus file (`data.corpus`): one document per line; a text given twice is an error naming
+/// both lines (documents are identified by their text).
+pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
+    let texts = read_text_lines(path)?;
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in texts.iter().enumerate() {
+        if let Some(j) = first.insert(t.as_str(), i) {
+            return Err(Error::data(
+                path,
+                i + 1,
+                format!("the same text as line {}: each document once", j + 1),
+            ));
+        }
+    }
+    Ok(texts)
 }
 
 #[cfg(test)]

@@ -800,8 +800,23 @@ fn apply_update(
 
 /// The dev file; its row shape picks the evaluation (scored pairs: Spearman, which also picks
 /// `best/`; pairs or triplets: retrieval, NDCG@10).
+/// The dev file, with `data.corpus`'s distractors when it is a retrieval file.
 fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
-    read_dataset(path, cfg.data.format, None, cfg.data.limit)
+    let mut dev = read_dataset(path, cfg.data.format, None, cfg.data.limit)?;
+    if let Some(corpus) = &cfg.data.corpus {
+        if dev.shape == crate::data::RowShape::Scored {
+            return Err(Error::config(
+                "data.corpus",
+                format!(
+                    "adds documents to a retrieval evaluation, but {} holds scored pairs; \
+                     remove data.corpus or use a pairs or triplets dev file",
+                    path.display()
+                ),
+            ));
+        }
+        dev.distractors = crate::data::read::read_corpus(corpus)?;
+    }
+    Ok(dev)
 }
 
 /// The memory levers in force; the OOM handler's escalation changes them mid-run.

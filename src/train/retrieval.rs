@@ -145,6 +145,13 @@ impl<'a> Task<'a> {
                 task.relevant[q].insert(at, positive);
             }
         }
+        // Distractors after the file's documents (a text already there is that document).
+        for text in &data.distractors {
+            if !corpus_ids.contains_key(text.as_str()) {
+                corpus_ids.insert(text, task.corpus.len());
+                task.corpus.push(text);
+            }
+        }
         Ok(task)
     }
 }
@@ -337,6 +344,7 @@ mod tests {
                     line: i + 2,
                 })
                 .collect(),
+            distractors: Vec::new(),
         }
     }
 
