@@ -1575,3 +1575,32 @@ fn data_corpus_adds_distractors_to_a_retrieval_dev_file() {
     ))
     .failed_with(2, &["data.corpus", "scored pairs"]);
 }
+
+#[test]
+fn eval_takes_a_corpus_of_distractors_for_retrieval_only() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let pairs = write(&dir, "pairs.csv", pairs_csv(12));
+    let corpus = write(&dir, "corpus.txt", "the red dog.\n");
+    let args = |data: &Path| {
+        vec![
+            "eval".to_string(),
+            "--model".into(),
+            s(&model).into(),
+            "--data".into(),
+            s(data).into(),
+            "--corpus".into(),
+            s(&corpus).into(),
+            "--json".into(),
+        ]
+    };
+    let a = args(&pairs);
+    let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    r.succeeded();
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["corpus"], 13, "12 positives and one distractor: {v}");
+    let scored = write(&dir, "scored.csv", scored_csv(8));
+    let a = args(&scored);
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .failed_with(2, &["--corpus", "scored pairs"]);
+}

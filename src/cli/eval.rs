@@ -36,10 +36,22 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Extra documents for retrieval, one text per line (as `data.corpus` in training).
+    #[arg(long, value_name = "FILE")]
+    pub corpus: Option<PathBuf>,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let data = read_eval_file(&a.data)?;
+    let mut data = read_eval_file(&a.data)?;
+    if let Some(corpus) = &a.corpus {
+        if data.shape == crate::data::RowShape::Scored {
+            return Err(crate::Error::Usage(format!(
+                "--corpus adds documents to a retrieval evaluation, but {} holds scored pairs",
+                a.data.display()
+            )));
+        }
+        data.distractors = crate::data::read::read_corpus(corpus)?;
+    }
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
     let scores = evaluate_any(&model, &data, a.batch_size)?;
