@@ -204,9 +204,11 @@ pub fn evaluate_at_widths(
         .collect::<Result<Vec<_>>>()?;
     drop(query_emb);
     let mut hits: Vec<Vec<Vec<Hit>>> = vec![vec![Vec::new(); task.queries.len()]; widths.len()];
+    let bar = corpus_bar(task.corpus.len(), corpus_chunk);
     for (c, texts) in task.corpus.chunks(corpus_chunk).enumerate() {
         let first_doc = c * corpus_chunk;
         let doc_emb = model.encode(texts, batch_size)?;
+        bar.inc(texts.len() as u64);
         for ((w, queries), hits) in widths.iter().zip(&queries).zip(&mut hits) {
             let docs = normalized(&cut(&doc_emb, *w))?.t()?;
             for q0 in (0..task.queries.len()).step_by(query_chunk) {
@@ -223,7 +225,24 @@ pub fn evaluate_at_widths(
             }
         }
     }
+    bar.finish_and_clear();
     Ok(hits.into_iter().map(|h| metrics(&task, h)).collect())
+}
+
+/// A progress bar on stderr for a corpus of more than one chunk, when stderr is a terminal.
+fn corpus_bar(docs: usize, chunk: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if docs <= chunk || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(docs as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "retrieval corpus {bar:30} {pos}/{len} texts  ETA {eta}",
+        )
+        .expect("static template"),
+    );
+    bar
 }
 
 /// The first `width` components of each row (all of them for `None`); `normalized` then
