@@ -7,10 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
-use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::train::report::read_jsonl;
 
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 const WIDTH: u32 = 1000;
@@ -31,23 +33,10 @@ struct Run {
     ooms: Vec<(f64, f64)>,
 }
 
-fn read_lines(path: &Path) -> Result<Vec<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    // A run still going may have a line cut short at the end.
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
-}
-
 fn read_run(dir: &Path) -> Result<Run> {
     let metrics = dir.join("metrics.jsonl");
     let mut run = Run::default();
-    for l in read_lines(&metrics)? {
+    for l in read_jsonl(&metrics)? {
         let step = l["step"].as_f64().unwrap_or(0.0);
         if let Some(loss) = l["loss"].as_f64() {
             run.steps.push((
@@ -76,7 +65,7 @@ fn read_run(dir: &Path) -> Result<Run> {
             "holds no training steps yet: nothing to plot (is this a st-tune output folder?)",
         ));
     }
-    for e in read_lines(&dir.join("events.jsonl"))? {
+    for e in read_jsonl(&dir.join("events.jsonl"))? {
         if e["event"] == "oom" {
             let step = e["step"].as_f64().unwrap_or(0.0);
             run.ooms
@@ -318,27 +307,13 @@ fn draw_sweep(
                     .iter()
                     .fold((f64::INFINITY, 0f64), |(a, b), n| (a.min(n.0), b.max(n.0)));
                 let x = (lo / 1.5)..(hi * 1.5);
-                let mut chart = builder.build_cartesian_2d(x.log_scale(), y.clone())?;
-                chart
-                    .configure_mesh()
-                    .x_desc(key.as_str())
-                    .y_desc(metric)
-                    .label_style(("sans-serif", 14))
-                    .x_label_formatter(&|v| short(*v))
-                    .draw()?;
-                chart.draw_series(nums.iter().map(|&p| Circle::new(p, 5, BLUE.filled())))?;
+                let chart = builder.build_cartesian_2d(x.log_scale(), y.clone())?;
+                scatter(chart, key, metric, &nums)?;
             }
             Some(nums) => {
-                let mut chart =
-                    builder.build_cartesian_2d(range_of(nums.iter().map(|n| n.0)), y.clone())?;
-                chart
-                    .configure_mesh()
-                    .x_desc(key.as_str())
-                    .y_desc(metric)
-                    .label_style(("sans-serif", 14))
-                    .x_label_formatter(&|v| short(*v))
-                    .draw()?;
-                chart.draw_series(nums.iter().map(|&p| Circle::new(p, 5, BLUE.filled())))?;
+                let x = range_of(nums.iter().map(|n| n.0));
+                let chart = builder.build_cartesian_2d(x, y.clone())?;
+                scatter(chart, key, metric, &nums)?;
             }
             None => {
                 let mut labels: Vec<String> = points.iter().map(|(v, _)| v.to_string()).collect();
@@ -374,6 +349,27 @@ fn draw_sweep(
         }
     }
     root.present()?;
+    Ok(())
+}
+
+/// One point per trial, on a numeric key axis the caller built (linear or log).
+fn scatter<X>(
+    mut chart: ChartContext<'_, SVGBackend<'_>, Cartesian2d<X, RangedCoordf64>>,
+    key: &str,
+    metric: &str,
+    nums: &[(f64, f64)],
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc(key)
+        .y_desc(metric)
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&|v| short(*v))
+        .draw()?;
+    chart.draw_series(nums.iter().map(|&p| Circle::new(p, 5, BLUE.filled())))?;
     Ok(())
 }
 

@@ -43,18 +43,11 @@ pub fn run(a: EncodeArgs) -> Result<()> {
         out.push('\n');
     }
     match &a.output {
-        Some(p) => write_atomic(p, out.as_bytes()),
+        Some(p) => crate::atomic::write_file(p, out.as_bytes()),
         None => {
             let mut w = BufWriter::new(std::io::stdout().lock());
             w.write_all(out.as_bytes())
                 .map_err(|e| Error::io("<stdout>", e))
         }
     }
-}
-
-/// Writes to a temporary file beside `path`, then renames it into place.
-pub fn write_atomic(path: &PathBuf, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-st-tune");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

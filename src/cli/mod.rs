@@ -75,3 +75,27 @@ fn print_bytes(bytes: &[u8]) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// SIGINT and SIGTERM set `flag` (the signal's number), saying `message` if given, so the
+/// command can stop cleanly (train: after the step, with a checkpoint); a second one quits at
+/// once with 128 + the signal.
+fn watch_signals(
+    flag: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    message: Option<&'static str>,
+) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::Ordering;
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // No handler: the default action (exit) stays.
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if flag.swap(signal, Ordering::SeqCst) != 0 {
+                std::process::exit(128 + signal);
+            }
+            if let Some(m) = message {
+                eprintln!("\n{m}");
+            }
+        }
+    });
+}

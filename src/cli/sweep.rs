@@ -129,7 +129,9 @@ fn list(a: ListArgs) -> Result<()> {
 fn run_sweep(a: RunArgs) -> Result<()> {
     let sweep = Sweep::load(&a.sweep)?;
     let interrupt = Arc::new(AtomicI32::new(0));
-    watch_signals(interrupt.clone());
+    // The running trial gets the signal too, saves a checkpoint and stops; the sweep stops
+    // after it, and the next `sweep run` resumes that trial.
+    super::watch_signals(interrupt.clone(), None);
     if let Some(index) = a.trial {
         let store = Store::open(&sweep)?;
         return match run::run_trial(&sweep, &store, index, true, &interrupt)? {
@@ -153,13 +155,9 @@ fn run_sweep(a: RunArgs) -> Result<()> {
         bar
     });
     let mut best: Option<(f64, usize)> = None;
-    let better = |m: f64, b: f64| match sweep.goal {
-        crate::sweep::spec::Goal::Max => m > b,
-        crate::sweep::spec::Goal::Min => m < b,
-    };
     let done = sw::run_all(&sweep, &interrupt, |r| {
         if let (Status::Complete, Some(m)) = (r.status, r.metric) {
-            if best.is_none_or(|(b, _)| better(m, b)) {
+            if best.is_none_or(|(b, _)| sweep.goal.better(m, b)) {
                 best = Some((m, r.index));
             }
         }
@@ -252,20 +250,4 @@ fn report_sweep(a: ReportArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// SIGINT/SIGTERM: the running trial gets the signal, saves a checkpoint and stops; the sweep
-/// stops after it. The next `sweep run` resumes that trial.
-fn watch_signals(flag: Arc<AtomicI32>) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
-        return;
-    };
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if flag.swap(signal, Ordering::SeqCst) != 0 {
-                std::process::exit(128 + signal);
-            }
-        }
-    });
 }

@@ -1,8 +1,6 @@
 //! `st-tune train`: config file + `--set` overrides -> `train::train` -> summary.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
 
 use clap::Args;
 
@@ -64,7 +62,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .transpose()?,
         ..Default::default()
     };
-    watch_signals(opts.interrupt.clone());
+    super::watch_signals(
+        opts.interrupt.clone(),
+        Some("stopping after this step and saving a checkpoint (again to quit now; --resume continues)"),
+    );
     let s = train(&cfg, &opts)?;
     if a.json {
         crate::say!("{}", serde_json::json!({"event": "summary", "data": s}));
@@ -112,26 +113,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     crate::say!("model saved to {}", s.output_dir.join("final").display());
     Ok(())
-}
-
-/// SIGINT and SIGTERM ask the loop to stop after the current step (it saves a checkpoint); a
-/// second one quits at once.
-fn watch_signals(flag: Arc<AtomicI32>) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
-        return; // No handler: the default action (exit) stays, nothing is lost but the step.
-    };
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if flag.swap(signal, Ordering::SeqCst) != 0 {
-                std::process::exit(128 + signal);
-            }
-            eprintln!(
-                "\nstopping after this step and saving a checkpoint (again to quit now; \
-                 --resume continues)"
-            );
-        }
-    });
 }
 
 fn toml_string(s: &str) -> String {

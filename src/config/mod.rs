@@ -330,6 +330,26 @@ pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit> {
     })
 }
 
+/// The keys whose values differ between two flattened configs (see [`Config::flat`]) and that
+/// `keep` selects, each as "key (A: value, B: value)" with `names` = (A, B).
+pub fn differences(
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+    names: (&str, &str),
+    keep: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| keep(k) && a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
+            format!("{k} ({}: {}, {}: {})", names.0, show(a), names.1, show(b))
+        })
+        .collect()
+}
+
 /// Whether a different value of `key` ("section.key") gives a different trained model.
 pub fn changes_result(key: &str) -> bool {
     let Some((section, name)) = key.split_once('.') else {

@@ -54,14 +54,9 @@ pub fn best<'a>(sweep: &Sweep, records: &'a [TrialRecord]) -> Option<&'a TrialRe
     records
         .iter()
         .filter(|r| r.status == Status::Complete && r.metric.is_some_and(f64::is_finite))
-        .max_by(|a, b| {
+        .min_by(|a, b| {
             let (x, y) = (a.metric.unwrap_or(f64::NAN), b.metric.unwrap_or(f64::NAN));
-            let order = x.total_cmp(&y);
-            match sweep.goal {
-                spec::Goal::Max => order,
-                spec::Goal::Min => order.reverse(),
-            }
             // Ties go to the lower index.
-            .then(b.index.cmp(&a.index))
+            sweep.goal.best_first(x, y).then(a.index.cmp(&b.index))
         })
 }

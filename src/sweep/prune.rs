@@ -61,14 +61,6 @@ pub fn rung_crossed(p: &Pruner, before: usize, after: usize) -> Option<u32> {
         .last()
 }
 
-/// Whether `mine` is better than `other` under `goal`.
-fn better(goal: Goal, mine: f64, other: f64) -> bool {
-    match goal {
-        Goal::Max => mine > other,
-        Goal::Min => mine < other,
-    }
-}
-
 /// Median rule: prune when `mine` is worse than the median of `others` (needs `min_trials`).
 pub fn median_prunes(goal: Goal, mine: f64, others: &[f64], min_trials: usize) -> bool {
     if others.len() < min_trials.max(1) {
@@ -82,7 +74,7 @@ pub fn median_prunes(goal: Goal, mine: f64, others: &[f64], min_trials: usize) -
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     };
-    better(goal, median, mine)
+    goal.better(median, mine)
 }
 
 /// ASHA rule: keep the best ⌈all / reduction⌉ of the trials at this rung (`mine` included);
@@ -93,7 +85,7 @@ pub fn asha_prunes(goal: Goal, mine: f64, others: &[f64], reduction: usize) -> b
         return false;
     }
     let keep = all.div_ceil(reduction.max(2));
-    let ahead = others.iter().filter(|&&o| better(goal, o, mine)).count();
+    let ahead = others.iter().filter(|&&o| goal.better(o, mine)).count();
     ahead >= keep
 }
 

@@ -22,17 +22,16 @@ pub fn records(sweep: &Sweep, store: &Store) -> Result<Vec<TrialRecord>> {
             None => TrialRecord::new(i, &trials::params(sweep, i).unwrap_or_default()),
         });
     }
-    let best_first = |r: &TrialRecord| match (r.status, r.metric) {
-        (Status::Complete, Some(m)) if m.is_finite() => match sweep.goal {
-            crate::sweep::spec::Goal::Max => -m,
-            crate::sweep::spec::Goal::Min => m,
-        },
-        _ => f64::INFINITY,
+    let ranked = |r: &TrialRecord| match (r.status, r.metric) {
+        (Status::Complete, Some(m)) if m.is_finite() => Some(m),
+        _ => None,
     };
     all.sort_by(|a, b| {
-        best_first(a)
-            .total_cmp(&best_first(b))
-            .then(a.index.cmp(&b.index))
+        let by_metric = match (ranked(a), ranked(b)) {
+            (Some(x), Some(y)) => sweep.goal.best_first(x, y),
+            (x, y) => y.is_some().cmp(&x.is_some()),
+        };
+        by_metric.then(a.index.cmp(&b.index))
     });
     Ok(all)
 }

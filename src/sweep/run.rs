@@ -282,11 +282,11 @@ fn train_process(
 
 /// The `{"event": "summary"}` line of a trial's `--json` output.
 fn summary_of(path: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    crate::train::report::read_jsonl(path)
+        .ok()?
+        .into_iter()
         .find(|v| v["event"] == "summary")
-        .map(|v| v["data"].clone())
+        .map(|mut v| v["data"].take())
 }
 
 /// `dev.FIGURE` from the end-of-training evaluation (as `eval --json` names it); `train.loss`,

@@ -26,6 +26,21 @@ pub enum Goal {
     Min,
 }
 
+impl Goal {
+    /// Orders two metric values best first (`Less` when `a` is the better one).
+    pub fn best_first(self, a: f64, b: f64) -> std::cmp::Ordering {
+        match self {
+            Goal::Max => b.total_cmp(&a),
+            Goal::Min => a.total_cmp(&b),
+        }
+    }
+
+    /// Whether `a` is strictly better than `b`.
+    pub fn better(self, a: f64, b: f64) -> bool {
+        self.best_first(a, b).is_lt()
+    }
+}
+
 /// The values one key of `[space]` may take.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Values {
@@ -136,7 +151,12 @@ impl Sweep {
             )
         })?;
         let base = file.parent().unwrap_or(Path::new(".")).join(&base_rel);
-        let base_cfg = Config::load(&base, &[])
+        // Read once: every value of the space is checked against this text.
+        let base_text = std::fs::read_to_string(&base)
+            .map_err(|e| Error::io(&base, e))
+            .map_err(|e| bad(format!("sweep.base = {base_rel:?} does not load: {e}")))?;
+        let origin = base.display().to_string();
+        let base_cfg = Config::from_toml(&base_text, &origin, &[])
             .and_then(|c| c.validate().map(|_| c))
             .map_err(|e| bad(format!("sweep.base = {base_rel:?} does not load: {e}")))?;
         let stem = file
@@ -175,7 +195,7 @@ impl Sweep {
         let mut values = BTreeMap::new();
         for (key, v) in &space {
             let parsed = parse_values(key, v).map_err(&bad)?;
-            check_against_base(&base, key, &parsed).map_err(&bad)?;
+            check_against_base(&base_text, &origin, key, &parsed).map_err(&bad)?;
             values.insert(key.clone(), parsed);
         }
         if values.is_empty() {
@@ -338,7 +358,12 @@ fn parse_values(key: &str, v: &toml::Value) -> std::result::Result<Values, Strin
 
 /// Applies each value (each bound of a range) to the base config and validates the result,
 /// so a wrong type or a value the key's rules refuse is reported before any trial runs.
-fn check_against_base(base: &Path, key: &str, values: &Values) -> std::result::Result<(), String> {
+fn check_against_base(
+    base: &str,
+    origin: &str,
+    key: &str,
+    values: &Values,
+) -> std::result::Result<(), String> {
     let probes: Vec<toml::Value> = match values {
         Values::Choice(c) => c.clone(),
         Values::Uniform(lo, hi) | Values::LogUniform(lo, hi) => {
@@ -353,7 +378,7 @@ fn check_against_base(base: &Path, key: &str, values: &Values) -> std::result::R
     }
     for v in probes {
         let set = format!("{key}={v}");
-        Config::load(base, &[set])
+        Config::from_toml(base, origin, &[set])
             .and_then(|c| c.validate())
             .map_err(|e| format!("space.\"{key}\" value {v}: {e}"))?;
     }

@@ -123,7 +123,12 @@ impl Store {
                         format!("is damaged ({e}); move it away to start over"),
                     )
                 })?;
-                let diffs = differences(&saved.fingerprint, &sweep.fingerprint);
+                let diffs = crate::config::differences(
+                    &saved.fingerprint,
+                    &sweep.fingerprint,
+                    ("folder", "file"),
+                    |_| true,
+                );
                 if !diffs.is_empty() {
                     return Err(Error::sweep(
                         &sweep.file,
@@ -252,19 +257,6 @@ pub fn configured_micro(cfg: &Config) -> Option<usize> {
         MicroBatch::Size(n) => Some(n),
         MicroBatch::Auto => None,
     }
-}
-
-fn differences(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
-    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| saved.get(*k) != now.get(*k))
-        .map(|k| {
-            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
-            format!("{k} (folder: {}, file: {})", show(saved), show(now))
-        })
-        .collect()
 }
 
 /// A lock file holding "HOST PID"; removed when dropped. A lock left by a dead process of

@@ -10,7 +10,7 @@
 //! Trial N's keys depend on the trials before it that had finished when it started: run one
 //! trial at a time and the sweep is reproducible; concurrent trials see different histories.
 
-use crate::sweep::spec::{Goal, Sweep, Values};
+use crate::sweep::spec::{Sweep, Values};
 use crate::sweep::trials::SplitMix64;
 
 /// Random trials before TPE takes over.
@@ -28,10 +28,7 @@ pub fn suggest(sweep: &Sweep, index: usize, history: &[Observation]) -> Vec<(Str
     let mut scored: Vec<&Observation> = history.iter().filter(|o| o.metric.is_some()).collect();
     scored.sort_by(|a, b| {
         let (x, y) = (a.metric.unwrap_or(0.0), b.metric.unwrap_or(0.0));
-        match sweep.goal {
-            Goal::Max => y.total_cmp(&x),
-            Goal::Min => x.total_cmp(&y),
-        }
+        sweep.goal.best_first(x, y)
     });
     let n_good = (scored.len() as f64 * 0.25).ceil().max(1.0) as usize;
     let good: Vec<&Observation> = scored.iter().take(n_good).copied().collect();

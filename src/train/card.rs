@@ -9,6 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::train::report::read_jsonl;
 
 /// What the training loop knows that the files do not.
 pub struct Facts<'a> {
@@ -29,13 +30,8 @@ pub struct Facts<'a> {
 pub fn render(f: &Facts) -> String {
     let (cfg, t) = (f.cfg, &f.cfg.train);
     let out = &cfg.output.dir;
-    let lines = |name: &str| -> Vec<Value> {
-        std::fs::read_to_string(out.join(name))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    // The card is a by-product: files it cannot read leave sections out.
+    let lines = |name: &str| read_jsonl(&out.join(name)).unwrap_or_default();
     let metrics = lines("metrics.jsonl");
     let evals: Vec<&Value> = metrics
         .iter()

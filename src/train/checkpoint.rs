@@ -351,17 +351,12 @@ fn checksum(path: &Path) -> Result<FileSum> {
 /// The config keys whose values differ between a checkpoint's config and this run's and
 /// that change the result (see [`crate::config::changes_result`]).
 pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
-    let (a, b) = (saved.flat(), now.flat());
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| crate::config::changes_result(k) && a.get(*k) != b.get(*k))
-        .map(|k| {
-            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
-            format!("{k} (checkpoint: {}, now: {})", show(&a), show(&b))
-        })
-        .collect()
+    crate::config::differences(
+        &saved.flat(),
+        &now.flat(),
+        ("checkpoint", "now"),
+        crate::config::changes_result,
+    )
 }
 
 /// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[:SIGNAL][,...]"` sends the process SIGNAL (`KILL`,

@@ -62,28 +62,35 @@ pub struct Reporter {
     events: BufWriter<File>,
 }
 
+/// The JSON lines of `path` (metrics.jsonl, events.jsonl, a `--json` transcript); none if
+/// the file does not exist. A line that does not parse (cut short by a kill, or the file of a
+/// run still going) is skipped.
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 /// Opens `path` for appending; with `keep_until` set, first drops the lines whose `"step"` is
 /// after it and the final evaluation (atomically), else starts the file empty.
 fn open(path: &Path, keep_until: Option<usize>) -> Result<BufWriter<File>> {
     let file = match keep_until {
         None => File::create(path).map_err(|e| Error::io(path, e))?,
         Some(step) => {
-            let old = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(e) => return Err(Error::io(path, e)),
-            };
-            let kept: String = old
-                .lines()
-                .filter(|l| {
-                    // A line cut short by a kill is dropped too, and the end-of-run evaluation,
-                    // which a resumed run always does again.
-                    serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
-                        v["step"].as_u64().is_none_or(|s| s as usize <= step)
-                            && v["label"] != "after"
-                    })
+            // A line cut short by a kill is dropped too, and the end-of-run evaluation, which
+            // a resumed run always does again.
+            let kept: String = read_jsonl(path)?
+                .into_iter()
+                .filter(|v| {
+                    v["step"].as_u64().is_none_or(|s| s as usize <= step) && v["label"] != "after"
                 })
-                .map(|l| format!("{l}\n"))
+                .map(|v| format!("{v}\n"))
                 .collect();
             crate::atomic::write_file(path, kept.as_bytes())?;
             std::fs::OpenOptions::new()
