@@ -1,22 +1,26 @@
-//! `C += A·B` with A and B in bf16 and C and the sums in f32: the matrix products of the fused
-//! linear kernels when the activations are bf16 (`train.precision = "bf16"`).
+//! `C = A·B` (or `C += A·B`, or `C = bf16(A·B + bias)`) with A and B rounded to bf16 and the
+//! sums in f32: the matrix products of the fused linear kernels when the activations are bf16
+//! (`train.precision = "bf16"`).
 //!
 //! One path is picked per process from the CPU it runs on:
 //! - AMX (`amx_bf16` + `amx_tile`, Intel Sapphire Rapids and later): 16×16 f32 tiles summed by
 //!   `tdpbf16ps`, written with `asm!` because Rust's AMX intrinsics and detection are unstable;
-//! - AVX-512 BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4 and later): `vdpbf16ps`;
+//! - AVX-512 BF16 on AMD (Zen 4 and later): `vdpbf16ps`. Intel CPUs run it at 2/3 of their f32
+//!   FMA rate (measured on Sapphire Rapids), so Intel without AMX takes the next path;
 //! - otherwise the operands are widened to f32 and multiplied by the `gemm` crate, as the fused
 //!   kernels did before this module, so any CPU gets the right result.
 //!
-//! The two fast paths pack both operands first: A row-major with its rows and depth padded with
-//! zeros, B as 16-column blocks of bf16 pairs along the depth (what both instructions read). An
-//! f32 operand is rounded to bf16 (to nearest, ties to even) as it is packed; the f32 path uses
-//! it unrounded.
+//! The two fast paths need AVX-512 F/BW/VL/BF16 to pack the operands: A row-major with its
+//! rows and depth padded with zeros (bf16 A of a fitting shape is read in place), B as 16-column
+//! blocks of bf16 pairs along the depth (what both instructions read). f32 operands are rounded
+//! to nearest bf16 (ties to even; f32 denormals may become zero) as they are packed; the f32
+//! path uses them unrounded.
 
 use std::sync::OnceLock;
 
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// The elements of an operand, stored row-major.
 #[derive(Clone, Copy)]
@@ -218,7 +222,9 @@ fn widened(out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
         }
     }
     if let Some(dst) = bf16_out {
-        narrow(c, dst);
+        dst.par_chunks_mut(1 << 14)
+            .zip(c.par_chunks(1 << 14))
+            .for_each(|(d, c)| narrow(c, d));
     }
 }
 

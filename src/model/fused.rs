@@ -322,8 +322,9 @@ impl CustomOp2 for GradWeight {
     }
 }
 
-/// Column sums of a 2-D bf16 or f32 `g`, as f32: the bias gradient. Fixed row chunks summed in
-/// order, so the result does not depend on scheduling (resumed runs are bit-identical).
+/// Column sums of a 2-D bf16 or f32 `g`, as f32: the bias gradient. Column chunks in
+/// parallel, rows summed in order: the result does not depend on the threads (resumed runs are
+/// bit-identical).
 struct ColumnSums;
 
 impl CustomOp1 for ColumnSums {
@@ -332,24 +333,24 @@ impl CustomOp1 for ColumnSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        const ROWS: usize = 256;
+        const COLS: usize = 64;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
         let m = l.shape().elem_count() / n;
-        let partial: Vec<Vec<f32>> = (0..m.div_ceil(ROWS))
-            .into_par_iter()
-            .map(|c| {
-                let (mut sum, mut row) = (vec![0f32; n], vec![0f32; n]);
-                for r in c * ROWS..((c + 1) * ROWS).min(m) {
-                    read_row(s, l, r, &mut row)?;
-                    sum.iter_mut().zip(&row).for_each(|(s, v)| *s += v);
-                }
-                Ok(sum)
-            })
-            .collect::<candle_core::Result<_>>()?;
+        let g = gemm_elems(s, l, self.name())?;
         let mut sum = vec![0f32; n];
-        for p in partial {
-            sum.iter_mut().zip(&p).for_each(|(s, v)| *s += v);
-        }
+        sum.par_chunks_mut(COLS).enumerate().for_each(|(c, sum)| {
+            let c = c * COLS;
+            for r in 0..m {
+                let at = r * n + c..r * n + c + sum.len();
+                match g {
+                    Elems::F32(v) => sum.iter_mut().zip(&v[at]).for_each(|(s, v)| *s += v),
+                    Elems::Bf16(v) => sum
+                        .iter_mut()
+                        .zip(&v[at])
+                        .for_each(|(s, v)| *s += v.to_f32()),
+                }
+            }
+        });
         Ok((CpuStorage::F32(sum), Shape::from(n)))
     }
 }
