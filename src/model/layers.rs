@@ -91,6 +91,24 @@ impl LayerNorm {
         };
         Ok(y.to_dtype(x.dtype())?)
     }
+
+    /// `norm(x + dropout(y))`, a post-LN layer's residual connection: one kernel on CPU.
+    /// `lengths` are the packed rows' lengths and `site` the dropout site, as for
+    /// [`Dropout::hidden`].
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        drop: &Dropout,
+        lengths: &[usize],
+        site: u64,
+    ) -> Result<Tensor> {
+        if x.device().is_cpu() && x.rank() == 2 {
+            let mask = drop.hidden_mask(lengths, site);
+            return norm::add_layer_norm(x, y, &self.weight, &self.bias, self.eps, mask);
+        }
+        self.forward(&(drop.hidden(y, lengths, site)? + x)?)
+    }
 }
 
 /// Layer norm from plain ops (every device), in f32.
@@ -214,11 +232,11 @@ impl EncoderLayer {
         } else {
             attention_composed(&qkv, batch, bias, drop, site, self.heads)?
         };
-        let attn = drop.hidden(&self.o.forward(&ctx)?, &batch.lengths, site + 1)?;
-        let x = self.attn_norm.forward(&(attn + x)?)?;
+        let lengths = &batch.lengths;
+        let attn = self.o.forward(&ctx)?;
+        let x = self.attn_norm.forward_residual(x, &attn, drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
-        let ffn = drop.hidden(&ffn, &batch.lengths, site + 2)?;
-        self.ffn_norm.forward(&(ffn + x)?)
+        self.ffn_norm.forward_residual(&x, &ffn, drop, lengths, site + 2)
     }
 }
 
