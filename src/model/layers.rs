@@ -9,6 +9,7 @@ use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::attention::{self, Attention};
 use crate::model::dropout::Dropout;
+use crate::model::layer_op::{LayerDims, LayerOp};
 use crate::model::weights::Weights;
 use crate::model::{fused, norm};
 
@@ -218,6 +219,22 @@ impl EncoderLayer {
         drop: &Dropout,
         site: u64,
     ) -> Result<Tensor> {
+        if self.one_op(x) {
+            return self.forward_one_op(x, batch, bias, drop, site);
+        }
+        self.forward_ops(x, batch, bias, drop, site)
+    }
+
+    /// The layer as a chain of ops (the fused CPU kernels on CPU): what `layer_op.rs`
+    /// computes in one op, and the path of every other device.
+    fn forward_ops(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
         let hd = x.dim(1)? / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let qkv = self.qkv()?.forward(x)?;
@@ -237,6 +254,77 @@ impl EncoderLayer {
         let x = self.attn_norm.forward_residual(x, &attn, drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
         self.ffn_norm.forward_residual(&x, &ffn, drop, lengths, site + 2)
+    }
+}
+
+impl EncoderLayer {
+    /// Whether the layer runs as one op (`layer_op.rs`): a 2-D CPU input, f32 parameters.
+    fn one_op(&self, x: &Tensor) -> bool {
+        let params = [&self.q, &self.k, &self.v, &self.o, &self.ffn_in, &self.ffn_out];
+        x.device().is_cpu()
+            && x.rank() == 2
+            && params.iter().all(|l| l.fused_bias(x).is_some())
+            && self.attn_norm.weight.dtype() == DType::F32
+            && self.ffn_norm.weight.dtype() == DType::F32
+    }
+
+    /// Every parameter of the layer in one flat tensor, in the order `LayerOp` reads them.
+    fn flat_params(&self) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(16);
+        for l in [&self.q, &self.k, &self.v] {
+            parts.push(l.weight.flatten_all()?);
+        }
+        for l in [&self.q, &self.k, &self.v] {
+            parts.extend(l.bias.clone());
+        }
+        for l in [&self.o] {
+            parts.push(l.weight.flatten_all()?);
+            parts.extend(l.bias.clone());
+        }
+        parts.push(self.attn_norm.weight.clone());
+        parts.push(self.attn_norm.bias.clone());
+        for l in [&self.ffn_in, &self.ffn_out] {
+            parts.push(l.weight.flatten_all()?);
+            parts.extend(l.bias.clone());
+        }
+        parts.push(self.ffn_norm.weight.clone());
+        parts.push(self.ffn_norm.bias.clone());
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn forward_one_op(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
+        let scale = 1.0 / ((x.dim(1)? / self.heads) as f32).sqrt();
+        let dims = LayerDims {
+            hidden: x.dim(1)?,
+            intermediate: self.ffn_in.weight.dim(0)?,
+            eps: self.attn_norm.eps as f32,
+        };
+        let attention = Attention {
+            heads: self.heads,
+            scale,
+            rows: batch.rows().collect(),
+            masks: drop.attention_masks(site),
+        };
+        let lengths = &batch.lengths;
+        let masks = [
+            drop.hidden_mask(lengths, site + 1),
+            drop.hidden_mask(lengths, site + 2),
+        ];
+        let mut op = LayerOp::new(dims, attention, masks);
+        let params = self.flat_params()?;
+        op.keep = x.track_op() || params.track_op() || bias.is_some_and(|b| b.track_op());
+        let x = x.contiguous()?;
+        Ok(match bias {
+            Some(b) => x.apply_op3(&params, &b.contiguous()?, op)?,
+            None => x.apply_op2(&params, op)?,
+        })
     }
 }
 
@@ -278,4 +366,105 @@ pub fn attention_composed(
         ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
     }
     Ok(Tensor::cat(&ctx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{assert_same_function, grads_through, max_diff};
+    use candle_core::{Device, Var};
+    use std::cell::RefCell;
+
+    /// Random trainable weights, kept so the test can ask for their gradients.
+    struct VarWeights(RefCell<Vec<Var>>);
+
+    impl Weights for VarWeights {
+        fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+            let mean = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let v = Var::from_tensor(&Tensor::randn(mean, 0.3f32, shape, &Device::Cpu)?)?;
+            self.0.borrow_mut().push(v.clone());
+            Ok(v.as_tensor().clone())
+        }
+    }
+
+    fn names() -> LayerNames {
+        let n = |s: &str| s.to_string();
+        LayerNames {
+            q: n("q"),
+            k: n("k"),
+            v: n("v"),
+            o: n("o"),
+            attn_norm: n("attn_norm"),
+            ffn_in: n("ffn_in"),
+            ffn_out: n("ffn_out"),
+            ffn_norm: n("ffn_norm"),
+        }
+    }
+
+    #[test]
+    fn the_one_op_layer_matches_the_chain_of_ops_in_value_and_every_gradient() {
+        let dev = Device::Cpu;
+        let w = VarWeights(RefCell::new(Vec::new()));
+        let dims = Dims {
+            hidden: 8,
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+        };
+        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let params = w.0.borrow().clone();
+        assert_eq!(params.len(), 16);
+        let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, (2, 5, 5), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        for (drop, with_bias) in [
+            (Dropout::off(), false),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true),
+        ] {
+            let b = with_bias.then(|| bias.as_tensor());
+            assert!(layer.one_op(x.as_tensor()));
+            let a = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();
+            let c = layer.forward_ops(x.as_tensor(), &batch, b, &drop, 4).unwrap();
+            let mut vars: Vec<&Var> = params.iter().collect();
+            vars.push(&x);
+            if with_bias {
+                vars.push(&bias);
+            }
+            assert_same_function(&a, &c, &probe, &vars, 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_one_op_layer_keeps_half_precision_and_stays_close_to_f32() {
+        let dev = Device::Cpu;
+        let w = VarWeights(RefCell::new(Vec::new()));
+        let dims = Dims {
+            hidden: 8,
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+        };
+        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        let drop = Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]);
+        let run = |dtype| {
+            let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let y = layer.forward(x.as_tensor(), &batch, None, &drop, 4).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let g = grads_through(&y.to_dtype(DType::F32).unwrap(), &probe);
+            let dx = g.get(x.as_tensor()).unwrap().clone();
+            assert_eq!(dx.dtype(), dtype);
+            (y, dx)
+        };
+        let full = run(DType::F32);
+        for dtype in [DType::BF16, DType::F16] {
+            let half = run(dtype);
+            assert!(max_diff(&half.0, &full.0) < 0.05, "{dtype:?} output");
+            assert!(max_diff(&half.1, &full.1) < 0.1, "{dtype:?} d x");
+        }
+    }
 }

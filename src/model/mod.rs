@@ -12,6 +12,7 @@ pub mod embedding_cut;
 pub mod folder;
 pub mod fused;
 pub mod hub;
+pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod norm;

@@ -179,6 +179,42 @@ fn grads(
     }
 }
 
+/// Layer norm of `x`, (rows, w.len()) f32, in place: what the kernels above compute, for
+/// kernels that hold their activations as plain slices (`layer_op.rs`).
+pub(crate) fn norm_rows(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    x.par_chunks_mut(w.len()).for_each(|o| {
+        normalise(o, eps);
+        for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
+            *o = *o * w + b;
+        }
+    });
+}
+
+/// Layer norm's backward pass over plain slices: (d input, d w ‖ d b) from the norm's input
+/// `x` and output gradient `g`, both (rows, w.len()) f32.
+pub(crate) fn norm_rows_backward(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let d = w.len();
+    let shape = Shape::from((x.len() / d, d));
+    fn rows(s: &[f32], d: usize) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
+        move |row, out| {
+            out.copy_from_slice(&s[row * d..(row + 1) * d]);
+            Ok(())
+        }
+    }
+    let f32s = |(s, _): (CpuStorage, Shape)| match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("layer norm: expected f32 gradients"),
+    };
+    let dx = f32s(grads(Part::Input, DType::F32, &shape, w, eps, rows(x, d), rows(g, d))?)?;
+    let dwb = f32s(grads(Part::Params, DType::F32, &shape, w, eps, rows(x, d), rows(g, d))?)?;
+    Ok((dx, dwb))
+}
+
 /// `layer_norm(x + mask ⊙ y)`: the residual connection, the sublayer's dropout and the norm
 /// after it as one op. Neither the dropped-out `y` nor the sum is kept for the backward pass
 /// (both are recomputed row by row from `x` and `y`, which the graph holds anyway), and one

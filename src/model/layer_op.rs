@@ -1,0 +1,510 @@
+//! One post-LN transformer layer as one CPU op with an explicit forward and backward pass, in
+//! the manner of karpathy/llm.c: the forward pass keeps the few activations the backward pass
+//! needs, and the backward pass walks the layer in reverse over plain slices.
+//!
+//! Why: candle's backward pass gives every graph node a zeroed gradient buffer and adds into it,
+//! and a layer built from ops is a dozen nodes (projections, attention, dropout, residuals,
+//! norms); in bf16 those adds also convert every element twice. Here a layer is one node (plus
+//! the concatenation of its parameters into one flat tensor, whose gradient candle splits back
+//! per parameter). The maths is that of `layers.rs`'s composed layer, which the tests compare
+//! it with; attention, layer norm, GELU and dropout reuse the kernels of `attention.rs`,
+//! `norm.rs`, `vmath.rs` and `dropout.rs`. Arithmetic is f32; with half-precision activations
+//! each kept activation is rounded to (and kept in) that type, as the composed ops would.
+
+use std::borrow::Cow;
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::model::attention::Attention;
+use crate::model::dropout::HiddenMask;
+use crate::model::fused::{cpu_f32, cpu_storage, f32_params};
+use crate::model::{norm, vmath};
+
+/// The sizes of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub eps: f32,
+}
+
+/// Where each parameter sits in the layer's flat parameter vector, in the order
+/// `EncoderLayer::flat_params` concatenates them.
+struct Offsets {
+    qkv_w: usize,
+    qkv_b: usize,
+    o_w: usize,
+    o_b: usize,
+    ln1_w: usize,
+    ln1_b: usize,
+    in_w: usize,
+    in_b: usize,
+    out_w: usize,
+    out_b: usize,
+    ln2_w: usize,
+    ln2_b: usize,
+    len: usize,
+}
+
+impl LayerDims {
+    fn offsets(&self) -> Offsets {
+        let (h, i) = (self.hidden, self.intermediate);
+        let sizes = [3 * h * h, 3 * h, h * h, h, h, h, i * h, i, h * i, h, h, h];
+        let mut at = [0usize; 13];
+        for (k, s) in sizes.iter().enumerate() {
+            at[k + 1] = at[k] + s;
+        }
+        Offsets {
+            qkv_w: at[0],
+            qkv_b: at[1],
+            o_w: at[2],
+            o_b: at[3],
+            ln1_w: at[4],
+            ln1_b: at[5],
+            in_w: at[6],
+            in_b: at[7],
+            out_w: at[8],
+            out_b: at[9],
+            ln2_w: at[10],
+            ln2_b: at[11],
+            len: at[12],
+        }
+    }
+}
+
+/// The layer: attention (with its dropout masks), the two hidden-dropout masks, and the
+/// activations its forward pass keeps for its backward pass.
+pub struct LayerOp {
+    pub dims: LayerDims,
+    pub attention: Attention,
+    /// Hidden dropout after attention and after the feed-forward block.
+    pub masks: [Option<HiddenMask>; 2],
+    /// Keep activations (the op is on a graph); inference keeps nothing.
+    pub keep: bool,
+    kept: Mutex<Option<Kept>>,
+}
+
+/// What the backward pass needs besides the layer input: q|k|v, the attention context, the
+/// attention output projection, the first norm's output, the first feed-forward projection
+/// (before GELU) and the second one. Each in the activations' type.
+struct Kept {
+    qkv: CpuStorage,
+    ctx: CpuStorage,
+    attn: CpuStorage,
+    x1: CpuStorage,
+    h: CpuStorage,
+    ffn: CpuStorage,
+}
+
+/// `dst (m × n) (+)= a (m × k) · b (k × n)`, each operand a slice with (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+) {
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        m * n <= dst.len() && last(a_rs, a_cs, m, k) < a.len() && last(b_rs, b_cs, k, n) < b.len()
+    );
+    // SAFETY: the assert keeps every index gemm reads or writes inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// `x (t × k) · Wᵀ + bias` with W stored (n × k), as PyTorch's `Linear`.
+fn linear(x: &[f32], w: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+    let (t, n) = (x.len() / k, bias.len());
+    let mut y = Vec::with_capacity(t * n);
+    for _ in 0..t {
+        y.extend_from_slice(bias);
+    }
+    matmul(&mut y, (t, n, k), x, (k, 1), w, (1, k), true);
+    y
+}
+
+/// The gradients of `linear`: adds `dyᵀ x` to `dw` and the column sums of `dy` to `db`, and
+/// returns `dy W` (t × k) when `dx` is wanted.
+fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (dw, db): (&mut [f32], &mut [f32]),
+    k: usize,
+    dx: bool,
+) -> Option<Vec<f32>> {
+    let n = db.len();
+    let t = dy.len() / n;
+    matmul(dw, (n, k, t), dy, (1, n), x, (k, 1), true);
+    column_sums(dy, db);
+    dx.then(|| {
+        let mut out = vec![0f32; t * k];
+        matmul(&mut out, (t, k, n), dy, (n, 1), w, (k, 1), false);
+        out
+    })
+}
+
+/// Rows per partial sum of `column_sums`.
+const ROWS_PER_BLOCK: usize = 64;
+
+/// Adds the column sums of `x` (rows × out.len()) to `out`, in fixed blocks of rows summed in
+/// block order: the same bits whatever the thread count or scheduling.
+fn column_sums(x: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let blocks: Vec<Vec<f32>> = x
+        .par_chunks(ROWS_PER_BLOCK * n)
+        .map(|block| {
+            let mut acc = vec![0f32; n];
+            for row in block.chunks(n) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    for b in blocks {
+        out.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
+    }
+}
+
+/// `x + mask ⊙ y`, rows of `width` (the packed tokens, as the masks number them).
+fn add_masked(x: &[f32], y: &[f32], mask: Option<&HiddenMask>, width: usize) -> Vec<f32> {
+    let mut out = y.to_vec();
+    out.par_chunks_mut(width)
+        .zip(x.par_chunks(width))
+        .enumerate()
+        .for_each(|(t, (o, x))| {
+            if let Some(m) = mask {
+                m.apply_row(t, o);
+            }
+            o.iter_mut().zip(x).for_each(|(o, x)| *o += x);
+        });
+    out
+}
+
+/// `g ⊙ mask` (the gradient reaching a dropped-out input).
+fn masked(g: &[f32], mask: Option<&HiddenMask>, width: usize) -> Vec<f32> {
+    let mut out = g.to_vec();
+    if let Some(m) = mask {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(t, o)| m.apply_row(t, o));
+    }
+    out
+}
+
+/// Rounds f32 values to `dtype` and back, in place: a kept half-precision activation is used
+/// in the forward pass as the backward pass will read it.
+fn round_to(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::BF16 => v
+            .par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32())),
+        DType::F16 => v
+            .par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32())),
+        _ => {}
+    }
+}
+
+/// A kept activation as f32 (borrowed when f32).
+fn read(s: &CpuStorage) -> candle_core::Result<Cow<'_, [f32]>> {
+    let len = match s {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        _ => candle_core::bail!("layer: expected a float activation"),
+    };
+    cpu_f32(s, &Layout::contiguous(len), "st-tune-layer")
+}
+
+/// The forward pass's results: the output, and the activations to keep.
+struct Forward {
+    out: Vec<f32>,
+    kept: Kept,
+}
+
+impl LayerOp {
+    pub fn new(dims: LayerDims, attention: Attention, masks: [Option<HiddenMask>; 2]) -> Self {
+        Self {
+            dims,
+            attention,
+            masks,
+            keep: false,
+            kept: Mutex::new(None),
+        }
+    }
+
+    /// The number of f32 values the layer's flat parameter vector holds.
+    pub fn param_len(dims: LayerDims) -> usize {
+        dims.offsets().len
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        p: &[f32],
+        bias: Option<(&[f32], usize)>,
+        dtype: DType,
+    ) -> candle_core::Result<Forward> {
+        let LayerDims {
+            hidden: h,
+            intermediate: i,
+            eps,
+        } = self.dims;
+        let o = self.dims.offsets();
+        let keep = |mut v: Vec<f32>| -> candle_core::Result<(Vec<f32>, CpuStorage)> {
+            round_to(dtype, &mut v);
+            let stored = cpu_storage(dtype, v.clone())?;
+            Ok((v, stored))
+        };
+        let (qkv, qkv_s) = keep(linear(x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h))?;
+        let (ctx, ctx_s) = keep(self.attention.forward_cpu(&qkv, bias, 3 * h))?;
+        drop(qkv);
+        let (attn, attn_s) = keep(linear(&ctx, &p[o.o_w..o.o_b], &p[o.o_b..o.ln1_w], h))?;
+        drop(ctx);
+        let mut x1 = add_masked(x, &attn, self.masks[0].as_ref(), h);
+        drop(attn);
+        norm::norm_rows(&mut x1, &p[o.ln1_w..o.ln1_b], &p[o.ln1_b..o.in_w], eps);
+        let (x1, x1_s) = keep(x1)?;
+        let (mut hid, hid_s) = keep(linear(&x1, &p[o.in_w..o.in_b], &p[o.in_b..o.out_w], h))?;
+        hid.par_chunks_mut(1 << 14).for_each(vmath::gelu);
+        round_to(dtype, &mut hid);
+        let (ffn, ffn_s) = keep(linear(&hid, &p[o.out_w..o.out_b], &p[o.out_b..o.ln2_w], i))?;
+        drop(hid);
+        let mut out = add_masked(&x1, &ffn, self.masks[1].as_ref(), h);
+        norm::norm_rows(&mut out, &p[o.ln2_w..o.ln2_b], &p[o.ln2_b..o.len], eps);
+        Ok(Forward {
+            out,
+            kept: Kept {
+                qkv: qkv_s,
+                ctx: ctx_s,
+                attn: attn_s,
+                x1: x1_s,
+                h: hid_s,
+                ffn: ffn_s,
+            },
+        })
+    }
+
+    /// (d x, d params, d bias) from the output gradient `g`.
+    fn backward(
+        &self,
+        x: &[f32],
+        p: &[f32],
+        bias: Option<(&[f32], usize)>,
+        g: &[f32],
+        kept: &Kept,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let LayerDims {
+            hidden: h,
+            intermediate: i,
+            eps,
+        } = self.dims;
+        let o = self.dims.offsets();
+        let mut dp = vec![0f32; o.len];
+
+        // Second norm, over x1 + mask ⊙ ffn.
+        let x1 = read(&kept.x1)?;
+        let ffn = read(&kept.ffn)?;
+        let s2 = add_masked(&x1, &ffn, self.masks[1].as_ref(), h);
+        drop(ffn);
+        let (ds2, dln2) = norm::norm_rows_backward(&s2, g, &p[o.ln2_w..o.ln2_b], eps)?;
+        drop(s2);
+        dp[o.ln2_w..o.len].copy_from_slice(&dln2);
+        let dffn = masked(&ds2, self.masks[1].as_ref(), h);
+
+        // Feed-forward: ffn = gelu(hid) W2ᵀ + b2, hid = x1 W1ᵀ + b1.
+        let hid = read(&kept.h)?;
+        let mut act = hid.to_vec();
+        act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
+        let (dw2, db2) = dp[o.out_w..o.ln2_w].split_at_mut(o.out_b - o.out_w);
+        let dhid = linear_backward(&dffn, &act, &p[o.out_w..o.out_b], (dw2, db2), i, true)
+            .expect("dx requested");
+        drop((act, dffn));
+        // d hid = d act ⊙ gelu'(hid), computed over a copy of hid.
+        let mut grad = hid.to_vec();
+        drop(hid);
+        grad.par_chunks_mut(i)
+            .zip(dhid.par_chunks(i))
+            .for_each(|(x, d)| vmath::gelu_grad_mul(x, d));
+        let dhid = grad;
+        let (dw1, db1) = dp[o.in_w..o.out_w].split_at_mut(o.in_b - o.in_w);
+        let dx1 = linear_backward(&dhid, &x1, &p[o.in_w..o.in_b], (dw1, db1), h, true)
+            .expect("dx requested");
+        drop((dhid, x1));
+        let mut ds2 = ds2;
+        ds2.iter_mut().zip(&dx1).for_each(|(a, b)| *a += b);
+        drop(dx1);
+        let dx1 = ds2;
+
+        // First norm, over x + mask ⊙ attn.
+        let attn = read(&kept.attn)?;
+        let s1 = add_masked(x, &attn, self.masks[0].as_ref(), h);
+        drop(attn);
+        let (ds1, dln1) = norm::norm_rows_backward(&s1, &dx1, &p[o.ln1_w..o.ln1_b], eps)?;
+        drop((s1, dx1));
+        dp[o.ln1_w..o.in_w].copy_from_slice(&dln1);
+        let dattn = masked(&ds1, self.masks[0].as_ref(), h);
+
+        // Attention output projection, attention, q|k|v projection.
+        let ctx = read(&kept.ctx)?;
+        let (dwo, dbo) = dp[o.o_w..o.ln1_w].split_at_mut(o.o_b - o.o_w);
+        let dctx = linear_backward(&dattn, &ctx, &p[o.o_w..o.o_b], (dwo, dbo), h, true)
+            .expect("dx requested");
+        drop((ctx, dattn));
+        let qkv = read(&kept.qkv)?;
+        let (dqkv, dbias) = self.attention.backward_slices(&qkv, bias, &dctx, 3 * h);
+        drop((qkv, dctx));
+        let (dwqkv, dbqkv) = dp[o.qkv_w..o.o_w].split_at_mut(o.qkv_b - o.qkv_w);
+        let dx_attn = linear_backward(&dqkv, x, &p[o.qkv_w..o.qkv_b], (dwqkv, dbqkv), h, true)
+            .expect("dx requested");
+        let mut dx = ds1;
+        dx.iter_mut().zip(&dx_attn).for_each(|(a, b)| *a += b);
+        Ok((dx, dp, dbias))
+    }
+
+    fn cpu_forward(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "st-tune-layer";
+        let (tokens, h) = l1.shape().dims2()?;
+        if h != self.dims.hidden || l2.shape().elem_count() != Self::param_len(self.dims) {
+            candle_core::bail!("{name}: input {:?}, parameters {:?}", l1.dims(), l2.dims());
+        }
+        let x = cpu_f32(s1, l1, name)?;
+        let p = f32_params(s2, l2, name)?;
+        let b = bias.map(|(s, l)| cpu_f32(s, l, name)).transpose()?;
+        let l = bias.map(|(_, l)| l.dims()[1]).unwrap_or(0);
+        let f = self.forward(&x, p, b.as_deref().map(|b| (b, l)), s1.dtype())?;
+        if self.keep {
+            *self.kept.lock().expect("layer stash") = Some(f.kept);
+        }
+        Ok((cpu_storage(s1.dtype(), f.out)?, Shape::from((tokens, h))))
+    }
+
+    /// The backward pass from the op's inputs: the kept activations when there are, else a
+    /// second forward pass to rebuild them.
+    fn grads(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        bias: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+        let flat = |t: &Tensor| t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (x32, p32, g32) = (flat(x)?, flat(p)?, flat(g)?);
+        let b32 = bias.map(flat).transpose()?;
+        let l = bias.map(|b| b.dim(1)).transpose()?.unwrap_or(0);
+        let b = b32.as_deref().map(|b| (b, l));
+        let kept = self.kept.lock().expect("layer stash").take();
+        let kept = match kept {
+            Some(k) => k,
+            None => self.forward(&x32, &p32, b, x.dtype())?.kept,
+        };
+        let (dx, dp, dbias) = self.backward(&x32, &p32, b, &g32, &kept)?;
+        drop((kept, x32, g32));
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let dp = Tensor::from_vec(dp, p.shape(), p.device())?;
+        let dbias = match bias {
+            Some(t) => Some(Tensor::from_vec(dbias, t.shape(), t.device())?),
+            None => None,
+        };
+        Ok((dx, dp, dbias))
+    }
+}
+
+impl CustomOp2 for LayerOp {
+    fn name(&self) -> &'static str {
+        "st-tune-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, _) = self.grads(x, p, None, g)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for LayerOp {
+    fn name(&self) -> &'static str {
+        "st-tune-layer-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, dbias) = self.grads(x, p, Some(bias), g)?;
+        Ok((Some(dx), Some(dp), dbias))
+    }
+}
