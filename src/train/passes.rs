@@ -75,13 +75,15 @@ pub enum Outcome {
 
 /// A step's gradients in the making: how far the pass got, and what it has so far.
 pub enum Pass {
-    Plain {
-        /// Rows done, their summed loss and gradients.
-        done: usize,
-        loss: f32,
-        grads: Grads,
-    },
+    Plain(PlainPass),
     Cached(CachedPass),
+}
+
+pub struct PlainPass {
+    /// Rows done, their summed loss and gradients.
+    done: usize,
+    loss: f32,
+    grads: Grads,
 }
 
 pub struct CachedPass {
@@ -111,11 +113,11 @@ impl Pass {
     /// A pass at the start of a step's batch of `columns` text columns.
     pub fn new(scheme: Scheme, checkpointing: bool, columns: usize) -> Pass {
         match scheme {
-            Scheme::Plain => Pass::Plain {
+            Scheme::Plain => Pass::Plain(PlainPass {
                 done: 0,
                 loss: 0.0,
                 grads: Grads::new(),
-            },
+            }),
             Scheme::Cached => Pass::Cached(CachedPass {
                 checkpointing,
                 embedded: 0,
@@ -174,24 +176,33 @@ impl<'a> Runner<'a> {
         micro: usize,
         loss_scale: f64,
     ) -> Result<Outcome> {
+        match pass {
+            Pass::Plain(p) => self.run_plain(p, batch, micro, loss_scale),
+            Pass::Cached(c) => self.run_cached(c, batch, micro, loss_scale),
+        }
+    }
+
+    fn run_plain(
+        &self,
+        p: &mut PlainPass,
+        batch: Batch,
+        micro: usize,
+        loss_scale: f64,
+    ) -> Result<Outcome> {
         let n = batch.rows.len();
-        let (done, loss, grads) = match pass {
-            Pass::Cached(c) => return self.run_cached(c, batch, micro, loss_scale),
-            Pass::Plain { done, loss, grads } => (done, loss, grads),
-        };
-        while *done < n {
-            let m = micro.min(n - *done);
-            match self.plain_chunk(batch, *done..*done + m, loss_scale, grads) {
+        while p.done < n {
+            let m = micro.min(n - p.done);
+            match self.plain_chunk(batch, p.done..p.done + m, loss_scale, &mut p.grads) {
                 Ok(l) => {
-                    *loss += l;
-                    *done += m;
+                    p.loss += l;
+                    p.done += m;
                 }
-                Err(failed) => return failed.stop(*done),
+                Err(failed) => return failed.stop(p.done),
             }
         }
         Ok(Outcome::Done(Gradients {
-            loss: *loss,
-            grads: std::mem::take(grads),
+            loss: p.loss,
+            grads: std::mem::take(&mut p.grads),
         }))
     }
 
