@@ -8,7 +8,7 @@
 //!   `memory.escalate` and redo the step; with none left, give up (the trainer saves and exits
 //!   with code 3).
 //! - An OOM in the optimizer update is retried once (the tensors already updated are skipped);
-//!   a second one gives up.
+//!   a second one gives up (exit code 3).
 //! - After `regrow_after` clean steps, try doubling again (up to the configured size); an OOM
 //!   at a regrown size backs off and doubles the wait before the next try.
 
@@ -120,6 +120,7 @@ impl MemState {
         match event {
             Event::MicroBatchOom { step, escalate } => self.micro_batch_oom(step, escalate),
             Event::UpdateOom { retried: false } => {
+                // Nothing to shrink; the micro-batch did fit, so the regrow count stands.
                 self.recovered += 1;
                 Action::RetryUpdate
             }
