@@ -3,7 +3,7 @@
 //! turn comes in the backward pass, its activations are recomputed from that input, with the
 //! same dropout masks (they are keyed to the row, not drawn in order), so the gradients equal
 //! those of the ordinary backward pass. Memory: L+1 layer inputs instead of every activation.
-//! The step runner takes the checkpoints in its first (embedding) pass over the batch, so the
+//! The cached scheme (`passes.rs`) takes the checkpoints in its first (embedding) pass, so the
 //! whole scheme costs one forward pass more than plain training, not two.
 
 use candle_core::backprop::GradStore;
