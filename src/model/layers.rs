@@ -277,10 +277,8 @@ impl EncoderLayer {
         for l in [&self.q, &self.k, &self.v] {
             parts.extend(l.bias.clone());
         }
-        for l in [&self.o] {
-            parts.push(l.weight.flatten_all()?);
-            parts.extend(l.bias.clone());
-        }
+        parts.push(self.o.weight.flatten_all()?);
+        parts.extend(self.o.bias.clone());
         parts.push(self.attn_norm.weight.clone());
         parts.push(self.attn_norm.bias.clone());
         for l in [&self.ffn_in, &self.ffn_out] {
