@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::model::attention::Attention;
@@ -286,36 +286,36 @@ impl LayerOp {
             eps,
         } = self.dims;
         let o = self.dims.offsets();
-        let keep = |mut v: Vec<f32>| -> candle_core::Result<(Vec<f32>, CpuStorage)> {
+        // Each activation is stored in `dtype` and read back from there (no copy in f32).
+        let keep = |mut v: Vec<f32>| {
             round_to(dtype, &mut v);
-            let stored = cpu_storage(dtype, v.clone())?;
-            Ok((v, stored))
+            cpu_storage(dtype, v)
         };
-        let (qkv, qkv_s) = keep(linear(x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h))?;
-        let (ctx, ctx_s) = keep(self.attention.forward_cpu(&qkv, bias, 3 * h))?;
-        drop(qkv);
-        let (attn, attn_s) = keep(linear(&ctx, &p[o.o_w..o.o_b], &p[o.o_b..o.ln1_w], h))?;
-        drop(ctx);
-        let mut x1 = add_masked(x, &attn, self.masks[0].as_ref(), h);
-        drop(attn);
+        let qkv = keep(linear(x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h))?;
+        let ctx = keep(self.attention.forward_cpu(&read(&qkv)?, bias, 3 * h))?;
+        let attn = keep(linear(&read(&ctx)?, &p[o.o_w..o.o_b], &p[o.o_b..o.ln1_w], h))?;
+        let mut x1 = add_masked(x, &read(&attn)?, self.masks[0].as_ref(), h);
         norm::norm_rows(&mut x1, &p[o.ln1_w..o.ln1_b], &p[o.ln1_b..o.in_w], eps);
-        let (x1, x1_s) = keep(x1)?;
-        let (mut hid, hid_s) = keep(linear(&x1, &p[o.in_w..o.in_b], &p[o.in_b..o.out_w], h))?;
-        hid.par_chunks_mut(1 << 14).for_each(vmath::gelu);
-        round_to(dtype, &mut hid);
-        let (ffn, ffn_s) = keep(linear(&hid, &p[o.out_w..o.out_b], &p[o.out_b..o.ln2_w], i))?;
-        drop(hid);
-        let mut out = add_masked(&x1, &ffn, self.masks[1].as_ref(), h);
+        let x1 = keep(x1)?;
+        let x1_32 = read(&x1)?;
+        let hid = keep(linear(&x1_32, &p[o.in_w..o.in_b], &p[o.in_b..o.out_w], h))?;
+        let mut act = read(&hid)?.into_owned();
+        act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
+        round_to(dtype, &mut act);
+        let ffn = keep(linear(&act, &p[o.out_w..o.out_b], &p[o.out_b..o.ln2_w], i))?;
+        drop(act);
+        let mut out = add_masked(&x1_32, &read(&ffn)?, self.masks[1].as_ref(), h);
+        drop(x1_32);
         norm::norm_rows(&mut out, &p[o.ln2_w..o.ln2_b], &p[o.ln2_b..o.len], eps);
         Ok(Forward {
             out,
             kept: Kept {
-                qkv: qkv_s,
-                ctx: ctx_s,
-                attn: attn_s,
-                x1: x1_s,
-                h: hid_s,
-                ffn: ffn_s,
+                qkv,
+                ctx,
+                attn,
+                x1,
+                h: hid,
+                ffn,
             },
         })
     }
@@ -430,17 +430,33 @@ impl LayerOp {
         bias: Option<&Tensor>,
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
-        let flat = |t: &Tensor| t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (x32, p32, g32) = (flat(x)?, flat(p)?, flat(g)?);
-        let b32 = bias.map(flat).transpose()?;
-        let l = bias.map(|b| b.dim(1)).transpose()?.unwrap_or(0);
-        let b = b32.as_deref().map(|b| (b, l));
+        let name = "st-tune-layer";
+        let (xs, xl) = x.storage_and_layout();
+        let (ps, pl) = p.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let bs = bias.map(|b| b.storage_and_layout());
+        let (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(gs)) = (&*xs, &*ps, &*gs) else {
+            candle_core::bail!("{name}: expected CPU tensors")
+        };
+        let (x32, p32) = (cpu_f32(xs, xl, name)?, f32_params(ps, pl, name)?);
+        let g32 = match gl.contiguous_offsets() {
+            Some(_) => cpu_f32(gs, gl, name)?,
+            None => Cow::Owned(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        };
+        let b32 = match &bs {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((cpu_f32(s, l, name)?, l.dims()[1])),
+                _ => candle_core::bail!("{name}: expected a CPU bias"),
+            },
+            None => None,
+        };
+        let b = b32.as_ref().map(|(b, l)| (&b[..], *l));
         let kept = self.kept.lock().expect("layer stash").take();
         let kept = match kept {
             Some(k) => k,
-            None => self.forward(&x32, &p32, b, x.dtype())?.kept,
+            None => self.forward(&x32, p32, b, x.dtype())?.kept,
         };
-        let (dx, dp, dbias) = self.backward(&x32, &p32, b, &g32, &kept)?;
+        let (dx, dp, dbias) = self.backward(&x32, p32, b, &g32, &kept)?;
         drop((kept, x32, g32));
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())?;
         let dp = Tensor::from_vec(dp, p.shape(), p.device())?;
