@@ -82,10 +82,21 @@ fn the_embedding_cut_changes_no_gradient(mpnet: bool) {
     let encoder = weighted_sum(&emb).backward().unwrap();
     let cut = cut.expect("the embeddings train");
     let g = cut.gradient(&encoder).unwrap();
-    let embedding = cut.backward(&net, &g).unwrap();
+    let (embedding, rows) = cut.backward(&net, &g).unwrap();
+    // The word table's gradient comes as the rows the batch touched: made dense here.
+    let rows = rows.expect("the word table trains");
+    let ids = Tensor::from_vec(rows.ids.clone(), rows.ids.len(), rows.table.device()).unwrap();
+    let word_grad = rows
+        .table
+        .zeros_like()
+        .unwrap()
+        .index_add(&ids, &rows.grads, 0)
+        .unwrap();
     let mut embedding_tensors = 0;
     for (name, var) in &m.params.vars {
-        let two = match (encoder.get(var.as_tensor()), embedding.get(var.as_tensor())) {
+        let from_rows = (var.as_tensor().id() == rows.table.id()).then_some(&word_grad);
+        let from_embedding = embedding.get(var.as_tensor()).or(from_rows);
+        let two = match (encoder.get(var.as_tensor()), from_embedding) {
             (Some(g), None) => g.clone(),
             (None, Some(g)) => {
                 embedding_tensors += 1;

@@ -230,12 +230,14 @@ fn masked(g: &[f32], mask: Option<&HiddenMask>, width: usize) -> Vec<f32> {
 /// in the forward pass as the backward pass will read it.
 fn round_to(dtype: DType, v: &mut [f32]) {
     match dtype {
-        DType::BF16 => v
-            .par_chunks_mut(1 << 14)
-            .for_each(|c| c.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32())),
-        DType::F16 => v
-            .par_chunks_mut(1 << 14)
-            .for_each(|c| c.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32())),
+        DType::BF16 => v.par_chunks_mut(1 << 14).for_each(|c| {
+            c.iter_mut()
+                .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
+        }),
+        DType::F16 => v.par_chunks_mut(1 << 14).for_each(|c| {
+            c.iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32())
+        }),
         _ => {}
     }
 }
@@ -293,7 +295,12 @@ impl LayerOp {
         };
         let qkv = keep(linear(x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h))?;
         let ctx = keep(self.attention.forward_cpu(&read(&qkv)?, bias, 3 * h))?;
-        let attn = keep(linear(&read(&ctx)?, &p[o.o_w..o.o_b], &p[o.o_b..o.ln1_w], h))?;
+        let attn = keep(linear(
+            &read(&ctx)?,
+            &p[o.o_w..o.o_b],
+            &p[o.o_b..o.ln1_w],
+            h,
+        ))?;
         let mut x1 = add_masked(x, &read(&attn)?, self.masks[0].as_ref(), h);
         norm::norm_rows(&mut x1, &p[o.ln1_w..o.ln1_b], &p[o.ln1_b..o.in_w], eps);
         let x1 = keep(x1)?;

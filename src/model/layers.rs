@@ -251,16 +251,26 @@ impl EncoderLayer {
         };
         let lengths = &batch.lengths;
         let attn = self.o.forward(&ctx)?;
-        let x = self.attn_norm.forward_residual(x, &attn, drop, lengths, site + 1)?;
+        let x = self
+            .attn_norm
+            .forward_residual(x, &attn, drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
-        self.ffn_norm.forward_residual(&x, &ffn, drop, lengths, site + 2)
+        self.ffn_norm
+            .forward_residual(&x, &ffn, drop, lengths, site + 2)
     }
 }
 
 impl EncoderLayer {
     /// Whether the layer runs as one op (`layer_op.rs`): a 2-D CPU input, f32 parameters.
     fn one_op(&self, x: &Tensor) -> bool {
-        let params = [&self.q, &self.k, &self.v, &self.o, &self.ffn_in, &self.ffn_out];
+        let params = [
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.ffn_in,
+            &self.ffn_out,
+        ];
         x.device().is_cpu()
             && x.rank() == 2
             && params.iter().all(|l| l.fused_bias(x).is_some())
@@ -378,7 +388,11 @@ mod tests {
 
     impl Weights for VarWeights {
         fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-            let mean = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let mean = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                0.0
+            };
             let v = Var::from_tensor(&Tensor::randn(mean, 0.3f32, shape, &Device::Cpu)?)?;
             self.0.borrow_mut().push(v.clone());
             Ok(v.as_tensor().clone())
@@ -424,7 +438,9 @@ mod tests {
             let b = with_bias.then(|| bias.as_tensor());
             assert!(layer.one_op(x.as_tensor()));
             let a = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();
-            let c = layer.forward_ops(x.as_tensor(), &batch, b, &drop, 4).unwrap();
+            let c = layer
+                .forward_ops(x.as_tensor(), &batch, b, &drop, 4)
+                .unwrap();
             let mut vars: Vec<&Var> = params.iter().collect();
             vars.push(&x);
             if with_bias {
@@ -451,7 +467,9 @@ mod tests {
         let drop = Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]);
         let run = |dtype| {
             let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-            let y = layer.forward(x.as_tensor(), &batch, None, &drop, 4).unwrap();
+            let y = layer
+                .forward(x.as_tensor(), &batch, None, &drop, 4)
+                .unwrap();
             assert_eq!(y.dtype(), dtype);
             let g = grads_through(&y.to_dtype(DType::F32).unwrap(), &probe);
             let dx = g.get(x.as_tensor()).unwrap().clone();

@@ -87,6 +87,28 @@ impl Encoder {
         }
     }
 
+    /// The word-embedding table, (vocab, hidden).
+    pub fn word_table(&self) -> &Tensor {
+        match self {
+            Encoder::Bert(m) => &m.word,
+            Encoder::Mpnet(m) => &m.word,
+        }
+    }
+
+    /// The embedding layer from the gathered rows of the word table, (tokens, hidden).
+    pub fn embed_words(
+        &self,
+        words: Tensor,
+        batch: &TokenBatch,
+        drop: &Dropout,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.embed_words(words, batch, drop, dtype),
+            Encoder::Mpnet(m) => m.embed_words(words, batch, drop, dtype),
+        }
+    }
+
     /// Additive attention bias shared by every layer for this batch.
     pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Option<Tensor>> {
         match self {

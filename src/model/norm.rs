@@ -156,7 +156,8 @@ fn grads(
             let blocks = (0..rows.div_ceil(ROWS_PER_BLOCK))
                 .into_par_iter()
                 .map(|b| {
-                    let (mut acc, mut xh, mut g) = (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]);
+                    let (mut acc, mut xh, mut g) =
+                        (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]);
                     for row in b * ROWS_PER_BLOCK..((b + 1) * ROWS_PER_BLOCK).min(rows) {
                         input(row, &mut xh)?;
                         grad(row, &mut g)?;
@@ -200,7 +201,10 @@ pub(crate) fn norm_rows_backward(
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
     let d = w.len();
     let shape = Shape::from((x.len() / d, d));
-    fn rows(s: &[f32], d: usize) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
+    fn rows(
+        s: &[f32],
+        d: usize,
+    ) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
         move |row, out| {
             out.copy_from_slice(&s[row * d..(row + 1) * d]);
             Ok(())
@@ -210,8 +214,24 @@ pub(crate) fn norm_rows_backward(
         CpuStorage::F32(v) => Ok(v),
         _ => candle_core::bail!("layer norm: expected f32 gradients"),
     };
-    let dx = f32s(grads(Part::Input, DType::F32, &shape, w, eps, rows(x, d), rows(g, d))?)?;
-    let dwb = f32s(grads(Part::Params, DType::F32, &shape, w, eps, rows(x, d), rows(g, d))?)?;
+    let dx = f32s(grads(
+        Part::Input,
+        DType::F32,
+        &shape,
+        w,
+        eps,
+        rows(x, d),
+        rows(g, d),
+    )?)?;
+    let dwb = f32s(grads(
+        Part::Params,
+        DType::F32,
+        &shape,
+        w,
+        eps,
+        rows(x, d),
+        rows(g, d),
+    )?)?;
     Ok((dx, dwb))
 }
 

@@ -14,7 +14,7 @@
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
@@ -24,9 +24,9 @@ use crate::memory::oom::{is_oom, Injector, Phase};
 use crate::memory::policy::Scheme;
 use crate::memory::MemoryBudget;
 use crate::model::dropout::Dropout;
-use crate::model::embedding_cut::{forward_cut, EmbeddingCut};
+use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
 use crate::model::{Network, SentenceModel};
-use crate::train::optim::Grads;
+use crate::train::optim::{self, Grads};
 use crate::train::precision;
 use crate::train::recompute::{backward_recomputing, forward_checkpoints};
 use crate::train::step::TokenizedData;
@@ -315,7 +315,11 @@ impl<'a> Runner<'a> {
             .collect::<Result<Vec<_>>>()?;
         drop(store);
         for (cut, g) in cuts.into_iter().zip(reached) {
-            self.accumulate(grads, &cut.backward(&self.train_net, &g)?)?;
+            let (store, rows) = cut.backward(&self.train_net, &g)?;
+            self.accumulate(grads, &store)?;
+            if let Some(rows) = rows {
+                self.accumulate_rows(grads, rows)?;
+            }
         }
         Ok(())
     }
@@ -498,6 +502,40 @@ impl<'a> Runner<'a> {
                 add(grads, name.clone(), g.detach())?;
             }
         }
+        Ok(())
+    }
+
+    /// Adds the word table's touched rows into its dense gradient (created at zero the first
+    /// time in the step), in place and in token order.
+    fn accumulate_rows(&self, grads: &mut Grads, rows: WordRows) -> Result<()> {
+        let id = rows.table.id();
+        let Some((name, _)) = self
+            .model
+            .params
+            .vars
+            .iter()
+            .find(|(_, v)| v.as_tensor().id() == id)
+        else {
+            return Err(Error::Internal(
+                "the word table is not a trainable parameter".into(),
+            ));
+        };
+        if !grads.contains_key(name) {
+            let zeros = Tensor::zeros(rows.table.shape(), DType::F32, rows.table.device())?;
+            grads.insert(name.clone(), zeros);
+        }
+        let width = rows.table.dim(1)?;
+        let src = rows.grads.flatten_all()?.to_vec1::<f32>()?;
+        optim::with_slice(&grads[name], |dense| {
+            for (t, &id) in rows.ids.iter().enumerate() {
+                let (row, from) = (id as usize * width, &src[t * width..(t + 1) * width]);
+                dense[row..row + width]
+                    .iter_mut()
+                    .zip(from)
+                    .for_each(|(d, g)| *d += g);
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 }
