@@ -31,8 +31,6 @@ pub struct PlanInput {
     pub columns: usize,
     /// Rows per optimizer step: a smaller micro-batch accumulates gradients.
     pub batch_size: usize,
-    /// Elements of the word-embedding table when it trains, else 0.
-    pub trainable_word_embeddings: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -51,17 +49,18 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let tokens: u64 = lengths.iter().map(|&l| l as u64).sum::<u64>() * p.columns as u64;
     let longest = lengths.iter().copied().max().unwrap_or(0) as u64;
     let act = p.act_bytes as u64;
-    // Per token and layer, in the activation type: q|k|v (3h); the attention output, its
-    // projection, dropout, residual sum and norm (5h); the feed-forward's first projection (i,
-    // GELU is recomputed); its output, dropout, residual sum and norm (4h).
-    let per_layer = tokens * (12 * h + i) * act;
+    // Per token and layer, in the activation type, what `model/layer_op.rs` keeps: q|k|v (3h),
+    // the attention context and its projection (2h), the first norm's output (h), the
+    // feed-forward's first projection (i; GELU is recomputed) and its output (h), and the
+    // layer's output (h). Dropout products and residual sums are recomputed.
+    let per_layer = tokens * (8 * h + i) * act;
     // The embedding layer's output: the layer itself is recomputed after the encoder's backward
     // pass (model/embedding_cut.rs), so its gathers and norm keep nothing here.
     let embed = tokens * h * act;
     // The backward pass of one layer for one text column at a time holds intermediate-sized
-    // temporaries: about 14 bytes per token and intermediate unit in f32, 10 in half precision
-    // (calibrated against the counting allocator at the peak; docs/memory.md).
-    let scratch = tokens / p.columns.max(1) as u64 * i * if act == 4 { 14 } else { 10 };
+    // f32 temporaries whatever the activation type: about 14 bytes per token and intermediate
+    // unit (calibrated against the counting allocator at the peak; docs/memory.md).
+    let scratch = tokens / p.columns.max(1) as u64 * i * 14;
     // MPNet's relative-position bias, (heads, L, L) f32, and its gradient.
     let bias = if p.relative_bias {
         2 * p.heads as u64 * longest * longest * 4
@@ -86,15 +85,9 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let accumulating = p.checkpointing || lengths.len() < p.batch_size;
     let gradients = p.trainable as u64 * 4 * if accumulating { 2 } else { 1 };
     // The embedding layer's backward pass comes after the encoder's activations are freed
-    // (model/embedding_cut.rs), but builds the table's dense gradient twice over (a zeroed
-    // table and the sum into it): the peak of small steps. (Checkpointing's doubled gradient
-    // term covers it there.)
-    let embedding_tail = if p.checkpointing {
-        0
-    } else {
-        2 * p.trainable_word_embeddings as u64 * 4
-    };
-    let total = weights + optimizer + gradients + activations.max(embedding_tail);
+    // (model/embedding_cut.rs), and the word table's gradient is the one dense buffer the
+    // gradient term counts (`embedding_cut::WordRows`): no term of its own.
+    let total = weights + optimizer + gradients + activations;
     Estimate {
         weights,
         optimizer,
@@ -137,7 +130,6 @@ mod tests {
             checkpointing: false,
             columns: 2,
             batch_size: 32,
-            trainable_word_embeddings: 30522 * 384,
         }
     }
 
