@@ -81,7 +81,7 @@ impl EmbeddingCut {
             .encoder
             .embed_words(input, &self.batch, &self.drop, net.dtype)?;
         let surrogate = (x0.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
-        let store = surrogate.backward()?;
+        let store = net.backward(&surrogate)?;
         let rows = match words {
             Some(w) => Some(WordRows {
                 table: table.clone(),

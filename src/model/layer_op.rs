@@ -4,18 +4,22 @@
 //!
 //! Why: candle's backward pass gives every graph node a zeroed gradient buffer and adds into it,
 //! and a layer built from ops is a dozen nodes (projections, attention, dropout, residuals,
-//! norms); in bf16 those adds also convert every element twice. Here a layer is one node (plus
-//! the concatenation of its parameters into one flat tensor, whose gradient candle splits back
-//! per parameter). The maths is that of `layers.rs`'s composed layer, which the tests compare
+//! norms); in bf16 those adds also convert every element twice. Here a layer is one node whose
+//! only graph input is the layer input (and MPNet's attention bias). The parameters are read
+//! where they live, and their gradients leave through a [`ParamGrads`] sink that
+//! `Network::backward` empties into the gradient store: as graph inputs they would have to be
+//! one concatenated copy, kept alive by the graph until the backward pass (the size of the
+//! model again, for small steps). The maths is that of `layers.rs`'s composed layer, which the tests compare
 //! it with; attention, layer norm, GELU and dropout reuse the kernels of `attention.rs`,
 //! `norm.rs`, `vmath.rs` and `dropout.rs`. Arithmetic is f32; with half-precision activations
 //! each kept activation is rounded to (and kept in) that type, as the composed ops would.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::model::attention::Attention;
@@ -31,8 +35,43 @@ pub struct LayerDims {
     pub eps: f32,
 }
 
+/// Where one-op layers leave their parameters' gradients during a backward pass: each entry
+/// is a layer's parameters and their gradients side by side, in [`Offsets`] order.
+#[derive(Debug, Clone, Default)]
+pub struct ParamGrads(Arc<Mutex<Vec<(Vec<Tensor>, Vec<f32>)>>>);
+
+impl ParamGrads {
+    fn push(&self, params: Vec<Tensor>, grads: Vec<f32>) {
+        self.0.lock().expect("param grads").push((params, grads));
+    }
+
+    /// Drops what an earlier, failed backward pass left.
+    pub fn clear(&self) {
+        self.0.lock().expect("param grads").clear();
+    }
+
+    /// Adds every pending gradient into `store` under its parameter (summed when a layer ran
+    /// more than once, once per text column), in the order the backward pass left them.
+    pub fn drain_into(&self, store: &mut GradStore) -> candle_core::Result<()> {
+        let pending = std::mem::take(&mut *self.0.lock().expect("param grads"));
+        for (params, grads) in pending {
+            let mut at = 0;
+            for p in params {
+                let n = p.elem_count();
+                let mut g = Tensor::from_slice(&grads[at..at + n], p.shape(), p.device())?;
+                at += n;
+                if let Some(prev) = store.remove(&p) {
+                    g = (prev + g)?;
+                }
+                store.insert(&p, g);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where each parameter sits in the layer's flat parameter vector, in the order
-/// `EncoderLayer::flat_params` concatenates them.
+/// `EncoderLayer::params` lists them.
 struct Offsets {
     qkv_w: usize,
     qkv_b: usize,
@@ -75,13 +114,17 @@ impl LayerDims {
     }
 }
 
-/// The layer: attention (with its dropout masks), the two hidden-dropout masks, and the
-/// activations its forward pass keeps for its backward pass.
+/// The layer: its parameters, attention (with its dropout masks), the two hidden-dropout
+/// masks, and the activations its forward pass keeps for its backward pass.
 pub struct LayerOp {
     pub dims: LayerDims,
+    /// The 16 parameter tensors (f32, CPU), in [`Offsets`] order.
+    pub params: Vec<Tensor>,
     pub attention: Attention,
     /// Hidden dropout after attention and after the feed-forward block.
     pub masks: [Option<HiddenMask>; 2],
+    /// Where the backward pass leaves the parameters' gradients; None when they do not train.
+    pub sink: Option<ParamGrads>,
     /// Keep activations (the op is on a graph); inference keeps nothing.
     pub keep: bool,
     kept: Mutex<Option<Kept>>,
@@ -260,19 +303,42 @@ struct Forward {
 }
 
 impl LayerOp {
-    pub fn new(dims: LayerDims, attention: Attention, masks: [Option<HiddenMask>; 2]) -> Self {
+    pub fn new(
+        dims: LayerDims,
+        params: Vec<Tensor>,
+        attention: Attention,
+        masks: [Option<HiddenMask>; 2],
+    ) -> Self {
         Self {
             dims,
+            params,
             attention,
             masks,
+            sink: None,
             keep: false,
             kept: Mutex::new(None),
         }
     }
 
-    /// The number of f32 values the layer's flat parameter vector holds.
-    pub fn param_len(dims: LayerDims) -> usize {
-        dims.offsets().len
+    /// The parameters side by side in one f32 vector: a transient copy for one pass (as a
+    /// graph input it would live until the backward pass).
+    fn flat_params(&self) -> candle_core::Result<Vec<f32>> {
+        let mut flat = Vec::with_capacity(self.dims.offsets().len);
+        for p in &self.params {
+            let (s, l) = p.storage_and_layout();
+            let Storage::Cpu(s) = &*s else {
+                candle_core::bail!("st-tune-layer: expected CPU parameters")
+            };
+            flat.extend_from_slice(f32_params(s, l, "st-tune-layer")?);
+        }
+        if flat.len() != self.dims.offsets().len {
+            candle_core::bail!(
+                "st-tune-layer: {} parameter values, expected {}",
+                flat.len(),
+                self.dims.offsets().len
+            );
+        }
+        Ok(flat)
     }
 
     fn forward(
@@ -408,20 +474,18 @@ impl LayerOp {
         &self,
         s1: &CpuStorage,
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = "st-tune-layer";
         let (tokens, h) = l1.shape().dims2()?;
-        if h != self.dims.hidden || l2.shape().elem_count() != Self::param_len(self.dims) {
-            candle_core::bail!("{name}: input {:?}, parameters {:?}", l1.dims(), l2.dims());
+        if h != self.dims.hidden {
+            candle_core::bail!("{name}: input {:?}, hidden size {h}", l1.dims());
         }
         let x = cpu_f32(s1, l1, name)?;
-        let p = f32_params(s2, l2, name)?;
+        let p = self.flat_params()?;
         let b = bias.map(|(s, l)| cpu_f32(s, l, name)).transpose()?;
         let l = bias.map(|(_, l)| l.dims()[1]).unwrap_or(0);
-        let f = self.forward(&x, p, b.as_deref().map(|b| (b, l)), s1.dtype())?;
+        let f = self.forward(&x, &p, b.as_deref().map(|b| (b, l)), s1.dtype())?;
         if self.keep {
             *self.kept.lock().expect("layer stash") = Some(f.kept);
         }
@@ -430,22 +494,23 @@ impl LayerOp {
 
     /// The backward pass from the op's inputs: the kept activations when there are, else a
     /// second forward pass to rebuild them.
+    /// (d x, d bias); the parameters' gradients go to the sink.
     fn grads(
         &self,
         x: &Tensor,
-        p: &Tensor,
         bias: Option<&Tensor>,
         g: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let name = "st-tune-layer";
         let (xs, xl) = x.storage_and_layout();
-        let (ps, pl) = p.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let bs = bias.map(|b| b.storage_and_layout());
-        let (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(gs)) = (&*xs, &*ps, &*gs) else {
+        let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
             candle_core::bail!("{name}: expected CPU tensors")
         };
-        let (x32, p32) = (cpu_f32(xs, xl, name)?, f32_params(ps, pl, name)?);
+        let x32 = cpu_f32(xs, xl, name)?;
+        let p32 = self.flat_params()?;
+        let p32 = &p32[..];
         let g32 = match gl.contiguous_offsets() {
             Some(_) => cpu_f32(gs, gl, name)?,
             None => Cow::Owned(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
@@ -465,44 +530,33 @@ impl LayerOp {
         };
         let (dx, dp, dbias) = self.backward(&x32, p32, b, &g32, &kept)?;
         drop((kept, x32, g32));
+        if let Some(sink) = &self.sink {
+            sink.push(self.params.clone(), dp);
+        }
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        let dp = Tensor::from_vec(dp, p.shape(), p.device())?;
         let dbias = match bias {
             Some(t) => Some(Tensor::from_vec(dbias, t.shape(), t.device())?),
             None => None,
         };
-        Ok((dx, dp, dbias))
+        Ok((dx, dbias))
     }
 }
 
-impl CustomOp2 for LayerOp {
+impl CustomOp1 for LayerOp {
     fn name(&self) -> &'static str {
         "st-tune-layer"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_forward(s1, l1, s2, l2, None)
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward(s, l, None)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        p: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, _) = self.grads(x, p, None, g)?;
-        Ok((Some(dx), Some(dp)))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grads(x, None, g)?.0))
     }
 }
 
-impl CustomOp3 for LayerOp {
+impl CustomOp2 for LayerOp {
     fn name(&self) -> &'static str {
         "st-tune-layer-bias"
     }
@@ -513,21 +567,18 @@ impl CustomOp3 for LayerOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_forward(s1, l1, s2, l2, Some((s3, l3)))
+        self.cpu_forward(s1, l1, Some((s2, l2)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        p: &Tensor,
         bias: &Tensor,
         _res: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, dbias) = self.grads(x, p, Some(bias), g)?;
-        Ok((Some(dx), Some(dp), dbias))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dbias) = self.grads(x, Some(bias), g)?;
+        Ok((Some(dx), dbias))
     }
 }

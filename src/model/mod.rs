@@ -25,6 +25,7 @@ pub mod weights;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::batch::TokenBatch;
@@ -196,6 +197,19 @@ pub struct Network {
 }
 
 impl Network {
+    /// The backward pass from `loss`, with the gradients of the one-op layers' parameters
+    /// (which leave through `layer_op::ParamGrads`, not the graph) in the store like every
+    /// other gradient. Use this, not `Tensor::backward`, on anything this network computed.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let layers = self.encoder.layers();
+        layers.iter().for_each(|l| l.param_grads.clear());
+        let mut store = loss.backward()?;
+        for l in layers {
+            l.param_grads.drain_into(&mut store)?;
+        }
+        Ok(store)
+    }
+
     /// Sentence embeddings, (batch, dim), f32.
     pub fn forward(&self, batch: &TokenBatch, drop: &Dropout) -> Result<Tensor> {
         let tokens = self.encoder.forward(batch, drop, self.dtype)?;

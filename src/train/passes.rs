@@ -364,7 +364,7 @@ impl<'a> Runner<'a> {
         })?;
         in_phase(Phase::Backward, || {
             self.injector.check(step, Phase::Backward)?;
-            let store = (&loss * loss_scale)?.backward()?;
+            let store = self.train_net.backward(&(&loss * loss_scale)?)?;
             let value = loss.to_scalar::<f32>()?;
             drop(loss); // frees the encoder's activations before the embedding layer's pass
             self.finish_backward(grads, store, cuts)?;
@@ -469,7 +469,7 @@ impl<'a> Runner<'a> {
                 surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
             }
             drop(cols);
-            let store = surrogate.backward()?;
+            let store = self.train_net.backward(&surrogate)?;
             drop(surrogate);
             return self.finish_backward(grads, store, cuts);
         }
