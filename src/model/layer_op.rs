@@ -38,7 +38,10 @@ pub struct LayerDims {
 /// Where one-op layers leave their parameters' gradients during a backward pass: each entry
 /// is a layer's parameters and their gradients side by side, in [`Offsets`] order.
 #[derive(Debug, Clone, Default)]
-pub struct ParamGrads(Arc<Mutex<Vec<(Vec<Tensor>, Vec<f32>)>>>);
+pub struct ParamGrads(Arc<Mutex<Vec<Pending>>>);
+
+/// One layer's parameters and their gradients, side by side.
+type Pending = (Vec<Tensor>, Vec<f32>);
 
 impl ParamGrads {
     fn push(&self, params: Vec<Tensor>, grads: Vec<f32>) {
