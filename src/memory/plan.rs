@@ -1,9 +1,8 @@
 //! Preflight estimate of a training step's peak memory, from the model config, the precision,
 //! the trainable parameters and the activations each token keeps for the backward pass.
 //!
-//! The per-token counts follow what `model::layers::EncoderLayer::forward` keeps alive in the
-//! autograd graph with the CPU kernels (`model/fused.rs`, `model/norm.rs`, `model/attention.rs`,
-//! `model/dropout.rs`): linear outputs, residual sums, norm outputs and dropout products, but no
+//! The per-token counts follow what the CPU layer (`model/layer_op.rs`) keeps for its backward
+//! pass: projections and norm outputs, but no dropout products or residual sums, and no
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
 //! Calibrated on CPU; the composed ops that other devices use keep more.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
