@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::model::attention::Attention;
 use crate::model::dropout::HiddenMask;
 use crate::model::fused::{cpu_f32, cpu_storage, f32_params};
-use crate::model::{norm, vmath};
+use crate::model::{bf16_gemm, norm, vmath};
 
 /// The sizes of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -145,23 +145,66 @@ struct Kept {
     ffn: CpuStorage,
 }
 
-/// `dst (m × n) (+)= a (m × k) · b (k × n)`, each operand a slice with (row, column) strides.
-#[allow(clippy::too_many_arguments)]
+/// How the layer's matrix products run: in f32 (the `gemm` crate), or, with bf16 activations
+/// on a CPU with bf16 dot-product instructions, with bf16 operands and f32 sums (`bf16_gemm`;
+/// weights and gradients are rounded to bf16 as `torch.autocast` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Products {
+    F32,
+    Bf16,
+}
+
+impl Products {
+    fn for_dtype(dtype: DType) -> Self {
+        if dtype == DType::BF16 && bf16_gemm::path() != bf16_gemm::Path::F32 {
+            Products::Bf16
+        } else {
+            Products::F32
+        }
+    }
+}
+
+/// An operand of `matmul`: a slice read with (row, column) strides.
+type Operand<'a> = (&'a [f32], (usize, usize));
+
+/// The operand as `bf16_gemm` takes it (`rows × cols` of the product): row-major, or the
+/// transpose of a row-major matrix. None for other strides.
+fn as_mat<'a>(
+    (data, (rs, cs)): Operand<'a>,
+    rows: usize,
+    cols: usize,
+) -> Option<bf16_gemm::Mat<'a>> {
+    let elems = bf16_gemm::Elems::F32(data);
+    if cs == 1 && rs == cols && data.len() == rows * cols {
+        Some(bf16_gemm::Mat::new(elems, rows, cols))
+    } else if rs == 1 && cs == rows && data.len() == rows * cols {
+        Some(bf16_gemm::Mat::new(elems, cols, rows).t())
+    } else {
+        None
+    }
+}
+
+/// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)`.
 fn matmul(
+    how: Products,
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
+    a: Operand,
+    b: Operand,
     accumulate: bool,
-) {
+) -> candle_core::Result<()> {
+    if how == Products::Bf16 {
+        if let (Some(am), Some(bm)) = (as_mat(a, m, k), as_mat(b, k, n)) {
+            return bf16_gemm::matmul(&mut dst[..m * n], am, bm, accumulate);
+        }
+    }
+    let ((a, (a_rs, a_cs)), (b, (b_rs, b_cs))) = (a, b);
     let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
             dst[..m * n].fill(0.0);
         }
-        return;
+        return Ok(());
     }
     assert!(
         m * n <= dst.len() && last(a_rs, a_cs, m, k) < a.len() && last(b_rs, b_cs, k, n) < b.len()
@@ -190,38 +233,43 @@ fn matmul(
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
+    Ok(())
 }
 
 /// `x (t × k) · Wᵀ + bias` with W stored (n × k), as PyTorch's `Linear`.
-fn linear(x: &[f32], w: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+fn linear(
+    how: Products,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+) -> candle_core::Result<Vec<f32>> {
     let (t, n) = (x.len() / k, bias.len());
     let mut y = Vec::with_capacity(t * n);
     for _ in 0..t {
         y.extend_from_slice(bias);
     }
-    matmul(&mut y, (t, n, k), x, (k, 1), w, (1, k), true);
-    y
+    matmul(how, &mut y, (t, n, k), (x, (k, 1)), (w, (1, k)), true)?;
+    Ok(y)
 }
 
 /// The gradients of `linear`: adds `dyᵀ x` to `dw` and the column sums of `dy` to `db`, and
-/// returns `dy W` (t × k) when `dx` is wanted.
+/// returns `dy W` (t × k).
 fn linear_backward(
+    how: Products,
     dy: &[f32],
     x: &[f32],
     w: &[f32],
     (dw, db): (&mut [f32], &mut [f32]),
     k: usize,
-    dx: bool,
-) -> Option<Vec<f32>> {
+) -> candle_core::Result<Vec<f32>> {
     let n = db.len();
     let t = dy.len() / n;
-    matmul(dw, (n, k, t), dy, (1, n), x, (k, 1), true);
+    matmul(how, dw, (n, k, t), (dy, (1, n)), (x, (k, 1)), true)?;
     column_sums(dy, db);
-    dx.then(|| {
-        let mut out = vec![0f32; t * k];
-        matmul(&mut out, (t, k, n), dy, (n, 1), w, (k, 1), false);
-        out
-    })
+    let mut dx = vec![0f32; t * k];
+    matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
+    Ok(dx)
 }
 
 /// Rows per partial sum of `column_sums`.
@@ -357,28 +405,42 @@ impl LayerOp {
             eps,
         } = self.dims;
         let o = self.dims.offsets();
+        let how = Products::for_dtype(dtype);
         // Each activation is stored in `dtype` and read back from there (no copy in f32).
         let keep = |mut v: Vec<f32>| {
             round_to(dtype, &mut v);
             cpu_storage(dtype, v)
         };
-        let qkv = keep(linear(x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h))?;
+        let qkv = keep(linear(how, x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h)?)?;
         let ctx = keep(self.attention.forward_cpu(&read(&qkv)?, bias, 3 * h))?;
         let attn = keep(linear(
+            how,
             &read(&ctx)?,
             &p[o.o_w..o.o_b],
             &p[o.o_b..o.ln1_w],
             h,
-        ))?;
+        )?)?;
         let mut x1 = add_masked(x, &read(&attn)?, self.masks[0].as_ref(), h);
         norm::norm_rows(&mut x1, &p[o.ln1_w..o.ln1_b], &p[o.ln1_b..o.in_w], eps);
         let x1 = keep(x1)?;
         let x1_32 = read(&x1)?;
-        let hid = keep(linear(&x1_32, &p[o.in_w..o.in_b], &p[o.in_b..o.out_w], h))?;
+        let hid = keep(linear(
+            how,
+            &x1_32,
+            &p[o.in_w..o.in_b],
+            &p[o.in_b..o.out_w],
+            h,
+        )?)?;
         let mut act = read(&hid)?.into_owned();
         act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
         round_to(dtype, &mut act);
-        let ffn = keep(linear(&act, &p[o.out_w..o.out_b], &p[o.out_b..o.ln2_w], i))?;
+        let ffn = keep(linear(
+            how,
+            &act,
+            &p[o.out_w..o.out_b],
+            &p[o.out_b..o.ln2_w],
+            i,
+        )?)?;
         drop(act);
         let mut out = add_masked(&x1_32, &read(&ffn)?, self.masks[1].as_ref(), h);
         drop(x1_32);
@@ -411,6 +473,7 @@ impl LayerOp {
             eps,
         } = self.dims;
         let o = self.dims.offsets();
+        let how = Products::for_dtype(kept.qkv.dtype());
         let mut dp = vec![0f32; o.len];
 
         // Second norm, over x1 + mask ⊙ ffn.
@@ -428,8 +491,7 @@ impl LayerOp {
         let mut act = hid.to_vec();
         act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
         let (dw2, db2) = dp[o.out_w..o.ln2_w].split_at_mut(o.out_b - o.out_w);
-        let dhid = linear_backward(&dffn, &act, &p[o.out_w..o.out_b], (dw2, db2), i, true)
-            .expect("dx requested");
+        let dhid = linear_backward(how, &dffn, &act, &p[o.out_w..o.out_b], (dw2, db2), i)?;
         drop((act, dffn));
         // d hid = d act ⊙ gelu'(hid), computed over a copy of hid.
         let mut grad = hid.to_vec();
@@ -439,8 +501,7 @@ impl LayerOp {
             .for_each(|(x, d)| vmath::gelu_grad_mul(x, d));
         let dhid = grad;
         let (dw1, db1) = dp[o.in_w..o.out_w].split_at_mut(o.in_b - o.in_w);
-        let dx1 = linear_backward(&dhid, &x1, &p[o.in_w..o.in_b], (dw1, db1), h, true)
-            .expect("dx requested");
+        let dx1 = linear_backward(how, &dhid, &x1, &p[o.in_w..o.in_b], (dw1, db1), h)?;
         drop((dhid, x1));
         let mut ds2 = ds2;
         ds2.iter_mut().zip(&dx1).for_each(|(a, b)| *a += b);
@@ -459,15 +520,13 @@ impl LayerOp {
         // Attention output projection, attention, q|k|v projection.
         let ctx = read(&kept.ctx)?;
         let (dwo, dbo) = dp[o.o_w..o.ln1_w].split_at_mut(o.o_b - o.o_w);
-        let dctx = linear_backward(&dattn, &ctx, &p[o.o_w..o.o_b], (dwo, dbo), h, true)
-            .expect("dx requested");
+        let dctx = linear_backward(how, &dattn, &ctx, &p[o.o_w..o.o_b], (dwo, dbo), h)?;
         drop((ctx, dattn));
         let qkv = read(&kept.qkv)?;
         let (dqkv, dbias) = self.attention.backward_slices(&qkv, bias, &dctx, 3 * h);
         drop((qkv, dctx));
         let (dwqkv, dbqkv) = dp[o.qkv_w..o.o_w].split_at_mut(o.qkv_b - o.qkv_w);
-        let dx_attn = linear_backward(&dqkv, x, &p[o.qkv_w..o.qkv_b], (dwqkv, dbqkv), h, true)
-            .expect("dx requested");
+        let dx_attn = linear_backward(how, &dqkv, x, &p[o.qkv_w..o.qkv_b], (dwqkv, dbqkv), h)?;
         let mut dx = ds1;
         dx.iter_mut().zip(&dx_attn).for_each(|(a, b)| *a += b);
         Ok((dx, dp, dbias))

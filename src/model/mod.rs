@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod bf16_gemm;
 pub mod dropout;
 pub mod embedding_cut;
 pub mod folder;
