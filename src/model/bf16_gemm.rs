@@ -944,10 +944,14 @@ mod fast {
         };
         let wm = Mat::new(Elems::F32(&w), o, d);
         time("pack_b W^T (fwd, f32)", o * d, &mut || {
-            std::hint::black_box(pack_b(&wm.t(), d, o, d, o));
+            let mut pb = vec![bf16::ZERO; o * d];
+            unsafe { pack_b(&wm.t(), d, o, 0, &mut pb) };
+            std::hint::black_box(&pb);
         });
         time("pack_b W (dx, f32)", o * d, &mut || {
-            std::hint::black_box(pack_b(&wm, o, d, o, d));
+            let mut pb = vec![bf16::ZERO; o * d];
+            unsafe { pack_b(&wm, o, d, 0, &mut pb) };
+            std::hint::black_box(&pb);
         });
         let gm = Mat::new(Elems::Bf16(&g), t, o);
         time("PackedA g^T (dW, bf16)", t * o, &mut || {
@@ -955,7 +959,9 @@ mod fast {
         });
         let xm = Mat::new(Elems::Bf16(&x), t, d);
         time("pack_b x (dW, bf16)", t * d, &mut || {
-            std::hint::black_box(pack_b(&xm, t, d, t, d));
+            let mut pb = vec![bf16::ZERO; t * d];
+            unsafe { pack_b(&xm, t, d, 0, &mut pb) };
+            std::hint::black_box(&pb);
         });
         let mut out = vec![bf16::ZERO; o * d];
         time("alloc+fill like pack_b W", o * d, &mut || {

@@ -80,14 +80,14 @@ struct Offsets {
     qkv_b: usize,
     o_w: usize,
     o_b: usize,
+    /// The first norm's weight, then its bias.
     ln1_w: usize,
-    ln1_b: usize,
     in_w: usize,
     in_b: usize,
     out_w: usize,
     out_b: usize,
+    /// The second norm's weight, then its bias.
     ln2_w: usize,
-    ln2_b: usize,
     len: usize,
 }
 
@@ -105,13 +105,11 @@ impl LayerDims {
             o_w: at[2],
             o_b: at[3],
             ln1_w: at[4],
-            ln1_b: at[5],
             in_w: at[6],
             in_b: at[7],
             out_w: at[8],
             out_b: at[9],
             ln2_w: at[10],
-            ln2_b: at[11],
             len: at[12],
         }
     }
@@ -347,6 +345,24 @@ fn read(s: &CpuStorage) -> candle_core::Result<Cow<'_, [f32]>> {
     cpu_f32(s, &Layout::contiguous(len), "st-tune-layer")
 }
 
+/// The layer's parameters, read in place; only q, k and v are copied side by side, to be one
+/// product. (A concatenated copy of them all as a graph input would live until the backward
+/// pass.)
+struct Params<'a> {
+    qkv_w: Vec<f32>,
+    qkv_b: Vec<f32>,
+    o_w: &'a [f32],
+    o_b: &'a [f32],
+    ln1_w: &'a [f32],
+    ln1_b: &'a [f32],
+    in_w: &'a [f32],
+    in_b: &'a [f32],
+    out_w: &'a [f32],
+    out_b: &'a [f32],
+    ln2_w: &'a [f32],
+    ln2_b: &'a [f32],
+}
+
 /// The forward pass's results: the output, and the activations to keep.
 struct Forward {
     out: Vec<f32>,
@@ -371,31 +387,45 @@ impl LayerOp {
         }
     }
 
-    /// The parameters side by side in one f32 vector: a transient copy for one pass (as a
-    /// graph input it would live until the backward pass).
-    fn flat_params(&self) -> candle_core::Result<Vec<f32>> {
-        let mut flat = Vec::with_capacity(self.dims.offsets().len);
-        for p in &self.params {
-            let (s, l) = p.storage_and_layout();
-            let Storage::Cpu(s) = &*s else {
-                candle_core::bail!("st-tune-layer: expected CPU parameters")
-            };
-            flat.extend_from_slice(f32_params(s, l, "st-tune-layer")?);
-        }
-        if flat.len() != self.dims.offsets().len {
-            candle_core::bail!(
-                "st-tune-layer: {} parameter values, expected {}",
-                flat.len(),
-                self.dims.offsets().len
-            );
-        }
-        Ok(flat)
+    /// Runs `f` over the parameters, read where they live (see [`Params`]).
+    fn with_params<R>(
+        &self,
+        f: impl FnOnce(&Params) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let guards: Vec<_> = self.params.iter().map(|t| t.storage_and_layout()).collect();
+        let slices = guards
+            .iter()
+            .map(|(s, l)| match &**s {
+                Storage::Cpu(s) => f32_params(s, l, "st-tune-layer"),
+                _ => candle_core::bail!("st-tune-layer: expected CPU parameters"),
+            })
+            .collect::<candle_core::Result<Vec<&[f32]>>>()?;
+        let [qw, kw, vw, qb, kb, vb, o_w, o_b, ln1_w, ln1_b, in_w, in_b, out_w, out_b, ln2_w, ln2_b] =
+            slices[..]
+        else {
+            candle_core::bail!("st-tune-layer: {} parameters, expected 16", slices.len())
+        };
+        let p = Params {
+            qkv_w: [qw, kw, vw].concat(),
+            qkv_b: [qb, kb, vb].concat(),
+            o_w,
+            o_b,
+            ln1_w,
+            ln1_b,
+            in_w,
+            in_b,
+            out_w,
+            out_b,
+            ln2_w,
+            ln2_b,
+        };
+        f(&p)
     }
 
     fn forward(
         &self,
         x: &[f32],
-        p: &[f32],
+        p: &Params,
         bias: Option<(&[f32], usize)>,
         dtype: DType,
     ) -> candle_core::Result<Forward> {
@@ -404,47 +434,28 @@ impl LayerOp {
             intermediate: i,
             eps,
         } = self.dims;
-        let o = self.dims.offsets();
         let how = Products::for_dtype(dtype);
         // Each activation is stored in `dtype` and read back from there (no copy in f32).
         let keep = |mut v: Vec<f32>| {
             round_to(dtype, &mut v);
             cpu_storage(dtype, v)
         };
-        let qkv = keep(linear(how, x, &p[o.qkv_w..o.qkv_b], &p[o.qkv_b..o.o_w], h)?)?;
+        let qkv = keep(linear(how, x, &p.qkv_w, &p.qkv_b, h)?)?;
         let ctx = keep(self.attention.forward_cpu(&read(&qkv)?, bias, 3 * h))?;
-        let attn = keep(linear(
-            how,
-            &read(&ctx)?,
-            &p[o.o_w..o.o_b],
-            &p[o.o_b..o.ln1_w],
-            h,
-        )?)?;
+        let attn = keep(linear(how, &read(&ctx)?, p.o_w, p.o_b, h)?)?;
         let mut x1 = add_masked(x, &read(&attn)?, self.masks[0].as_ref(), h);
-        norm::norm_rows(&mut x1, &p[o.ln1_w..o.ln1_b], &p[o.ln1_b..o.in_w], eps);
+        norm::norm_rows(&mut x1, p.ln1_w, p.ln1_b, eps);
         let x1 = keep(x1)?;
         let x1_32 = read(&x1)?;
-        let hid = keep(linear(
-            how,
-            &x1_32,
-            &p[o.in_w..o.in_b],
-            &p[o.in_b..o.out_w],
-            h,
-        )?)?;
+        let hid = keep(linear(how, &x1_32, p.in_w, p.in_b, h)?)?;
         let mut act = read(&hid)?.into_owned();
         act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
         round_to(dtype, &mut act);
-        let ffn = keep(linear(
-            how,
-            &act,
-            &p[o.out_w..o.out_b],
-            &p[o.out_b..o.ln2_w],
-            i,
-        )?)?;
+        let ffn = keep(linear(how, &act, p.out_w, p.out_b, i)?)?;
         drop(act);
         let mut out = add_masked(&x1_32, &read(&ffn)?, self.masks[1].as_ref(), h);
         drop(x1_32);
-        norm::norm_rows(&mut out, &p[o.ln2_w..o.ln2_b], &p[o.ln2_b..o.len], eps);
+        norm::norm_rows(&mut out, p.ln2_w, p.ln2_b, eps);
         Ok(Forward {
             out,
             kept: Kept {
@@ -462,7 +473,7 @@ impl LayerOp {
     fn backward(
         &self,
         x: &[f32],
-        p: &[f32],
+        p: &Params,
         bias: Option<(&[f32], usize)>,
         g: &[f32],
         kept: &Kept,
@@ -481,7 +492,7 @@ impl LayerOp {
         let ffn = read(&kept.ffn)?;
         let s2 = add_masked(&x1, &ffn, self.masks[1].as_ref(), h);
         drop(ffn);
-        let (ds2, dln2) = norm::norm_rows_backward(&s2, g, &p[o.ln2_w..o.ln2_b], eps)?;
+        let (ds2, dln2) = norm::norm_rows_backward(&s2, g, p.ln2_w, eps)?;
         drop(s2);
         dp[o.ln2_w..o.len].copy_from_slice(&dln2);
         let dffn = masked(&ds2, self.masks[1].as_ref(), h);
@@ -491,7 +502,7 @@ impl LayerOp {
         let mut act = hid.to_vec();
         act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
         let (dw2, db2) = dp[o.out_w..o.ln2_w].split_at_mut(o.out_b - o.out_w);
-        let dhid = linear_backward(how, &dffn, &act, &p[o.out_w..o.out_b], (dw2, db2), i)?;
+        let dhid = linear_backward(how, &dffn, &act, p.out_w, (dw2, db2), i)?;
         drop((act, dffn));
         // d hid = d act ⊙ gelu'(hid), computed over a copy of hid.
         let mut grad = hid.to_vec();
@@ -501,7 +512,7 @@ impl LayerOp {
             .for_each(|(x, d)| vmath::gelu_grad_mul(x, d));
         let dhid = grad;
         let (dw1, db1) = dp[o.in_w..o.out_w].split_at_mut(o.in_b - o.in_w);
-        let dx1 = linear_backward(how, &dhid, &x1, &p[o.in_w..o.in_b], (dw1, db1), h)?;
+        let dx1 = linear_backward(how, &dhid, &x1, p.in_w, (dw1, db1), h)?;
         drop((dhid, x1));
         let mut ds2 = ds2;
         ds2.iter_mut().zip(&dx1).for_each(|(a, b)| *a += b);
@@ -512,7 +523,7 @@ impl LayerOp {
         let attn = read(&kept.attn)?;
         let s1 = add_masked(x, &attn, self.masks[0].as_ref(), h);
         drop(attn);
-        let (ds1, dln1) = norm::norm_rows_backward(&s1, &dx1, &p[o.ln1_w..o.ln1_b], eps)?;
+        let (ds1, dln1) = norm::norm_rows_backward(&s1, &dx1, p.ln1_w, eps)?;
         drop((s1, dx1));
         dp[o.ln1_w..o.in_w].copy_from_slice(&dln1);
         let dattn = masked(&ds1, self.masks[0].as_ref(), h);
@@ -520,13 +531,13 @@ impl LayerOp {
         // Attention output projection, attention, q|k|v projection.
         let ctx = read(&kept.ctx)?;
         let (dwo, dbo) = dp[o.o_w..o.ln1_w].split_at_mut(o.o_b - o.o_w);
-        let dctx = linear_backward(how, &dattn, &ctx, &p[o.o_w..o.o_b], (dwo, dbo), h)?;
+        let dctx = linear_backward(how, &dattn, &ctx, p.o_w, (dwo, dbo), h)?;
         drop((ctx, dattn));
         let qkv = read(&kept.qkv)?;
         let (dqkv, dbias) = self.attention.backward_slices(&qkv, bias, &dctx, 3 * h);
         drop((qkv, dctx));
         let (dwqkv, dbqkv) = dp[o.qkv_w..o.o_w].split_at_mut(o.qkv_b - o.qkv_w);
-        let dx_attn = linear_backward(how, &dqkv, x, &p[o.qkv_w..o.qkv_b], (dwqkv, dbqkv), h)?;
+        let dx_attn = linear_backward(how, &dqkv, x, &p.qkv_w, (dwqkv, dbqkv), h)?;
         let mut dx = ds1;
         dx.iter_mut().zip(&dx_attn).for_each(|(a, b)| *a += b);
         Ok((dx, dp, dbias))
@@ -544,10 +555,10 @@ impl LayerOp {
             candle_core::bail!("{name}: input {:?}, hidden size {h}", l1.dims());
         }
         let x = cpu_f32(s1, l1, name)?;
-        let p = self.flat_params()?;
         let b = bias.map(|(s, l)| cpu_f32(s, l, name)).transpose()?;
         let l = bias.map(|(_, l)| l.dims()[1]).unwrap_or(0);
-        let f = self.forward(&x, &p, b.as_deref().map(|b| (b, l)), s1.dtype())?;
+        let b = b.as_deref().map(|b| (b, l));
+        let f = self.with_params(|p| self.forward(&x, p, b, s1.dtype()))?;
         if self.keep {
             *self.kept.lock().expect("layer stash") = Some(f.kept);
         }
@@ -571,8 +582,6 @@ impl LayerOp {
             candle_core::bail!("{name}: expected CPU tensors")
         };
         let x32 = cpu_f32(xs, xl, name)?;
-        let p32 = self.flat_params()?;
-        let p32 = &p32[..];
         let g32 = match gl.contiguous_offsets() {
             Some(_) => cpu_f32(gs, gl, name)?,
             None => Cow::Owned(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
@@ -586,12 +595,14 @@ impl LayerOp {
         };
         let b = b32.as_ref().map(|(b, l)| (&b[..], *l));
         let kept = self.kept.lock().expect("layer stash").take();
-        let kept = match kept {
-            Some(k) => k,
-            None => self.forward(&x32, p32, b, x.dtype())?.kept,
-        };
-        let (dx, dp, dbias) = self.backward(&x32, p32, b, &g32, &kept)?;
-        drop((kept, x32, g32));
+        let (dx, dp, dbias) = self.with_params(|p| {
+            let kept = match kept {
+                Some(k) => k,
+                None => self.forward(&x32, p, b, x.dtype())?.kept,
+            };
+            self.backward(&x32, p, b, &g32, &kept)
+        })?;
+        drop((x32, g32));
         if let Some(sink) = &self.sink {
             sink.push(self.params.clone(), dp);
         }
