@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::model::attention::Attention;
@@ -336,13 +337,32 @@ fn round_to(dtype: DType, v: &mut [f32]) {
 
 /// A kept activation as f32 (borrowed when f32).
 fn read(s: &CpuStorage) -> candle_core::Result<Cow<'_, [f32]>> {
-    let len = match s {
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        _ => candle_core::bail!("layer: expected a float activation"),
-    };
-    cpu_f32(s, &Layout::contiguous(len), "st-tune-layer")
+    /// Elements per parallel task of a conversion.
+    const CHUNK: usize = 1 << 14;
+    fn widen<T: Sync>(v: &[T], f: impl Fn(&[T], &mut [f32]) + Sync) -> Cow<'static, [f32]> {
+        let mut out = vec![0f32; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, v)| f(v, o));
+        Cow::Owned(out)
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(v),
+        CpuStorage::BF16(v) => widen(v, |v, o| v.convert_to_f32_slice(o)),
+        CpuStorage::F16(v) => widen(v, |v, o| v.convert_to_f32_slice(o)),
+        _ => candle_core::bail!("st-tune-layer: expected a float activation"),
+    })
+}
+
+/// f32 values as a tensor of `dtype`, converted on every core (candle's own conversion runs on
+/// one thread).
+fn tensor(v: Vec<f32>, dtype: DType, shape: &Shape, dev: &Device) -> candle_core::Result<Tensor> {
+    match cpu_storage(dtype, v)? {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, dev),
+        CpuStorage::BF16(v) => Tensor::from_vec(v, shape, dev),
+        CpuStorage::F16(v) => Tensor::from_vec(v, shape, dev),
+        _ => candle_core::bail!("st-tune-layer: expected a float type"),
+    }
 }
 
 /// The layer's parameters, read in place; only q, k and v are copied side by side, to be one
@@ -606,7 +626,7 @@ impl LayerOp {
         if let Some(sink) = &self.sink {
             sink.push(self.params.clone(), dp);
         }
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let dx = tensor(dx, x.dtype(), x.shape(), x.device())?;
         let dbias = match bias {
             Some(t) => Some(Tensor::from_vec(dbias, t.shape(), t.device())?),
             None => None,
