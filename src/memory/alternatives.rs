@@ -92,6 +92,12 @@ fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
         relative_bias: k.family == "mpnet",
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
+        // Both families use BERT's 30522-token vocabulary (MPNet 30527): close enough here.
+        trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
+            30522 * k.hidden
+        } else {
+            0
+        },
         ..*run
     }
 }
@@ -147,6 +153,7 @@ mod tests {
             checkpointing: false,
             columns: 2,
             batch_size: 16,
+            trainable_word_embeddings: 30527 * 768,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct PlanInput {
     pub columns: usize,
     /// Rows per optimizer step: a smaller micro-batch accumulates gradients.
     pub batch_size: usize,
+    /// Elements of the word-embedding table when it trains, else 0.
+    pub trainable_word_embeddings: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -83,10 +85,12 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // layer-by-layer passes of checkpointing), the sum so far and one pass's besides.
     let accumulating = p.checkpointing || lengths.len() < p.batch_size;
     let gradients = p.trainable as u64 * 4 * if accumulating { 2 } else { 1 };
-    // The embedding layer's backward pass comes after the encoder's activations are freed
-    // (model/embedding_cut.rs), and the word table's gradient is the one dense buffer the
-    // gradient term counts (`embedding_cut::WordRows`): no term of its own.
-    let total = weights + optimizer + gradients + activations;
+    // The word table's gradient is made by the embedding layer's backward pass, after the
+    // encoder's activations are freed (model/embedding_cut.rs): in a step of one pass the two
+    // never coexist.
+    let word = p.trainable_word_embeddings as u64 * 4;
+    let beside_activations = if accumulating { gradients } else { gradients - word };
+    let total = weights + optimizer + (beside_activations + activations).max(gradients);
     Estimate {
         weights,
         optimizer,
@@ -129,6 +133,7 @@ mod tests {
             checkpointing: false,
             columns: 2,
             batch_size: 32,
+            trainable_word_embeddings: 30522 * 384,
         }
     }
 

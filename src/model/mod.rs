@@ -377,6 +377,11 @@ impl SentenceModel {
             checkpointing: t.gradient_checkpointing,
             columns,
             batch_size: t.batch_size,
+            trainable_word_embeddings: self
+                .params
+                .vars
+                .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
+                .map_or(0, |v| v.elem_count()),
         })
     }
 
