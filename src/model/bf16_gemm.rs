@@ -108,47 +108,59 @@ pub fn narrow(src: &[f32], dst: &mut [bf16]) {
     dst.convert_from_f32_slice(src);
 }
 
-/// `C = A·B`, or `C += A·B` with `accumulate`, for `C` `m × n` row-major f32 with `A` `m × k`
-/// and `B` `k × n`, on the fastest path.
-pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> candle_core::Result<()> {
-    matmul_on(path(), c, a, b, accumulate)
+/// Where a product `C` (`m × n`, row-major) goes.
+pub enum Out<'a> {
+    /// `C = A·B`, or `C += A·B` with `accumulate`.
+    F32 { c: &'a mut [f32], accumulate: bool },
+    /// `C = A·B + bias` (one f32 per column), rounded to bf16 once, at the end.
+    Bf16 {
+        c: &'a mut [bf16],
+        bias: Option<&'a [f32]>,
+    },
+}
+
+impl Out<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Out::F32 { c, .. } => c.len(),
+            Out::Bf16 { c, .. } => c.len(),
+        }
+    }
+}
+
+/// `C (+)= A·B` for `A` `m × k` and `B` `k × n`, into `out`, on the fastest path.
+pub fn matmul(out: Out, a: Mat, b: Mat) -> candle_core::Result<()> {
+    matmul_on(path(), out, a, b)
 }
 
 /// [`matmul`] on a given path, which must be available (a fast path is only picked by `path()`
 /// or a test that checked it).
-fn matmul_on(
-    path: Path,
-    c: &mut [f32],
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) -> candle_core::Result<()> {
+fn matmul_on(path: Path, out: Out, a: Mat, b: Mat) -> candle_core::Result<()> {
     let ((m, k), (kb, n)) = (a.dims(), b.dims());
-    if k != kb || a.elems.len() != m * k || b.elems.len() != k * n || c.len() != m * n {
+    let bias_ok = match &out {
+        Out::Bf16 { bias: Some(b), .. } => b.len() == n,
+        _ => true,
+    };
+    if k != kb || a.elems.len() != m * k || b.elems.len() != k * n || out.len() != m * n || !bias_ok
+    {
         candle_core::bail!(
             "bf16 matmul: ({m}×{k}) · ({kb}×{n}) into {} elements does not fit",
-            c.len()
+            out.len()
         )
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-        return Ok(());
-    }
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Amx | Path::Avx512 => fast::matmul(path, c, (m, n, k), &a, &b, accumulate),
-        _ => widened(c, (m, n, k), &a, &b, accumulate),
+        Path::Amx | Path::Avx512 if k > 0 => fast::matmul(path, out, (m, n, k), &a, &b),
+        _ => widened(out, (m, n, k), &a, &b),
     }
     Ok(())
 }
 
 /// The operands as f32 (borrowed when they are), multiplied by the `gemm` crate.
-fn widened(c: &mut [f32], (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat, accumulate: bool) {
+fn widened(out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
     fn f32s<'a>(e: Elems<'a>) -> std::borrow::Cow<'a, [f32]> {
         match e {
             Elems::F32(v) => v.into(),
@@ -159,34 +171,54 @@ fn widened(c: &mut [f32], (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat, ac
             }
         }
     }
-    let (av, bv) = (f32s(a.elems), f32s(b.elems));
-    // (column, row) strides of each logical operand in its storage.
-    let (a_cs, a_rs) = if a.t { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if b.t { (k, 1) } else { (1, n) };
-    // SAFETY: c is m×n row-major; av holds A (m×k) and bv B (k×n) at the strides given (their
-    // lengths were checked against the shapes).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            av.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            bv.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
+    let mut tmp;
+    let (c, accumulate, bf16_out) = match out {
+        Out::F32 { c, accumulate } => (c, accumulate, None),
+        Out::Bf16 { c, bias } => {
+            tmp = match bias {
+                Some(b) => b.repeat(m),
+                None => vec![0f32; m * n],
+            };
+            (&mut tmp[..], bias.is_some(), Some(c))
+        }
+    };
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+    } else {
+        let (av, bv) = (f32s(a.elems), f32s(b.elems));
+        // (column, row) strides of each logical operand in its storage.
+        let (a_cs, a_rs) = if a.t { (m, 1) } else { (1, k) };
+        let (b_cs, b_rs) = if b.t { (k, 1) } else { (1, n) };
+        // SAFETY: c is m×n row-major; av holds A (m×k) and bv B (k×n) at the strides given
+        // (their lengths were checked against the shapes).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                av.as_ptr(),
+                a_cs as isize,
+                a_rs as isize,
+                bv.as_ptr(),
+                b_cs as isize,
+                b_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+    }
+    if let Some(dst) = bf16_out {
+        narrow(c, dst);
     }
 }
 
@@ -197,7 +229,7 @@ mod fast {
     use half::bf16;
     use rayon::prelude::*;
 
-    use super::{Elems, Mat, Path};
+    use super::{Elems, Mat, Out, Path};
 
     /// Depth is padded to a multiple of this (one AMX tile row: 32 bf16).
     const KB: usize = 32;
@@ -214,14 +246,7 @@ mod fast {
         static PACKED_B: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    pub fn matmul(
-        path: Path,
-        c: &mut [f32],
-        (m, n, k): (usize, usize, usize),
-        a: &Mat,
-        b: &Mat,
-        accumulate: bool,
-    ) {
+    pub fn matmul(path: Path, out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
         let (row_mult, col_mult, task): (usize, usize, unsafe fn(&Task)) = match path {
             Path::Amx => (32, 32, amx::task),
             _ => (avx512::MR, NB, avx512::task),
@@ -234,7 +259,10 @@ mod fast {
         let want = (2 * rayon::current_num_threads()).div_ceil(col_tasks);
         let row_tasks = want.min(m.div_ceil(TASK_M_MIN)).max(1);
         let rows_per = m.div_ceil(row_tasks).div_ceil(32) * 32;
-        let out = Out(c.as_mut_ptr());
+        let (c, accumulate, bias) = match out {
+            Out::F32 { c, accumulate } => (C::F32(c.as_mut_ptr()), accumulate, None),
+            Out::Bf16 { c, bias } => (C::Bf16(c.as_mut_ptr()), false, bias),
+        };
         (0..col_tasks * row_tasks).into_par_iter().for_each(|t| {
             let (i, j) = (t % row_tasks * rows_per, t / row_tasks * TASK_N);
             if i >= m {
@@ -253,12 +281,13 @@ mod fast {
                     a: &pa,
                     pb,
                     kp,
-                    out,
+                    c,
+                    accumulate,
+                    bias,
                     m,
                     n,
                     rows: i..(i + rows_per).min(m),
                     cols,
-                    accumulate,
                 };
                 // SAFETY: `path` is supported (see `matmul_on`); the tasks' rectangles of C
                 // are disjoint and C outlives them.
@@ -269,10 +298,13 @@ mod fast {
 
     /// C's storage, written by tasks in disjoint rectangles.
     #[derive(Clone, Copy)]
-    struct Out(*mut f32);
+    enum C {
+        F32(*mut f32),
+        Bf16(*mut bf16),
+    }
     // SAFETY: each task writes only its own rectangle of C (see `Task`).
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
+    unsafe impl Send for C {}
+    unsafe impl Sync for C {}
 
     /// One rectangle of C to compute, and the packed operands.
     pub struct Task<'a> {
@@ -281,18 +313,21 @@ mod fast {
         /// pairs.
         pb: &'a [bf16],
         kp: usize,
-        out: Out,
+        c: C,
+        /// Whether f32 C is added to.
+        accumulate: bool,
+        /// Added to bf16 C's columns.
+        bias: Option<&'a [f32]>,
         m: usize,
         n: usize,
         rows: Range<usize>,
         cols: Range<usize>,
-        accumulate: bool,
     }
 
     impl Task<'_> {
-        /// Where the block of C at (i, j) of `rows × cols` goes: straight into C (pointer, row
-        /// stride, whether to add to it) when it lies inside, else into `buf` (row stride `ld`),
-        /// for [`Task::store`] to clip.
+        /// Where the block of C at (i, j) of `rows × cols` goes: straight into f32 C
+        /// (pointer, row stride, whether to add to it) when it lies inside, else into `buf`
+        /// (row stride `ld`), for [`Task::store`].
         fn target(
             &self,
             i: usize,
@@ -302,33 +337,39 @@ mod fast {
             buf: &mut [f32],
             ld: usize,
         ) -> (*mut f32, usize, bool) {
-            if i + rows <= self.m && j + cols <= self.n {
-                // SAFETY: (i, j) lies in C.
-                (
-                    unsafe { self.out.0.add(i * self.n + j) },
-                    self.n,
-                    self.accumulate,
-                )
-            } else {
-                (buf.as_mut_ptr(), ld, false)
+            match self.c {
+                C::F32(c) if i + rows <= self.m && j + cols <= self.n => {
+                    // SAFETY: (i, j) lies in C.
+                    (unsafe { c.add(i * self.n + j) }, self.n, self.accumulate)
+                }
+                _ => (buf.as_mut_ptr(), ld, false),
             }
         }
 
-        /// Adds (or writes) `buf`, a block with row stride `ld` whose top left is C(i, j), into
-        /// C, clipped to C.
+        /// Puts `buf`, a block with row stride `ld` whose top left is C(i, j), into C (added,
+        /// written, or with the bias and rounded), clipped to C.
         fn store(&self, i: usize, j: usize, buf: &[f32], ld: usize, rows: usize, cols: usize) {
             let (rows, cols) = (rows.min(self.m - i), cols.min(self.n - j));
             for r in 0..rows {
                 let src = &buf[r * ld..r * ld + cols];
-                // SAFETY: (i + r, j..j + cols) lies in C (clipped above) and in this task's
-                // rectangle (blocks start inside it and only the last reaches C's edge).
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(self.out.0.add((i + r) * self.n + j), cols)
-                };
-                if self.accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
+                let at = (i + r) * self.n + j;
+                // SAFETY (both): (i + r, j..j + cols) lies in C (clipped above) and in this
+                // task's rectangle (blocks start inside it and only the last reaches C's edge).
+                match self.c {
+                    C::F32(c) => {
+                        let dst = unsafe { std::slice::from_raw_parts_mut(c.add(at), cols) };
+                        if self.accumulate {
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                        } else {
+                            dst.copy_from_slice(src);
+                        }
+                    }
+                    C::Bf16(c) => {
+                        let dst = unsafe { std::slice::from_raw_parts_mut(c.add(at), cols) };
+                        let bias = self.bias.map(|b| &b[j..j + cols]);
+                        // SAFETY: the fast paths run where AVX-512 F/BW/VL is.
+                        unsafe { simd::add_narrow(src, bias, dst) };
+                    }
                 }
             }
         }
@@ -417,13 +458,14 @@ mod fast {
     /// Packing with AVX-512, 16 elements (or bf16 pairs, in u32 lanes) at a time.
     pub mod simd {
         use std::arch::x86_64::{
-            __m512i, _mm256_mask_storeu_epi16, _mm256_maskz_loadu_epi16, _mm512_add_epi32,
-            _mm512_and_si512, _mm512_castsi256_si512, _mm512_cmpgt_epu32_mask,
-            _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32, _mm512_inserti64x4,
-            _mm512_mask_blend_epi32, _mm512_maskz_loadu_epi32, _mm512_or_si512, _mm512_set1_epi32,
-            _mm512_setzero_si512, _mm512_shuffle_i32x4, _mm512_slli_epi32, _mm512_srli_epi32,
-            _mm512_storeu_si512, _mm512_unpackhi_epi32, _mm512_unpackhi_epi64,
-            _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
+            __m256i, __m512, __m512bh, __m512i, _mm256_mask_storeu_epi16, _mm256_maskz_loadu_epi16,
+            _mm512_add_epi32, _mm512_add_ps, _mm512_and_si512, _mm512_castps_si512,
+            _mm512_castsi256_si512, _mm512_cmpgt_epu32_mask, _mm512_cvtepi32_epi16,
+            _mm512_cvtepu16_epi32, _mm512_cvtne2ps_pbh, _mm512_inserti64x4, _mm512_loadu_si512,
+            _mm512_mask_blend_epi32, _mm512_maskz_loadu_epi32, _mm512_maskz_loadu_ps,
+            _mm512_or_si512, _mm512_permutexvar_epi16, _mm512_set1_epi32, _mm512_setzero_si512,
+            _mm512_shuffle_i32x4, _mm512_srli_epi32, _mm512_storeu_si512, _mm512_unpackhi_epi32,
+            _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
         };
 
         use half::bf16;
@@ -456,55 +498,138 @@ mod fast {
                     debug_assert!(len == 0 || start + len <= v.len());
                     let p = v.as_ptr().wrapping_add(start).cast();
                     // SAFETY: the lanes read lie in v.
-                    let x = unsafe { _mm512_maskz_loadu_epi32(k, p) };
-                    let high = _mm512_srli_epi32::<16>(x);
-                    let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
-                    let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-                    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
-                    let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-                    let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
-                    let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
-                    _mm512_mask_blend_epi32(nan, rounded, quiet)
+                    round(unsafe { _mm512_maskz_loadu_epi32(k, p) })
                 }
             }
         }
 
-        /// Elements `start..start + len` of `e` (len ≤ 32) as 16 lanes of consecutive pairs,
-        /// zeros after.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        #[inline]
-        unsafe fn pairs32(e: Elems, start: usize, len: usize) -> __m512i {
-            // SAFETY: the callers' bounds, split in two halves.
-            let (lo, hi) = unsafe {
-                (
-                    row16(e, start, len.min(16)),
-                    row16(e, start + 16, len.saturating_sub(16)),
-                )
-            };
-            let (lo, hi) = (_mm512_cvtepi32_epi16(lo), _mm512_cvtepi32_epi16(hi));
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-        }
-
-        /// Lane-wise (lo, hi) bf16 pairs of two rows of [`row16`].
+        /// The bits of 16 f32 rounded to bf16 (in the low halves of the lanes) as
+        /// `half::bf16::from_f32` rounds them.
         #[target_feature(enable = "avx512f")]
         #[inline]
-        fn interleave(lo: __m512i, hi: __m512i) -> __m512i {
-            _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
+        fn round(x: __m512i) -> __m512i {
+            let high = _mm512_srli_epi32::<16>(x);
+            let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
+            let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+            let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
+            let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+            _mm512_mask_blend_epi32(nan, rounded, quiet)
         }
 
-        /// Rows (or zeros past `k`) `2q, 2q + 1` at columns `j0..j0 + w` of S (stored · × n).
+        /// `dst = src + bias`, rounded to bf16 as [`narrow`] rounds.
+        ///
+        /// # Safety
+        /// AVX-512 F/BW/VL.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        pub unsafe fn add_narrow(src: &[f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
+            assert!(src.len() >= dst.len() && bias.is_none_or(|b| b.len() >= dst.len()));
+            for (c, d) in dst.chunks_mut(16).enumerate() {
+                // SAFETY: 16c + d.len() <= dst.len() <= src.len(), bias.len() (asserted).
+                unsafe {
+                    let mut v = f32x16(src, 16 * c, d.len());
+                    if let Some(b) = bias {
+                        v = _mm512_add_ps(v, f32x16(b, 16 * c, d.len()));
+                    }
+                    let v = _mm512_cvtepi32_epi16(round(_mm512_castps_si512(v)));
+                    _mm256_mask_storeu_epi16(d.as_mut_ptr().cast(), mask(d.len()), v);
+                }
+            }
+        }
+
+        /// Up to 16 f32 of `v` from `start`, zeros after `len`.
+        ///
+        /// # Safety
+        /// AVX-512 F; `start + len <= v.len()`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn f32x16(v: &[f32], start: usize, len: usize) -> __m512 {
+            debug_assert!(len == 0 || start + len <= v.len());
+            // SAFETY: the lanes read lie in v.
+            unsafe { _mm512_maskz_loadu_ps(mask(len), v.as_ptr().wrapping_add(start)) }
+        }
+
+        /// Up to 16 bf16 of `v` from `start`, zeros after `len`.
+        ///
+        /// # Safety
+        /// AVX-512 BW/VL; `start + len <= v.len()`.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
+        unsafe fn bf16x16(v: &[bf16], start: usize, len: usize) -> __m256i {
+            debug_assert!(len == 0 || start + len <= v.len());
+            let p = v.as_ptr().wrapping_add(start).cast();
+            // SAFETY: the lanes read lie in v.
+            unsafe { _mm256_maskz_loadu_epi16(mask(len), p) }
+        }
+
+        /// Two rows of 16 bf16 (the low and high halves of the argument) as 16 (low, high)
+        /// pairs.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        fn zip(v: __m512i) -> __m512i {
+            static ORDER: [u16; 32] = {
+                let mut o = [0u16; 32];
+                let mut i = 0;
+                while i < 16 {
+                    o[2 * i] = i as u16;
+                    o[2 * i + 1] = 16 + i as u16;
+                    i += 1;
+                }
+                o
+            };
+            // SAFETY: ORDER holds 64 bytes.
+            let order = unsafe { _mm512_loadu_si512(ORDER.as_ptr().cast()) };
+            _mm512_permutexvar_epi16(order, v)
+        }
+
+        /// Elements `start..start + len` of `e` (len ≤ 32) as 32 bf16, zeros after: f32 rounded
+        /// by `vcvtne2ps2bf16` (to nearest, ties to even; denormals become zero).
+        ///
+        /// # Safety
+        /// AVX-512 F/BW/VL/BF16; `start + len <= e`'s length.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        #[inline]
+        unsafe fn bf16x32(e: Elems, start: usize, len: usize) -> __m512i {
+            let (lo, hi) = (len.min(16), len.saturating_sub(16));
+            // SAFETY: the callers' bounds, in two halves.
+            unsafe {
+                match e {
+                    Elems::Bf16(v) => {
+                        let (lo, hi) = (bf16x16(v, start, lo), bf16x16(v, start + 16, hi));
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                    }
+                    Elems::F32(v) => {
+                        let (lo, hi) = (f32x16(v, start, lo), f32x16(v, start + 16, hi));
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+                    }
+                }
+            }
+        }
+
+        /// Rows (or zeros past `k`) `p, p + 1` at columns `j0..j0 + w` of S (stored · × n), as
+        /// 16 lanes of (row p, row p + 1) pairs.
+        ///
+        /// # Safety
+        /// AVX-512 F/BW/VL/BF16; S has k × n elements, j0 + w <= n, w <= 16.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        #[inline]
         unsafe fn row_pair(s: Elems, k: usize, n: usize, p: usize, j0: usize, w: usize) -> __m512i {
-            let at = |p: usize| {
-                if p < k {
-                    // SAFETY: row p < k, columns j0..j0 + w ≤ n.
-                    unsafe { row16(s, p * n + j0, w) }
-                } else {
-                    _mm512_setzero_si512()
+            let (lo, hi) = (if p < k { w } else { 0 }, if p + 1 < k { w } else { 0 });
+            // SAFETY: rows p, p + 1 (when < k), columns j0..j0 + w: inside S.
+            let v = unsafe {
+                match s {
+                    Elems::Bf16(v) => {
+                        let (a, b) = (bf16x16(v, p * n + j0, lo), bf16x16(v, (p + 1) * n + j0, hi));
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+                    }
+                    Elems::F32(v) => {
+                        let (a, b) = (f32x16(v, p * n + j0, lo), f32x16(v, (p + 1) * n + j0, hi));
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
+                    }
                 }
             };
-            interleave(at(p), at(p + 1))
+            zip(v)
         }
 
         /// The transpose of a 16 × 16 matrix of u32, rows in registers.
@@ -590,7 +715,7 @@ mod fast {
         /// # Safety
         /// AVX-512 F/BW/VL; S has k × m elements; dst holds whole rows of kp ≥ m... at least
         /// m rows; no other task writes this depth band.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
         pub unsafe fn a_t_band(s: Elems, m: usize, k: usize, p0: usize, dst: Dst) {
             let kp = k.div_ceil(32) * 32;
             let rows = dst.1 / kp;
@@ -613,7 +738,7 @@ mod fast {
         ///
         /// # Safety
         /// AVX-512 F/BW/VL; S has k × n elements.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
         pub unsafe fn b_rows(s: Elems, k: usize, n: usize, j0: usize, o: &mut [bf16]) {
             let kp = k.div_ceil(32) * 32;
             let blocks = o.len() / (kp * NB);
@@ -632,7 +757,7 @@ mod fast {
         ///
         /// # Safety
         /// AVX-512 F/BW/VL; S has n × k elements.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
         pub unsafe fn b_t_block(s: Elems, k: usize, n: usize, j0: usize, o: &mut [bf16]) {
             let w = NB.min(n.saturating_sub(j0));
             let kp = o.len() / NB;
@@ -642,7 +767,7 @@ mod fast {
                 for (l, v) in r.iter_mut().enumerate() {
                     *v = if l < w {
                         // SAFETY: row j0 + l < n, elements p0..p0 + len ≤ k of it.
-                        unsafe { pairs32(s, (j0 + l) * k + p0, len) }
+                        unsafe { bf16x32(s, (j0 + l) * k + p0, len) }
                     } else {
                         _mm512_setzero_si512()
                     };
@@ -670,7 +795,10 @@ mod fast {
         /// Whether the CPU has AMX-BF16 and the kernel lets this process use the tiles.
         pub fn supported() -> bool {
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-            if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE || !super::has_avx512() {
+            if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE
+                || !super::has_avx512()
+                || !is_x86_feature_detected!("avx512bf16")
+            {
                 return false;
             }
             // Linux hands out the 8 KiB tile state only on request, once per process (all
@@ -1038,68 +1166,87 @@ mod tests {
             .collect()
     }
 
-    /// Checks every path on `C (+)= A·B` for A given as m×k (or its transpose stored k×m) and
-    /// B as k×n (or stored n×k), against an f64 sum of the same bf16 values.
-    fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, seed: u64) {
+    /// How a product's result is checked.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Overwrite,
+        Accumulate,
+        Bf16,
+        Bf16Bias,
+    }
+
+    /// Checks every path on `C = A·B` (or the `kind`'s variant) for A given as m×k (or its
+    /// transpose stored k×m) and B as k×n (or stored n×k), against an f64 sum of the same bf16
+    /// values, each operand given as bf16 and as f32.
+    fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, kind: Kind, seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (av, bv) = (values(&mut rng, m * k), values(&mut rng, k * n));
         let c0: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let a_at = |i: usize, p: usize| av[if a_t { p * m + i } else { i * k + p }].to_f64();
         let b_at = |p: usize, j: usize| bv[if b_t { j * k + p } else { p * n + j }].to_f64();
-        let a = Mat {
-            elems: Elems::Bf16(&av),
-            rows: if a_t { k } else { m },
-            cols: if a_t { m } else { k },
-            t: a_t,
-        };
-        let b = Mat {
-            elems: Elems::Bf16(&bv),
-            rows: if b_t { n } else { k },
-            cols: if b_t { k } else { n },
-            t: b_t,
-        };
-        // As f32 too: the fast paths must round them to the same bf16 values.
         let (af, bf): (Vec<f32>, Vec<f32>) = (
             av.iter().map(|v| v.to_f32()).collect(),
             bv.iter().map(|v| v.to_f32()).collect(),
         );
+        let mat = |e, t, rows, cols| Mat {
+            elems: e,
+            rows: if t { cols } else { rows },
+            cols: if t { rows } else { cols },
+            t,
+        };
         for path in paths() {
             for f32_elems in [false, true] {
+                // The fast paths must round f32 operands to the same bf16 values.
                 let (a, b) = if f32_elems {
                     (
-                        Mat {
-                            elems: Elems::F32(&af),
-                            ..a
-                        },
-                        Mat {
-                            elems: Elems::F32(&bf),
-                            ..b
-                        },
+                        mat(Elems::F32(&af), a_t, m, k),
+                        mat(Elems::F32(&bf), b_t, k, n),
                     )
                 } else {
-                    (a, b)
+                    (
+                        mat(Elems::Bf16(&av), a_t, m, k),
+                        mat(Elems::Bf16(&bv), b_t, k, n),
+                    )
                 };
-                let mut c = c0.clone();
-                matmul_on(path, &mut c, a, b, accumulate).unwrap();
+                let (mut c, mut c16) = (c0.clone(), vec![bf16::ZERO; m * n]);
+                let out = match kind {
+                    Kind::Overwrite | Kind::Accumulate => Out::F32 {
+                        c: &mut c,
+                        accumulate: matches!(kind, Kind::Accumulate),
+                    },
+                    Kind::Bf16 | Kind::Bf16Bias => Out::Bf16 {
+                        c: &mut c16,
+                        bias: matches!(kind, Kind::Bf16Bias).then_some(&bias[..]),
+                    },
+                };
+                matmul_on(path, out, a, b).unwrap();
                 for i in 0..m {
                     for j in 0..n {
-                        let start = if accumulate {
-                            c0[i * n + j] as f64
-                        } else {
-                            0.0
+                        let start = match kind {
+                            Kind::Accumulate => c0[i * n + j] as f64,
+                            Kind::Bf16Bias => bias[j] as f64,
+                            _ => 0.0,
                         };
                         let (mut want, mut scale) = (start, start.abs());
                         for p in 0..k {
                             want += a_at(i, p) * b_at(p, j);
                             scale += (a_at(i, p) * b_at(p, j)).abs();
                         }
-                        // f32 rounding of each of k + 1 additions, at most.
-                        let tol = (k as f64 + 2.0) * f32::EPSILON as f64 * scale + 1e-30;
-                        let got = c[i * n + j] as f64;
+                        // f32 rounding of each of k + 1 additions, at most, and the final
+                        // rounding to bf16 (8 bits).
+                        let mut tol = (k as f64 + 2.0) * f32::EPSILON as f64 * scale + 1e-30;
+                        let got = match kind {
+                            Kind::Overwrite | Kind::Accumulate => c[i * n + j] as f64,
+                            Kind::Bf16 | Kind::Bf16Bias => {
+                                tol += want.abs() / 256.0;
+                                c16[i * n + j].to_f64()
+                            }
+                        };
                         assert!(
                             (got - want).abs() <= tol,
-                            "{path:?} f32 input {f32_elems} {m}×{k}·{k}×{n} (a_t {a_t}, b_t \
-                             {b_t}, acc {accumulate}) at ({i}, {j}): {got} vs {want}"
+                            "{path:?} {kind:?} f32 input {f32_elems} {m}×{k}·{k}×{n} (a_t {a_t}, \
+                             b_t {b_t}) at ({i}, {j}): {got} vs {want}"
                         );
                     }
                 }
@@ -1109,6 +1256,12 @@ mod tests {
 
     #[test]
     fn bf16_gemm_every_path_matches_an_f64_reference_on_odd_shapes() {
+        let kinds = [
+            Kind::Overwrite,
+            Kind::Accumulate,
+            Kind::Bf16,
+            Kind::Bf16Bias,
+        ];
         let mut seed = 0;
         for (m, n, k) in [
             (1, 1, 1),
@@ -1121,12 +1274,17 @@ mod tests {
             (129, 97, 63),
             (130, 200, 96),
             (257, 193, 45),
+            (300, 100, 64),
         ] {
             for (a_t, b_t) in [(false, true), (false, false), (true, false), (true, true)] {
                 seed += 1;
-                check(m, n, k, a_t, b_t, seed % 2 == 0, seed);
+                check(m, n, k, a_t, b_t, kinds[seed as usize % 4], seed);
             }
         }
+    }
+
+    fn f32_out(c: &mut [f32], accumulate: bool) -> Out<'_> {
+        Out::F32 { c, accumulate }
     }
 
     #[test]
@@ -1136,14 +1294,24 @@ mod tests {
             let a = Mat::new(Elems::Bf16(&a), 2, 3);
             let b = Mat::new(Elems::Bf16(&b), 3, 2);
             let mut c = vec![1.0; 4];
-            matmul_on(path, &mut c, a, b, true).unwrap();
+            matmul_on(path, f32_out(&mut c, true), a, b).unwrap();
             assert_eq!(c, [4.0; 4], "{path:?}");
-            matmul_on(path, &mut c, a, b, false).unwrap();
+            matmul_on(path, f32_out(&mut c, false), a, b).unwrap();
             assert_eq!(c, [3.0; 4], "{path:?}");
-            let e = Mat::new(Elems::Bf16(&[]), 2, 0);
-            matmul_on(path, &mut c, e, Mat::new(Elems::Bf16(&[]), 0, 2), false).unwrap();
+            let (e0, e1) = (
+                Mat::new(Elems::Bf16(&[]), 2, 0),
+                Mat::new(Elems::Bf16(&[]), 0, 2),
+            );
+            matmul_on(path, f32_out(&mut c, false), e0, e1).unwrap();
             assert_eq!(c, [0.0; 4], "{path:?}");
-            assert!(matmul_on(path, &mut c, a, a, false).is_err(), "{path:?}");
+            let mut c16 = [bf16::ONE; 4];
+            let bias = Some(&[0.5f32, -2.0][..]);
+            matmul_on(path, Out::Bf16 { c: &mut c16, bias }, e0, e1).unwrap();
+            assert_eq!(c16.map(|v| v.to_f32()), [0.5, -2.0, 0.5, -2.0], "{path:?}");
+            assert!(
+                matmul_on(path, f32_out(&mut c, false), a, a).is_err(),
+                "{path:?}"
+            );
         }
     }
 
@@ -1179,6 +1347,7 @@ mod tests {
                 flops / t[4] / 1e9
             };
             let wm = Mat::new(Elems::F32(&w), d_out, d_in);
+            // The three products of a linear layer: y = x Wᵀ, dx = g W, dW = gᵀ x.
             let products = |x, g| {
                 let (xm, gm) = (Mat::new(x, tokens, d_in), Mat::new(g, tokens, d_out));
                 [
@@ -1188,24 +1357,31 @@ mod tests {
                 ]
             };
             let mut c = vec![0f32; tokens * d_out.max(d_in)];
-            for (i, (name, a, b, len)) in products(Elems::Bf16(&x[..]), Elems::Bf16(&g[..]))
-                .into_iter()
-                .enumerate()
-            {
+            let bf16s = products(Elems::Bf16(&x[..]), Elems::Bf16(&g[..]));
+            for (i, (name, a, b, len)) in bf16s.into_iter().enumerate() {
                 let mut line = format!("tokens={tokens} in={d_in} out={d_out} {name:7} GFLOP/s:");
                 for p in paths() {
-                    line += &format!(
-                        " {p:?} {:.0}",
-                        time(&mut || matmul_on(p, &mut c[..len], a, b, false).unwrap())
-                    );
+                    let out = &mut c[..len];
+                    let g = time(&mut || {
+                        let out = Out::F32 {
+                            c: out,
+                            accumulate: false,
+                        };
+                        matmul_on(p, out, a, b).unwrap()
+                    });
+                    line += &format!(" {p:?} {g:.0}");
                 }
                 // The gemm crate on f32 inputs: what f32 training runs.
                 let (_, a, b, _) = products(Elems::F32(&xf[..]), Elems::F32(&gf[..]))[i];
-                line += &format!(
-                    " | f32 inputs, gemm crate {:.0}",
-                    time(&mut || matmul_on(Path::F32, &mut c[..len], a, b, false).unwrap())
-                );
-                println!("{line}");
+                let out = &mut c[..len];
+                let g = time(&mut || {
+                    let out = Out::F32 {
+                        c: out,
+                        accumulate: false,
+                    };
+                    matmul_on(Path::F32, out, a, b).unwrap()
+                });
+                println!("{line} | f32 inputs, gemm crate {g:.0}");
             }
         }
     }

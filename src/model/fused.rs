@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, Elems, Mat, Out};
 use super::vmath;
 use crate::error::Result;
 
@@ -45,12 +46,55 @@ pub fn cpu_f32<'a>(
 
 /// f32 results stored as `dtype` (f32, bf16 or f16).
 pub fn cpu_storage(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
+    /// Elements per parallel task of the conversion.
+    const CHUNK: usize = 1 << 14;
+    fn narrow<T: Copy + Send + Sync>(
+        v: &[f32],
+        zero: T,
+        f: impl Fn(&[f32], &mut [T]) + Sync,
+    ) -> Vec<T> {
+        let mut out = vec![zero; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, v)| f(v, o));
+        out
+    }
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
-        DType::F16 => CpuStorage::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
+        DType::BF16 => CpuStorage::BF16(narrow(&v, half::bf16::ZERO, bf16_gemm::narrow)),
+        DType::F16 => CpuStorage::F16(narrow(&v, half::f16::ZERO, |v, o| {
+            o.convert_from_f32_slice(v)
+        })),
         other => candle_core::bail!("expected a float type, got {other:?}"),
     })
+}
+
+/// A contiguous f32 or bf16 CPU tensor as an operand of [`bf16_gemm`].
+fn gemm_elems<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> candle_core::Result<Elems<'a>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous input")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Elems::F32(&v[a..b]),
+        CpuStorage::BF16(v) => Elems::Bf16(&v[a..b]),
+        _ => candle_core::bail!("{op}: expected an f32 or bf16 input"),
+    })
+}
+
+/// The contiguous elements of a bf16 CPU tensor.
+fn bf16_elems<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> candle_core::Result<&'a [half::bf16]> {
+    match gemm_elems(s, l, op)? {
+        Elems::Bf16(v) => Ok(v),
+        Elems::F32(_) => candle_core::bail!("{op}: expected a bf16 input"),
+    }
 }
 
 /// Row `row` (of `out.len()` elements) of a contiguous CPU float tensor, as f32.
@@ -133,6 +177,24 @@ struct LinearOp {
 /// Elements per parallel task of the element-wise GELU passes.
 const GELU_CHUNK: usize = 1 << 14;
 
+/// `gelu(x)` rounded to bf16, computed in f32 a chunk at a time: the operand of the products
+/// when `x` is bf16.
+fn gelu_bf16(x: &[half::bf16]) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; x.len()];
+    out.par_chunks_mut(GELU_CHUNK)
+        .zip(x.par_chunks(GELU_CHUNK))
+        .for_each_init(
+            || vec![0f32; GELU_CHUNK],
+            |buf, (o, x)| {
+                let buf = &mut buf[..x.len()];
+                x.convert_to_f32_slice(buf);
+                vmath::gelu(buf);
+                bf16_gemm::narrow(buf, o);
+            },
+        );
+    out
+}
+
 /// `gelu(x)` as f32 from any float `x`, one pass (backward helper, no graph).
 struct GeluF32;
 
@@ -177,6 +239,179 @@ impl CustomOp2 for GeluGradMul {
     }
 }
 
+/// `g W` stored as `dtype` (f32 or bf16), for `g` (tokens, out) in bf16 or f32 and f32 `W`
+/// (out, in), multiplied in bf16 with f32 sums (backward helper of bf16 linears, no graph).
+struct GradInput {
+    dtype: DType,
+}
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "st-tune-linear-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = gemm_elems(s1, l1, self.name())?;
+        let w = f32_params(s2, l2, self.name())?;
+        let (n_out, k) = l2.shape().dims2()?;
+        let m = l1.shape().elem_count() / n_out.max(1);
+        let (g, w) = (Mat::new(g, m, n_out), Mat::new(Elems::F32(w), n_out, k));
+        let dx = if self.dtype == DType::BF16 {
+            let mut dx = vec![half::bf16::ZERO; m * k];
+            let out = Out::Bf16 {
+                c: &mut dx,
+                bias: None,
+            };
+            bf16_gemm::matmul(out, g, w)?;
+            CpuStorage::BF16(dx)
+        } else {
+            let mut dx = vec![0f32; m * k];
+            let out = Out::F32 {
+                c: &mut dx,
+                accumulate: false,
+            };
+            bf16_gemm::matmul(out, g, w)?;
+            CpuStorage::F32(dx)
+        };
+        Ok((dx, Shape::from((m, k))))
+    }
+}
+
+/// `gᵀ a` as f32, for `g` (tokens, out) in bf16 or f32 and `a` = `x` or `gelu(x)` for a bf16
+/// `x` (tokens, in), multiplied in bf16 with f32 sums (backward helper, no graph).
+struct GradWeight {
+    gelu: bool,
+}
+
+impl CustomOp2 for GradWeight {
+    fn name(&self) -> &'static str {
+        "st-tune-linear-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = gemm_elems(s1, l1, self.name())?;
+        let x = bf16_elems(s2, l2, self.name())?;
+        let k = l2.dims().last().copied().unwrap_or(1).max(1);
+        let m = x.len() / k;
+        let n_out = l1.shape().elem_count() / m.max(1);
+        let a = if self.gelu {
+            Cow::Owned(gelu_bf16(x))
+        } else {
+            Cow::Borrowed(x)
+        };
+        let mut dw = vec![0f32; n_out * k];
+        let (g, a) = (Mat::new(g, m, n_out).t(), Mat::new(Elems::Bf16(&a), m, k));
+        let out = Out::F32 {
+            c: &mut dw,
+            accumulate: false,
+        };
+        bf16_gemm::matmul(out, g, a)?;
+        Ok((CpuStorage::F32(dw), Shape::from((n_out, k))))
+    }
+}
+
+/// Column sums of a 2-D bf16 or f32 `g`, as f32: the bias gradient. Fixed row chunks summed in
+/// order, so the result does not depend on scheduling (resumed runs are bit-identical).
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "st-tune-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        const ROWS: usize = 256;
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let m = l.shape().elem_count() / n;
+        let partial: Vec<Vec<f32>> = (0..m.div_ceil(ROWS))
+            .into_par_iter()
+            .map(|c| {
+                let (mut sum, mut row) = (vec![0f32; n], vec![0f32; n]);
+                for r in c * ROWS..((c + 1) * ROWS).min(m) {
+                    read_row(s, l, r, &mut row)?;
+                    sum.iter_mut().zip(&row).for_each(|(s, v)| *s += v);
+                }
+                Ok(sum)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut sum = vec![0f32; n];
+        for p in partial {
+            sum.iter_mut().zip(&p).for_each(|(s, v)| *s += v);
+        }
+        Ok((CpuStorage::F32(sum), Shape::from(n)))
+    }
+}
+
+impl LinearOp {
+    /// The forward pass for a bf16 `x`: the product in bf16 with f32 sums, the bias added in
+    /// f32, one rounding to bf16.
+    fn cpu_fwd_bf16(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        w: &[f32],
+        b: &[f32],
+        k: usize,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = bf16_elems(s1, l1, self.name())?;
+        let n_out = b.len();
+        let m = x.len() / k.max(1);
+        let a = if self.gelu {
+            Cow::Owned(gelu_bf16(x))
+        } else {
+            Cow::Borrowed(x)
+        };
+        let mut y = vec![half::bf16::ZERO; m * n_out];
+        let (a, w) = (
+            Mat::new(Elems::Bf16(&a), m, k),
+            Mat::new(Elems::F32(w), n_out, k),
+        );
+        let out = Out::Bf16 {
+            c: &mut y,
+            bias: Some(b),
+        };
+        bf16_gemm::matmul(out, a, w.t())?;
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("2-D input") = n_out;
+        Ok((CpuStorage::BF16(y), Shape::from(dims)))
+    }
+
+    /// The backward pass for a bf16 `x`: both products in bf16 with f32 sums; dW and db in f32
+    /// (they update f32 master weights), dx in bf16.
+    fn bwd_bf16(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach().contiguous()?, w.detach(), g.contiguous()?);
+        let db = g.apply_op1_no_bwd(&ColumnSums)?;
+        let dw = g.apply_op2_no_bwd(&x, &GradWeight { gelu: self.gelu })?;
+        // With gelu, dx stays f32 until multiplied by gelu'(x).
+        let dtype = if self.gelu { DType::F32 } else { DType::BF16 };
+        let dx = g.apply_op2_no_bwd(&w, &GradInput { dtype })?;
+        let dx = dx.reshape(x.shape())?;
+        let dx = if self.gelu {
+            dx.apply_op2_no_bwd(&x, &GeluGradMul)?
+        } else {
+            dx
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "st-tune-linear"
@@ -191,6 +426,11 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if s1.dtype() == DType::BF16 {
+            let w = f32_params(s2, l2, self.name())?;
+            let b = f32_params(s3, l3, self.name())?;
+            return self.cpu_fwd_bf16(s1, l1, w, b, l2.dims()[1]);
+        }
         let mut x = cpu_f32(s1, l1, self.name())?;
         if self.gelu {
             x.to_mut().par_chunks_mut(GELU_CHUNK).for_each(vmath::gelu);
@@ -242,6 +482,9 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if x.dtype() == DType::BF16 {
+            return self.bwd_bf16(x, w, g);
+        }
         // The f32 temporaries as large as x or g live one or two at a time.
         let (x, w) = (x.detach().contiguous()?, w.detach());
         let g = g.to_dtype(DType::F32)?;
