@@ -194,7 +194,8 @@ fn matmul(
 ) -> candle_core::Result<()> {
     if how == Products::Bf16 {
         if let (Some(am), Some(bm)) = (as_mat(a, m, k), as_mat(b, k, n)) {
-            return bf16_gemm::matmul(&mut dst[..m * n], am, bm, accumulate);
+            let out = bf16_gemm::Out::F32 { c: &mut dst[..m * n], accumulate };
+            return bf16_gemm::matmul(out, am, bm);
         }
     }
     let ((a, (a_rs, a_cs)), (b, (b_rs, b_cs))) = (a, b);
