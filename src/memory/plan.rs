@@ -89,7 +89,11 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // encoder's activations are freed (model/embedding_cut.rs): in a step of one pass the two
     // never coexist.
     let word = p.trainable_word_embeddings as u64 * 4;
-    let beside_activations = if accumulating { gradients } else { gradients - word };
+    let beside_activations = if accumulating {
+        gradients
+    } else {
+        gradients - word
+    };
     let total = weights + optimizer + (beside_activations + activations).max(gradients);
     Estimate {
         weights,

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor,
+};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -194,7 +196,10 @@ fn matmul(
 ) -> candle_core::Result<()> {
     if how == Products::Bf16 {
         if let (Some(am), Some(bm)) = (as_mat(a, m, k), as_mat(b, k, n)) {
-            let out = bf16_gemm::Out::F32 { c: &mut dst[..m * n], accumulate };
+            let out = bf16_gemm::Out::F32 {
+                c: &mut dst[..m * n],
+                accumulate,
+            };
             return bf16_gemm::matmul(out, am, bm);
         }
     }
