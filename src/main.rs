@@ -10,6 +10,7 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    st_tune::memory::alloc::keep_freed_memory();
     let cli = st_tune::cli::Cli::parse();
     if let Err(e) = st_tune::cli::run(cli) {
         eprintln!("error: {e}");

@@ -4,6 +4,7 @@
 
 mod common;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use st_tune::model::dropout::Dropout;
 use st_tune::model::embedding_cut::forward_cut;
@@ -30,6 +31,15 @@ fn objective(m: &SentenceModel, drop: &Dropout) -> Tensor {
     weighted_sum(&net.forward(&batch, drop).unwrap())
 }
 
+/// The gradients of [`objective`], through `Network::backward` (the one-op layers hand their
+/// parameters' gradients over there).
+fn objective_grads(m: &SentenceModel, drop: &Dropout) -> GradStore {
+    let net = m.network().unwrap();
+    let batch = m.batch(&TEXTS).unwrap();
+    net.backward(&weighted_sum(&net.forward(&batch, drop).unwrap()))
+        .unwrap()
+}
+
 fn weighted_sum(emb: &Tensor) -> Tensor {
     let d = emb.dim(1).unwrap();
     let w: Vec<f32> = (0..3 * d)
@@ -42,7 +52,7 @@ fn weighted_sum(emb: &Tensor) -> Tensor {
 fn every_trainable_tensor_gets_a_gradient(mpnet: bool) {
     let (_dir, m) = load(mpnet, Freeze::default());
     let drop = Dropout::train(0.1, 0.1, 42, 0, vec![0, 1, 2]);
-    let grads = objective(&m, &drop).backward().unwrap();
+    let grads = objective_grads(&m, &drop);
     assert!(!m.params.vars.is_empty());
     for (name, var) in &m.params.vars {
         let g = grads
@@ -76,16 +86,27 @@ fn gradients_reach_every_trainable_mpnet_tensor() {
 fn the_embedding_cut_changes_no_gradient(mpnet: bool) {
     let (_dir, m) = load(mpnet, Freeze::default());
     let drop = Dropout::train(0.1, 0.1, 42, 0, vec![0, 1, 2]);
-    let whole = objective(&m, &drop).backward().unwrap();
+    let whole = objective_grads(&m, &drop);
     let net = m.network().unwrap();
     let (emb, cut) = forward_cut(&net, &m.batch(&TEXTS).unwrap(), &drop).unwrap();
-    let encoder = weighted_sum(&emb).backward().unwrap();
+    let encoder = net.backward(&weighted_sum(&emb)).unwrap();
     let cut = cut.expect("the embeddings train");
     let g = cut.gradient(&encoder).unwrap();
-    let embedding = cut.backward(&net, &g).unwrap();
+    let (embedding, rows) = cut.backward(&net, &g).unwrap();
+    // The word table's gradient comes as the rows the batch touched: made dense here.
+    let rows = rows.expect("the word table trains");
+    let ids = Tensor::from_vec(rows.ids.clone(), rows.ids.len(), rows.table.device()).unwrap();
+    let word_grad = rows
+        .table
+        .zeros_like()
+        .unwrap()
+        .index_add(&ids, &rows.grads, 0)
+        .unwrap();
     let mut embedding_tensors = 0;
     for (name, var) in &m.params.vars {
-        let two = match (encoder.get(var.as_tensor()), embedding.get(var.as_tensor())) {
+        let from_rows = (var.as_tensor().id() == rows.table.id()).then_some(&word_grad);
+        let from_embedding = embedding.get(var.as_tensor()).or(from_rows);
+        let two = match (encoder.get(var.as_tensor()), from_embedding) {
             (Some(g), None) => g.clone(),
             (None, Some(g)) => {
                 embedding_tensors += 1;
@@ -151,7 +172,7 @@ fn inference_builds_no_graph() {
 fn analytic_gradient_matches_finite_differences(mpnet: bool) {
     let (_dir, m) = load(mpnet, Freeze::default());
     let off = Dropout::off();
-    let grads = objective(&m, &off).backward().unwrap();
+    let grads = objective_grads(&m, &off);
     let mut names: Vec<&String> = m
         .params
         .vars

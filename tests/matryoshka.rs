@@ -13,7 +13,8 @@ use st_tune::memory::policy::MemState;
 use st_tune::memory::MemoryBudget;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
-use st_tune::train::step::{StepRunner, TokenizedData};
+use st_tune::train::precision::LossScaler;
+use st_tune::train::step::{TokenizedData, Trainer};
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
@@ -146,14 +147,16 @@ fn step(
 ) -> (f32, st_tune::train::optim::Grads) {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::parse(inject).unwrap();
-    let runner = StepRunner::new(model, t, &budget, &injector).unwrap();
     let scored = t.loss != LossKind::Mnrl;
     let d = data(8, scored);
+    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, d, None).unwrap();
     let rows: Vec<usize> = (0..8).collect();
-    let mut mem = MemState::new(micro, usize::MAX);
+    let mut mem = MemState::new(micro, micro, usize::MAX);
+    let mut scaler = LossScaler::new(t.precision);
     let mut events = Vec::new();
-    let out = runner
-        .gradients(&d, &rows, 0, &mut mem, &mut events)
+    let out = trainer
+        .gradients(&rows, 0, &mut scaler, &mut mem, &mut |n| events.push(n))
+        .unwrap()
         .unwrap();
     assert_eq!(events.len(), usize::from(!inject.is_empty()));
     (out.loss, out.grads)

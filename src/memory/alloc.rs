@@ -51,6 +51,19 @@ fn grow(n: usize) {
     PEAK.fetch_max(now, Relaxed);
 }
 
+/// Keeps freed memory in the allocator instead of handing it back to the kernel. A training
+/// step frees and re-allocates the same large activation and gradient buffers every step; handed
+/// back, each comes back as fresh pages the kernel must fault in and clear (a sixth of a MiniLM
+/// step's profile, `clear_page_erms`). Costs resident memory up to the step's peak, which the
+/// process reaches anyway. Call before the first large allocation.
+pub fn keep_freed_memory() {
+    // mimalloc v3's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names no constant for
+    // it): -1 means never purge.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is thread-safe and takes effect at the next purge.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
+}
+
 /// Bytes allocated and not yet freed.
 pub fn current() -> usize {
     CURRENT.load(Relaxed)

@@ -14,7 +14,6 @@ struct Known {
     intermediate: usize,
     heads: usize,
     layers: usize,
-    vocab: usize,
     params: usize,
 }
 
@@ -27,7 +26,6 @@ const KNOWN: &[Known] = &[
         intermediate: 1536,
         heads: 12,
         layers: 3,
-        vocab: 30522,
         params: 17_389_824,
     },
     Known {
@@ -37,7 +35,6 @@ const KNOWN: &[Known] = &[
         intermediate: 1536,
         heads: 12,
         layers: 6,
-        vocab: 30522,
         params: 22_713_216,
     },
     Known {
@@ -47,7 +44,6 @@ const KNOWN: &[Known] = &[
         intermediate: 1536,
         heads: 12,
         layers: 12,
-        vocab: 30522,
         params: 33_360_000,
     },
     Known {
@@ -57,7 +53,6 @@ const KNOWN: &[Known] = &[
         intermediate: 3072,
         heads: 12,
         layers: 12,
-        vocab: 30527,
         params: 109_486_464,
     },
 ];
@@ -97,8 +92,9 @@ fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
         relative_bias: k.family == "mpnet",
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
+        // Both families use BERT's 30522-token vocabulary (MPNet 30527): close enough here.
         trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
-            k.vocab * k.hidden
+            30522 * k.hidden
         } else {
             0
         },

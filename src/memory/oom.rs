@@ -111,7 +111,7 @@ impl Phase {
 /// as metrics.jsonl and events.jsonl do.
 #[derive(Debug, Default)]
 pub struct Injector {
-    /// (0-based step, phase), the runner's own numbering.
+    /// (0-based step, phase), as the optimizer step counts.
     pending: Mutex<BTreeSet<(u64, Phase)>>,
 }
 

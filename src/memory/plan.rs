@@ -1,9 +1,8 @@
 //! Preflight estimate of a training step's peak memory, from the model config, the precision,
 //! the trainable parameters and the activations each token keeps for the backward pass.
 //!
-//! The per-token counts follow what `model::layers::EncoderLayer::forward` keeps alive in the
-//! autograd graph with the CPU kernels (`model/fused.rs`, `model/norm.rs`, `model/attention.rs`,
-//! `model/dropout.rs`): linear outputs, residual sums, norm outputs and dropout products, but no
+//! The per-token counts follow what the CPU layer (`model/layer_op.rs`) keeps for its backward
+//! pass: projections and norm outputs, but no dropout products or residual sums, and no
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
 //! Calibrated on CPU; the composed ops that other devices use keep more.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
@@ -51,17 +50,18 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     let tokens: u64 = lengths.iter().map(|&l| l as u64).sum::<u64>() * p.columns as u64;
     let longest = lengths.iter().copied().max().unwrap_or(0) as u64;
     let act = p.act_bytes as u64;
-    // Per token and layer, in the activation type: q|k|v (3h); the attention output, its
-    // projection, dropout, residual sum and norm (5h); the feed-forward's first projection (i,
-    // GELU is recomputed); its output, dropout, residual sum and norm (4h).
-    let per_layer = tokens * (12 * h + i) * act;
+    // Per token and layer, in the activation type, what `model/layer_op.rs` keeps: q|k|v (3h),
+    // the attention context and its projection (2h), the first norm's output (h), the
+    // feed-forward's first projection (i; GELU is recomputed) and its output (h), and the
+    // layer's output (h). Dropout products and residual sums are recomputed.
+    let per_layer = tokens * (8 * h + i) * act;
     // The embedding layer's output: the layer itself is recomputed after the encoder's backward
     // pass (model/embedding_cut.rs), so its gathers and norm keep nothing here.
     let embed = tokens * h * act;
     // The backward pass of one layer for one text column at a time holds intermediate-sized
-    // temporaries: about 14 bytes per token and intermediate unit in f32, 10 in half precision
-    // (calibrated against the counting allocator at the peak; docs/memory.md).
-    let scratch = tokens / p.columns.max(1) as u64 * i * if act == 4 { 14 } else { 10 };
+    // f32 temporaries whatever the activation type: about 14 bytes per token and intermediate
+    // unit (calibrated against the counting allocator at the peak; docs/memory.md).
+    let scratch = tokens / p.columns.max(1) as u64 * i * 14;
     // MPNet's relative-position bias, (heads, L, L) f32, and its gradient.
     let bias = if p.relative_bias {
         2 * p.heads as u64 * longest * longest * 4
@@ -85,16 +85,16 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // layer-by-layer passes of checkpointing), the sum so far and one pass's besides.
     let accumulating = p.checkpointing || lengths.len() < p.batch_size;
     let gradients = p.trainable as u64 * 4 * if accumulating { 2 } else { 1 };
-    // The embedding layer's backward pass comes after the encoder's activations are freed
-    // (model/embedding_cut.rs), but builds the table's dense gradient twice over (a zeroed
-    // table and the sum into it): the peak of small steps. (Checkpointing's doubled gradient
-    // term covers it there.)
-    let embedding_tail = if p.checkpointing {
-        0
+    // The word table's gradient is made by the embedding layer's backward pass, after the
+    // encoder's activations are freed (model/embedding_cut.rs): in a step of one pass the two
+    // never coexist.
+    let word = p.trainable_word_embeddings as u64 * 4;
+    let beside_activations = if accumulating {
+        gradients
     } else {
-        2 * p.trainable_word_embeddings as u64 * 4
+        gradients - word
     };
-    let total = weights + optimizer + gradients + activations.max(embedding_tail);
+    let total = weights + optimizer + (beside_activations + activations).max(gradients);
     Estimate {
         weights,
         optimizer,

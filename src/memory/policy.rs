@@ -1,10 +1,14 @@
 //! The OOM backoff policy as a pure function: (state, event) -> action. No model, no tensors:
-//! the step runner in `train::step` carries the action out, and these rules are tested alone.
+//! the optimizer step in `train::step` carries the action out, and these rules are tested alone.
 //!
-//! - An OOM halves the micro-batch (down to 1) and retries the same rows.
+//! - An OOM in a micro-batch halves the micro-batch (down to 1) and retries the same rows. A
+//!   batch-coupled loss (MNRL, CoSENT) computed in one pass cannot be added up over smaller
+//!   passes: once cut, the step switches to the cached scheme.
 //! - At micro-batch 1 there is nothing left to halve: pull the next lever the user allowed in
-//!   `memory.escalate` (see [`MemState::escalate`]); with none left, give up (the trainer saves
-//!   and exits with code 3).
+//!   `memory.escalate` and redo the step; with none left, give up (the trainer saves and exits
+//!   with code 3).
+//! - An OOM in the optimizer update is retried once (the tensors already updated are skipped);
+//!   a second one gives up (exit code 3).
 //! - After `regrow_after` clean steps, try doubling again (up to the configured size); an OOM
 //!   at a regrown size backs off and doubles the wait before the next try.
 
@@ -33,10 +37,38 @@ pub struct MemState {
     pub escalated: usize,
 }
 
+/// How a step's gradients are computed (`train::passes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// A micro-batch or the optimizer update ran out of memory.
-    Oom,
+pub enum Scheme {
+    /// Each micro-batch's loss back-propagated on its own, the gradients added up.
+    Plain,
+    /// GradCache: the loss over the whole batch from embeddings computed without a graph, then
+    /// its gradient pushed back through each micro-batch.
+    Cached,
+}
+
+/// What the policy needs to know about the step at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    /// Rows in the optimizer step's batch.
+    pub rows: usize,
+    /// The loss couples the batch's rows (MNRL, CoSENT), so it cannot be summed over passes.
+    pub coupled: bool,
+    /// Gradient checkpointing is on: it back-propagates from a gradient on the embeddings,
+    /// which only the cached scheme has.
+    pub checkpointing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A micro-batch's forward or backward pass ran out of memory. `escalate`: the levers
+    /// `memory.escalate` allows once micro-batch 1 does not fit, in order.
+    MicroBatchOom {
+        step: StepShape,
+        escalate: &'a [Lever],
+    },
+    /// The optimizer update ran out of memory; `retried`: this was already its retry.
+    UpdateOom { retried: bool },
     /// An optimizer step finished.
     StepDone,
 }
@@ -45,19 +77,27 @@ pub enum Event {
 pub enum Action {
     /// Go on as before.
     Continue,
-    /// Retry the failed work with this many rows per forward pass.
+    /// Retry the failed micro-batch with this many rows per pass; rows done so far are kept.
     Retry { micro: usize },
+    /// Start the step's gradients again with the cached scheme, this many rows per pass.
+    SwitchToCached { micro: usize },
+    /// Pull this lever and start the step's gradients again.
+    Escalate { lever: Lever },
+    /// Retry the rest of the optimizer update.
+    RetryUpdate,
     /// From the next step on, use this larger micro-batch.
     Regrow { micro: usize },
-    /// Nothing left to try.
-    GiveUp,
+    /// Nothing left to try; `consider` names the config keys that would help.
+    GiveUp { consider: &'static str },
 }
 
 impl MemState {
-    pub fn new(micro: usize, regrow_after: usize) -> Self {
+    /// Starts at `micro` rows per pass, growing back to at most `max_micro` after
+    /// `regrow_after` clean steps.
+    pub fn new(micro: usize, max_micro: usize, regrow_after: usize) -> Self {
         Self {
             micro,
-            max_micro: micro,
+            max_micro,
             clean_steps: 0,
             regrow_wait: regrow_after.max(1),
             on_trial: false,
@@ -66,31 +106,28 @@ impl MemState {
         }
     }
 
-    /// The next lever to pull once micro-batch 1 does not fit, in the user's order; None when
-    /// every allowed lever is already pulled.
-    pub fn escalate(&mut self, allowed: &[Lever]) -> Option<Lever> {
-        let lever = *allowed.get(self.escalated)?;
-        self.escalated += 1;
-        self.recovered += 1;
-        Some(lever)
+    /// The scheme for `step` at the current micro-batch: plain accumulation, unless the loss
+    /// couples a batch that is cut into passes or checkpointing needs the cached scheme.
+    pub fn scheme(&self, step: StepShape) -> Scheme {
+        if step.checkpointing || (step.coupled && self.micro < step.rows) {
+            Scheme::Cached
+        } else {
+            Scheme::Plain
+        }
     }
 
     pub fn decide(&mut self, event: Event) -> Action {
         match event {
-            Event::Oom => {
-                self.clean_steps = 0;
-                if self.on_trial {
-                    // The regrow did not fit: wait twice as long before the next try.
-                    self.regrow_wait = self.regrow_wait.saturating_mul(2);
-                    self.on_trial = false;
-                }
-                if self.micro <= 1 {
-                    return Action::GiveUp;
-                }
-                self.micro = self.micro.div_ceil(2);
+            Event::MicroBatchOom { step, escalate } => self.micro_batch_oom(step, escalate),
+            Event::UpdateOom { retried: false } => {
+                // Nothing to shrink; the micro-batch did fit, so the regrow count stands.
                 self.recovered += 1;
-                Action::Retry { micro: self.micro }
+                Action::RetryUpdate
             }
+            Event::UpdateOom { retried: true } => Action::GiveUp {
+                consider: "raising memory.limit or setting train.freeze_layers to train fewer \
+                           tensors",
+            },
             Event::StepDone => {
                 self.on_trial = false;
                 self.clean_steps += 1;
@@ -102,6 +139,35 @@ impl MemState {
                 }
                 Action::Continue
             }
+        }
+    }
+
+    fn micro_batch_oom(&mut self, step: StepShape, escalate: &[Lever]) -> Action {
+        self.clean_steps = 0;
+        if self.on_trial {
+            // The regrow did not fit: wait twice as long before the next try.
+            self.regrow_wait = self.regrow_wait.saturating_mul(2);
+            self.on_trial = false;
+        }
+        if self.micro > 1 {
+            let was = self.scheme(step);
+            self.micro = self.micro.div_ceil(2);
+            self.recovered += 1;
+            return match (was, self.scheme(step)) {
+                (Scheme::Plain, Scheme::Cached) => Action::SwitchToCached { micro: self.micro },
+                _ => Action::Retry { micro: self.micro },
+            };
+        }
+        match escalate.get(self.escalated) {
+            Some(&lever) => {
+                self.escalated += 1;
+                self.recovered += 1;
+                Action::Escalate { lever }
+            }
+            None => Action::GiveUp {
+                consider: "raising memory.limit, lowering model.max_seq_length, or setting \
+                           train.freeze_layers",
+            },
         }
     }
 }
@@ -154,38 +220,124 @@ impl RunState {
 mod tests {
     use super::*;
 
+    /// A step of 8 rows with a per-row loss (cosine).
+    const PER_ROW: StepShape = StepShape {
+        rows: 8,
+        coupled: false,
+        checkpointing: false,
+    };
+    /// A step of 8 rows with a batch-coupled loss (MNRL, CoSENT).
+    const COUPLED: StepShape = StepShape {
+        coupled: true,
+        ..PER_ROW
+    };
+
+    fn oom(step: StepShape, escalate: &[Lever]) -> Event<'_> {
+        Event::MicroBatchOom { step, escalate }
+    }
+
     #[test]
-    fn an_oom_halves_the_micro_batch_down_to_one_then_gives_up() {
-        let mut s = MemState::new(8, 100);
-        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 4 });
-        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 2 });
-        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 1 });
-        assert_eq!(s.decide(Event::Oom), Action::GiveUp);
+    fn an_oom_halves_the_micro_batch_down_to_one_then_gives_up_naming_the_keys() {
+        let mut s = MemState::new(8, 8, 100);
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 2 });
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 1 });
+        let Action::GiveUp { consider } = s.decide(oom(PER_ROW, &[])) else {
+            panic!("micro-batch 1 with no lever left gives up");
+        };
+        assert!(consider.contains("memory.limit") && consider.contains("model.max_seq_length"));
         assert_eq!(s.recovered, 3);
     }
 
     #[test]
-    fn levers_are_pulled_in_the_given_order_and_only_once() {
-        let mut s = MemState::new(1, 100);
+    fn at_micro_batch_one_levers_are_pulled_in_the_given_order_and_only_once() {
+        let mut s = MemState::new(1, 1, 100);
         let allowed = [Lever::GradientCheckpointing, Lever::MaxSeqLength];
-        assert_eq!(s.decide(Event::Oom), Action::GiveUp);
-        assert_eq!(s.escalate(&allowed), Some(Lever::GradientCheckpointing));
-        assert_eq!(s.escalate(&allowed), Some(Lever::MaxSeqLength));
-        assert_eq!(s.escalate(&allowed), None);
-        assert_eq!(s.escalate(&[]), None);
+        let lever = |lever| Action::Escalate { lever };
+        assert_eq!(
+            s.decide(oom(PER_ROW, &allowed)),
+            lever(Lever::GradientCheckpointing)
+        );
+        assert_eq!(s.decide(oom(PER_ROW, &allowed)), lever(Lever::MaxSeqLength));
+        assert!(matches!(
+            s.decide(oom(PER_ROW, &allowed)),
+            Action::GiveUp { .. }
+        ));
+        assert_eq!((s.escalated, s.recovered, s.micro), (2, 2, 1));
+    }
+
+    #[test]
+    fn a_coupled_loss_cut_by_an_oom_switches_to_the_cached_scheme() {
+        let mut s = MemState::new(8, 8, 100);
+        assert_eq!(
+            s.scheme(COUPLED),
+            Scheme::Plain,
+            "the whole batch in one pass"
+        );
+        assert_eq!(
+            s.decide(oom(COUPLED, &[])),
+            Action::SwitchToCached { micro: 4 }
+        );
+        assert_eq!(s.scheme(COUPLED), Scheme::Cached);
+        // Already cached: a further OOM only halves.
+        assert_eq!(s.decide(oom(COUPLED, &[])), Action::Retry { micro: 2 });
+    }
+
+    #[test]
+    fn a_per_row_loss_or_a_batch_still_in_one_pass_keeps_the_plain_scheme() {
+        let mut s = MemState::new(8, 8, 100);
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
+        assert_eq!(s.scheme(PER_ROW), Scheme::Plain);
+        // The last batch of an epoch, 3 rows: micro-batch 4 still holds it in one pass.
+        let short = StepShape { rows: 3, ..COUPLED };
+        let mut s = MemState::new(8, 8, 100);
+        assert_eq!(s.decide(oom(short, &[])), Action::Retry { micro: 4 });
+        assert_eq!(
+            s.decide(oom(short, &[])),
+            Action::SwitchToCached { micro: 2 }
+        );
+    }
+
+    #[test]
+    fn checkpointing_always_uses_the_cached_scheme() {
+        let s = MemState::new(8, 8, 100);
+        let step = StepShape {
+            checkpointing: true,
+            ..PER_ROW
+        };
+        assert_eq!(s.scheme(step), Scheme::Cached);
+        assert_eq!(s.scheme(COUPLED), Scheme::Plain);
+        assert_eq!(MemState::new(4, 8, 100).scheme(COUPLED), Scheme::Cached);
+    }
+
+    #[test]
+    fn an_oom_in_the_update_is_retried_once_then_gives_up() {
+        let mut s = MemState::new(4, 8, 2);
+        s.decide(Event::StepDone);
+        assert_eq!(
+            s.decide(Event::UpdateOom { retried: false }),
+            Action::RetryUpdate
+        );
+        // No micro-batch to shrink: the micro-batch and the regrow count are left alone.
+        assert_eq!((s.micro, s.clean_steps, s.recovered), (4, 1, 1));
+        let Action::GiveUp { consider } = s.decide(Event::UpdateOom { retried: true }) else {
+            panic!("a second OOM in the same update gives up");
+        };
+        assert!(consider.contains("train.freeze_layers"));
+        assert_eq!(s.recovered, 1);
     }
 
     #[test]
     fn odd_micro_batches_round_up_when_halved() {
-        let mut s = MemState::new(5, 100);
-        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 3 });
+        let mut s = MemState::new(5, 5, 100);
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 3 });
     }
 
     #[test]
     fn clean_steps_regrow_up_to_the_configured_size() {
-        let mut s = MemState::new(8, 2);
-        s.decide(Event::Oom); // 4
-        s.decide(Event::Oom); // 2
+        let mut s = MemState::new(8, 8, 2);
+        s.decide(oom(PER_ROW, &[])); // 4
+        s.decide(oom(PER_ROW, &[])); // 2
         assert_eq!(s.decide(Event::StepDone), Action::Continue);
         assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 4 });
         assert_eq!(s.decide(Event::StepDone), Action::Continue);
@@ -197,12 +349,20 @@ mod tests {
     }
 
     #[test]
+    fn a_start_below_the_configured_size_regrows_to_it() {
+        let mut s = MemState::new(2, 8, 1);
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 4 });
+        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
+        assert_eq!(s.decide(Event::StepDone), Action::Continue);
+    }
+
+    #[test]
     fn a_failed_regrow_backs_off_and_doubles_the_wait() {
-        let mut s = MemState::new(8, 2);
-        s.decide(Event::Oom); // 4
+        let mut s = MemState::new(8, 8, 2);
+        s.decide(oom(PER_ROW, &[])); // 4
         s.decide(Event::StepDone);
         assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
-        assert_eq!(s.decide(Event::Oom), Action::Retry { micro: 4 });
+        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
         assert_eq!(s.regrow_wait, 4);
         for _ in 0..3 {
             assert_eq!(s.decide(Event::StepDone), Action::Continue);

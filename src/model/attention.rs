@@ -251,7 +251,13 @@ impl Attention {
         grads
     }
 
-    fn forward_cpu(&self, qkv: &[f32], bias: Option<(&[f32], usize)>, width: usize) -> Vec<f32> {
+    /// The output, (tokens, hidden), of q|k|v given as f32 (tokens, `width` = 3·hidden).
+    pub(crate) fn forward_cpu(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        width: usize,
+    ) -> Vec<f32> {
         let (tokens, hidden, hd) = self.dims(qkv.len(), width);
         let per_head: Vec<Vec<f32>> = (0..self.heads)
             .into_par_iter()
@@ -273,7 +279,6 @@ impl Attention {
         bias: Option<&Tensor>,
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let width = qkv.dim(1)?;
         let flat = |t: &Tensor| {
             t.detach()
                 .to_dtype(DType::F32)?
@@ -284,13 +289,54 @@ impl Attention {
         let b32 = bias.map(flat).transpose()?;
         let l = bias.map(|b| b.dim(1)).transpose()?.unwrap_or(0);
         let b = b32.as_deref().map(|b| (b, l));
-        let (tokens, hidden, hd) = self.dims(q32.len(), width);
-        let per_head: Vec<HeadGrads> = (0..self.heads)
-            .into_par_iter()
-            .map(|hh| self.head_backward(&q32, b, &g32, hh, hidden))
-            .collect();
-        // Free the f32 inputs before the output exists: this is the peak of a layer's backward.
+        let per_head = self.head_grads(&q32, b, &g32, qkv.dim(1)?);
+        // Free the f32 inputs before the output exists: the peak of a layer's backward.
+        let tokens = q32.len() / qkv.dim(1)?;
         drop((q32, g32, b32));
+        let (dqkv, dbias) = self.assemble(per_head, tokens, qkv.dim(1)?, l);
+        let dqkv = Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?.to_dtype(qkv.dtype())?;
+        let dbias = match bias {
+            Some(b) => Some(Tensor::from_vec(dbias, b.shape(), b.device())?.to_dtype(b.dtype())?),
+            None => None,
+        };
+        Ok((dqkv, dbias))
+    }
+
+    /// (d qkv as (tokens, `width`), d bias as (heads, L, L) or empty) from f32 slices.
+    pub(crate) fn backward_slices(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        g: &[f32],
+        width: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let per_head = self.head_grads(qkv, bias, g, width);
+        let l = bias.map_or(0, |(_, l)| l);
+        self.assemble(per_head, qkv.len() / width, width, l)
+    }
+
+    fn head_grads(
+        &self,
+        qkv: &[f32],
+        bias: Option<(&[f32], usize)>,
+        g: &[f32],
+        width: usize,
+    ) -> Vec<HeadGrads> {
+        (0..self.heads)
+            .into_par_iter()
+            .map(|hh| self.head_backward(qkv, bias, g, hh, width / 3))
+            .collect()
+    }
+
+    /// Every head's gradients side by side: (tokens, width) and (heads, L, L).
+    fn assemble(
+        &self,
+        per_head: Vec<HeadGrads>,
+        tokens: usize,
+        width: usize,
+        l: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (hidden, hd) = (width / 3, width / 3 / self.heads);
         let mut dqkv = vec![0f32; tokens * width];
         let mut dbias = Vec::with_capacity(self.heads * l * l);
         for (hh, hg) in per_head.into_iter().enumerate() {
@@ -301,12 +347,7 @@ impl Attention {
             }
             dbias.extend(hg.dbias);
         }
-        let dqkv = Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?.to_dtype(qkv.dtype())?;
-        let dbias = match bias {
-            Some(b) => Some(Tensor::from_vec(dbias, b.shape(), b.device())?.to_dtype(b.dtype())?),
-            None => None,
-        };
-        Ok((dqkv, dbias))
+        (dqkv, dbias)
     }
 
     fn fwd(

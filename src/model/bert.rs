@@ -47,7 +47,7 @@ fn default_act() -> String {
 #[derive(Debug, Clone)]
 pub struct Bert {
     pub config: BertConfig,
-    word: Tensor,
+    pub(crate) word: Tensor,
     position: Tensor,
     token_type: Tensor,
     norm: LayerNorm,
@@ -92,6 +92,17 @@ impl Bert {
     /// Embedding layer output, (tokens, hidden), in `dtype`.
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         let words = self.word.index_select(&batch.ids, 0)?;
+        self.embed_words(words, batch, drop, dtype)
+    }
+
+    /// The embedding layer from the rows of the word table already gathered, (tokens, hidden).
+    pub fn embed_words(
+        &self,
+        words: Tensor,
+        batch: &TokenBatch,
+        drop: &Dropout,
+        dtype: DType,
+    ) -> Result<Tensor> {
         // Single-segment input: token type 0 everywhere, positions 0..len in each row.
         let pos: Vec<u32> = batch.lengths.iter().flat_map(|&l| 0..l as u32).collect();
         let pos = Tensor::from_vec(pos, batch.tokens(), batch.ids.device())?;

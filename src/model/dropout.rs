@@ -49,16 +49,24 @@ impl Dropout {
     /// regenerates the mask: a product with a mask tensor would keep the mask, and candle
     /// would also keep a gradient for it until the backward pass ends.
     pub fn hidden(&self, x: &Tensor, lengths: &[usize], site: u64) -> Result<Tensor> {
-        if !self.on || self.hidden_p == 0.0 {
+        let Some(op) = self.hidden_mask(lengths, site) else {
             return Ok(x.clone());
-        }
-        let keys = (0..lengths.len()).map(|r| self.row_key(r, site)).collect();
-        let op = HiddenMask::new(self.hidden_p, keys, lengths);
+        };
         if x.device().is_cpu() {
             return Ok(x.contiguous()?.apply_op1(op)?);
         }
         let mask = Tensor::from_vec(op.values(x.dim(1)?), x.shape(), &Device::Cpu)?;
         Ok(x.mul(&mask.to_device(x.device())?.to_dtype(x.dtype())?)?)
+    }
+
+    /// The hidden-state mask of this batch at `site`, as keys (None when off): for kernels that
+    /// fuse dropout into another op (`norm::add_layer_norm`).
+    pub fn hidden_mask(&self, lengths: &[usize], site: u64) -> Option<HiddenMask> {
+        if !self.on || self.hidden_p == 0.0 {
+            return None;
+        }
+        let keys = (0..lengths.len()).map(|r| self.row_key(r, site)).collect();
+        Some(HiddenMask::new(self.hidden_p, keys, lengths))
     }
 
     /// p: one row's attention weights, (heads, len, len).
@@ -133,7 +141,8 @@ impl AttentionMasks {
 /// Dropout on packed hidden states, (tokens, hidden): the mask of row r at (i, c) is keyed by
 /// (row key, i, c), as `Dropout::fill` draws it. Each token's mask is drawn when needed, in
 /// the forward pass and again in the backward pass, and never stored.
-struct HiddenMask {
+#[derive(Debug, Clone)]
+pub struct HiddenMask {
     p: f32,
     row_keys: Vec<u64>,
     /// Index of each row's first token in the packed batch, and the total after the last.
@@ -153,12 +162,12 @@ impl HiddenMask {
         }
     }
 
-    fn tokens(&self) -> usize {
+    pub fn tokens(&self) -> usize {
         self.starts.last().copied().unwrap_or(0)
     }
 
     /// Token `t`'s mask over `out.len()` features, multiplied into `out`.
-    fn apply_row(&self, t: usize, out: &mut [f32]) {
+    pub fn apply_row(&self, t: usize, out: &mut [f32]) {
         let row = self.starts.partition_point(|&s| s <= t) - 1;
         let (key, i) = (self.row_keys[row], t - self.starts[row]);
         for (c, v) in out.iter_mut().enumerate() {

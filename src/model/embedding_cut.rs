@@ -66,10 +66,44 @@ impl EmbeddingCut {
     }
 
     /// Recomputes the embedding layer with a graph and back-propagates `grad` through it:
-    /// the gradients of the embedding tables and their layer norm.
-    pub fn backward(self, net: &Network, grad: &Tensor) -> Result<GradStore> {
-        let x0 = net.encoder.embed(&self.batch, &self.drop, net.dtype)?;
+    /// the gradients of the position and type tables and the layer norm, in the store, and
+    /// those of the word table as the rows this batch touched (see [`WordRows`]).
+    pub fn backward(self, net: &Network, grad: &Tensor) -> Result<(GradStore, Option<WordRows>)> {
+        let table = net.encoder.word_table();
+        let gathered = table.index_select(&self.batch.ids, 0)?;
+        // The gathered rows as a leaf of their own: the graph stops there, not at the table.
+        let words = table
+            .track_op()
+            .then(|| Var::from_tensor(&gathered.detach()))
+            .transpose()?;
+        let input = words.as_ref().map_or(gathered, |w| w.as_tensor().clone());
+        let x0 = net
+            .encoder
+            .embed_words(input, &self.batch, &self.drop, net.dtype)?;
         let surrogate = (x0.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
-        Ok(surrogate.backward()?)
+        let store = net.backward(&surrogate)?;
+        let rows = match words {
+            Some(w) => Some(WordRows {
+                table: table.clone(),
+                ids: self.batch.ids.to_vec1::<u32>()?,
+                grads: store
+                    .get(w.as_tensor())
+                    .ok_or_else(|| Error::Internal("no gradient reached the word table".into()))?
+                    .to_dtype(DType::F32)?,
+            }),
+            None => None,
+        };
+        Ok((store, rows))
     }
+}
+
+/// The word table's gradient as the rows one batch touched: row `ids[t]` receives row `t` of
+/// `grads` (tokens, hidden). A dense (vocab, hidden) gradient per batch, as candle's gather
+/// would build it, is a zeroed table-sized buffer, a copy and an addition each time, for a
+/// few hundred rows; these rows are added into the step's one dense gradient instead.
+pub struct WordRows {
+    /// The table (its id names the parameter).
+    pub table: Tensor,
+    pub ids: Vec<u32>,
+    pub grads: Tensor,
 }

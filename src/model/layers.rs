@@ -3,12 +3,13 @@
 //! gradients would silently stop at them; this file composes the same maths from plain ops, and
 //! uses the kernels of `fused.rs`, `norm.rs` and `attention.rs` (which have a backward) on CPU.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::model::attention::{self, Attention};
 use crate::model::dropout::Dropout;
+use crate::model::layer_op::{LayerDims, LayerOp, ParamGrads};
 use crate::model::weights::Weights;
 use crate::model::{fused, norm};
 
@@ -91,6 +92,24 @@ impl LayerNorm {
         };
         Ok(y.to_dtype(x.dtype())?)
     }
+
+    /// `norm(x + dropout(y))`, a post-LN layer's residual connection: one kernel on CPU.
+    /// `lengths` are the packed rows' lengths and `site` the dropout site, as for
+    /// [`Dropout::hidden`].
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        drop: &Dropout,
+        lengths: &[usize],
+        site: u64,
+    ) -> Result<Tensor> {
+        if x.device().is_cpu() && x.rank() == 2 {
+            let mask = drop.hidden_mask(lengths, site);
+            return norm::add_layer_norm(x, y, &self.weight, &self.bias, self.eps, mask);
+        }
+        self.forward(&(drop.hidden(y, lengths, site)? + x)?)
+    }
 }
 
 /// Layer norm from plain ops (every device), in f32.
@@ -146,6 +165,8 @@ pub struct EncoderLayer {
     ffn_out: Linear,
     ffn_norm: LayerNorm,
     heads: usize,
+    /// Where the one-op layer leaves its parameters' gradients (`Network::backward` collects).
+    pub param_grads: ParamGrads,
 }
 
 impl EncoderLayer {
@@ -173,6 +194,7 @@ impl EncoderLayer {
             ffn_out: Linear::load(w, &n.ffn_out, d.intermediate, h)?,
             ffn_norm: LayerNorm::load(w, &n.ffn_norm, h, d.eps)?,
             heads: d.heads,
+            param_grads: ParamGrads::default(),
         })
     }
 
@@ -200,6 +222,22 @@ impl EncoderLayer {
         drop: &Dropout,
         site: u64,
     ) -> Result<Tensor> {
+        if self.one_op(x) {
+            return self.forward_one_op(x, batch, bias, drop, site);
+        }
+        self.forward_ops(x, batch, bias, drop, site)
+    }
+
+    /// The layer as a chain of ops (the fused CPU kernels on CPU): what `layer_op.rs`
+    /// computes in one op, and the path of every other device.
+    fn forward_ops(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
         let hd = x.dim(1)? / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let qkv = self.qkv()?.forward(x)?;
@@ -214,11 +252,95 @@ impl EncoderLayer {
         } else {
             attention_composed(&qkv, batch, bias, drop, site, self.heads)?
         };
-        let attn = drop.hidden(&self.o.forward(&ctx)?, &batch.lengths, site + 1)?;
-        let x = self.attn_norm.forward(&(attn + x)?)?;
+        let lengths = &batch.lengths;
+        let attn = self.o.forward(&ctx)?;
+        let x = self
+            .attn_norm
+            .forward_residual(x, &attn, drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
-        let ffn = drop.hidden(&ffn, &batch.lengths, site + 2)?;
-        self.ffn_norm.forward(&(ffn + x)?)
+        self.ffn_norm
+            .forward_residual(&x, &ffn, drop, lengths, site + 2)
+    }
+}
+
+impl EncoderLayer {
+    /// Whether the layer runs as one op (`layer_op.rs`): a 2-D CPU input, f32 parameters.
+    fn one_op(&self, x: &Tensor) -> bool {
+        let params = [
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.ffn_in,
+            &self.ffn_out,
+        ];
+        x.device().is_cpu()
+            && x.rank() == 2
+            && params.iter().all(|l| l.fused_bias(x).is_some())
+            && self.attn_norm.weight.dtype() == DType::F32
+            && self.ffn_norm.weight.dtype() == DType::F32
+    }
+
+    /// Every parameter of the layer, in the order `LayerOp` reads them.
+    fn params(&self) -> Vec<Tensor> {
+        let mut parts = Vec::with_capacity(16);
+        let (qkv, ffn) = ([&self.q, &self.k, &self.v], [&self.ffn_in, &self.ffn_out]);
+        parts.extend(qkv.iter().map(|l| l.weight.clone()));
+        parts.extend(qkv.iter().flat_map(|l| l.bias.clone()));
+        parts.extend(
+            [self.o.weight.clone()]
+                .into_iter()
+                .chain(self.o.bias.clone()),
+        );
+        parts.extend([self.attn_norm.weight.clone(), self.attn_norm.bias.clone()]);
+        for l in ffn {
+            parts.extend([l.weight.clone()].into_iter().chain(l.bias.clone()));
+        }
+        parts.extend([self.ffn_norm.weight.clone(), self.ffn_norm.bias.clone()]);
+        parts
+    }
+
+    fn forward_one_op(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
+        let scale = 1.0 / ((x.dim(1)? / self.heads) as f32).sqrt();
+        let dims = LayerDims {
+            hidden: x.dim(1)?,
+            intermediate: self.ffn_in.weight.dim(0)?,
+            eps: self.attn_norm.eps as f32,
+        };
+        let attention = Attention {
+            heads: self.heads,
+            scale,
+            rows: batch.rows().collect(),
+            masks: drop.attention_masks(site),
+        };
+        let lengths = &batch.lengths;
+        let masks = [
+            drop.hidden_mask(lengths, site + 1),
+            drop.hidden_mask(lengths, site + 2),
+        ];
+        let params = self.params();
+        let trains = params.iter().any(Tensor::track_op);
+        let mut op = LayerOp::new(dims, params, attention, masks);
+        op.sink = trains.then(|| self.param_grads.clone());
+        op.keep = trains || x.track_op() || bias.is_some_and(|b| b.track_op());
+        // The parameters are no graph inputs: below the first trained layer, a leaf stands in
+        // for the input so that the backward pass reaches this op.
+        let x = if trains && !x.track_op() {
+            Var::from_tensor(&x.detach())?.as_tensor().clone()
+        } else {
+            x.contiguous()?
+        };
+        Ok(match bias {
+            Some(b) => x.apply_op2(&b.contiguous()?, op)?,
+            None => x.apply_op1(op)?,
+        })
     }
 }
 
@@ -260,4 +382,125 @@ pub fn attention_composed(
         ctx.push(probs.matmul(&vr)?.transpose(0, 1)?.reshape((len, h))?);
     }
     Ok(Tensor::cat(&ctx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{grads_through, max_diff};
+    use candle_core::{Device, Var};
+    use std::cell::RefCell;
+
+    /// Random trainable weights, kept so the test can ask for their gradients.
+    struct VarWeights(RefCell<Vec<Var>>);
+
+    impl Weights for VarWeights {
+        fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+            let mean = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                0.0
+            };
+            let v = Var::from_tensor(&Tensor::randn(mean, 0.3f32, shape, &Device::Cpu)?)?;
+            self.0.borrow_mut().push(v.clone());
+            Ok(v.as_tensor().clone())
+        }
+    }
+
+    fn names() -> LayerNames {
+        let n = |s: &str| s.to_string();
+        LayerNames {
+            q: n("q"),
+            k: n("k"),
+            v: n("v"),
+            o: n("o"),
+            attn_norm: n("attn_norm"),
+            ffn_in: n("ffn_in"),
+            ffn_out: n("ffn_out"),
+            ffn_norm: n("ffn_norm"),
+        }
+    }
+
+    #[test]
+    fn the_one_op_layer_matches_the_chain_of_ops_in_value_and_every_gradient() {
+        let dev = Device::Cpu;
+        let w = VarWeights(RefCell::new(Vec::new()));
+        let dims = Dims {
+            hidden: 8,
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+        };
+        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let params = w.0.borrow().clone();
+        assert_eq!(params.len(), 16);
+        let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, (2, 5, 5), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        for (drop, with_bias) in [
+            (Dropout::off(), false),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true),
+        ] {
+            let b = with_bias.then(|| bias.as_tensor());
+            assert!(layer.one_op(x.as_tensor()));
+            let a = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();
+            let c = layer
+                .forward_ops(x.as_tensor(), &batch, b, &drop, 4)
+                .unwrap();
+            let mut vars: Vec<&Var> = params.iter().collect();
+            vars.push(&x);
+            if with_bias {
+                vars.push(&bias);
+            }
+            assert!(
+                max_diff(&a, &c) < 1e-5,
+                "values differ by {}",
+                max_diff(&a, &c)
+            );
+            // The one-op layer's parameter gradients leave through its sink.
+            let mut ga = grads_through(&a, &probe);
+            layer.param_grads.drain_into(&mut ga).unwrap();
+            let gc = grads_through(&c, &probe);
+            for v in vars {
+                let d = max_diff(ga.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-5, "gradients differ by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_one_op_layer_keeps_half_precision_and_stays_close_to_f32() {
+        let dev = Device::Cpu;
+        let w = VarWeights(RefCell::new(Vec::new()));
+        let dims = Dims {
+            hidden: 8,
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+        };
+        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        let drop = Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]);
+        let run = |dtype| {
+            let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let y = layer
+                .forward(x.as_tensor(), &batch, None, &drop, 4)
+                .unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let g = grads_through(&y.to_dtype(DType::F32).unwrap(), &probe);
+            let dx = g.get(x.as_tensor()).unwrap().clone();
+            assert_eq!(dx.dtype(), dtype);
+            (y, dx)
+        };
+        let full = run(DType::F32);
+        for dtype in [DType::BF16, DType::F16] {
+            let half = run(dtype);
+            assert!(max_diff(&half.0, &full.0) < 0.05, "{dtype:?} output");
+            assert!(max_diff(&half.1, &full.1) < 0.1, "{dtype:?} d x");
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub mod embedding_cut;
 pub mod folder;
 pub mod fused;
 pub mod hub;
+pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod norm;
@@ -25,6 +26,7 @@ pub mod weights;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::batch::TokenBatch;
@@ -84,6 +86,28 @@ impl Encoder {
         match self {
             Encoder::Bert(m) => m.embed(batch, drop, dtype),
             Encoder::Mpnet(m) => m.embed(batch, drop, dtype),
+        }
+    }
+
+    /// The word-embedding table, (vocab, hidden).
+    pub fn word_table(&self) -> &Tensor {
+        match self {
+            Encoder::Bert(m) => &m.word,
+            Encoder::Mpnet(m) => &m.word,
+        }
+    }
+
+    /// The embedding layer from the gathered rows of the word table, (tokens, hidden).
+    pub fn embed_words(
+        &self,
+        words: Tensor,
+        batch: &TokenBatch,
+        drop: &Dropout,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.embed_words(words, batch, drop, dtype),
+            Encoder::Mpnet(m) => m.embed_words(words, batch, drop, dtype),
         }
     }
 
@@ -174,6 +198,19 @@ pub struct Network {
 }
 
 impl Network {
+    /// The backward pass from `loss`, with the gradients of the one-op layers' parameters
+    /// (which leave through `layer_op::ParamGrads`, not the graph) in the store like every
+    /// other gradient. Use this, not `Tensor::backward`, on anything this network computed.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let layers = self.encoder.layers();
+        layers.iter().for_each(|l| l.param_grads.clear());
+        let mut store = loss.backward()?;
+        for l in layers {
+            l.param_grads.drain_into(&mut store)?;
+        }
+        Ok(store)
+    }
+
     /// Sentence embeddings, (batch, dim), f32.
     pub fn forward(&self, batch: &TokenBatch, drop: &Dropout) -> Result<Tensor> {
         let tokens = self.encoder.forward(batch, drop, self.dtype)?;

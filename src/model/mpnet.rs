@@ -48,7 +48,7 @@ fn default_pad() -> usize {
 #[derive(Debug, Clone)]
 pub struct Mpnet {
     pub config: MpnetConfig,
-    word: Tensor,
+    pub(crate) word: Tensor,
     position: Tensor,
     norm: LayerNorm,
     relative_bias: Tensor,
@@ -96,6 +96,17 @@ impl Mpnet {
     /// Embedding layer output, (tokens, hidden), in `dtype`.
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
         let words = self.word.index_select(&batch.ids, 0)?;
+        self.embed_words(words, batch, drop, dtype)
+    }
+
+    /// The embedding layer from the rows of the word table already gathered, (tokens, hidden).
+    pub fn embed_words(
+        &self,
+        words: Tensor,
+        batch: &TokenBatch,
+        drop: &Dropout,
+        dtype: DType,
+    ) -> Result<Tensor> {
         // Real tokens get positions pad+1, pad+2, ... (RoBERTa style).
         let pad = self.config.pad_token_id as u32;
         let pos: Vec<u32> = batch

@@ -6,10 +6,11 @@
 //! bias gradients per block of rows.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::dropout::HiddenMask;
 use crate::model::fused::{cpu_rows, f32_params, read_row};
 
 /// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
@@ -80,7 +81,7 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// Which gradient of layer norm to compute from (x, w, g).
+/// Which gradient of layer norm to compute from its input and output gradient.
 #[derive(Clone, Copy)]
 enum Part {
     /// dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) with ĝ = g ⊙ w, in x's type.
@@ -109,57 +110,262 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = f32_params(s2, l2, self.name())?;
-        let d = w.len();
-        let rows = l1.shape().elem_count() / d;
-        match self.part {
-            Part::Input => {
-                let out = cpu_rows(s1.dtype(), rows * d, d, |row, dx| {
-                    let mut g = vec![0f32; d];
-                    read_row(s1, l1, row, dx)?;
-                    read_row(s3, l3, row, &mut g)?;
-                    let rstd = normalise(dx, self.eps);
-                    let (mut m1, mut m2) = (0f32, 0f32);
-                    for i in 0..d {
-                        g[i] *= w[i];
-                        m1 += g[i];
-                        m2 += g[i] * dx[i];
-                    }
-                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
-                    for i in 0..d {
-                        dx[i] = rstd * (g[i] - m1 - dx[i] * m2);
-                    }
-                    Ok(())
-                })?;
-                Ok((out, l1.shape().clone()))
-            }
-            Part::Params => {
-                // Fixed blocks of rows summed in block order: the same sums, bit for bit,
-                // whatever the thread count or scheduling (a rayon reduce is not).
-                let blocks = (0..rows.div_ceil(ROWS_PER_BLOCK))
-                    .into_par_iter()
-                    .map(|b| {
-                        let (mut acc, mut xh, mut g) =
-                            (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]);
-                        for row in b * ROWS_PER_BLOCK..((b + 1) * ROWS_PER_BLOCK).min(rows) {
-                            read_row(s1, l1, row, &mut xh)?;
-                            read_row(s3, l3, row, &mut g)?;
-                            normalise(&mut xh, self.eps);
-                            let (dw, db) = acc.split_at_mut(d);
-                            for i in 0..d {
-                                dw[i] += g[i] * xh[i];
-                                db[i] += g[i];
-                            }
-                        }
-                        Ok::<_, candle_core::Error>(acc)
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let mut sums = vec![0f32; 2 * d];
-                for block in blocks {
-                    sums.iter_mut().zip(&block).for_each(|(a, b)| *a += b);
+        let input = |row: usize, out: &mut [f32]| read_row(s1, l1, row, out);
+        let grad = |row: usize, out: &mut [f32]| read_row(s3, l3, row, out);
+        grads(self.part, s1.dtype(), l1.shape(), w, self.eps, input, grad)
+    }
+}
+
+/// One part of layer norm's backward pass, from a reader of the norm's input rows and one of
+/// the output gradient's rows (the plain and the residual kernels differ only in the first).
+fn grads(
+    part: Part,
+    dtype: DType,
+    shape: &Shape,
+    w: &[f32],
+    eps: f32,
+    input: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
+    grad: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let d = w.len();
+    let rows = shape.elem_count() / d;
+    match part {
+        Part::Input => {
+            let out = cpu_rows(dtype, rows * d, d, |row, dx| {
+                let mut g = vec![0f32; d];
+                input(row, dx)?;
+                grad(row, &mut g)?;
+                let rstd = normalise(dx, eps);
+                let (mut m1, mut m2) = (0f32, 0f32);
+                for i in 0..d {
+                    g[i] *= w[i];
+                    m1 += g[i];
+                    m2 += g[i] * dx[i];
                 }
-                Ok((CpuStorage::F32(sums), Shape::from((2, d))))
-            }
+                let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                for i in 0..d {
+                    dx[i] = rstd * (g[i] - m1 - dx[i] * m2);
+                }
+                Ok(())
+            })?;
+            Ok((out, shape.clone()))
         }
+        Part::Params => {
+            // Fixed blocks of rows summed in block order: the same sums, bit for bit,
+            // whatever the thread count or scheduling (a rayon reduce is not).
+            let blocks = (0..rows.div_ceil(ROWS_PER_BLOCK))
+                .into_par_iter()
+                .map(|b| {
+                    let (mut acc, mut xh, mut g) =
+                        (vec![0f32; 2 * d], vec![0f32; d], vec![0f32; d]);
+                    for row in b * ROWS_PER_BLOCK..((b + 1) * ROWS_PER_BLOCK).min(rows) {
+                        input(row, &mut xh)?;
+                        grad(row, &mut g)?;
+                        normalise(&mut xh, eps);
+                        let (dw, db) = acc.split_at_mut(d);
+                        for i in 0..d {
+                            dw[i] += g[i] * xh[i];
+                            db[i] += g[i];
+                        }
+                    }
+                    Ok::<_, candle_core::Error>(acc)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let mut sums = vec![0f32; 2 * d];
+            for block in blocks {
+                sums.iter_mut().zip(&block).for_each(|(a, b)| *a += b);
+            }
+            Ok((CpuStorage::F32(sums), Shape::from((2, d))))
+        }
+    }
+}
+
+/// Layer norm of `x`, (rows, w.len()) f32, in place: what the kernels above compute, for
+/// kernels that hold their activations as plain slices (`layer_op.rs`).
+pub(crate) fn norm_rows(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    x.par_chunks_mut(w.len()).for_each(|o| {
+        normalise(o, eps);
+        for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
+            *o = *o * w + b;
+        }
+    });
+}
+
+/// Layer norm's backward pass over plain slices: (d input, d w ‖ d b) from the norm's input
+/// `x` and output gradient `g`, both (rows, w.len()) f32.
+pub(crate) fn norm_rows_backward(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let d = w.len();
+    let shape = Shape::from((x.len() / d, d));
+    fn rows(
+        s: &[f32],
+        d: usize,
+    ) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
+        move |row, out| {
+            out.copy_from_slice(&s[row * d..(row + 1) * d]);
+            Ok(())
+        }
+    }
+    let f32s = |(s, _): (CpuStorage, Shape)| match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("layer norm: expected f32 gradients"),
+    };
+    let dx = f32s(grads(
+        Part::Input,
+        DType::F32,
+        &shape,
+        w,
+        eps,
+        rows(x, d),
+        rows(g, d),
+    )?)?;
+    let dwb = f32s(grads(
+        Part::Params,
+        DType::F32,
+        &shape,
+        w,
+        eps,
+        rows(x, d),
+        rows(g, d),
+    )?)?;
+    Ok((dx, dwb))
+}
+
+/// `layer_norm(x + mask ⊙ y)`: the residual connection, the sublayer's dropout and the norm
+/// after it as one op. Neither the dropped-out `y` nor the sum is kept for the backward pass
+/// (both are recomputed row by row from `x` and `y`, which the graph holds anyway), and one
+/// node replaces three, each of which candle's backward pass gives a zeroed gradient buffer.
+pub fn add_layer_norm(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    mask: Option<HiddenMask>,
+) -> Result<Tensor> {
+    let wb = Tensor::stack(&[w, b], 0)?;
+    let y = y.to_dtype(x.dtype())?.contiguous()?;
+    let op = AddLayerNormOp {
+        eps: eps as f32,
+        mask,
+    };
+    Ok(x.contiguous()?.apply_op3(&y, &wb, op)?)
+}
+
+struct AddLayerNormOp {
+    eps: f32,
+    mask: Option<HiddenMask>,
+}
+
+impl AddLayerNormOp {
+    /// Row `row` of `x + mask ⊙ y` into `out`.
+    fn sum_row(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        row: usize,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let mut y = vec![0f32; out.len()];
+        read_row(s1, l1, row, out)?;
+        read_row(s2, l2, row, &mut y)?;
+        if let Some(m) = &self.mask {
+            m.apply_row(row, &mut y);
+        }
+        out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AddLayerNormOp {
+    fn name(&self) -> &'static str {
+        "st-tune-add-layer-norm"
+    }
+
+    /// Inputs: x, y (same shape and type), and (2, d) f32 holding w then b.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add-layer-norm: {:?} + {:?}", l1.shape(), l2.shape());
+        }
+        let wb = f32_params(s3, l3, self.name())?;
+        let (w, b) = wb.split_at(wb.len() / 2);
+        let out = cpu_rows(s1.dtype(), l1.shape().elem_count(), w.len(), |row, o| {
+            self.sum_row((s1, l1), (s2, l2), row, o)?;
+            normalise(o, self.eps);
+            for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
+                *o = *o * w + b;
+            }
+            Ok(())
+        })?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, y, g) = (x.detach(), y.detach(), g.contiguous()?);
+        let w = wb.detach().get(0)?.to_vec1::<f32>()?;
+        let grad = |part| AddLayerNormGrad {
+            norm: AddLayerNormOp {
+                eps: self.eps,
+                mask: self.mask.clone(),
+            },
+            w: w.clone(),
+            part,
+        };
+        let dx = x.apply_op3_no_bwd(&y, &g, &grad(Part::Input))?;
+        let dwb = x.apply_op3_no_bwd(&y, &g, &grad(Part::Params))?;
+        // d(x + mask ⊙ y): the sum's gradient for x, masked for y.
+        let dy = match &self.mask {
+            Some(m) => dx.apply_op1_no_bwd(m)?,
+            None => dx.clone(),
+        };
+        Ok((Some(dx), Some(dy), Some(dwb)))
+    }
+}
+
+/// The gradients of [`AddLayerNormOp`] from (x, y, g): d(sum) in x's type, or d(w, b) as (2, d).
+struct AddLayerNormGrad {
+    norm: AddLayerNormOp,
+    w: Vec<f32>,
+    part: Part,
+}
+
+impl CustomOp3 for AddLayerNormGrad {
+    fn name(&self) -> &'static str {
+        "st-tune-add-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = |row: usize, out: &mut [f32]| self.norm.sum_row((s1, l1), (s2, l2), row, out);
+        let grad = |row: usize, out: &mut [f32]| read_row(s3, l3, row, out);
+        let eps = self.norm.eps;
+        grads(self.part, s1.dtype(), l1.shape(), &self.w, eps, input, grad)
     }
 }
 
@@ -184,6 +390,28 @@ mod tests {
         let c =
             layers::layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         assert_same_function(&a, &c, &probe, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn the_residual_kernel_matches_dropout_add_and_norm_composed_in_value_and_gradients() {
+        use crate::model::dropout::Dropout;
+        let dev = Device::Cpu;
+        let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+        let x = var(Tensor::randn(0.5f32, 2.0, (7, 8), &dev).unwrap());
+        let y = var(Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap());
+        let w = var(Tensor::randn(1f32, 0.1, 8, &dev).unwrap());
+        let b = var(Tensor::randn(0f32, 0.1, 8, &dev).unwrap());
+        let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        let lengths = [3usize, 4];
+        for drop in [Dropout::off(), Dropout::train(0.3, 0.0, 5, 2, vec![11, 12])] {
+            let mask = drop.hidden_mask(&lengths, 4);
+            assert_eq!(mask.is_some(), drop.hidden_p > 0.0);
+            let (xt, yt) = (x.as_tensor(), y.as_tensor());
+            let a = add_layer_norm(xt, yt, w.as_tensor(), b.as_tensor(), 1e-5, mask).unwrap();
+            let sum = (drop.hidden(yt, &lengths, 4).unwrap() + xt).unwrap();
+            let c = layers::layer_norm_composed(&sum, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            assert_same_function(&a, &c, &probe, &[&x, &y, &w, &b], 1e-5);
+        }
     }
 
     #[test]

@@ -288,8 +288,13 @@ mod tests {
         let mut got = x.clone();
         let sum = exp_shifted_sum(&mut got, 3.0);
         let want: Vec<f32> = x.iter().map(|v| (v - 3.0).exp()).collect();
-        assert!(max_abs_err(&got, |v| v, &want) < 1e-6);
-        assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5);
+        // Relative: the values reach e⁶ ≈ 403, where one unit in the last place is 3e-5 (the
+        // AVX-512 path is within a few of libm).
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.max(1.0), "{g} vs {w}");
+        }
+        let total = want.iter().sum::<f32>();
+        assert!((sum - total).abs() <= 1e-6 * total, "{sum} vs {total}");
     }
 
     #[test]

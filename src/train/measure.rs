@@ -8,14 +8,14 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::config::TrainSection;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::alloc;
 use crate::memory::oom::Injector;
 use crate::memory::policy::MemState;
 use crate::memory::MemoryBudget;
 use crate::model::SentenceModel;
-use crate::train::optim::{clip_grad_norm, AdamW};
-use crate::train::step::{StepRunner, TokenizedData};
+use crate::train::precision::LossScaler;
+use crate::train::step::{StepAt, Stepped, TokenizedData, Trainer};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepMeasure {
@@ -41,20 +41,17 @@ pub fn synthetic_pairs(rows: usize, seq: usize) -> TokenizedData {
     }
 }
 
-/// Runs two optimizer steps of `t.batch_size` rows of `seq` tokens (micro-batch as `t` says)
-/// and measures the second.
+/// Runs two optimizer steps of `t.batch_size` rows of `seq` tokens (micro-batch as `t` says),
+/// the training loop's own step function, and measures the second.
 pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Result<StepMeasure> {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::default();
-    let runner = StepRunner::new(model, t, &budget, &injector)?;
     let data = synthetic_pairs(t.batch_size, seq);
+    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, data, None)?;
     let rows: Vec<usize> = (0..t.batch_size).collect();
-    let micro = match t.micro_batch() {
-        crate::config::MicroBatch::Size(n) => n,
-        crate::config::MicroBatch::Auto => t.batch_size,
-    };
-    let mut mem = MemState::new(micro, usize::MAX);
-    let mut opt = AdamW::new(t.weight_decay);
+    let micro = super::configured_micro(t);
+    let mut mem = MemState::new(micro, micro, usize::MAX);
+    let mut scaler = LossScaler::new(t.precision);
     let mut measure = StepMeasure {
         baseline_bytes: 0,
         peak_bytes: 0,
@@ -64,16 +61,16 @@ pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Resu
         measure.baseline_bytes = alloc::current() as u64;
         alloc::reset_peak();
         let started = Instant::now();
-        let mut out = runner.gradients(&data, &rows, step, &mut mem, &mut Vec::new())?;
-        clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
-        opt.step(
-            &model.params.vars,
-            &out.grads,
-            t.lr,
-            &mut Default::default(),
-            || Ok(()),
-        )?;
-        drop(out);
+        let at = StepAt {
+            step,
+            rows: &rows,
+            lr: t.lr,
+        };
+        if let Stepped::NothingFits(why) =
+            trainer.optimizer_step(at, &mut scaler, &mut mem, &mut |_| {})?
+        {
+            return Err(Error::OutOfMemory(why));
+        }
         measure.seconds = started.elapsed().as_secs_f64();
         measure.peak_bytes = alloc::peak() as u64;
     }

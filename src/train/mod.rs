@@ -1,14 +1,15 @@
 //! `train(config) -> Summary`: the fine-tuning loop, top to bottom.
 //!
-//! Per optimizer step, in order: learning rate from the schedule; gradients over the step's
-//! micro-batches (`step.rs`, which survives OOM); clip; AdamW update (retried on OOM without
-//! recomputing gradients); memory policy bookkeeping (regrow); log; evaluate and save the best.
+//! Per optimizer step, in order: the rows and learning rate; the optimizer step itself
+//! (`step.rs`: gradients over micro-batches, unscale, clip, AdamW, and everything done about
+//! an OOM); log; evaluate and save the best; prune; checkpoint.
 
 pub mod card;
 pub mod checkpoint;
 pub mod eval;
 pub mod measure;
 pub mod optim;
+pub mod passes;
 pub mod precision;
 pub mod recompute;
 pub mod report;
@@ -23,25 +24,24 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, Lever, MicroBatch, Precision};
+use crate::config::{Config, MicroBatch, TrainSection};
 use crate::data::batch::{epoch_order, longest_first};
 use crate::data::read::read_dataset;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses;
-use crate::memory::oom::{is_oom, Injector, Phase};
-use crate::memory::policy::{Action, Event, MemState, RunState};
+use crate::memory::oom::Injector;
+use crate::memory::policy::{MemState, RunState};
 use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use checkpoint::Progress;
 use eval::{evaluate_widths, DevScores, Scores};
-use optim::{clip_grad_norm, AdamW};
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
-use step::{OomEvent, StepRunner, TokenizedData};
+use step::{Note, StepAt, Stepped, TokenizedData, Trainer};
 
 /// How a run talks to its caller.
 #[derive(Clone)]
@@ -231,10 +231,7 @@ pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan
         .flat_map(|r| r.iter().map(Vec::len))
         .max()
         .unwrap_or(1);
-    let micro = match t.micro_batch() {
-        MicroBatch::Size(n) => n,
-        MicroBatch::Auto => t.batch_size,
-    };
+    let micro = configured_micro(t);
     let (budget_bytes, budget_source) = match budget.limit {
         Some(b) => (
             b,
@@ -282,7 +279,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         model,
         train_set,
         dev_set,
-        mut data,
+        data,
     } = loaded;
     let t = &cfg.train;
 
@@ -314,10 +311,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         Some(spec) => Injector::parse(spec)?,
         None => Injector::default(),
     };
-    let max_micro = match t.micro_batch() {
-        MicroBatch::Size(n) => n,
-        MicroBatch::Auto => t.batch_size,
-    };
     let micro = match t.micro_batch() {
         MicroBatch::Size(n) => n,
         // The planner's pick (one row if not even that fits: the OOM handler takes over).
@@ -337,20 +330,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut progress = Progress {
         step: 0,
         scaler: LossScaler::new(t.precision),
-        mem: MemState {
-            max_micro,
-            ..MemState::new(micro, cfg.memory.regrow_after)
-        },
+        mem: MemState::new(micro, configured_micro(t), cfg.memory.regrow_after),
         best: None,
         dev_before: None,
     };
-    let mut optimizer = AdamW::new(t.weight_decay);
-    let mut runner = StepRunner::new(&model, t, &budget, &injector)?;
-    let mut levers = Levers {
-        precision: t.precision,
-        checkpointing: t.gradient_checkpointing,
-        max_seq_length: model.tokenizer.max_seq_length,
-    };
+    let escalate = &cfg.memory.escalate;
+    let mut trainer = Trainer::new(
+        &model,
+        t,
+        escalate,
+        &budget,
+        &injector,
+        data,
+        Some(&train_set),
+    )?;
     // The dev figures, and with train.matryoshka_dims those at each width too.
     let widths = t.matryoshka_dims.clone().unwrap_or_default();
     let dev_eval_at = |m: &SentenceModel, widths: &[usize]| {
@@ -363,10 +356,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     match restored {
         Some(r) => {
             // The levers the OOM handler had pulled, in the order it pulled them.
-            for &lever in &cfg.memory.escalate[..r.progress.mem.escalated] {
-                levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
+            for &lever in &escalate[..r.progress.mem.escalated] {
+                trainer.pull(lever)?;
             }
-            optimizer.restore(r.adam_step, r.moments);
+            trainer.optimizer.restore(r.adam_step, r.moments);
             progress = r.progress;
             reporter.resumed(start, &r.path);
             reporter.start_at(start);
@@ -395,13 +388,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         progress.mem.micro
     ));
 
-    let lengths: Vec<usize> = data
+    let lengths: Vec<usize> = trainer
+        .data()
         .tokens
         .iter()
         .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
         .collect();
     let mut order = Vec::new();
-    let mut events: Vec<OomEvent> = Vec::new();
     let (mut last_loss, mut samples, mut window_start) = (0f32, 0usize, Instant::now());
     let mut rows_trained = 0usize;
     let started = Instant::now();
@@ -433,82 +426,26 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
         let rows =
             &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
-        let lr = schedule.lr(step);
-        let mem = &mut progress.mem;
-        let scaler = &mut progress.scaler;
-        runner.loss_scale = scaler.scale;
-
-        let mut out = loop {
-            let grads = runner.gradients(&data, rows, step as u64, mem, &mut events);
-            for e in events.drain(..) {
-                reporter.oom(&e);
-            }
-            match grads {
-                Ok(o) => break o,
-                Err(e @ Error::OutOfMemory(_)) => match mem.escalate(&cfg.memory.escalate) {
-                    // Pull the next allowed lever and retry the same step from scratch.
-                    Some(lever) => {
-                        levers.pull(lever, &mut runner, &mut data, &model, &train_set)?;
-                        if lever == Lever::F16 {
-                            *scaler = LossScaler::new(Precision::F16);
-                            runner.loss_scale = scaler.scale;
-                        }
-                        reporter.escalated(step + 1, lever.as_str());
-                    }
-                    None => {
-                        save_final(
-                            &model,
-                            cfg,
-                            &info,
-                            step,
-                            "stopped: out of memory",
-                            1,
-                            mem.max_micro,
-                        )?;
-                        // Name what would fit: the memory this run needs, smaller models.
-                        let input = model.plan_input(t, data.columns)?;
-                        let longest = lengths.iter().copied().max().unwrap_or(1);
-                        let advice = crate::memory::alternatives::advice(
-                            &input,
-                            &model.spec.model_type,
-                            mem.max_micro,
-                            longest,
-                            budget.limit,
-                        );
-                        return Err(match e {
-                            Error::OutOfMemory(m) => Error::OutOfMemory(format!("{m}. {advice}")),
-                            other => other,
-                        });
-                    }
-                },
-                Err(e) => return Err(e),
+        let at = StepAt {
+            step: step as u64,
+            rows,
+            lr: schedule.lr(step),
+        };
+        let mut note = |note| report(&mut reporter, step + 1, note);
+        let (scaler, mem) = (&mut progress.scaler, &mut progress.mem);
+        let loss = match trainer.optimizer_step(at, scaler, mem, &mut note)? {
+            Stepped::Done { loss } => loss,
+            Stepped::NothingFits(why) => {
+                let stopped = "stopped: out of memory";
+                save_final(&model, cfg, &info, step, stopped, 1, mem.max_micro)?;
+                let longest = lengths.iter().copied().max().unwrap_or(1);
+                let columns = trainer.data().columns;
+                let advice = what_would_fit(&model, t, columns, mem.max_micro, longest, &budget)?;
+                return Err(Error::OutOfMemory(format!("{why}. {advice}")));
             }
         };
-        checkpoint::crash_point("step", step + 1);
-        // f16: unscale, and skip the update if a gradient overflowed (the scale halves).
-        if scaler.unscale(&mut out.grads)? {
-            clip_grad_norm(&mut out.grads, t.max_grad_norm)?;
-            apply_update(
-                &mut optimizer,
-                &model,
-                &out.grads,
-                lr,
-                step as u64,
-                &injector,
-                &budget,
-                mem,
-                &mut reporter,
-            )?;
-        } else {
-            reporter.skipped(step + 1, scaler.scale);
-        }
-        drop(out.grads);
-        if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
-            reporter.regrew(step + 1, micro);
-        }
-
         peak_memory = peak_memory.max(alloc::peak() as u64);
-        last_loss = out.loss;
+        last_loss = loss;
         samples += rows.len();
         rows_trained += rows.len();
         let done = step + 1;
@@ -519,8 +456,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             &StepLog {
                 step: done,
                 epoch,
-                loss: out.loss,
-                lr,
+                loss,
+                lr: at.lr,
                 samples_per_s: samples as f64 / secs.max(1e-9),
                 micro_batch_size: progress.mem.micro,
                 memory_in_use: budget.in_use(),
@@ -564,7 +501,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                     dev_now = dev_eval_at(&model, &[])?.map(|d| d.full);
                 }
                 let value = match p.metric.as_str() {
-                    "loss" => Some(out.loss as f64),
+                    "loss" => Some(loss as f64),
                     name => dev_now.as_ref().and_then(|c| c.figure(name)),
                 };
                 if let Some(v) = value {
@@ -579,8 +516,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let signal = opts.interrupt.load(Ordering::SeqCst);
         let every = cfg.output.checkpoint_steps;
         if signal != 0 || (every > 0 && (done % every == 0 || done == total)) {
-            let staged =
-                checkpoint::stage(out_dir, &progress, cfg, &model.params.vars, &optimizer)?;
+            let staged = checkpoint::stage(
+                out_dir,
+                &progress,
+                cfg,
+                &model.params.vars,
+                &trainer.optimizer,
+            )?;
             // Logged before it is published: a kill in between leaves a line for a step after
             // the newest checkpoint, which --resume drops.
             reporter.checkpoint(done, staged.path());
@@ -752,52 +694,6 @@ fn restore(
     Ok(r)
 }
 
-/// The AdamW update, retried on OOM: tensors already updated are not updated twice.
-#[allow(clippy::too_many_arguments)]
-fn apply_update(
-    opt: &mut AdamW,
-    model: &SentenceModel,
-    grads: &optim::Grads,
-    lr: f64,
-    step: u64,
-    injector: &Injector,
-    budget: &MemoryBudget,
-    mem: &mut MemState,
-    reporter: &mut Reporter,
-) -> Result<()> {
-    let mut done = Default::default();
-    let mut tries = 0;
-    loop {
-        let r = opt.step(&model.params.vars, grads, lr, &mut done, || {
-            injector.check(step, Phase::Optimizer)?;
-            budget.check("optimizer update")
-        });
-        match r {
-            Ok(()) => return Ok(()),
-            // The update holds no micro-batch to shrink: retry once what is left of it.
-            Err(e) if is_oom(&e) && tries == 0 => {
-                tries += 1;
-                mem.recovered += 1;
-                reporter.oom(&OomEvent {
-                    step,
-                    phase: Phase::Optimizer,
-                    micro_before: mem.micro,
-                    micro_after: mem.micro,
-                    memory_in_use: budget.in_use(),
-                    limit: budget.limit,
-                });
-            }
-            Err(e) if is_oom(&e) => {
-                return Err(Error::OutOfMemory(format!(
-                    "step {step}: the optimizer update does not fit ({e}). Consider raising \
-                     memory.limit or setting train.freeze_layers to train fewer tensors"
-                )))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// The dev file; its row shape picks the evaluation (scored pairs: Spearman, which also picks
 /// `best/`; pairs or triplets: retrieval, NDCG@10).
 /// The dev file, with `data.corpus`'s distractors when it is a retrieval file.
@@ -819,35 +715,42 @@ fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
     Ok(dev)
 }
 
-/// The memory levers in force; the OOM handler's escalation changes them mid-run.
-struct Levers {
-    precision: Precision,
-    checkpointing: bool,
-    max_seq_length: usize,
+/// Writes what a step reported to events.jsonl and the terminal; `step` counts from 1.
+fn report(reporter: &mut Reporter, step: usize, note: Note) {
+    match note {
+        Note::Oom(e) => reporter.oom(&e),
+        Note::Escalated(lever) => reporter.escalated(step, lever.as_str()),
+        Note::Skipped { loss_scale } => reporter.skipped(step, loss_scale),
+        Note::Regrew { micro } => reporter.regrew(step, micro),
+    }
 }
 
-impl Levers {
-    /// Pulls `lever`. Pulling f16 also needs a fresh loss scaler, which the caller owns.
-    fn pull(
-        &mut self,
-        lever: Lever,
-        runner: &mut StepRunner,
-        data: &mut TokenizedData,
-        model: &SentenceModel,
-        set: &Dataset,
-    ) -> Result<()> {
-        match lever {
-            Lever::GradientCheckpointing => self.checkpointing = true,
-            Lever::Bf16 => self.precision = Precision::Bf16,
-            Lever::F16 => self.precision = Precision::F16,
-            Lever::MaxSeqLength => {
-                self.max_seq_length = (self.max_seq_length / 2).max(8);
-                let mut tok = model.tokenizer.clone();
-                tok.set_max_seq_length(self.max_seq_length)?;
-                *data = tokenize(&tok, set)?;
-            }
-        }
-        runner.set_levers(self.precision, self.checkpointing)
+/// When nothing fits: the memory this run needs (at `micro` rows of `longest` tokens) and the
+/// smaller models that would fit the budget.
+fn what_would_fit(
+    model: &SentenceModel,
+    t: &TrainSection,
+    columns: usize,
+    micro: usize,
+    longest: usize,
+    budget: &MemoryBudget,
+) -> Result<String> {
+    let input = model.plan_input(t, columns)?;
+    Ok(crate::memory::alternatives::advice(
+        &input,
+        &model.spec.model_type,
+        micro,
+        longest,
+        budget.limit,
+    ))
+}
+
+/// `train.micro_batch_size` in rows, "auto" counting as the whole batch: what the planner
+/// estimates by default and the most a regrow goes back to.
+fn configured_micro(t: &TrainSection) -> usize {
+    match t.micro_batch() {
+        MicroBatch::Size(n) => n,
+        MicroBatch::Auto => t.batch_size,
     }
 }
 

@@ -125,7 +125,7 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a m
 /// Runs `f` on the f32 elements of a contiguous CPU tensor, mutably. Nested calls give one
 /// pass several mutable tensors at once (candle hands out one per in-place op); the tensors
 /// must not share storage, or the inner call waits forever on the outer's write lock.
-fn with_slice(
+pub(crate) fn with_slice(
     t: &Tensor,
     f: impl FnMut(&mut [f32]) -> candle_core::Result<()> + Send,
 ) -> candle_core::Result<()> {

@@ -3,7 +3,7 @@
 //! turn comes in the backward pass, its activations are recomputed from that input, with the
 //! same dropout masks (they are keyed to the row, not drawn in order), so the gradients equal
 //! those of the ordinary backward pass. Memory: L+1 layer inputs instead of every activation.
-//! The step runner takes the checkpoints in its first (embedding) pass over the batch, so the
+//! The cached scheme (`passes.rs`) takes the checkpoints in its first (embedding) pass, so the
 //! whole scheme costs one forward pass more than plain training, not two.
 
 use candle_core::backprop::GradStore;
@@ -58,7 +58,7 @@ pub fn backward_recomputing(
     let bias = enc.attention_bias(batch)?;
     // Head: pooling, Dense, Normalize.
     let top = Var::from_tensor(&checkpoints.pop().expect("the last layer's output"))?;
-    let mut g = backward_step(&net.head(top.as_tensor(), batch)?, grad, &top, sink)?;
+    let mut g = backward_step(net, &net.head(top.as_tensor(), batch)?, grad, &top, sink)?;
     // Layers, top down, each recomputed from its input.
     for i in (0..layers.len()).rev() {
         let x = Var::from_tensor(&checkpoints.pop().expect("one input per layer"))?;
@@ -69,24 +69,23 @@ pub fn backward_recomputing(
             drop,
             Encoder::layer_site(i),
         )?;
-        g = backward_step(&out, &g, &x, sink)?;
+        g = backward_step(net, &out, &g, &x, sink)?;
     }
     // Embeddings (their gradient only matters when they train).
     let x0 = enc.embed(batch, drop, net.dtype)?;
-    let store = (x0 * g)?.sum_all()?.backward()?;
+    let store = net.backward(&(x0 * g)?.sum_all()?)?;
     sink(&store)
 }
 
 /// Back-propagates `grad_out` from `out` and returns the gradient that reaches `input`.
 fn backward_step(
+    net: &Network,
     out: &Tensor,
     grad_out: &Tensor,
     input: &Var,
     sink: &mut dyn FnMut(&GradStore) -> Result<()>,
 ) -> Result<Tensor> {
-    let store = (out * grad_out.to_dtype(out.dtype())?)?
-        .sum_all()?
-        .backward()?;
+    let store = net.backward(&(out * grad_out.to_dtype(out.dtype())?)?.sum_all()?)?;
     sink(&store)?;
     store.get(input.as_tensor()).cloned().ok_or_else(|| {
         Error::Internal("gradient checkpointing: no gradient reached a layer input".into())

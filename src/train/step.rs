@@ -1,34 +1,25 @@
-//! One optimizer step's gradients, over micro-batches, surviving out-of-memory.
+//! One optimizer step, top to bottom ([`Trainer::optimizer_step`]): the gradients over the
+//! step's micro-batches (`passes.rs`: plain accumulation or the cached scheme), unscaling (f16),
+//! clipping, the AdamW update, and the memory policy's bookkeeping.
 //!
-//! Two schemes, chosen by the loss:
-//! - plain accumulation (per-row losses, or a batch that fits in one pass): each micro-batch's
-//!   loss is weighted by its share of the batch and back-propagated, gradients summed;
-//! - cached (GradCache, for batch-coupled losses cut into micro-batches, and for every loss under
-//!   gradient checkpointing): embed the whole batch without a graph, compute the loss and its
-//!   gradient with respect to the embeddings over the full batch, then re-run each micro-batch
-//!   with a graph (or layer by layer, see `recompute.rs`) and back-propagate those gradients.
-//!
-//! On an OOM the attempt's tensors are dropped (they go out of scope), the policy halves the
-//! micro-batch and the same rows are retried; work already done in the step is kept. Dropout
-//! masks depend on (seed, step, row), so a retried or re-run row sees the same mask.
+//! Every out-of-memory goes to the policy (`memory/policy.rs`, a pure function tested without a
+//! model), and this file is the only place that carries out what it decides: retry the same
+//! rows at a smaller micro-batch, switch a cut batch-coupled loss to the cached scheme, pull a
+//! `memory.escalate` lever, retry the update, regrow, or give up.
 
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use std::collections::BTreeSet;
 
-use crate::data::batch::TokenBatch;
-
-use crate::config::{Precision, TrainSection};
+use crate::config::{Lever, Precision, TrainSection};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::losses::{self, LossKind};
 use crate::memory::oom::{is_oom, Injector, Phase};
-use crate::memory::policy::{Action, Event, MemState};
+use crate::memory::policy::{Action, Event, MemState, Scheme, StepShape};
 use crate::memory::{human_bytes, MemoryBudget};
-use crate::model::dropout::Dropout;
-use crate::model::embedding_cut::{forward_cut, EmbeddingCut};
-use crate::model::{Network, SentenceModel};
-use crate::train::optim::Grads;
-use crate::train::precision::{self, LossScaler};
-use crate::train::recompute::{backward_recomputing, forward_checkpoints};
+use crate::model::SentenceModel;
+use crate::train::checkpoint;
+use crate::train::optim::{clip_grad_norm, AdamW, Grads};
+use crate::train::passes::{Batch, Gradients, Outcome, Pass, Runner};
+use crate::train::precision::LossScaler;
 
 /// The tokenized training set: `tokens[row][column]`, `scores[row]`.
 pub struct TokenizedData {
@@ -37,9 +28,10 @@ pub struct TokenizedData {
     pub columns: usize,
 }
 
-/// An OOM that was recovered (or not), for events.jsonl and the progress line.
+/// An OOM that was recovered, for events.jsonl and the progress line.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OomEvent {
+    /// 0-based, as the step counts; the files count from 1.
     pub step: u64,
     pub phase: Phase,
     pub micro_before: usize,
@@ -48,449 +40,296 @@ pub struct OomEvent {
     pub limit: Option<u64>,
 }
 
-/// Everything a step needs that does not change between steps.
-pub struct StepRunner<'a> {
-    pub model: &'a SentenceModel,
-    /// Built over the trainable vars: records a graph.
-    pub train_net: Network,
-    /// The same weights, detached: the cached scheme's first pass.
-    pub embed_net: Network,
-    pub loss: LossKind,
-    pub scale: f64,
-    /// `train.matryoshka_dims`: the loss summed over truncated widths.
-    pub matryoshka: Option<losses::Matryoshka>,
-    pub seed: u64,
-    pub dropout: (f32, f32),
-    pub budget: &'a MemoryBudget,
-    pub injector: &'a Injector,
-    /// Gradient checkpointing: recompute each layer's activations in the backward pass.
-    pub checkpointing: bool,
-    /// Multiplies the loss before backward (f16 dynamic loss scaling); gradients come out
-    /// scaled by it too. 1 for f32 and bf16.
-    pub loss_scale: f64,
+/// What a step reports as it goes (the train loop writes it to events.jsonl).
+#[derive(Debug, Clone)]
+pub enum Note {
+    Oom(OomEvent),
+    /// Micro-batch 1 did not fit: this `memory.escalate` lever was pulled.
+    Escalated(Lever),
+    /// f16 gradients overflowed: no update, and the loss scale is now this.
+    Skipped {
+        loss_scale: f64,
+    },
+    /// Enough clean steps: the next step tries this larger micro-batch.
+    Regrew {
+        micro: usize,
+    },
 }
 
-/// Gradients and loss of one optimizer step.
-pub struct StepOutput {
-    pub loss: f32,
-    pub grads: Grads,
+/// How an optimizer step ended.
+#[derive(Debug)]
+pub enum Stepped {
+    /// The step's loss; its update was applied (or skipped for an f16 overflow).
+    Done { loss: f32 },
+    /// Not even one row per pass fits with every allowed lever pulled. The weights are the
+    /// previous step's; the message names the step, the row, the memory and the keys to change.
+    NothingFits(String),
 }
 
-impl<'a> StepRunner<'a> {
-    /// A runner for `model` as the `[train]` section sets it up (loss, precision, checkpointing).
+/// Why a step has no gradients: see [`Stepped::NothingFits`].
+#[derive(Debug)]
+pub struct NothingFits(pub String);
+
+/// The step's place in the run: its number (0-based), its rows (indices into the data) and
+/// its learning rate.
+#[derive(Clone, Copy)]
+pub struct StepAt<'r> {
+    pub step: u64,
+    pub rows: &'r [usize],
+    pub lr: f64,
+}
+
+/// The memory levers in force: the configured ones, then those the policy pulled.
+#[derive(Debug, Clone, Copy)]
+struct Levers {
+    precision: Precision,
+    checkpointing: bool,
+    max_seq_length: usize,
+}
+
+/// What optimizer steps work with from one to the next: the passes' networks, the levers, the
+/// tokenized data and AdamW. The loss scale and the policy's state live in the run's progress
+/// (they are checkpointed there) and are lent to each step.
+pub struct Trainer<'a> {
+    runner: Runner<'a>,
+    levers: Levers,
+    data: TokenizedData,
+    /// The texts `data` came from, tokenized again when `max_seq_length` is pulled; None for
+    /// synthetic rows (benchmarks, tests), which no lever shortens.
+    texts: Option<&'a Dataset>,
+    /// `memory.escalate`: the levers the policy may pull at micro-batch 1, in order.
+    escalate: Vec<Lever>,
+    max_grad_norm: f64,
+    pub optimizer: AdamW,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer for `model` as the `[train]` section sets it up, on `data`.
     pub fn new(
         model: &'a SentenceModel,
         t: &TrainSection,
+        escalate: &[Lever],
         budget: &'a MemoryBudget,
         injector: &'a Injector,
+        data: TokenizedData,
+        texts: Option<&'a Dataset>,
     ) -> Result<Self> {
-        let dtype = precision::dtype(t.precision);
         Ok(Self {
-            model,
-            train_net: model.build(&model.params, dtype)?,
-            embed_net: model.build(&model.params.detached(), dtype)?,
-            loss: t.loss,
-            scale: t.scale,
-            matryoshka: losses::Matryoshka::from_train(t),
-            seed: t.seed,
-            dropout: model.network()?.encoder.dropout_probs(),
-            budget,
-            injector,
-            checkpointing: t.gradient_checkpointing,
-            loss_scale: LossScaler::new(t.precision).scale,
+            runner: Runner::new(model, t, t.precision, budget, injector)?,
+            levers: Levers {
+                precision: t.precision,
+                checkpointing: t.gradient_checkpointing,
+                max_seq_length: model.tokenizer.max_seq_length,
+            },
+            data,
+            texts,
+            escalate: escalate.to_vec(),
+            max_grad_norm: t.max_grad_norm,
+            optimizer: AdamW::new(t.weight_decay),
         })
     }
 
-    /// Switches precision and checkpointing (the OOM handler's escalation levers).
-    pub fn set_levers(&mut self, precision: Precision, checkpointing: bool) -> Result<()> {
-        let dtype = precision::dtype(precision);
-        self.train_net = self.model.build(&self.model.params, dtype)?;
-        self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
-        self.checkpointing = checkpointing;
-        Ok(())
+    /// The data as the levers pulled so far left it.
+    pub fn data(&self) -> &TokenizedData {
+        &self.data
     }
 
-    /// Computes the gradients of optimizer step `step` over `rows` (indices into `data`).
-    pub fn gradients(
-        &self,
-        data: &TokenizedData,
-        rows: &[usize],
-        step: u64,
+    /// One optimizer step: gradients, unscale, clip, update, regrow. `notes` hears of every
+    /// OOM, lever pulled, skipped update and regrow, as they happen.
+    pub fn optimizer_step(
+        &mut self,
+        at: StepAt,
+        scaler: &mut LossScaler,
         mem: &mut MemState,
-        events: &mut Vec<OomEvent>,
-    ) -> Result<StepOutput> {
-        let n = rows.len();
-        let mut grads = Grads::new();
-        // Checkpointing always goes through a gradient on the embeddings (the cached scheme).
-        if !self.checkpointing && (!losses::couples_batch(self.loss) || mem.micro >= n) {
-            let mut loss = 0f32;
-            let mut pos = 0;
-            while pos < n {
-                let m = mem.micro.min(n - pos);
-                match self.plain_chunk(data, &rows[pos..pos + m], n, step, &mut grads) {
-                    Ok(l) => {
-                        loss += l;
-                        pos += m;
-                    }
-                    Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
-                }
-                // A coupled loss cut by an OOM cannot be accumulated: switch to the cached scheme.
-                if losses::couples_batch(self.loss) && mem.micro < n && pos < n {
-                    grads.clear();
-                    return self.cached(data, rows, step, mem, events);
-                }
-            }
-            return Ok(StepOutput { loss, grads });
-        }
-        self.cached(data, rows, step, mem, events)
-    }
-
-    /// Handles a failed attempt: an OOM asks the policy for a smaller micro-batch, anything
-    /// else (or an OOM at micro-batch 1) ends the step with an error.
-    #[allow(clippy::too_many_arguments)]
-    fn recover(
-        &self,
-        data: &TokenizedData,
-        failed: Failed,
-        step: u64,
-        rows: &[usize],
-        pos: usize,
-        mem: &mut MemState,
-        events: &mut Vec<OomEvent>,
-    ) -> Result<()> {
-        let Failed { phase, error: e } = failed;
-        if !is_oom(&e) {
-            return Err(e);
-        }
-        let before = mem.micro;
-        match mem.decide(Event::Oom) {
-            Action::Retry { micro } => {
-                events.push(OomEvent {
-                    step,
-                    phase,
-                    micro_before: before,
-                    micro_after: micro,
-                    memory_in_use: self.budget.in_use(),
-                    limit: self.budget.limit,
-                });
-                Ok(())
-            }
-            _ => {
-                let row = rows[pos];
-                let tokens = data.tokens[row].iter().map(Vec::len).max().unwrap_or(0);
-                Err(Error::OutOfMemory(format!(
-                    "step {step}, {phase:?} phase: even a micro-batch of 1 row does not fit \
-                     (data row {row}, {tokens} tokens). Memory in use {}, limit {}. Consider \
-                     raising memory.limit, lowering model.max_seq_length, or setting \
-                     train.freeze_layers",
-                    human_bytes(self.budget.in_use()),
-                    self.budget
-                        .limit
-                        .map(human_bytes)
-                        .unwrap_or_else(|| "the device's".into())
-                )))
-            }
-        }
-    }
-
-    /// Column `c` of `rows`, packed, on the model's device, and its dropout: masks keyed by each
-    /// row's (data row, column), whatever batch it sits in.
-    fn column(
-        &self,
-        data: &TokenizedData,
-        rows: &[usize],
-        c: usize,
-        step: u64,
-    ) -> Result<(TokenBatch, Dropout)> {
-        let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
-        let keys = rows.iter().map(|&r| (r as u64) << 2 | c as u64).collect();
-        let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
-        Ok((TokenBatch::new(&ids, &self.model.device)?, drop))
-    }
-
-    /// Embeddings of every text column of `rows`, through `net`, and the embedding-layer cuts
-    /// to finish their backward pass with (see `model/embedding_cut.rs`). Columns go through
-    /// the encoder one at a time: the backward pass then holds one column's temporaries at
-    /// a time, not both.
-    fn embed(
-        &self,
-        net: &Network,
-        data: &TokenizedData,
-        rows: &[usize],
-        step: u64,
-    ) -> Result<(Vec<Tensor>, Vec<EmbeddingCut>)> {
-        let (mut cols, mut cuts) = (Vec::new(), Vec::new());
-        for c in 0..data.columns {
-            let (batch, drop) = self.column(data, rows, c, step)?;
-            let (emb, cut) = forward_cut(net, &batch, &drop)?;
-            cols.push(emb);
-            cuts.extend(cut);
-        }
-        Ok((cols, cuts))
-    }
-
-    /// Accumulates the gradients of the encoder's backward pass `store`, then, with the
-    /// encoder's graph gone (the caller dropped it), those of the embedding layer.
-    fn finish_backward(
-        &self,
-        grads: &mut Grads,
-        store: GradStore,
-        cuts: Vec<EmbeddingCut>,
-    ) -> Result<()> {
-        self.accumulate(grads, &store)?;
-        let reached = cuts
-            .iter()
-            .map(|cut| cut.gradient(&store))
-            .collect::<Result<Vec<_>>>()?;
-        drop(store);
-        for (cut, g) in cuts.into_iter().zip(reached) {
-            self.accumulate(grads, &cut.backward(&self.train_net, &g)?)?;
-        }
-        Ok(())
-    }
-
-    fn scores(&self, data: &TokenizedData, rows: &[usize]) -> Result<Option<Tensor>> {
-        if data.scores.first().is_none_or(|s| s.is_none()) {
-            return Ok(None);
-        }
-        let s: Vec<f32> = rows
-            .iter()
-            .map(|&r| data.scores[r].unwrap_or(0.0))
-            .collect();
-        Ok(Some(Tensor::from_vec(s, rows.len(), &self.model.device)?))
-    }
-
-    /// Plain accumulation: loss of this chunk, weighted by its share of the batch.
-    fn plain_chunk(
-        &self,
-        data: &TokenizedData,
-        rows: &[usize],
-        batch_len: usize,
-        step: u64,
-        grads: &mut Grads,
-    ) -> Result<f32, Failed> {
-        let (loss, cuts) = in_phase(Phase::Forward, || {
-            self.budget.mark();
-            self.injector.check(step, Phase::Forward)?;
-            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
-            let scores = self.scores(data, rows)?;
-            let weight = rows.len() as f64 / batch_len as f64;
-            let loss = (losses::compute(
-                self.loss,
-                self.scale,
-                self.matryoshka.as_ref(),
-                &cols,
-                scores.as_ref(),
-            )? * weight)?;
-            self.budget.check("forward pass")?;
-            Ok((loss, cuts))
-        })?;
-        in_phase(Phase::Backward, || {
-            self.injector.check(step, Phase::Backward)?;
-            let store = (&loss * self.loss_scale)?.backward()?;
-            let value = loss.to_scalar::<f32>()?;
-            drop(loss); // frees the encoder's activations before the embedding layer's pass
-            self.finish_backward(grads, store, cuts)?;
-            self.budget.check("backward pass")?;
-            Ok(value)
-        })
-    }
-
-    /// The cached (GradCache) scheme: for batch-coupled losses cut into micro-batches, and for
-    /// every loss under gradient checkpointing.
-    fn cached(
-        &self,
-        data: &TokenizedData,
-        rows: &[usize],
-        step: u64,
-        mem: &mut MemState,
-        events: &mut Vec<OomEvent>,
-    ) -> Result<StepOutput> {
-        let n = rows.len();
-        // 1. Embeddings of the whole batch, chunk by chunk, without a graph (with checkpointing,
-        //    also every row's layer inputs, kept per row so later chunks may be cut otherwise).
-        let mut parts: Vec<Vec<Tensor>> = Vec::new();
-        let mut ckpts: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); data.columns]; // [column][row][layer]
-        let mut pos = 0;
-        while pos < n {
-            let m = mem.micro.min(n - pos);
-            let attempt = in_phase(Phase::Forward, || {
-                self.budget.mark();
-                self.injector.check(step, Phase::Forward)?;
-                let chunk = &rows[pos..pos + m];
-                let mut cols = Vec::with_capacity(data.columns);
-                let mut kept = Vec::with_capacity(data.columns);
-                for c in 0..data.columns {
-                    let (batch, drop) = self.column(data, chunk, c, step)?;
-                    if self.checkpointing {
-                        let (emb, inputs) = forward_checkpoints(&self.embed_net, &batch, &drop)?;
-                        cols.push(emb);
-                        kept.push(per_row(&inputs, &batch)?);
-                    } else {
-                        cols.push(self.embed_net.forward(&batch, &drop)?);
-                    }
-                }
-                self.budget.check("embedding pass")?;
-                Ok((cols, kept))
-            });
-            match attempt {
-                Ok((cols, kept)) => {
-                    parts.push(cols);
-                    for (c, rows_kept) in kept.into_iter().enumerate() {
-                        ckpts[c].extend(rows_kept);
-                    }
-                    pos += m;
-                }
-                Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
-            }
-        }
-        // 2. The loss over the full batch, and its gradient with respect to each embedding.
-        let full: Vec<Var> = (0..data.columns)
-            .map(|c| {
-                let col: Vec<Tensor> = parts.iter().map(|p| p[c].clone()).collect();
-                Ok(Var::from_tensor(&Tensor::cat(&col, 0)?)?)
-            })
-            .collect::<Result<_>>()?;
-        drop(parts);
-        let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
-        let scores = self.scores(data, rows)?;
-        let loss = losses::compute(
-            self.loss,
-            self.scale,
-            self.matryoshka.as_ref(),
-            &cols,
-            scores.as_ref(),
-        )?;
-        let store = loss.backward()?;
-        let emb_grads: Vec<Tensor> = full
-            .iter()
-            .map(|v| {
-                let g = store
-                    .get(v.as_tensor())
-                    .ok_or_else(|| Error::Internal("loss has no gradient".into()))?;
-                Ok((g * self.loss_scale)?)
-            })
-            .collect::<Result<_>>()?;
-        drop(store);
-        let cached = Cached {
-            emb_grads,
-            checkpoints: ckpts,
+        notes: &mut dyn FnMut(Note),
+    ) -> Result<Stepped> {
+        let StepAt { step, rows, lr } = at;
+        let Gradients { loss, mut grads } = match self.gradients(rows, step, scaler, mem, notes)? {
+            Ok(g) => g,
+            Err(NothingFits(why)) => return Ok(Stepped::NothingFits(why)),
         };
-        // 3. Push the cached gradients back through the network, chunk by chunk.
-        let mut grads = Grads::new();
-        let mut pos = 0;
-        while pos < n {
-            let m = mem.micro.min(n - pos);
-            let attempt = in_phase(Phase::Backward, || {
-                self.budget.mark();
-                self.injector.check(step, Phase::Backward)?;
-                let mut part = Grads::new();
-                self.backward_chunk(data, &rows[pos..pos + m], pos, step, &cached, &mut part)?;
-                self.budget.check("backward pass")?;
-                Ok(part)
+        checkpoint::crash_point("step", step as usize + 1);
+        // f16: an overflowing gradient skips the update (and halves the scale).
+        if scaler.unscale(&mut grads)? {
+            clip_grad_norm(&mut grads, self.max_grad_norm)?;
+            self.update(&grads, lr, step, mem, notes)?;
+        } else {
+            notes(Note::Skipped {
+                loss_scale: scaler.scale,
             });
-            match attempt {
-                Ok(part) => {
-                    for (name, g) in part {
-                        add(&mut grads, name, g)?;
-                    }
-                    pos += m;
-                }
-                Err(e) => self.recover(data, e, step, rows, pos, mem, events)?,
-            }
         }
-        Ok(StepOutput {
-            loss: loss.to_scalar::<f32>()?,
-            grads,
-        })
+        drop(grads);
+        if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
+            notes(Note::Regrew { micro });
+        }
+        Ok(Stepped::Done { loss })
     }
 
-    /// Pushes the cached embedding gradients of `rows` (at `pos` in the batch) back through the
-    /// network: through one graph, or layer by layer with recomputation (checkpointing).
-    fn backward_chunk(
-        &self,
-        data: &TokenizedData,
+    /// The gradients of `rows` over micro-batches of `mem.micro` rows, in the scheme the
+    /// policy picks. An OOM in a micro-batch goes to the policy, whose answer is carried out
+    /// here: retry at its smaller size (rows done are kept), start again in the cached scheme,
+    /// or start again with a lever pulled.
+    pub fn gradients(
+        &mut self,
         rows: &[usize],
-        pos: usize,
         step: u64,
-        cached: &Cached,
-        grads: &mut Grads,
+        scaler: &mut LossScaler,
+        mem: &mut MemState,
+        notes: &mut dyn FnMut(Note),
+    ) -> Result<Result<Gradients, NothingFits>> {
+        let mut pass = self.start_pass(rows.len(), mem);
+        loop {
+            let batch = Batch {
+                data: &self.data,
+                rows,
+                step,
+            };
+            let (phase, at) = match self.runner.run(&mut pass, batch, mem.micro, scaler.scale)? {
+                Outcome::Done(g) => return Ok(Ok(g)),
+                Outcome::Oom { phase, at } => (phase, at),
+            };
+            let before = mem.micro;
+            let event = Event::MicroBatchOom {
+                step: self.shape(rows.len()),
+                escalate: &self.escalate,
+            };
+            match mem.decide(event) {
+                Action::Retry { micro } => notes(Note::Oom(self.oom(step, phase, before, micro))),
+                Action::SwitchToCached { micro } => {
+                    notes(Note::Oom(self.oom(step, phase, before, micro)));
+                    let checkpointing = self.levers.checkpointing;
+                    pass = Pass::new(Scheme::Cached, checkpointing, self.data.columns);
+                }
+                Action::Escalate { lever } => {
+                    drop(pass);
+                    self.pull(lever)?;
+                    if lever == Lever::F16 {
+                        *scaler = LossScaler::new(Precision::F16);
+                    }
+                    notes(Note::Escalated(lever));
+                    pass = self.start_pass(rows.len(), mem);
+                }
+                Action::GiveUp { consider } => {
+                    return Ok(Err(self.nothing_fits(step, phase, rows[at], consider)))
+                }
+                other => return Err(unexpected(other, "a micro-batch")),
+            }
+        }
+    }
+
+    /// AdamW on `grads`. An OOM part way goes to the policy: the update is retried (once),
+    /// skipping the tensors it already updated.
+    fn update(
+        &mut self,
+        grads: &Grads,
+        lr: f64,
+        step: u64,
+        mem: &mut MemState,
+        notes: &mut dyn FnMut(Note),
     ) -> Result<()> {
-        let (m, emb_grads, ckpts) = (rows.len(), &cached.emb_grads, &cached.checkpoints);
-        if !self.checkpointing {
-            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
-            let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
-            for (e, g) in cols.iter().zip(emb_grads) {
-                surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
+        let mut updated = BTreeSet::new();
+        let mut retried = false;
+        loop {
+            let runner = &self.runner;
+            let vars = &runner.model.params.vars;
+            let error = match self.optimizer.step(vars, grads, lr, &mut updated, || {
+                runner.injector.check(step, Phase::Optimizer)?;
+                runner.budget.check("optimizer update")
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_oom(&e) => e,
+                Err(e) => return Err(e),
+            };
+            match mem.decide(Event::UpdateOom { retried }) {
+                Action::RetryUpdate => {
+                    retried = true;
+                    let micro = mem.micro;
+                    notes(Note::Oom(self.oom(step, Phase::Optimizer, micro, micro)));
+                }
+                Action::GiveUp { consider } => {
+                    return Err(Error::OutOfMemory(format!(
+                        "step {step}: the optimizer update does not fit ({error}). Consider \
+                         {consider}"
+                    )))
+                }
+                other => return Err(unexpected(other, "the optimizer update")),
             }
-            drop(cols);
-            let store = surrogate.backward()?;
-            drop(surrogate);
-            return self.finish_backward(grads, store, cuts);
         }
-        for (c, g) in emb_grads.iter().enumerate() {
-            let (batch, drop) = self.column(data, rows, c, step)?;
-            let layers = ckpts[c][pos].len();
-            let inputs = (0..layers)
-                .map(|l| {
-                    let rows: Vec<&Tensor> = ckpts[c][pos..pos + m].iter().map(|r| &r[l]).collect();
-                    Ok(Tensor::cat(&rows, 0)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let mut sink = |store: &GradStore| self.accumulate(grads, store);
-            backward_recomputing(
-                &self.train_net,
-                &batch,
-                &drop,
-                &g.narrow(0, pos, m)?,
-                inputs,
-                &mut sink,
-            )?;
+    }
+
+    /// Pulls `lever` (the policy's escalation, or a resumed run restoring the levers its
+    /// checkpoint had pulled).
+    pub fn pull(&mut self, lever: Lever) -> Result<()> {
+        let levers = &mut self.levers;
+        match lever {
+            Lever::GradientCheckpointing => levers.checkpointing = true,
+            Lever::Bf16 | Lever::F16 => {
+                levers.precision = if lever == Lever::F16 {
+                    Precision::F16
+                } else {
+                    Precision::Bf16
+                };
+                self.runner.set_precision(levers.precision)?;
+            }
+            Lever::MaxSeqLength => {
+                levers.max_seq_length = (levers.max_seq_length / 2).max(8);
+                let texts = self.texts.ok_or_else(|| {
+                    Error::Internal("max_seq_length pulled on rows without texts".into())
+                })?;
+                let mut tokenizer = self.runner.model.tokenizer.clone();
+                tokenizer.set_max_seq_length(levers.max_seq_length)?;
+                self.data = super::tokenize(&tokenizer, texts)?;
+            }
         }
         Ok(())
     }
 
-    /// Adds the gradient of every trainable tensor found in `store` to `grads`.
-    fn accumulate(&self, grads: &mut Grads, store: &GradStore) -> Result<()> {
-        for (name, var) in &self.model.params.vars {
-            if let Some(g) = store.get(var.as_tensor()) {
-                add(grads, name.clone(), g.detach())?;
-            }
+    fn shape(&self, rows: usize) -> StepShape {
+        StepShape {
+            rows,
+            coupled: self.runner.couples_batch(),
+            checkpointing: self.levers.checkpointing,
         }
-        Ok(())
+    }
+
+    fn start_pass(&self, rows: usize, mem: &MemState) -> Pass {
+        let scheme = mem.scheme(self.shape(rows));
+        Pass::new(scheme, self.levers.checkpointing, self.data.columns)
+    }
+
+    fn oom(&self, step: u64, phase: Phase, micro_before: usize, micro_after: usize) -> OomEvent {
+        let budget = self.runner.budget;
+        OomEvent {
+            step,
+            phase,
+            micro_before,
+            micro_after,
+            memory_in_use: budget.in_use(),
+            limit: budget.limit,
+        }
+    }
+
+    fn nothing_fits(&self, step: u64, phase: Phase, row: usize, consider: &str) -> NothingFits {
+        let tokens = self.data.tokens[row]
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
+        let budget = self.runner.budget;
+        NothingFits(format!(
+            "step {step}, {phase:?} phase: even a micro-batch of 1 row does not fit (data row \
+             {row}, {tokens} tokens). Memory in use {}, limit {}. Consider {consider}",
+            human_bytes(budget.in_use()),
+            budget
+                .limit
+                .map(human_bytes)
+                .unwrap_or_else(|| "the device's".into())
+        ))
     }
 }
 
-/// What the cached scheme's first passes leave for its last: d loss / d embeddings per column,
-/// (batch, dim), and with checkpointing every row's layer inputs, `[column][row][layer]`.
-struct Cached {
-    emb_grads: Vec<Tensor>,
-    checkpoints: Vec<Vec<Vec<Tensor>>>,
-}
-
-/// Splits packed per-layer tensors into per-row views: `[row][layer]`.
-fn per_row(inputs: &[Tensor], batch: &TokenBatch) -> Result<Vec<Vec<Tensor>>> {
-    batch
-        .rows()
-        .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
-        .collect()
-}
-
-fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {
-    let sum = match grads.remove(&name) {
-        Some(acc) => (acc + g)?,
-        None => g,
-    };
-    grads.insert(name, sum);
-    Ok(())
-}
-
-/// An attempt that failed, and in which phase (for the OOM event).
-pub struct Failed {
-    pub phase: Phase,
-    pub error: Error,
-}
-
-fn in_phase<T>(phase: Phase, f: impl FnOnce() -> Result<T>) -> Result<T, Failed> {
-    f().map_err(|error| Failed { phase, error })
+fn unexpected(action: Action, what: &str) -> Error {
+    Error::Internal(format!(
+        "the memory policy answered an OOM in {what} with {action:?}"
+    ))
 }

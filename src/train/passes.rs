@@ -1,0 +1,581 @@
+//! The passes that compute one optimizer step's gradients over its micro-batches, in either
+//! scheme (`memory::policy::Scheme` says which):
+//! - plain accumulation: each micro-batch's loss is weighted by its share of the batch and
+//!   back-propagated, gradients summed;
+//! - cached (GradCache): embed the whole batch without a graph, compute the loss and its
+//!   gradient with respect to the embeddings over the full batch, then re-run each micro-batch
+//!   with a graph (or layer by layer, see `recompute.rs`) and back-propagate those gradients.
+//!
+//! A pass stops at a micro-batch that runs out of memory, after dropping that attempt's tensors
+//! (they go out of scope), and keeps what it has done: run again, it goes on from that
+//! micro-batch, at whatever size the policy then chose. Dropout masks depend on (seed, step,
+//! row), so a retried or re-run row sees the same mask.
+
+use std::ops::Range;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::config::{Precision, TrainSection};
+use crate::data::batch::TokenBatch;
+use crate::error::{Error, Result};
+use crate::losses::{self, LossKind};
+use crate::memory::oom::{is_oom, Injector, Phase};
+use crate::memory::policy::Scheme;
+use crate::memory::MemoryBudget;
+use crate::model::dropout::Dropout;
+use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
+use crate::model::{Network, SentenceModel};
+use crate::train::optim::{self, Grads};
+use crate::train::precision;
+use crate::train::recompute::{backward_recomputing, forward_checkpoints};
+use crate::train::step::TokenizedData;
+
+/// What every pass computes with: the networks at the precision in force, the loss, dropout,
+/// and where an OOM is detected (the memory budget) or injected.
+pub struct Runner<'a> {
+    pub model: &'a SentenceModel,
+    /// Built over the trainable vars: records a graph.
+    train_net: Network,
+    /// The same weights, detached: the cached scheme's first pass.
+    embed_net: Network,
+    loss: LossKind,
+    scale: f64,
+    /// `train.matryoshka_dims`: the loss summed over truncated widths.
+    matryoshka: Option<losses::Matryoshka>,
+    seed: u64,
+    dropout: (f32, f32),
+    pub budget: &'a MemoryBudget,
+    pub injector: &'a Injector,
+}
+
+/// The rows of one optimizer step (indices into `data`), and its number (0-based).
+#[derive(Clone, Copy)]
+pub struct Batch<'d> {
+    pub data: &'d TokenizedData,
+    pub rows: &'d [usize],
+    pub step: u64,
+}
+
+/// The loss and gradients of one optimizer step.
+pub struct Gradients {
+    pub loss: f32,
+    pub grads: Grads,
+}
+
+/// How a run of a pass ended.
+pub enum Outcome {
+    Done(Gradients),
+    /// The micro-batch starting at position `at` of the batch ran out of memory in `phase`.
+    Oom {
+        phase: Phase,
+        at: usize,
+    },
+}
+
+/// A step's gradients in the making: how far the pass got, and what it has so far.
+pub enum Pass {
+    Plain(PlainPass),
+    Cached(CachedPass),
+}
+
+pub struct PlainPass {
+    /// Rows done, their summed loss and gradients.
+    done: usize,
+    loss: f32,
+    grads: Grads,
+}
+
+pub struct CachedPass {
+    /// Recompute each layer in the backward pass from the inputs kept in stage 1.
+    checkpointing: bool,
+    /// Stage 1: rows embedded, their embeddings per chunk `[chunk][column]` and, with
+    /// checkpointing, every row's layer inputs `[column][row][layer]`.
+    embedded: usize,
+    parts: Vec<Vec<Tensor>>,
+    checkpoints: Vec<Vec<Vec<Tensor>>>,
+    /// Stage 2: the loss over the whole batch and its gradient on the embeddings.
+    loss: Option<FullLoss>,
+    /// Stage 3: rows back-propagated, and their gradients.
+    done: usize,
+    grads: Grads,
+}
+
+/// What the cached scheme's stage 2 leaves for stage 3: the loss (kept until the end, as its
+/// value is read then), d loss / d embeddings per column, (batch, dim), and the checkpoints.
+struct FullLoss {
+    loss: Tensor,
+    emb_grads: Vec<Tensor>,
+    checkpoints: Vec<Vec<Vec<Tensor>>>,
+}
+
+impl Pass {
+    /// A pass at the start of a step's batch of `columns` text columns.
+    pub fn new(scheme: Scheme, checkpointing: bool, columns: usize) -> Pass {
+        match scheme {
+            Scheme::Plain => Pass::Plain(PlainPass {
+                done: 0,
+                loss: 0.0,
+                grads: Grads::new(),
+            }),
+            Scheme::Cached => Pass::Cached(CachedPass {
+                checkpointing,
+                embedded: 0,
+                parts: Vec::new(),
+                checkpoints: vec![Vec::new(); columns],
+                loss: None,
+                done: 0,
+                grads: Grads::new(),
+            }),
+        }
+    }
+}
+
+impl<'a> Runner<'a> {
+    /// A runner for `model` as the `[train]` section sets it up, at `precision`.
+    pub fn new(
+        model: &'a SentenceModel,
+        t: &TrainSection,
+        precision: Precision,
+        budget: &'a MemoryBudget,
+        injector: &'a Injector,
+    ) -> Result<Self> {
+        let dtype = precision::dtype(precision);
+        Ok(Self {
+            model,
+            train_net: model.build(&model.params, dtype)?,
+            embed_net: model.build(&model.params.detached(), dtype)?,
+            loss: t.loss,
+            scale: t.scale,
+            matryoshka: losses::Matryoshka::from_train(t),
+            seed: t.seed,
+            dropout: model.network()?.encoder.dropout_probs(),
+            budget,
+            injector,
+        })
+    }
+
+    /// Rebuilds the networks for activations in `precision` (a lever the policy may pull).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let dtype = precision::dtype(precision);
+        self.train_net = self.model.build(&self.model.params, dtype)?;
+        self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
+        Ok(())
+    }
+
+    pub fn couples_batch(&self) -> bool {
+        losses::couples_batch(self.loss)
+    }
+
+    /// Runs `pass` over `batch`, `micro` rows at a time, until it is done or a micro-batch runs
+    /// out of memory. `loss_scale` multiplies the loss before backward (f16).
+    pub fn run(
+        &self,
+        pass: &mut Pass,
+        batch: Batch,
+        micro: usize,
+        loss_scale: f64,
+    ) -> Result<Outcome> {
+        match pass {
+            Pass::Plain(p) => self.run_plain(p, batch, micro, loss_scale),
+            Pass::Cached(c) => self.run_cached(c, batch, micro, loss_scale),
+        }
+    }
+
+    fn run_plain(
+        &self,
+        p: &mut PlainPass,
+        batch: Batch,
+        micro: usize,
+        loss_scale: f64,
+    ) -> Result<Outcome> {
+        let n = batch.rows.len();
+        while p.done < n {
+            let m = micro.min(n - p.done);
+            match self.plain_chunk(batch, p.done..p.done + m, loss_scale, &mut p.grads) {
+                Ok(l) => {
+                    p.loss += l;
+                    p.done += m;
+                }
+                Err(failed) => return failed.stop(p.done),
+            }
+        }
+        Ok(Outcome::Done(Gradients {
+            loss: p.loss,
+            grads: std::mem::take(&mut p.grads),
+        }))
+    }
+
+    fn run_cached(
+        &self,
+        c: &mut CachedPass,
+        batch: Batch,
+        micro: usize,
+        loss_scale: f64,
+    ) -> Result<Outcome> {
+        let n = batch.rows.len();
+        // 1. Embeddings of the whole batch, chunk by chunk, without a graph (with checkpointing,
+        //    also every row's layer inputs, kept per row so later chunks may be cut otherwise).
+        while c.embedded < n {
+            let m = micro.min(n - c.embedded);
+            match self.embed_chunk(batch, c.embedded..c.embedded + m, c.checkpointing) {
+                Ok((cols, kept)) => {
+                    c.parts.push(cols);
+                    for (col, rows_kept) in kept.into_iter().enumerate() {
+                        c.checkpoints[col].extend(rows_kept);
+                    }
+                    c.embedded += m;
+                }
+                Err(failed) => return failed.stop(c.embedded),
+            }
+        }
+        // 2. The loss over the full batch, and its gradient with respect to each embedding.
+        if c.loss.is_none() {
+            let parts = std::mem::take(&mut c.parts);
+            let checkpoints = std::mem::take(&mut c.checkpoints);
+            c.loss = Some(self.full_loss(batch, parts, checkpoints, loss_scale)?);
+        }
+        let full = c.loss.as_ref().expect("set above");
+        // 3. Push the cached gradients back through the network, chunk by chunk.
+        while c.done < n {
+            let m = micro.min(n - c.done);
+            let chunk = c.done..c.done + m;
+            let attempt = in_phase(Phase::Backward, || {
+                self.budget.mark();
+                self.injector.check(batch.step, Phase::Backward)?;
+                let mut part = Grads::new();
+                self.backward_chunk(batch, chunk, full, c.checkpointing, &mut part)?;
+                self.budget.check("backward pass")?;
+                Ok(part)
+            });
+            match attempt {
+                Ok(part) => {
+                    for (name, g) in part {
+                        add(&mut c.grads, name, g)?;
+                    }
+                    c.done += m;
+                }
+                Err(failed) => return failed.stop(c.done),
+            }
+        }
+        Ok(Outcome::Done(Gradients {
+            loss: full.loss.to_scalar::<f32>()?,
+            grads: std::mem::take(&mut c.grads),
+        }))
+    }
+
+    /// Column `c` of `rows`, packed, on the model's device, and its dropout: masks keyed by each
+    /// row's (data row, column), whatever batch it sits in.
+    fn column(
+        &self,
+        data: &TokenizedData,
+        rows: &[usize],
+        c: usize,
+        step: u64,
+    ) -> Result<(TokenBatch, Dropout)> {
+        let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
+        let keys = rows.iter().map(|&r| (r as u64) << 2 | c as u64).collect();
+        let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
+        Ok((TokenBatch::new(&ids, &self.model.device)?, drop))
+    }
+
+    /// Embeddings of every text column of `rows`, through `net`, and the embedding-layer cuts
+    /// to finish their backward pass with (see `model/embedding_cut.rs`). Columns go through
+    /// the encoder one at a time: the backward pass then holds one column's temporaries at
+    /// a time, not both.
+    fn embed(
+        &self,
+        net: &Network,
+        data: &TokenizedData,
+        rows: &[usize],
+        step: u64,
+    ) -> Result<(Vec<Tensor>, Vec<EmbeddingCut>)> {
+        let (mut cols, mut cuts) = (Vec::new(), Vec::new());
+        for c in 0..data.columns {
+            let (batch, drop) = self.column(data, rows, c, step)?;
+            let (emb, cut) = forward_cut(net, &batch, &drop)?;
+            cols.push(emb);
+            cuts.extend(cut);
+        }
+        Ok((cols, cuts))
+    }
+
+    /// Accumulates the gradients of the encoder's backward pass `store`, then, with the
+    /// encoder's graph gone (the caller dropped it), those of the embedding layer.
+    fn finish_backward(
+        &self,
+        grads: &mut Grads,
+        store: GradStore,
+        cuts: Vec<EmbeddingCut>,
+    ) -> Result<()> {
+        self.accumulate(grads, &store)?;
+        let reached = cuts
+            .iter()
+            .map(|cut| cut.gradient(&store))
+            .collect::<Result<Vec<_>>>()?;
+        drop(store);
+        for (cut, g) in cuts.into_iter().zip(reached) {
+            let (store, rows) = cut.backward(&self.train_net, &g)?;
+            self.accumulate(grads, &store)?;
+            if let Some(rows) = rows {
+                self.accumulate_rows(grads, rows)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn scores(&self, data: &TokenizedData, rows: &[usize]) -> Result<Option<Tensor>> {
+        if data.scores.first().is_none_or(|s| s.is_none()) {
+            return Ok(None);
+        }
+        let s: Vec<f32> = rows
+            .iter()
+            .map(|&r| data.scores[r].unwrap_or(0.0))
+            .collect();
+        Ok(Some(Tensor::from_vec(s, rows.len(), &self.model.device)?))
+    }
+
+    /// Plain accumulation: loss of the rows at `chunk` of the batch, weighted by their share of
+    /// it, back-propagated into `grads`.
+    fn plain_chunk(
+        &self,
+        batch: Batch,
+        chunk: Range<usize>,
+        loss_scale: f64,
+        grads: &mut Grads,
+    ) -> Result<f32, Failed> {
+        let (data, step) = (batch.data, batch.step);
+        let rows = &batch.rows[chunk];
+        let (loss, cuts) = in_phase(Phase::Forward, || {
+            self.budget.mark();
+            self.injector.check(step, Phase::Forward)?;
+            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
+            let scores = self.scores(data, rows)?;
+            let weight = rows.len() as f64 / batch.rows.len() as f64;
+            let loss = (losses::compute(
+                self.loss,
+                self.scale,
+                self.matryoshka.as_ref(),
+                &cols,
+                scores.as_ref(),
+            )? * weight)?;
+            self.budget.check("forward pass")?;
+            Ok((loss, cuts))
+        })?;
+        in_phase(Phase::Backward, || {
+            self.injector.check(step, Phase::Backward)?;
+            let store = self.train_net.backward(&(&loss * loss_scale)?)?;
+            let value = loss.to_scalar::<f32>()?;
+            drop(loss); // frees the encoder's activations before the embedding layer's pass
+            self.finish_backward(grads, store, cuts)?;
+            self.budget.check("backward pass")?;
+            Ok(value)
+        })
+    }
+
+    /// The cached scheme's stage 1 for the rows at `chunk`: their embeddings per column,
+    /// without a graph, and with `checkpointing` every row's layer inputs `[column][row][layer]`.
+    #[allow(clippy::type_complexity)]
+    fn embed_chunk(
+        &self,
+        batch: Batch,
+        chunk: Range<usize>,
+        checkpointing: bool,
+    ) -> Result<(Vec<Tensor>, Vec<Vec<Vec<Tensor>>>), Failed> {
+        let (data, step) = (batch.data, batch.step);
+        in_phase(Phase::Forward, || {
+            self.budget.mark();
+            self.injector.check(step, Phase::Forward)?;
+            let rows = &batch.rows[chunk];
+            let mut cols = Vec::with_capacity(data.columns);
+            let mut kept = Vec::with_capacity(data.columns);
+            for c in 0..data.columns {
+                let (tokens, drop) = self.column(data, rows, c, step)?;
+                if checkpointing {
+                    let (emb, inputs) = forward_checkpoints(&self.embed_net, &tokens, &drop)?;
+                    cols.push(emb);
+                    kept.push(per_row(&inputs, &tokens)?);
+                } else {
+                    cols.push(self.embed_net.forward(&tokens, &drop)?);
+                }
+            }
+            self.budget.check("embedding pass")?;
+            Ok((cols, kept))
+        })
+    }
+
+    /// The cached scheme's stage 2: the loss over the whole batch from the embeddings of
+    /// stage 1, and its gradient on them (times `loss_scale`).
+    fn full_loss(
+        &self,
+        batch: Batch,
+        parts: Vec<Vec<Tensor>>,
+        checkpoints: Vec<Vec<Vec<Tensor>>>,
+        loss_scale: f64,
+    ) -> Result<FullLoss> {
+        let full: Vec<Var> = (0..batch.data.columns)
+            .map(|c| {
+                let col: Vec<Tensor> = parts.iter().map(|p| p[c].clone()).collect();
+                Ok(Var::from_tensor(&Tensor::cat(&col, 0)?)?)
+            })
+            .collect::<Result<_>>()?;
+        drop(parts);
+        let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
+        let scores = self.scores(batch.data, batch.rows)?;
+        let loss = losses::compute(
+            self.loss,
+            self.scale,
+            self.matryoshka.as_ref(),
+            &cols,
+            scores.as_ref(),
+        )?;
+        let store = loss.backward()?;
+        let emb_grads: Vec<Tensor> = full
+            .iter()
+            .map(|v| {
+                let g = store
+                    .get(v.as_tensor())
+                    .ok_or_else(|| Error::Internal("loss has no gradient".into()))?;
+                Ok((g * loss_scale)?)
+            })
+            .collect::<Result<_>>()?;
+        drop(store);
+        Ok(FullLoss {
+            loss,
+            emb_grads,
+            checkpoints,
+        })
+    }
+
+    /// The cached scheme's stage 3 for the rows at `chunk`: pushes their cached embedding
+    /// gradients back through the network, through one graph, or layer by layer with
+    /// recomputation (`checkpointing`).
+    fn backward_chunk(
+        &self,
+        batch: Batch,
+        chunk: Range<usize>,
+        full: &FullLoss,
+        checkpointing: bool,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let (data, step) = (batch.data, batch.step);
+        let (pos, m) = (chunk.start, chunk.len());
+        let rows = &batch.rows[chunk];
+        let (emb_grads, ckpts) = (&full.emb_grads, &full.checkpoints);
+        if !checkpointing {
+            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
+            let mut surrogate = Tensor::zeros((), candle_core::DType::F32, &self.model.device)?;
+            for (e, g) in cols.iter().zip(emb_grads) {
+                surrogate = (surrogate + (e * g.narrow(0, pos, m)?)?.sum_all()?)?;
+            }
+            drop(cols);
+            let store = self.train_net.backward(&surrogate)?;
+            drop(surrogate);
+            return self.finish_backward(grads, store, cuts);
+        }
+        for (c, g) in emb_grads.iter().enumerate() {
+            let (tokens, drop) = self.column(data, rows, c, step)?;
+            let layers = ckpts[c][pos].len();
+            let inputs = (0..layers)
+                .map(|l| {
+                    let rows: Vec<&Tensor> = ckpts[c][pos..pos + m].iter().map(|r| &r[l]).collect();
+                    Ok(Tensor::cat(&rows, 0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut sink = |store: &GradStore| self.accumulate(grads, store);
+            backward_recomputing(
+                &self.train_net,
+                &tokens,
+                &drop,
+                &g.narrow(0, pos, m)?,
+                inputs,
+                &mut sink,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds the gradient of every trainable tensor found in `store` to `grads`.
+    fn accumulate(&self, grads: &mut Grads, store: &GradStore) -> Result<()> {
+        for (name, var) in &self.model.params.vars {
+            if let Some(g) = store.get(var.as_tensor()) {
+                add(grads, name.clone(), g.detach())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the word table's touched rows into its dense gradient (created at zero the first
+    /// time in the step), in place and in token order.
+    fn accumulate_rows(&self, grads: &mut Grads, rows: WordRows) -> Result<()> {
+        let id = rows.table.id();
+        let Some((name, _)) = self
+            .model
+            .params
+            .vars
+            .iter()
+            .find(|(_, v)| v.as_tensor().id() == id)
+        else {
+            return Err(Error::Internal(
+                "the word table is not a trainable parameter".into(),
+            ));
+        };
+        if !grads.contains_key(name) {
+            let zeros = Tensor::zeros(rows.table.shape(), DType::F32, rows.table.device())?;
+            grads.insert(name.clone(), zeros);
+        }
+        let width = rows.table.dim(1)?;
+        let src = rows.grads.flatten_all()?.to_vec1::<f32>()?;
+        optim::with_slice(&grads[name], |dense| {
+            for (t, &id) in rows.ids.iter().enumerate() {
+                let (row, from) = (id as usize * width, &src[t * width..(t + 1) * width]);
+                dense[row..row + width]
+                    .iter_mut()
+                    .zip(from)
+                    .for_each(|(d, g)| *d += g);
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+/// Splits packed per-layer tensors into per-row views: `[row][layer]`.
+fn per_row(inputs: &[Tensor], batch: &TokenBatch) -> Result<Vec<Vec<Tensor>>> {
+    batch
+        .rows()
+        .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
+        .collect()
+}
+
+fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {
+    let sum = match grads.remove(&name) {
+        Some(acc) => (acc + g)?,
+        None => g,
+    };
+    grads.insert(name, sum);
+    Ok(())
+}
+
+/// An attempt at a micro-batch that failed, and in which phase.
+struct Failed {
+    phase: Phase,
+    error: Error,
+}
+
+impl Failed {
+    /// Ends a run of the pass: an OOM goes back to the policy, any other error ends the step.
+    fn stop(self, at: usize) -> Result<Outcome> {
+        if !is_oom(&self.error) {
+            return Err(self.error);
+        }
+        Ok(Outcome::Oom {
+            phase: self.phase,
+            at,
+        })
+    }
+}
+
+fn in_phase<T>(phase: Phase, f: impl FnOnce() -> Result<T>) -> Result<T, Failed> {
+    f().map_err(|error| Failed { phase, error })
+}
