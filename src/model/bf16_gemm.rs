@@ -1053,93 +1053,40 @@ mod fast {
     }
 
     #[cfg(test)]
-    #[test]
-    #[ignore = "timing"]
-    fn packing_speed() {
-        let (t, d, o) = (2048usize, 384usize, 1536usize);
-        let w: Vec<f32> = (0..o * d).map(|i| (i % 7) as f32).collect();
-        let g: Vec<bf16> = (0..t * o).map(|i| bf16::from_f32((i % 5) as f32)).collect();
-        let x: Vec<bf16> = (0..t * d).map(|i| bf16::from_f32((i % 3) as f32)).collect();
-        let time = |name: &str, elems: usize, f: &mut dyn FnMut()| {
-            f();
-            let mut v: Vec<f64> = (0..9)
-                .map(|_| {
-                    let s = std::time::Instant::now();
-                    f();
-                    s.elapsed().as_secs_f64()
-                })
-                .collect();
-            v.sort_by(f64::total_cmp);
-            println!(
-                "{name}: {:.0} us, {:.2} ns/element",
-                v[4] * 1e6,
-                v[4] * 1e9 / elems as f64
-            );
-        };
-        let wm = Mat::new(Elems::F32(&w), o, d);
-        time("pack_b W^T (fwd, f32)", o * d, &mut || {
-            let mut pb = vec![bf16::ZERO; o * d];
-            unsafe { pack_b(&wm.t(), d, o, 0, &mut pb) };
-            std::hint::black_box(&pb);
-        });
-        time("pack_b W (dx, f32)", o * d, &mut || {
-            let mut pb = vec![bf16::ZERO; o * d];
-            unsafe { pack_b(&wm, o, d, 0, &mut pb) };
-            std::hint::black_box(&pb);
-        });
-        let gm = Mat::new(Elems::Bf16(&g), t, o);
-        time("PackedA g^T (dW, bf16)", t * o, &mut || {
-            std::hint::black_box(PackedA::new(&gm.t(), o, t, t, 32));
-        });
-        let xm = Mat::new(Elems::Bf16(&x), t, d);
-        time("pack_b x (dW, bf16)", t * d, &mut || {
-            let mut pb = vec![bf16::ZERO; t * d];
-            unsafe { pack_b(&xm, t, d, 0, &mut pb) };
-            std::hint::black_box(&pb);
-        });
-        let mut out = vec![bf16::ZERO; o * d];
-        time("alloc+fill like pack_b W", o * d, &mut || {
-            let mut v = vec![bf16::ZERO; o * d];
-            v.par_chunks_mut(4096).for_each(|c| c.fill(bf16::ONE));
-            std::hint::black_box(&v);
-        });
-        time("narrow W", o * d, &mut || {
-            unsafe { simd::narrow(Elems::F32(&w), 0, &mut out) };
-            std::hint::black_box(&out);
-        });
-    }
+    mod tests {
+        use super::*;
 
-    #[cfg(test)]
-    #[test]
-    fn narrow_rounds_as_half_does() {
-        if !has_avx512() {
-            return;
-        }
-        let mut bits: Vec<u32> = (0..1u64 << 32).step_by(65_521).map(|b| b as u32).collect();
-        bits.extend([
-            0,
-            0x8000_0000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7f7f_ffff,
-            0x7f80_0001,
-            0xffc0_0000,
-            0xffff_ffff,
-            0x3f80_8000,
-            0x3f81_8000,
-            0x0000_8000,
-        ]);
-        let src: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-        let mut got = vec![bf16::ZERO; src.len()];
-        // SAFETY: AVX-512 checked above; got has src's length.
-        unsafe { simd::narrow(Elems::F32(&src), 0, &mut got) };
-        for (s, g) in src.iter().zip(&got) {
-            assert_eq!(
-                g.to_bits(),
-                bf16::from_f32(*s).to_bits(),
-                "{:#x}",
-                s.to_bits()
-            );
+        #[test]
+        fn narrow_rounds_as_half_does() {
+            if !has_avx512() {
+                return;
+            }
+            let mut bits: Vec<u32> = (0..1u64 << 32).step_by(65_521).map(|b| b as u32).collect();
+            bits.extend([
+                0,
+                0x8000_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7f7f_ffff,
+                0x7f80_0001,
+                0xffc0_0000,
+                0xffff_ffff,
+                0x3f80_8000,
+                0x3f81_8000,
+                0x0000_8000,
+            ]);
+            let src: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+            let mut got = vec![bf16::ZERO; src.len()];
+            // SAFETY: AVX-512 checked above; got has src's length.
+            unsafe { simd::narrow(Elems::F32(&src), 0, &mut got) };
+            for (s, g) in src.iter().zip(&got) {
+                assert_eq!(
+                    g.to_bits(),
+                    bf16::from_f32(*s).to_bits(),
+                    "{:#x}",
+                    s.to_bits()
+                );
+            }
         }
     }
 }
