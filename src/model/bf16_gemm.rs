@@ -30,7 +30,7 @@ pub enum Elems<'a> {
 }
 
 impl Elems<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Elems::F32(v) => v.len(),
             Elems::Bf16(v) => v.len(),

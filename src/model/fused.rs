@@ -28,18 +28,19 @@ pub fn cpu_f32<'a>(
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: expected a contiguous input")
     };
+    /// Elements per parallel task of the conversion.
+    const CHUNK: usize = 1 << 14;
+    fn widen<T: Sync>(v: &[T], f: impl Fn(&[T], &mut [f32]) + Sync) -> Cow<'static, [f32]> {
+        let mut out = vec![0f32; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, v)| f(v, o));
+        Cow::Owned(out)
+    }
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => {
-            let mut out = vec![0f32; b - a];
-            v[a..b].convert_to_f32_slice(&mut out);
-            Cow::Owned(out)
-        }
-        CpuStorage::F16(v) => {
-            let mut out = vec![0f32; b - a];
-            v[a..b].convert_to_f32_slice(&mut out);
-            Cow::Owned(out)
-        }
+        CpuStorage::BF16(v) => widen(&v[a..b], |v, o| v.convert_to_f32_slice(o)),
+        CpuStorage::F16(v) => widen(&v[a..b], |v, o| v.convert_to_f32_slice(o)),
         _ => candle_core::bail!("{op}: expected a float input"),
     })
 }
@@ -322,9 +323,7 @@ impl CustomOp2 for GradWeight {
     }
 }
 
-/// Column sums of a 2-D bf16 or f32 `g`, as f32: the bias gradient. Column chunks in
-/// parallel, rows summed in order: the result does not depend on the threads (resumed runs are
-/// bit-identical).
+/// Column sums of a 2-D bf16 or f32 `g`, as f32: the bias gradient.
 struct ColumnSums;
 
 impl CustomOp1 for ColumnSums {
@@ -333,26 +332,33 @@ impl CustomOp1 for ColumnSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        const COLS: usize = 64;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let m = l.shape().elem_count() / n;
-        let g = gemm_elems(s, l, self.name())?;
         let mut sum = vec![0f32; n];
-        sum.par_chunks_mut(COLS).enumerate().for_each(|(c, sum)| {
-            let c = c * COLS;
-            for r in 0..m {
-                let at = r * n + c..r * n + c + sum.len();
-                match g {
-                    Elems::F32(v) => sum.iter_mut().zip(&v[at]).for_each(|(s, v)| *s += v),
-                    Elems::Bf16(v) => sum
-                        .iter_mut()
-                        .zip(&v[at])
-                        .for_each(|(s, v)| *s += v.to_f32()),
-                }
-            }
-        });
+        add_column_sums(gemm_elems(s, l, self.name())?, &mut sum);
         Ok((CpuStorage::F32(sum), Shape::from(n)))
     }
+}
+
+/// Adds the column sums of `g` (rows × out.len(), row-major) to `out`. Column chunks in
+/// parallel, rows summed in order: the result does not depend on the threads (resumed runs are
+/// bit-identical).
+pub(crate) fn add_column_sums(g: Elems, out: &mut [f32]) {
+    const COLS: usize = 64;
+    let n = out.len().max(1);
+    let m = g.len() / n;
+    out.par_chunks_mut(COLS).enumerate().for_each(|(c, sum)| {
+        let c = c * COLS;
+        for r in 0..m {
+            let at = r * n + c..r * n + c + sum.len();
+            match g {
+                Elems::F32(v) => sum.iter_mut().zip(&v[at]).for_each(|(s, v)| *s += v),
+                Elems::Bf16(v) => sum
+                    .iter_mut()
+                    .zip(&v[at])
+                    .for_each(|(s, v)| *s += v.to_f32()),
+            }
+        }
+    });
 }
 
 impl LinearOp {

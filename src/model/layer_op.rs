@@ -22,12 +22,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor,
 };
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::model::attention::Attention;
 use crate::model::dropout::HiddenMask;
-use crate::model::fused::{cpu_f32, cpu_storage, f32_params};
+use crate::model::fused::{add_column_sums, cpu_f32, cpu_storage, f32_params};
 use crate::model::{bf16_gemm, norm, vmath};
 
 /// The sizes of one layer.
@@ -271,32 +270,10 @@ fn linear_backward(
     let n = db.len();
     let t = dy.len() / n;
     matmul(how, dw, (n, k, t), (dy, (1, n)), (x, (k, 1)), true)?;
-    column_sums(dy, db);
+    add_column_sums(bf16_gemm::Elems::F32(dy), db);
     let mut dx = vec![0f32; t * k];
     matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
     Ok(dx)
-}
-
-/// Rows per partial sum of `column_sums`.
-const ROWS_PER_BLOCK: usize = 64;
-
-/// Adds the column sums of `x` (rows × out.len()) to `out`, in fixed blocks of rows summed in
-/// block order: the same bits whatever the thread count or scheduling.
-fn column_sums(x: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let blocks: Vec<Vec<f32>> = x
-        .par_chunks(ROWS_PER_BLOCK * n)
-        .map(|block| {
-            let mut acc = vec![0f32; n];
-            for row in block.chunks(n) {
-                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-            }
-            acc
-        })
-        .collect();
-    for b in blocks {
-        out.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
-    }
 }
 
 /// `x + mask ⊙ y`, rows of `width` (the packed tokens, as the masks number them).
@@ -343,21 +320,13 @@ fn round_to(dtype: DType, v: &mut [f32]) {
 
 /// A kept activation as f32 (borrowed when f32).
 fn read(s: &CpuStorage) -> candle_core::Result<Cow<'_, [f32]>> {
-    /// Elements per parallel task of a conversion.
-    const CHUNK: usize = 1 << 14;
-    fn widen<T: Sync>(v: &[T], f: impl Fn(&[T], &mut [f32]) + Sync) -> Cow<'static, [f32]> {
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, v)| f(v, o));
-        Cow::Owned(out)
-    }
-    Ok(match s {
-        CpuStorage::F32(v) => Cow::Borrowed(v),
-        CpuStorage::BF16(v) => widen(v, |v, o| v.convert_to_f32_slice(o)),
-        CpuStorage::F16(v) => widen(v, |v, o| v.convert_to_f32_slice(o)),
+    let len = match s {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
         _ => candle_core::bail!("st-tune-layer: expected a float activation"),
-    })
+    };
+    cpu_f32(s, &Layout::contiguous(len), "st-tune-layer")
 }
 
 /// f32 values as a tensor of `dtype`, converted on every core (candle's own conversion runs on

@@ -35,6 +35,14 @@ fn normalise(x: &mut [f32], eps: f32) -> f32 {
     rstd
 }
 
+/// One row of layer norm in place: normalised, then scaled by `w` and shifted by `b`.
+fn normalise_affine(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    normalise(x, eps);
+    for ((x, w), b) in x.iter_mut().zip(w).zip(b) {
+        *x = *x * w + b;
+    }
+}
+
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "st-tune-layer-norm"
@@ -53,10 +61,7 @@ impl CustomOp3 for LayerNormOp {
         let b = f32_params(s3, l3, self.name())?;
         let out = cpu_rows(s1.dtype(), l1.shape().elem_count(), w.len(), |row, o| {
             read_row(s1, l1, row, o)?;
-            normalise(o, self.eps);
-            for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
-                *o = *o * w + b;
-            }
+            normalise_affine(o, w, b, self.eps);
             Ok(())
         })?;
         Ok((out, l1.shape().clone()))
@@ -183,12 +188,8 @@ fn grads(
 /// Layer norm of `x`, (rows, w.len()) f32, in place: what the kernels above compute, for
 /// kernels that hold their activations as plain slices (`layer_op.rs`).
 pub(crate) fn norm_rows(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
-    x.par_chunks_mut(w.len()).for_each(|o| {
-        normalise(o, eps);
-        for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
-            *o = *o * w + b;
-        }
-    });
+    x.par_chunks_mut(w.len())
+        .for_each(|o| normalise_affine(o, w, b, eps));
 }
 
 /// Layer norm's backward pass over plain slices: (d input, d w ‖ d b) from the norm's input
@@ -303,10 +304,7 @@ impl CustomOp3 for AddLayerNormOp {
         let (w, b) = wb.split_at(wb.len() / 2);
         let out = cpu_rows(s1.dtype(), l1.shape().elem_count(), w.len(), |row, o| {
             self.sum_row((s1, l1), (s2, l2), row, o)?;
-            normalise(o, self.eps);
-            for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
-                *o = *o * w + b;
-            }
+            normalise_affine(o, w, b, self.eps);
             Ok(())
         })?;
         Ok((out, l1.shape().clone()))
