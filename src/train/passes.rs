@@ -264,25 +264,32 @@ impl<'a> Runner<'a> {
         }))
     }
 
-    /// Column `c` of `rows`, packed, on the model's device, and its dropout: masks keyed by each
-    /// row's (data row, column), whatever batch it sits in.
-    fn column(
+    /// Every text column of `rows`, packed column after column (row `c·n + r` is column `c` of
+    /// row `r`) into one batch on the model's device, and its dropout: masks keyed by each row's
+    /// (data row, column), whatever batch it sits in. One pass over all the columns doubles the
+    /// rows of every matrix product for pairs, which the CPU kernels run far faster than two
+    /// passes of half the size.
+    fn columns(
         &self,
         data: &TokenizedData,
         rows: &[usize],
-        c: usize,
         step: u64,
     ) -> Result<(TokenBatch, Dropout)> {
-        let ids: Vec<&[u32]> = rows.iter().map(|&r| data.tokens[r][c].as_slice()).collect();
-        let keys = rows.iter().map(|&r| (r as u64) << 2 | c as u64).collect();
+        let cols = 0..data.columns;
+        let ids: Vec<&[u32]> = cols
+            .clone()
+            .flat_map(|c| rows.iter().map(move |&r| data.tokens[r][c].as_slice()))
+            .collect();
+        let keys = cols
+            .flat_map(|c| rows.iter().map(move |&r| (r as u64) << 2 | c as u64))
+            .collect();
         let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
         Ok((TokenBatch::new(&ids, &self.model.device)?, drop))
     }
 
-    /// Embeddings of every text column of `rows`, through `net`, and the embedding-layer cuts
-    /// to finish their backward pass with (see `model/embedding_cut.rs`). Columns go through
-    /// the encoder one at a time: the backward pass then holds one column's temporaries at
-    /// a time, not both.
+    /// Embeddings of every text column of `rows` (one tensor per column) through `net`, in
+    /// one pass (see [`Runner::columns`]), and the embedding-layer cut to finish its backward
+    /// pass with (see `model/embedding_cut.rs`).
     fn embed(
         &self,
         net: &Network,
@@ -290,14 +297,12 @@ impl<'a> Runner<'a> {
         rows: &[usize],
         step: u64,
     ) -> Result<(Vec<Tensor>, Vec<EmbeddingCut>)> {
-        let (mut cols, mut cuts) = (Vec::new(), Vec::new());
-        for c in 0..data.columns {
-            let (batch, drop) = self.column(data, rows, c, step)?;
-            let (emb, cut) = forward_cut(net, &batch, &drop)?;
-            cols.push(emb);
-            cuts.extend(cut);
-        }
-        Ok((cols, cuts))
+        let (batch, drop) = self.columns(data, rows, step)?;
+        let (emb, cut) = forward_cut(net, &batch, &drop)?;
+        Ok((
+            split_columns(&emb, data.columns)?,
+            cut.into_iter().collect(),
+        ))
     }
 
     /// Accumulates the gradients of the encoder's backward pass `store`, then, with the
@@ -387,18 +392,18 @@ impl<'a> Runner<'a> {
             self.budget.mark();
             self.injector.check(step, Phase::Forward)?;
             let rows = &batch.rows[chunk];
-            let mut cols = Vec::with_capacity(data.columns);
-            let mut kept = Vec::with_capacity(data.columns);
-            for c in 0..data.columns {
-                let (tokens, drop) = self.column(data, rows, c, step)?;
-                if checkpointing {
-                    let (emb, inputs) = forward_checkpoints(&self.embed_net, &tokens, &drop)?;
-                    cols.push(emb);
-                    kept.push(per_row(&inputs, &tokens)?);
-                } else {
-                    cols.push(self.embed_net.forward(&tokens, &drop)?);
-                }
-            }
+            let (tokens, drop) = self.columns(data, rows, step)?;
+            let (emb, kept) = if checkpointing {
+                let (emb, inputs) = forward_checkpoints(&self.embed_net, &tokens, &drop)?;
+                let mut kept = per_row(&inputs, &tokens)?;
+                let per_column = (0..data.columns)
+                    .map(|_| kept.drain(..rows.len()).collect())
+                    .collect();
+                (emb, per_column)
+            } else {
+                (self.embed_net.forward(&tokens, &drop)?, Vec::new())
+            };
+            let cols = split_columns(&emb, data.columns)?;
             self.budget.check("embedding pass")?;
             Ok((cols, kept))
         })
@@ -473,26 +478,31 @@ impl<'a> Runner<'a> {
             drop(surrogate);
             return self.finish_backward(grads, store, cuts);
         }
-        for (c, g) in emb_grads.iter().enumerate() {
-            let (tokens, drop) = self.column(data, rows, c, step)?;
-            let layers = ckpts[c][pos].len();
-            let inputs = (0..layers)
-                .map(|l| {
-                    let rows: Vec<&Tensor> = ckpts[c][pos..pos + m].iter().map(|r| &r[l]).collect();
-                    Ok(Tensor::cat(&rows, 0)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let mut sink = |store: &GradStore| self.accumulate(grads, store);
-            backward_recomputing(
-                &self.train_net,
-                &tokens,
-                &drop,
-                &g.narrow(0, pos, m)?,
-                inputs,
-                &mut sink,
-            )?;
-        }
-        Ok(())
+        // All columns in one recomputing pass, their rows packed as `columns` packs them.
+        let (tokens, drop) = self.columns(data, rows, step)?;
+        let layers = ckpts[0][pos].len();
+        let inputs = (0..layers)
+            .map(|l| {
+                let rows: Vec<&Tensor> = ckpts
+                    .iter()
+                    .flat_map(|col| col[pos..pos + m].iter().map(|r| &r[l]))
+                    .collect();
+                Ok(Tensor::cat(&rows, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad = emb_grads
+            .iter()
+            .map(|g| g.narrow(0, pos, m))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut sink = |store: &GradStore| self.accumulate(grads, store);
+        backward_recomputing(
+            &self.train_net,
+            &tokens,
+            &drop,
+            &Tensor::cat(&grad, 0)?,
+            inputs,
+            &mut sink,
+        )
     }
 
     /// Adds the gradient of every trainable tensor found in `store` to `grads`.
@@ -538,6 +548,12 @@ impl<'a> Runner<'a> {
         })?;
         Ok(())
     }
+}
+
+/// The embeddings of a batch packed by [`Runner::columns`], one tensor per column.
+fn split_columns(emb: &Tensor, columns: usize) -> Result<Vec<Tensor>> {
+    let n = emb.dim(0)? / columns.max(1);
+    (0..columns).map(|c| Ok(emb.narrow(0, c * n, n)?)).collect()
 }
 
 /// Splits packed per-layer tensors into per-row views: `[row][layer]`.

@@ -17,7 +17,7 @@ use crate::memory::policy::{Action, Event, MemState, Scheme, StepShape};
 use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::SentenceModel;
 use crate::train::checkpoint;
-use crate::train::optim::{clip_grad_norm, AdamW, Grads};
+use crate::train::optim::{clip_coefficient, grad_norm, AdamW, Grads};
 use crate::train::passes::{Batch, Gradients, Outcome, Pass, Runner};
 use crate::train::precision::LossScaler;
 
@@ -151,8 +151,8 @@ impl<'a> Trainer<'a> {
         checkpoint::crash_point("step", step as usize + 1);
         // f16: an overflowing gradient skips the update (and halves the scale).
         if scaler.unscale(&mut grads)? {
-            clip_grad_norm(&mut grads, self.max_grad_norm)?;
-            self.update(&grads, lr, step, mem, notes)?;
+            let clip = clip_coefficient(grad_norm(&grads)?, self.max_grad_norm);
+            self.update(&grads, clip, lr, step, mem, notes)?;
         } else {
             notes(Note::Skipped {
                 loss_scale: scaler.scale,
@@ -217,11 +217,12 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// AdamW on `grads`. An OOM part way goes to the policy: the update is retried (once),
-    /// skipping the tensors it already updated.
+    /// AdamW on `grads` times `clip`. An OOM part way goes to the policy: the update is
+    /// retried (once), skipping the tensors it already updated.
     fn update(
         &mut self,
         grads: &Grads,
+        clip: f32,
         lr: f64,
         step: u64,
         mem: &mut MemState,
@@ -232,10 +233,12 @@ impl<'a> Trainer<'a> {
         loop {
             let runner = &self.runner;
             let vars = &runner.model.params.vars;
-            let error = match self.optimizer.step(vars, grads, lr, &mut updated, || {
-                runner.injector.check(step, Phase::Optimizer)?;
-                runner.budget.check("optimizer update")
-            }) {
+            let error = match self
+                .optimizer
+                .step(vars, grads, clip, lr, &mut updated, || {
+                    runner.injector.check(step, Phase::Optimizer)?;
+                    runner.budget.check("optimizer update")
+                }) {
                 Ok(()) => return Ok(()),
                 Err(e) if is_oom(&e) => e,
                 Err(e) => return Err(e),
