@@ -471,12 +471,16 @@ mod fast {
             _mm512_mask_blend_epi32, _mm512_maskz_loadu_epi32, _mm512_maskz_loadu_ps,
             _mm512_or_si512, _mm512_permutexvar_epi16, _mm512_set1_epi32, _mm512_setzero_si512,
             _mm512_shuffle_i32x4, _mm512_srli_epi32, _mm512_storeu_si512, _mm512_unpackhi_epi32,
-            _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
+            _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _mm_prefetch,
+            _MM_HINT_T0,
         };
 
         use half::bf16;
 
         use super::{Elems, NB};
+
+        /// How many rows ahead `b_rows` prefetches.
+        const PREFETCH_ROWS: usize = 8;
 
         /// Lanes below `len` (at most 16).
         fn mask(len: usize) -> u16 {
@@ -748,7 +752,22 @@ mod fast {
         pub unsafe fn b_rows(s: Elems, k: usize, n: usize, j0: usize, o: &mut [bf16]) {
             let kp = k.div_ceil(32) * 32;
             let blocks = o.len() / (kp * NB);
+            let (bytes, start) = match s {
+                Elems::F32(v) => (4, v.as_ptr().cast::<u8>()),
+                Elems::Bf16(v) => (2, v.as_ptr().cast::<u8>()),
+            };
+            let span = (n.saturating_sub(j0)).min(blocks * NB) * bytes;
             for q in 0..kp / 2 {
+                // Rows further down, ahead of use: rows of a wide B lie a page or more apart,
+                // which the hardware prefetcher does not follow, and the loads waited on memory.
+                for r in [2 * q + PREFETCH_ROWS, 2 * q + PREFETCH_ROWS + 1] {
+                    if r < k {
+                        let row = start.wrapping_add((r * n + j0) * bytes);
+                        for line in (0..span).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast());
+                        }
+                    }
+                }
                 for blk in 0..blocks {
                     let j = j0 + blk * NB;
                     let w = NB.min(n.saturating_sub(j));
@@ -1277,6 +1296,9 @@ mod tests {
             (2048, 1536, 384),
             (2048, 384, 384),
             (600, 384, 1536),
+            (400, 384, 1152),
+            (400, 384, 1536),
+            (400, 1536, 384),
             (2048, 768, 3072),
         ] {
             let x = values(&mut rng, tokens * d_in);
@@ -1324,17 +1346,22 @@ mod tests {
                     });
                     line += &format!(" {p:?} {g:.0}");
                 }
-                // The gemm crate on f32 inputs: what f32 training runs.
+                // f32 inputs: on the picked path (rounded as packed), and the gemm crate (what
+                // f32 training runs).
                 let (_, a, b, _) = products(Elems::F32(&xf[..]), Elems::F32(&gf[..]))[i];
-                let out = &mut c[..len];
-                let g = time(&mut || {
-                    let out = Out::F32 {
-                        c: out,
-                        accumulate: false,
-                    };
-                    matmul_on(Path::F32, out, a, b).unwrap()
-                });
-                println!("{line} | f32 inputs, gemm crate {g:.0}");
+                line += " | f32 inputs:";
+                for p in [path(), Path::F32] {
+                    let out = &mut c[..len];
+                    let g = time(&mut || {
+                        let out = Out::F32 {
+                            c: out,
+                            accumulate: false,
+                        };
+                        matmul_on(p, out, a, b).unwrap()
+                    });
+                    line += &format!(" {p:?} {g:.0}");
+                }
+                println!("{line}");
             }
         }
     }
