@@ -12,7 +12,15 @@ fn main() {
     }
     st_tune::memory::alloc::keep_freed_memory();
     let cli = st_tune::cli::Cli::parse();
-    if let Err(e) = st_tune::cli::run(cli) {
+    // The command runs on one of rayon's own threads: a parallel loop started there shares
+    // its work with the other threads and runs on the caller's core too, where one started
+    // from the main thread would hand all of it over and put the main thread to sleep (a
+    // wake-up per kernel call: 15 % of the cores sat idle in a training step).
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| st_tune::cli::run(cli)),
+        Err(_) => st_tune::cli::run(cli),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(e.exit_code());
     }

@@ -58,10 +58,10 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // The embedding layer's output: the layer itself is recomputed after the encoder's backward
     // pass (model/embedding_cut.rs), so its gathers and norm keep nothing here.
     let embed = tokens * h * act;
-    // The backward pass of one layer for one text column at a time holds intermediate-sized
+    // The backward pass of one layer (every text column in one pass) holds intermediate-sized
     // f32 temporaries whatever the activation type: about 14 bytes per token and intermediate
     // unit (calibrated against the counting allocator at the peak; docs/memory.md).
-    let scratch = tokens / p.columns.max(1) as u64 * i * 14;
+    let scratch = tokens * i * 14;
     // MPNet's relative-position bias, (heads, L, L) f32, and its gradient.
     let bias = if p.relative_bias {
         2 * p.heads as u64 * longest * longest * 4
@@ -72,9 +72,8 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
         + scratch
         + bias
         + if p.checkpointing {
-            // Every layer's input, plus one layer's activations for one text column at a time
-            // while it is recomputed.
-            tokens * h * act * p.layers as u64 + per_layer / p.columns.max(1) as u64
+            // Every layer's input, plus one layer's activations while it is recomputed.
+            tokens * h * act * p.layers as u64 + per_layer
         } else {
             per_layer * p.layers_with_graph as u64
         };
@@ -154,7 +153,7 @@ mod tests {
             },
             &[32; 16],
         );
-        assert!(ckpt.activations < big.activations / 3);
+        assert!(ckpt.activations < big.activations / 2);
     }
 
     #[test]

@@ -131,9 +131,8 @@ impl AttentionMasks {
     pub fn fill_head(&self, row: usize, head: usize, len: usize, out: &mut [f32]) {
         let key = self.row_keys[row];
         for (i, line) in out[..len * len].chunks_mut(len).enumerate() {
-            for (j, v) in line.iter_mut().enumerate() {
-                *v = mask_value(key, pack(&[head, i, j]), self.p);
-            }
+            line.fill(1.0);
+            scale_by_mask(key ^ pack(&[head, i, 0]), self.p, line);
         }
     }
 }
@@ -170,9 +169,7 @@ impl HiddenMask {
     pub fn apply_row(&self, t: usize, out: &mut [f32]) {
         let row = self.starts.partition_point(|&s| s <= t) - 1;
         let (key, i) = (self.row_keys[row], t - self.starts[row]);
-        for (c, v) in out.iter_mut().enumerate() {
-            *v *= mask_value(key, pack(&[i, c]), self.p);
-        }
+        scale_by_mask(key ^ pack(&[i, 0]), self.p, out);
     }
 
     /// The whole mask, (tokens, width) row-major (devices without the CPU kernel).
@@ -224,6 +221,37 @@ fn mask_value(row_key: u64, pos: u64, p: f32) -> f32 {
     }
 }
 
+/// `out[c] *= mask_value(row_key, pos + c, p)` for every c, where `base = row_key ^ pos` and the
+/// last packed coordinate of `pos` is 0 (so `pos + c = pos ^ c`). 16 lanes at a time where the
+/// CPU has AVX-512 DQ (64-bit multiplies; detected at run time), else one at a time: the same
+/// integer hash and comparison either way, so the masks are identical.
+fn scale_by_mask(base: u64, p: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has AVX-512 F and DQ (checked).
+        return unsafe { scale_by_mask_avx512(base, p, out) };
+    }
+    scale_by_mask_lanes(base, p, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn scale_by_mask_avx512(base: u64, p: f32, out: &mut [f32]) {
+    scale_by_mask_lanes(base, p, out)
+}
+
+#[inline(always)]
+fn scale_by_mask_lanes(base: u64, p: f32, out: &mut [f32]) {
+    // `mask_value`'s test u < p, with u = h / 2²⁴ for the integer h < 2²⁴, is h < ⌈p·2²⁴⌉
+    // (p·2²⁴ is exact in f32): an integer comparison, which vectorises.
+    let threshold = (p * (1u64 << 24) as f32).ceil() as u64;
+    let keep = 1.0 / (1.0 - p);
+    for (c, v) in out.iter_mut().enumerate() {
+        let h = mix(base ^ c as u64) >> 40;
+        *v *= if h < threshold { 0.0 } else { keep };
+    }
+}
+
 /// SplitMix64 finaliser: a cheap, well-mixed hash of one u64.
 pub fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -254,5 +282,24 @@ mod tests {
         assert!(max_diff(&y, &expected) < 1e-6);
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g.get(x.as_tensor()).unwrap(), &mask) < 1e-6);
+    }
+
+    #[test]
+    fn the_vector_mask_equals_mask_value_everywhere() {
+        // Odd widths (a short last vector), probabilities whose p·2²⁴ is and is not an integer.
+        for p in [0.1f32, 0.25, 0.5, 1e-7] {
+            for width in [1usize, 17, 384] {
+                let (key, i) = (mix(7), 3usize);
+                let mut got = vec![1f32; width];
+                scale_by_mask(key ^ pack(&[i, 0]), p, &mut got);
+                let want: Vec<f32> = (0..width)
+                    .map(|c| mask_value(key, pack(&[i, c]), p))
+                    .collect();
+                assert_eq!(got, want, "p {p}, width {width}");
+                let mut lanes = vec![1f32; width];
+                scale_by_mask_lanes(key ^ pack(&[i, 0]), p, &mut lanes);
+                assert_eq!(lanes, want, "scalar path, p {p}, width {width}");
+            }
+        }
     }
 }
