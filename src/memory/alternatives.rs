@@ -98,6 +98,7 @@ fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
         } else {
             0
         },
+        trained_layers: k.layers.saturating_sub(run.layers - run.trained_layers),
         ..*run
     }
 }
@@ -154,6 +155,7 @@ mod tests {
             columns: 2,
             batch_size: 16,
             trainable_word_embeddings: 30527 * 768,
+            trained_layers: 12,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct PlanInput {
     pub batch_size: usize,
     /// Elements of the word-embedding table when it trains, else 0.
     pub trainable_word_embeddings: usize,
+    /// Encoder layers whose parameters train.
+    pub trained_layers: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -80,20 +82,37 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // The f32 master copy; the CPU kernels read it directly in half precision too.
     let weights = p.params as u64 * 4;
     let optimizer = p.trainable as u64 * 8;
-    // f32 gradients; when a step adds up several backward passes (micro-batches, or the
-    // layer-by-layer passes of checkpointing), the sum so far and one pass's besides.
-    let accumulating = p.checkpointing || lengths.len() < p.batch_size;
-    let gradients = p.trainable as u64 * 4 * if accumulating { 2 } else { 1 };
-    // The word table's gradient is made by the embedding layer's backward pass, after the
-    // encoder's activations are freed (model/embedding_cut.rs): in a step of one pass the two
-    // never coexist.
-    let word = p.trainable_word_embeddings as u64 * 4;
-    let beside_activations = if accumulating {
-        gradients
+    // f32 gradients; when a step adds up several micro-batches, the sum so far and one
+    // pass's besides.
+    let accumulating = lengths.len() < p.batch_size;
+    let one_set = p.trainable as u64 * 4;
+    let gradients = one_set * if accumulating { 2 } else { 1 };
+    // The backward pass walks down the layers: each frees its activations (or, recomputed,
+    // the copy of its input) as its parameters' gradients appear, so at any moment it holds
+    // the larger of the two sets plus one layer in flight, not their sum.
+    let layer_grads = (4 * h * h + 2 * h * i + 9 * h + i) * 4;
+    let trained_layers = p.trained_layers as u64 * layer_grads;
+    let walked = if p.checkpointing {
+        // The cached scheme keeps the inputs it took for the whole step, and each pass walks
+        // down a concatenated copy of them.
+        let inputs = tokens * h * act * p.layers as u64;
+        // Its last pass, through the embedding layer, is candle's own backward pass: a
+        // zeroed gradient for the whole word table and the sum it is added into, beside the
+        // pass's other gradients and the kept inputs.
+        let word = p.trainable_word_embeddings as u64 * 4;
+        (activations + inputs.max(trained_layers) + layer_grads).max(inputs + one_set + 2 * word)
     } else {
-        gradients - word
+        let kept = per_layer * p.layers_with_graph as u64;
+        activations - kept + kept.max(trained_layers) + layer_grads
     };
-    let total = weights + optimizer + (beside_activations + activations).max(gradients);
+    // The other gradients (the word table's among them) are made by the embedding layer's
+    // backward pass, after the encoder's activations are freed (model/embedding_cut.rs).
+    let dynamic = if accumulating {
+        one_set + walked.max(one_set)
+    } else {
+        walked.max(one_set)
+    };
+    let total = weights + optimizer + dynamic;
     Estimate {
         weights,
         optimizer,
@@ -137,6 +156,7 @@ mod tests {
             columns: 2,
             batch_size: 32,
             trainable_word_embeddings: 30522 * 384,
+            trained_layers: 6,
         }
     }
 

@@ -382,6 +382,7 @@ impl SentenceModel {
                 .vars
                 .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
                 .map_or(0, |v| v.elem_count()),
+            trained_layers: layers.saturating_sub(t.freeze_layers),
         })
     }
 
