@@ -1333,10 +1333,10 @@ mod tests {
                 ]
             };
             let mut c = vec![0f32; tokens * d_out.max(d_in)];
-            let bf16s = products(Elems::Bf16(&x[..]), Elems::Bf16(&g[..]));
-            for (i, (name, a, b, len)) in bf16s.into_iter().enumerate() {
-                let mut line = format!("tokens={tokens} in={d_in} out={d_out} {name:7} GFLOP/s:");
-                for p in paths() {
+            // GFLOP/s of each path in `on` for the product a·b into `len` values of c.
+            let mut rates = |on: &[Path], a: Mat, b: Mat, len: usize| {
+                let mut line = String::new();
+                for &p in on {
                     let out = &mut c[..len];
                     let g = time(&mut || {
                         let out = Out::F32 {
@@ -1347,21 +1347,17 @@ mod tests {
                     });
                     line += &format!(" {p:?} {g:.0}");
                 }
+                line
+            };
+            let bf16s = products(Elems::Bf16(&x[..]), Elems::Bf16(&g[..]));
+            for (i, (name, a, b, len)) in bf16s.into_iter().enumerate() {
+                let mut line = format!("tokens={tokens} in={d_in} out={d_out} {name:7} GFLOP/s:");
+                line += &rates(&paths(), a, b, len);
                 // f32 inputs: on the picked path (rounded as packed), and the gemm crate (what
                 // f32 training runs).
                 let (_, a, b, _) = products(Elems::F32(&xf[..]), Elems::F32(&gf[..]))[i];
                 line += " | f32 inputs:";
-                for p in [path(), Path::F32] {
-                    let out = &mut c[..len];
-                    let g = time(&mut || {
-                        let out = Out::F32 {
-                            c: out,
-                            accumulate: false,
-                        };
-                        matmul_on(p, out, a, b).unwrap()
-                    });
-                    line += &format!(" {p:?} {g:.0}");
-                }
+                line += &rates(&[path(), Path::F32], a, b, len);
                 println!("{line}");
             }
         }
