@@ -64,7 +64,7 @@ impl<'a> Mat<'a> {
     }
 
     /// (rows, cols) as the product sees them.
-    fn dims(&self) -> (usize, usize) {
+    pub(crate) fn dims(&self) -> (usize, usize) {
         if self.t {
             (self.cols, self.rows)
         } else {
@@ -227,6 +227,10 @@ fn widened(out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
             .for_each(|(d, c)| narrow(c, d));
     }
 }
+
+/// The transpose of 16 × 16 u32 (or f32 bits) held in 16 registers, for `f32_gemm`'s packing.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use fast::simd::transpose as transpose16;
 
 #[cfg(target_arch = "x86_64")]
 mod fast {
@@ -645,7 +649,7 @@ mod fast {
         /// The transpose of a 16 × 16 matrix of u32, rows in registers.
         #[target_feature(enable = "avx512f")]
         #[inline]
-        fn transpose(r: &mut [__m512i; 16]) {
+        pub fn transpose(r: &mut [__m512i; 16]) {
             // 4×4 blocks within 128-bit lanes, then the lanes: u[4b + c], lane l, holds column
             // 4l + c of rows 4b..4b + 4.
             let mut u = [_mm512_setzero_si512(); 16];

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use crate::model::attention::Attention;
 use crate::model::dropout::HiddenMask;
 use crate::model::fused::{add_column_sums, cpu_f32, cpu_storage, f32_params};
-use crate::model::{bf16_gemm, norm, vmath};
+use crate::model::{bf16_gemm, f32_gemm, norm, vmath};
 
 /// The sizes of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +145,8 @@ struct Kept {
     ffn: CpuStorage,
 }
 
-/// How the layer's matrix products run: in f32 (the `gemm` crate), or, with bf16 activations
+/// How the layer's matrix products run: in f32 (`f32_gemm` with AVX-512, else the `gemm`
+/// crate), or, with bf16 activations
 /// on a CPU with bf16 dot-product instructions, with bf16 operands and f32 sums (`bf16_gemm`;
 /// weights and gradients are rounded to bf16 as `torch.autocast` does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,13 +194,17 @@ fn matmul(
     b: Operand,
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    if how == Products::Bf16 {
-        if let (Some(am), Some(bm)) = (as_mat(a, m, k), as_mat(b, k, n)) {
+    if let (Some(am), Some(bm)) = (as_mat(a, m, k), as_mat(b, k, n)) {
+        if how == Products::Bf16 {
             let out = bf16_gemm::Out::F32 {
                 c: &mut dst[..m * n],
                 accumulate,
             };
             return bf16_gemm::matmul(out, am, bm);
+        }
+        if f32_gemm::available() {
+            f32_gemm::matmul(&mut dst[..m * n], accumulate, am, bm);
+            return Ok(());
         }
     }
     let ((a, (a_rs, a_cs)), (b, (b_rs, b_cs))) = (a, b);

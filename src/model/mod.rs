@@ -10,6 +10,7 @@ pub mod bert;
 pub mod bf16_gemm;
 pub mod dropout;
 pub mod embedding_cut;
+pub mod f32_gemm;
 pub mod folder;
 pub mod fused;
 pub mod hub;

@@ -1,0 +1,632 @@
+//! `C = A·B` or `C += A·B` in f32 with AVX-512: the matrix products of the fused encoder layer
+//! (`layer_op.rs`) when its activations are f32.
+//!
+//! Why not the `gemm` crate: its kernel runs along C's rows, so it packs the weights (stored
+//! n × k, PyTorch's layout) one scalar at a time into columns, on every call: a sixth of
+//! `encode`. Here B is packed 16 × 16 at a time by register transposes, as `bf16_gemm` does.
+//!
+//! Every element of C is summed in one fixed order: from zero (or C's old value, when adding),
+//! depth 0, 1, 2, … one fused multiply-add at a time. So a row of C never depends on the other
+//! rows, on the number of rows, or on how the work is split: an `encode` batch gives every
+//! text the same embedding whatever else is in it, and `C += A·B` over depth cut in two
+//! calls equals one call over the whole depth, bit for bit.
+//!
+//! Needs AVX-512F ([`available`]); elsewhere `layer_op` keeps the `gemm` crate.
+
+use std::sync::OnceLock;
+
+use super::bf16_gemm::{Elems, Mat};
+
+/// Whether this CPU runs the kernel (decided once per process).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `c (m × n, row-major) = a·b` (`+=` with `accumulate`) for f32 `a` (m × k) and `b` (k × n).
+///
+/// # Panics
+/// If the CPU lacks AVX-512F, an operand is not f32, or the shapes disagree.
+pub fn matmul(c: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+    assert!(available(), "f32_gemm needs AVX-512F");
+    let (Elems::F32(av), Elems::F32(bv)) = (a.elems, b.elems) else {
+        panic!("f32_gemm takes f32 operands");
+    };
+    let ((m, k), (kb, n)) = (a.dims(), b.dims());
+    assert!(k == kb && av.len() >= m * k && bv.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    fast::matmul(&mut c[..m * n], accumulate, (m, n, k), (av, a.t), (bv, b.t));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod fast {
+    use std::arch::asm;
+    use std::arch::x86_64::{
+        __m512, __m512i, _mm512_fmadd_ps, _mm512_mask_storeu_epi32, _mm512_maskz_loadu_epi32,
+        _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_si512,
+    };
+    use std::ops::Range;
+
+    use rayon::prelude::*;
+
+    use crate::model::bf16_gemm::transpose16;
+
+    /// Columns of B per packed block (one register of f32).
+    const NB: usize = 16;
+    /// Blocks per kernel call, and rows: 24 accumulators of the 32 registers.
+    const NR: usize = 3;
+    const MR: usize = 8;
+    /// Depth per pass over a block of C: 3 blocks of B (48 KiB) stay in L1/L2.
+    const KC: usize = 256;
+    /// Columns of C per parallel task (a multiple of NR · NB), and the fewest rows of C a
+    /// task takes when rows are split too.
+    const TASK_N: usize = 96;
+    const TASK_M_MIN: usize = 128;
+
+    thread_local! {
+        /// Each thread's packed columns of B, reused from call to call.
+        static PACKED_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// An operand's storage and whether the product reads its transpose.
+    type Operand<'a> = (&'a [f32], bool);
+
+    pub fn matmul(
+        c: &mut [f32],
+        accumulate: bool,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+    ) {
+        let rows_a = RowsA::new(a, m, k);
+        let col_tasks = n.div_ceil(TASK_N);
+        let want = (2 * rayon::current_num_threads()).div_ceil(col_tasks);
+        let row_tasks = want.min(m.div_ceil(TASK_M_MIN)).max(1);
+        let rows_per = m.div_ceil(row_tasks).div_ceil(MR) * MR;
+        let c = CPtr(c.as_mut_ptr());
+        (0..col_tasks * row_tasks).into_par_iter().for_each(|t| {
+            let (i, j) = (t % row_tasks * rows_per, t / row_tasks * TASK_N);
+            if i >= m {
+                return;
+            }
+            let cols = j..(j + TASK_N).min(n);
+            let blocks = cols.len().div_ceil(NB);
+            PACKED_B.with_borrow_mut(|pb| {
+                if pb.len() < blocks * k * NB {
+                    pb.resize(blocks * k * NB, 0.0);
+                }
+                let pb = &mut pb[..blocks * k * NB];
+                // SAFETY: `available()` (asserted by the caller): AVX-512F.
+                unsafe { pack_b(b, k, n, j, pb) };
+                let task = Task {
+                    a: &rows_a,
+                    pb,
+                    c,
+                    accumulate,
+                    m,
+                    n,
+                    k,
+                    rows: i..(i + rows_per).min(m),
+                    cols,
+                };
+                // SAFETY: AVX-512F; the tasks' rectangles of C are disjoint and C outlives
+                // them.
+                unsafe { task.run() }
+            });
+        });
+    }
+
+    /// C's storage, written by tasks in disjoint rectangles.
+    #[derive(Clone, Copy)]
+    struct CPtr(*mut f32);
+    // SAFETY: each task writes only its own rectangle of C (see `Task`).
+    unsafe impl Send for CPtr {}
+    unsafe impl Sync for CPtr {}
+
+    /// A (m × k) as rows of k: read in place when stored row-major, the rows past the last
+    /// whole block of MR copied with zero rows after them; a transposed A is copied whole.
+    struct RowsA<'a> {
+        head: &'a [f32],
+        head_rows: usize,
+        tail: Vec<f32>,
+        k: usize,
+    }
+
+    impl<'a> RowsA<'a> {
+        fn new((v, t): Operand<'a>, m: usize, k: usize) -> Self {
+            if !t {
+                let head_rows = m / MR * MR;
+                let mut tail = vec![0.0; MR * k];
+                let rest = &v[head_rows * k..m * k];
+                tail[..rest.len()].copy_from_slice(rest);
+                return Self {
+                    head: &v[..head_rows * k],
+                    head_rows,
+                    tail,
+                    k,
+                };
+            }
+            // A = Sᵀ, S stored k × m: bands of 16 rows of A, each from 16 × 16 transposes.
+            let mut tail = vec![0.0; m.div_ceil(NB) * NB * k];
+            tail.par_chunks_mut(NB * k)
+                .enumerate()
+                .for_each(|(band, o)| {
+                    // SAFETY: AVX-512F (the caller's); o is rows 16·band.. of A.
+                    unsafe { a_t_band(v, m, k, band * NB, o) }
+                });
+            Self {
+                head: &[],
+                head_rows: 0,
+                tail,
+                k,
+            }
+        }
+
+        /// MR rows from row i (a multiple of MR).
+        fn rows(&self, i: usize) -> &[f32] {
+            if i < self.head_rows {
+                &self.head[i * self.k..(i + MR) * self.k]
+            } else {
+                &self.tail[(i - self.head_rows) * self.k..][..MR * self.k]
+            }
+        }
+    }
+
+    /// One rectangle of C and the packed operands.
+    struct Task<'a> {
+        a: &'a RowsA<'a>,
+        /// B's columns `cols.start..` in blocks of NB columns, each k rows of NB.
+        pb: &'a [f32],
+        c: CPtr,
+        accumulate: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    }
+
+    impl Task<'_> {
+        /// # Safety
+        /// AVX-512F; no other thread touches this task's rectangle of C.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(&self) {
+            let (m, n, k) = (self.m, self.n, self.k);
+            let blocks = self.pb.len() / (k * NB);
+            let mut buf = [0f32; MR * NR * NB];
+            for p0 in (0..k).step_by(KC) {
+                let depth = KC.min(k - p0);
+                // Adds to C past the first depth block, so every sum runs in depth order.
+                let load = self.accumulate || p0 > 0;
+                for j in self.cols.clone().step_by(NR * NB) {
+                    let blk = (j - self.cols.start) / NB;
+                    let w = (blocks - blk).min(NR);
+                    let b = &self.pb[blk * k * NB + p0 * NB..];
+                    for i in self.rows.clone().step_by(MR) {
+                        let a = &self.a.rows(i)[p0..];
+                        let (rows, cols) = (MR.min(m - i), (w * NB).min(n - j));
+                        // SAFETY (both): (i.., j..) of rows × cols lies in C and in this
+                        // task's rectangle.
+                        let at = unsafe { self.c.0.add(i * n + j) };
+                        let inside = rows == MR && cols == w * NB;
+                        let (c, ldc) = if inside {
+                            (at, n)
+                        } else {
+                            buf.fill(0.0);
+                            if load {
+                                for r in 0..rows {
+                                    let src =
+                                        unsafe { std::slice::from_raw_parts(at.add(r * n), cols) };
+                                    buf[r * NR * NB..][..cols].copy_from_slice(src);
+                                }
+                            }
+                            (buf.as_mut_ptr(), NR * NB)
+                        };
+                        let (a, b) = (a.as_ptr(), b.as_ptr());
+                        // SAFETY: a holds MR rows of k from p0 (stride k), b `w` blocks of k
+                        // rows of NB (stride k · NB) from depth p0, c MR rows of w · NB at
+                        // stride ldc; AVX-512F is this function's.
+                        unsafe {
+                            match w {
+                                1 => kernel::<1>(a, k, b, k * NB, depth, c, ldc, load),
+                                2 => kernel::<2>(a, k, b, k * NB, depth, c, ldc, load),
+                                _ => kernel::<3>(a, k, b, k * NB, depth, c, ldc, load),
+                            }
+                        }
+                        if !inside {
+                            for r in 0..rows {
+                                let dst =
+                                    unsafe { std::slice::from_raw_parts_mut(at.add(r * n), cols) };
+                                dst.copy_from_slice(&buf[r * NR * NB..][..cols]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// C (MR × 16W at `c`, row stride `ldc`) = (or, with `load`, C +) the MR rows of `a`
+    /// (stride `lda`) times `depth` rows of the W blocks of `b` (stride `ldb`), one depth at a
+    /// time.
+    ///
+    /// # Safety
+    /// AVX-512F; the pointers cover what the strides and sizes say.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)] // inlined, its accumulators spill
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel<const W: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        depth: usize,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        // Loads and stores in asm and wrapping_add: the debug-assertion checks of `add` and
+        // of the intrinsics (on in the dev profile) made the loop store its accumulators on
+        // every step (half the speed).
+        let mut acc = [[_mm512_setzero_ps(); W]; MR];
+        if load {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (w, v) in acc.iter_mut().enumerate() {
+                    // SAFETY: (r, 16w..16w + 16) lies in the block at c.
+                    unsafe {
+                        asm!(
+                            "vmovups {v}, zmmword ptr [{p}]",
+                            v = out(zmm_reg) *v,
+                            p = in(reg) c.wrapping_add(r * ldc + w * NB),
+                            options(pure, readonly, nostack, preserves_flags)
+                        )
+                    };
+                }
+            }
+        }
+        for p in 0..depth {
+            let mut bv = [_mm512_setzero_ps(); W];
+            for (w, v) in bv.iter_mut().enumerate() {
+                // SAFETY: block w, depth p (NB f32) lies in b.
+                unsafe {
+                    asm!(
+                        "vmovups {v}, zmmword ptr [{p}]",
+                        v = out(zmm_reg) *v,
+                        p = in(reg) b.wrapping_add(w * ldb + p * NB),
+                        options(pure, readonly, nostack, preserves_flags)
+                    )
+                };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av: __m512;
+                // SAFETY: element p of row r of a, to all 16 lanes.
+                unsafe {
+                    asm!(
+                        "vbroadcastss {v}, dword ptr [{p}]",
+                        v = out(zmm_reg) av,
+                        p = in(reg) a.wrapping_add(r * lda + p),
+                        options(pure, readonly, nostack, preserves_flags)
+                    )
+                };
+                for (c, &v) in acc.iter_mut().zip(&bv) {
+                    *c = _mm512_fmadd_ps(av, v, *c);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (w, &v) in acc.iter().enumerate() {
+                // SAFETY: (r, 16w..16w + 16) lies in the block at c.
+                unsafe {
+                    asm!(
+                        "vmovups zmmword ptr [{p}], {v}",
+                        v = in(zmm_reg) v,
+                        p = in(reg) c.wrapping_add(r * ldc + w * NB),
+                        options(nostack, preserves_flags)
+                    )
+                };
+            }
+        }
+    }
+
+    /// Lanes below `len` (at most 16).
+    fn mask(len: usize) -> u16 {
+        ((1u32 << len) - 1) as u16
+    }
+
+    /// Up to 16 f32 of `v` from `start` (as u32 bits), zeros from lane `len` on.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16(v: &[f32], start: usize, len: usize) -> __m512i {
+        assert!(len == 0 || start + len <= v.len());
+        // SAFETY: the lanes read lie in v (asserted).
+        unsafe { _mm512_maskz_loadu_epi32(mask(len), v.as_ptr().wrapping_add(start).cast()) }
+    }
+
+    /// Columns `j0..` of B into `o` (blocks of NB columns, k rows of NB, zeros past n): from
+    /// S stored k × n, or with `t` from S stored n × k (B = Sᵀ).
+    ///
+    /// # Safety
+    /// AVX-512F; S has k × n elements.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pack_b((s, t): Operand, k: usize, n: usize, j0: usize, o: &mut [f32]) {
+        for (blk, o) in o.chunks_exact_mut(k * NB).enumerate() {
+            let j = j0 + blk * NB;
+            let w = NB.min(n.saturating_sub(j));
+            if !t {
+                for (p, o) in o.chunks_exact_mut(NB).enumerate() {
+                    // SAFETY: row p < k, columns j..j + w ≤ n of S; o holds NB f32.
+                    unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), load16(s, p * n + j, w)) };
+                }
+                continue;
+            }
+            let mut r = [_mm512_setzero_si512(); NB];
+            for p0 in (0..k).step_by(NB) {
+                let len = NB.min(k - p0);
+                for (l, v) in r.iter_mut().enumerate() {
+                    // SAFETY: row j + l < n of S, elements p0..p0 + len ≤ k of it.
+                    *v = if l < w {
+                        unsafe { load16(s, (j + l) * k + p0, len) }
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                }
+                transpose16(&mut r);
+                for (q, &v) in r.iter().enumerate().take(len) {
+                    // SAFETY: row p0 + q < k of the block: NB f32 inside o.
+                    unsafe { _mm512_storeu_si512(o[(p0 + q) * NB..][..NB].as_mut_ptr().cast(), v) };
+                }
+            }
+        }
+    }
+
+    /// Rows `i0..i0 + 16` of A = Sᵀ (S stored k × m) into `o` (rows of k; rows past m are
+    /// zeros).
+    ///
+    /// # Safety
+    /// AVX-512F; S has k × m elements; o holds at most 16 rows of k.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn a_t_band(s: &[f32], m: usize, k: usize, i0: usize, o: &mut [f32]) {
+        let w = NB.min(m - i0);
+        let mut r = [_mm512_setzero_si512(); NB];
+        for p0 in (0..k).step_by(NB) {
+            let len = NB.min(k - p0);
+            for (q, v) in r.iter_mut().enumerate() {
+                // SAFETY: row p0 + q < k of S, columns i0..i0 + w ≤ m.
+                *v = if q < len {
+                    unsafe { load16(s, (p0 + q) * m + i0, w) }
+                } else {
+                    _mm512_setzero_si512()
+                };
+            }
+            transpose16(&mut r);
+            for (l, &v) in r.iter().enumerate().take(w) {
+                let row = &mut o[l * k + p0..][..len];
+                // SAFETY: `len` f32 of row l inside o.
+                unsafe { _mm512_mask_storeu_epi32(row.as_mut_ptr().cast(), mask(len), v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn values(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    }
+
+    /// C from an f64 reference, for every combination of transposes, odd shapes included.
+    #[test]
+    fn f32_gemm_matches_an_f64_reference_on_odd_shapes() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (m, n, k) in [
+            (1, 1, 1),
+            (7, 17, 5),
+            (8, 48, 16),
+            (13, 100, 300),
+            (130, 97, 513),
+            (3, 200, 40),
+        ] {
+            let (av, bv) = (values(&mut rng, m * k), values(&mut rng, k * n));
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a = if a_t {
+                    Mat::new(Elems::F32(&av), k, m).t()
+                } else {
+                    Mat::new(Elems::F32(&av), m, k)
+                };
+                let b = if b_t {
+                    Mat::new(Elems::F32(&bv), n, k).t()
+                } else {
+                    Mat::new(Elems::F32(&bv), k, n)
+                };
+                let at =
+                    |i: usize, p: usize| f64::from(if a_t { av[p * m + i] } else { av[i * k + p] });
+                let bt =
+                    |p: usize, j: usize| f64::from(if b_t { bv[j * k + p] } else { bv[p * n + j] });
+                let old = values(&mut rng, m * n);
+                for accumulate in [false, true] {
+                    let mut c = old.clone();
+                    matmul(&mut c, accumulate, a, b);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                            if accumulate {
+                                want += f64::from(old[i * n + j]);
+                            }
+                            let got = f64::from(c[i * n + j]);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (k as f64).sqrt().max(1.0),
+                                "{m}x{n}x{k} a_t={a_t} b_t={b_t} acc={accumulate} ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row of C is the same bits whatever the other rows, and depth cut in two calls (the
+    /// second adding) equals one call.
+    #[test]
+    fn f32_gemm_rows_and_depth_cuts_are_bit_identical() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let (m, n, k) = (301, 200, 700);
+        let (av, wv) = (values(&mut rng, m * k), values(&mut rng, n * k));
+        let w = Mat::new(Elems::F32(&wv), n, k).t();
+        let mut whole = vec![0f32; m * n];
+        matmul(&mut whole, false, Mat::new(Elems::F32(&av), m, k), w);
+        for (lo, hi) in [(0, 1), (5, 22), (100, 301), (296, 301)] {
+            let mut part = vec![0f32; (hi - lo) * n];
+            matmul(
+                &mut part,
+                false,
+                Mat::new(Elems::F32(&av[lo * k..hi * k]), hi - lo, k),
+                w,
+            );
+            assert!(part == whole[lo * n..hi * n], "rows {lo}..{hi}");
+        }
+        // dW = Σ over rows (the depth of Aᵀ·B): rows 0..cut, then cut..m added.
+        let bv = values(&mut rng, m * n);
+        let mut once = vec![0f32; k * n];
+        matmul(
+            &mut once,
+            false,
+            Mat::new(Elems::F32(&av), m, k).t(),
+            Mat::new(Elems::F32(&bv), m, n),
+        );
+        for cut in [1, 77, 256, 300] {
+            let mut twice = vec![0f32; k * n];
+            let top = (
+                Mat::new(Elems::F32(&av[..cut * k]), cut, k).t(),
+                Mat::new(Elems::F32(&bv[..cut * n]), cut, n),
+            );
+            matmul(&mut twice, false, top.0, top.1);
+            let rest = m - cut;
+            let bottom = (
+                Mat::new(Elems::F32(&av[cut * k..]), rest, k).t(),
+                Mat::new(Elems::F32(&bv[cut * n..]), rest, n),
+            );
+            matmul(&mut twice, true, bottom.0, bottom.1);
+            assert!(twice == once, "cut at {cut}");
+        }
+    }
+
+    /// The `gemm` crate's `c = a·b` for row-major c and operands given as (storage, row
+    /// stride, column stride).
+    fn gemm_crate(
+        c: &mut [f32],
+        (m, n, k): (usize, usize, usize),
+        a: (&[f32], usize, usize),
+        b: (&[f32], usize, usize),
+    ) {
+        // SAFETY: the strides the callers give stay inside the slices.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.0.as_ptr(),
+                a.2 as isize,
+                a.1 as isize,
+                b.0.as_ptr(),
+                b.2 as isize,
+                b.1 as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            )
+        }
+    }
+
+    /// GFLOP/s of this kernel and of the `gemm` crate on a linear layer's three products (a
+    /// timing, not a test: `cargo test --lib f32_gemm_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn f32_gemm_speed() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for (t, d_in, d_out) in [
+            (480, 768, 2304),
+            (480, 768, 3072),
+            (480, 3072, 768),
+            (600, 384, 1536),
+            (2048, 768, 3072),
+        ] {
+            let (x, g, w) = (
+                values(&mut rng, t * d_in),
+                values(&mut rng, t * d_out),
+                values(&mut rng, d_out * d_in),
+            );
+            let flops = 2.0 * (t * d_in * d_out) as f64;
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let mut s: Vec<f64> = (0..9)
+                    .map(|_| {
+                        let at = std::time::Instant::now();
+                        f();
+                        at.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                s.sort_by(f64::total_cmp);
+                flops / s[4] / 1e9
+            };
+            let mut c = vec![0f32; t * d_out.max(d_in) + d_in * d_out];
+            let (xm, gm, wm) = (
+                Mat::new(Elems::F32(&x), t, d_in),
+                Mat::new(Elems::F32(&g), t, d_out),
+                Mat::new(Elems::F32(&w), d_out, d_in),
+            );
+            let ours = [
+                ("y=xWt", time(&mut || matmul(&mut c, false, xm, wm.t()))),
+                ("dx=gW", time(&mut || matmul(&mut c, false, gm, wm))),
+                ("dW=gtx", time(&mut || matmul(&mut c, false, gm.t(), xm))),
+            ];
+            let theirs = [
+                time(&mut || gemm_crate(&mut c, (t, d_out, d_in), (&x, d_in, 1), (&w, 1, d_in))),
+                time(&mut || gemm_crate(&mut c, (t, d_in, d_out), (&g, d_out, 1), (&w, d_in, 1))),
+                time(&mut || gemm_crate(&mut c, (d_out, d_in, t), (&g, 1, d_out), (&x, d_in, 1))),
+            ];
+            for ((name, o), g) in ours.iter().zip(theirs) {
+                println!("tokens={t} in={d_in} out={d_out} {name:7} GFLOP/s: f32_gemm {o:.0} gemm crate {g:.0}");
+            }
+        }
+    }
+}
