@@ -1,5 +1,6 @@
 //! `C = A·B` or `C += A·B` in f32 with AVX-512: the matrix products of the fused encoder layer
-//! (`layer_op.rs`) when its activations are f32.
+//! (`layer_op.rs`): its forward product `x·Wᵀ` when activations are f32 (`layer_op::matmul`
+//! says why not the gradients' products).
 //!
 //! Why not the `gemm` crate: its kernel runs along C's rows, so it packs the weights (stored
 //! n × k, PyTorch's layout) one scalar at a time into columns, on every call: a sixth of
@@ -7,9 +8,9 @@
 //!
 //! Every element of C is summed in one fixed order: from zero (or C's old value, when adding),
 //! depth 0, 1, 2, … one fused multiply-add at a time. So a row of C never depends on the other
-//! rows, on the number of rows, or on how the work is split: an `encode` batch gives every
-//! text the same embedding whatever else is in it, and `C += A·B` over depth cut in two
-//! calls equals one call over the whole depth, bit for bit.
+//! rows, on the number of rows, or on how the work is split, and `C += A·B` over depth cut in
+//! two calls equals one call over the whole depth, bit for bit (the ground for batch-invariant
+//! products).
 //!
 //! Needs AVX-512F ([`available`]); elsewhere `layer_op` keeps the `gemm` crate.
 
@@ -80,8 +81,12 @@ mod fast {
     /// task takes when rows are split too.
     const TASK_N: usize = 96;
     const TASK_M_MIN: usize = 128;
-
+    /// Rows of A per pass over a task's columns: 128 rows of KC (128 KiB) stay in L2.
+    const MC: usize = 128;
     thread_local! {
+        /// The calling thread's packed A, taken out during a call and put back after, reused
+        /// from call to call: fresh pages cost more than the packing.
+        static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
         /// Each thread's packed columns of B, reused from call to call.
         static PACKED_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -96,7 +101,9 @@ mod fast {
         a: Operand,
         b: Operand,
     ) {
-        let rows_a = RowsA::new(a, m, k);
+        let rows_a = PackedA::new(a, m, k, PACKED_A.take());
+        // Tasks own column chunks (each packs its part of B, once); rows are split too only
+        // when there are too few chunks to keep every thread busy.
         let col_tasks = n.div_ceil(TASK_N);
         let want = (2 * rayon::current_num_threads()).div_ceil(col_tasks);
         let row_tasks = want.min(m.div_ceil(TASK_M_MIN)).max(1);
@@ -132,6 +139,7 @@ mod fast {
                 unsafe { task.run() }
             });
         });
+        PACKED_A.set(rows_a.v);
     }
 
     /// C's storage, written by tasks in disjoint rectangles.
@@ -141,58 +149,36 @@ mod fast {
     unsafe impl Send for CPtr {}
     unsafe impl Sync for CPtr {}
 
-    /// A (m × k) as rows of k: read in place when stored row-major, the rows past the last
-    /// whole block of MR copied with zero rows after them; a transposed A is copied whole.
-    struct RowsA<'a> {
-        head: &'a [f32],
-        head_rows: usize,
-        tail: Vec<f32>,
+    /// A (m × k) in panels of MR rows, interleaved (panel element (r, p) at `p · MR + r`, rows
+    /// past m zero): the kernel's MR broadcasts per depth come from one stream.
+    struct PackedA {
+        v: Vec<f32>,
         k: usize,
     }
 
-    impl<'a> RowsA<'a> {
-        fn new((v, t): Operand<'a>, m: usize, k: usize) -> Self {
-            if !t {
-                let head_rows = m / MR * MR;
-                let mut tail = vec![0.0; MR * k];
-                let rest = &v[head_rows * k..m * k];
-                tail[..rest.len()].copy_from_slice(rest);
-                return Self {
-                    head: &v[..head_rows * k],
-                    head_rows,
-                    tail,
-                    k,
-                };
-            }
-            // A = Sᵀ, S stored k × m: bands of 16 rows of A, each from 16 × 16 transposes.
-            let mut tail = vec![0.0; m.div_ceil(NB) * NB * k];
-            tail.par_chunks_mut(NB * k)
+    impl PackedA {
+        /// Packs A into `out` (its storage, reused; see `PACKED_A`).
+        fn new((v, t): Operand, m: usize, k: usize, mut out: Vec<f32>) -> Self {
+            // Every element is written below: no clearing needed.
+            out.resize(m.div_ceil(MR) * MR * k, 0.0);
+            out.par_chunks_mut(MR * k)
                 .enumerate()
-                .for_each(|(band, o)| {
-                    // SAFETY: AVX-512F (the caller's); o is rows 16·band.. of A.
-                    unsafe { a_t_band(v, m, k, band * NB, o) }
+                .for_each(|(panel, o)| {
+                    // SAFETY: AVX-512F (the caller's); o is panel `panel` of A.
+                    unsafe { pack_a_panel((v, t), m, k, panel * MR, o) }
                 });
-            Self {
-                head: &[],
-                head_rows: 0,
-                tail,
-                k,
-            }
+            Self { v: out, k }
         }
 
-        /// MR rows from row i (a multiple of MR).
-        fn rows(&self, i: usize) -> &[f32] {
-            if i < self.head_rows {
-                &self.head[i * self.k..(i + MR) * self.k]
-            } else {
-                &self.tail[(i - self.head_rows) * self.k..][..MR * self.k]
-            }
+        /// The panel of rows i.. (i a multiple of MR), from depth p.
+        fn panel(&self, i: usize, p: usize) -> &[f32] {
+            &self.v[i * self.k + p * MR..(i + MR) * self.k]
         }
     }
 
     /// One rectangle of C and the packed operands.
     struct Task<'a> {
-        a: &'a RowsA<'a>,
+        a: &'a PackedA,
         /// B's columns `cols.start..` in blocks of NB columns, each k rows of NB.
         pb: &'a [f32],
         c: CPtr,
@@ -216,46 +202,50 @@ mod fast {
                 let depth = KC.min(k - p0);
                 // Adds to C past the first depth block, so every sum runs in depth order.
                 let load = self.accumulate || p0 > 0;
-                for j in self.cols.clone().step_by(NR * NB) {
-                    let blk = (j - self.cols.start) / NB;
-                    let w = (blocks - blk).min(NR);
-                    let b = &self.pb[blk * k * NB + p0 * NB..];
-                    for i in self.rows.clone().step_by(MR) {
-                        let a = &self.a.rows(i)[p0..];
-                        let (rows, cols) = (MR.min(m - i), (w * NB).min(n - j));
-                        // SAFETY (both): (i.., j..) of rows × cols lies in C and in this
-                        // task's rectangle.
-                        let at = unsafe { self.c.0.add(i * n + j) };
-                        let inside = rows == MR && cols == w * NB;
-                        let (c, ldc) = if inside {
-                            (at, n)
-                        } else {
-                            buf.fill(0.0);
-                            if load {
-                                for r in 0..rows {
-                                    let src =
-                                        unsafe { std::slice::from_raw_parts(at.add(r * n), cols) };
-                                    buf[r * NR * NB..][..cols].copy_from_slice(src);
+                for i0 in self.rows.clone().step_by(MC) {
+                    for j in self.cols.clone().step_by(NR * NB) {
+                        let blk = (j - self.cols.start) / NB;
+                        let w = (blocks - blk).min(NR);
+                        let b = &self.pb[blk * k * NB + p0 * NB..];
+                        for i in (i0..(i0 + MC).min(self.rows.end)).step_by(MR) {
+                            let a = self.a.panel(i, p0);
+                            let (rows, cols) = (MR.min(m - i), (w * NB).min(n - j));
+                            // SAFETY (both): (i.., j..) of rows × cols lies in C and in this
+                            // task's rectangle.
+                            let at = unsafe { self.c.0.add(i * n + j) };
+                            let inside = rows == MR && cols == w * NB;
+                            let (c, ldc) = if inside {
+                                (at, n)
+                            } else {
+                                buf.fill(0.0);
+                                if load {
+                                    for r in 0..rows {
+                                        let src = unsafe {
+                                            std::slice::from_raw_parts(at.add(r * n), cols)
+                                        };
+                                        buf[r * NR * NB..][..cols].copy_from_slice(src);
+                                    }
+                                }
+                                (buf.as_mut_ptr(), NR * NB)
+                            };
+                            let (a, b) = (a.as_ptr(), b.as_ptr());
+                            // SAFETY: a holds MR rows interleaved from depth p0, b `w` blocks of k
+                            // rows of NB (stride k · NB) from depth p0, c MR rows of w · NB at
+                            // stride ldc; AVX-512F is this function's.
+                            unsafe {
+                                match w {
+                                    1 => kernel::<1>(a, b, k * NB, depth, c, ldc, load),
+                                    2 => kernel::<2>(a, b, k * NB, depth, c, ldc, load),
+                                    _ => kernel::<3>(a, b, k * NB, depth, c, ldc, load),
                                 }
                             }
-                            (buf.as_mut_ptr(), NR * NB)
-                        };
-                        let (a, b) = (a.as_ptr(), b.as_ptr());
-                        // SAFETY: a holds MR rows of k from p0 (stride k), b `w` blocks of k
-                        // rows of NB (stride k · NB) from depth p0, c MR rows of w · NB at
-                        // stride ldc; AVX-512F is this function's.
-                        unsafe {
-                            match w {
-                                1 => kernel::<1>(a, k, b, k * NB, depth, c, ldc, load),
-                                2 => kernel::<2>(a, k, b, k * NB, depth, c, ldc, load),
-                                _ => kernel::<3>(a, k, b, k * NB, depth, c, ldc, load),
-                            }
-                        }
-                        if !inside {
-                            for r in 0..rows {
-                                let dst =
-                                    unsafe { std::slice::from_raw_parts_mut(at.add(r * n), cols) };
-                                dst.copy_from_slice(&buf[r * NR * NB..][..cols]);
+                            if !inside {
+                                for r in 0..rows {
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(at.add(r * n), cols)
+                                    };
+                                    dst.copy_from_slice(&buf[r * NR * NB..][..cols]);
+                                }
                             }
                         }
                     }
@@ -264,8 +254,8 @@ mod fast {
         }
     }
 
-    /// C (MR × 16W at `c`, row stride `ldc`) = (or, with `load`, C +) the MR rows of `a`
-    /// (stride `lda`) times `depth` rows of the W blocks of `b` (stride `ldb`), one depth at a
+    /// C (MR × 16W at `c`, row stride `ldc`) = (or, with `load`, C +) the MR interleaved rows
+    /// of `a` times `depth` rows of the W blocks of `b` (stride `ldb`), one depth at a
     /// time.
     ///
     /// # Safety
@@ -275,7 +265,6 @@ mod fast {
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel<const W: usize>(
         a: *const f32,
-        lda: usize,
         b: *const f32,
         ldb: usize,
         depth: usize,
@@ -322,7 +311,7 @@ mod fast {
                     asm!(
                         "vbroadcastss {v}, dword ptr [{p}]",
                         v = out(zmm_reg) av,
-                        p = in(reg) a.wrapping_add(r * lda + p),
+                        p = in(reg) a.wrapping_add(p * MR + r),
                         options(pure, readonly, nostack, preserves_flags)
                     )
                 };
@@ -400,30 +389,34 @@ mod fast {
         }
     }
 
-    /// Rows `i0..i0 + 16` of A = Sᵀ (S stored k × m) into `o` (rows of k; rows past m are
-    /// zeros).
+    /// Rows `i0..i0 + MR` of A into the interleaved panel `o` (zeros past m): from S stored
+    /// m × k, or with `t` from S stored k × m (A = Sᵀ, whose MR values at a depth lie side by
+    /// side).
     ///
     /// # Safety
-    /// AVX-512F; S has k × m elements; o holds at most 16 rows of k.
+    /// AVX-512F; S has m × k elements; o holds MR · k.
     #[target_feature(enable = "avx512f")]
-    unsafe fn a_t_band(s: &[f32], m: usize, k: usize, i0: usize, o: &mut [f32]) {
-        let w = NB.min(m - i0);
+    unsafe fn pack_a_panel((s, t): Operand, m: usize, k: usize, i0: usize, o: &mut [f32]) {
+        let w = MR.min(m - i0);
+        if t {
+            for (p, o) in o.chunks_exact_mut(MR).enumerate() {
+                o[..w].copy_from_slice(&s[p * m + i0..][..w]);
+                o[w..].fill(0.0);
+            }
+            return;
+        }
         let mut r = [_mm512_setzero_si512(); NB];
         for p0 in (0..k).step_by(NB) {
             let len = NB.min(k - p0);
-            for (q, v) in r.iter_mut().enumerate() {
-                // SAFETY: row p0 + q < k of S, columns i0..i0 + w ≤ m.
-                *v = if q < len {
-                    unsafe { load16(s, (p0 + q) * m + i0, w) }
-                } else {
-                    _mm512_setzero_si512()
-                };
+            for (l, v) in r.iter_mut().enumerate().take(w) {
+                // SAFETY: row i0 + l < m of S, elements p0..p0 + len ≤ k of it.
+                *v = unsafe { load16(s, (i0 + l) * k + p0, len) };
             }
             transpose16(&mut r);
-            for (l, &v) in r.iter().enumerate().take(w) {
-                let row = &mut o[l * k + p0..][..len];
-                // SAFETY: `len` f32 of row l inside o.
-                unsafe { _mm512_mask_storeu_epi32(row.as_mut_ptr().cast(), mask(len), v) };
+            for (q, &v) in r.iter().enumerate().take(len) {
+                let at = &mut o[(p0 + q) * MR..][..MR];
+                // SAFETY: MR (8) f32 inside o: the low lanes, rows i0..i0 + MR at depth p0 + q.
+                unsafe { _mm512_mask_storeu_epi32(at.as_mut_ptr().cast(), 0xff, v) };
             }
         }
     }
@@ -588,6 +581,8 @@ mod tests {
             (480, 768, 3072),
             (480, 3072, 768),
             (600, 384, 1536),
+            (400, 384, 1152),
+            (400, 1536, 384),
             (2048, 768, 3072),
         ] {
             let (x, g, w) = (
@@ -606,7 +601,7 @@ mod tests {
                     })
                     .collect();
                 s.sort_by(f64::total_cmp);
-                flops / s[4] / 1e9
+                flops / s[0] / 1e9 // the fastest: other load only slows a run
             };
             let mut c = vec![0f32; t * d_out.max(d_in) + d_in * d_out];
             let (xm, gm, wm) = (
