@@ -60,15 +60,18 @@ impl PoolingConfig {
             parts.push(Tensor::cat(&rows, 0)?);
         }
         if self.pooling_mode_mean_tokens || self.pooling_mode_mean_sqrt_len_tokens {
-            // One (rows, tokens) x (tokens, hidden) product sums every row's tokens.
-            let n = batch.tokens();
-            let mut sel = vec![0f32; batch.len() * n];
-            for (r, (o, l)) in batch.rows().enumerate() {
-                sel[r * n + o..r * n + o + l]
-                    .iter_mut()
-                    .for_each(|v| *v = 1.0);
-            }
-            let sum = Tensor::from_vec(sel, (batch.len(), n), tokens.device())?.matmul(&tokens)?;
+            // Each token added into its row's sum, in token order: a row's sum does not depend
+            // on the other rows (a (rows, tokens) x (tokens, hidden) product did, through the
+            // depth blocking of the whole batch's tokens).
+            let row_of: Vec<u32> = batch
+                .rows()
+                .enumerate()
+                .flat_map(|(r, (_, l))| std::iter::repeat_n(r as u32, l))
+                .collect();
+            let row_of = Tensor::from_vec(row_of, batch.tokens(), tokens.device())?;
+            let (_, hidden) = tokens.dims2()?;
+            let sum = Tensor::zeros((batch.len(), hidden), DType::F32, tokens.device())?
+                .index_add(&row_of, &tokens, 0)?;
             let lens: Vec<f32> = batch
                 .lengths
                 .iter()
