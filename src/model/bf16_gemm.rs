@@ -951,7 +951,6 @@ mod fast {
 
     /// AVX-512 BF16: MR × 48 blocks of C in 24 registers, `vdpbf16ps` per depth pair.
     pub mod avx512 {
-        use std::arch::asm;
         use std::arch::x86_64::{
             __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_setzero_ps,
             _mm512_storeu_ps,
@@ -1019,33 +1018,22 @@ mod fast {
             load: bool,
         ) {
             let mut acc = [[_mm512_setzero_ps(); W]; MR];
-            // Loads in asm and wrapping_add: the debug-assertion checks of add, read_unaligned
-            // and the load intrinsics (on in the dev profile) exit the loop, and that keeps the
-            // accumulators in memory (a third slower).
+            // Loads through `zmm` and wrapping_add (see `zmm.rs`).
             let (a, b) = (a.as_ptr(), b.as_ptr());
             for q in 0..kp / 2 {
                 let mut bv = [_mm512_setzero_ps(); W];
                 for (w, v) in bv.iter_mut().enumerate() {
                     // SAFETY: block w, row q (NB pairs = 64 bytes) lies in b (W blocks).
-                    unsafe {
-                        asm!(
-                            "vmovups {v}, zmmword ptr [{p}]",
-                            v = out(zmm_reg) *v,
-                            p = in(reg) b.wrapping_add(w * kp * NB + q * 2 * NB),
-                            options(pure, readonly, nostack, preserves_flags)
-                        )
+                    *v = unsafe {
+                        crate::model::zmm::load!(b
+                            .wrapping_add(w * kp * NB + q * 2 * NB)
+                            .cast::<f32>())
                     };
                 }
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av: __m512;
                     // SAFETY: pair q of row r of a (MR rows of kp), to all 16 lanes.
-                    unsafe {
-                        asm!(
-                            "vbroadcastss {v}, dword ptr [{p}]",
-                            v = out(zmm_reg) av,
-                            p = in(reg) a.wrapping_add(r * kp + 2 * q),
-                            options(pure, readonly, nostack, preserves_flags)
-                        )
+                    let av = unsafe {
+                        crate::model::zmm::broadcast!(a.wrapping_add(r * kp + 2 * q).cast::<f32>())
                     };
                     for (c, &v) in acc.iter_mut().zip(&bv) {
                         *c = _mm512_dpbf16_ps(*c, bh(av), bh(v));

@@ -59,9 +59,8 @@ pub fn matmul(c: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
 
 #[cfg(target_arch = "x86_64")]
 mod fast {
-    use std::arch::asm;
     use std::arch::x86_64::{
-        __m512, __m512i, _mm512_fmadd_ps, _mm512_mask_storeu_epi32, _mm512_maskz_loadu_epi32,
+        __m512i, _mm512_fmadd_ps, _mm512_mask_storeu_epi32, _mm512_maskz_loadu_epi32,
         _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_si512, _mm_prefetch, _MM_HINT_T0,
     };
     use std::ops::Range;
@@ -274,22 +273,13 @@ mod fast {
         ldc: usize,
         load: bool,
     ) {
-        // Loads and stores in asm and wrapping_add: the debug-assertion checks of `add` and
-        // of the intrinsics (on in the dev profile) made the loop store its accumulators on
-        // every step (half the speed).
+        // Loads and stores through `zmm` and wrapping_add (see `zmm.rs`).
         let mut acc = [[_mm512_setzero_ps(); W]; MR];
         if load {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (w, v) in acc.iter_mut().enumerate() {
                     // SAFETY: (r, 16w..16w + 16) lies in the block at c.
-                    unsafe {
-                        asm!(
-                            "vmovups {v}, zmmword ptr [{p}]",
-                            v = out(zmm_reg) *v,
-                            p = in(reg) c.wrapping_add(r * ldc + w * NB),
-                            options(pure, readonly, nostack, preserves_flags)
-                        )
-                    };
+                    *v = unsafe { crate::model::zmm::load!(c.wrapping_add(r * ldc + w * NB)) };
                 }
             }
         }
@@ -297,26 +287,11 @@ mod fast {
             let mut bv = [_mm512_setzero_ps(); W];
             for (w, v) in bv.iter_mut().enumerate() {
                 // SAFETY: block w, depth p (NB f32) lies in b.
-                unsafe {
-                    asm!(
-                        "vmovups {v}, zmmword ptr [{p}]",
-                        v = out(zmm_reg) *v,
-                        p = in(reg) b.wrapping_add(w * ldb + p * NB),
-                        options(pure, readonly, nostack, preserves_flags)
-                    )
-                };
+                *v = unsafe { crate::model::zmm::load!(b.wrapping_add(w * ldb + p * NB)) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let av: __m512;
                 // SAFETY: element p of row r of a, to all 16 lanes.
-                unsafe {
-                    asm!(
-                        "vbroadcastss {v}, dword ptr [{p}]",
-                        v = out(zmm_reg) av,
-                        p = in(reg) a.wrapping_add(p * MR + r),
-                        options(pure, readonly, nostack, preserves_flags)
-                    )
-                };
+                let av = unsafe { crate::model::zmm::broadcast!(a.wrapping_add(p * MR + r)) };
                 for (c, &v) in acc.iter_mut().zip(&bv) {
                     *c = _mm512_fmadd_ps(av, v, *c);
                 }
@@ -325,14 +300,7 @@ mod fast {
         for (r, acc) in acc.iter().enumerate() {
             for (w, &v) in acc.iter().enumerate() {
                 // SAFETY: (r, 16w..16w + 16) lies in the block at c.
-                unsafe {
-                    asm!(
-                        "vmovups zmmword ptr [{p}], {v}",
-                        v = in(zmm_reg) v,
-                        p = in(reg) c.wrapping_add(r * ldc + w * NB),
-                        options(nostack, preserves_flags)
-                    )
-                };
+                unsafe { crate::model::zmm::store!(c.wrapping_add(r * ldc + w * NB), v) };
             }
         }
     }

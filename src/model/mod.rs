@@ -23,6 +23,8 @@ pub mod pooling;
 pub mod testing;
 pub mod vmath;
 pub mod weights;
+#[cfg(target_arch = "x86_64")]
+mod zmm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
