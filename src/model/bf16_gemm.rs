@@ -186,41 +186,11 @@ fn widened(out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
             (&mut tmp[..], bias.is_some(), Some(c))
         }
     };
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-    } else {
-        let (av, bv) = (f32s(a.elems), f32s(b.elems));
-        // (column, row) strides of each logical operand in its storage.
-        let (a_cs, a_rs) = if a.t { (m, 1) } else { (1, k) };
-        let (b_cs, b_rs) = if b.t { (k, 1) } else { (1, n) };
-        // SAFETY: c is m×n row-major; av holds A (m×k) and bv B (k×n) at the strides given
-        // (their lengths were checked against the shapes).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                av.as_ptr(),
-                a_cs as isize,
-                a_rs as isize,
-                bv.as_ptr(),
-                b_cs as isize,
-                b_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
-    }
+    let (av, bv) = (f32s(a.elems), f32s(b.elems));
+    // (row, column) strides of each logical operand in its storage.
+    let a_strides = if a.t { (1, m) } else { (k, 1) };
+    let b_strides = if b.t { (1, k) } else { (n, 1) };
+    super::f32_gemm::gemm_crate(c, (m, n, k), (&av, a_strides), (&bv, b_strides), accumulate);
     if let Some(dst) = bf16_out {
         dst.par_chunks_mut(1 << 14)
             .zip(c.par_chunks(1 << 14))
@@ -1302,18 +1272,7 @@ mod tests {
             let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
             let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
             let flops = 2.0 * (tokens * d_in * d_out) as f64;
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                let mut t: Vec<f64> = (0..9)
-                    .map(|_| {
-                        let s = std::time::Instant::now();
-                        f();
-                        s.elapsed().as_secs_f64()
-                    })
-                    .collect();
-                t.sort_by(f64::total_cmp);
-                flops / t[4] / 1e9
-            };
+            let time = |f: &mut dyn FnMut()| crate::model::testing::gflops(flops, f);
             let wm = Mat::new(Elems::F32(&w), d_out, d_in);
             // The three products of a linear layer: y = x Wᵀ, dx = g W, dW = gᵀ x.
             let products = |x, g| {

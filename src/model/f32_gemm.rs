@@ -57,6 +57,57 @@ pub fn matmul(c: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
     fast::matmul(&mut c[..m * n], accumulate, (m, n, k), (av, a.t), (bv, b.t));
 }
 
+/// A slice read as a matrix with (row, column) strides.
+pub(crate) type Strided<'a> = (&'a [f32], (usize, usize));
+
+/// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)` with the `gemm` crate, on all of
+/// rayon's threads.
+///
+/// # Panics
+/// If an operand's strides reach past its slice.
+pub(crate) fn gemm_crate(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (a, (a_rs, a_cs)): Strided,
+    (b, (b_rs, b_cs)): Strided,
+    accumulate: bool,
+) {
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        m * n <= dst.len() && last(a_rs, a_cs, m, k) < a.len() && last(b_rs, b_cs, k, n) < b.len()
+    );
+    // SAFETY: the assert keeps every index gemm reads or writes inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod fast {
     use std::arch::x86_64::{
@@ -513,40 +564,6 @@ mod tests {
         }
     }
 
-    /// The `gemm` crate's `c = a·b` for row-major c and operands given as (storage, row
-    /// stride, column stride).
-    fn gemm_crate(
-        c: &mut [f32],
-        (m, n, k): (usize, usize, usize),
-        a: (&[f32], usize, usize),
-        b: (&[f32], usize, usize),
-    ) {
-        // SAFETY: the strides the callers give stay inside the slices.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.0.as_ptr(),
-                a.2 as isize,
-                a.1 as isize,
-                b.0.as_ptr(),
-                b.2 as isize,
-                b.1 as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            )
-        }
-    }
-
     /// GFLOP/s of this kernel and of the `gemm` crate on a linear layer's three products (a
     /// timing, not a test: `cargo test --lib f32_gemm_speed -- --ignored --nocapture`).
     #[test]
@@ -571,18 +588,7 @@ mod tests {
                 values(&mut rng, d_out * d_in),
             );
             let flops = 2.0 * (t * d_in * d_out) as f64;
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                let mut s: Vec<f64> = (0..9)
-                    .map(|_| {
-                        let at = std::time::Instant::now();
-                        f();
-                        at.elapsed().as_secs_f64()
-                    })
-                    .collect();
-                s.sort_by(f64::total_cmp);
-                flops / s[0] / 1e9 // the fastest: other load only slows a run
-            };
+            let time = |f: &mut dyn FnMut()| crate::model::testing::gflops(flops, f);
             let mut c = vec![0f32; t * d_out.max(d_in) + d_in * d_out];
             let (xm, gm, wm) = (
                 Mat::new(Elems::F32(&x), t, d_in),
@@ -595,9 +601,33 @@ mod tests {
                 ("dW=gtx", time(&mut || matmul(&mut c, false, gm.t(), xm))),
             ];
             let theirs = [
-                time(&mut || gemm_crate(&mut c, (t, d_out, d_in), (&x, d_in, 1), (&w, 1, d_in))),
-                time(&mut || gemm_crate(&mut c, (t, d_in, d_out), (&g, d_out, 1), (&w, d_in, 1))),
-                time(&mut || gemm_crate(&mut c, (d_out, d_in, t), (&g, 1, d_out), (&x, d_in, 1))),
+                time(&mut || {
+                    gemm_crate(
+                        &mut c,
+                        (t, d_out, d_in),
+                        (&x, (d_in, 1)),
+                        (&w, (1, d_in)),
+                        false,
+                    )
+                }),
+                time(&mut || {
+                    gemm_crate(
+                        &mut c,
+                        (t, d_in, d_out),
+                        (&g, (d_out, 1)),
+                        (&w, (d_in, 1)),
+                        false,
+                    )
+                }),
+                time(&mut || {
+                    gemm_crate(
+                        &mut c,
+                        (d_out, d_in, t),
+                        (&g, (1, d_out)),
+                        (&x, (d_in, 1)),
+                        false,
+                    )
+                }),
             ];
             for ((name, o), g) in ours.iter().zip(theirs) {
                 println!("tokens={t} in={d_in} out={d_out} {name:7} GFLOP/s: f32_gemm {o:.0} gemm crate {g:.0}");

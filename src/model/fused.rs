@@ -450,31 +450,8 @@ impl CustomOp3 for LinearOp {
         for _ in 0..m {
             out.extend_from_slice(b);
         }
-        // SAFETY: every pointer covers the extents given: x is (m, k) row-major, w is
-        // (n_out, k) row-major read as its transpose, out is (m, n_out) row-major.
-        unsafe {
-            gemm::gemm(
-                m,
-                n_out,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n_out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+        // x is (m, k) row-major; w is (n_out, k) row-major, read as its transpose.
+        super::f32_gemm::gemm_crate(&mut out, (m, n_out, k), (&x, (k, 1)), (w, (1, k)), true);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("2-D input") = n_out;
         Ok((cpu_storage(s1.dtype(), out)?, Shape::from(dims)))

@@ -166,7 +166,7 @@ impl Products {
 }
 
 /// An operand of `matmul`: a slice read with (row, column) strides.
-type Operand<'a> = (&'a [f32], (usize, usize));
+type Operand<'a> = f32_gemm::Strided<'a>;
 
 /// The operand as `bf16_gemm` takes it (`rows × cols` of the product): row-major, or the
 /// transpose of a row-major matrix. None for other strides.
@@ -210,41 +210,7 @@ fn matmul(
             return Ok(());
         }
     }
-    let ((a, (a_rs, a_cs)), (b, (b_rs, b_cs))) = (a, b);
-    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return Ok(());
-    }
-    assert!(
-        m * n <= dst.len() && last(a_rs, a_cs, m, k) < a.len() && last(b_rs, b_cs, k, n) < b.len()
-    );
-    // SAFETY: the assert keeps every index gemm reads or writes inside the three slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    f32_gemm::gemm_crate(dst, (m, n, k), a, b, accumulate);
     Ok(())
 }
 

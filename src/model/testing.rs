@@ -35,3 +35,17 @@ pub fn assert_same_function(a: &Tensor, c: &Tensor, probe: &Tensor, vars: &[&Var
         assert!(d < tol, "gradients differ by {d}");
     }
 }
+
+/// GFLOP/s of `f`, which does `flops` floating-point operations: the fastest of 9 runs after
+/// one warm-up (load from elsewhere only slows a run). For the ignored kernel timings.
+pub fn gflops(flops: f64, f: &mut dyn FnMut()) -> f64 {
+    f();
+    let fastest = (0..9)
+        .map(|_| {
+            let at = std::time::Instant::now();
+            f();
+            at.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    flops / fastest / 1e9
+}
