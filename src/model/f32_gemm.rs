@@ -133,6 +133,9 @@ mod fast {
     const TASK_M_MIN: usize = 128;
     /// Rows of A per pass over a task's columns: 128 rows of KC (128 KiB) stay in L2.
     const MC: usize = 128;
+    /// Rows of C per band (see `matmul`): 512 rows of packed A up to depth 3072 (6 MiB)
+    /// stay in L3.
+    const BAND_M: usize = 512;
     /// How many lines ahead `pack_b` prefetches the rows of a transposed B.
     const PREFETCH_AHEAD: usize = 4;
     thread_local! {
@@ -153,17 +156,40 @@ mod fast {
         a: Operand,
         b: Operand,
     ) {
-        let rows_a = PackedA::new(a, m, k, PACKED_A.take());
-        // Tasks own column chunks (each packs its part of B, once); rows are split too only
-        // when there are too few chunks to keep every thread busy.
+        // Bands of rows, one after the other: every column task reads all of its band's
+        // packed A, which must stay in cache (one band of a long batch used to be read from
+        // memory by every task).
+        let mut buf = PACKED_A.take();
+        for band in (0..m).step_by(BAND_M) {
+            let band = band..(band + BAND_M).min(m);
+            let rows_a = PackedA::new(a, m, k, band.clone(), buf);
+            run_band(c, accumulate, (m, n, k), &rows_a, band, b);
+            buf = rows_a.v;
+        }
+        PACKED_A.set(buf);
+    }
+
+    /// The rows `band` of C: tasks own column chunks (each packs its part of B, once); rows
+    /// are split too only when there are too few chunks to keep every thread busy.
+    fn run_band(
+        c: &mut [f32],
+        accumulate: bool,
+        (m, n, k): (usize, usize, usize),
+        rows_a: &PackedA,
+        band: Range<usize>,
+        b: Operand,
+    ) {
         let col_tasks = n.div_ceil(TASK_N);
         let want = (2 * rayon::current_num_threads()).div_ceil(col_tasks);
-        let row_tasks = want.min(m.div_ceil(TASK_M_MIN)).max(1);
-        let rows_per = m.div_ceil(row_tasks).div_ceil(MR) * MR;
+        let row_tasks = want.min(band.len().div_ceil(TASK_M_MIN)).max(1);
+        let rows_per = band.len().div_ceil(row_tasks).div_ceil(MR) * MR;
         let c = CPtr(c.as_mut_ptr());
         (0..col_tasks * row_tasks).into_par_iter().for_each(|t| {
-            let (i, j) = (t % row_tasks * rows_per, t / row_tasks * TASK_N);
-            if i >= m {
+            let (i, j) = (
+                band.start + t % row_tasks * rows_per,
+                t / row_tasks * TASK_N,
+            );
+            if i >= band.end {
                 return;
             }
             let cols = j..(j + TASK_N).min(n);
@@ -176,14 +202,14 @@ mod fast {
                 // SAFETY: `available()` (asserted by the caller): AVX-512F.
                 unsafe { pack_b(b, k, n, j, pb) };
                 let task = Task {
-                    a: &rows_a,
+                    a: rows_a,
                     pb,
                     c,
                     accumulate,
                     m,
                     n,
                     k,
-                    rows: i..(i + rows_per).min(m),
+                    rows: i..(i + rows_per).min(band.end),
                     cols,
                 };
                 // SAFETY: AVX-512F; the tasks' rectangles of C are disjoint and C outlives
@@ -191,7 +217,6 @@ mod fast {
                 unsafe { task.run() }
             });
         });
-        PACKED_A.set(rows_a.v);
     }
 
     /// C's storage, written by tasks in disjoint rectangles.
@@ -201,29 +226,36 @@ mod fast {
     unsafe impl Send for CPtr {}
     unsafe impl Sync for CPtr {}
 
-    /// A (m × k) in panels of MR rows, interleaved (panel element (r, p) at `p · MR + r`, rows
-    /// past m zero): the kernel's MR broadcasts per depth come from one stream.
+    /// Rows `first..` of A (m × k) in panels of MR rows, interleaved (panel element (r, p) at
+    /// `p · MR + r`, rows past m zero): the kernel's MR broadcasts per depth come from one
+    /// stream.
     struct PackedA {
         v: Vec<f32>,
         k: usize,
+        first: usize,
     }
 
     impl PackedA {
-        /// Packs A into `out` (its storage, reused; see `PACKED_A`).
-        fn new((v, t): Operand, m: usize, k: usize, mut out: Vec<f32>) -> Self {
+        /// Packs the rows `rows` of A into `out` (its storage, reused; see `PACKED_A`).
+        fn new((v, t): Operand, m: usize, k: usize, rows: Range<usize>, mut out: Vec<f32>) -> Self {
             // Every element is written below: no clearing needed.
-            out.resize(m.div_ceil(MR) * MR * k, 0.0);
+            out.resize(rows.len().div_ceil(MR) * MR * k, 0.0);
             out.par_chunks_mut(MR * k)
                 .enumerate()
                 .for_each(|(panel, o)| {
-                    // SAFETY: AVX-512F (the caller's); o is panel `panel` of A.
-                    unsafe { pack_a_panel((v, t), m, k, panel * MR, o) }
+                    // SAFETY: AVX-512F (the caller's); o is panel `panel` of the rows.
+                    unsafe { pack_a_panel((v, t), m, k, rows.start + panel * MR, o) }
                 });
-            Self { v: out, k }
+            Self {
+                v: out,
+                k,
+                first: rows.start,
+            }
         }
 
-        /// The panel of rows i.. (i a multiple of MR), from depth p.
+        /// The panel of rows i.. (i − first a multiple of MR), from depth p.
         fn panel(&self, i: usize, p: usize) -> &[f32] {
+            let i = i - self.first;
             &self.v[i * self.k + p * MR..(i + MR) * self.k]
         }
     }
@@ -476,6 +508,7 @@ mod tests {
             (13, 100, 300),
             (130, 97, 513),
             (3, 200, 40),
+            (1037, 50, 33), // three bands of rows, the last partial
         ] {
             let (av, bv) = (values(&mut rng, m * k), values(&mut rng, k * n));
             for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {

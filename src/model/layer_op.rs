@@ -203,7 +203,7 @@ fn matmul(
             return bf16_gemm::matmul(out, am, bm);
         }
         // Only the forward product (B = Wᵀ): there the `gemm` crate packs W a scalar at a
-        // time. For the gradients' products it is as fast, and faster past ~1000 tokens
+        // time. For the gradients' products it is as fast or a few percent faster
         // (`f32_gemm_speed`).
         if bm.t && f32_gemm::available() {
             f32_gemm::matmul(&mut dst[..m * n], accumulate, am, bm);
