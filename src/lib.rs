@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod losses;
 pub mod memory;
@@ -18,5 +19,8 @@ pub mod model;
 pub mod plot;
 pub mod sweep;
 pub mod train;
+
+#[cfg(test)]
+pub mod testing;
 
 pub use error::{Error, Result};

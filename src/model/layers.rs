@@ -7,11 +7,12 @@ use candle_core::{DType, Tensor, Var, D};
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
-use crate::model::attention::{self, Attention};
+use crate::engine::cpu::attention::{self, Attention};
 use crate::model::dropout::Dropout;
+use crate::engine::Engine;
 use crate::model::layer_op::{LayerDims, LayerOp, ParamGrads};
 use crate::model::weights::Weights;
-use crate::model::{fused, norm};
+use crate::engine::cpu::{fused, norm};
 
 /// `y = x Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
@@ -165,6 +166,8 @@ pub struct EncoderLayer {
     ffn_out: Linear,
     ffn_norm: LayerNorm,
     heads: usize,
+    /// The primitives the one-op layer runs on.
+    pub engine: Engine,
     /// Where the one-op layer leaves its parameters' gradients (`Network::backward` collects).
     pub param_grads: ParamGrads,
 }
@@ -184,8 +187,10 @@ impl EncoderLayer {
 
     pub fn load(w: &dyn Weights, n: &LayerNames, d: Dims) -> Result<Self> {
         let h = d.hidden;
+        let q = Linear::load(w, &n.q, h, h)?;
         Ok(Self {
-            q: Linear::load(w, &n.q, h, h)?,
+            engine: Engine::for_device(q.weight.device()),
+            q,
             k: Linear::load(w, &n.k, h, h)?,
             v: Linear::load(w, &n.v, h, h)?,
             o: Linear::load(w, &n.o, h, h)?,
@@ -264,7 +269,7 @@ impl EncoderLayer {
 }
 
 impl EncoderLayer {
-    /// Whether the layer runs as one op (`layer_op.rs`): a 2-D CPU input, f32 parameters.
+    /// Whether the layer runs as one op (`layer_op.rs`): a 2-D input, f32 parameters.
     fn one_op(&self, x: &Tensor) -> bool {
         let params = [
             &self.q,
@@ -274,9 +279,11 @@ impl EncoderLayer {
             &self.ffn_in,
             &self.ffn_out,
         ];
-        x.device().is_cpu()
-            && x.rank() == 2
-            && params.iter().all(|l| l.fused_bias(x).is_some())
+        let f32_params = |l: &&Linear| {
+            l.weight.dtype() == DType::F32 && l.bias.as_ref().is_some_and(|b| b.dtype() == DType::F32)
+        };
+        x.rank() == 2
+            && params.iter().all(f32_params)
             && self.attn_norm.weight.dtype() == DType::F32
             && self.ffn_norm.weight.dtype() == DType::F32
     }
@@ -327,7 +334,7 @@ impl EncoderLayer {
         ];
         let params = self.params();
         let trains = params.iter().any(Tensor::track_op);
-        let mut op = LayerOp::new(dims, params, attention, masks);
+        let mut op = LayerOp::new(self.engine, dims, params, attention, masks);
         op.sink = trains.then(|| self.param_grads.clone());
         op.keep = trains || x.track_op() || bias.is_some_and(|b| b.track_op());
         // The parameters are no graph inputs: below the first trained layer, a leaf stands in
@@ -387,7 +394,7 @@ pub fn attention_composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{grads_through, max_diff};
+    use crate::testing::{grads_through, max_diff};
     use candle_core::{Device, Var};
     use std::cell::RefCell;
 
@@ -466,6 +473,55 @@ mod tests {
             for v in vars {
                 let d = max_diff(ga.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-5, "gradients differ by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_engine_gives_the_cpu_engine_s_value_and_every_gradient() {
+        let dev = Device::Cpu;
+        let w = VarWeights(RefCell::new(Vec::new()));
+        let dims = Dims {
+            hidden: 16,
+            heads: 4,
+            intermediate: 24,
+            eps: 1e-5,
+        };
+        let mut layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let params = w.0.borrow().clone();
+        let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7, 8], &[9]], &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 16), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, (4, 6, 6), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (9, 16), &dev).unwrap();
+        let drop = Dropout::train(0.2, 0.3, 7, 3, vec![10, 11, 12]);
+        // (activations' type, tolerance): bf16 rounds each kept activation, where the two
+        // engines' f32 sums may fall on either side of a rounding boundary.
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.1)] {
+            for with_bias in [false, true] {
+                let b = with_bias.then(|| bias.as_tensor());
+                let mut run = |engine| {
+                    layer.engine = engine;
+                    let xd = x.as_tensor().to_dtype(dtype).unwrap();
+                    let y = layer.forward(&xd, &batch, b, &drop, 4).unwrap();
+                    let mut g = grads_through(&y.to_dtype(DType::F32).unwrap(), &probe);
+                    layer.param_grads.drain_into(&mut g).unwrap();
+                    (y, g)
+                };
+                let (yc, gc) = run(Engine::Cpu);
+                let (yp, gp) = run(Engine::Portable);
+                assert!(max_diff(&yc, &yp) < tol, "{dtype:?}: values differ by {}", max_diff(&yc, &yp));
+                let mut vars: Vec<&Var> = params.iter().collect();
+                vars.push(&x);
+                if with_bias {
+                    vars.push(&bias);
+                }
+                for (i, v) in vars.iter().enumerate() {
+                    let (a, c) = (gc.get(v).unwrap(), gp.get(v).unwrap());
+                    // Relative to the gradient's size: sums of many products.
+                    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                    let d = max_diff(a, c) / scale;
+                    assert!(d < tol, "{dtype:?}, bias {with_bias}: gradient {i} differs by {d}");
+                }
             }
         }
     }

@@ -5,26 +5,16 @@
 //! them. `network()` builds over the trainable `Var`s (records a graph); `inference_network()`
 //! over detached views of the same storage (no graph), for `encode` and evaluation.
 
-pub mod attention;
 pub mod bert;
-pub mod bf16_gemm;
 pub mod dropout;
 pub mod embedding_cut;
-pub mod f32_gemm;
 pub mod folder;
-pub mod fused;
 pub mod hub;
 pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
-pub mod norm;
 pub mod pooling;
-#[cfg(test)]
-pub mod testing;
-pub mod vmath;
 pub mod weights;
-#[cfg(target_arch = "x86_64")]
-mod zmm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

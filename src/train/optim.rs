@@ -199,11 +199,12 @@ impl Update {
     fn chunk(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
+            let cpu = crate::engine::cpu::features::get();
+            if cpu.avx512 {
                 // SAFETY: the CPU has AVX-512F (checked).
                 return unsafe { self.chunk_avx512(w, m, v, g) };
             }
-            if is_x86_feature_detected!("avx2") {
+            if cpu.avx2 {
                 // SAFETY: the CPU has AVX2 (checked).
                 return unsafe { self.chunk_avx2(w, m, v, g) };
             }
@@ -259,7 +260,7 @@ pub fn grad_norm(grads: &Grads) -> Result<f64> {
         let (s, l) = g.storage_and_layout();
         sq += match &*s {
             Storage::Cpu(s @ CpuStorage::F32(_)) if l.is_contiguous() => {
-                let g = crate::model::fused::f32_params(s, l, "grad norm")?;
+                let g = crate::engine::cpu::storage::f32_params(s, l, "grad norm")?;
                 let parts: Vec<f64> = g.par_chunks(CHUNK).map(sum_squares).collect();
                 parts.iter().sum()
             }

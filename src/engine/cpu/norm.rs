@@ -10,8 +10,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::model::dropout::HiddenMask;
-use crate::model::fused::{cpu_rows, f32_params, read_row};
+use crate::engine::mask::HiddenMask;
+use super::storage::{cpu_rows, f32_params, read_row};
 
 /// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
 /// backward pass. The output has `x`'s type.
@@ -374,7 +374,7 @@ const ROWS_PER_BLOCK: usize = 64;
 mod tests {
     use super::*;
     use crate::model::layers;
-    use crate::model::testing::{assert_same_function, max_diff};
+    use crate::testing::{assert_same_function, max_diff};
     use candle_core::{DType, Device, Var};
 
     #[test]

@@ -430,9 +430,7 @@ mod fast {
 
     /// Whether the CPU has the AVX-512 subsets the packing uses.
     pub fn has_avx512() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
+        crate::engine::cpu::features::get().avx512
     }
 
     /// Packing with AVX-512, 16 elements (or bf16 pairs, in u32 lanes) at a time.
@@ -795,8 +793,7 @@ mod fast {
         pub fn supported() -> bool {
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
             if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE
-                || !super::has_avx512()
-                || !is_x86_feature_detected!("avx512bf16")
+                || !crate::engine::cpu::features::get().avx512bf16
             {
                 return false;
             }
@@ -933,7 +930,7 @@ mod fast {
 
         /// Whether the CPU can run this path.
         pub fn supported() -> bool {
-            super::has_avx512() && is_x86_feature_detected!("avx512bf16")
+            crate::engine::cpu::features::get().avx512bf16
         }
 
         /// Whether this path beats widening to f32 here: on AMD `vdpbf16ps` does twice the
@@ -941,9 +938,7 @@ mod fast {
         /// 280-400 for f32 on 2 cores); on Intel (Sapphire Rapids, measured) it runs at 2/3 of
         /// the f32 FMA rate, so there f32 wins.
         pub fn preferred() -> bool {
-            let v = std::arch::x86_64::__cpuid(0);
-            let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163); // "AuthenticAMD"
-            amd && supported()
+            crate::engine::cpu::features::get().amd && supported()
         }
 
         /// # Safety
@@ -995,7 +990,7 @@ mod fast {
                 for (w, v) in bv.iter_mut().enumerate() {
                     // SAFETY: block w, row q (NB pairs = 64 bytes) lies in b (W blocks).
                     *v = unsafe {
-                        crate::model::zmm::load!(b
+                        crate::engine::cpu::zmm::load!(b
                             .wrapping_add(w * kp * NB + q * 2 * NB)
                             .cast::<f32>())
                     };
@@ -1003,7 +998,7 @@ mod fast {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: pair q of row r of a (MR rows of kp), to all 16 lanes.
                     let av = unsafe {
-                        crate::model::zmm::broadcast!(a.wrapping_add(r * kp + 2 * q).cast::<f32>())
+                        crate::engine::cpu::zmm::broadcast!(a.wrapping_add(r * kp + 2 * q).cast::<f32>())
                     };
                     for (c, &v) in acc.iter_mut().zip(&bv) {
                         *c = _mm512_dpbf16_ps(*c, bh(av), bh(v));
@@ -1272,7 +1267,7 @@ mod tests {
             let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
             let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
             let flops = 2.0 * (tokens * d_in * d_out) as f64;
-            let time = |f: &mut dyn FnMut()| crate::model::testing::gflops(flops, f);
+            let time = |f: &mut dyn FnMut()| crate::testing::gflops(flops, f);
             let wm = Mat::new(Elems::F32(&w), d_out, d_in);
             // The three products of a linear layer: y = x Wᵀ, dx = g W, dW = gᵀ x.
             let products = |x, g| {

@@ -16,59 +16,9 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Elems, Mat, Out};
+use super::storage::{cpu_f32, cpu_rows, cpu_storage, f32_params, read_row};
 use super::vmath;
 use crate::error::Result;
-
-/// The contiguous elements of a CPU tensor as f32 (borrowed when already f32).
-pub fn cpu_f32<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &'static str,
-) -> candle_core::Result<Cow<'a, [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: expected a contiguous input")
-    };
-    /// Elements per parallel task of the conversion.
-    const CHUNK: usize = 1 << 14;
-    fn widen<T: Sync>(v: &[T], f: impl Fn(&[T], &mut [f32]) + Sync) -> Cow<'static, [f32]> {
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, v)| f(v, o));
-        Cow::Owned(out)
-    }
-    Ok(match s {
-        CpuStorage::F32(v) => Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => widen(&v[a..b], |v, o| v.convert_to_f32_slice(o)),
-        CpuStorage::F16(v) => widen(&v[a..b], |v, o| v.convert_to_f32_slice(o)),
-        _ => candle_core::bail!("{op}: expected a float input"),
-    })
-}
-
-/// f32 results stored as `dtype` (f32, bf16 or f16).
-pub fn cpu_storage(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
-    /// Elements per parallel task of the conversion.
-    const CHUNK: usize = 1 << 14;
-    fn narrow<T: Copy + Send + Sync>(
-        v: &[f32],
-        zero: T,
-        f: impl Fn(&[f32], &mut [T]) + Sync,
-    ) -> Vec<T> {
-        let mut out = vec![zero; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, v)| f(v, o));
-        out
-    }
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(narrow(&v, half::bf16::ZERO, bf16_gemm::narrow)),
-        DType::F16 => CpuStorage::F16(narrow(&v, half::f16::ZERO, |v, o| {
-            o.convert_from_f32_slice(v)
-        })),
-        other => candle_core::bail!("expected a float type, got {other:?}"),
-    })
-}
 
 /// A contiguous f32 or bf16 CPU tensor as an operand of [`bf16_gemm`].
 fn gemm_elems<'a>(
@@ -95,75 +45,6 @@ fn bf16_elems<'a>(
     match gemm_elems(s, l, op)? {
         Elems::Bf16(v) => Ok(v),
         Elems::F32(_) => candle_core::bail!("{op}: expected a bf16 input"),
-    }
-}
-
-/// Row `row` (of `out.len()` elements) of a contiguous CPU float tensor, as f32.
-pub fn read_row(
-    s: &CpuStorage,
-    l: &Layout,
-    row: usize,
-    out: &mut [f32],
-) -> candle_core::Result<()> {
-    let Some((start, _)) = l.contiguous_offsets() else {
-        candle_core::bail!("expected a contiguous input")
-    };
-    let r = start + row * out.len()..start + (row + 1) * out.len();
-    match s {
-        CpuStorage::F32(v) => out.copy_from_slice(&v[r]),
-        CpuStorage::BF16(v) => v[r].convert_to_f32_slice(out),
-        CpuStorage::F16(v) => v[r].convert_to_f32_slice(out),
-        _ => candle_core::bail!("expected a float input"),
-    }
-    Ok(())
-}
-
-/// `n` elements of type `dtype`, computed `d` at a time (one row) in f32 by `f(row, buffer)`,
-/// rows in parallel: a half-precision result never exists as a full f32 copy.
-pub fn cpu_rows(
-    dtype: DType,
-    n: usize,
-    d: usize,
-    f: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
-) -> candle_core::Result<CpuStorage> {
-    fn fill<T: Copy + Send + Sync>(
-        n: usize,
-        d: usize,
-        zero: T,
-        from_f32: impl Fn(f32) -> T + Sync,
-        f: impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync,
-    ) -> candle_core::Result<Vec<T>> {
-        let mut out = vec![zero; n];
-        out.par_chunks_mut(d).enumerate().try_for_each_init(
-            || vec![0f32; d],
-            |buf, (row, o)| {
-                f(row, buf)?;
-                o.iter_mut()
-                    .zip(buf.iter())
-                    .for_each(|(o, &v)| *o = from_f32(v));
-                Ok::<_, candle_core::Error>(())
-            },
-        )?;
-        Ok(out)
-    }
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(fill(n, d, 0f32, |v| v, f)?),
-        DType::BF16 => CpuStorage::BF16(fill(n, d, half::bf16::ZERO, half::bf16::from_f32, f)?),
-        DType::F16 => CpuStorage::F16(fill(n, d, half::f16::ZERO, half::f16::from_f32, f)?),
-        other => candle_core::bail!("expected a float type, got {other:?}"),
-    })
-}
-
-/// A contiguous f32 CPU tensor as a slice: parameters (f32 whatever the activations' type), or an
-/// f32 gradient.
-pub fn f32_params<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &'static str,
-) -> candle_core::Result<&'a [f32]> {
-    match cpu_f32(s, l, op)? {
-        Cow::Borrowed(v) => Ok(v),
-        Cow::Owned(_) => candle_core::bail!("{op}: expected f32 parameters"),
     }
 }
 
@@ -505,7 +386,7 @@ pub fn gelu_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{assert_same_function, max_diff as close};
+    use crate::testing::{assert_same_function, max_diff as close};
     use candle_core::{Device, Var};
 
     #[test]
@@ -558,7 +439,7 @@ mod tests {
                 let y = op(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
                 assert_eq!(y.dtype(), dtype);
                 let y = y.to_dtype(DType::F32).unwrap();
-                let g = crate::model::testing::grads_through(&y, &probe);
+                let g = crate::testing::grads_through(&y, &probe);
                 let dx = g.get(x.as_tensor()).unwrap().clone();
                 assert_eq!(dx.dtype(), dtype);
                 (y, dx, g.get(&w).unwrap().clone())

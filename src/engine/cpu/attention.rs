@@ -12,18 +12,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::model::dropout::AttentionMasks;
-use crate::model::fused::{cpu_f32, cpu_storage};
-use crate::model::vmath;
+pub use crate::engine::Attention;
+use super::storage::{cpu_f32, cpu_storage};
+use super::vmath;
 
-/// softmax(scale · q kᵀ + bias) ⊙ mask · v per row and head, rows packed as (offset, len).
-#[derive(Debug, Clone)]
-pub struct Attention {
-    pub heads: usize,
-    pub scale: f32,
-    pub rows: Vec<(usize, usize)>,
-    pub masks: Option<AttentionMasks>,
-}
 
 /// qkv: (tokens, 3·hidden), the q, k and v projections side by side; bias: (heads, L, L) f32
 /// with L at least the longest row (a row of length n uses its top-left n × n block).
@@ -440,7 +432,7 @@ mod tests {
     use crate::data::batch::TokenBatch;
     use crate::model::dropout::Dropout;
     use crate::model::layers::attention_composed;
-    use crate::model::testing::{grads_through, max_diff};
+    use crate::testing::{grads_through, max_diff};
     use candle_core::{Device, Var};
 
     /// Three packed rows (5, 3 and 7 tokens), 2 heads of width 4.

@@ -25,14 +25,7 @@ const ERF_A: [f32; 5] = [
 const INV_SQRT_2PI: f32 = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
 
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::features::get().avx512
 }
 
 /// `x ← exp(x − shift)`, returning the sum of the results (a softmax's numerator and

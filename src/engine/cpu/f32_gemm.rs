@@ -14,23 +14,11 @@
 //!
 //! Needs AVX-512F ([`available`]); elsewhere `layer_op` keeps the `gemm` crate.
 
-use std::sync::OnceLock;
-
 use super::bf16_gemm::{Elems, Mat};
 
 /// Whether this CPU runs the kernel (decided once per process).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    super::features::get().avx512
 }
 
 /// `c (m × n, row-major) = a·b` (`+=` with `accumulate`) for f32 `a` (m × k) and `b` (k × n).
@@ -118,7 +106,7 @@ mod fast {
 
     use rayon::prelude::*;
 
-    use crate::model::bf16_gemm::transpose16;
+    use crate::engine::cpu::bf16_gemm::transpose16;
 
     /// Columns of B per packed block (one register of f32).
     const NB: usize = 16;
@@ -362,7 +350,7 @@ mod fast {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (w, v) in acc.iter_mut().enumerate() {
                     // SAFETY: (r, 16w..16w + 16) lies in the block at c.
-                    *v = unsafe { crate::model::zmm::load!(c.wrapping_add(r * ldc + w * NB)) };
+                    *v = unsafe { crate::engine::cpu::zmm::load!(c.wrapping_add(r * ldc + w * NB)) };
                 }
             }
         }
@@ -370,11 +358,11 @@ mod fast {
             let mut bv = [_mm512_setzero_ps(); W];
             for (w, v) in bv.iter_mut().enumerate() {
                 // SAFETY: block w, depth p (NB f32) lies in b.
-                *v = unsafe { crate::model::zmm::load!(b.wrapping_add(w * ldb + p * NB)) };
+                *v = unsafe { crate::engine::cpu::zmm::load!(b.wrapping_add(w * ldb + p * NB)) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: element p of row r of a, to all 16 lanes.
-                let av = unsafe { crate::model::zmm::broadcast!(a.wrapping_add(p * MR + r)) };
+                let av = unsafe { crate::engine::cpu::zmm::broadcast!(a.wrapping_add(p * MR + r)) };
                 for (c, &v) in acc.iter_mut().zip(&bv) {
                     *c = _mm512_fmadd_ps(av, v, *c);
                 }
@@ -383,7 +371,7 @@ mod fast {
         for (r, acc) in acc.iter().enumerate() {
             for (w, &v) in acc.iter().enumerate() {
                 // SAFETY: (r, 16w..16w + 16) lies in the block at c.
-                unsafe { crate::model::zmm::store!(c.wrapping_add(r * ldc + w * NB), v) };
+                unsafe { crate::engine::cpu::zmm::store!(c.wrapping_add(r * ldc + w * NB), v) };
             }
         }
     }
@@ -621,7 +609,7 @@ mod tests {
                 values(&mut rng, d_out * d_in),
             );
             let flops = 2.0 * (t * d_in * d_out) as f64;
-            let time = |f: &mut dyn FnMut()| crate::model::testing::gflops(flops, f);
+            let time = |f: &mut dyn FnMut()| crate::testing::gflops(flops, f);
             let mut c = vec![0f32; t * d_out.max(d_in) + d_in * d_out];
             let (xm, gm, wm) = (
                 Mat::new(Elems::F32(&x), t, d_in),

@@ -1,0 +1,228 @@
+//! The primitives over st-tune's CPU kernels: each reads its inputs in place as f32 slices
+//! (widening half precision on every core), runs one kernel, and stores the result in the
+//! activations' type. Matrix products go through the one dispatch of `matmul.rs`.
+
+use std::borrow::Cow;
+
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::matmul::{self, Products};
+use super::storage::{cpu_f32, tensor};
+use super::{norm, vmath};
+use crate::engine::mask::HiddenMask;
+use crate::engine::{Attention, LinearGrads, NormGrads, Primitives};
+use crate::error::Result;
+
+/// The CPU engine, for activations stored as `dtype`.
+pub struct Cpu {
+    pub dtype: DType,
+}
+
+/// Runs `f` over the elements of a CPU tensor as f32 (borrowed in place when f32).
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*s else {
+        return Err(candle_core::Error::Msg("cpu engine: expected a CPU tensor".into()).into());
+    };
+    let v: Cow<[f32]> = cpu_f32(s, l, "cpu engine")?;
+    f(&v)
+}
+
+fn f32_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// `x + mask ⊙ y`, rows of `width` (the packed tokens, as the masks number them).
+fn add_masked(x: &[f32], y: &[f32], mask: Option<&HiddenMask>, width: usize) -> Vec<f32> {
+    let mut out = y.to_vec();
+    out.par_chunks_mut(width)
+        .zip(x.par_chunks(width))
+        .enumerate()
+        .for_each(|(t, (o, x))| {
+            if let Some(m) = mask {
+                m.apply_row(t, o);
+            }
+            o.iter_mut().zip(x).for_each(|(o, x)| *o += x);
+        });
+    out
+}
+
+impl Cpu {
+    fn products(&self) -> Products {
+        Products::for_dtype(self.dtype)
+    }
+
+    fn store(&self, v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+        Ok(tensor(
+            v,
+            self.dtype,
+            &Shape::from((rows, cols)),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+impl Primitives for Cpu {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (n, k) = w.dims2()?;
+        let y = read(x, |x| {
+            read(w, |w| {
+                read(b, |b| Ok(matmul::linear(self.products(), x, w, b, k)?))
+            })
+        })?;
+        self.store(y, x.dim(0)?, n)
+    }
+
+    fn linear_backward(&self, dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<LinearGrads> {
+        let (n, k) = w.dims2()?;
+        let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
+        let dx = read(dy, |dy| {
+            read(x, |x| {
+                read(w, |w| {
+                    Ok(matmul::linear_backward(
+                        self.products(),
+                        dy,
+                        x,
+                        w,
+                        (&mut dw, &mut db),
+                        k,
+                    )?)
+                })
+            })
+        })?;
+        Ok((
+            f32_tensor(dx, (x.dim(0)?, k))?,
+            f32_tensor(dw, (n, k))?,
+            f32_tensor(db, n)?,
+        ))
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let mut act = read(x, |x| Ok(x.to_vec()))?;
+        act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
+        let (t, i) = x.dims2()?;
+        self.store(act, t, i)
+    }
+
+    fn gelu_backward(&self, x: &Tensor, d: &Tensor) -> Result<Tensor> {
+        let (t, i) = x.dims2()?;
+        let mut grad = read(x, |x| Ok(x.to_vec()))?;
+        read(d, |d| {
+            grad.par_chunks_mut(i)
+                .zip(d.par_chunks(i))
+                .for_each(|(x, d)| vmath::gelu_grad_mul(x, d));
+            Ok(())
+        })?;
+        f32_tensor(grad, (t, i))
+    }
+
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        mask: Option<&HiddenMask>,
+        (w, b): (&Tensor, &Tensor),
+        eps: f32,
+    ) -> Result<Tensor> {
+        let (t, h) = x.dims2()?;
+        let mut s = read(x, |x| read(y, |y| Ok(add_masked(x, y, mask, h))))?;
+        read(w, |w| {
+            read(b, |b| {
+                norm::norm_rows(&mut s, w, b, eps);
+                Ok(())
+            })
+        })?;
+        self.store(s, t, h)
+    }
+
+    fn add_norm_backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        mask: Option<&HiddenMask>,
+        w: &Tensor,
+        eps: f32,
+        g: &Tensor,
+    ) -> Result<NormGrads> {
+        let (t, h) = x.dims2()?;
+        let s = read(x, |x| read(y, |y| Ok(add_masked(x, y, mask, h))))?;
+        let (ds, mut dwb) =
+            read(g, |g| read(w, |w| Ok(norm::norm_rows_backward(&s, g, w, eps)?)))?;
+        drop(s);
+        let db = dwb.split_off(h);
+        Ok((f32_tensor(ds, (t, h))?, f32_tensor(dwb, h)?, f32_tensor(db, h)?))
+    }
+
+    fn masked(&self, g: &Tensor, mask: Option<&HiddenMask>) -> Result<Tensor> {
+        let Some(m) = mask else {
+            return Ok(g.to_dtype(DType::F32)?);
+        };
+        let (t, h) = g.dims2()?;
+        let mut out = read(g, |g| Ok(g.to_vec()))?;
+        out.par_chunks_mut(h)
+            .enumerate()
+            .for_each(|(t, o)| m.apply_row(t, o));
+        f32_tensor(out, (t, h))
+    }
+
+    fn attention(&self, qkv: &Tensor, bias: Option<&Tensor>, att: &Attention) -> Result<Tensor> {
+        let (t, w) = qkv.dims2()?;
+        let ctx = read(qkv, |q| match bias {
+            Some(b) => {
+                let l = b.dim(1)?;
+                read(b, |b| Ok(att.forward_cpu(q, Some((b, l)), w)))
+            }
+            None => Ok(att.forward_cpu(q, None, w)),
+        })?;
+        self.store(ctx, t, w / 3)
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        att: &Attention,
+        d: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (t, w) = qkv.dims2()?;
+        let (dqkv, dbias) = read(qkv, |q| {
+            read(d, |d| match bias {
+                Some(b) => {
+                    let l = b.dim(1)?;
+                    read(b, |b| Ok(att.backward_slices(q, Some((b, l)), d, w)))
+                }
+                None => Ok(att.backward_slices(q, None, d, w)),
+            })
+        })?;
+        let dbias = match bias {
+            Some(b) => Some(f32_tensor(dbias, b.shape())?),
+            None => None,
+        };
+        Ok((f32_tensor(dqkv, (t, w))?, dbias))
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mut sum = read(a, |a| Ok(a.to_vec()))?;
+        read(b, |b| {
+            sum.par_chunks_mut(1 << 14)
+                .zip(b.par_chunks(1 << 14))
+                .for_each(|(s, b)| s.iter_mut().zip(b).for_each(|(s, b)| *s += b));
+            Ok(())
+        })?;
+        f32_tensor(sum, a.shape())
+    }
+
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        if t.dtype() == dtype {
+            return Ok(t.clone());
+        }
+        let v = read(t, |v| Ok(v.to_vec()))?;
+        Ok(tensor(v, dtype, t.shape(), &Device::Cpu)?)
+    }
+}

@@ -1,0 +1,140 @@
+//! The device primitives the encoder is written over, and their implementations, chosen at run
+//! time ([`Engine`]):
+//! - [`cpu`]: st-tune's CPU kernels (AVX-512, AVX-512 BF16, AMX; the gemm crate and scalar loops
+//!   as fallback), over slices read in place;
+//! - [`portable`]: candle tensor ops only, so cuBLAS and candle's own kernels on a GPU; on CPU it
+//!   is the check of the kernels, and `ST_TUNE_ENGINE=portable` trains through it.
+//!
+//! A layer's forward and backward pass (`model::layer_op`) call these and nothing else, so
+//! every device keeps the same activations and computes the same function. Activations are
+//! stored in the engine's type (f32, or bf16/f16 with mixed precision) and the arithmetic of
+//! everything but the matrix products is f32; gradients are f32.
+
+pub mod cpu;
+pub mod mask;
+pub mod portable;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use mask::{AttentionMasks, HiddenMask};
+
+/// softmax(scale · q kᵀ + bias) ⊙ mask · v per row and head, rows packed as (offset, len).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub heads: usize,
+    pub scale: f32,
+    pub rows: Vec<(usize, usize)>,
+    pub masks: Option<AttentionMasks>,
+}
+
+/// The gradients of a linear layer: (d input, d weight, d bias).
+pub type LinearGrads = (Tensor, Tensor, Tensor);
+
+/// The gradients of a layer norm over a residual sum: (d sum, d weight, d bias).
+pub type NormGrads = (Tensor, Tensor, Tensor);
+
+/// What a device must provide to run the encoder. Inputs are 2-D (tokens, width), packed
+/// rows; weights are f32 and stored as PyTorch does (`[out, in]`).
+pub trait Primitives {
+    /// The type activations are stored in.
+    fn dtype(&self) -> DType;
+    /// `x Wᵀ + b`.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// The gradients of `linear` from its output gradient `dy`.
+    fn linear_backward(&self, dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<LinearGrads>;
+    /// GELU (erf form).
+    fn gelu(&self, x: &Tensor) -> Result<Tensor>;
+    /// `d ⊙ gelu'(x)`.
+    fn gelu_backward(&self, x: &Tensor, d: &Tensor) -> Result<Tensor>;
+    /// `layer_norm(x + mask ⊙ y)`: a post-LN residual connection with its dropout.
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        mask: Option<&HiddenMask>,
+        norm: (&Tensor, &Tensor),
+        eps: f32,
+    ) -> Result<Tensor>;
+    /// The gradients of `add_norm` from its output gradient `g`, recomputing the sum.
+    fn add_norm_backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        mask: Option<&HiddenMask>,
+        w: &Tensor,
+        eps: f32,
+        g: &Tensor,
+    ) -> Result<NormGrads>;
+    /// `g ⊙ mask`: the gradient reaching a dropped-out input.
+    fn masked(&self, g: &Tensor, mask: Option<&HiddenMask>) -> Result<Tensor>;
+    /// Self-attention of q|k|v, (tokens, 3·hidden) -> (tokens, hidden); `bias` (heads, L, L)
+    /// is MPNet's relative-position bias.
+    fn attention(&self, qkv: &Tensor, bias: Option<&Tensor>, att: &Attention) -> Result<Tensor>;
+    /// (d qkv, d bias) from the output gradient; the probabilities are recomputed.
+    fn attention_backward(
+        &self,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        att: &Attention,
+        d: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)>;
+    /// `a + b` (gradient sums), f32.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// `t` stored as `dtype`.
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor>;
+}
+
+/// Which implementation of the primitives runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Cpu,
+    Portable,
+}
+
+/// Environment variable choosing the CPU's engine: `cpu` (default) or `portable`.
+pub const ENV: &str = "ST_TUNE_ENGINE";
+
+impl Engine {
+    /// The engine for `device`: CUDA runs `portable`; the CPU runs `cpu` unless
+    /// `ST_TUNE_ENGINE` says otherwise (checked by [`Engine::from_env`] when a command starts).
+    pub fn for_device(device: &Device) -> Engine {
+        if device.is_cpu() {
+            Self::from_env().unwrap_or(Engine::Cpu)
+        } else {
+            Engine::Portable
+        }
+    }
+
+    /// The CPU engine `ST_TUNE_ENGINE` asks for (read once).
+    pub fn from_env() -> Result<Engine> {
+        static CHOSEN: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
+        CHOSEN
+            .get_or_init(|| match std::env::var(ENV).as_deref() {
+                Err(_) | Ok("cpu") | Ok("") => Ok(Engine::Cpu),
+                Ok("portable") => Ok(Engine::Portable),
+                Ok(other) => Err(format!(
+                    "{ENV}={other:?} is not an engine; use `cpu` (the default) or `portable`"
+                )),
+            })
+            .clone()
+            .map_err(Error::Usage)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Cpu => "cpu",
+            Engine::Portable => "portable",
+        }
+    }
+
+    /// The primitives of this engine for activations stored as `dtype`.
+    pub fn primitives(self, dtype: DType) -> Box<dyn Primitives> {
+        match self {
+            Engine::Cpu => Box::new(cpu::primitives::Cpu { dtype }),
+            Engine::Portable => Box::new(portable::Portable { dtype }),
+        }
+    }
+}
