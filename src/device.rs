@@ -28,3 +28,12 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
     Device::new_cuda(ordinal).map_err(|e| Error::Usage(format!("cannot open {spec}: {e}")))
 }
+
+/// The name `parse` takes for `device`: "cpu" or "cuda:N".
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -52,6 +52,8 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // A mistyped ST_TUNE_ENGINE is refused before any work, not silently replaced.
+    crate::engine::Engine::from_env()?;
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Encode(a) => encode::run(a),

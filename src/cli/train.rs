@@ -91,6 +91,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.final_loss,
         crate::memory::human_bytes(s.peak_memory)
     );
+    crate::say!("engine: {}", s.engine);
     crate::say!(
         "out-of-memory events recovered: {}; micro-batch at the end: {}",
         s.ooms_recovered,

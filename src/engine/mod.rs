@@ -87,6 +87,15 @@ pub trait Primitives {
     fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor>;
 }
 
+/// The engine `device` runs, for the run's first line and summary, e.g. `cpu (avx512+avx2)`
+/// or `portable on cuda:0`.
+pub fn describe(device: &Device) -> String {
+    match Engine::for_device(device) {
+        Engine::Cpu => format!("cpu ({})", cpu::features::describe()),
+        Engine::Portable => format!("portable on {}", crate::device::name(device)),
+    }
+}
+
 /// Which implementation of the primitives runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {

@@ -169,8 +169,8 @@ impl Primitives for Portable {
         // gelu'(x) = Φ(x) + x φ(x).
         let x = f32(x)?;
         let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-        let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI
-            * std::f64::consts::FRAC_1_SQRT_2))?;
+        let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
         Ok(((cdf + (x * pdf)?)? * f32(d)?)?)
     }
 
@@ -265,14 +265,19 @@ impl Primitives for Portable {
             Some(b) => {
                 let (_, l, _) = b.dims3()?;
                 let sum = ds.sum(0)?;
-                let sum = sum.pad_with_zeros(1, 0, l - len)?.pad_with_zeros(2, 0, l - len)?;
+                let sum = sum
+                    .pad_with_zeros(1, 0, l - len)?
+                    .pad_with_zeros(2, 0, l - len)?;
                 Some(sum.to_dtype(b.dtype())?)
             }
             None => None,
         };
         let dq = (ds.matmul(&k)? * att.scale as f64)?;
         let dk = (ds.t()?.matmul(&q)? * att.scale as f64)?;
-        let dqkv = Tensor::cat(&[merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?], 2)?;
+        let dqkv = Tensor::cat(
+            &[merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?],
+            2,
+        )?;
         Ok((pad.unpad(&dqkv)?, dbias))
     }
 

@@ -196,7 +196,8 @@ impl LayerOp {
             ffn,
         } = kept;
         // Second norm, over x1 + mask ⊙ ffn.
-        let (ds2, dln2_w, dln2_b) = p.add_norm_backward(&x1, &ffn, m2.as_ref(), &w.ln2.0, eps, g)?;
+        let (ds2, dln2_w, dln2_b) =
+            p.add_norm_backward(&x1, &ffn, m2.as_ref(), &w.ln2.0, eps, g)?;
         drop(ffn);
         let dffn = p.masked(&ds2, m2.as_ref())?;
         // Feed-forward: ffn = gelu(h) W2ᵀ + b2, h = x1 W1ᵀ + b1; gelu(h) is recomputed.

@@ -6,13 +6,13 @@
 use candle_core::{DType, Tensor, Var, D};
 
 use crate::data::batch::TokenBatch;
-use crate::error::Result;
 use crate::engine::cpu::attention::{self, Attention};
-use crate::model::dropout::Dropout;
+use crate::engine::cpu::{fused, norm};
 use crate::engine::Engine;
+use crate::error::Result;
+use crate::model::dropout::Dropout;
 use crate::model::layer_op::{LayerDims, LayerOp, ParamGrads};
 use crate::model::weights::Weights;
-use crate::engine::cpu::{fused, norm};
 
 /// `y = x Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
@@ -280,7 +280,8 @@ impl EncoderLayer {
             &self.ffn_out,
         ];
         let f32_params = |l: &&Linear| {
-            l.weight.dtype() == DType::F32 && l.bias.as_ref().is_some_and(|b| b.dtype() == DType::F32)
+            l.weight.dtype() == DType::F32
+                && l.bias.as_ref().is_some_and(|b| b.dtype() == DType::F32)
         };
         x.rank() == 2
             && params.iter().all(f32_params)
@@ -509,7 +510,11 @@ mod tests {
                 };
                 let (yc, gc) = run(Engine::Cpu);
                 let (yp, gp) = run(Engine::Portable);
-                assert!(max_diff(&yc, &yp) < tol, "{dtype:?}: values differ by {}", max_diff(&yc, &yp));
+                assert!(
+                    max_diff(&yc, &yp) < tol,
+                    "{dtype:?}: values differ by {}",
+                    max_diff(&yc, &yp)
+                );
                 let mut vars: Vec<&Var> = params.iter().collect();
                 vars.push(&x);
                 if with_bias {
@@ -518,9 +523,19 @@ mod tests {
                 for (i, v) in vars.iter().enumerate() {
                     let (a, c) = (gc.get(v).unwrap(), gp.get(v).unwrap());
                     // Relative to the gradient's size: sums of many products.
-                    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                    let scale = a
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        .max(1.0);
                     let d = max_diff(a, c) / scale;
-                    assert!(d < tol, "{dtype:?}, bias {with_bias}: gradient {i} differs by {d}");
+                    assert!(
+                        d < tol,
+                        "{dtype:?}, bias {with_bias}: gradient {i} differs by {d}"
+                    );
                 }
             }
         }

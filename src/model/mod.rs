@@ -119,6 +119,13 @@ impl Encoder {
         }
     }
 
+    fn layers_mut(&mut self) -> &mut [EncoderLayer] {
+        match self {
+            Encoder::Bert(m) => &mut m.layers,
+            Encoder::Mpnet(m) => &mut m.layers,
+        }
+    }
+
     /// Dropout site numbers of layer `i` (the embedding layer uses site 0).
     pub fn layer_site(i: usize) -> u64 {
         1 + 3 * i as u64
@@ -191,6 +198,14 @@ pub struct Network {
 }
 
 impl Network {
+    /// Runs the encoder's layers on `engine` instead of the device's (the engine comparisons).
+    pub fn with_engine(mut self, engine: crate::engine::Engine) -> Self {
+        for l in self.encoder.layers_mut() {
+            l.engine = engine;
+        }
+        self
+    }
+
     /// The backward pass from `loss`, with the gradients of the one-op layers' parameters
     /// (which leave through `layer_op::ParamGrads`, not the graph) in the store like every
     /// other gradient. Use this, not `Tensor::backward`, on anything this network computed.

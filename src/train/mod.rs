@@ -95,6 +95,8 @@ pub struct Summary {
     pub final_micro_batch_size: usize,
     /// The heap's peak during training, measured.
     pub peak_memory: u64,
+    /// The engine the encoder ran on (`cpu` or `portable`) and the CPU kernels in use.
+    pub engine: String,
     /// The planner's estimate of a step at the configured micro-batch on the longest rows,
     /// part by part, to read beside the measured peak.
     pub planned: crate::memory::plan::Estimate,
@@ -294,6 +296,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         total,
         restored.as_ref().map(|r| r.progress.step),
     )?;
+    let engine = crate::engine::describe(&model.device);
+    reporter.message(&format!("engine: {engine}"));
     if let Resume::NothingYet = resume {
         reporter.message(&format!(
             "--resume: no checkpoint in {} yet, starting from the beginning",
@@ -603,6 +607,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         ooms_recovered: mem.recovered,
         final_micro_batch_size: mem.micro,
         peak_memory,
+        engine,
         planned: planned.estimate,
         output_dir: out_dir.clone(),
     })

@@ -11,11 +11,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
-pub use crate::engine::Attention;
 use super::storage::{cpu_f32, cpu_storage};
 use super::vmath;
-
+pub use crate::engine::Attention;
+use crate::error::Result;
 
 /// qkv: (tokens, 3·hidden), the q, k and v projections side by side; bias: (heads, L, L) f32
 /// with L at least the longest row (a row of length n uses its top-left n × n block).

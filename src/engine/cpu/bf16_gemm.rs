@@ -998,7 +998,9 @@ mod fast {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: pair q of row r of a (MR rows of kp), to all 16 lanes.
                     let av = unsafe {
-                        crate::engine::cpu::zmm::broadcast!(a.wrapping_add(r * kp + 2 * q).cast::<f32>())
+                        crate::engine::cpu::zmm::broadcast!(a
+                            .wrapping_add(r * kp + 2 * q)
+                            .cast::<f32>())
                     };
                     for (c, &v) in acc.iter_mut().zip(&bv) {
                         *c = _mm512_dpbf16_ps(*c, bh(av), bh(v));

@@ -350,7 +350,8 @@ mod fast {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (w, v) in acc.iter_mut().enumerate() {
                     // SAFETY: (r, 16w..16w + 16) lies in the block at c.
-                    *v = unsafe { crate::engine::cpu::zmm::load!(c.wrapping_add(r * ldc + w * NB)) };
+                    *v =
+                        unsafe { crate::engine::cpu::zmm::load!(c.wrapping_add(r * ldc + w * NB)) };
                 }
             }
         }

@@ -111,4 +111,3 @@ pub fn linear_backward(
     matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
     Ok(dx)
 }
-

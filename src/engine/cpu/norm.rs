@@ -9,9 +9,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::engine::mask::HiddenMask;
 use super::storage::{cpu_rows, f32_params, read_row};
+use crate::engine::mask::HiddenMask;
+use crate::error::Result;
 
 /// Layer norm of a CPU tensor (f32, bf16 or f16; `w`, `b` f32) over its last dimension, with a
 /// backward pass. The output has `x`'s type.

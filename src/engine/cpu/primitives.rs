@@ -152,11 +152,16 @@ impl Primitives for Cpu {
     ) -> Result<NormGrads> {
         let (t, h) = x.dims2()?;
         let s = read(x, |x| read(y, |y| Ok(add_masked(x, y, mask, h))))?;
-        let (ds, mut dwb) =
-            read(g, |g| read(w, |w| Ok(norm::norm_rows_backward(&s, g, w, eps)?)))?;
+        let (ds, mut dwb) = read(g, |g| {
+            read(w, |w| Ok(norm::norm_rows_backward(&s, g, w, eps)?))
+        })?;
         drop(s);
         let db = dwb.split_off(h);
-        Ok((f32_tensor(ds, (t, h))?, f32_tensor(dwb, h)?, f32_tensor(db, h)?))
+        Ok((
+            f32_tensor(ds, (t, h))?,
+            f32_tensor(dwb, h)?,
+            f32_tensor(db, h)?,
+        ))
     }
 
     fn masked(&self, g: &Tensor, mask: Option<&HiddenMask>) -> Result<Tensor> {

@@ -159,7 +159,12 @@ pub fn read(s: &CpuStorage) -> candle_core::Result<Cow<'_, [f32]>> {
 
 /// f32 values as a tensor of `dtype`, converted on every core (candle's own conversion runs on
 /// one thread).
-pub fn tensor(v: Vec<f32>, dtype: DType, shape: &Shape, dev: &Device) -> candle_core::Result<Tensor> {
+pub fn tensor(
+    v: Vec<f32>,
+    dtype: DType,
+    shape: &Shape,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     match cpu_storage(dtype, v)? {
         CpuStorage::F32(v) => Tensor::from_vec(v, shape, dev),
         CpuStorage::BF16(v) => Tensor::from_vec(v, shape, dev),
@@ -167,4 +172,3 @@ pub fn tensor(v: Vec<f32>, dtype: DType, shape: &Shape, dev: &Device) -> candle_
         _ => candle_core::bail!("expected a float type"),
     }
 }
-
