@@ -6,8 +6,10 @@
 use candle_core::{DType, Tensor, Var, D};
 
 use crate::data::batch::TokenBatch;
-use crate::engine::cpu::attention::{self, Attention};
+#[cfg(test)]
+use crate::engine::cpu::attention;
 use crate::engine::cpu::{fused, norm};
+use crate::engine::Attention;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::dropout::Dropout;
@@ -94,6 +96,7 @@ impl LayerNorm {
         Ok(y.to_dtype(x.dtype())?)
     }
 
+    #[cfg(test)]
     /// `norm(x + dropout(y))`, a post-LN layer's residual connection: one kernel on CPU.
     /// `lengths` are the packed rows' lengths and `site` the dropout site, as for
     /// [`Dropout::hidden`].
@@ -203,6 +206,7 @@ impl EncoderLayer {
         })
     }
 
+    #[cfg(test)]
     /// q, k and v as one linear layer (tokens, hidden) -> (tokens, 3·hidden): one matrix
     /// product instead of three, and the layout the fused attention reads.
     fn qkv(&self) -> Result<Linear> {
@@ -227,14 +231,19 @@ impl EncoderLayer {
         drop: &Dropout,
         site: u64,
     ) -> Result<Tensor> {
-        if self.one_op(x) {
-            return self.forward_one_op(x, batch, bias, drop, site);
+        if !self.one_op(x) {
+            return Err(crate::Error::Internal(format!(
+                "encoder layer: expected (tokens, hidden) input and f32 weights, got {:?} {:?}",
+                x.dims(),
+                self.q.weight.dtype()
+            )));
         }
-        self.forward_ops(x, batch, bias, drop, site)
+        self.forward_one_op(x, batch, bias, drop, site)
     }
 
-    /// The layer as a chain of ops (the fused CPU kernels on CPU): what `layer_op.rs`
-    /// computes in one op, and the path of every other device.
+    /// The layer as a chain of autograd ops (the fused CPU kernels on CPU): what `layer_op.rs`
+    /// computes in one op, kept as the tests' independent reference for both engines.
+    #[cfg(test)]
     fn forward_ops(
         &self,
         x: &Tensor,
@@ -354,6 +363,8 @@ impl EncoderLayer {
 
 /// Self-attention from plain ops, one row at a time (every device): what `attention.rs`
 /// computes, with scores and softmax in f32. qkv: (tokens, 3·hidden) -> (tokens, hidden).
+/// The tests' reference.
+#[cfg(test)]
 pub fn attention_composed(
     qkv: &Tensor,
     batch: &TokenBatch,

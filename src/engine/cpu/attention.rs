@@ -7,15 +7,20 @@
 //! Work is split by head (every row of one head on one thread), so MPNet's bias gradient sums
 //! over rows without sharing. Arithmetic is f32; q|k|v and the output may be bf16 or f16.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+#[cfg(test)]
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor,
+};
 use rayon::prelude::*;
 
+#[cfg(test)]
 use super::storage::{cpu_f32, cpu_storage};
 use super::vmath;
 pub use crate::engine::Attention;
+#[cfg(test)]
 use crate::error::Result;
 
+#[cfg(test)]
 /// qkv: (tokens, 3·hidden), the q, k and v projections side by side; bias: (heads, L, L) f32
 /// with L at least the longest row (a row of length n uses its top-left n × n block).
 /// Returns (tokens, hidden) in qkv's type.
@@ -263,6 +268,7 @@ impl Attention {
         out
     }
 
+    #[cfg(test)]
     /// (d qkv, d bias) for output gradient `g`.
     fn backward_cpu(
         &self,
@@ -341,6 +347,7 @@ impl Attention {
         (dqkv, dbias)
     }
 
+    #[cfg(test)]
     fn fwd(
         &self,
         s: &CpuStorage,
@@ -384,6 +391,7 @@ impl Attention {
     }
 }
 
+#[cfg(test)]
 impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "st-tune-attention"
@@ -398,6 +406,7 @@ impl CustomOp1 for Attention {
     }
 }
 
+#[cfg(test)]
 impl CustomOp2 for Attention {
     fn name(&self) -> &'static str {
         "st-tune-attention-bias"

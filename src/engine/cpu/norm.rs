@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::storage::{cpu_rows, f32_params, read_row};
+#[cfg(test)]
 use crate::engine::mask::HiddenMask;
 use crate::error::Result;
 
@@ -236,6 +237,7 @@ pub(crate) fn norm_rows_backward(
     Ok((dx, dwb))
 }
 
+#[cfg(test)]
 /// `layer_norm(x + mask ⊙ y)`: the residual connection, the sublayer's dropout and the norm
 /// after it as one op. Neither the dropped-out `y` nor the sum is kept for the backward pass
 /// (both are recomputed row by row from `x` and `y`, which the graph holds anyway), and one
@@ -257,11 +259,13 @@ pub fn add_layer_norm(
     Ok(x.contiguous()?.apply_op3(&y, &wb, op)?)
 }
 
+#[cfg(test)]
 struct AddLayerNormOp {
     eps: f32,
     mask: Option<HiddenMask>,
 }
 
+#[cfg(test)]
 impl AddLayerNormOp {
     /// Row `row` of `x + mask ⊙ y` into `out`.
     fn sum_row(
@@ -282,6 +286,7 @@ impl AddLayerNormOp {
     }
 }
 
+#[cfg(test)]
 impl CustomOp3 for AddLayerNormOp {
     fn name(&self) -> &'static str {
         "st-tune-add-layer-norm"
@@ -339,6 +344,7 @@ impl CustomOp3 for AddLayerNormOp {
     }
 }
 
+#[cfg(test)]
 /// The gradients of [`AddLayerNormOp`] from (x, y, g): d(sum) in x's type, or d(w, b) as (2, d).
 struct AddLayerNormGrad {
     norm: AddLayerNormOp,
@@ -346,6 +352,7 @@ struct AddLayerNormGrad {
     part: Part,
 }
 
+#[cfg(test)]
 impl CustomOp3 for AddLayerNormGrad {
     fn name(&self) -> &'static str {
         "st-tune-add-layer-norm-grad"
