@@ -156,6 +156,7 @@ mod tests {
             batch_size: 16,
             trainable_word_embeddings: 30527 * 768,
             trained_layers: 12,
+            padded_attention: false,
         }
     }
 

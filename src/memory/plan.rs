@@ -4,7 +4,9 @@
 //! The per-token counts follow what the CPU layer (`model/layer_op.rs`) keeps for its backward
 //! pass: projections and norm outputs, but no dropout products or residual sums, and no
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
-//! Calibrated on CPU; the composed ops that other devices use keep more.
+//! Calibrated on CPU. The portable engine (`engine/portable.rs`, what CUDA runs) keeps the same,
+//! but its attention pads the rows into one batch and holds a few (rows, heads, L, L) f32
+//! tensors while a layer runs.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
 
 use serde::Serialize;
@@ -34,6 +36,9 @@ pub struct PlanInput {
     pub trainable_word_embeddings: usize,
     /// Encoder layers whose parameters train.
     pub trained_layers: usize,
+    /// Attention over padded rows, with its scores in memory while a layer runs (the portable
+    /// engine).
+    pub padded_attention: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -70,8 +75,18 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     } else {
         0
     };
+    // The portable engine's attention backward holds about four (rows, heads, L, L) f32
+    // tensors at once (probabilities, mask, their gradient and a temporary; calibrated against
+    // the counting allocator, docs/memory.md).
+    let rows = (lengths.len() * p.columns) as u64;
+    let padded = if p.padded_attention {
+        4 * rows * p.heads as u64 * longest * longest * 4
+    } else {
+        0
+    };
     let activations = embed
         + scratch
+        + padded
         + bias
         + if p.checkpointing {
             // Every layer's input, plus one layer's activations while it is recomputed.
@@ -157,6 +172,7 @@ mod tests {
             batch_size: 32,
             trainable_word_embeddings: 30522 * 384,
             trained_layers: 6,
+            padded_attention: false,
         }
     }
 

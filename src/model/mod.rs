@@ -391,6 +391,8 @@ impl SentenceModel {
                 .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
                 .map_or(0, |v| v.elem_count()),
             trained_layers: layers.saturating_sub(t.freeze_layers),
+            padded_attention: crate::engine::Engine::for_device(&self.device)
+                == crate::engine::Engine::Portable,
         })
     }
 
