@@ -1,7 +1,8 @@
 //! Every pooling mode of sentence-transformers, in its 6.x and its 2.x-5.x folder layout, with
 //! and without `include_prompt`, with and without a prompt, embeds as Python does (fixtures
 //! from scripts/make_pooling_fixtures.py: a tiny BERT saved by sentence-transformers 6.2), and a
-//! folder written back by st-tune keeps its layout and its embeddings.
+//! folder written back by st-tune keeps its layout and its embeddings. Prompts: named in the
+//! config, put before the right columns, and bad names or roles reported by key.
 
 mod common;
 
@@ -142,4 +143,160 @@ fn a_folder_written_back_keeps_its_layout_and_embeddings() {
             case["name"]
         );
     }
+}
+
+/// A pairs file of the fixture's sentences, and a config training the fixture model on it.
+fn prompt_config(dir: &Path, overrides: &[&str]) -> st_tune::config::Config {
+    let fx = fixture();
+    let sentences = strings(&fx["sentences"]);
+    let mut csv = String::from("anchor,positive\n");
+    for pair in sentences.windows(2) {
+        csv.push_str(&format!("\"{}\",\"{}\"\n", pair[0], pair[1]));
+    }
+    let train = dir.join("pairs.csv");
+    std::fs::write(&train, csv).unwrap();
+    let model = common::fixture("pooling/model");
+    let mut sets = vec![
+        format!("model.path={}", model.display()),
+        format!("data.train={}", train.display()),
+        "train.loss=mnrl".into(),
+    ];
+    sets.extend(overrides.iter().map(|s| s.to_string()));
+    st_tune::config::Config::from_toml("", "test", &sets).unwrap()
+}
+
+fn config_error(result: st_tune::Result<st_tune::train::Loaded>) -> (String, String) {
+    match result {
+        Err(st_tune::Error::Config { key, msg }) => (key, msg),
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("expected a config error, got a loaded run"),
+    }
+}
+
+#[test]
+fn training_texts_get_their_columns_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prompt_config(
+        tmp.path(),
+        &[
+            "model.prompts.question=\"question: \"",
+            "data.prompts.anchor=question",
+            "data.prompts.positive=passage",
+        ],
+    );
+    let loaded = st_tune::train::load(&cfg).unwrap();
+    let tok = &loaded.model.tokenizer;
+    let first = &loaded.train_set.rows[0];
+    let want = tok
+        .encode(&[
+            &format!("question: {}", first.texts[0]),
+            &format!("passage: {}", first.texts[1]),
+        ])
+        .unwrap();
+    assert_eq!(
+        loaded.data.tokens[0], want,
+        "prompts prepended before tokenizing"
+    );
+    // [CLS] question : and [CLS] passage : (the trailing [SEP] is not the prompt's).
+    assert_eq!(loaded.data.prompt_tokens, vec![3, 3]);
+    // The new prompt is saved with the model, beside the ones it declared.
+    let prompts = &loaded.model.spec.prompts;
+    assert_eq!(prompts["question"], "question: ");
+    assert_eq!(prompts["query"], "query: ");
+}
+
+#[test]
+fn a_prompt_for_a_missing_role_or_an_unknown_name_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prompt_config(tmp.path(), &["data.prompts.negative=query"]);
+    let (key, msg) = config_error(st_tune::train::load(&cfg));
+    assert_eq!(key, "data.prompts.negative");
+    assert!(msg.contains("anchor, positive"), "{msg}");
+
+    let cfg = prompt_config(tmp.path(), &["data.prompts.anchor=qeury"]);
+    let (key, msg) = config_error(st_tune::train::load(&cfg));
+    assert_eq!(key, "data.prompts.anchor");
+    assert!(
+        msg.contains("\"qeury\"") && msg.contains("passage, query"),
+        "{msg}"
+    );
+
+    let model = SentenceModel::load(
+        common::fixture("pooling/model").to_str().unwrap(),
+        &Device::Cpu,
+        None,
+    )
+    .unwrap();
+    let err = model.spec.prompt(Some("qeury")).unwrap_err().to_string();
+    assert!(
+        err.contains("config_sentence_transformers.json") && err.contains("qeury"),
+        "{err}"
+    );
+    assert_eq!(model.spec.prompt(None).unwrap(), None, "no default prompt");
+}
+
+#[test]
+fn a_default_prompt_name_applies_when_none_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    copy_dir(&common::fixture("pooling/model"), &dir);
+    let st = dir.join("config_sentence_transformers.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&st).unwrap()).unwrap();
+    cfg["default_prompt_name"] = "query".into();
+    std::fs::write(&st, cfg.to_string()).unwrap();
+    let model = SentenceModel::load(dir.to_str().unwrap(), &Device::Cpu, None).unwrap();
+    assert_eq!(model.spec.prompt(None).unwrap(), Some("query: "));
+    assert_eq!(
+        model.spec.prompt(Some("passage")).unwrap(),
+        Some("passage: ")
+    );
+
+    cfg["default_prompt_name"] = "nope".into();
+    std::fs::write(&st, cfg.to_string()).unwrap();
+    let err = SentenceModel::load(dir.to_str().unwrap(), &Device::Cpu, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("default_prompt_name \"nope\""), "{err}");
+}
+
+#[test]
+fn training_leaves_the_prompt_out_of_pooling_when_include_prompt_is_false() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first step's loss, with the pooling's include_prompt as given, with or without prompts.
+    let first_loss = |include_prompt: bool, prompts: bool| {
+        let dir = tmp.path().join(format!("{include_prompt}-{prompts}"));
+        let model = dir.join("model");
+        copy_dir(&common::fixture("pooling/model"), &model);
+        let pooling = serde_json::json!({"embedding_dimension": 16, "pooling_mode": "mean",
+                                         "include_prompt": include_prompt});
+        std::fs::write(model.join("1_Pooling/config.json"), pooling.to_string()).unwrap();
+        let mut sets = vec![
+            format!("model.path={}", model.display()),
+            "train.max_steps=1".to_string(),
+            format!("output.dir={}", dir.join("out").display()),
+        ];
+        if prompts {
+            sets.extend([
+                "data.prompts.anchor=query".into(),
+                "data.prompts.positive=passage".into(),
+            ]);
+        }
+        let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let mut cfg = prompt_config(&dir, &refs);
+        cfg.output.checkpoint_steps = 0;
+        st_tune::train::train(&cfg, &Default::default())
+            .unwrap()
+            .final_loss
+    };
+    assert_eq!(
+        first_loss(false, false),
+        first_loss(true, false),
+        "no prompt, nothing to leave out"
+    );
+    assert_ne!(
+        first_loss(false, true),
+        first_loss(true, true),
+        "the prompt's tokens left out"
+    );
 }
