@@ -239,7 +239,8 @@ section! {
         example "{ anchor = \"query\", positive = \"passage\", negative = \"passage\" }";
         help "Which named prompt (model.prompts, or the model's own) each column gets, by role:\n\
               prepended in training and in evaluation (a retrieval dev file's queries get the\n\
-              anchor's prompt, its documents the positive's). Roles without one get no prompt.\n\
+              anchor's prompt, its documents the positive's). Roles without one get no prompt\n\
+              in training and the model's default_prompt_name, if any, in evaluation.\n\
               On the command line: --set data.prompts.anchor=query";
 
         group_by_length: bool = false;
