@@ -185,12 +185,13 @@ impl FolderSpec {
             .unwrap_or(512) as usize;
 
         let st_config_path = root.join("sentence_bert_config.json");
-        let st_config = match st_config_path.exists() {
-            true => match read_json(&st_config_path)? {
+        let st_config = if st_config_path.exists() {
+            match read_json(&st_config_path)? {
                 Value::Object(o) => o,
                 _ => return Err(Error::model(&st_config_path, "is not a JSON object")),
-            },
-            false => serde_json::Map::new(),
+            }
+        } else {
+            serde_json::Map::new()
         };
         // 6.x keeps the limit in the tokenizer's config (capped by the positions, as
         // sentence-transformers does); 2.x-5.x in sentence_bert_config.json, which wins.
