@@ -300,3 +300,67 @@ fn training_leaves_the_prompt_out_of_pooling_when_include_prompt_is_false() {
         "the prompt's tokens left out"
     );
 }
+
+/// `st-tune ARGS`: (success, stdout, stderr).
+fn st_tune(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_st-tune"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+#[test]
+fn encode_and_eval_take_prompts_by_name() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixture("pooling/model");
+    let model = model.to_str().unwrap();
+    let input = tmp.path().join("sentences.txt");
+    std::fs::write(&input, strings(&fx["sentences"]).join("\n")).unwrap();
+    let input = input.to_str().unwrap();
+
+    // The fixture model as saved: mean pooling, 6.x layout, prompt included.
+    let case = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "mean include_prompt=True v6")
+        .unwrap();
+    let (ok, stdout, stderr) = st_tune(&["encode", "-m", model, "-i", input, "--prompt", "query"]);
+    assert!(ok, "{stderr}");
+    let got: Vec<Vec<f32>> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["embedding"].clone())
+        .map(|e| serde_json::from_value(e).unwrap())
+        .collect();
+    let worst = max_diff(&got, &case["embeddings"]["query"]);
+    assert!(worst <= 1e-5, "encode --prompt query: max abs diff {worst}");
+
+    let (ok, _, stderr) = st_tune(&["encode", "-m", model, "-i", input, "--prompt", "qeury"]);
+    assert!(
+        !ok && stderr.contains("no prompt named \"qeury\"") && stderr.contains("passage, query"),
+        "{stderr}"
+    );
+
+    let pairs = tmp.path().join("pairs.csv");
+    std::fs::write(
+        &pairs,
+        "anchor,positive\nshort.,a man is playing a guitar.\n",
+    )
+    .unwrap();
+    let pairs = pairs.to_str().unwrap();
+    let (ok, _, stderr) = st_tune(&[
+        "eval",
+        "-m",
+        model,
+        "-d",
+        pairs,
+        "--prompt",
+        "sentence1=query",
+    ]);
+    assert!(!ok && stderr.contains("anchor, positive"), "{stderr}");
+    let (ok, _, stderr) = st_tune(&["eval", "-m", model, "-d", pairs, "--prompt", "anchor=query"]);
+    assert!(ok, "{stderr}");
+}
