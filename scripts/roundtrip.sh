@@ -4,6 +4,9 @@
 #   all-MiniLM-L6-v2   trained 4 steps with configs/ci-smoke.toml
 #   all-mpnet-base-v2  the same config, 1 step on 8 rows (still a train-and-save; there is no save-only
 #                      command); skipped with --minilm-only or when .weights has no MPNet folder
+#   all-MiniLM-L6-v2 re-saved by the pinned sentence-transformers (6.x layout, prompts query/passage;
+#                      scripts/save_st6_folder.py), trained 4 steps with data.prompts, checked with and
+#                      without prompt_name="query"
 # Each: st-tune train -> st-tune encode <out>/final on tests/fixtures/sentences.txt -> check_roundtrip.py.
 # Needs the weights (scripts/fetch-weights.sh) and the Python env (scripts/setup-python.sh); builds
 # st-tune (cargo build) so the binary is never stale.
@@ -48,8 +51,24 @@ roundtrip() {
   "$py" scripts/check_roundtrip.py "$out/final" "$sentences" "$out/emb.jsonl"
 }
 
+# roundtrip_st6: the same from a folder the pinned sentence-transformers saved (6.x layout), with prompts.
+roundtrip_st6() {
+  local base=$work/st6-base out=$work/st6
+  echo "--- all-MiniLM-L6-v2 saved by sentence-transformers 6.x: st-tune train with prompts" >&2
+  rm -rf "$base" "$out"
+  "$py" scripts/save_st6_folder.py "$weights/all-MiniLM-L6-v2" "$base" || return
+  "$bin" train --config configs/ci-smoke.toml --set "model.path=$base" \
+    --set data.prompts.sentence1=query --set data.prompts.sentence2=passage --output "$out" >&2 || return
+  "$bin" encode --model "$out/final" --input "$sentences" --output "$out/emb.jsonl" || return
+  "$bin" encode --model "$out/final" --input "$sentences" --prompt query --output "$out/emb-query.jsonl" || return
+  echo "--- st6: sentence-transformers loads $out/final (no prompt, then prompt_name=query)" >&2
+  "$py" scripts/check_roundtrip.py "$out/final" "$sentences" "$out/emb.jsonl" || return
+  "$py" scripts/check_roundtrip.py "$out/final" "$sentences" "$out/emb-query.jsonl" query
+}
+
 fail=0
 roundtrip all-MiniLM-L6-v2 || fail=1
+roundtrip_st6 || fail=1
 if [[ $minilm_only == 0 && -f $weights/all-mpnet-base-v2/model.safetensors ]]; then
   roundtrip all-mpnet-base-v2 --set train.max_steps=1 --set data.limit=8 || fail=1
 elif [[ $minilm_only == 0 ]]; then

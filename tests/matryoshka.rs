@@ -135,6 +135,7 @@ fn data(rows: usize, scored: bool) -> TokenizedData {
             .map(|r| scored.then_some((r % 5) as f32 / 4.0))
             .collect(),
         columns: 2,
+        prompt_tokens: vec![0, 0],
     }
 }
 

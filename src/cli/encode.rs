@@ -26,6 +26,11 @@ pub struct EncodeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Put the model's prompt of this name before every text (its config_sentence_transformers.json
+    /// `prompts`, e.g. "query"), as Python's `encode(texts, prompt_name=NAME)`. Unset: the
+    /// model's `default_prompt_name`, if it has one.
+    #[arg(long)]
+    pub prompt: Option<String>,
 }
 
 pub fn run(a: EncodeArgs) -> Result<()> {
@@ -35,8 +40,9 @@ pub fn run(a: EncodeArgs) -> Result<()> {
     if model.spec.assumed_pooling {
         eprintln!("note: {} has no modules.json; using mean pooling", a.model);
     }
+    let prompt = model.spec.prompt(a.prompt.as_deref())?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let emb = model.encode(&refs, a.batch_size)?;
+    let emb = model.encode_prompted(&refs, prompt, a.batch_size)?;
     let mut out = String::new();
     for (t, e) in texts.iter().zip(emb) {
         out.push_str(&serde_json::json!({"text": t, "embedding": e}).to_string());

@@ -39,6 +39,11 @@ pub struct EvalArgs {
     /// Extra documents for retrieval, one text per line (as `data.corpus` in training).
     #[arg(long, value_name = "FILE")]
     pub corpus: Option<PathBuf>,
+    /// The model's prompt NAME before the texts of column ROLE (as `data.prompts`), e.g.
+    /// `--prompt anchor=query --prompt positive=passage`; repeatable. Columns without one get
+    /// the model's default_prompt_name, if it has one, as Python's evaluators do.
+    #[arg(long, value_name = "ROLE=NAME")]
+    pub prompt: Vec<String>,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -54,6 +59,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
+    let roles = &data.shape.roles()[..data.shape.text_columns()];
+    let mut named = std::collections::BTreeMap::new();
+    for spec in &a.prompt {
+        let Some((role, name)) = spec.split_once('=').filter(|(r, _)| roles.contains(r)) else {
+            return Err(crate::Error::Usage(format!(
+                "--prompt {spec}: give ROLE=NAME with ROLE one of {} (the columns of {})",
+                roles.join(", "),
+                a.data.display()
+            )));
+        };
+        named.insert(role, model.spec.prompt(Some(name))?.map(str::to_string));
+    }
+    let default = model.spec.prompt(None)?.map(str::to_string);
+    data.prompts = roles
+        .iter()
+        .map(|r| named.get(r).cloned().unwrap_or_else(|| default.clone()))
+        .collect();
     let scores = evaluate_any(&model, &data, a.batch_size)?;
     if a.json {
         crate::say!("{}", serde_json::to_string(&scores).expect("plain struct"));

@@ -55,6 +55,7 @@ impl Unset for u64 {}
 impl Unset for f64 {}
 impl Unset for LossKind {}
 impl Unset for Precision {}
+impl Unset for crate::data::batch::BatchSampler {}
 impl<T> Unset for Vec<T> {}
 
 /// `section! { Name "name" { key: Type = default; expects "..."; [example "..";] [check f;]
@@ -169,6 +170,16 @@ section! {
         check |v| at_least_one(v.unwrap_or(1));
         help "Truncate every text to this many tokens. Unset: the model's own max_seq_length.";
 
+        prompts: Option<BTreeMap<String, String>> = None;
+        expects "a table of name = \"prompt text\", e.g. { query = \"query: \", passage = \"passage: \" }";
+        example "{ query = \"query: \", passage = \"passage: \" }";
+        help "Named prompts: text put before an input, as sentence-transformers' `prompts`.\n\
+              Added to (or replacing) the prompts the model already declares in its\n\
+              config_sentence_transformers.json, used by name in data.prompts and\n\
+              `st-tune encode --prompt NAME`, and saved with the model, so Python's\n\
+              model.encode(texts, prompt_name=\"query\") uses them.\n\
+              On the command line: --set 'model.prompts.query=\"query: \"'";
+
         device: String = "cpu".into();
         expects "a device name such as \"cpu\" or \"cuda\"";
         check |d| if d.trim().is_empty() { Err("is empty; use \"cpu\" or \"cuda\"".into()) } else { Ok(()) };
@@ -223,6 +234,15 @@ section! {
               sentence2, score (scored pairs). Other columns are ignored.\n\
               On the command line: --set data.columns.anchor=query";
 
+        prompts: Option<BTreeMap<String, String>> = None;
+        expects "a table of role = \"prompt name\", e.g. { anchor = \"query\", positive = \"passage\" }";
+        example "{ anchor = \"query\", positive = \"passage\", negative = \"passage\" }";
+        help "Which named prompt (model.prompts, or the model's own) each column gets, by role:\n\
+              prepended in training and in evaluation (a retrieval dev file's queries get the\n\
+              anchor's prompt, its documents the positive's). Roles without one get no prompt\n\
+              in training and the model's default_prompt_name, if any, in evaluation.\n\
+              On the command line: --set data.prompts.anchor=query";
+
         group_by_length: bool = false;
         expects BOOL;
         help "Put rows of similar length in the same batch, so less padding is computed.";
@@ -273,6 +293,16 @@ section! {
               combined, so the result matches one pass over train.batch_size rows.\n\
               \"auto\": the largest micro-batch `st-tune plan` estimates to fit memory.limit\n\
               (or the free memory). Unset: train.batch_size.";
+
+        batch_sampler: Option<crate::data::batch::BatchSampler> = None;
+        expects "one of \"no_duplicates\", \"default\"";
+        example "\"no_duplicates\"";
+        help "How shuffled rows are cut into batches, as sentence-transformers' BatchSamplers:\n\
+              \"no_duplicates\" puts no text twice in a batch (a row whose anchor, positive or\n\
+              negative the batch already holds waits for a later one, so a few batches are\n\
+              smaller), \"default\" takes consecutive rows. Unset: \"no_duplicates\" for mnrl,\n\
+              whose in-batch negatives would otherwise include copies of the positive, and\n\
+              \"default\" for the other losses.";
 
         lr: f64 = 2e-5;
         expects "a positive number";

@@ -26,6 +26,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::batch::BatchSampler;
 pub use crate::data::read::Format;
 use crate::error::{Error, Result};
 
@@ -43,6 +44,14 @@ impl TrainSection {
     }
 
     /// The micro-batch setting with its default filled in: the whole batch in one pass.
+    /// `batch_sampler`, or its default for the loss.
+    pub fn batch_sampler(&self) -> BatchSampler {
+        self.batch_sampler.unwrap_or(match self.loss {
+            LossKind::Mnrl => BatchSampler::NoDuplicates,
+            LossKind::Cosent | LossKind::Cosine => BatchSampler::Default,
+        })
+    }
+
     pub fn micro_batch(&self) -> MicroBatch {
         self.micro_batch_size
             .unwrap_or(MicroBatch::Size(self.batch_size))
@@ -523,7 +532,10 @@ fn parse_value(raw: &str) -> toml::Value {
 
 /// Whether `key` holds text (a path, a name, a column), judged from its default or example.
 fn takes_text(key: &str) -> bool {
-    if key.starts_with("data.columns.") {
+    if ["data.columns.", "data.prompts.", "model.prompts."]
+        .iter()
+        .any(|table| key.starts_with(table))
+    {
         return true;
     }
     let Some((section, name)) = key.split_once('.') else {
@@ -930,7 +942,7 @@ mod tests {
         assert_eq!(key, "train.lrr");
         assert!(msg.contains("did you mean `train.lr`?"), "{msg}");
         assert!(
-            msg.contains("valid keys in [train]: batch_size, epochs"),
+            msg.contains("valid keys in [train]: batch_sampler, batch_size, epochs"),
             "{msg}"
         );
     }

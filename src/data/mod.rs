@@ -57,6 +57,8 @@ pub struct Dataset {
     /// Extra corpus texts for retrieval evaluation (`data.corpus`): distractors no query is
     /// relevant to.
     pub distractors: Vec<String>,
+    /// The prompt text put before each text column (role order), from `data.prompts`.
+    pub prompts: Vec<Option<String>>,
 }
 
 impl Dataset {
@@ -66,5 +68,10 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// The prompt of text column `c`, if it has one.
+    pub fn prompt(&self, c: usize) -> Option<&str> {
+        self.prompts.get(c).and_then(|p| p.as_deref())
     }
 }

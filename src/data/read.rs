@@ -164,6 +164,7 @@ fn read(
         shape,
         rows,
         distractors: Vec::new(),
+        prompts: vec![None; shape.text_columns()],
     })
 }
 

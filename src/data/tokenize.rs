@@ -49,6 +49,22 @@ impl TextTokenizer {
         Ok(())
     }
 
+    /// How many leading tokens `prompt` puts before a text: its tokens with the special tokens
+    /// added, less a trailing special token ([SEP]), as sentence-transformers counts them.
+    pub fn prompt_length(&self, prompt: &str) -> Result<usize> {
+        let prompt = if self.lower_case {
+            prompt.to_lowercase()
+        } else {
+            prompt.to_string()
+        };
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let trailing_special = enc.get_special_tokens_mask().last() == Some(&1);
+        Ok(enc.len() - usize::from(trailing_special))
+    }
+
     /// Token ids of each text, special tokens added, truncated.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let texts: Vec<String> = texts

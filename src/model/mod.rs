@@ -326,13 +326,40 @@ impl SentenceModel {
 
     /// Tokenizes texts into one packed batch on the model's device.
     pub fn batch(&self, texts: &[&str]) -> Result<TokenBatch> {
-        let ids = self.tokenizer.encode(texts)?;
+        self.prompted_batch(texts, None)
+    }
+
+    /// [`SentenceModel::batch`] of `prompt` + each text, with the prompt's token count on each
+    /// row (pooling leaves those tokens out when the model's `include_prompt` is false).
+    pub fn prompted_batch(&self, texts: &[&str], prompt: Option<&str>) -> Result<TokenBatch> {
+        let (ids, prompt_tokens) = match prompt.filter(|p| !p.is_empty()) {
+            Some(p) => {
+                let prompted: Vec<String> = texts.iter().map(|t| format!("{p}{t}")).collect();
+                let refs: Vec<&str> = prompted.iter().map(String::as_str).collect();
+                (
+                    self.tokenizer.encode(&refs)?,
+                    self.tokenizer.prompt_length(p)?,
+                )
+            }
+            None => (self.tokenizer.encode(texts)?, 0),
+        };
         let rows: Vec<&[u32]> = ids.iter().map(|r| r.as_slice()).collect();
-        TokenBatch::new(&rows, &self.device)
+        Ok(TokenBatch::new(&rows, &self.device)?
+            .with_prompt_tokens(vec![prompt_tokens; rows.len()]))
     }
 
     /// Embeddings of `texts` without a graph, in batches of texts of similar length.
     pub fn encode(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        self.encode_prompted(texts, None, batch_size)
+    }
+
+    /// [`SentenceModel::encode`] of `prompt` + each text (the prompt's text, not its name).
+    pub fn encode_prompted(
+        &self,
+        texts: &[&str],
+        prompt: Option<&str>,
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let net = self.inference_network()?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         // Longest first, as sentence-transformers does: batches of similar length pad little.
@@ -340,7 +367,7 @@ impl SentenceModel {
         let mut out = vec![Vec::new(); texts.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-            let batch = self.batch(&batch_texts)?;
+            let batch = self.prompted_batch(&batch_texts, prompt)?;
             let emb = net.forward(&batch, &Dropout::off())?.to_vec2::<f32>()?;
             for (&i, e) in chunk.iter().zip(emb) {
                 out[i] = e;

@@ -117,8 +117,8 @@ fn correlations(
 ) -> Result<Vec<Correlation>> {
     let a: Vec<&str> = data.rows.iter().map(|r| r.texts[0].as_str()).collect();
     let b: Vec<&str> = data.rows.iter().map(|r| r.texts[1].as_str()).collect();
-    let ea = model.encode(&a, batch_size)?;
-    let eb = model.encode(&b, batch_size)?;
+    let ea = model.encode_prompted(&a, data.prompt(0), batch_size)?;
+    let eb = model.encode_prompted(&b, data.prompt(1), batch_size)?;
     let gold: Vec<f64> = data
         .rows
         .iter()

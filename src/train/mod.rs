@@ -25,7 +25,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::config::{Config, MicroBatch, TrainSection};
-use crate::data::batch::{epoch_order, longest_first};
+use crate::data::batch::{text_ids, EpochBatches};
 use crate::data::read::read_dataset;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::Dataset;
@@ -167,17 +167,18 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         }
         model.set_max_seq_length(max)?;
     }
-    let train_set = read_dataset(
+    let mut train_set = read_dataset(
         &cfg.data.train,
         cfg.data.format,
         cfg.data.columns.as_ref(),
         cfg.data.limit,
     )?;
     losses::check_fits(cfg.train.loss, train_set.shape)?;
-    let dev_set = match &cfg.data.dev {
+    let mut dev_set = match &cfg.data.dev {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
+    set_prompts(cfg, &mut model, &mut train_set, dev_set.as_mut())?;
     if let Some(metric) = &cfg.train.metric {
         let Some(dev) = &dev_set else {
             return Err(Error::config(
@@ -286,8 +287,26 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let t = &cfg.train;
 
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let steps_per_epoch = train_set.len().div_ceil(t.batch_size);
-    let total = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
+    let lengths: Vec<usize> = data
+        .tokens
+        .iter()
+        .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
+        .collect();
+    let row_texts: Vec<Vec<&str>> = train_set
+        .rows
+        .iter()
+        .map(|r| r.texts.iter().map(String::as_str).collect())
+        .collect();
+    let texts = text_ids(&row_texts);
+    let mut batches = EpochBatches::new(
+        &lengths,
+        &texts,
+        t.batch_size,
+        t.seed,
+        cfg.data.group_by_length,
+        t.batch_sampler(),
+    );
+    let total = t.max_steps.unwrap_or_else(|| batches.steps(t.epochs));
     let schedule = LinearSchedule::new(t.lr, t.warmup_ratio, total);
     let start = restored.as_ref().map_or(0, |r| r.progress.step);
     let mut reporter = Reporter::new(
@@ -392,13 +411,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         progress.mem.micro
     ));
 
-    let lengths: Vec<usize> = trainer
-        .data()
-        .tokens
-        .iter()
-        .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
-        .collect();
-    let mut order = Vec::new();
+    let mut epoch_batches = Vec::new();
     let (mut last_loss, mut samples, mut window_start) = (0f32, 0usize, Instant::now());
     let mut rows_trained = 0usize;
     let started = Instant::now();
@@ -413,23 +426,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut pruned: Option<Option<Scores>> = None;
 
     for step in start..total {
-        let epoch = step / steps_per_epoch;
-        let in_epoch = step % steps_per_epoch;
-        // The order is a function of (seed, epoch): a resumed run rebuilds it mid-epoch.
+        let (epoch, in_epoch) = batches.locate(step);
+        let epoch = epoch as usize;
+        // The batches are a function of (seed, epoch): a resumed run rebuilds them mid-epoch.
         if in_epoch == 0 || step == start {
-            order = epoch_order(
-                &lengths,
-                t.batch_size,
-                t.seed,
-                epoch as u64,
-                cfg.data.group_by_length,
-            );
-            if epoch == 0 {
-                longest_first(&mut order, &lengths, t.batch_size);
-            }
+            epoch_batches = batches.epoch(epoch as u64);
         }
-        let rows =
-            &order[in_epoch * t.batch_size..((in_epoch + 1) * t.batch_size).min(order.len())];
+        let rows = &epoch_batches[in_epoch][..];
         let at = StepAt {
             step: step as u64,
             rows,
@@ -759,13 +762,85 @@ fn configured_micro(t: &TrainSection) -> usize {
     }
 }
 
-/// Tokenizes every text of every row once, before training.
+/// Adds `model.prompts` to the model's own and puts the prompts `data.prompts` names on the
+/// columns of the training and dev sets. Dev columns without one get the model's default
+/// prompt, as Python's evaluators (which encode without naming a prompt) do; training, as
+/// Python's trainer, only the prompts named.
+fn set_prompts(
+    cfg: &Config,
+    model: &mut SentenceModel,
+    train: &mut Dataset,
+    dev: Option<&mut Dataset>,
+) -> Result<()> {
+    let prompts = &mut model.spec.prompts;
+    prompts.extend(cfg.model.prompts.clone().unwrap_or_default());
+    let default = model
+        .spec
+        .default_prompt_name
+        .as_ref()
+        .map(|n| prompts[n].clone());
+    let chosen = cfg.data.prompts.clone().unwrap_or_default();
+    let text_roles = |set: &Dataset| set.shape.roles()[..set.shape.text_columns()].to_vec();
+    let dev_roles = dev.as_deref().map(text_roles).unwrap_or_default();
+    for (role, name) in &chosen {
+        let key = format!("data.prompts.{role}");
+        if !prompts.contains_key(name) {
+            let known: Vec<&str> = prompts.keys().map(String::as_str).collect();
+            return Err(Error::config(
+                key,
+                format!(
+                    "names the prompt \"{name}\", which neither model.prompts nor {} declares; \
+                     declared: {}",
+                    cfg.model.path,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !text_roles(train).contains(&role.as_str()) && !dev_roles.contains(&role.as_str()) {
+            return Err(Error::config(
+                key,
+                format!(
+                    "is for a column role \"{role}\" that {} does not have; its text columns \
+                     are {}",
+                    cfg.data.train.display(),
+                    text_roles(train).join(", ")
+                ),
+            ));
+        }
+    }
+    let prompt_of = |role: &str| chosen.get(role).map(|name| prompts[name].clone());
+    train.prompts = text_roles(train).iter().map(|r| prompt_of(r)).collect();
+    if let Some(dev) = dev {
+        dev.prompts = text_roles(dev)
+            .iter()
+            .map(|r| prompt_of(r).or_else(|| default.clone()))
+            .collect();
+    }
+    Ok(())
+}
+
+/// Tokenizes every text of every row once, before training, each after its column's prompt.
 fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
     let columns = set.shape.text_columns();
     let mut per_col = Vec::new();
+    let mut prompt_tokens = Vec::new();
     for c in 0..columns {
-        let texts: Vec<&str> = set.rows.iter().map(|r| r.texts[c].as_str()).collect();
+        let prompt = set.prompt(c).unwrap_or("");
+        let texts: Vec<String> = set
+            .rows
+            .iter()
+            .map(|r| format!("{prompt}{}", r.texts[c]))
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         per_col.push(tokenizer.encode(&texts)?);
+        prompt_tokens.push(match prompt {
+            "" => 0,
+            p => tokenizer.prompt_length(p)?,
+        });
     }
     let tokens = (0..set.len())
         .map(|r| (0..columns).map(|c| per_col[c][r].clone()).collect())
@@ -774,6 +849,7 @@ fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
         tokens,
         scores: set.rows.iter().map(|r| r.score).collect(),
         columns,
+        prompt_tokens,
     })
 }
 

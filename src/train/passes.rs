@@ -284,7 +284,11 @@ impl<'a> Runner<'a> {
             .flat_map(|c| rows.iter().map(move |&r| (r as u64) << 2 | c as u64))
             .collect();
         let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
-        Ok((TokenBatch::new(&ids, &self.model.device)?, drop))
+        let prompt_tokens = (0..data.columns)
+            .flat_map(|c| rows.iter().map(move |_| data.prompt_tokens[c]))
+            .collect();
+        let batch = TokenBatch::new(&ids, &self.model.device)?.with_prompt_tokens(prompt_tokens);
+        Ok((batch, drop))
     }
 
     /// Embeddings of every text column of `rows` (one tensor per column) through `net`, in

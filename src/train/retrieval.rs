@@ -197,7 +197,8 @@ pub fn evaluate_at_widths(
 ) -> Result<Vec<Retrieval>> {
     let (corpus_chunk, query_chunk) = (corpus_chunk.max(1), query_chunk.max(1));
     let task = Task::new(data)?;
-    let query_emb = model.encode(&task.queries, batch_size)?;
+    // As the Python evaluator's query and corpus prompts: the anchor's and the positive's.
+    let query_emb = model.encode_prompted(&task.queries, data.prompt(0), batch_size)?;
     let queries = widths
         .iter()
         .map(|w| normalized(&cut(&query_emb, *w)))
@@ -207,7 +208,7 @@ pub fn evaluate_at_widths(
     let bar = corpus_bar(task.corpus.len(), corpus_chunk);
     for (c, texts) in task.corpus.chunks(corpus_chunk).enumerate() {
         let first_doc = c * corpus_chunk;
-        let doc_emb = model.encode(texts, batch_size)?;
+        let doc_emb = model.encode_prompted(texts, data.prompt(1), batch_size)?;
         bar.inc(texts.len() as u64);
         for ((w, queries), hits) in widths.iter().zip(&queries).zip(&mut hits) {
             let docs = normalized(&cut(&doc_emb, *w))?.t()?;
@@ -353,6 +354,7 @@ mod tests {
     fn dataset(shape: RowShape, rows: &[&[&str]]) -> Dataset {
         Dataset {
             path: "t.csv".into(),
+            prompts: vec![None; shape.text_columns()],
             shape,
             rows: rows
                 .iter()

@@ -26,6 +26,8 @@ pub struct TokenizedData {
     pub tokens: Vec<Vec<Vec<u32>>>,
     pub scores: Vec<Option<f32>>,
     pub columns: usize,
+    /// Per column, the leading tokens of its prompt (see `TokenBatch::prompt_tokens`).
+    pub prompt_tokens: Vec<usize>,
 }
 
 /// An OOM that was recovered, for events.jsonl and the progress line.
