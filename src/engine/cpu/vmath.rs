@@ -28,6 +28,12 @@ fn avx512() -> bool {
     super::features::get().avx512
 }
 
+/// AVX2 with FMA, for CPUs without AVX-512 (8 lanes).
+fn avx2() -> bool {
+    let f = super::features::get();
+    f.avx2 && f.fma
+}
+
 /// `x ← exp(x − shift)`, returning the sum of the results (a softmax's numerator and
 /// denominator). The sum's order is fixed by the slice's length alone.
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
@@ -35,6 +41,11 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     if avx512() {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { avx::exp_shifted_sum(x, shift) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        return unsafe { avx2::exp_shifted_sum(x, shift) };
     }
     let mut sum = 0f32;
     for v in x.iter_mut() {
@@ -46,11 +57,16 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
 
 /// `x ← erf(x)` (the kernels use it through GELU; the tests check it alone).
 #[cfg(test)]
-fn erf(x: &mut [f32]) {
+pub(crate) fn erf(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { avx::erf_slice(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        return unsafe { avx2::erf_slice(x) };
     }
     x.iter_mut().for_each(|v| *v = erf_scalar(*v));
 }
@@ -62,6 +78,11 @@ pub fn gelu(x: &mut [f32]) {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { avx::gelu_slice(x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        return unsafe { avx2::gelu_slice(x) };
+    }
     x.iter_mut().for_each(|v| *v = gelu_scalar(*v));
 }
 
@@ -72,6 +93,11 @@ pub fn gelu_grad_mul(x: &mut [f32], d: &[f32]) {
     if avx512() {
         // SAFETY: AVX-512F is present (checked above); the lengths are equal.
         return unsafe { avx::gelu_grad_mul(x, d) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above); the lengths are equal.
+        return unsafe { avx2::gelu_grad_mul(x, d) };
     }
     x.iter_mut()
         .zip(d)
@@ -221,6 +247,144 @@ mod avx {
     }
 }
 
+/// The same formulas 8 lanes at a time with AVX2 and FMA. AVX2 has no `scalef`: 2ⁿ is built
+/// from its exponent bits, in two halves so that results down to the subnormals stay exact.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{ERF_A, ERF_P, FRAC_1_SQRT_2, INV_SQRT_2PI};
+
+    /// Lanes of a slice: (start, lanes in use, load/store mask).
+    #[inline(always)]
+    unsafe fn lanes(n: usize) -> impl Iterator<Item = (usize, __m256i)> {
+        (0..n).step_by(8).map(move |i| {
+            let left = (n - i).min(8) as i32;
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            (i, _mm256_cmpgt_epi32(_mm256_set1_epi32(left), idx))
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn map(x: &mut [f32], f: impl Fn(__m256) -> __m256) {
+        let p = x.as_mut_ptr();
+        for (i, k) in lanes(x.len()) {
+            let v = _mm256_maskload_ps(p.add(i), k);
+            _mm256_maskstore_ps(p.add(i), k, f(v));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn erf_slice(x: &mut [f32]) {
+        map(x, |v| erf(v))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_slice(x: &mut [f32]) {
+        map(x, |v| _mm256_mul_ps(v, cdf(v)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        let (p, s) = (x.as_mut_ptr(), _mm256_set1_ps(shift));
+        let mut sum = _mm256_setzero_ps();
+        for (i, k) in lanes(x.len()) {
+            let v = _mm256_maskload_ps(p.add(i), k);
+            let e = exp(_mm256_sub_ps(v, s));
+            _mm256_maskstore_ps(p.add(i), k, e);
+            sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(k)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        lanes.iter().sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_grad_mul(x: &mut [f32], d: &[f32]) {
+        let (p, q) = (x.as_mut_ptr(), d.as_ptr());
+        let (half, c) = (_mm256_set1_ps(-0.5), _mm256_set1_ps(INV_SQRT_2PI));
+        for (i, k) in lanes(x.len()) {
+            let v = _mm256_maskload_ps(p.add(i), k);
+            let g = _mm256_maskload_ps(q.add(i), k);
+            let pdf = _mm256_mul_ps(exp(_mm256_mul_ps(_mm256_mul_ps(half, v), v)), c);
+            let grad = _mm256_fmadd_ps(v, pdf, cdf(v));
+            _mm256_maskstore_ps(p.add(i), k, _mm256_mul_ps(g, grad));
+        }
+    }
+
+    /// 2ⁿ for integral n in [-126, 127], from the exponent bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pow2(n: __m256) -> __m256 {
+        let e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
+    }
+
+    /// exp(x) as the AVX-512 version computes it: 2ⁿ · e^r, e^r by Cephes' polynomial.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        // Past these exp is ∞ or 0 anyway; the clamp keeps n in range. NaN passes (second operand).
+        let x = _mm256_min_ps(_mm256_set1_ps(89.0), x);
+        let x = _mm256_max_ps(_mm256_set1_ps(-104.0), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4), r);
+        let mut y = _mm256_set1_ps(1.9875691500E-4);
+        for c in [
+            1.3981999507E-3,
+            8.3334519073E-3,
+            4.1665795894E-2,
+            1.6666665459E-1,
+            5.0000001201E-1,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            _mm256_mul_ps(y, r),
+            r,
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        // n in [-150, 129]: two factors each within a normal float's exponent range.
+        let n1 = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            n,
+            _mm256_set1_ps(0.5),
+        ));
+        let n2 = _mm256_sub_ps(n, n1);
+        let y = _mm256_mul_ps(_mm256_mul_ps(y, pow2(n1)), pow2(n2));
+        // NaN in, NaN out (the clamps above turned it into a bound).
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        _mm256_blendv_ps(y, x, nan)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn erf(x: __m256) -> __m256 {
+        let sign = _mm256_set1_ps(-0.0);
+        let a = _mm256_andnot_ps(sign, x);
+        let one = _mm256_set1_ps(1.0);
+        let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(ERF_P), a, one));
+        let mut r = _mm256_set1_ps(ERF_A[4]);
+        for c in ERF_A[..4].iter().rev() {
+            r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(*c));
+        }
+        let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+        let y = _mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, one);
+        _mm256_or_ps(y, _mm256_and_ps(x, sign))
+    }
+
+    /// Φ(x) = (1 + erf(x / √2)) / 2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn cdf(x: __m256) -> __m256 {
+        let e = erf(_mm256_mul_ps(x, _mm256_set1_ps(FRAC_1_SQRT_2)));
+        let half = _mm256_set1_ps(0.5);
+        _mm256_fmadd_ps(e, half, half)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +452,64 @@ mod tests {
         }
         let total = want.iter().sum::<f32>();
         assert!((sum - total).abs() <= 1e-6 * total, "{sum} vs {total}");
+    }
+
+    /// The AVX2 path on a machine that also has AVX-512 (where the kernels would not pick it).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_path_matches_libm_and_the_scalar_formulas() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let x = grid(-6.0, 6.0, 1e-4);
+        let mut e = x.clone();
+        // SAFETY: AVX2 and FMA are present (checked above).
+        unsafe { avx2::erf_slice(&mut e) };
+        assert!(max_abs_err(&e, candle_core::cpu::erf::erf_f32, &x) < 6e-7);
+        let x = grid(-87.0, 88.0, 3e-3);
+        let mut ex = x.clone();
+        // SAFETY: as above.
+        let sum = unsafe { avx2::exp_shifted_sum(&mut ex, 0.0) };
+        for (g, &x) in ex.iter().zip(&x) {
+            let want = x.exp();
+            assert!(
+                (g - want).abs() <= 2.0 * f32::EPSILON * want,
+                "exp({x}) = {g}, not {want}"
+            );
+        }
+        assert_eq!(sum, f32::INFINITY);
+        // The sum of a softmax's numerators, over 37 values: a masked tail of 5.
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let mut e = x.clone();
+        // SAFETY: as above.
+        let sum = unsafe { avx2::exp_shifted_sum(&mut e, 3.0) };
+        let total: f32 = x.iter().map(|v| (v - 3.0).exp()).sum();
+        assert!((sum - total).abs() <= 1e-6 * total, "{sum} vs {total}");
+        let mut ends = vec![f32::NEG_INFINITY, -200.0, 0.0, 100.0, f32::INFINITY];
+        // SAFETY: as above.
+        unsafe { avx2::exp_shifted_sum(&mut ends, 0.0) };
+        assert_eq!(ends, [0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY]);
+        let mut nan = vec![f32::NAN; 3];
+        // SAFETY: as above.
+        unsafe { avx2::exp_shifted_sum(&mut nan, 0.0) };
+        assert!(nan.iter().all(|v| v.is_nan()));
+        // GELU and its gradient against the scalar formulas, on a length with a masked tail.
+        let x = grid(-10.0, 10.0, 1e-3);
+        let mut y = x.clone();
+        // SAFETY: as above.
+        unsafe { avx2::gelu_slice(&mut y) };
+        let want: Vec<f32> = x.iter().map(|&v| gelu_scalar(v)).collect();
+        assert!(max_abs_err(&y, |v| v, &want) < 2e-6);
+        let d: Vec<f32> = x.iter().map(|v| 1.0 + v.sin()).collect();
+        let mut g = x.clone();
+        // SAFETY: as above; the lengths are equal.
+        unsafe { avx2::gelu_grad_mul(&mut g, &d) };
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&d)
+            .map(|(&v, d)| d * gelu_grad_scalar(v))
+            .collect();
+        assert!(max_abs_err(&g, |v| v, &want) < 2e-6);
     }
 
     #[test]
