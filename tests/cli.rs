@@ -791,6 +791,63 @@ fn a_tiny_training_run_saves_a_folder_that_encode_loads() {
 }
 
 #[test]
+fn mse_distils_from_the_file_encode_writes_and_a_wrong_width_is_named() {
+    let dir = TempDir::new().unwrap();
+    let teacher = dir.path().join("teacher");
+    common::tiny_model(&teacher, false, 1, 11);
+    let student = tiny(&dir, "student", false);
+    let texts = write(&dir, "texts.txt", TEXTS[..8].join("\n") + "\n");
+    let train = dir.path().join("teacher.jsonl");
+    run(&[
+        "encode",
+        "--model",
+        s(&teacher),
+        "--input",
+        s(&texts),
+        "--output",
+        s(&train),
+    ])
+    .succeeded();
+    let target = embeddings(&file_lines(&train), 8);
+    let distance = |model: &Path| -> f64 {
+        let got = encode_ok(model, &dir, 8);
+        got.iter()
+            .flatten()
+            .zip(target.iter().flatten())
+            .map(|(a, b)| (a - b).powi(2))
+            .sum()
+    };
+    let (config, out) = write_config(&dir, &student, &train, "loss = \"mse\"\nlr = 5e-3");
+    let r = run(&train_args(
+        &config,
+        &["--json", "--set", "train.max_steps=6"],
+    ));
+    r.succeeded();
+    let before = distance(&student);
+    let after = distance(&out.join("final"));
+    assert!(
+        after < before,
+        "distillation moved the student towards the teacher: {before} -> {after}"
+    );
+
+    std::fs::remove_dir_all(&out).unwrap();
+    let narrow = write(
+        &dir,
+        "narrow.jsonl",
+        "{\"text\": \"a dog runs fast.\", \"embedding\": [0.1, 0.2, 0.3]}\n",
+    );
+    let (config, _) = write_config(&dir, &student, &narrow, "loss = \"mse\"");
+    run(&train_args(&config, &[])).failed_with(
+        2,
+        &[
+            "narrow.jsonl:1:",
+            "3 numbers",
+            "the model's embeddings have 16",
+        ],
+    );
+}
+
+#[test]
 fn a_tiny_mpnet_training_run_saves_a_folder_that_encode_loads() {
     let dir = TempDir::new().unwrap();
     let model = tiny(&dir, "model", true);

@@ -134,6 +134,7 @@ fn data(rows: usize, scored: bool) -> TokenizedData {
         scores: (0..rows)
             .map(|r| scored.then_some((r % 5) as f32 / 4.0))
             .collect(),
+        teachers: Vec::new(),
         columns: 2,
     }
 }
