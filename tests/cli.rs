@@ -353,9 +353,62 @@ fn eval_of_pairs_and_triplets_prints_retrieval_figures() {
     let data = write(&dir, "triplets.csv", triplets);
     let r = run(&["eval", "--model", s(&model), "--data", s(&data)]);
     r.succeeded();
-    for key in ["queries 6, corpus 10", "ndcg@10", "map@100", "precision@5"] {
+    for key in [
+        "queries 6, corpus 10",
+        "ndcg@10",
+        "map@100",
+        "precision@5",
+        "cosine_accuracy",
+    ] {
         assert!(r.stdout.contains(key), "{key}:\n{}", r.stdout);
     }
+}
+
+#[test]
+fn eval_of_labelled_pairs_prints_binary_classification_figures_and_train_picks_one() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let mut labelled = String::from("sentence1,sentence2,label\n");
+    for i in 0..12 {
+        let (a, b) = (TEXTS[i % TEXTS.len()], TEXTS[(i * 3 + 1) % TEXTS.len()]);
+        labelled.push_str(&format!("{a},{b},{}\n", i % 2));
+    }
+    let data = write(&dir, "labelled.csv", &labelled);
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
+    r.succeeded();
+    let lines = r.json_lines();
+    assert_eq!(lines.len(), 1, "one JSON object: {}", r.stdout);
+    for key in [
+        "cosine_accuracy",
+        "cosine_accuracy_threshold",
+        "cosine_f1",
+        "cosine_f1_threshold",
+        "cosine_precision",
+        "cosine_recall",
+        "cosine_ap",
+        "cosine_mcc",
+    ] {
+        assert!(lines[0][key].is_f64(), "{key}: {}", lines[0]);
+    }
+    assert_eq!(lines[0]["pairs"], 12);
+
+    // The same file trains the contrastive losses, and as a dev file picks by any figure.
+    let (config, out) = write_config(&dir, &model, &data, "loss = \"online_contrastive\"");
+    let dev = format!("data.dev={}", s(&data));
+    let r = run(&train_args(
+        &config,
+        &["--set", &dev, "--set", "train.metric=cosine_f1", "--json"],
+    ));
+    r.succeeded();
+    let evals = eval_lines(&out);
+    assert!(evals.iter().all(|e| e["cosine_f1"].is_f64()), "{evals:?}");
+    assert_eq!(summary(&r)["best_dev"]["metric"], "cosine_f1");
+    std::fs::remove_dir_all(&out).unwrap();
+    run(&train_args(
+        &config,
+        &["--set", &dev, "--set", "train.metric=ndcg@10"],
+    ))
+    .failed_with(2, &["train.metric", "\"ndcg@10\"", "cosine_ap"]);
 }
 
 // ---------------------------------------------------------------------------------------------

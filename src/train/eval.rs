@@ -340,6 +340,20 @@ mod tests {
         assert_eq!((r.metric(), r.value()), ("ndcg@10", 0.75));
         let back: Scores = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+
+        let b = Scores::Binary(classify(&[0.9, 0.1, 0.5], &[true, false, true]));
+        let back: Scores = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back, b);
+        assert_eq!((b.metric(), b.value()), ("cosine_ap", 1.0));
+        let Scores::Retrieval(mut triplets) = r else {
+            unreachable!()
+        };
+        triplets.triplet_accuracy = Some(0.25);
+        let t = Scores::Retrieval(triplets);
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains("\"cosine_accuracy\":0.25"), "{text}");
+        assert_eq!(serde_json::from_str::<Scores>(&text).unwrap(), t);
+        assert_eq!(t.figure("cosine_accuracy"), Some(0.25));
     }
 
     #[test]
