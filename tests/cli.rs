@@ -593,7 +593,7 @@ fn eval_of_a_header_that_fits_no_evaluation_names_the_file_and_both_layouts() {
         .failed_with(2, &["both.csv:1:", "keep the columns of one"]);
     let data = write(&dir, "pairs.txt", pairs_csv(4));
     run(&["eval", "--model", s(&model), "--data", s(&data)])
-        .failed_with(2, &["pairs.txt", ".csv, .tsv or .jsonl"]);
+        .failed_with(2, &["pairs.txt", ".csv, .tsv, .jsonl or .parquet"]);
 }
 
 #[test]

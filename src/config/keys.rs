@@ -215,10 +215,11 @@ section! {
               added to the corpus as distractors no query is relevant to. Each text once.";
 
         format: Option<Format> = None;
-        expects "one of \"csv\", \"tsv\", \"jsonl\"";
+        expects "one of \"csv\", \"tsv\", \"jsonl\", \"parquet\"";
         example "\"csv\"";
-        help "File format: \"csv\", \"tsv\" or \"jsonl\". Unset: taken from the file extension\n\
-              (.csv, .tsv, .jsonl, .json).";
+        help "File format: \"csv\", \"tsv\", \"jsonl\" or \"parquet\" (as Hugging Face `datasets`\n\
+              writes it: snappy or zstd pages). Unset: taken from the file extension\n\
+              (.csv, .tsv, .jsonl, .json, .parquet).";
 
         columns: Option<BTreeMap<String, String>> = None;
         expects "a table of role = \"column name\", e.g. { anchor = \"query\", positive = \"answer\" }";

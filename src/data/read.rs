@@ -1,4 +1,5 @@
-//! Reads a data file (CSV, TSV or JSON lines) into a checked [`Dataset`].
+//! Reads a data file (CSV, TSV, JSON lines or Parquet, see `read/parquet.rs`) into a checked
+//! [`Dataset`].
 //!
 //! The row shape comes from the column roles: either `data.columns` (role → column name) or,
 //! without it, the header's own names (`anchor,positive[,negative[,margin]]`,
@@ -18,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::{Dataset, Row, RowShape};
 use crate::error::{Error, Result};
 
+mod parquet;
+
 /// File format of a data file (`data.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,10 +31,13 @@ pub enum Format {
     Tsv,
     /// One JSON object per line; its keys are the column names.
     Jsonl,
+    /// Apache Parquet (as Hugging Face `datasets` writes it); its columns are the column names.
+    Parquet,
 }
 
 impl Format {
-    /// The format an extension implies: .csv, .tsv/.tab, .jsonl/.ndjson/.json (case-insensitive).
+    /// The format an extension implies: .csv, .tsv/.tab, .jsonl/.ndjson/.json, .parquet
+    /// (case-insensitive).
     /// `.json` counts as JSON lines because that is what `datasets`' `to_json` writes.
     pub fn from_path(path: &Path) -> Option<Format> {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
@@ -39,6 +45,7 @@ impl Format {
             "csv" => Some(Format::Csv),
             "tsv" | "tab" => Some(Format::Tsv),
             "jsonl" | "ndjson" | "json" => Some(Format::Jsonl),
+            "parquet" => Some(Format::Parquet),
             _ => None,
         }
     }
@@ -48,6 +55,7 @@ impl Format {
             Format::Csv => "csv",
             Format::Tsv => "tsv",
             Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
         }
     }
 }
@@ -127,36 +135,32 @@ fn read(
     limit: Option<usize>,
     eval: bool,
 ) -> Result<Dataset> {
-    let format = match format.or_else(|| Format::from_path(path)) {
-        Some(f) => f,
-        None if eval => {
-            return Err(Error::data(
+    let format =
+        match format.or_else(|| Format::from_path(path)) {
+            Some(f) => f,
+            None if eval => return Err(Error::data(
                 path,
                 0,
-                "cannot tell the format from the extension; name the file .csv, .tsv or .jsonl",
-            ))
-        }
-        None => {
-            return Err(Error::config(
-                "data.format",
-                format!(
-                    "cannot tell the format of {} from its extension; \
-                     set data.format to \"csv\", \"tsv\" or \"jsonl\"",
-                    path.display()
-                ),
-            ))
-        }
-    };
+                "cannot tell the format from the extension; name the file .csv, .tsv, .jsonl or \
+                 .parquet",
+            )),
+            None => {
+                return Err(Error::config(
+                    "data.format",
+                    format!(
+                        "cannot tell the format of {} from its extension; \
+                     set data.format to \"csv\", \"tsv\", \"jsonl\" or \"parquet\"",
+                        path.display()
+                    ),
+                ))
+            }
+        };
     if limit == Some(0) {
         return Err(Error::config(
             "data.limit",
             "must be at least 1; remove the key to read every row",
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // Spreadsheet programs start UTF-8 files with a byte-order mark; it is not part of the
-    // first column's name. It holds no newline, so line numbers are unaffected.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let reader = Reader {
         path,
         columns,
@@ -164,8 +168,17 @@ fn read(
         eval,
     };
     let (shape, rows) = match format {
-        Format::Csv | Format::Tsv => reader.delimited(bytes, format)?,
-        Format::Jsonl => reader.json_lines(bytes)?,
+        Format::Parquet => reader.parquet()?,
+        Format::Csv | Format::Tsv | Format::Jsonl => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            // Spreadsheet programs start UTF-8 files with a byte-order mark; it is not part of
+            // the first column's name. It holds no newline, so line numbers are unaffected.
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            match format {
+                Format::Jsonl => reader.json_lines(bytes)?,
+                _ => reader.delimited(bytes, format)?,
+            }
+        }
     };
     check_widths(path, &rows)?;
     Ok(Dataset {
