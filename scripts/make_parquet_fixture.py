@@ -8,6 +8,7 @@ Writes into tests/fixtures/:
   parquet-distill.parquet      text,embedding: 4 rows, embedding a list of float32 (what a teacher's
                                encode gives): the Dataset's own Arrow table written by pyarrow with zstd
                                pages (as files converted or uploaded with zstd are).
+  parquet-corpus.parquet       text: 4 distractor documents (data.corpus), by Dataset.to_parquet.
   parquet-bad-label.parquet    sentence1,sentence2,label: row 2 of row group 1 (row 5 of the file,
                                counting from 0) has label 2; row groups of 3.
   parquet-expected.json        the rows of each good file as Python reads them back ({file: {column: values}}).
@@ -55,6 +56,8 @@ def main():
     features = Features({"text": Value("string"), "embedding": Sequence(Value("float32"))})
     ds = write("parquet-distill.parquet", distill, features=features, zstd=True)
     expected["parquet-distill.parquet"] = ds.to_dict()
+    corpus = {"text": ["a corpus text.", "another document", "third", "the fourth one"]}
+    expected["parquet-corpus.parquet"] = write("parquet-corpus.parquet", corpus).to_dict()
     bad = {k: v[:6] for k, v in labelled.items() if k != "id"}
     bad["label"] = [1, 0, 0, 1, 1, 2]
     write("parquet-bad-label.parquet", bad, batch_size=3)

@@ -6,7 +6,7 @@
 mod common;
 
 use serde_json::Value;
-use st_tune::data::read::{read_dataset, Format};
+use st_tune::data::read::{read_corpus, read_dataset, Format};
 use st_tune::data::RowShape;
 use st_tune::error::Error;
 
@@ -125,6 +125,21 @@ fn data_format_parquet_reads_any_extension_and_a_text_file_is_refused() {
         .to_string();
     assert!(
         shown.contains("t.parquet: not a readable Parquet file"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn a_corpus_is_the_text_column_and_a_file_without_one_is_named() {
+    let texts = read_corpus(&common::fixture("parquet-corpus.parquet")).unwrap();
+    assert_eq!(texts, strings(&expected("parquet-corpus.parquet")["text"]));
+    let shown = read_corpus(&common::fixture("parquet-pairs.parquet"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        shown.contains(
+            "parquet-pairs.parquet: a corpus file needs a `text` column; it has: anchor, positive"
+        ),
         "{shown}"
     );
 }

@@ -211,8 +211,9 @@ section! {
         expects PATH;
         example "\"data/corpus.txt\"";
         neutral yes;
-        help "Extra documents for a retrieval dev file (pairs or triplets): one text per line,\n\
-              added to the corpus as distractors no query is relevant to. Each text once.";
+        help "Extra documents for a retrieval dev file (pairs or triplets): one text per line\n\
+              (or a .parquet file's `text` column), added to the corpus as distractors no query\n\
+              is relevant to. Each text once.";
 
         format: Option<Format> = None;
         expects "one of \"csv\", \"tsv\", \"jsonl\", \"parquet\"";

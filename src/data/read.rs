@@ -714,10 +714,14 @@ pub fn read_text_lines(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// A corpus file (`data.corpus`): one document per line; a text given twice is an error naming
-/// both lines (documents are identified by their text).
+/// A corpus file (`data.corpus`): one document per line, or a Parquet file's `text` column (its
+/// rows counted as lines); a text given twice is an error naming both lines (documents are
+/// identified by their text).
 pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
-    let texts = read_text_lines(path)?;
+    let texts = match Format::from_path(path) {
+        Some(Format::Parquet) => parquet::read_texts(path)?,
+        _ => read_text_lines(path)?,
+    };
     let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, t) in texts.iter().enumerate() {
         if let Some(j) = first.insert(t.as_str(), i) {

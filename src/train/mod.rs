@@ -178,6 +178,11 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
+    if let Some(dev) = &dev_set {
+        if eval::figures(dev.shape).is_empty() {
+            return Err(eval::no_evaluation(dev));
+        }
+    }
     if let Some(metric) = &cfg.train.metric {
         let Some(dev) = &dev_set else {
             return Err(Error::config(
@@ -186,9 +191,6 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
             ));
         };
         let figures = eval::figures(dev.shape);
-        if figures.is_empty() {
-            return Err(eval::no_evaluation(dev));
-        }
         if !figures.contains(&metric.as_str()) {
             return Err(Error::config(
                 "train.metric",
