@@ -901,6 +901,27 @@ fn mse_distils_from_the_file_encode_writes_and_a_wrong_width_is_named() {
 }
 
 #[test]
+fn train_reads_a_parquet_file_that_datasets_wrote_and_names_a_bad_row() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = common::fixture("parquet-labelled.parquet");
+    let (config, out) = write_config(&dir, &model, &train, "loss = \"contrastive\"");
+    let r = run(&train_args(&config, &["--json"]));
+    r.succeeded();
+    assert_eq!(summary(&r)["steps"], 3);
+    std::fs::remove_dir_all(&out).unwrap();
+    let bad = common::fixture("parquet-bad-label.parquet");
+    let (config, _) = write_config(&dir, &model, &bad, "loss = \"contrastive\"");
+    run(&train_args(&config, &[])).failed_with(
+        2,
+        &[
+            "parquet-bad-label.parquet: row group 1, row 2",
+            "must be 0 or 1",
+        ],
+    );
+}
+
+#[test]
 fn a_tiny_mpnet_training_run_saves_a_folder_that_encode_loads() {
     let dir = TempDir::new().unwrap();
     let model = tiny(&dir, "model", true);
