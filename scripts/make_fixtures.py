@@ -10,24 +10,33 @@ Writes into tests/fixtures/:
       Value and gradient w.r.t. every embedding of small fixed embeddings (numpy default_rng(0), batch 4,
       dim 8; drawn as float32 so Rust reads exactly the same inputs; math in float64) for
       MultipleNegativesRankingLoss (scale 20, cos_sim) on (anchor, positive) and (anchor, positive, negative),
-      CoSENTLoss (scale 20) and CosineSimilarityLoss (MSE) on (anchor, positive) with scores. The numbers come
-      from the real loss classes: each loss's compute_loss_from_embeddings (sentence-transformers 6.2.0,
-      sentence_transformers/sentence_transformer/losses/multiple_negatives_ranking.py lines 237-338,
-      cosent.py lines 87-128, cosine_similarity.py lines 84-101; cos_sim / pairwise_cos_sim in
-      sentence_transformers/util/similarity.py), then torch autograd for the gradients.
+      CoSENTLoss (scale 20) and CosineSimilarityLoss (MSE) on (anchor, positive) with scores;
+      MultipleNegativesSymmetricRankingLoss (scale 20) on pairs and triplets; TripletLoss with each
+      TripletDistanceMetric and margins that leave some rows at zero; ContrastiveLoss and
+      OnlineContrastiveLoss with SiameseDistanceMetrics on 0/1 labels (and all-positive labels, the
+      fallback bar of OnlineContrastiveLoss); MSELoss against teacher embeddings; MarginMSELoss against
+      teacher margins. Each case names its input columns, its label input ("labels") and its parameters
+      ("scale", "margin", "distance"). The numbers come from the real loss classes: each loss's
+      compute_loss_from_embeddings (sentence-transformers 6.2.0, sentence_transformers/sentence_transformer/
+      losses/*.py; cos_sim / pairwise_cos_sim in sentence_transformers/util/similarity.py), then torch
+      autograd for the gradients.
+
+Only the loss fixture (no weights needed): "$(scripts/setup-python.sh)" scripts/make_fixtures.py losses
 
 Regenerate (needs the weights and the pinned Python packages):
     scripts/fetch-weights.sh && "$(scripts/setup-python.sh)" scripts/make_fixtures.py
 Weights are read from $ST_TUNE_WEIGHTS (default <repo>/.weights).
 """
-import json, os, re
+import json, os, re, sys
 from pathlib import Path
 
 import numpy as np
 import sentence_transformers, torch, transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
-    CoSENTLoss, CosineSimilarityLoss, MultipleNegativesRankingLoss)
+    ContrastiveLoss, CoSENTLoss, CosineSimilarityLoss, MarginMSELoss, MSELoss, MultipleNegativesRankingLoss,
+    MultipleNegativesSymmetricRankingLoss, OnlineContrastiveLoss, SiameseDistanceMetric, TripletDistanceMetric,
+    TripletLoss)
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "fixtures"
@@ -60,29 +69,64 @@ def losses():
     cols = {c: rng.standard_normal((4, 8)).astype(np.float32) for c in ("anchor", "positive", "negative")}
     scores = rng.uniform(0, 1, 4).round(2).astype(np.float32)
     scores[3] = scores[1]  # a tie: CoSENT must not rank tied pairs against each other
-    specs = [("mnrl", ["anchor", "positive"], MultipleNegativesRankingLoss(None, scale=20.0)),
-             ("mnrl", ["anchor", "positive", "negative"], MultipleNegativesRankingLoss(None, scale=20.0)),
-             ("cosent", ["anchor", "positive"], CoSENTLoss(None, scale=20.0)),
-             ("cosine", ["anchor", "positive"], CosineSimilarityLoss(None))]
-    labels = torch.tensor(scores, dtype=torch.float64)
+    # Drawn after the inputs above, so those stay as they were.
+    labels = {"scores": scores,
+              "labels": np.array([1, 0, 1, 0], dtype=np.float32),
+              "all_positive": np.ones(4, dtype=np.float32),
+              "margins": rng.normal(0, 2, 4).astype(np.float32),
+              "teacher": rng.standard_normal((4, 8)).astype(np.float32)}
+    triplet = ["anchor", "positive", "negative"]
+    pair = ["anchor", "positive"]
+    T, S = TripletDistanceMetric, SiameseDistanceMetric
+    specs = [("mnrl", pair, "scores", {"scale": 20.0}, MultipleNegativesRankingLoss(None, scale=20.0)),
+             ("mnrl", triplet, "scores", {"scale": 20.0}, MultipleNegativesRankingLoss(None, scale=20.0)),
+             ("cosent", pair, "scores", {"scale": 20.0}, CoSENTLoss(None, scale=20.0)),
+             ("cosine", pair, "scores", {}, CosineSimilarityLoss(None)),
+             ("mnsrl", pair, "scores", {"scale": 20.0}, MultipleNegativesSymmetricRankingLoss(None, scale=20.0)),
+             ("mnsrl", triplet, "scores", {"scale": 7.0}, MultipleNegativesSymmetricRankingLoss(None, scale=7.0)),
+             ("triplet", triplet, "scores", {}, TripletLoss(None)),
+             ("triplet", triplet, "scores", {"distance": "euclidean", "margin": 0.5},
+              TripletLoss(None, distance_metric=T.EUCLIDEAN, triplet_margin=0.5)),
+             ("triplet", triplet, "scores", {"distance": "cosine", "margin": 0.3},
+              TripletLoss(None, distance_metric=T.COSINE, triplet_margin=0.3)),
+             ("triplet", triplet, "scores", {"distance": "manhattan", "margin": 2.0},
+              TripletLoss(None, distance_metric=T.MANHATTAN, triplet_margin=2.0)),
+             ("contrastive", pair, "labels", {}, ContrastiveLoss(None)),
+             ("contrastive", pair, "labels", {"distance": "cosine", "margin": 1.2},
+              ContrastiveLoss(None, distance_metric=S.COSINE_DISTANCE, margin=1.2)),
+             ("contrastive", pair, "labels", {"distance": "euclidean", "margin": 5.0},
+              ContrastiveLoss(None, distance_metric=S.EUCLIDEAN, margin=5.0)),
+             ("contrastive", pair, "labels", {"distance": "manhattan", "margin": 9.0},
+              ContrastiveLoss(None, distance_metric=S.MANHATTAN, margin=9.0)),
+             ("online_contrastive", pair, "labels", {}, OnlineContrastiveLoss(None)),
+             ("online_contrastive", pair, "labels", {"distance": "euclidean", "margin": 5.0},
+              OnlineContrastiveLoss(None, distance_metric=S.EUCLIDEAN, margin=5.0)),
+             ("online_contrastive", pair, "all_positive", {}, OnlineContrastiveLoss(None)),
+             ("mse", ["anchor"], "teacher", {}, MSELoss(None)),
+             ("mse", pair, "teacher", {}, MSELoss(None)),
+             ("margin_mse", triplet, "margins", {}, MarginMSELoss(None))]
     cases = []
-    for loss_name, columns, loss in specs:
+    for loss_name, columns, label_name, params, loss in specs:
         embs = [torch.tensor(cols[c], dtype=torch.float64, requires_grad=True) for c in columns]
-        value = loss.compute_loss_from_embeddings(embs, labels)
+        y = torch.tensor(labels[label_name], dtype=torch.float64)
+        if loss_name == "mse":  # EmbedDistillLoss.forward: a 2D label is every column's teacher
+            value = loss.compute_loss_from_embeddings(embs, [y for _ in embs])
+        else:
+            value = loss.compute_loss_from_embeddings(embs, y)
         value.backward()
-        case = {"loss": loss_name, "columns": columns, "value": value.item(),
-                "grads": {c: e.grad.tolist() for c, e in zip(columns, embs)}}
-        if loss_name != "cosine":
-            case["scale"] = 20.0
-        cases.append(case)
+        cases.append({"loss": loss_name, "columns": columns, "labels": label_name, **params,
+                      "value": value.item(), "grads": {c: e.grad.tolist() for c, e in zip(columns, embs)}})
     dump({"versions": VERSIONS, "seed": 0, "dtype": "float64 math on float32 inputs",
           "inputs": {**{c: v.astype(np.float64).tolist() for c, v in cols.items()},
-                     "scores": scores.astype(np.float64).tolist()},
+                     **{k: v.astype(np.float64).tolist() for k, v in labels.items()}},
           "cases": cases}, FIX / "losses.json")
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
+    if sys.argv[1:] == ["losses"]:
+        losses()
+        sys.exit()
     # Same reading rule as shared/peer/st_embed.py: one sentence a line, blank lines skipped.
     lines = (FIX / "sentences.txt").read_text(encoding="utf-8").split("\n")
     sentences = [s for s in lines if s.strip()]

@@ -48,8 +48,9 @@ fn read_run(dir: &Path) -> Result<Run> {
                 l["memory_limit"].as_f64().map(|b| b / MIB),
             ));
         } else if l.get("label").is_some() {
-            // The figure that picks the best model: Spearman, or NDCG@10 for retrieval.
-            for name in ["spearman", "ndcg@10"] {
+            // The figure that picks the best model by default: Spearman, cosine AP for
+            // labelled pairs, NDCG@10 for retrieval.
+            for name in ["spearman", "cosine_ap", "ndcg@10"] {
                 if let Some(v) = l[name].as_f64() {
                     run.evals.push((step, v));
                     run.eval_name = Some(name.to_string());

@@ -353,9 +353,62 @@ fn eval_of_pairs_and_triplets_prints_retrieval_figures() {
     let data = write(&dir, "triplets.csv", triplets);
     let r = run(&["eval", "--model", s(&model), "--data", s(&data)]);
     r.succeeded();
-    for key in ["queries 6, corpus 10", "ndcg@10", "map@100", "precision@5"] {
+    for key in [
+        "queries 6, corpus 10",
+        "ndcg@10",
+        "map@100",
+        "precision@5",
+        "cosine_accuracy",
+    ] {
         assert!(r.stdout.contains(key), "{key}:\n{}", r.stdout);
     }
+}
+
+#[test]
+fn eval_of_labelled_pairs_prints_binary_classification_figures_and_train_picks_one() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "bert", false);
+    let mut labelled = String::from("sentence1,sentence2,label\n");
+    for i in 0..12 {
+        let (a, b) = (TEXTS[i % TEXTS.len()], TEXTS[(i * 3 + 1) % TEXTS.len()]);
+        labelled.push_str(&format!("{a},{b},{}\n", i % 2));
+    }
+    let data = write(&dir, "labelled.csv", &labelled);
+    let r = run(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
+    r.succeeded();
+    let lines = r.json_lines();
+    assert_eq!(lines.len(), 1, "one JSON object: {}", r.stdout);
+    for key in [
+        "cosine_accuracy",
+        "cosine_accuracy_threshold",
+        "cosine_f1",
+        "cosine_f1_threshold",
+        "cosine_precision",
+        "cosine_recall",
+        "cosine_ap",
+        "cosine_mcc",
+    ] {
+        assert!(lines[0][key].is_f64(), "{key}: {}", lines[0]);
+    }
+    assert_eq!(lines[0]["pairs"], 12);
+
+    // The same file trains the contrastive losses, and as a dev file picks by any figure.
+    let (config, out) = write_config(&dir, &model, &data, "loss = \"online_contrastive\"");
+    let dev = format!("data.dev={}", s(&data));
+    let r = run(&train_args(
+        &config,
+        &["--set", &dev, "--set", "train.metric=cosine_f1", "--json"],
+    ));
+    r.succeeded();
+    let evals = eval_lines(&out);
+    assert!(evals.iter().all(|e| e["cosine_f1"].is_f64()), "{evals:?}");
+    assert_eq!(summary(&r)["best_dev"]["metric"], "cosine_f1");
+    std::fs::remove_dir_all(&out).unwrap();
+    run(&train_args(
+        &config,
+        &["--set", &dev, "--set", "train.metric=ndcg@10"],
+    ))
+    .failed_with(2, &["train.metric", "\"ndcg@10\"", "cosine_ap"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,7 +593,7 @@ fn eval_of_a_header_that_fits_no_evaluation_names_the_file_and_both_layouts() {
         .failed_with(2, &["both.csv:1:", "keep the columns of one"]);
     let data = write(&dir, "pairs.txt", pairs_csv(4));
     run(&["eval", "--model", s(&model), "--data", s(&data)])
-        .failed_with(2, &["pairs.txt", ".csv, .tsv or .jsonl"]);
+        .failed_with(2, &["pairs.txt", ".csv, .tsv, .jsonl or .parquet"]);
 }
 
 #[test]
@@ -788,6 +841,84 @@ fn a_tiny_training_run_saves_a_folder_that_encode_loads() {
     let trained = encode_ok(&final_dir, &t.dir, 3);
     let base = encode_ok(&t.model, &t.dir, 3);
     assert_ne!(trained, base, "three steps of training moved the weights");
+}
+
+#[test]
+fn mse_distils_from_the_file_encode_writes_and_a_wrong_width_is_named() {
+    let dir = TempDir::new().unwrap();
+    let teacher = dir.path().join("teacher");
+    common::tiny_model(&teacher, false, 1, 11);
+    let student = tiny(&dir, "student", false);
+    let texts = write(&dir, "texts.txt", TEXTS[..8].join("\n") + "\n");
+    let train = dir.path().join("teacher.jsonl");
+    run(&[
+        "encode",
+        "--model",
+        s(&teacher),
+        "--input",
+        s(&texts),
+        "--output",
+        s(&train),
+    ])
+    .succeeded();
+    let target = embeddings(&file_lines(&train), 8);
+    let distance = |model: &Path| -> f64 {
+        let got = encode_ok(model, &dir, 8);
+        got.iter()
+            .flatten()
+            .zip(target.iter().flatten())
+            .map(|(a, b)| (a - b).powi(2))
+            .sum()
+    };
+    let (config, out) = write_config(&dir, &student, &train, "loss = \"mse\"\nlr = 5e-3");
+    let r = run(&train_args(
+        &config,
+        &["--json", "--set", "train.max_steps=6"],
+    ));
+    r.succeeded();
+    let before = distance(&student);
+    let after = distance(&out.join("final"));
+    assert!(
+        after < before,
+        "distillation moved the student towards the teacher: {before} -> {after}"
+    );
+
+    std::fs::remove_dir_all(&out).unwrap();
+    let narrow = write(
+        &dir,
+        "narrow.jsonl",
+        "{\"text\": \"a dog runs fast.\", \"embedding\": [0.1, 0.2, 0.3]}\n",
+    );
+    let (config, _) = write_config(&dir, &student, &narrow, "loss = \"mse\"");
+    run(&train_args(&config, &[])).failed_with(
+        2,
+        &[
+            "narrow.jsonl:1:",
+            "3 numbers",
+            "the model's embeddings have 16",
+        ],
+    );
+}
+
+#[test]
+fn train_reads_a_parquet_file_that_datasets_wrote_and_names_a_bad_row() {
+    let dir = TempDir::new().unwrap();
+    let model = tiny(&dir, "model", false);
+    let train = common::fixture("parquet-labelled.parquet");
+    let (config, out) = write_config(&dir, &model, &train, "loss = \"contrastive\"");
+    let r = run(&train_args(&config, &["--json"]));
+    r.succeeded();
+    assert_eq!(summary(&r)["steps"], 3);
+    std::fs::remove_dir_all(&out).unwrap();
+    let bad = common::fixture("parquet-bad-label.parquet");
+    let (config, _) = write_config(&dir, &model, &bad, "loss = \"contrastive\"");
+    run(&train_args(&config, &[])).failed_with(
+        2,
+        &[
+            "parquet-bad-label.parquet: row group 1, row 2",
+            "must be 0 or 1",
+        ],
+    );
 }
 
 #[test]

@@ -1,11 +1,22 @@
 //! Each loss's value and its gradient with respect to the embeddings match Python
 //! sentence-transformers on a fixed batch (tests/fixtures/losses.json, from
-//! scripts/make_fixtures.py).
+//! scripts/make_fixtures.py); and a training step with each loss added after MNRL, CoSENT and
+//! CosineSimilarity gives the same loss and gradients whether its batch runs in one pass, is
+//! cut into micro-batches (cached scheme for the batch-coupled losses) or is cut by an OOM.
 
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use st_tune::losses::{compute, LossKind};
+use st_tune::config::TrainSection;
+use st_tune::losses::{compute, Distance, Loss, LossKind};
+use st_tune::memory::oom::Injector;
+use st_tune::memory::policy::MemState;
+use st_tune::memory::MemoryBudget;
+use st_tune::model::weights::Freeze;
+use st_tune::model::SentenceModel;
+use st_tune::train::optim::Grads;
+use st_tune::train::precision::LossScaler;
+use st_tune::train::step::{TokenizedData, Trainer};
 
 fn matrix(v: &serde_json::Value) -> Vec<Vec<f32>> {
     v.as_array()
@@ -26,25 +37,50 @@ fn tensor(rows: &[Vec<f32>]) -> Tensor {
     Tensor::from_vec(rows.concat(), (n, d), &Device::Cpu).unwrap()
 }
 
+/// The loss a fixture case names, with its parameters; an unknown name fails the test, so a
+/// case added to the script cannot pass by running another loss.
+fn loss_of(case: &serde_json::Value) -> Loss {
+    let name = case["loss"].as_str().unwrap();
+    let kind = LossKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == name)
+        .unwrap_or_else(|| panic!("fixture names an unknown loss `{name}`"));
+    let distance = case["distance"].as_str().map(|d| match d {
+        "euclidean" => Distance::Euclidean,
+        "cosine" => Distance::Cosine,
+        "manhattan" => Distance::Manhattan,
+        other => panic!("fixture names an unknown distance `{other}`"),
+    });
+    Loss {
+        kind,
+        margin: case["margin"].as_f64(),
+        distance,
+    }
+}
+
+/// A fixture input as a tensor: (n,) for a list of numbers, (n, d) for a list of lists.
+fn input(v: &serde_json::Value) -> Tensor {
+    let items = v.as_array().unwrap();
+    if items[0].is_array() {
+        tensor(&matrix(v))
+    } else {
+        let x: Vec<f32> = items.iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        Tensor::new(x.as_slice(), &Device::Cpu).unwrap()
+    }
+}
+
 #[test]
 fn every_loss_matches_python_in_value_and_gradient() {
     let fx: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixture("losses.json")).unwrap())
             .unwrap();
     let inputs = &fx["inputs"];
-    let scores: Vec<f32> = inputs["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let scores = Tensor::new(scores.as_slice(), &Device::Cpu).unwrap();
+    let mut covered = Vec::new();
+    let (mut worst_value, mut worst_grad) = (0f64, 0f32);
     for case in fx["cases"].as_array().unwrap() {
-        let kind = match case["loss"].as_str().unwrap() {
-            "mnrl" => LossKind::Mnrl,
-            "cosent" => LossKind::Cosent,
-            _ => LossKind::Cosine,
-        };
+        let loss = loss_of(case);
+        covered.push(loss.kind);
+        let labels = input(&inputs[case["labels"].as_str().unwrap()]);
         let names: Vec<&str> = case["columns"]
             .as_array()
             .unwrap()
@@ -57,15 +93,17 @@ fn every_loss_matches_python_in_value_and_gradient() {
             .collect();
         let cols: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let scale = case["scale"].as_f64().unwrap_or(20.0);
-        let loss = compute(kind, scale, None, &cols, Some(&scores)).unwrap();
-        let value = loss.to_scalar::<f32>().unwrap() as f64;
+        let loss_value = compute(loss, scale, None, &cols, Some(&labels)).unwrap();
+        let value = loss_value.to_scalar::<f32>().unwrap() as f64;
         let want = case["value"].as_f64().unwrap();
-        let label = format!("{} {:?}", case["loss"], names);
-        assert!(
-            (value - want).abs() <= 1e-5 * want.abs().max(1.0),
-            "{label}: value {value} != {want}"
+        let label = format!(
+            "{} {:?} margin {:?} distance {:?}",
+            case["loss"], names, case["margin"], case["distance"]
         );
-        let grads = loss.backward().unwrap();
+        let rel = (value - want).abs() / want.abs().max(1.0);
+        worst_value = worst_value.max(rel);
+        assert!(rel <= 1e-5, "{label}: value {value} != {want}");
+        let grads = loss_value.backward().unwrap();
         for (name, var) in names.iter().zip(&vars) {
             let got = grads
                 .get(var.as_tensor())
@@ -79,10 +117,127 @@ fn every_loss_matches_python_in_value_and_gradient() {
                 .zip(want.iter().flatten())
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
+            worst_grad = worst_grad.max(worst);
             assert!(
                 worst <= 1e-5,
                 "{label}: gradient of {name} differs by {worst}"
             );
+        }
+    }
+    eprintln!(
+        "worst relative value difference {worst_value:e}, worst gradient difference {worst_grad:e}"
+    );
+    for kind in LossKind::ALL {
+        assert!(covered.contains(&kind), "no fixture case for {kind}");
+    }
+}
+
+/// `rows` rows of `columns` texts from the tiny model's vocabulary (ids 8..38), with the
+/// labels `kind` takes: 0/1 labels, margins, or teacher embeddings of the model's width 16.
+fn data(kind: LossKind, rows: usize) -> TokenizedData {
+    let columns = match kind {
+        LossKind::Mse => 1,
+        LossKind::Triplet | LossKind::MarginMse => 3,
+        _ => 2,
+    };
+    let text = |r: usize, c: usize| -> Vec<u32> {
+        let len = 3 + (r * 5 + c * 3) % 6;
+        (0..len)
+            .map(|i| 8 + ((r * 7 + c * 11 + i * 3) % 30) as u32)
+            .collect()
+    };
+    let score = |r: usize| match kind {
+        LossKind::Contrastive | LossKind::OnlineContrastive => Some(f32::from(r.is_multiple_of(3))),
+        LossKind::MarginMse => Some((r as f32 * 0.7).sin()),
+        _ => None,
+    };
+    let teachers = match kind {
+        LossKind::Mse => (0..rows)
+            .map(|r| {
+                (0..16)
+                    .map(|i| ((r * 16 + i) as f32).cos() * 0.25)
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    TokenizedData {
+        tokens: (0..rows)
+            .map(|r| (0..columns).map(|c| text(r, c)).collect())
+            .collect(),
+        scores: (0..rows).map(score).collect(),
+        teachers,
+        columns,
+        prompt_tokens: vec![0; columns],
+    }
+}
+
+/// (loss, gradients) of one step over 8 rows at micro-batch `micro`, with `inject` OOMs.
+fn step(model: &SentenceModel, t: &TrainSection, micro: usize, inject: &str) -> (f32, Grads) {
+    let budget = MemoryBudget::unlimited();
+    let injector = Injector::parse(inject).unwrap();
+    let mut trainer =
+        Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None).unwrap();
+    let rows: Vec<usize> = (0..8).collect();
+    let mut mem = MemState::new(micro, micro, usize::MAX);
+    let mut scaler = LossScaler::new(t.precision);
+    let mut events = Vec::new();
+    let out = trainer
+        .gradients(&rows, 0, &mut scaler, &mut mem, &mut |n| events.push(n))
+        .unwrap()
+        .unwrap();
+    assert_eq!(events.len(), usize::from(!inject.is_empty()));
+    (out.loss, out.grads)
+}
+
+#[test]
+fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_model(dir.path(), false, 2, 5);
+    let model = SentenceModel::load(
+        dir.path().to_str().unwrap(),
+        &Device::Cpu,
+        Some(Freeze::default()),
+    )
+    .unwrap();
+    let new = [
+        LossKind::Mnsrl,
+        LossKind::Triplet,
+        LossKind::Contrastive,
+        LossKind::OnlineContrastive,
+        LossKind::Mse,
+        LossKind::MarginMse,
+    ];
+    for loss in new {
+        for matryoshka in [None, Some(vec![16, 8, 4])] {
+            let t = TrainSection {
+                loss,
+                batch_size: 8,
+                // Euclidean distances of the tiny model's unit embeddings are below 2: a margin
+                // that keeps some rows of each contrast active.
+                margin: (loss == LossKind::Triplet).then_some(0.5),
+                matryoshka_dims: matryoshka.clone(),
+                ..Default::default()
+            };
+            let (whole_loss, whole) = step(&model, &t, 8, "");
+            let scale = whole.values().map(common::max_abs).fold(0f32, f32::max);
+            assert!(scale > 0.0, "{loss:?}: no gradient at all");
+            for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
+                let (l, g) = step(&model, &t, micro, inject);
+                let label = format!("{loss:?} {matryoshka:?}, micro-batch {micro}, OOM {inject:?}");
+                assert!(
+                    (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
+                    "{label}: loss {l} != {whole_loss}"
+                );
+                let worst = g
+                    .iter()
+                    .map(|(name, x)| common::max_abs_diff(x, &whole[name]))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-6 * scale.max(1.0),
+                    "{label}: gradients differ by {worst} (largest {scale})"
+                );
+            }
         }
     }
 }

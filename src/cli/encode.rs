@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::model::SentenceModel;
 
 /// Embed texts with a model: one text per line in, JSON lines out.
+///
+/// A teacher model's output is a training file for `train.loss = "mse"` (distillation) as it is.
 #[derive(Debug, Args)]
 pub struct EncodeArgs {
     /// Model folder or Hugging Face hub id.

@@ -1,6 +1,8 @@
 //! `st-tune eval`: the evaluation a file's columns call for. Scored pairs: Spearman and Pearson
-//! of cosine similarity against the gold scores; (anchor, positive[, negative]) rows: retrieval
-//! figures (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100).
+//! of cosine similarity against the gold scores; pairs labelled 0/1: binary classification
+//! (accuracy, F1, precision, recall, AP, MCC, with thresholds); (anchor, positive[, negative])
+//! rows: retrieval figures (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100), and with a
+//! negative the triplet accuracy.
 
 use std::path::PathBuf;
 
@@ -14,20 +16,25 @@ use crate::train::eval::{evaluate_any, Scores};
 /// Evaluate a model on a file, as sentence-transformers' evaluators do; the columns pick which.
 ///
 /// sentence1,sentence2,score rows: Spearman and Pearson correlation of the cosine similarity with
-/// the score (EmbeddingSimilarityEvaluator). anchor,positive[,negative] rows: retrieval
-/// (InformationRetrievalEvaluator) with the distinct anchors as queries and the distinct positive
-/// and negative texts as the corpus; each anchor's positives are its relevant documents.
+/// the score (EmbeddingSimilarityEvaluator). sentence1,sentence2,label rows (label 0 or 1):
+/// BinaryClassificationEvaluator's figures on the cosine. anchor,positive[,negative] rows:
+/// retrieval (InformationRetrievalEvaluator) with the distinct anchors as queries and the
+/// distinct positive and negative texts as the corpus; each anchor's positives are its relevant
+/// documents. With a negative, also TripletEvaluator's accuracy (cosine_accuracy).
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Model folder or Hugging Face hub id.
     #[arg(long, short)]
     pub model: String,
-    /// CSV/TSV/JSONL file with sentence1,sentence2,score or anchor,positive[,negative] columns.
+    /// CSV/TSV/JSONL file with sentence1,sentence2,score, sentence1,sentence2,label or
+    /// anchor,positive[,negative] columns.
     #[arg(long, short)]
     pub data: PathBuf,
-    /// Print one JSON object: {"spearman", "pearson", "pairs"}, or for retrieval
+    /// Print one JSON object: {"spearman", "pearson", "pairs"}; for labelled pairs
+    /// {"cosine_accuracy", "cosine_accuracy_threshold", "cosine_f1", "cosine_f1_threshold",
+    /// "cosine_precision", "cosine_recall", "cosine_ap", "cosine_mcc", "pairs"}; for retrieval
     /// {"accuracy@1", ..., "precision@k", "recall@k", "mrr@10", "ndcg@10", "map@100", "queries",
-    /// "corpus", "similarity"}.
+    /// "corpus", "similarity"[, "cosine_accuracy" with negatives]}.
     #[arg(long)]
     pub json: bool,
     /// Texts per forward pass.
@@ -49,10 +56,11 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let mut data = read_eval_file(&a.data)?;
     if let Some(corpus) = &a.corpus {
-        if data.shape == crate::data::RowShape::Scored {
+        if !data.shape.is_retrieval() {
             return Err(crate::Error::Usage(format!(
-                "--corpus adds documents to a retrieval evaluation, but {} holds scored pairs",
-                a.data.display()
+                "--corpus adds documents to a retrieval evaluation, but {} holds {}",
+                a.data.display(),
+                data.shape.name()
             )));
         }
         data.distractors = crate::data::read::read_corpus(corpus)?;
@@ -88,6 +96,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
             c.pearson,
             c.pairs
         ),
+        Scores::Binary(b) => {
+            let v = serde_json::to_value(b).expect("plain struct");
+            crate::say!("pairs {}, cosine similarity", b.pairs);
+            for key in crate::train::binary::FIGURES {
+                crate::say!("{key:<27}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
+            }
+        }
         Scores::Retrieval(r) => {
             let v = serde_json::to_value(&r).expect("plain struct");
             crate::say!(
@@ -98,6 +113,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
             );
             for key in crate::train::retrieval::FIGURES {
                 crate::say!("{key:<13}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
+            }
+            if let Some(a) = r.triplet_accuracy {
+                crate::say!(
+                    "{:<13}{a:.5} (triplets: positive above negative)",
+                    "cosine_accuracy"
+                );
             }
         }
     }

@@ -74,6 +74,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let (Some(b), Some(a)) = (&s.dev_before, &s.dev_after) {
         let size = match a {
             Scores::Similarity(c) => format!("{} pairs", c.pairs),
+            Scores::Binary(b) => format!("{} pairs", b.pairs),
             Scores::Retrieval(r) => format!("{} queries, {} documents", r.queries, r.corpus),
         };
         crate::say!(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Format, LossKind, MemoryLimit, MicroBatch, Precision};
+use super::{Distance, Format, LossKind, MemoryLimit, MicroBatch, Precision};
 use crate::error::{Error, Result};
 
 /// One documented config key.
@@ -196,7 +196,9 @@ section! {
         check |p| required(p.as_os_str().is_empty(), "set it to a CSV, TSV or JSON lines file, \
             e.g. --set data.train=train.csv");
         help "Required. Training file: CSV, TSV or JSON lines with a header (or keys) naming\n\
-              the columns anchor,positive[,negative] or sentence1,sentence2,score.";
+              the columns anchor,positive[,negative[,margin]], sentence1,sentence2,score,\n\
+              sentence1,sentence2,label (0 or 1) or text,embedding (a JSON list, as\n\
+              `st-tune encode` writes it); train.loss says which it needs.";
 
         dev: Option<PathBuf> = None;
         expects PATH;
@@ -210,21 +212,26 @@ section! {
         neutral yes;
         help "Evaluation file, before, during (see train.eval_steps) and after training; its\n\
               columns pick the evaluation: sentence1,sentence2,score rows give the Spearman\n\
-              correlation of cosine similarity, anchor,positive[,negative] rows retrieval\n\
-              figures (NDCG@10, MRR@10, accuracy@k, ...).";
+              correlation of cosine similarity, sentence1,sentence2,label rows (0 or 1) binary\n\
+              classification (cosine_ap, cosine_f1, cosine_accuracy, ...), anchor,positive\n\
+              rows retrieval figures (NDCG@10, MRR@10, accuracy@k, ...), and\n\
+              anchor,positive,negative rows both retrieval figures and the triplet accuracy\n\
+              (cosine_accuracy).";
 
         corpus: Option<PathBuf> = None;
         expects PATH;
         example "\"data/corpus.txt\"";
         neutral yes;
-        help "Extra documents for a retrieval dev file (pairs or triplets): one text per line,\n\
-              added to the corpus as distractors no query is relevant to. Each text once.";
+        help "Extra documents for a retrieval dev file (pairs or triplets): one text per line\n\
+              (or a .parquet file's `text` column), added to the corpus as distractors no query\n\
+              is relevant to. Each text once.";
 
         format: Option<Format> = None;
-        expects "one of \"csv\", \"tsv\", \"jsonl\"";
+        expects "one of \"csv\", \"tsv\", \"jsonl\", \"parquet\"";
         example "\"csv\"";
-        help "File format: \"csv\", \"tsv\" or \"jsonl\". Unset: taken from the file extension\n\
-              (.csv, .tsv, .jsonl, .json).";
+        help "File format: \"csv\", \"tsv\", \"jsonl\" or \"parquet\" (as Hugging Face `datasets`\n\
+              writes it: snappy or zstd pages). Unset: taken from the file extension\n\
+              (.csv, .tsv, .jsonl, .json, .parquet).";
 
         columns: Option<BTreeMap<String, String>> = None;
         expects "a table of role = \"column name\", e.g. { anchor = \"query\", positive = \"answer\" }";
@@ -262,9 +269,32 @@ section! {
     /// `[train]`: loss, schedule and optimizer.
     TrainSection "train" {
         loss: LossKind = LossKind::Cosent;
-        expects "one of \"mnrl\", \"cosent\", \"cosine\"";
-        help "\"mnrl\" (MultipleNegativesRankingLoss) for anchor,positive[,negative] rows;\n\
-              \"cosent\" (CoSENTLoss) or \"cosine\" (CosineSimilarityLoss) for scored pairs.";
+        expects "one of \"mnrl\", \"mnsrl\", \"cosent\", \"cosine\", \"triplet\", \"contrastive\", \"online_contrastive\", \"mse\", \"margin_mse\"";
+        help "The loss (README's loss table says which to choose):\n\
+              \"mnrl\" or \"mnsrl\" (MultipleNegatives[Symmetric]RankingLoss) for\n\
+              anchor,positive[,negative] rows; \"triplet\" (TripletLoss) for\n\
+              anchor,positive,negative rows; \"cosent\" (CoSENTLoss) or \"cosine\"\n\
+              (CosineSimilarityLoss) for sentence1,sentence2,score rows; \"contrastive\" or\n\
+              \"online_contrastive\" for sentence1,sentence2,label rows (label 0 or 1);\n\
+              \"mse\" (MSELoss, distillation) for text,embedding rows (the teacher's embedding\n\
+              as a JSON list, as `st-tune encode` writes it); \"margin_mse\" (MarginMSELoss)\n\
+              for anchor,positive,negative,margin rows.";
+
+        margin: Option<f64> = None;
+        expects "a non-negative number";
+        example "5.0";
+        check |v| match v {
+            Some(m) => non_negative(*m),
+            None => Ok(()),
+        };
+        help "Margin of triplet (default 5), contrastive and online_contrastive (default 0.5);\n\
+              the other losses ignore it.";
+
+        distance: Option<Distance> = None;
+        expects "one of \"euclidean\", \"cosine\", \"manhattan\"";
+        example "\"cosine\"";
+        help "Distance of triplet (default \"euclidean\"), contrastive and online_contrastive\n\
+              (default \"cosine\": 1 - cosine similarity); the other losses ignore it.";
 
         epochs: usize = 1;
         expects POSITIVE_INT;
@@ -300,8 +330,8 @@ section! {
         help "How shuffled rows are cut into batches, as sentence-transformers' BatchSamplers:\n\
               \"no_duplicates\" puts no text twice in a batch (a row whose anchor, positive or\n\
               negative the batch already holds waits for a later one, so a few batches are\n\
-              smaller), \"default\" takes consecutive rows. Unset: \"no_duplicates\" for mnrl,\n\
-              whose in-batch negatives would otherwise include copies of the positive, and\n\
+              smaller), \"default\" takes consecutive rows. Unset: \"no_duplicates\" for mnrl and\n\
+              mnsrl, whose in-batch negatives would otherwise include copies of the positive, and\n\
               \"default\" for the other losses.";
 
         lr: f64 = 2e-5;
@@ -345,7 +375,7 @@ section! {
         scale: f64 = 20.0;
         expects "a positive number";
         check |v| positive(*v);
-        help "Similarity scale (1 / temperature) of mnrl and cosent; cosine ignores it.";
+        help "Similarity scale (1 / temperature) of mnrl, mnsrl and cosent; the others ignore it.";
 
         precision: Precision = Precision::F32;
         expects "one of \"f32\", \"f16\", \"bf16\"";
@@ -387,9 +417,12 @@ section! {
             _ => Ok(()),
         };
         help "The dev figure that picks output.dir/best (higher is better). Unset: spearman\n\
-              for a scored dev file, ndcg@10 for pairs or triplets. Scored files give\n\
-              spearman and pearson; pairs and triplets the retrieval figures (accuracy@k,\n\
-              precision@k, recall@k for k = 1, 3, 5, 10, mrr@10, ndcg@10, map@100).";
+              for a scored dev file, cosine_ap for labelled pairs, ndcg@10 for pairs or\n\
+              triplets. Scored files give spearman and pearson; labelled pairs cosine_accuracy,\n\
+              cosine_f1, cosine_precision, cosine_recall, cosine_ap, cosine_mcc (and the\n\
+              thresholds); pairs and triplets the retrieval figures (accuracy@k, precision@k,\n\
+              recall@k for k = 1, 3, 5, 10, mrr@10, ndcg@10, map@100); triplets also\n\
+              cosine_accuracy (positive more similar than negative).";
 
         // Checked against the model's embedding dimension when the model is loaded.
         matryoshka_dims: Option<Vec<usize>> = None;

@@ -43,15 +43,16 @@ impl TrainSection {
         self.freeze_embeddings.unwrap_or(self.freeze_layers > 0)
     }
 
-    /// The micro-batch setting with its default filled in: the whole batch in one pass.
-    /// `batch_sampler`, or its default for the loss.
+    /// `batch_sampler`, or its default for the loss: no repeated text in a batch for the
+    /// losses that take the batch's other texts as negatives.
     pub fn batch_sampler(&self) -> BatchSampler {
         self.batch_sampler.unwrap_or(match self.loss {
-            LossKind::Mnrl => BatchSampler::NoDuplicates,
-            LossKind::Cosent | LossKind::Cosine => BatchSampler::Default,
+            LossKind::Mnrl | LossKind::Mnsrl => BatchSampler::NoDuplicates,
+            _ => BatchSampler::Default,
         })
     }
 
+    /// The micro-batch setting with its default filled in: the whole batch in one pass.
     pub fn micro_batch(&self) -> MicroBatch {
         self.micro_batch_size
             .unwrap_or(MicroBatch::Size(self.batch_size))
@@ -71,27 +72,86 @@ pub struct Config {
 
 /// The training loss; see `losses/` for what each computes and when to use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum LossKind {
     /// MultipleNegativesRankingLoss: (anchor, positive[, negative]) rows.
     Mnrl,
+    /// MultipleNegativesSymmetricRankingLoss: (anchor, positive[, negative]) rows.
+    Mnsrl,
     /// CoSENTLoss: (sentence1, sentence2, score) rows.
     Cosent,
     /// CosineSimilarityLoss: (sentence1, sentence2, score) rows.
     Cosine,
+    /// TripletLoss: (anchor, positive, negative) rows.
+    Triplet,
+    /// ContrastiveLoss: (sentence1, sentence2, label) rows, label 0 or 1.
+    Contrastive,
+    /// OnlineContrastiveLoss: (sentence1, sentence2, label) rows, label 0 or 1.
+    OnlineContrastive,
+    /// MSELoss: (text, embedding) rows, the embedding a teacher's.
+    Mse,
+    /// MarginMSELoss: (anchor, positive, negative, margin) rows, the margin a teacher's.
+    MarginMse,
 }
 
 impl LossKind {
+    pub const ALL: [LossKind; 9] = [
+        LossKind::Mnrl,
+        LossKind::Mnsrl,
+        LossKind::Cosent,
+        LossKind::Cosine,
+        LossKind::Triplet,
+        LossKind::Contrastive,
+        LossKind::OnlineContrastive,
+        LossKind::Mse,
+        LossKind::MarginMse,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LossKind::Mnrl => "mnrl",
+            LossKind::Mnsrl => "mnsrl",
             LossKind::Cosent => "cosent",
             LossKind::Cosine => "cosine",
+            LossKind::Triplet => "triplet",
+            LossKind::Contrastive => "contrastive",
+            LossKind::OnlineContrastive => "online_contrastive",
+            LossKind::Mse => "mse",
+            LossKind::MarginMse => "margin_mse",
         }
     }
 }
 
 impl fmt::Display for LossKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `train.distance`: how TripletLoss and the contrastive losses measure how far apart two
+/// embeddings are (sentence-transformers' TripletDistanceMetric / SiameseDistanceMetric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distance {
+    /// ‖x − y‖₂.
+    Euclidean,
+    /// 1 − cos(x, y).
+    Cosine,
+    /// ‖x − y‖₁.
+    Manhattan,
+}
+
+impl Distance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Distance::Euclidean => "euclidean",
+            Distance::Cosine => "cosine",
+            Distance::Manhattan => "manhattan",
+        }
+    }
+}
+
+impl fmt::Display for Distance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -211,10 +271,15 @@ impl fmt::Display for Lever {
 
 /// The figures a dev evaluation reports, by name (`train.metric`).
 pub fn dev_figures() -> Vec<&'static str> {
-    ["spearman", "pearson"]
-        .into_iter()
-        .chain(crate::train::retrieval::FIGURES)
-        .collect()
+    let mut all = Vec::new();
+    for shape in crate::data::RowShape::ALL {
+        for name in crate::train::eval::figures(shape) {
+            if !all.contains(&name) {
+                all.push(name);
+            }
+        }
+    }
+    all
 }
 
 /// `memory.escalate`'s own rules: each lever once, not both half types.
@@ -942,7 +1007,7 @@ mod tests {
         assert_eq!(key, "train.lrr");
         assert!(msg.contains("did you mean `train.lr`?"), "{msg}");
         assert!(
-            msg.contains("valid keys in [train]: batch_sampler, batch_size, epochs"),
+            msg.contains("valid keys in [train]: batch_sampler, batch_size, distance, epochs"),
             "{msg}"
         );
     }
@@ -999,10 +1064,10 @@ mod tests {
 
     #[test]
     fn a_wrong_enum_value_lists_the_choices() {
-        let (key, msg) = config_error(parse("", &["train.loss=triplet"]));
+        let (key, msg) = config_error(parse("", &["train.loss=quadruplet"]));
         assert_eq!(key, "train.loss");
         assert!(
-            msg.contains("one of \"mnrl\", \"cosent\", \"cosine\""),
+            msg.contains("one of \"mnrl\", \"mnsrl\", \"cosent\", \"cosine\""),
             "{msg}"
         );
         let (key, _) = config_error(parse("", &["train.precision=fp16"]));

@@ -1,4 +1,5 @@
-//! Training and evaluation data: rows of texts (and a score), read from CSV, TSV or JSON lines,
+//! Training and evaluation data: rows of texts (and a score, a 0/1 label, a margin or a
+//! teacher's embedding), read from CSV, TSV or JSON lines,
 //! tokenized and cut into padded micro-batches. Nothing here knows about models or losses.
 
 pub mod batch;
@@ -17,38 +18,82 @@ pub enum RowShape {
     Triplet,
     /// (sentence1, sentence2, score): for CoSENT, CosineSimilarity and evaluation.
     Scored,
+    /// (sentence1, sentence2, label), label 0 or 1: for the contrastive losses and
+    /// binary-classification evaluation.
+    Labeled,
+    /// (anchor, positive, negative, margin), the margin a teacher's score of the positive minus
+    /// its score of the negative: for MarginMSELoss.
+    Margin,
+    /// (text, embedding), the embedding a teacher's: for MSELoss (distillation).
+    Distill,
 }
 
 impl RowShape {
+    /// Every shape, in the order a header is matched against them.
+    pub const ALL: [RowShape; 6] = [
+        RowShape::Pair,
+        RowShape::Triplet,
+        RowShape::Scored,
+        RowShape::Labeled,
+        RowShape::Margin,
+        RowShape::Distill,
+    ];
+
     /// Number of text columns a row of this shape holds.
     pub fn text_columns(self) -> usize {
         match self {
-            RowShape::Pair | RowShape::Scored => 2,
-            RowShape::Triplet => 3,
+            RowShape::Distill => 1,
+            RowShape::Pair | RowShape::Scored | RowShape::Labeled => 2,
+            RowShape::Triplet | RowShape::Margin => 3,
         }
     }
 
-    /// The role names of the columns, in the order `Row::texts` holds them.
+    /// The role names of the columns, in the order `Row::texts` holds them (then the label).
     pub fn roles(self) -> &'static [&'static str] {
         match self {
             RowShape::Pair => &["anchor", "positive"],
             RowShape::Triplet => &["anchor", "positive", "negative"],
             RowShape::Scored => &["sentence1", "sentence2", "score"],
+            RowShape::Labeled => &["sentence1", "sentence2", "label"],
+            RowShape::Margin => &["anchor", "positive", "negative", "margin"],
+            RowShape::Distill => &["text", "embedding"],
         }
+    }
+
+    /// What the rows are, for messages ("scored pairs").
+    pub fn name(self) -> &'static str {
+        match self {
+            RowShape::Pair => "anchor-positive pairs",
+            RowShape::Triplet => "triplets",
+            RowShape::Scored => "scored pairs",
+            RowShape::Labeled => "labelled pairs",
+            RowShape::Margin => "triplets with margins",
+            RowShape::Distill => "texts with teacher embeddings",
+        }
+    }
+
+    /// Whether rows start with (anchor, positive[, negative]): what the ranking losses and
+    /// retrieval evaluation take.
+    pub fn is_retrieval(self) -> bool {
+        matches!(self, RowShape::Pair | RowShape::Triplet | RowShape::Margin)
     }
 }
 
-/// One example: `texts` in role order (see [`RowShape::roles`]), `score` for scored rows.
+/// One example: `texts` in role order (see [`RowShape::roles`]); `score` holds the score, the
+/// 0/1 label or the margin of shapes that have one, `teacher` the embedding of distillation
+/// rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub texts: Vec<String>,
     pub score: Option<f32>,
+    pub teacher: Option<Vec<f32>>,
     /// 1-based line in the source file, for error messages.
     pub line: usize,
 }
 
-/// A whole data file, checked: every row has `shape.text_columns()` non-empty texts, and a
-/// finite score when the shape is `Scored`.
+/// A whole data file, checked: every row has `shape.text_columns()` non-empty texts, a finite
+/// score (0 or 1 for `Labeled`) when the shape has one, and for `Distill` a teacher embedding
+/// as long as every other row's.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub path: PathBuf,

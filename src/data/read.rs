@@ -1,8 +1,11 @@
-//! Reads a data file (CSV, TSV or JSON lines) into a checked [`Dataset`].
+//! Reads a data file (CSV, TSV, JSON lines or Parquet, see `read/parquet.rs`) into a checked
+//! [`Dataset`].
 //!
 //! The row shape comes from the column roles: either `data.columns` (role → column name) or,
-//! without it, the header's own names (`anchor,positive[,negative]` or
-//! `sentence1,sentence2,score`); never from column order. Every problem is reported as
+//! without it, the header's own names (`anchor,positive[,negative[,margin]]`,
+//! `sentence1,sentence2,score`, `sentence1,sentence2,label` or `text,embedding`); never from
+//! column order. An `embedding` is a JSON list of numbers: a list in JSON lines (as
+//! `st-tune encode` writes it), the list's text in a CSV or TSV cell. Every problem is reported as
 //! `file:line: what is wrong`, with `line` the 1-based line a user sees in an editor, so a bad
 //! row is found before a model is loaded rather than halfway through an epoch.
 //!
@@ -16,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::{Dataset, Row, RowShape};
 use crate::error::{Error, Result};
 
+mod parquet;
+
 /// File format of a data file (`data.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,10 +31,13 @@ pub enum Format {
     Tsv,
     /// One JSON object per line; its keys are the column names.
     Jsonl,
+    /// Apache Parquet (as Hugging Face `datasets` writes it); its columns are the column names.
+    Parquet,
 }
 
 impl Format {
-    /// The format an extension implies: .csv, .tsv/.tab, .jsonl/.ndjson/.json (case-insensitive).
+    /// The format an extension implies: .csv, .tsv/.tab, .jsonl/.ndjson/.json, .parquet
+    /// (case-insensitive).
     /// `.json` counts as JSON lines because that is what `datasets`' `to_json` writes.
     pub fn from_path(path: &Path) -> Option<Format> {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
@@ -37,6 +45,7 @@ impl Format {
             "csv" => Some(Format::Csv),
             "tsv" | "tab" => Some(Format::Tsv),
             "jsonl" | "ndjson" | "json" => Some(Format::Jsonl),
+            "parquet" => Some(Format::Parquet),
             _ => None,
         }
     }
@@ -46,6 +55,7 @@ impl Format {
             Format::Csv => "csv",
             Format::Tsv => "tsv",
             Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
         }
     }
 }
@@ -61,12 +71,18 @@ pub const ROLES: &[&str] = &[
     "anchor",
     "positive",
     "negative",
+    "margin",
     "sentence1",
     "sentence2",
     "score",
+    "label",
+    "text",
+    "embedding",
 ];
 
-const SHAPES: [RowShape; 3] = [RowShape::Pair, RowShape::Triplet, RowShape::Scored];
+/// How the shapes' columns are named, for messages.
+const LAYOUTS: &str = "anchor,positive[,negative[,margin]], sentence1,sentence2,score, \
+                       sentence1,sentence2,label or text,embedding";
 
 /// The row shape the roles of `data.columns` describe: exactly the roles of one shape.
 pub fn shape_from_roles(columns: &BTreeMap<String, String>) -> Result<RowShape> {
@@ -76,7 +92,7 @@ pub fn shape_from_roles(columns: &BTreeMap<String, String>) -> Result<RowShape> 
             format!("unknown role; valid roles: {}", ROLES.join(", ")),
         ));
     }
-    SHAPES
+    RowShape::ALL
         .into_iter()
         .find(|shape| {
             shape.roles().len() == columns.len()
@@ -87,8 +103,8 @@ pub fn shape_from_roles(columns: &BTreeMap<String, String>) -> Result<RowShape> 
             Error::config(
                 "data.columns",
                 format!(
-                    "roles {} do not make a row; map anchor + positive (+ negative) \
-                     or sentence1 + sentence2 + score",
+                    "roles {} do not make a row; map anchor + positive (+ negative \
+                     (+ margin)), sentence1 + sentence2 + score or label, or text + embedding",
                     given.join(", ")
                 ),
             )
@@ -119,36 +135,32 @@ fn read(
     limit: Option<usize>,
     eval: bool,
 ) -> Result<Dataset> {
-    let format = match format.or_else(|| Format::from_path(path)) {
-        Some(f) => f,
-        None if eval => {
-            return Err(Error::data(
+    let format =
+        match format.or_else(|| Format::from_path(path)) {
+            Some(f) => f,
+            None if eval => return Err(Error::data(
                 path,
                 0,
-                "cannot tell the format from the extension; name the file .csv, .tsv or .jsonl",
-            ))
-        }
-        None => {
-            return Err(Error::config(
-                "data.format",
-                format!(
-                    "cannot tell the format of {} from its extension; \
-                     set data.format to \"csv\", \"tsv\" or \"jsonl\"",
-                    path.display()
-                ),
-            ))
-        }
-    };
+                "cannot tell the format from the extension; name the file .csv, .tsv, .jsonl or \
+                 .parquet",
+            )),
+            None => {
+                return Err(Error::config(
+                    "data.format",
+                    format!(
+                        "cannot tell the format of {} from its extension; \
+                     set data.format to \"csv\", \"tsv\", \"jsonl\" or \"parquet\"",
+                        path.display()
+                    ),
+                ))
+            }
+        };
     if limit == Some(0) {
         return Err(Error::config(
             "data.limit",
             "must be at least 1; remove the key to read every row",
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // Spreadsheet programs start UTF-8 files with a byte-order mark; it is not part of the
-    // first column's name. It holds no newline, so line numbers are unaffected.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let reader = Reader {
         path,
         columns,
@@ -156,9 +168,19 @@ fn read(
         eval,
     };
     let (shape, rows) = match format {
-        Format::Csv | Format::Tsv => reader.delimited(bytes, format)?,
-        Format::Jsonl => reader.json_lines(bytes)?,
+        Format::Parquet => reader.parquet()?,
+        Format::Csv | Format::Tsv | Format::Jsonl => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            // Spreadsheet programs start UTF-8 files with a byte-order mark; it is not part of
+            // the first column's name. It holds no newline, so line numbers are unaffected.
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            match format {
+                Format::Jsonl => reader.json_lines(bytes)?,
+                _ => reader.delimited(bytes, format)?,
+            }
+        }
     };
+    check_widths(path, &rows)?;
     Ok(Dataset {
         path: path.to_path_buf(),
         shape,
@@ -241,60 +263,72 @@ impl Reader<'_> {
                 mapped: true,
             });
         }
-        let pair = has("anchor") && has("positive");
-        let scored = has("sentence1") && has("sentence2") && has("score");
-        let shape = match (pair, scored) {
-            (true, false) if has("negative") => RowShape::Triplet,
-            (true, false) => RowShape::Pair,
-            (false, true) => RowShape::Scored,
-            (true, true) if self.eval => {
-                return Err(self.err(
-                    line,
+        // Each family of shapes is told apart by its text columns; within one, the label
+        // columns pick the shape (a score wins over a 0/1 label).
+        let retrieval = has("anchor") && has("positive");
+        let pairs = has("sentence1") && has("sentence2") && (has("score") || has("label"));
+        let distill = has("text") && has("embedding");
+        let families = [retrieval, pairs, distill].iter().filter(|f| **f).count();
+        if families > 1 {
+            return Err(self.err(
+                line,
+                if self.eval {
                     format!(
-                        "the {what} has both anchor/positive and sentence1/sentence2/score \
-                         columns, so it fits both retrieval and similarity evaluation; keep \
-                         the columns of one"
-                    ),
-                ))
-            }
-            (false, false) if self.eval => {
+                        "the {what} has the columns of more than one kind of row ({LAYOUTS}), \
+                         so it fits more than one evaluation; keep the columns of one"
+                    )
+                } else {
+                    format!(
+                        "the {what} has the columns of more than one kind of row ({LAYOUTS}); \
+                         choose with data.columns, e.g. \
+                         --set data.columns.anchor=anchor --set data.columns.positive=positive"
+                    )
+                },
+            ));
+        }
+        if families == 0 {
+            if self.eval {
                 return Err(self.err(
                     line,
                     format!(
                         "the {what} ({}) fits no evaluation; name the columns \
-                         sentence1,sentence2,score (similarity: Spearman and Pearson) or \
-                         anchor,positive[,negative] (retrieval: NDCG@10, MRR@10, ...)",
-                        listed()
-                    ),
-                ))
-            }
-            (true, true) => {
-                return Err(self.err(
-                    line,
-                    format!(
-                        "the {what} has both anchor/positive and sentence1/sentence2/score \
-                         columns; choose with data.columns, e.g. \
-                         --set data.columns.anchor=anchor --set data.columns.positive=positive"
-                    ),
-                ))
-            }
-            (false, false) => {
-                let example = match names {
-                    [a, b, ..] => format!(
-                        ", e.g. --set data.columns.anchor={a} --set data.columns.positive={b}"
-                    ),
-                    _ => String::new(),
-                };
-                return Err(self.err(
-                    line,
-                    format!(
-                        "cannot tell the row shape from the {what} ({}); name the columns \
-                         anchor,positive[,negative] or sentence1,sentence2,score, or map yours \
-                         with data.columns{example}",
+                         sentence1,sentence2,score (similarity: Spearman and Pearson), \
+                         sentence1,sentence2,label (binary classification: accuracy, F1, AP) or \
+                         anchor,positive[,negative] (retrieval: NDCG@10, MRR@10, ...; with a \
+                         negative also triplet accuracy)",
                         listed()
                     ),
                 ));
             }
+            let example = match names {
+                [a, b, ..] => {
+                    format!(", e.g. --set data.columns.anchor={a} --set data.columns.positive={b}")
+                }
+                _ => String::new(),
+            };
+            return Err(self.err(
+                line,
+                format!(
+                    "cannot tell the row shape from the {what} ({}); name the columns \
+                     {LAYOUTS}, or map yours with data.columns{example}",
+                    listed()
+                ),
+            ));
+        }
+        let shape = if retrieval {
+            match (has("negative"), has("margin")) {
+                (true, true) => RowShape::Margin,
+                (true, false) => RowShape::Triplet,
+                _ => RowShape::Pair,
+            }
+        } else if pairs {
+            if has("score") {
+                RowShape::Scored
+            } else {
+                RowShape::Labeled
+            }
+        } else {
+            RowShape::Distill
         };
         let columns = shape.roles().iter().map(|r| r.to_string()).collect();
         Ok(Layout {
@@ -304,11 +338,11 @@ impl Reader<'_> {
         })
     }
 
-    /// Builds a row from the value of each role (`None`: missing), checking texts and score.
+    /// Builds a row from the value of each role (`None`: missing), checking texts and labels.
     fn row(&self, layout: &Layout, line: usize, values: Vec<Field>) -> Result<Row> {
         let n_texts = layout.shape.text_columns();
         let mut texts = Vec::with_capacity(n_texts);
-        let mut score = None;
+        let (mut score, mut teacher) = (None, None);
         for (i, value) in values.into_iter().enumerate() {
             if i < n_texts {
                 let text = match value {
@@ -324,11 +358,58 @@ impl Reader<'_> {
                     return Err(self.err(line, format!("{} is empty", layout.describe(i))));
                 }
                 texts.push(text);
+            } else if layout.shape == RowShape::Distill {
+                teacher = Some(self.embedding(layout, i, line, value)?);
             } else {
-                score = Some(self.score(layout, i, line, value)?);
+                let s = self.score(layout, i, line, value)?;
+                if layout.shape == RowShape::Labeled && s != 0.0 && s != 1.0 {
+                    return Err(self.err(
+                        line,
+                        format!("label {s} in {} must be 0 or 1", layout.describe(i)),
+                    ));
+                }
+                score = Some(s);
             }
         }
-        Ok(Row { texts, score, line })
+        Ok(Row {
+            texts,
+            score,
+            teacher,
+            line,
+        })
+    }
+
+    /// A teacher embedding: a JSON list of finite numbers (its text, in CSV and TSV).
+    fn embedding(&self, layout: &Layout, i: usize, line: usize, value: Field) -> Result<Vec<f32>> {
+        let json = match value {
+            Field::Text(t) => serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)),
+            Field::Other(v) => v,
+        };
+        let bad = |shown: &serde_json::Value| {
+            let mut shown = shown.to_string();
+            if shown.len() > 40 {
+                shown = format!("{}…", shown.chars().take(40).collect::<String>());
+            }
+            self.err(
+                line,
+                format!(
+                    "{} must be a JSON list of numbers (a teacher's embedding), found {shown}",
+                    layout.describe(i)
+                ),
+            )
+        };
+        let serde_json::Value::Array(items) = &json else {
+            return Err(bad(&json));
+        };
+        let v: Vec<f32> = items
+            .iter()
+            .map(|x| x.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad(&json))?;
+        if v.is_empty() {
+            return Err(self.err(line, format!("{} is an empty list", layout.describe(i))));
+        }
+        Ok(v)
     }
 
     fn score(&self, layout: &Layout, i: usize, line: usize, value: Field) -> Result<f32> {
@@ -522,6 +603,27 @@ impl Reader<'_> {
     }
 }
 
+/// Every teacher embedding as long as the first row's.
+fn check_widths(path: &Path, rows: &[Row]) -> Result<()> {
+    let mut with = rows
+        .iter()
+        .filter_map(|r| Some((r.line, r.teacher.as_ref()?.len())));
+    let Some((first_line, width)) = with.next() else {
+        return Ok(());
+    };
+    match with.find(|(_, w)| *w != width) {
+        Some((line, w)) => Err(Error::data(
+            path,
+            line,
+            format!(
+                "the embedding has {w} numbers, but the one on line {first_line} has {width}; \
+                 every row's embedding must come from the same teacher"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -613,10 +715,14 @@ pub fn read_text_lines(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// A corpus file (`data.corpus`): one document per line; a text given twice is an error naming
-/// both lines (documents are identified by their text).
+/// A corpus file (`data.corpus`): one document per line, or a Parquet file's `text` column (its
+/// rows counted as lines); a text given twice is an error naming both lines (documents are
+/// identified by their text).
 pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
-    let texts = read_text_lines(path)?;
+    let texts = match Format::from_path(path) {
+        Some(Format::Parquet) => parquet::read_texts(path)?,
+        _ => read_text_lines(path)?,
+    };
     let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, t) in texts.iter().enumerate() {
         if let Some(j) = first.insert(t.as_str(), i) {
@@ -1010,6 +1116,92 @@ mod tests {
         );
         assert_eq!(line, 2);
         assert_eq!(msg, "expected a JSON object, found a string");
+    }
+
+    #[test]
+    fn labelled_pairs_take_labels_of_0_and_1_only() {
+        let d = read("t.csv", "sentence1,sentence2,label\na,b,1\nc,d,0\n").unwrap();
+        assert_eq!(d.shape, RowShape::Labeled);
+        assert_eq!(d.rows[0].score, Some(1.0));
+        assert_eq!(d.rows[1].score, Some(0.0));
+        let (line, msg) = data_error(
+            read("t.csv", "sentence1,sentence2,label\na,b,1\nc,d,0.5\n"),
+            "t.csv",
+        );
+        assert_eq!(line, 3);
+        assert_eq!(msg, "label 0.5 in column `label` must be 0 or 1");
+        // A score column wins over a label column: the file stays a scored one.
+        let d = read("t.csv", "sentence1,sentence2,score,label\na,b,0.3,1\n").unwrap();
+        assert_eq!(d.shape, RowShape::Scored);
+    }
+
+    #[test]
+    fn a_margin_column_makes_margin_triplets() {
+        let d = read(
+            "t.jsonl",
+            "{\"anchor\": \"q\", \"positive\": \"p\", \"negative\": \"n\", \"margin\": 2.5}\n",
+        )
+        .unwrap();
+        assert_eq!(d.shape, RowShape::Margin);
+        assert_eq!(d.rows[0].texts, ["q", "p", "n"]);
+        assert_eq!(d.rows[0].score, Some(2.5));
+    }
+
+    #[test]
+    fn teacher_embeddings_are_json_lists_in_every_format() {
+        // What `st-tune encode` writes.
+        let d = read(
+            "t.jsonl",
+            "{\"text\": \"a\", \"embedding\": [0.5, -1, 2e-3]}\n\
+             {\"text\": \"b\", \"embedding\": [1, 2, 3]}\n",
+        )
+        .unwrap();
+        assert_eq!(d.shape, RowShape::Distill);
+        assert_eq!(d.rows[0].texts, ["a"]);
+        assert_eq!(d.rows[0].teacher, Some(vec![0.5, -1.0, 0.002]));
+        let d = read("t.csv", "text,embedding\na,\"[1.5, 2]\"\n").unwrap();
+        assert_eq!(d.rows[0].teacher, Some(vec![1.5, 2.0]));
+    }
+
+    #[test]
+    fn a_bad_teacher_embedding_names_its_line() {
+        let (line, msg) = data_error(
+            read(
+                "t.jsonl",
+                "{\"text\": \"a\", \"embedding\": [1, 2]}\n{\"text\": \"b\", \"embedding\": [1, \"x\"]}\n",
+            ),
+            "t.jsonl",
+        );
+        assert_eq!(line, 2);
+        assert!(
+            msg.starts_with("column `embedding` must be a JSON list of numbers"),
+            "{msg}"
+        );
+        let (_, msg) = data_error(read("t.csv", "text,embedding\na,0.5\n"), "t.csv");
+        assert!(msg.contains("found 0.5"), "{msg}");
+        let (line, msg) = data_error(
+            read(
+                "t.jsonl",
+                "{\"text\": \"a\", \"embedding\": [1, 2]}\n{\"text\": \"b\", \"embedding\": [1, 2, 3]}\n",
+            ),
+            "t.jsonl",
+        );
+        assert_eq!(line, 2);
+        assert_eq!(
+            msg,
+            "the embedding has 3 numbers, but the one on line 1 has 2; every row's embedding \
+             must come from the same teacher"
+        );
+    }
+
+    #[test]
+    fn columns_of_two_kinds_of_rows_are_refused() {
+        let (line, msg) = data_error(
+            read("t.csv", "text,embedding,anchor,positive\na,[1],b,c\n"),
+            "t.csv",
+        );
+        assert_eq!(line, 1);
+        assert!(msg.contains("more than one kind of row"), "{msg}");
     }
 
     #[test]

@@ -1,96 +1,202 @@
-//! Training losses. A loss is a function of sentence embeddings (and scores), never of the
+//! Training losses. A loss is a function of sentence embeddings (and labels), never of the
 //! model: the plain path, the cached (GradCache) path and OOM retries all call the same code.
 //!
 //! | loss | data | batch-coupled |
 //! | --- | --- | --- |
 //! | [`mnrl`] MultipleNegativesRankingLoss | (anchor, positive[, negative]) | yes |
+//! | [`mnsrl`] MultipleNegativesSymmetricRankingLoss | (anchor, positive[, negative]) | yes |
+//! | [`triplet`] TripletLoss | (anchor, positive, negative) | no |
 //! | [`cosent`] CoSENTLoss | (sentence1, sentence2, score) | yes |
 //! | [`cosine`] CosineSimilarityLoss | (sentence1, sentence2, score) | no |
+//! | [`contrastive`] ContrastiveLoss | (sentence1, sentence2, label 0/1) | no |
+//! | [`online_contrastive`] OnlineContrastiveLoss | (sentence1, sentence2, label 0/1) | yes |
+//! | [`mse`] MSELoss | (text, teacher embedding) | no |
+//! | [`margin_mse`] MarginMSELoss | (anchor, positive, negative, teacher margin) | no |
 //!
-//! A batch-coupled loss compares every row with every other row of the batch, so it is not the
-//! mean of per-micro-batch losses: the trainer computes it over the whole batch (cached scheme).
+//! A batch-coupled loss compares every row with every other row of the batch (or picks rows by
+//! batch statistics), so it is not the mean of per-micro-batch losses: the trainer computes it
+//! over the whole batch (cached scheme). The others are means over rows, and plain gradient
+//! accumulation is exact for them.
 //!
 //! [`matryoshka`] wraps any of them: the same loss at several truncated widths, summed
 //! (`train.matryoshka_dims`).
 
+pub mod contrastive;
 pub mod cosent;
 pub mod cosine;
+pub mod margin_mse;
 pub mod matryoshka;
 pub mod mnrl;
+pub mod mnsrl;
+pub mod mse;
+pub mod online_contrastive;
+pub mod triplet;
 
 use candle_core::{Tensor, D};
 
-pub use crate::config::LossKind;
+use crate::config::TrainSection;
+pub use crate::config::{Distance, LossKind};
 use crate::data::RowShape;
 use crate::error::{Error, Result};
 pub use matryoshka::Matryoshka;
 
+/// A loss with its parameters: `train.loss`, `train.margin`, `train.distance`. `None` takes the
+/// loss's own default, as sentence-transformers' classes do (see each loss's module).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Loss {
+    pub kind: LossKind,
+    pub margin: Option<f64>,
+    pub distance: Option<Distance>,
+}
+
+impl Loss {
+    pub fn from_train(t: &TrainSection) -> Self {
+        Loss {
+            kind: t.loss,
+            margin: t.margin,
+            distance: t.distance,
+        }
+    }
+
+    /// The margin in force: `train.margin`, else 5 for TripletLoss and 0.5 for the contrastive
+    /// losses (sentence-transformers' defaults).
+    pub fn margin(&self) -> f64 {
+        self.margin.unwrap_or(match self.kind {
+            LossKind::Triplet => 5.0,
+            _ => 0.5,
+        })
+    }
+
+    /// The distance in force: `train.distance`, else euclidean for TripletLoss and cosine for
+    /// the contrastive losses.
+    pub fn distance(&self) -> Distance {
+        self.distance.unwrap_or(match self.kind {
+            LossKind::Triplet => Distance::Euclidean,
+            _ => Distance::Cosine,
+        })
+    }
+}
+
+impl From<LossKind> for Loss {
+    fn from(kind: LossKind) -> Self {
+        Loss {
+            kind,
+            margin: None,
+            distance: None,
+        }
+    }
+}
+
 /// The loss of one batch. `columns[i]` holds the embeddings of the i-th text column,
-/// (batch, dim) f32; `scores` (batch,) for scored rows. With `matryoshka`, the loss is summed
-/// over its widths (see [`matryoshka`]).
+/// (batch, dim) f32; `labels` the scores, 0/1 labels or margins (batch,), or the teacher
+/// embeddings (batch, dim) of MSELoss. With `matryoshka`, the loss is summed over its widths
+/// (see [`matryoshka`]); MSELoss's teacher embeddings are cut with the columns.
 pub fn compute(
-    kind: LossKind,
+    loss: impl Into<Loss>,
     scale: f64,
     matryoshka: Option<&Matryoshka>,
     columns: &[Tensor],
-    scores: Option<&Tensor>,
+    labels: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let loss = loss.into();
     match matryoshka {
-        Some(m) => m.loss(columns, |cut| single(kind, scale, cut, scores)),
-        None => single(kind, scale, columns, scores),
+        Some(m) if loss.kind == LossKind::Mse => {
+            let n = columns.len();
+            let with_teacher = [columns, &[need(labels)?.clone()]].concat();
+            m.loss(&with_teacher, |cut| {
+                single(loss, scale, &cut[..n], Some(&cut[n]))
+            })
+        }
+        Some(m) => m.loss(columns, |cut| single(loss, scale, cut, labels)),
+        None => single(loss, scale, columns, labels),
     }
 }
 
 /// One loss at the embeddings' full width.
-fn single(
-    kind: LossKind,
-    scale: f64,
-    columns: &[Tensor],
-    scores: Option<&Tensor>,
-) -> Result<Tensor> {
-    match kind {
-        LossKind::Mnrl => mnrl::loss(columns, scale),
-        LossKind::Cosent => cosent::loss(&columns[0], &columns[1], need(scores)?, scale),
-        LossKind::Cosine => cosine::loss(&columns[0], &columns[1], need(scores)?),
+fn single(loss: Loss, scale: f64, columns: &[Tensor], labels: Option<&Tensor>) -> Result<Tensor> {
+    let c = columns;
+    match loss.kind {
+        LossKind::Mnrl => mnrl::loss(c, scale),
+        LossKind::Mnsrl => mnsrl::loss(c, scale),
+        LossKind::Cosent => cosent::loss(&c[0], &c[1], need(labels)?, scale),
+        LossKind::Cosine => cosine::loss(&c[0], &c[1], need(labels)?),
+        LossKind::Triplet => triplet::loss(&c[0], &c[1], &c[2], loss.distance(), loss.margin()),
+        LossKind::Contrastive => {
+            contrastive::loss(&c[0], &c[1], need(labels)?, loss.distance(), loss.margin())
+        }
+        LossKind::OnlineContrastive => {
+            online_contrastive::loss(&c[0], &c[1], need(labels)?, loss.distance(), loss.margin())
+        }
+        LossKind::Mse => mse::loss(c, need(labels)?),
+        LossKind::MarginMse => margin_mse::loss(&c[0], &c[1], &c[2], need(labels)?),
     }
 }
 
-fn need(scores: Option<&Tensor>) -> Result<&Tensor> {
-    scores.ok_or_else(|| Error::Internal("this loss needs a score column".into()))
+fn need(labels: Option<&Tensor>) -> Result<&Tensor> {
+    labels.ok_or_else(|| Error::Internal("this loss needs a label column".into()))
 }
 
 /// Whether the loss couples the rows of a batch (and so needs the cached scheme to be exact
 /// under micro-batching).
-pub fn couples_batch(kind: LossKind) -> bool {
-    !matches!(kind, LossKind::Cosine)
+pub fn couples_batch(loss: impl Into<Loss>) -> bool {
+    matches!(
+        loss.into().kind,
+        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Cosent | LossKind::OnlineContrastive
+    )
+}
+
+/// The row shapes a loss trains on.
+pub fn fits(kind: LossKind, shape: RowShape) -> bool {
+    match kind {
+        LossKind::Mnrl | LossKind::Mnsrl => shape.is_retrieval(),
+        LossKind::Triplet => matches!(shape, RowShape::Triplet | RowShape::Margin),
+        LossKind::Cosent | LossKind::Cosine => shape == RowShape::Scored,
+        LossKind::Contrastive | LossKind::OnlineContrastive => shape == RowShape::Labeled,
+        LossKind::Mse => shape == RowShape::Distill,
+        LossKind::MarginMse => shape == RowShape::Margin,
+    }
 }
 
 /// Checks, before training, that the data has what the loss needs.
 pub fn check_fits(kind: LossKind, shape: RowShape) -> Result<()> {
-    let ok = match kind {
-        LossKind::Mnrl => matches!(shape, RowShape::Pair | RowShape::Triplet),
-        LossKind::Cosent | LossKind::Cosine => shape == RowShape::Scored,
-    };
-    if ok {
+    if fits(kind, shape) {
         return Ok(());
     }
-    let (needs, hint) = match kind {
-        LossKind::Mnrl => (
-            "(anchor, positive[, negative]) rows",
-            "use train.loss = \"cosent\" or \"cosine\" for scored pairs, or map columns with data.columns.anchor / data.columns.positive",
-        ),
-        _ => (
-            "(sentence1, sentence2, score) rows",
-            "use train.loss = \"mnrl\" for pairs without scores, or map a score column with data.columns.score",
-        ),
+    let needs = match kind {
+        LossKind::Mnrl | LossKind::Mnsrl => "anchor,positive[,negative] rows",
+        LossKind::Triplet => "anchor,positive,negative rows",
+        LossKind::Cosent | LossKind::Cosine => "sentence1,sentence2,score rows",
+        LossKind::Contrastive | LossKind::OnlineContrastive => {
+            "sentence1,sentence2,label rows (label 0 or 1)"
+        }
+        LossKind::Mse => "text,embedding rows (the teacher's embedding as a JSON list)",
+        LossKind::MarginMse => "anchor,positive,negative,margin rows",
     };
+    let others: Vec<String> = LossKind::ALL
+        .into_iter()
+        .filter(|k| fits(*k, shape))
+        .map(|k| format!("\"{k}\""))
+        .collect();
     Err(Error::config(
         "train.loss",
         format!(
-            "`{}` needs {needs}, but the training data has {shape:?} rows; {hint}",
-            kind.as_str()
+            "`{}` needs {needs}, but the training data has {shape:?} rows ({}); for those \
+             use train.loss = {}, or map other columns with data.columns",
+            kind.as_str(),
+            shape.roles().join(","),
+            others.join(" or ")
         ),
     ))
+}
+
+/// How far apart matching rows are: (n,). `eps` is added to x − y for the euclidean and
+/// manhattan distances (`F.pairwise_distance` does, TripletLoss's distances do not).
+pub fn distance(a: &Tensor, b: &Tensor, metric: Distance, eps: f64) -> Result<Tensor> {
+    Ok(match metric {
+        Distance::Cosine => (1.0 - cos_sim_pairwise(a, b)?)?,
+        Distance::Euclidean => ((a - b)? + eps)?.sqr()?.sum(D::Minus1)?.sqrt()?,
+        Distance::Manhattan => ((a - b)? + eps)?.abs()?.sum(D::Minus1)?,
+    })
 }
 
 /// Cosine similarity of every row of `a` with every row of `b`: (n, m).

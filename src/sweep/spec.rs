@@ -65,11 +65,11 @@ pub struct PruneSpec {
 
 /// What a trial's result is judged by: a figure of the end-of-training evaluation (`dev.` and
 /// the name `st-tune eval --json` gives it: Spearman and Pearson for scored dev files,
-/// retrieval figures for pairs or triplets) or the final training loss (`train.loss`).
+/// binary-classification figures for labelled pairs, retrieval figures for pairs or triplets,
+/// cosine_accuracy for triplets) or the final training loss (`train.loss`).
 pub fn metrics() -> Vec<String> {
-    let dev = ["spearman", "pearson"]
+    let dev = crate::config::dev_figures()
         .into_iter()
-        .chain(crate::train::retrieval::FIGURES)
         .map(|f| format!("dev.{f}"));
     dev.chain(["train.loss".to_string()]).collect()
 }

@@ -1,32 +1,47 @@
 //! Evaluation on scored pairs: Spearman and Pearson correlation between the cosine similarity
 //! of the two embeddings and the gold score, as sentence-transformers'
 //! EmbeddingSimilarityEvaluator computes them (Spearman with average ranks for ties); and
-//! [`evaluate_any`], which picks this or retrieval (`retrieval.rs`) from a file's row shape.
-//! [`evaluate_widths`] also scores truncated embeddings (Matryoshka training).
+//! [`evaluate_any`], which picks the evaluation from a file's row shape:
+//!
+//! | rows | evaluation | default `train.metric` |
+//! | --- | --- | --- |
+//! | sentence1, sentence2, score | Spearman, Pearson (EmbeddingSimilarityEvaluator) | spearman |
+//! | sentence1, sentence2, label 0/1 | BinaryClassificationEvaluator (`binary.rs`) | cosine_ap |
+//! | anchor, positive | retrieval (InformationRetrievalEvaluator, `retrieval.rs`) | ndcg@10 |
+//! | anchor, positive, negative[, margin] | retrieval and TripletEvaluator's cosine_accuracy | ndcg@10 |
+//!
+//! Triplet files get both: retrieval over the distinct texts, as before triplet accuracy was
+//! added (so the default metric of such runs is unchanged), and the triplet accuracy, which
+//! `train.metric = "cosine_accuracy"` picks. [`evaluate_widths`] also scores truncated
+//! embeddings (Matryoshka training).
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, RowShape};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::SentenceModel;
-use crate::train::retrieval::{evaluate_at_widths, Retrieval, CORPUS_CHUNK, QUERY_CHUNK};
+use crate::train::binary::{self, classify, Binary};
+use crate::train::retrieval::{self, evaluate_at_widths, Retrieval, CORPUS_CHUNK, QUERY_CHUNK};
 
-/// The figures of an evaluation file: correlation for scored pairs, retrieval for pairs and
-/// triplets. Serialized as the inner figures alone (no tag), so a scored file's JSON is
-/// `{"spearman", "pearson", "pairs"}` as before retrieval existed.
+/// The figures of an evaluation file: correlation for scored pairs, binary classification for
+/// labelled pairs, retrieval for pairs and triplets. Serialized as the inner figures alone (no
+/// tag), so a scored file's JSON is `{"spearman", "pearson", "pairs"}` as before retrieval
+/// existed. Read back, the first variant whose fields are all there wins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Scores {
     Similarity(Correlation),
+    Binary(Binary),
     Retrieval(Retrieval),
 }
 
 impl Scores {
-    /// The figure that picks the best model: Spearman, or NDCG@10 for retrieval (the
-    /// sentence-transformers evaluators' primary metrics).
+    /// The figure that picks the best model: Spearman, cosine AP, or NDCG@10 for retrieval
+    /// (the sentence-transformers evaluators' primary metrics).
     pub fn metric(&self) -> &'static str {
         match self {
             Scores::Similarity(_) => "spearman",
+            Scores::Binary(_) => "cosine_ap",
             Scores::Retrieval(_) => "ndcg@10",
         }
     }
@@ -34,6 +49,7 @@ impl Scores {
     pub fn value(&self) -> f64 {
         match self {
             Scores::Similarity(c) => c.spearman,
+            Scores::Binary(b) => b.ap,
             Scores::Retrieval(r) => r.ndcg_10,
         }
     }
@@ -52,7 +68,43 @@ impl Scores {
     }
 }
 
-/// Scored pairs: [`evaluate`]; (anchor, positive[, negative]) rows: retrieval.
+/// The figures a file of `shape` rows gets, by name (`train.metric` must be one of them).
+pub fn figures(shape: RowShape) -> Vec<&'static str> {
+    match shape {
+        RowShape::Scored => vec!["spearman", "pearson"],
+        RowShape::Labeled => binary::FIGURES.to_vec(),
+        RowShape::Pair => retrieval::FIGURES.to_vec(),
+        RowShape::Triplet | RowShape::Margin => retrieval::FIGURES
+            .into_iter()
+            .chain(["cosine_accuracy"])
+            .collect(),
+        RowShape::Distill => Vec::new(),
+    }
+}
+
+/// The evaluation a file of `shape` rows gets, for messages.
+pub fn evaluation_name(shape: RowShape) -> &'static str {
+    match shape {
+        RowShape::Scored => "similarity",
+        RowShape::Labeled => "binary classification",
+        RowShape::Pair => "retrieval",
+        RowShape::Triplet | RowShape::Margin => "retrieval and triplet accuracy",
+        RowShape::Distill => "none",
+    }
+}
+
+/// The error for a file whose rows fit no evaluation (text,embedding rows).
+pub fn no_evaluation(data: &Dataset) -> Error {
+    Error::data(
+        &data.path,
+        0,
+        "text,embedding rows fit no evaluation; evaluate on sentence1,sentence2,score, \
+         sentence1,sentence2,label or anchor,positive[,negative] rows",
+    )
+}
+
+/// Scored pairs: [`evaluate`]; labelled pairs: binary classification; (anchor, positive[,
+/// negative]) rows: retrieval, and with negatives triplet accuracy.
 pub fn evaluate_any(model: &SentenceModel, data: &Dataset, batch_size: usize) -> Result<Scores> {
     Ok(evaluate_widths(model, data, batch_size, &[])?.full)
 }
@@ -81,12 +133,22 @@ pub fn evaluate_widths(
             .into_iter()
             .map(Scores::Similarity)
             .collect(),
-        RowShape::Pair | RowShape::Triplet => {
-            evaluate_at_widths(model, data, batch_size, CORPUS_CHUNK, QUERY_CHUNK, &all)?
-                .into_iter()
-                .map(Scores::Retrieval)
-                .collect()
+        RowShape::Labeled => binary_at_widths(model, data, batch_size, &all)?
+            .into_iter()
+            .map(Scores::Binary)
+            .collect(),
+        RowShape::Pair | RowShape::Triplet | RowShape::Margin => {
+            let mut r =
+                evaluate_at_widths(model, data, batch_size, CORPUS_CHUNK, QUERY_CHUNK, &all)?;
+            if data.shape != RowShape::Pair {
+                let accuracy = triplet_accuracies(model, data, batch_size, &all)?;
+                for (r, a) in r.iter_mut().zip(accuracy) {
+                    r.triplet_accuracy = Some(a);
+                }
+            }
+            r.into_iter().map(Scores::Retrieval).collect()
         }
+        RowShape::Distill => return Err(no_evaluation(data)),
     };
     let full = scores.remove(0);
     Ok(DevScores {
@@ -140,6 +202,68 @@ fn correlations(
                 pearson: pearson(&cos, &gold),
                 pairs: cos.len(),
             }
+        })
+        .collect())
+}
+
+/// The embedding of column `c`'s text of every row.
+fn embed_column(
+    model: &SentenceModel,
+    data: &Dataset,
+    c: usize,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let texts: Vec<&str> = data.rows.iter().map(|r| r.texts[c].as_str()).collect();
+    model.encode(&texts, batch_size)
+}
+
+/// The cosine of `x` and `y` cut to `width` components (`None`: all), re-normalised.
+fn cosine_at(x: &[f32], y: &[f32], width: Option<usize>) -> f64 {
+    let n = width.unwrap_or(x.len()).min(x.len());
+    cosine(&x[..n], &y[..n])
+}
+
+/// BinaryClassificationEvaluator's figures at each width.
+fn binary_at_widths(
+    model: &SentenceModel,
+    data: &Dataset,
+    batch_size: usize,
+    widths: &[Option<usize>],
+) -> Result<Vec<Binary>> {
+    let ea = embed_column(model, data, 0, batch_size)?;
+    let eb = embed_column(model, data, 1, batch_size)?;
+    let labels: Vec<bool> = data.rows.iter().map(|r| r.score == Some(1.0)).collect();
+    Ok(widths
+        .iter()
+        .map(|&w| {
+            // numpy's cosines are float32: the thresholds are computed from those.
+            let cos: Vec<f32> = ea
+                .iter()
+                .zip(&eb)
+                .map(|(x, y)| cosine_at(x, y, w) as f32)
+                .collect();
+            classify(&cos, &labels)
+        })
+        .collect())
+}
+
+/// TripletEvaluator's cosine accuracy at each width: the share of rows with
+/// cos(anchor, positive) > cos(anchor, negative).
+fn triplet_accuracies(
+    model: &SentenceModel,
+    data: &Dataset,
+    batch_size: usize,
+    widths: &[Option<usize>],
+) -> Result<Vec<f64>> {
+    let [a, p, n] = [0, 1, 2].map(|c| embed_column(model, data, c, batch_size));
+    let (a, p, n) = (a?, p?, n?);
+    Ok(widths
+        .iter()
+        .map(|&w| {
+            let right = (0..a.len())
+                .filter(|&i| cosine_at(&a[i], &p[i], w) > cosine_at(&a[i], &n[i], w))
+                .count();
+            right as f64 / a.len() as f64
         })
         .collect())
 }
@@ -216,6 +340,20 @@ mod tests {
         assert_eq!((r.metric(), r.value()), ("ndcg@10", 0.75));
         let back: Scores = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+
+        let b = Scores::Binary(classify(&[0.9, 0.1, 0.5], &[true, false, true]));
+        let back: Scores = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back, b);
+        assert_eq!((b.metric(), b.value()), ("cosine_ap", 1.0));
+        let Scores::Retrieval(mut triplets) = r else {
+            unreachable!()
+        };
+        triplets.triplet_accuracy = Some(0.25);
+        let t = Scores::Retrieval(triplets);
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains("\"cosine_accuracy\":0.25"), "{text}");
+        assert_eq!(serde_json::from_str::<Scores>(&text).unwrap(), t);
+        assert_eq!(t.figure("cosine_accuracy"), Some(0.25));
     }
 
     #[test]

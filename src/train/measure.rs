@@ -37,6 +37,7 @@ pub fn synthetic_pairs(rows: usize, seq: usize) -> TokenizedData {
     TokenizedData {
         tokens: (0..rows).map(|r| vec![text(r, 0), text(r, 1)]).collect(),
         scores: (0..rows).map(|r| Some((r % 5) as f32 / 4.0)).collect(),
+        teachers: Vec::new(),
         columns: 2,
         prompt_tokens: vec![0, 0],
     }

@@ -4,6 +4,7 @@
 //! (`step.rs`: gradients over micro-batches, unscale, clip, AdamW, and everything done about
 //! an OOM); log; evaluate and save the best; prune; checkpoint.
 
+pub mod binary;
 pub mod card;
 pub mod checkpoint;
 pub mod eval;
@@ -174,10 +175,16 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         cfg.data.limit,
     )?;
     losses::check_fits(cfg.train.loss, train_set.shape)?;
+    check_teacher_width(&train_set, model.spec.embedding_dim())?;
     let mut dev_set = match &cfg.data.dev {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
     };
+    if let Some(dev) = &dev_set {
+        if eval::figures(dev.shape).is_empty() {
+            return Err(eval::no_evaluation(dev));
+        }
+    }
     set_prompts(cfg, &mut model, &mut train_set, dev_set.as_mut())?;
     if let Some(metric) = &cfg.train.metric {
         let Some(dev) = &dev_set else {
@@ -186,19 +193,16 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
                 "picks the best model by a dev figure, but data.dev is not set",
             ));
         };
-        let scored = dev.shape == crate::data::RowShape::Scored;
-        if scored != matches!(metric.as_str(), "spearman" | "pearson") {
+        let figures = eval::figures(dev.shape);
+        if !figures.contains(&metric.as_str()) {
             return Err(Error::config(
                 "train.metric",
                 format!(
-                    "\"{metric}\" is not a figure of {}'s evaluation ({}); use {}",
+                    "\"{metric}\" is not a figure of {}'s evaluation ({}: {}); use one of {}",
                     dev.path.display(),
-                    if scored { "scored pairs" } else { "retrieval" },
-                    if scored {
-                        "spearman or pearson"
-                    } else {
-                        "a retrieval figure such as ndcg@10"
-                    }
+                    dev.shape.name(),
+                    eval::evaluation_name(dev.shape),
+                    figures.join(", ")
                 ),
             ));
         }
@@ -708,13 +712,14 @@ fn restore(
 fn read_dev(path: &Path, cfg: &Config) -> Result<Dataset> {
     let mut dev = read_dataset(path, cfg.data.format, None, cfg.data.limit)?;
     if let Some(corpus) = &cfg.data.corpus {
-        if dev.shape == crate::data::RowShape::Scored {
+        if !dev.shape.is_retrieval() {
             return Err(Error::config(
                 "data.corpus",
                 format!(
-                    "adds documents to a retrieval evaluation, but {} holds scored pairs; \
+                    "adds documents to a retrieval evaluation, but {} holds {}; \
                      remove data.corpus or use a pairs or triplets dev file",
-                    path.display()
+                    path.display(),
+                    dev.shape.name()
                 ),
             ));
         }
@@ -823,6 +828,26 @@ fn set_prompts(
     Ok(())
 }
 
+/// A distillation file's teacher embeddings must be as wide as the model's (the reader has
+/// checked that they are all as wide as the first).
+fn check_teacher_width(set: &Dataset, width: usize) -> Result<()> {
+    match set
+        .rows
+        .first()
+        .and_then(|r| Some((r.line, r.teacher.as_ref()?.len())))
+    {
+        Some((line, w)) if w != width => Err(Error::data(
+            &set.path,
+            line,
+            format!(
+                "the embedding has {w} numbers, but the model's embeddings have {width}; \
+                 the teacher's dimension must equal the model's"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Tokenizes every text of every row once, before training, each after its column's prompt.
 fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
     let columns = set.shape.text_columns();
@@ -848,6 +873,7 @@ fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
     Ok(TokenizedData {
         tokens,
         scores: set.rows.iter().map(|r| r.score).collect(),
+        teachers: set.rows.iter().filter_map(|r| r.teacher.clone()).collect(),
         columns,
         prompt_tokens,
     })

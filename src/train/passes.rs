@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
-use crate::losses::{self, LossKind};
+use crate::losses::{self, Loss};
 use crate::memory::oom::{is_oom, Injector, Phase};
 use crate::memory::policy::Scheme;
 use crate::memory::MemoryBudget;
@@ -39,7 +39,7 @@ pub struct Runner<'a> {
     train_net: Network,
     /// The same weights, detached: the cached scheme's first pass.
     embed_net: Network,
-    loss: LossKind,
+    loss: Loss,
     scale: f64,
     /// `train.matryoshka_dims`: the loss summed over truncated widths.
     matryoshka: Option<losses::Matryoshka>,
@@ -145,7 +145,7 @@ impl<'a> Runner<'a> {
             model,
             train_net: model.build(&model.params, dtype)?,
             embed_net: model.build(&model.params.detached(), dtype)?,
-            loss: t.loss,
+            loss: Loss::from_train(t),
             scale: t.scale,
             matryoshka: losses::Matryoshka::from_train(t),
             seed: t.seed,
@@ -334,14 +334,7 @@ impl<'a> Runner<'a> {
     }
 
     fn scores(&self, data: &TokenizedData, rows: &[usize]) -> Result<Option<Tensor>> {
-        if data.scores.first().is_none_or(|s| s.is_none()) {
-            return Ok(None);
-        }
-        let s: Vec<f32> = rows
-            .iter()
-            .map(|&r| data.scores[r].unwrap_or(0.0))
-            .collect();
-        Ok(Some(Tensor::from_vec(s, rows.len(), &self.model.device)?))
+        data.labels(rows, &self.model.device)
     }
 
     /// Plain accumulation: loss of the rows at `chunk` of the batch, weighted by their share of

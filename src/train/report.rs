@@ -193,10 +193,22 @@ impl Reporter {
                     "eval ({label}, step {step}): spearman {:.4} pearson {:.4} on {} pairs",
                     c.spearman, c.pearson, c.pairs
                 ),
+                Scores::Binary(b) => format!(
+                    "eval ({label}, step {step}): cosine ap {:.4} f1 {:.4} accuracy {:.4} on {} \
+                     pairs",
+                    b.ap, b.f1, b.accuracy, b.pairs
+                ),
                 Scores::Retrieval(r) => format!(
-                    "eval ({label}, step {step}): ndcg@10 {:.4} mrr@10 {:.4} accuracy@1 {:.4} \
+                    "eval ({label}, step {step}): ndcg@10 {:.4} mrr@10 {:.4} accuracy@1 {:.4}{} \
                      on {} queries, {} documents",
-                    r.ndcg_10, r.mrr_10, r.accuracy_1, r.queries, r.corpus
+                    r.ndcg_10,
+                    r.mrr_10,
+                    r.accuracy_1,
+                    r.triplet_accuracy
+                        .map(|a| format!(" triplet accuracy {a:.4}"))
+                        .unwrap_or_default(),
+                    r.queries,
+                    r.corpus
                 ),
             }),
             Output::Quiet => {}

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Dataset, RowShape};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::SentenceModel;
 
@@ -94,6 +94,14 @@ pub struct Retrieval {
     pub corpus: usize,
     /// The similarity the documents are ranked by.
     pub similarity: String,
+    /// For files with a negative per row: TripletEvaluator's accuracy, the share of rows whose
+    /// anchor is more similar (cosine) to its positive than to its negative.
+    #[serde(
+        rename = "cosine_accuracy",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub triplet_accuracy: Option<f64>,
 }
 
 /// Queries, corpus and relevance of a file, with every text once.
@@ -108,7 +116,7 @@ pub struct Task<'a> {
 impl<'a> Task<'a> {
     /// Distinct anchors and distinct positive/negative texts, in order of first appearance.
     pub fn new(data: &'a Dataset) -> Result<Self> {
-        if !matches!(data.shape, RowShape::Pair | RowShape::Triplet) {
+        if !data.shape.is_retrieval() {
             return Err(Error::data(
                 &data.path,
                 0,
@@ -343,13 +351,14 @@ fn metrics(task: &Task, hits: Vec<Vec<Hit>>) -> Retrieval {
         queries: task.queries.len(),
         corpus: task.corpus.len(),
         similarity: "cosine".into(),
+        triplet_accuracy: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::Row;
+    use crate::data::{Row, RowShape};
 
     fn dataset(shape: RowShape, rows: &[&[&str]]) -> Dataset {
         Dataset {
@@ -362,6 +371,7 @@ mod tests {
                 .map(|(i, texts)| Row {
                     texts: texts.iter().map(|t| t.to_string()).collect(),
                     score: None,
+                    teacher: None,
                     line: i + 2,
                 })
                 .collect(),

@@ -274,6 +274,7 @@ mod avx2 {
         }
     }
 
+    #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn erf_slice(x: &mut [f32]) {
         map(x, |v| erf(v))
