@@ -347,8 +347,8 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
     assert_eq!(report["trials"][1]["status"], "pending", "{report}");
     assert!(report["best"].is_null());
 
-    // Trial 1 looks like its runner died mid-trial (a node lost): "running", with a lock held
-    // by a process that no longer exists on this host.
+    // Trial 1 looks like its runner died mid-trial (a node lost): "running", with a lock file
+    // naming a process that no longer exists (the kernel released its lock when it died).
     let mut rec: Value =
         serde_json::from_str(&std::fs::read_to_string(s.trial_file(0, "trial.json")).unwrap())
             .unwrap();
@@ -357,11 +357,9 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
     std::fs::create_dir_all(s.trial_file(1, "")).unwrap();
     std::fs::write(s.trial_file(1, "trial.json"), rec.to_string()).unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    std::fs::write(
-        s.trial_file(1, ".lock"),
-        format!("{} 999999999\n", host.trim()),
-    )
-    .unwrap();
+    let holder = serde_json::json!({"pid": 999999999u32, "host": host.trim(),
+                                    "command": "sweep run", "started_unix": 0});
+    std::fs::write(s.trial_file(1, ".sweep.lock"), holder.to_string()).unwrap();
 
     s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
     let report = s.report();
@@ -384,7 +382,14 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
-    assert!(!s.trial_file(1, ".lock").exists(), "the lock is released");
+    for lock in [".sweep.lock", ".train.lock"] {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(s.trial_file(1, lock))
+            .unwrap();
+        assert!(file.try_lock().is_ok(), "{lock} is released");
+        assert_eq!(std::fs::read_to_string(s.trial_file(1, lock)).unwrap(), "");
+    }
 }
 
 #[test]
