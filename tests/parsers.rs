@@ -77,21 +77,110 @@ fn toml_value() -> impl Strategy<Value = String> {
 fn key() -> impl Strategy<Value = String> {
     let real: Vec<String> = all_keys().map(|k| k.full_key()).collect();
     prop_oneof![
-        4 => proptest::sample::select(real),
+        8 => proptest::sample::select(real),
         1 => "[a-z._]{0,16}",
     ]
 }
 
-/// A config document: `[section]` tables of real keys with arbitrary values.
+/// Every key's default, as TOML, by `section.key` (keys unset by default are absent).
+fn defaults() -> BTreeMap<String, toml::Value> {
+    let text = toml::to_string(&Config::default()).unwrap();
+    let root: toml::Table = text.parse().unwrap();
+    let mut out = BTreeMap::new();
+    for (section, table) in root {
+        if let toml::Value::Table(t) = table {
+            for (k, v) in t {
+                out.insert(format!("{section}.{k}"), v);
+            }
+        }
+    }
+    out
+}
+
+/// Words the config takes as values: precisions, losses, levers, formats, sizes.
+const WORDS: &[&str] = &[
+    "f32", "f16", "bf16", "mnrl", "cosent", "cosine", "auto", "csv", "tsv", "jsonl", "cpu",
+    "cuda", "cuda:1", "gradient_checkpointing", "max_seq_length", "6GiB", "80%", "0%", "512MiB",
+    "spearman", "ndcg@10", "",
+];
+
+/// A value near what `key` takes (its default's type, sizes around it, the words it may
+/// take) three times in four, any TOML value otherwise.
+fn value_for(key: &str) -> BoxedStrategy<String> {
+    prop_oneof![3 => near_value(key), 1 => toml_value()].boxed()
+}
+
+/// A value of the type `key` takes: its default's type, sizes around it, the config's words.
+fn near_value(key: &str) -> BoxedStrategy<String> {
+    match defaults().get(key) {
+        Some(toml::Value::Integer(n)) => {
+            let n = *n;
+            prop_oneof![
+                Just(n),
+                0..16i64,
+                Just(-1),
+                Just(i64::MAX),
+                Just(n.saturating_mul(1000))
+            ]
+            .prop_map(|n| n.to_string())
+            .boxed()
+        }
+        Some(toml::Value::Float(f)) => {
+            let f = *f;
+            prop_oneof![
+                Just(f),
+                Just(0.0),
+                Just(-f),
+                Just(f * 1e6),
+                Just(1e-12),
+                Just(f64::MAX),
+                any::<f64>()
+            ]
+            .prop_map(|f| format!("{f:?}").replace("NaN", "nan").replace("inf", "inf"))
+            .boxed()
+        }
+        Some(toml::Value::Boolean(_)) => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+        Some(toml::Value::Array(_)) => prop_oneof![
+            Just("[]".to_string()),
+            proptest::collection::vec(proptest::sample::select(WORDS), 0..4)
+                .prop_map(|w| format!("{w:?}")),
+            proptest::collection::vec(0..600i64, 0..5).prop_map(|v| format!("{v:?}")),
+        ]
+        .boxed(),
+        _ => prop_oneof![
+            proptest::sample::select(WORDS).prop_map(|w| format!("{w:?}")),
+            (0..600i64).prop_map(|n| n.to_string()),
+            proptest::collection::vec(0..600i64, 1..5).prop_map(|v| format!("{v:?}")),
+        ]
+        .boxed(),
+    }
+}
+
+/// A key and a value for it.
+fn entry() -> impl Strategy<Value = (String, String)> {
+    key().prop_flat_map(|k| {
+        let v = value_for(&k);
+        (Just(k), v)
+    })
+}
+
+/// A config document: the two required keys, then keys with values near what they take.
 fn config_text() -> impl Strategy<Value = String> {
-    proptest::collection::vec((key(), toml_value()), 0..8).prop_map(|entries| {
-        let mut by_section: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    proptest::collection::vec(entry(), 0..6).prop_map(|entries| {
+        let mut by_section: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let base = [("model", "path", "\"m\""), ("data", "train", "\"t.csv\"")];
+        for (section, k, v) in base {
+            by_section
+                .entry(section.into())
+                .or_default()
+                .insert(k.into(), v.into());
+        }
         for (k, v) in entries {
             let (s, k) = k.split_once('.').unwrap_or(("train", k.as_str()));
             by_section
                 .entry(s.to_string())
                 .or_default()
-                .push((k.to_string(), v));
+                .insert(k.to_string(), v);
         }
         let mut text = String::new();
         for (section, entries) in by_section {
@@ -135,7 +224,7 @@ proptest! {
     fn set_overrides_of_arbitrary_values_are_a_config_or_a_typed_error(
         sets in proptest::collection::vec(
             prop_oneof![
-                (key(), toml_value()).prop_map(|(k, v)| format!("{k}={v}")),
+                entry().prop_map(|(k, v)| format!("{k}={v}")),
                 syntax_text(),
             ],
             0..5,
@@ -166,58 +255,94 @@ fn sweep_folder() -> TempDir {
 }
 
 fn sweep_text() -> impl Strategy<Value = String> {
-    let sweep_keys = proptest::sample::select(vec![
-        "base", "dir", "method", "trials", "seed", "metric", "goal", "other",
-    ]);
-    let sweep_value = prop_oneof![
-        Just("\"base.toml\"".to_string()),
-        Just("\"grid\"".to_string()),
-        Just("\"random\"".to_string()),
-        Just("\"tpe\"".to_string()),
-        Just("\"dev.spearman\"".to_string()),
-        Just("\"train.loss\"".to_string()),
-        Just("\"min\"".to_string()),
-        Just("18446744073709551615".to_string()),
-        Just("9223372036854775807".to_string()),
-        toml_value(),
+    let sweep_entry = prop_oneof![
+        Just(("method", "\"grid\"".to_string())),
+        Just(("method", "\"random\"".to_string())),
+        Just(("method", "\"tpe\"".to_string())),
+        Just(("metric", "\"dev.spearman\"".to_string())),
+        Just(("metric", "\"train.loss\"".to_string())),
+        Just(("goal", "\"min\"".to_string())),
+        Just(("dir", "\"out\"".to_string())),
+        (0..20u64).prop_map(|n| ("trials", n.to_string())),
+        Just(("trials", i64::MAX.to_string())),
+        (0..1_000_000_000u64).prop_map(|n| ("seed", n.to_string())),
     ];
-    let prune_keys = proptest::sample::select(vec![
-        "method", "min_rows", "reduction", "min_trials", "other",
-    ]);
-    let space_value = prop_oneof![
-        proptest::collection::vec(toml_value(), 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
-        Just("{ log_uniform = [1e-6, 1e-3] }".to_string()),
-        Just("{ uniform = [1.0, 0.0] }".to_string()),
-        Just("{ int = [1, 9223372036854775807] }".to_string()),
-        toml_value().prop_map(|v| format!("{{ uniform = [0, {v}] }}")),
-        toml_value(),
+    let odd_sweep_entry = proptest::sample::select(vec![
+        "base", "dir", "method", "trials", "seed", "metric", "goal", "other",
+    ])
+    .prop_flat_map(|k| (Just(k), toml_value()));
+    let sweep_entry = prop_oneof![8 => sweep_entry, 1 => odd_sweep_entry];
+    // Output keys are the sweep's own (refused in [space]); mostly the others.
+    let space_key = prop_oneof![
+        6 => key().prop_filter("an output key", |k| !k.starts_with("output.")),
+        1 => key(),
+    ];
+    let space_entry = space_key.prop_flat_map(|k| {
+        let v = prop_oneof![6 => near_value(&k), 1 => toml_value()];
+        let values = prop_oneof![
+            3 => proptest::collection::vec(v, 1..4).prop_map(|v| format!("[{}]", v.join(", "))),
+            1 => Just("[]".to_string()),
+            1 => (any::<f64>(), any::<f64>())
+                .prop_map(|(a, b)| format!("{{ uniform = [{a:?}, {b:?}] }}")),
+            1 => (1e-9..1.0f64, 1e-9..1.0f64)
+                .prop_map(|(a, b)| format!("{{ log_uniform = [{a:?}, {b:?}] }}")),
+            1 => (any::<i64>(), any::<i64>())
+                .prop_map(|(a, b)| format!("{{ int_uniform = [{a}, {b}] }}")),
+            1 => (0..4i64, 0..64i64)
+                .prop_map(|(a, b)| format!("{{ int_uniform = [{a}, {b}] }}")),
+            1 => toml_value(),
+        ];
+        (Just(k), values)
+    });
+    let prune_entry = prop_oneof![
+        3 => proptest::sample::select(vec!["none", "median", "asha", "x"])
+            .prop_map(|m| ("method", format!("{m:?}"))),
+        2 => (proptest::sample::select(vec!["min_rows", "reduction", "min_trials"]), -2..40i64)
+            .prop_map(|(k, n)| (k, n.to_string())),
+        1 => proptest::sample::select(vec!["min_rows", "reduction", "min_trials", "other"])
+            .prop_flat_map(|k| (Just(k), toml_value())),
     ];
     (
-        proptest::collection::vec((sweep_keys, sweep_value), 0..6),
-        proptest::collection::vec((key(), space_value), 0..4),
-        proptest::collection::vec((prune_keys, toml_value()), 0..3),
-        any::<bool>(),
+        proptest::collection::vec(sweep_entry, 0..6),
+        prop_oneof![
+            6 => proptest::collection::vec(space_entry.clone(), 1..4),
+            1 => proptest::collection::vec(space_entry, 0..4),
+        ],
+        prop_oneof![
+            3 => Just(Vec::new()),
+            1 => proptest::collection::vec(prune_entry, 0..3).prop_map(|mut v| {
+                v.insert(0, ("method", "\"asha\"".to_string()));
+                v
+            }),
+        ],
+        prop_oneof![9 => Just(true), 1 => Just(false)],
     )
         .prop_map(|(sweep, space, prune, with_base)| {
             let mut text = String::from("[sweep]\n");
             if with_base {
                 text.push_str("base = \"base.toml\"\n");
             }
-            let mut seen = std::collections::BTreeSet::new();
+            let mut seen = std::collections::BTreeSet::from(["base"]);
             for (k, v) in sweep {
-                if !(with_base && k == "base") && seen.insert(k) {
+                if (!with_base || k != "base") && seen.insert(k) {
                     text.push_str(&format!("{k} = {v}\n"));
                 }
             }
             text.push_str("[space]\n");
+            let mut seen = std::collections::BTreeSet::new();
             for (k, v) in space {
-                text.push_str(&format!("{k:?} = {v}\n"));
+                if seen.insert(k.clone()) {
+                    text.push_str(&format!("{k:?} = {v}\n"));
+                }
             }
             if !prune.is_empty() {
                 text.push_str("[prune]\n");
             }
+            let mut seen = std::collections::BTreeSet::new();
             for (k, v) in prune {
-                text.push_str(&format!("{k} = {v}\n"));
+                if seen.insert(k) {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
             }
             text
         })
@@ -252,56 +377,109 @@ proptest! {
 // Data files
 // ---------------------------------------------------------------------------------------------
 
-/// A CSV, TSV or JSON lines document: a header of role names (real or not) and rows of
-/// arbitrary fields, quoted or not.
+/// A CSV, TSV or JSON lines document: a header of role names (a layout st-tune takes most of
+/// the time) and rows of fields, mostly as many as the header, mostly plain.
 fn data_text() -> impl Strategy<Value = (String, &'static str)> {
     let role = proptest::sample::select(vec![
         "anchor", "positive", "negative", "sentence1", "sentence2", "score", "label", "query",
         "", "x",
     ]);
-    let field = prop_oneof![
-        "[a-z ]{0,12}",
+    let header = prop_oneof![
+        3 => proptest::sample::select(vec![
+            vec!["anchor", "positive"],
+            vec!["anchor", "positive", "negative"],
+            vec!["sentence1", "sentence2", "score"],
+            vec!["sentence1", "sentence2", "label"],
+        ]),
+        1 => proptest::collection::vec(role, 0..5),
+    ];
+    // Each cell: a text, a number, and something odd; the column's role picks which.
+    let odd = prop_oneof![
         any::<f32>().prop_map(|f| f.to_string()),
         Just("nan".to_string()),
-        Just("1e400".to_string()),
+        Just("".to_string()),
         Just("\"a,b\"\"c\"".to_string()),
         Just("\"unterminated".to_string()),
         syntax_text(),
     ];
-    let json_value = prop_oneof![
-        "[a-z ]{0,12}".prop_map(|s| serde_json::Value::from(s)),
+    let cell = (
+        "[a-z]{1,8}( [a-z]{1,8}){0,3}",
+        (0.0..1.0f32).prop_map(|f| f.to_string()),
+        odd,
+        0..10u8,
+    );
+    let json_odd = prop_oneof![
         any::<f64>().prop_map(serde_json::Value::from),
         Just(serde_json::Value::Null),
         Just(serde_json::json!([1, "a"])),
         Just(serde_json::json!({"a": 1})),
         Just(serde_json::Value::from(true)),
+        Just(serde_json::Value::from("")),
     ];
-    let header = proptest::collection::vec(role, 0..5);
-    let rows = proptest::collection::vec(proptest::collection::vec(field, 0..5), 0..8);
-    let json_rows =
-        proptest::collection::vec(proptest::collection::vec(json_value, 0..5), 0..8);
-    (header, rows, json_rows, 0..3usize).prop_map(|(header, rows, json_rows, kind)| match kind {
-        0 | 1 => {
-            let sep = if kind == 0 { "," } else { "\t" };
-            let mut text = header.join(sep) + "\n";
-            for r in rows {
-                text.push_str(&r.join(sep));
-                text.push('\n');
+    let json_cell = (
+        "[a-z]{1,8}( [a-z]{1,8}){0,3}",
+        0.0..1.0f64,
+        json_odd,
+        0..10u8,
+    );
+    let rows = proptest::collection::vec(
+        (proptest::collection::vec(cell, 0..6), proptest::bool::weighted(0.2)),
+        0..8,
+    );
+    let json_rows = proptest::collection::vec(
+        (proptest::collection::vec(json_cell, 0..6), proptest::bool::weighted(0.2)),
+        0..8,
+    );
+    fn numeric(role: &str) -> bool {
+        role == "score" || role == "label"
+    }
+    (header, rows, json_rows, 0..3usize).prop_map(|(header, rows, json_rows, kind)| {
+        // Most rows as wide as the header; the flag keeps a row as generated.
+        fn fit<T: Clone>(mut r: Vec<T>, keep: bool, width: usize, pad: T) -> Vec<T> {
+            if !keep || r.len() > 5 {
+                r.resize(width, pad);
             }
-            (text, if kind == 0 { "csv" } else { "tsv" })
+            r
         }
-        _ => {
-            let mut text = String::new();
-            for r in json_rows {
-                let obj: serde_json::Map<String, serde_json::Value> = header
-                    .iter()
-                    .map(|h| h.to_string())
-                    .zip(r)
-                    .collect();
-                text.push_str(&serde_json::Value::Object(obj).to_string());
-                text.push('\n');
+        match kind {
+            0 | 1 => {
+                let sep = if kind == 0 { "," } else { "\t" };
+                let mut text = header.join(sep) + "\n";
+                for (r, keep) in rows {
+                    let r: Vec<String> = r
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (text, number, odd, pick))| match pick {
+                            0 => odd,
+                            _ if header.get(i).is_some_and(|h| numeric(h)) => number,
+                            _ => text,
+                        })
+                        .collect();
+                    text.push_str(&fit(r, keep, header.len(), "0.5".to_string()).join(sep));
+                    text.push('\n');
+                }
+                (text, if kind == 0 { "csv" } else { "tsv" })
             }
-            (text, "jsonl")
+            _ => {
+                let mut text = String::new();
+                for (r, keep) in json_rows {
+                    let r: Vec<serde_json::Value> = r
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (text, number, odd, pick))| match pick {
+                            0 => odd,
+                            _ if header.get(i).is_some_and(|h| numeric(h)) => number.into(),
+                            _ => text.into(),
+                        })
+                        .collect();
+                    let r = fit(r, keep, header.len(), serde_json::Value::from(0.5));
+                    let obj: serde_json::Map<String, serde_json::Value> =
+                        header.iter().map(|h| h.to_string()).zip(r).collect();
+                    text.push_str(&serde_json::Value::Object(obj).to_string());
+                    text.push('\n');
+                }
+                (text, "jsonl")
+            }
         }
     })
 }
@@ -511,8 +689,12 @@ proptest! {
                     }
                 };
                 set(&mut v);
-                set(&mut v["progress"]);
-                set(&mut v["progress"]["mem"]);
+                if let Some(p) = v.get_mut("progress") {
+                    set(p);
+                    if let Some(m) = p.get_mut("mem") {
+                        set(m);
+                    }
+                }
             }
             std::fs::write(&file, v.to_string()).unwrap();
             reseal(&path, "state.json");

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 
 use candle_core::Storage;
 
-use crate::config::TrainSection;
+use crate::config::{Precision, TrainSection};
 use crate::error::{Error, Result};
 use crate::memory::oom::Phase;
 use crate::train::optim::Grads;
@@ -103,31 +103,43 @@ pub fn poison(grads: &mut Grads) -> Result<()> {
     Ok(())
 }
 
-/// The error that stops a run after `streak` non-finite steps in a row, the last at `last`.
+/// The error that stops a run after `streak` non-finite steps in a row, the last `last`;
+/// `newest` is the newest checkpoint, left as it was.
 pub fn diverged(t: &TrainSection, streak: usize, last: &NonFinite, newest: Option<&str>) -> Error {
     let what = match (&last.phase, &last.tensor) {
         (Phase::Forward, _) => "the loss".to_string(),
         (_, Some(name)) => format!("the gradient of `{name}`"),
         _ => "the gradient norm".to_string(),
     };
-    let clipping = if t.max_grad_norm > 0.0 {
-        format!("train.max_grad_norm = {}", t.max_grad_norm)
+    let kept = match newest {
+        Some(n) => format!("the newest checkpoint ({n}) and final/ are as they were"),
+        None => "no checkpoint was taken and final/ is as it was".to_string(),
+    };
+    let (clipping, clip_advice) = if t.max_grad_norm > 0.0 {
+        (
+            format!("clipping at train.max_grad_norm = {}", t.max_grad_norm),
+            "a lower train.max_grad_norm",
+        )
     } else {
-        "no clipping (train.max_grad_norm = 0)".to_string()
+        (
+            "no clipping (train.max_grad_norm = 0)".to_string(),
+            "train.max_grad_norm = 1.0",
+        )
+    };
+    let precision = match t.precision {
+        Precision::F16 => ", or train.precision = \"bf16\" or \"f32\" (f16's range is narrow)",
+        Precision::Bf16 => ", or train.precision = \"f32\"",
+        Precision::F32 => " (train.precision = \"f32\" already has the widest range)",
     };
     Error::Diverged(format!(
-        "{streak} steps in a row (train.max_nonfinite_steps) had a NaN or infinite loss or \
-         gradient, the last step {} ({what}); their updates were skipped and the run stopped \
-         without saving, so {} and final/ are as they were. The likely cause is a learning \
-         rate too high for this model (train.lr = {:e}, with {clipping}) or the range of \
-         train.precision = \"{}\". Consider a lower train.lr, train.max_grad_norm = 1.0, or \
-         train.precision = \"bf16\" or \"f32\"",
+        "{streak} steps in a row had a NaN or infinite loss or gradient \
+         (train.max_nonfinite_steps = {}), the last step {} ({what}). Their updates were \
+         skipped and the run stopped without saving: {kept}. The likely cause is a learning \
+         rate too high for this model (train.lr = {:e}, with {clipping}). Consider a lower \
+         train.lr, {clip_advice}{precision}",
+        t.max_nonfinite_steps,
         last.step + 1,
-        newest.map_or("the checkpoints".to_string(), |n| format!(
-            "the newest checkpoint ({n})"
-        )),
         t.lr,
-        t.precision,
     ))
 }
 
@@ -204,5 +216,12 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "missing `{needle}` in {msg}");
         }
+        let t = TrainSection {
+            precision: Precision::F16,
+            ..t
+        };
+        let msg = diverged(&t, 5, &last, None).to_string();
+        assert!(msg.contains("no checkpoint was taken"), "{msg}");
+        assert!(msg.contains("\"bf16\" or \"f32\""), "{msg}");
     }
 }

@@ -272,9 +272,9 @@ impl Reporter {
         if self.output == Output::Human {
             let place = e.tensor.as_deref().map(|t| format!(", first in `{t}`")).unwrap_or_default();
             self.message(&format!(
-                "step {}: NaN or infinity in the {:?} phase{place}, update skipped",
+                "step {}: NaN or infinity in the {} pass{place}, update skipped",
                 e.step + 1,
-                e.phase
+                format!("{:?}", e.phase).to_lowercase()
             ));
         }
     }
