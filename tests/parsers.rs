@@ -99,9 +99,28 @@ fn defaults() -> BTreeMap<String, toml::Value> {
 
 /// Words the config takes as values: precisions, losses, levers, formats, sizes.
 const WORDS: &[&str] = &[
-    "f32", "f16", "bf16", "mnrl", "cosent", "cosine", "auto", "csv", "tsv", "jsonl", "cpu",
-    "cuda", "cuda:1", "gradient_checkpointing", "max_seq_length", "6GiB", "80%", "0%", "512MiB",
-    "spearman", "ndcg@10", "",
+    "f32",
+    "f16",
+    "bf16",
+    "mnrl",
+    "cosent",
+    "cosine",
+    "auto",
+    "csv",
+    "tsv",
+    "jsonl",
+    "cpu",
+    "cuda",
+    "cuda:1",
+    "gradient_checkpointing",
+    "max_seq_length",
+    "6GiB",
+    "80%",
+    "0%",
+    "512MiB",
+    "spearman",
+    "ndcg@10",
+    "",
 ];
 
 /// A value near what `key` takes (its default's type, sizes around it, the words it may
@@ -373,6 +392,25 @@ proptest! {
     }
 }
 
+/// Found by the long campaign: the span of an integer range as wide as an i64 overflowed.
+#[test]
+fn an_integer_range_as_wide_as_an_i64_draws_within_its_bounds() {
+    let dir = sweep_folder();
+    let file = dir.path().join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"base.toml\"\nmethod = \"random\"\ntrials = 8\n[space]\n\
+         \"train.seed\" = { int_uniform = [0, 9223372036854775807] }\n",
+    )
+    .unwrap();
+    let sweep = Sweep::load(&file).unwrap();
+    for i in 0..8 {
+        let params = st_tune::sweep::trials::params(&sweep, i).unwrap();
+        let seed = params[0].1.as_integer().unwrap();
+        assert!(seed >= 0, "{params:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Data files
 // ---------------------------------------------------------------------------------------------
@@ -381,8 +419,16 @@ proptest! {
 /// the time) and rows of fields, mostly as many as the header, mostly plain.
 fn data_text() -> impl Strategy<Value = (String, &'static str)> {
     let role = proptest::sample::select(vec![
-        "anchor", "positive", "negative", "sentence1", "sentence2", "score", "label", "query",
-        "", "x",
+        "anchor",
+        "positive",
+        "negative",
+        "sentence1",
+        "sentence2",
+        "score",
+        "label",
+        "query",
+        "",
+        "x",
     ]);
     let header = prop_oneof![
         3 => proptest::sample::select(vec![
@@ -423,11 +469,17 @@ fn data_text() -> impl Strategy<Value = (String, &'static str)> {
         0..10u8,
     );
     let rows = proptest::collection::vec(
-        (proptest::collection::vec(cell, 0..6), proptest::bool::weighted(0.2)),
+        (
+            proptest::collection::vec(cell, 0..6),
+            proptest::bool::weighted(0.2),
+        ),
         0..8,
     );
     let json_rows = proptest::collection::vec(
-        (proptest::collection::vec(json_cell, 0..6), proptest::bool::weighted(0.2)),
+        (
+            proptest::collection::vec(json_cell, 0..6),
+            proptest::bool::weighted(0.2),
+        ),
         0..8,
     );
     fn numeric(role: &str) -> bool {
@@ -552,8 +604,12 @@ fn saved_checkpoint() -> (TempDir, PathBuf) {
         dev_before: None,
         nonfinite_streak: 0,
     };
-    let cfg = Config::from_toml("[model]\npath = \"m\"\n[data]\ntrain = \"t.csv\"\n", "c", &[])
-        .unwrap();
+    let cfg = Config::from_toml(
+        "[model]\npath = \"m\"\n[data]\ntrain = \"t.csv\"\n",
+        "c",
+        &[],
+    )
+    .unwrap();
     let staged = checkpoint::stage(dir.path(), &progress, &cfg, &vars, &opt).unwrap();
     let path = staged.publish(2).unwrap();
     assert!(checkpoint::load(&path, None, &Device::Cpu).is_ok());
@@ -579,7 +635,10 @@ fn damage() -> impl Strategy<Value = Damage> {
     prop_oneof![
         bytes().prop_map(Damage::Replace),
         any::<usize>().prop_map(Damage::Truncate),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16))
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
             .prop_map(|(at, b)| Damage::Overwrite(at, b)),
     ]
 }

@@ -155,8 +155,16 @@ fn a_step_with_nan_gradients_is_skipped_and_logged_in_every_precision() {
         if precision != "f16" {
             // The scaler of f16 takes an overflow as its own while it can lower the scale.
             let e = &events(&out, "nonfinite")[0];
-            assert_eq!((e["step"].as_u64(), e["phase"].as_str()), (Some(3), Some("backward")));
-            assert!(e["tensor"].as_str().is_some_and(|t| t.starts_with("encoder.")), "{e}");
+            assert_eq!(
+                (e["step"].as_u64(), e["phase"].as_str()),
+                (Some(3), Some("backward"))
+            );
+            assert!(
+                e["tensor"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("encoder.")),
+                "{e}"
+            );
             assert!(e["grad_norm"].is_null() && e["loss"].is_f64(), "{e}");
         }
     }
@@ -180,7 +188,10 @@ fn nonfinite_steps_in_a_row_stop_the_run_saving_nothing_and_resume_ends_as_if_ne
             "train.max_grad_norm",
             "train.precision",
         ] {
-            assert!(text.contains(needle), "{precision}: missing `{needle}` in {text}");
+            assert!(
+                text.contains(needle),
+                "{precision}: missing `{needle}` in {text}"
+            );
         }
         assert!(!text.contains("panicked"), "{text}");
         let steps: Vec<u64> = events(&out, "nonfinite")
@@ -250,10 +261,22 @@ fn a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_alone()
         let (status, text) = job.run("out", extra, &[]);
         assert_eq!(status.code(), Some(2), "{extra:?}: {text}");
         let pid = format!("pid {}", first.id());
-        for needle in [out.display().to_string().as_str(), "in use", &pid, "host", "started"] {
-            assert!(text.contains(needle), "{extra:?}: missing `{needle}` in {text}");
+        for needle in [
+            out.display().to_string().as_str(),
+            "in use",
+            &pid,
+            "host",
+            "started",
+        ] {
+            assert!(
+                text.contains(needle),
+                "{extra:?}: missing `{needle}` in {text}"
+            );
         }
-        assert!(!text.contains("panicked") && !text.contains("resuming"), "{text}");
+        assert!(
+            !text.contains("panicked") && !text.contains("resuming"),
+            "{text}"
+        );
     }
     assert_eq!(checkpoints(&out), before, "the refused runs wrote nothing");
     // Readers still work on the folder.
@@ -348,14 +371,19 @@ fn a_run_that_cannot_write_its_checkpoint_names_the_file_and_resumes_from_the_on
     let (status, text) = output(child);
     assert!(!status.success(), "{text}");
     assert!(
-        text.contains("error: ") && text.contains("weights.safetensors") && !text.contains("panicked"),
+        text.contains("error: ")
+            && text.contains("weights.safetensors")
+            && !text.contains("panicked"),
         "{text}"
     );
     let out = job.out("out");
     assert_eq!(checkpoints(&out), ["step-2", "step-4"]);
     let (status, text) = job.run("out", &["--resume"], &[]);
     assert!(status.success(), "{text}");
-    assert!(text.contains("resuming after step 4") || text.contains("\"step\":4"), "{text}");
+    assert!(
+        text.contains("resuming after step 4") || text.contains("\"step\":4"),
+        "{text}"
+    );
     assert!(
         final_weights(&out) == final_weights(&job.out("reference")),
         "the resumed run's weights differ from the uninterrupted run's"

@@ -651,3 +651,56 @@ fn a_sweep_can_optimise_a_retrieval_figure_of_a_pairs_dev_file() {
         assert_eq!(after["ndcg@10"], t["metric"], "{after}");
     }
 }
+
+#[test]
+fn a_trial_whose_steps_stay_non_finite_is_diverged_and_the_sweep_goes_on() {
+    let s = Setup::new("max_nonfinite_steps = 2");
+    s.sweep("", "\"train.lr\" = [1e-4, 1e-3]");
+    // Every trial's gradients are NaN at steps 2 and 3: both stop there, exit 4.
+    s.run(
+        &["sweep", "run", "sweep.toml"],
+        &[("ST_TUNE_INJECT_NONFINITE", "2,3")],
+    )
+    .ok();
+    let report = s.report();
+    for t in report["trials"].as_array().unwrap() {
+        assert_eq!(t["status"], "diverged", "{report}");
+        assert!(
+            t["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("train.lr")),
+            "{report}"
+        );
+    }
+    assert!(report["best"].is_null(), "{report}");
+    assert!(
+        !s.trial_file(0, "final").exists(),
+        "a diverged trial saves nothing"
+    );
+}
+
+#[test]
+fn a_trial_another_process_holds_is_refused_naming_the_holder() {
+    let s = Setup::new("");
+    s.sweep("", "\"train.lr\" = [1e-4, 1e-3]");
+    std::fs::create_dir_all(s.trial_file(1, "")).unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(s.trial_file(1, ".sweep.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let holder = serde_json::json!({"pid": std::process::id(), "host": "elsewhere",
+                                    "command": "sweep run", "started_unix": 0});
+    std::fs::write(s.trial_file(1, ".sweep.lock"), holder.to_string()).unwrap();
+    let pid = format!("pid {}", std::process::id());
+    s.run(&["sweep", "run", "sweep.toml", "--trial", "1"], &[])
+        .refused(&["trial-0001", "in use", &pid, "elsewhere"]);
+    // `sweep run` over all trials leaves it alone and runs the others.
+    s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
+    let report = s.report();
+    assert_eq!(report["trials"][0]["status"], "complete", "{report}");
+    assert_eq!(report["trials"][1]["status"], "pending", "{report}");
+    drop(lock);
+}

@@ -157,7 +157,11 @@ mod tests {
 
     #[test]
     fn the_first_tensor_by_name_holding_a_nan_or_infinity_is_named() {
-        let g = grads(&[("a", &[1.0, 2.0]), ("b", &[f32::INFINITY]), ("c", &[f32::NAN])]);
+        let g = grads(&[
+            ("a", &[1.0, 2.0]),
+            ("b", &[f32::INFINITY]),
+            ("c", &[f32::NAN]),
+        ]);
         assert_eq!(first_nonfinite(&g).unwrap().as_deref(), Some("b"));
         assert_eq!(first_nonfinite(&grads(&[("a", &[1.0])])).unwrap(), None);
         // A strided view goes the slow way and is still read.
@@ -175,16 +179,17 @@ mod tests {
         poison(&mut g).unwrap();
         let e = NonFinite::describe(4, 0.5, f64::NAN, &g).unwrap();
         assert_eq!(e.phase, Phase::Backward);
-        assert_eq!(e.tensor.as_deref(), Some("z"), "the hook poisons the last tensor");
+        assert_eq!(
+            e.tensor.as_deref(),
+            Some("z"),
+            "the hook poisons the last tensor"
+        );
         assert_eq!((e.loss, e.grad_norm), (Some(0.5), None));
     }
 
     #[test]
     fn the_hook_takes_steps_from_one_and_rejects_anything_else() {
-        assert_eq!(
-            parse_injection("3, 5,").unwrap(),
-            BTreeSet::from([2, 4])
-        );
+        assert_eq!(parse_injection("3, 5,").unwrap(), BTreeSet::from([2, 4]));
         for bad in ["0", "x", "3:forward", "-1"] {
             assert!(parse_injection(bad).is_err(), "{bad}");
         }

@@ -116,7 +116,10 @@ mod tests {
         let mut grads = Grads::from([("w".into(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap())]);
         s.unscale(&mut grads).unwrap();
         s.clean_step();
-        assert!(!s.overflowed(), "nothing to lower: the guard counts the step");
+        assert!(
+            !s.overflowed(),
+            "nothing to lower: the guard counts the step"
+        );
         assert_eq!(s.scale, 1.0);
         assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![3.0]);
     }

@@ -270,7 +270,11 @@ impl Reporter {
         let fields = serde_json::to_value(e).expect("plain struct");
         self.event("nonfinite", e.step as usize + 1, fields);
         if self.output == Output::Human {
-            let place = e.tensor.as_deref().map(|t| format!(", first in `{t}`")).unwrap_or_default();
+            let place = e
+                .tensor
+                .as_deref()
+                .map(|t| format!(", first in `{t}`"))
+                .unwrap_or_default();
             self.message(&format!(
                 "step {}: NaN or infinity in the {} pass{place}, update skipped",
                 e.step + 1,

@@ -175,7 +175,9 @@ impl<'a> Trainer<'a> {
                 loss_scale: scaler.scale,
             });
         } else {
-            notes(Note::NonFinite(NonFinite::describe(step, loss, norm, &grads)?));
+            notes(Note::NonFinite(NonFinite::describe(
+                step, loss, norm, &grads,
+            )?));
             applied = false;
         }
         drop(grads);
