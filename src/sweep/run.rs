@@ -178,14 +178,9 @@ fn tpe_suggestion(
     let mut finished = Vec::new();
     for i in 0..index {
         if let Some(r) = store.record(i)? {
-            let metric = match r.status {
-                Status::Complete | Status::Pruned if r.metric.is_some_and(f64::is_finite) => {
-                    r.metric
-                }
-                Status::Infeasible | Status::Diverged => None,
-                _ => continue,
-            };
-            finished.push((r.params.into_iter().collect::<Vec<_>>(), metric));
+            if let Some(metric) = observed(&r) {
+                finished.push((r.params.into_iter().collect::<Vec<_>>(), metric));
+            }
         }
     }
     let history: Vec<Observation> = finished
@@ -196,6 +191,16 @@ fn tpe_suggestion(
         })
         .collect();
     Ok(tpe::suggest(sweep, index, &history))
+}
+
+/// What TPE learns from a trial: its metric, `Some(None)` for a trial that is bad whatever it
+/// scored (infeasible, diverged), `None` for one it learns nothing from (failed, unfinished).
+fn observed(r: &TrialRecord) -> Option<Option<f64>> {
+    match r.status {
+        Status::Complete | Status::Pruned if r.metric.is_some_and(f64::is_finite) => Some(r.metric),
+        Status::Infeasible | Status::Diverged => Some(None),
+        _ => None,
+    }
 }
 
 /// A trial whose memory settings an earlier trial already cut down starts at that micro-batch
@@ -311,4 +316,26 @@ fn last_error(log: &Path) -> Option<String> {
         .find(|l| l.starts_with("error: "))
         .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))?;
     Some(line.trim_start_matches("error: ").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tpe_counts_diverged_trials_as_bad_like_infeasible_ones_and_learns_nothing_from_failed() {
+        let with = |status, metric| TrialRecord {
+            status,
+            metric,
+            ..TrialRecord::new(0, &[])
+        };
+        assert_eq!(
+            observed(&with(Status::Complete, Some(0.5))),
+            Some(Some(0.5))
+        );
+        assert_eq!(observed(&with(Status::Diverged, None)), Some(None));
+        assert_eq!(observed(&with(Status::Infeasible, None)), Some(None));
+        assert_eq!(observed(&with(Status::Failed, Some(0.9))), None);
+        assert_eq!(observed(&with(Status::Complete, Some(f64::NAN))), None);
+    }
 }
