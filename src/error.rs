@@ -48,6 +48,11 @@ pub enum Error {
     #[error("sweep {}: {msg}", path.display())]
     Sweep { path: PathBuf, msg: String },
 
+    /// `train.max_nonfinite_steps` steps in a row had a NaN or infinite loss or gradient:
+    /// the run stopped without saving (the newest checkpoint and `final/` are as they were).
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     /// Ctrl-C (SIGINT) or SIGTERM: a checkpoint was saved, `--resume` continues.
     #[error("interrupted by {}: a checkpoint was saved; run the same command with --resume to continue", signal_name(*signal))]
     Interrupted { signal: i32 },
@@ -109,7 +114,8 @@ impl Error {
 
     /// Exit codes, documented in README.md:
     /// 1 other failure (and internal errors), 2 bad input (config, data, model, checkpoint,
-    /// usage, a missing file), 3 out of memory with nothing left to try, 128 + the signal when
+    /// usage, a missing file), 3 out of memory with nothing left to try, 4 diverged (non-finite
+    /// steps in a row, nothing saved), 128 + the signal when
     /// interrupted (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -121,6 +127,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Tokenizer(_) => 2,
             Error::OutOfMemory(_) => 3,
+            Error::Diverged(_) => 4,
             Error::Interrupted { signal } => 128 + signal,
             // A file the user named that does not exist is bad input too.
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,

@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod lock;
 pub mod losses;
 pub mod memory;
 pub mod model;

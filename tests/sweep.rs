@@ -347,8 +347,8 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
     assert_eq!(report["trials"][1]["status"], "pending", "{report}");
     assert!(report["best"].is_null());
 
-    // Trial 1 looks like its runner died mid-trial (a node lost): "running", with a lock held
-    // by a process that no longer exists on this host.
+    // Trial 1 looks like its runner died mid-trial (a node lost): "running", with a lock file
+    // naming a process that no longer exists (the kernel released its lock when it died).
     let mut rec: Value =
         serde_json::from_str(&std::fs::read_to_string(s.trial_file(0, "trial.json")).unwrap())
             .unwrap();
@@ -357,11 +357,9 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
     std::fs::create_dir_all(s.trial_file(1, "")).unwrap();
     std::fs::write(s.trial_file(1, "trial.json"), rec.to_string()).unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    std::fs::write(
-        s.trial_file(1, ".lock"),
-        format!("{} 999999999\n", host.trim()),
-    )
-    .unwrap();
+    let holder = serde_json::json!({"pid": 999999999u32, "host": host.trim(),
+                                    "command": "sweep run", "started_unix": 0});
+    std::fs::write(s.trial_file(1, ".sweep.lock"), holder.to_string()).unwrap();
 
     s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
     let report = s.report();
@@ -384,7 +382,14 @@ fn a_stopped_trial_resumes_from_its_checkpoint_and_a_dead_runner_is_taken_over()
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
-    assert!(!s.trial_file(1, ".lock").exists(), "the lock is released");
+    for lock in [".sweep.lock", ".train.lock"] {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(s.trial_file(1, lock))
+            .unwrap();
+        assert!(file.try_lock().is_ok(), "{lock} is released");
+        assert_eq!(std::fs::read_to_string(s.trial_file(1, lock)).unwrap(), "");
+    }
 }
 
 #[test]
@@ -645,4 +650,57 @@ fn a_sweep_can_optimise_a_retrieval_figure_of_a_pairs_dev_file() {
             .unwrap();
         assert_eq!(after["ndcg@10"], t["metric"], "{after}");
     }
+}
+
+#[test]
+fn a_trial_whose_steps_stay_non_finite_is_diverged_and_the_sweep_goes_on() {
+    let s = Setup::new("max_nonfinite_steps = 2");
+    s.sweep("", "\"train.lr\" = [1e-4, 1e-3]");
+    // Every trial's gradients are NaN at steps 2 and 3: both stop there, exit 4.
+    s.run(
+        &["sweep", "run", "sweep.toml"],
+        &[("ST_TUNE_INJECT_NONFINITE", "2,3")],
+    )
+    .ok();
+    let report = s.report();
+    for t in report["trials"].as_array().unwrap() {
+        assert_eq!(t["status"], "diverged", "{report}");
+        assert!(
+            t["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("train.lr")),
+            "{report}"
+        );
+    }
+    assert!(report["best"].is_null(), "{report}");
+    assert!(
+        !s.trial_file(0, "final").exists(),
+        "a diverged trial saves nothing"
+    );
+}
+
+#[test]
+fn a_trial_another_process_holds_is_refused_naming_the_holder() {
+    let s = Setup::new("");
+    s.sweep("", "\"train.lr\" = [1e-4, 1e-3]");
+    std::fs::create_dir_all(s.trial_file(1, "")).unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(s.trial_file(1, ".sweep.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let holder = serde_json::json!({"pid": std::process::id(), "host": "elsewhere",
+                                    "command": "sweep run", "started_unix": 0});
+    std::fs::write(s.trial_file(1, ".sweep.lock"), holder.to_string()).unwrap();
+    let pid = format!("pid {}", std::process::id());
+    s.run(&["sweep", "run", "sweep.toml", "--trial", "1"], &[])
+        .refused(&["trial-0001", "in use", &pid, "elsewhere"]);
+    // `sweep run` over all trials leaves it alone and runs the others.
+    s.run(&["sweep", "run", "sweep.toml"], &[]).ok();
+    let report = s.report();
+    assert_eq!(report["trials"][0]["status"], "complete", "{report}");
+    assert_eq!(report["trials"][1]["status"], "pending", "{report}");
+    drop(lock);
 }

@@ -135,12 +135,16 @@ fn run_sweep(a: RunArgs) -> Result<()> {
     if let Some(index) = a.trial {
         let store = Store::open(&sweep)?;
         return match run::run_trial(&sweep, &store, index, true, &interrupt)? {
-            None => Err(crate::Error::sweep(
+            Err(busy) => Err(crate::Error::sweep(
                 store.trial_dir(index),
-                "another process is running this trial (see its .lock); run it again once \
-                 that process has ended",
+                format!(
+                    "is in use by {} (it holds {}); run the trial again once that process \
+                     has ended",
+                    busy.who(),
+                    busy.path.display()
+                ),
             )),
-            Some(r) => {
+            Ok(r) => {
                 print_trial(&r, a.json);
                 trial_exit(r.status, &interrupt)
             }

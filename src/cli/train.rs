@@ -54,6 +54,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         output: if a.json { Output::Json } else { Output::Human },
         inject_oom: std::env::var(Injector::ENV).ok(),
+        inject_nonfinite: std::env::var(crate::train::nonfinite::INJECT_ENV).ok(),
         resume: a.resume,
         pruner: a
             .prune

@@ -357,6 +357,14 @@ section! {
         check |v| non_negative(*v);
         help "Clip the global gradient norm to this value; 0 turns clipping off.";
 
+        max_nonfinite_steps: usize = 5;
+        expects POSITIVE_INT;
+        check |v| at_least_one(*v);
+        neutral yes;
+        help "A step whose loss or gradient norm is NaN or infinite skips its update; this many\n\
+              in a row stop the run (exit 4) without saving, leaving the newest checkpoint\n\
+              and final/ as they were (docs/reliability.md).";
+
         seed: u64 = 42;
         expects NON_NEGATIVE_INT;
         help "Seed of shuffling, dropout and initialisation: the same seed gives the same run.";

@@ -37,7 +37,7 @@ pub fn run_all(
         if interrupt.load(Ordering::SeqCst) != 0 {
             break;
         }
-        if let Some(r) = run::run_trial(sweep, &store, index, false, interrupt)? {
+        if let Ok(r) = run::run_trial(sweep, &store, index, false, interrupt)? {
             progress(&r);
             let stop = r.status == Status::Interrupted;
             done.push(r);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::lock::Busy;
 use crate::memory::policy::RunState;
 use crate::sweep::prune::Pruner;
 use crate::sweep::spec::Sweep;
@@ -58,7 +59,7 @@ pub fn check_index(sweep: &Sweep, index: usize) -> Result<()> {
 }
 
 /// Runs trial `index` unless it is finished (a failed one only when `retry_failed`) or another
-/// live process holds it (`None`). `interrupt` is the signal this process received, if any:
+/// live process holds it (`Err`, saying which). `interrupt` is the signal this process received, if any:
 /// it is passed on to the trial, which saves a checkpoint and stops.
 pub fn run_trial(
     sweep: &Sweep,
@@ -66,16 +67,17 @@ pub fn run_trial(
     index: usize,
     retry_failed: bool,
     interrupt: &AtomicI32,
-) -> Result<Option<TrialRecord>> {
+) -> Result<Result<TrialRecord, Busy>> {
     check_index(sweep, index)?;
     let earlier = store.record(index)?;
     if let Some(r) = &earlier {
         if r.status.is_final() && !(retry_failed && r.status == Status::Failed) {
-            return Ok(Some(r.clone()));
+            return Ok(Ok(r.clone()));
         }
     }
-    let Some(_lock) = store.claim(index)? else {
-        return Ok(None);
+    let _lock = match store.claim(index)? {
+        Ok(lock) => lock,
+        Err(busy) => return Ok(Err(busy)),
     };
     // A trial that started before keeps its keys (TPE's depend on when it started).
     let params: Vec<(String, toml::Value)> = match earlier {
@@ -102,7 +104,7 @@ pub fn run_trial(
         record.status = Status::Infeasible;
         record.message = Some(why);
         store.write_record(&record)?;
-        return Ok(Some(record));
+        return Ok(Ok(record));
     }
     start_from_known_micro(&dir, &cfg, note.as_ref())?;
     store.write_record(&record)?;
@@ -135,6 +137,7 @@ pub fn run_trial(
         0 if summary.as_ref().is_some_and(|s| !s["pruned_at"].is_null()) => Status::Pruned,
         0 if summary.is_some() => Status::Complete,
         3 => Status::Infeasible,
+        4 => Status::Diverged,
         130 | 143 => Status::Interrupted,
         _ => Status::Failed,
     };
@@ -163,7 +166,7 @@ pub fn run_trial(
     }
     learn_memory(store, &key, &record, &dir)?;
     store.write_record(&record)?;
-    Ok(Some(record))
+    Ok(Ok(record))
 }
 
 /// TPE's keys for trial `index`, from the trials before it that have a result.
@@ -175,14 +178,9 @@ fn tpe_suggestion(
     let mut finished = Vec::new();
     for i in 0..index {
         if let Some(r) = store.record(i)? {
-            let metric = match r.status {
-                Status::Complete | Status::Pruned if r.metric.is_some_and(f64::is_finite) => {
-                    r.metric
-                }
-                Status::Infeasible => None,
-                _ => continue,
-            };
-            finished.push((r.params.into_iter().collect::<Vec<_>>(), metric));
+            if let Some(metric) = observed(&r) {
+                finished.push((r.params.into_iter().collect::<Vec<_>>(), metric));
+            }
         }
     }
     let history: Vec<Observation> = finished
@@ -193,6 +191,16 @@ fn tpe_suggestion(
         })
         .collect();
     Ok(tpe::suggest(sweep, index, &history))
+}
+
+/// What TPE learns from a trial: its metric, `Some(None)` for a trial that is bad whatever it
+/// scored (infeasible, diverged), `None` for one it learns nothing from (failed, unfinished).
+fn observed(r: &TrialRecord) -> Option<Option<f64>> {
+    match r.status {
+        Status::Complete | Status::Pruned if r.metric.is_some_and(f64::is_finite) => Some(r.metric),
+        Status::Infeasible | Status::Diverged => Some(None),
+        _ => None,
+    }
 }
 
 /// A trial whose memory settings an earlier trial already cut down starts at that micro-batch
@@ -308,4 +316,26 @@ fn last_error(log: &Path) -> Option<String> {
         .find(|l| l.starts_with("error: "))
         .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))?;
     Some(line.trim_start_matches("error: ").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tpe_counts_diverged_trials_as_bad_like_infeasible_ones_and_learns_nothing_from_failed() {
+        let with = |status, metric| TrialRecord {
+            status,
+            metric,
+            ..TrialRecord::new(0, &[])
+        };
+        assert_eq!(
+            observed(&with(Status::Complete, Some(0.5))),
+            Some(Some(0.5))
+        );
+        assert_eq!(observed(&with(Status::Diverged, None)), Some(None));
+        assert_eq!(observed(&with(Status::Infeasible, None)), Some(None));
+        assert_eq!(observed(&with(Status::Failed, Some(0.9))), None);
+        assert_eq!(observed(&with(Status::Complete, Some(f64::NAN))), None);
+    }
 }

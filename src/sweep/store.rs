@@ -1,19 +1,19 @@
 //! The sweep folder, shared by every process that runs the sweep's trials (one machine, or many
 //! with the folder on a shared filesystem). Files only, no server: records are replaced by
-//! atomic renames, and a trial or the memory file is claimed with a lock file created with
-//! O_EXCL, which local filesystems and NFS (v3 and later) both honour.
+//! atomic renames, and a trial or the memory file is claimed with the kernel's lock on a file
+//! (`src/lock.rs`: flock, which NFS carries out on the server as far as the mount allows).
 //!
 //! ```text
 //! DIR/sweep.json          the sweep's fingerprint: a folder serves one sweep file
 //! DIR/memory.json         what trials learned about memory, by memory settings
 //! DIR/trial-0007/         one trial: config.toml, trial.json, train.jsonl (its --json
 //!                         output), train.log (its stderr) and its training output (final/,
-//!                         checkpoints/, metrics.jsonl, ...); .lock while a process runs it
+//!                         checkpoints/, metrics.jsonl, ...); .sweep.lock, locked while a sweep
+//!                         process runs it, and .train.lock, while its `train` runs
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::atomic;
 use crate::config::{Config, MicroBatch};
 use crate::error::{Error, Result};
+use crate::lock::{hostname, Busy, Lock};
 use crate::sweep::spec::Sweep;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +36,9 @@ pub enum Status {
     Pruned,
     /// Did not fit in memory even at micro-batch 1 with every allowed lever (exit 3).
     Infeasible,
+    /// Stopped after `train.max_nonfinite_steps` NaN or infinite steps in a row (exit 4);
+    /// TPE counts it as bad, like an infeasible trial.
+    Diverged,
     Failed,
     /// Stopped by Ctrl-C or SIGTERM after a checkpoint: the next run resumes it.
     Interrupted,
@@ -45,7 +49,11 @@ impl Status {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Status::Complete | Status::Pruned | Status::Infeasible | Status::Failed
+            Status::Complete
+                | Status::Pruned
+                | Status::Infeasible
+                | Status::Diverged
+                | Status::Failed
         )
     }
 }
@@ -181,11 +189,20 @@ impl Store {
         atomic::write_file(&dir.join("trial.json"), text.as_bytes())
     }
 
-    /// Claims trial `index` for this process; `None` if a live process holds it.
-    pub fn claim(&self, index: usize) -> Result<Option<Lock>> {
+    /// Claims trial `index` for this process, or says who holds it: another `sweep run`, or
+    /// a `train` someone started in the trial's folder.
+    pub fn claim(&self, index: usize) -> Result<Result<Lock, Busy>> {
         let dir = self.trial_dir(index);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Lock::try_take(&dir.join(".lock"))
+        let lock = match Lock::try_take(&dir.join(".sweep.lock"), "sweep run")? {
+            Ok(lock) => lock,
+            Err(busy) => return Ok(Err(busy)),
+        };
+        // The trial's own `train` takes this one; the claim only keeps others out.
+        match Lock::holder(&dir.join(crate::lock::TRAIN_LOCK))? {
+            Some(busy) => Ok(Err(busy)),
+            None => Ok(Ok(lock)),
+        }
     }
 
     /// What earlier trials learned about memory for `key`.
@@ -198,13 +215,14 @@ impl Store {
         let lock_path = self.dir.join(".memory.lock");
         let started = Instant::now();
         let _lock = loop {
-            if let Some(l) = Lock::try_take(&lock_path)? {
-                break l;
-            }
+            let busy = match Lock::try_take(&lock_path, "sweep run")? {
+                Ok(l) => break l,
+                Err(busy) => busy,
+            };
             if started.elapsed() > Duration::from_secs(60) {
                 return Err(Error::sweep(
                     &lock_path,
-                    "has been held for a minute; if no trial is running, delete it",
+                    format!("has been held for a minute by {}", busy.who()),
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -257,71 +275,4 @@ pub fn configured_micro(cfg: &Config) -> Option<usize> {
         MicroBatch::Size(n) => Some(n),
         MicroBatch::Auto => None,
     }
-}
-
-/// A lock file holding "HOST PID"; removed when dropped. A lock left by a dead process of
-/// this host is taken over; one of another host is respected (it cannot be checked).
-pub struct Lock {
-    path: PathBuf,
-}
-
-impl Lock {
-    pub fn try_take(path: &Path) -> Result<Option<Lock>> {
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-            {
-                Ok(mut f) => {
-                    writeln!(f, "{} {}", hostname(), std::process::id())
-                        .map_err(|e| Error::io(path, e))?;
-                    return Ok(Some(Lock {
-                        path: path.to_path_buf(),
-                    }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(path).unwrap_or_default();
-                    if !held_by_dead_process_here(&holder) {
-                        return Ok(None);
-                    }
-                    let _ = std::fs::remove_file(path);
-                }
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
-        Ok(None)
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn held_by_dead_process_here(holder: &str) -> bool {
-    let mut parts = holder.split_whitespace();
-    let (Some(host), Some(pid)) = (
-        parts.next(),
-        parts.next().and_then(|p| p.parse::<i32>().ok()),
-    ) else {
-        return false;
-    };
-    host == hostname() && !process_alive(pid)
-}
-
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }

@@ -3,8 +3,8 @@
 //! the rest ("bad"); for each key, candidates are drawn from a density fitted to the good
 //! values, and the one with the largest good/bad density ratio is taken.
 //!
-//! Infeasible trials (they could not fit in memory) go to the bad group whatever their score
-//! (they have none): the sampler learns to avoid that region, as a constraint, rather than
+//! Infeasible trials (they could not fit in memory) and diverged ones (NaN or infinite steps)
+//! go to the bad group whatever their score (they have none): the sampler learns to avoid that region, as a constraint, rather than
 //! scoring it as a bad result. Failed trials are left out.
 //!
 //! Trial N's keys depend on the trials before it that had finished when it started: run one
@@ -17,7 +17,8 @@ use crate::sweep::trials::SplitMix64;
 pub const STARTUP_TRIALS: usize = 5;
 const CANDIDATES: usize = 24;
 
-/// One finished trial as TPE sees it: its keys, and its metric (`None`: infeasible).
+/// One finished trial as TPE sees it: its keys, and its metric (`None`: infeasible or
+/// diverged).
 pub struct Observation<'a> {
     pub params: &'a [(String, toml::Value)],
     pub metric: Option<f64>,

@@ -51,8 +51,10 @@ fn random(sweep: &Sweep, index: usize) -> Vec<(String, toml::Value)> {
                     toml::Value::Float(round((lo.ln() + u * (hi.ln() - lo.ln())).exp()))
                 }
                 Values::IntUniform(lo, hi) => {
-                    let span = (hi - lo + 1) as f64;
-                    toml::Value::Integer(lo + ((u * span) as i64).min(hi - lo))
+                    // In i128: [i64::MIN, i64::MAX] spans more than an i64 holds.
+                    let (lo, hi) = (*lo as i128, *hi as i128);
+                    let at = ((u * (hi - lo + 1) as f64) as i128).min(hi - lo);
+                    toml::Value::Integer((lo + at) as i64)
                 }
             };
             (key.clone(), v)

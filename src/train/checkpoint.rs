@@ -49,6 +49,10 @@ pub struct Progress {
     pub mem: MemState,
     pub best: Option<f64>,
     pub dev_before: Option<Scores>,
+    /// Non-finite steps in a row just before this one (`nonfinite.rs`); absent in
+    /// checkpoints of earlier versions.
+    #[serde(default)]
+    pub nonfinite_streak: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -360,7 +364,8 @@ pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
 }
 
 /// Test hook: `ST_TUNE_CRASH_AT="PLACE:STEP[:SIGNAL][,...]"` sends the process SIGNAL (`KILL`,
-/// the default, as a power cut would; `TERM` or `INT`, as a scheduler or Ctrl-C would) at that
+/// the default, as a power cut would; `TERM` or `INT`, as a scheduler or Ctrl-C would; `STOP`,
+/// to freeze it until SIGCONT) at that
 /// place of optimizer step STEP (1-based): `step`, between backward and update; `checkpoint`,
 /// half-way through writing one; `eval`, during an evaluation.
 pub fn crash_point(place: &str, step: usize) {
@@ -380,6 +385,8 @@ pub fn crash_point(place: &str, step: usize) {
             let signal = match parts.next() {
                 Some("TERM") => libc::SIGTERM,
                 Some("INT") => libc::SIGINT,
+                // Frozen until SIGCONT, holding what it holds (tests of the folder lock).
+                Some("STOP") => libc::SIGSTOP,
                 _ => libc::SIGKILL,
             };
             // SAFETY: kill(2) on our own pid.

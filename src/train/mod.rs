@@ -9,6 +9,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod eval;
 pub mod measure;
+pub mod nonfinite;
 pub mod optim;
 pub mod passes;
 pub mod precision;
@@ -53,6 +54,8 @@ pub struct RunOptions {
     pub interrupt: Arc<AtomicI32>,
     /// OOMs to inject, as `ST_TUNE_INJECT_OOM` takes them (the CLI passes that variable on).
     pub inject_oom: Option<String>,
+    /// Steps whose gradients to make NaN, as `ST_TUNE_INJECT_NONFINITE` takes them.
+    pub inject_nonfinite: Option<String>,
     /// Continue from the newest checkpoint in `output.dir` (`train --resume`).
     pub resume: bool,
     /// A sweep trial's pruner: report at rungs, stop when out (`train --prune FILE`).
@@ -65,6 +68,7 @@ impl Default for RunOptions {
             output: Output::Quiet,
             interrupt: Arc::new(AtomicI32::new(0)),
             inject_oom: None,
+            inject_nonfinite: None,
             resume: false,
             pruner: None,
         }
@@ -271,9 +275,25 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let out_dir = &cfg.output.dir;
     // A bad config is reported before what the folder holds.
     cfg.validate()?;
+    // One run per folder (src/lock.rs), locked before it is read. A folder that does not
+    // exist yet is made once the model and data have loaded, so bad input writes nothing.
+    let early = match out_dir.exists() {
+        true => Some(crate::lock::output_dir(out_dir)?),
+        false => None,
+    };
     // Decided before anything is written, so a refused run leaves the folder as it was.
-    let resume = checkpoint_to_resume(cfg, opts.resume)?;
+    let resume = early
+        .is_some()
+        .then(|| checkpoint_to_resume(cfg, opts.resume))
+        .transpose()?;
     let loaded = load(cfg)?;
+    let (_lock, resume) = match (early, resume) {
+        (Some(lock), Some(resume)) => (lock, resume),
+        _ => (
+            crate::lock::output_dir(out_dir)?,
+            checkpoint_to_resume(cfg, opts.resume)?,
+        ),
+    };
     let budget = MemoryBudget::new(cfg.memory.limit.as_ref(), &loaded.model.device)?;
     let planned = plan(cfg, &loaded, &budget)?;
     let restored = match &resume {
@@ -360,6 +380,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         mem: MemState::new(micro, configured_micro(t), cfg.memory.regrow_after),
         best: None,
         dev_before: None,
+        nonfinite_streak: 0,
     };
     let escalate = &cfg.memory.escalate;
     let mut trainer = Trainer::new(
@@ -371,6 +392,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         data,
         Some(&train_set),
     )?;
+    if let Some(spec) = &opts.inject_nonfinite {
+        trainer.inject_nonfinite = nonfinite::parse_injection(spec)?;
+    }
     // The dev figures, and with train.matryoshka_dims those at each width too.
     let widths = t.matryoshka_dims.clone().unwrap_or_default();
     let dev_eval_at = |m: &SentenceModel, widths: &[usize]| {
@@ -442,10 +466,33 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             rows,
             lr: schedule.lr(step),
         };
-        let mut note = |note| report(&mut reporter, step + 1, note);
+        let mut last_nonfinite = None;
+        let mut note = |note: Note| {
+            if let Note::NonFinite(e) = &note {
+                last_nonfinite = Some(e.clone());
+            }
+            report(&mut reporter, step + 1, note)
+        };
         let (scaler, mem) = (&mut progress.scaler, &mut progress.mem);
         let loss = match trainer.optimizer_step(at, scaler, mem, &mut note)? {
-            Stepped::Done { loss } => loss,
+            Stepped::Done { loss } => {
+                progress.nonfinite_streak = 0;
+                loss
+            }
+            Stepped::NonFinite { loss } => {
+                progress.nonfinite_streak += 1;
+                if progress.nonfinite_streak >= t.max_nonfinite_steps {
+                    // Nothing is saved: the weights are those of the last good update, but
+                    // they are what made these steps non-finite.
+                    reporter.finish();
+                    let last = last_nonfinite.expect("a skipped step is reported");
+                    let newest = checkpoint::list(out_dir)?.pop().map(|(_, p)| p);
+                    let newest = newest.map(|p| p.display().to_string());
+                    let streak = progress.nonfinite_streak;
+                    return Err(nonfinite::diverged(t, streak, &last, newest.as_deref()));
+                }
+                loss
+            }
             Stepped::NothingFits(why) => {
                 let stopped = "stopped: out of memory";
                 save_final(&model, cfg, &info, step, stopped, 1, mem.max_micro)?;
@@ -515,7 +562,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                     "loss" => Some(loss as f64),
                     name => dev_now.as_ref().and_then(|c| c.figure(name)),
                 };
-                if let Some(v) = value {
+                if let Some(v) = value.filter(|v| v.is_finite()) {
                     if p.report(k, rows.1, v)? {
                         reporter.pruned(done, rows.1, v);
                         pruned = Some(dev_now);
@@ -526,7 +573,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
         let signal = opts.interrupt.load(Ordering::SeqCst);
         let every = cfg.output.checkpoint_steps;
-        if signal != 0 || (every > 0 && (done % every == 0 || done == total)) {
+        // No checkpoint amid non-finite steps: the newest stays one taken before them.
+        let periodic = every > 0 && (done % every == 0 || done == total);
+        if signal != 0 || (periodic && progress.nonfinite_streak == 0) {
             let staged = checkpoint::stage(
                 out_dir,
                 &progress,
@@ -735,6 +784,7 @@ fn report(reporter: &mut Reporter, step: usize, note: Note) {
         Note::Escalated(lever) => reporter.escalated(step, lever.as_str()),
         Note::Skipped { loss_scale } => reporter.skipped(step, loss_scale),
         Note::Regrew { micro } => reporter.regrew(step, micro),
+        Note::NonFinite(e) => reporter.nonfinite(&e),
     }
 }
 

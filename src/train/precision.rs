@@ -40,28 +40,39 @@ impl LossScaler {
         }
     }
 
-    /// Divides the gradients by the scale. Returns false (skip this step) if any is inf or NaN.
-    pub fn unscale(&mut self, grads: &mut Grads) -> Result<bool> {
+    /// Divides the gradients by the scale (their finiteness is judged afterwards, from the
+    /// global norm that clipping computes: `step.rs`).
+    pub fn unscale(&self, grads: &mut Grads) -> Result<()> {
+        if self.enabled {
+            for g in grads.values_mut() {
+                *g = (&*g / self.scale)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A step whose gradients were all finite: after `growth_interval` of them, double.
+    pub fn clean_step(&mut self) {
         if !self.enabled {
-            return Ok(true);
-        }
-        let mut finite = true;
-        for g in grads.values_mut() {
-            *g = (&*g / self.scale)?;
-            let s = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            finite &= s.is_finite();
-        }
-        if !finite {
-            self.scale = (self.scale / 2.0).max(1.0);
-            self.clean_steps = 0;
-            return Ok(false);
+            return;
         }
         self.clean_steps += 1;
         if self.clean_steps >= self.growth_interval {
             self.scale *= 2.0;
             self.clean_steps = 0;
         }
-        Ok(true)
+    }
+
+    /// A step with a NaN or infinity: halve the scale (not below 1). Returns whether the scale
+    /// could still be lowered, i.e. whether the overflow may be the scale's doing.
+    pub fn overflowed(&mut self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let lowered = self.scale > 1.0;
+        self.scale = (self.scale / 2.0).max(1.0);
+        self.clean_steps = 0;
+        lowered
     }
 }
 
@@ -71,27 +82,44 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     #[test]
-    fn an_overflowing_gradient_halves_the_scale_and_skips_the_step() {
+    fn an_overflow_halves_the_scale_down_to_one_and_unscaling_divides() {
         let mut s = LossScaler::new(Precision::F16);
-        let mut grads = Grads::from([(
-            "w".into(),
-            Tensor::new(&[f32::INFINITY, 1.0], &Device::Cpu).unwrap(),
-        )]);
-        assert!(!s.unscale(&mut grads).unwrap());
+        assert!(s.overflowed());
         assert_eq!(s.scale, 32768.0);
         let mut grads = Grads::from([(
             "w".into(),
             Tensor::new(&[65536.0f32, 0.0], &Device::Cpu).unwrap(),
         )]);
-        assert!(s.unscale(&mut grads).unwrap());
+        s.unscale(&mut grads).unwrap();
         assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![2.0, 0.0]);
+        while s.scale > 1.0 {
+            assert!(s.overflowed());
+        }
+        assert!(!s.overflowed(), "at 1 the scale cannot help any more");
+        assert_eq!(s.scale, 1.0);
+    }
+
+    #[test]
+    fn the_scale_doubles_after_the_growth_interval_of_clean_steps() {
+        let mut s = LossScaler::new(Precision::F16);
+        for _ in 0..1999 {
+            s.clean_step();
+        }
+        assert_eq!(s.scale, 65536.0);
+        s.clean_step();
+        assert_eq!(s.scale, 131072.0);
     }
 
     #[test]
     fn bf16_and_f32_do_not_scale() {
         let mut s = LossScaler::new(Precision::Bf16);
         let mut grads = Grads::from([("w".into(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap())]);
-        assert!(s.unscale(&mut grads).unwrap());
+        s.unscale(&mut grads).unwrap();
+        s.clean_step();
+        assert!(
+            !s.overflowed(),
+            "nothing to lower: the guard counts the step"
+        );
         assert_eq!(s.scale, 1.0);
         assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![3.0]);
     }

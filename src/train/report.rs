@@ -1,6 +1,6 @@
 //! One stream of run events to three places: `metrics.jsonl` (every logged step and every
 //! evaluation), `events.jsonl` (what happened to the run: each line has `"event"` — `oom`,
-//! `escalate`, `regrow`, `skipped_step`, `checkpoint`, `resume`, `interrupted`, `pruned` — and `"step"`,
+//! `escalate`, `regrow`, `skipped_step`, `nonfinite`, `checkpoint`, `resume`, `interrupted`, `pruned` — and `"step"`,
 //! the 1-based optimizer step it concerns), and the terminal: a progress bar on a TTY, plain
 //! lines otherwise, or JSON lines with `--json` (for scripts and sweeps).
 //!
@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::train::eval::Scores;
+use crate::train::nonfinite::NonFinite;
 use crate::train::step::OomEvent;
 
 /// `println!` that ignores write errors: a closed stdout (the reader of a pipe quit, the
@@ -272,6 +273,24 @@ impl Reporter {
         if self.output == Output::Human {
             self.message(&format!(
                 "step {step}: f16 gradient overflow, update skipped; loss scale now {new_scale}"
+            ));
+        }
+    }
+
+    /// A step whose loss or gradients were NaN or infinite: no update (`nonfinite.rs`).
+    pub fn nonfinite(&mut self, e: &NonFinite) {
+        let fields = serde_json::to_value(e).expect("plain struct");
+        self.event("nonfinite", e.step as usize + 1, fields);
+        if self.output == Output::Human {
+            let place = e
+                .tensor
+                .as_deref()
+                .map(|t| format!(", first in `{t}`"))
+                .unwrap_or_default();
+            self.message(&format!(
+                "step {}: NaN or infinity in the {} pass{place}, update skipped",
+                e.step + 1,
+                format!("{:?}", e.phase).to_lowercase()
             ));
         }
     }

@@ -19,6 +19,7 @@ use crate::memory::policy::{Action, Event, MemState, Scheme, StepShape};
 use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::SentenceModel;
 use crate::train::checkpoint;
+use crate::train::nonfinite::{self, NonFinite};
 use crate::train::optim::{clip_coefficient, grad_norm, AdamW, Grads};
 use crate::train::passes::{Batch, Gradients, Outcome, Pass, Runner};
 use crate::train::precision::LossScaler;
@@ -86,6 +87,8 @@ pub enum Note {
     Regrew {
         micro: usize,
     },
+    /// A NaN or infinite loss or gradient norm: no update (`nonfinite.rs`).
+    NonFinite(NonFinite),
 }
 
 /// How an optimizer step ended.
@@ -93,6 +96,8 @@ pub enum Note {
 pub enum Stepped {
     /// The step's loss; its update was applied (or skipped for an f16 overflow).
     Done { loss: f32 },
+    /// The loss or a gradient was NaN or infinite: the update was skipped (`nonfinite.rs`).
+    NonFinite { loss: f32 },
     /// Not even one row per pass fits with every allowed lever pulled. The weights are the
     /// previous step's; the message names the step, the row, the memory and the keys to change.
     NothingFits(String),
@@ -133,6 +138,8 @@ pub struct Trainer<'a> {
     escalate: Vec<Lever>,
     max_grad_norm: f64,
     pub optimizer: AdamW,
+    /// The test hook's 0-based steps whose gradients become NaN (`nonfinite.rs`).
+    pub inject_nonfinite: BTreeSet<u64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -158,6 +165,7 @@ impl<'a> Trainer<'a> {
             escalate: escalate.to_vec(),
             max_grad_norm: t.max_grad_norm,
             optimizer: AdamW::new(t.weight_decay),
+            inject_nonfinite: BTreeSet::new(),
         })
     }
 
@@ -181,20 +189,39 @@ impl<'a> Trainer<'a> {
             Err(NothingFits(why)) => return Ok(Stepped::NothingFits(why)),
         };
         checkpoint::crash_point("step", step as usize + 1);
-        // f16: an overflowing gradient skips the update (and halves the scale).
-        if scaler.unscale(&mut grads)? {
-            let clip = clip_coefficient(grad_norm(&grads)?, self.max_grad_norm);
+        if self.inject_nonfinite.contains(&step) {
+            nonfinite::poison(&mut grads)?;
+        }
+        scaler.unscale(&mut grads)?;
+        // The one pass over the gradients: clipping needs the norm, and a NaN or infinity
+        // anywhere makes it non-finite.
+        let norm = grad_norm(&grads)?;
+        let mut applied = true;
+        if loss.is_finite() && norm.is_finite() {
+            scaler.clean_step();
+            let clip = clip_coefficient(norm, self.max_grad_norm);
             self.update(&grads, clip, lr, step, mem, notes)?;
-        } else {
+        } else if scaler.overflowed() && loss.is_finite() {
+            // f16 with room to lower the scale: the scaler's ordinary skip.
             notes(Note::Skipped {
                 loss_scale: scaler.scale,
             });
+        } else {
+            notes(Note::NonFinite(NonFinite::describe(
+                step, loss, norm, &grads,
+            )?));
+            applied = false;
         }
         drop(grads);
+        // The memory policy counts the step either way: its passes fitted.
         if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
             notes(Note::Regrew { micro });
         }
-        Ok(Stepped::Done { loss })
+        Ok(if applied {
+            Stepped::Done { loss }
+        } else {
+            Stepped::NonFinite { loss }
+        })
     }
 
     /// The gradients of `rows` over micro-batches of `mem.micro` rows, in the scheme the
