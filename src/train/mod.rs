@@ -8,6 +8,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod eval;
 pub mod measure;
+pub mod mine;
 pub mod optim;
 pub mod passes;
 pub mod precision;
