@@ -16,10 +16,7 @@ fn st_tune(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    (out.status.success(), String::from_utf8(out.stderr).unwrap())
 }
 
 /// `st-tune mine` on the fixture pairs (with the fixture corpus when `corpus`), output read back.
@@ -130,11 +127,16 @@ fn negatives_match_mine_hard_negatives_for_every_option_set() {
             compared += 1;
         }
         let all = case["rows"].as_array().unwrap().len();
-        assert!(compared * 10 >= all * 9, "{name}: only {compared} of {all} compared");
+        assert!(
+            compared * 10 >= all * 9,
+            "{name}: only {compared} of {all} compared"
+        );
         // Nothing beyond the pairs Python wrote.
-        let python_pairs = case["rows"].as_array().unwrap().iter().filter(|r| {
-            !r["negatives"].as_array().unwrap().is_empty()
-        });
+        let python_pairs = case["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| !r["negatives"].as_array().unwrap().is_empty());
         assert_eq!(got.len(), python_pairs.count(), "{name}: rows written");
     }
 }
@@ -142,9 +144,23 @@ fn negatives_match_mine_hard_negatives_for_every_option_set() {
 #[test]
 fn random_sampling_is_seeded_and_stays_in_the_window_and_filters() {
     let tmp = tempfile::tempdir().unwrap();
-    let window = ["--range-min", "2", "--range-max", "10", "--max-score", "0.5"];
+    let window = [
+        "--range-min",
+        "2",
+        "--range-max",
+        "10",
+        "--max-score",
+        "0.5",
+    ];
     let run = |seed: &str, file: &str| {
-        let mut args = vec!["--sampling", "random", "--num-negatives", "3", "--seed", seed];
+        let mut args = vec![
+            "--sampling",
+            "random",
+            "--num-negatives",
+            "3",
+            "--seed",
+            seed,
+        ];
         args.extend(window);
         negatives_by_pair(&mine(&tmp.path().join(file), true, &args))
     };
@@ -162,7 +178,10 @@ fn random_sampling_is_seeded_and_stays_in_the_window_and_filters() {
     for (key, negs) in &a {
         let allowed: HashSet<&String> = top[key].iter().collect();
         assert!(negs.len() <= 3);
-        assert!(negs.iter().all(|n| allowed.contains(n)), "{key:?}: {negs:?}");
+        assert!(
+            negs.iter().all(|n| allowed.contains(n)),
+            "{key:?}: {negs:?}"
+        );
         // Kept in score order: the order of the window.
         let ranks: Vec<usize> = negs
             .iter()
@@ -207,6 +226,55 @@ fn too_many_negatives_or_a_repeated_corpus_text_is_a_clear_error() {
         corpus.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(err.contains("corpus.txt:3") && err.contains("line 1"), "{err}");
+    assert!(
+        err.contains("corpus.txt:3") && err.contains("line 1"),
+        "{err}"
+    );
     assert!(!out.exists(), "nothing written on an error");
+}
+
+#[test]
+fn corpus_chunks_change_nothing() {
+    use st_tune::train::mine::{mine_in_chunks, MineOptions, Sampling};
+    let device = candle_core::Device::Cpu;
+    let model = st_tune::model::SentenceModel::load(
+        common::real_model("all-MiniLM-L6-v2").to_str().unwrap(),
+        &device,
+        None,
+    )
+    .unwrap();
+    let pairs = st_tune::data::read::read_dataset(
+        &common::fixture("retrieval-pairs.csv"),
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let corpus =
+        st_tune::data::read::read_corpus(&common::fixture("retrieval-corpus.txt")).unwrap();
+    let o = MineOptions {
+        num_negatives: 4,
+        range_min: 1,
+        relative_margin: Some(0.2),
+        sampling: Sampling::Random,
+        ..MineOptions::default()
+    };
+    let run = |chunk| {
+        mine_in_chunks(&model, &device, &pairs, &corpus, &o, 16, chunk, &|_, _| {}).unwrap()
+    };
+    let whole = run(10_000);
+    assert_eq!(whole.len(), 49, "one result per distinct anchor");
+    for chunk in [1, 7, 50] {
+        let got = run(chunk);
+        assert_eq!(got.len(), whole.len());
+        for (g, w) in got.iter().zip(&whole) {
+            let texts = |m: &st_tune::train::mine::Mined| {
+                m.negatives
+                    .iter()
+                    .map(|n| n.text.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(texts(g), texts(w), "chunk {chunk}: {}", w.anchor);
+        }
+    }
 }

@@ -110,7 +110,10 @@ pub fn run(a: MineArgs) -> Result<()> {
         sampling: a.sampling,
         seed: a.seed,
         query_prompt: model.spec.prompt(a.prompt.as_deref())?.map(str::to_string),
-        corpus_prompt: model.spec.prompt(a.corpus_prompt.as_deref())?.map(str::to_string),
+        corpus_prompt: model
+            .spec
+            .prompt(a.corpus_prompt.as_deref())?
+            .map(str::to_string),
     };
     let bar = corpus_bar(corpus.len() + pairs.len());
     let mined = mine(

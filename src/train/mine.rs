@@ -167,7 +167,8 @@ fn keep_best(hits: &mut Vec<Hit>, k: usize) {
 
 /// The rank window's upper end: `range_max`, or Python's default for it.
 fn window_end(o: &MineOptions, max_positives: usize) -> usize {
-    let filtered = o.max_score.is_some() || o.absolute_margin.is_some() || o.relative_margin.is_some();
+    let filtered =
+        o.max_score.is_some() || o.absolute_margin.is_some() || o.relative_margin.is_some();
     let per_negative = if filtered { 10 } else { 1 };
     o.range_max
         .unwrap_or(o.range_min + o.num_negatives * per_negative + max_positives)
@@ -221,6 +222,31 @@ pub fn mine(
     batch_size: usize,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<Mined>> {
+    mine_in_chunks(
+        model,
+        device,
+        pairs,
+        extra_corpus,
+        o,
+        batch_size,
+        CORPUS_CHUNK,
+        progress,
+    )
+}
+
+/// [`mine`] with the corpus chunk size given (tests check that it changes nothing).
+#[allow(clippy::too_many_arguments)]
+pub fn mine_in_chunks(
+    model: &SentenceModel,
+    device: &Device,
+    pairs: &Dataset,
+    extra_corpus: &[String],
+    o: &MineOptions,
+    batch_size: usize,
+    corpus_chunk: usize,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<Mined>> {
+    let corpus_chunk = corpus_chunk.max(1);
     let task = Task::new(pairs, extra_corpus)?;
     let range_max = window_end(o, task.max_positives);
     check(o, range_max, &task)?;
@@ -241,8 +267,8 @@ pub fn mine(
     let mut pos_scores: Vec<Vec<(usize, f32)>> = vec![Vec::new(); task.queries.len()];
     let mut hits: Vec<Vec<Hit>> = vec![Vec::new(); task.queries.len()];
     progress(0, task.corpus.len());
-    for (c, texts) in task.corpus.chunks(CORPUS_CHUNK).enumerate() {
-        let first = c * CORPUS_CHUNK;
+    for (c, texts) in task.corpus.chunks(corpus_chunk).enumerate() {
+        let first = c * corpus_chunk;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let emb = model.encode_prompted(&refs, o.corpus_prompt.as_deref(), batch_size)?;
         let docs = normalized(&emb, device)?.t()?;
