@@ -5,7 +5,8 @@ all-MiniLM-L6-v2, so tests/mine.rs can check that `st-tune mine` picks the same 
 Data: tests/fixtures/retrieval-pairs.csv (51 rows, 49 anchors: two anchors have two positives)
 and, for most cases, tests/fixtures/retrieval-corpus.txt as extra corpus. One case per option
 set: defaults (top), a range window, max_score, absolute margin, relative margin, n-tuple output,
-and no extra corpus. Each case records the command-line arguments of `st-tune mine` that mean
+and no extra corpus; the "short" cases leave some anchors fewer negatives than asked (triplets:
+fewer rows; n-tuple: the row is left out, as Python does). Each case records the command-line arguments of `st-tune mine` that mean
 the same, and per (anchor, positive) the negatives in Python's order (highest score first).
 
 Ties: an anchor whose choice could flip on a rounding difference between torch and candle
@@ -38,8 +39,11 @@ CASES = [
     ("range window", {"range_min": 3, "range_max": 12, "num_negatives": 4}, True),
     ("max_score", {"max_score": 0.45, "num_negatives": 3}, True),
     ("absolute margin", {"absolute_margin": 0.1, "num_negatives": 5}, True),
+    ("absolute margin, short", {"absolute_margin": 0.55, "range_max": 10, "num_negatives": 3}, True),
     ("relative margin", {"relative_margin": 0.4, "num_negatives": 2}, True),
+    ("relative margin, short", {"relative_margin": 0.6, "range_max": 10, "num_negatives": 3}, True),
     ("n-tuple", {"output_format": "n-tuple", "num_negatives": 3, "max_score": 0.5}, True),
+    ("n-tuple, short", {"output_format": "n-tuple", "num_negatives": 4, "max_score": 0.3, "range_max": 8}, True),
     ("no corpus", {"num_negatives": 2, "range_min": 1}, False),
 ]
 
