@@ -231,6 +231,20 @@ fn too_many_negatives_or_a_repeated_corpus_text_is_a_clear_error() {
         "{err}"
     );
     assert!(!out.exists(), "nothing written on an error");
+
+    let (ok, err) = st_tune(&[
+        "mine",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        pairs.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--prompt",
+        "nosuch",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no prompt named \"nosuch\""), "{err}");
 }
 
 #[test]

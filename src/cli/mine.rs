@@ -63,12 +63,14 @@ pub struct MineArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Put the model's prompt of this name before the anchors (e.g. "query"), as Python's
-    /// `query_prompt_name`. Unset: the model's `default_prompt_name`, if it has one.
+    /// Put the model's prompt of this name before the anchors, as Python's `query_prompt_name`.
+    /// Unset: its "query" prompt if it has one (as Python's `encode_query`), else its
+    /// `default_prompt_name`, if any.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// The model's prompt of this name before the corpus and positive texts (e.g. "passage"),
-    /// as Python's `corpus_prompt_name`. Unset: the model's `default_prompt_name`, if any.
+    /// Put the model's prompt of this name before the corpus and positive texts, as Python's
+    /// `corpus_prompt_name`. Unset: its first of "document", "passage", "corpus" (as Python's
+    /// `encode_document`), else its `default_prompt_name`, if any.
     #[arg(long)]
     pub corpus_prompt: Option<String>,
 }
@@ -109,11 +111,12 @@ pub fn run(a: MineArgs) -> Result<()> {
         relative_margin: a.relative_margin,
         sampling: a.sampling,
         seed: a.seed,
-        query_prompt: model.spec.prompt(a.prompt.as_deref())?.map(str::to_string),
-        corpus_prompt: model
-            .spec
-            .prompt(a.corpus_prompt.as_deref())?
-            .map(str::to_string),
+        query_prompt: side_prompt(&model, a.prompt.as_deref(), &["query"])?,
+        corpus_prompt: side_prompt(
+            &model,
+            a.corpus_prompt.as_deref(),
+            &["document", "passage", "corpus"],
+        )?,
     };
     let bar = corpus_bar(corpus.len() + pairs.len());
     let mined = mine(
@@ -133,6 +136,22 @@ pub fn run(a: MineArgs) -> Result<()> {
     write(&a.output, format, &header, &rows)?;
     report(&mined, &rows, a.num_negatives, a.output_format);
     Ok(())
+}
+
+/// The prompt text of one side: the one named, else the first of `usual` the model has (as
+/// Python's `encode_query` / `encode_document`), else the model's default prompt.
+fn side_prompt(
+    model: &SentenceModel,
+    named: Option<&str>,
+    usual: &[&str],
+) -> Result<Option<String>> {
+    let name = named.or_else(|| {
+        usual
+            .iter()
+            .copied()
+            .find(|n| model.spec.prompts.contains_key(*n))
+    });
+    Ok(model.spec.prompt(name)?.map(str::to_string))
 }
 
 /// The output's columns and rows: one per (anchor, positive, negative), or one per
