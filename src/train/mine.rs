@@ -257,14 +257,7 @@ pub fn mine_in_chunks(
         &model.encode_prompted(&query_refs, o.query_prompt.as_deref(), batch_size)?,
         device,
     )?;
-    // Which queries each positive belongs to, to read their scores as the chunk passes.
-    let mut owners: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (q, docs) in task.positives.iter().enumerate() {
-        for &d in docs {
-            owners.entry(d).or_default().push(q);
-        }
-    }
-    let mut pos_scores: Vec<Vec<(usize, f32)>> = vec![Vec::new(); task.queries.len()];
+    let mut pos_scores: Vec<Vec<f32>> = vec![Vec::new(); task.queries.len()];
     let mut hits: Vec<Vec<Hit>> = vec![Vec::new(); task.queries.len()];
     progress(0, task.corpus.len());
     for (c, texts) in task.corpus.chunks(corpus_chunk).enumerate() {
@@ -283,9 +276,10 @@ pub fn mine_in_chunks(
                     doc: first + j,
                 }));
                 keep_best(best, k);
-                for (j, &score) in row.iter().enumerate() {
-                    if owners.get(&(first + j)).is_some_and(|qs| qs.contains(&q)) {
-                        pos_scores[q].push((first + j, score));
+                // The query's positive scores, for the margins, as their chunk passes.
+                for &d in &task.positives[q] {
+                    if (first..first + row.len()).contains(&d) {
+                        pos_scores[q].push(row[d - first]);
                     }
                 }
             }
@@ -297,10 +291,7 @@ pub fn mine_in_chunks(
     let mut out = Vec::with_capacity(task.queries.len());
     for (q, mut pool) in hits.into_iter().enumerate() {
         pool.sort_unstable_by(rank);
-        let min_positive = pos_scores[q]
-            .iter()
-            .map(|&(_, s)| s)
-            .fold(f32::INFINITY, f32::min);
+        let min_positive = pos_scores[q].iter().copied().fold(f32::INFINITY, f32::min);
         let window: Vec<Hit> = pool
             .into_iter()
             .filter(|h| !task.positives[q].contains(&h.doc) && allowed(h.score, min_positive, o))
