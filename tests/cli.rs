@@ -1259,10 +1259,11 @@ fn a_saved_model_says_which_st_tune_wrote_it() {
 // ---------------------------------------------------------------------------------------------
 
 /// The subcommands every completion script and the man page must name.
-const SUBCOMMANDS: [&str; 9] = [
+const SUBCOMMANDS: [&str; 10] = [
     "train",
     "encode",
     "eval",
+    "mine",
     "plan",
     "config",
     "bench",

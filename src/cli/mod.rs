@@ -7,6 +7,7 @@ pub mod config;
 pub mod encode;
 pub mod eval;
 pub mod man;
+pub mod mine;
 pub mod plan;
 pub mod plot;
 pub mod random;
@@ -41,6 +42,7 @@ pub enum Command {
     Train(train::TrainArgs),
     Encode(encode::EncodeArgs),
     Eval(eval::EvalArgs),
+    Mine(mine::MineArgs),
     Plan(plan::PlanArgs),
     Config(config::ConfigArgs),
     Bench(bench::BenchArgs),
@@ -58,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Encode(a) => encode::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Mine(a) => mine::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Config(a) => config::run(a),
         Command::Bench(a) => bench::run(a),

@@ -9,6 +9,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod eval;
 pub mod measure;
+pub mod mine;
 pub mod nonfinite;
 pub mod optim;
 pub mod passes;
