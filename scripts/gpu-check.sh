@@ -60,6 +60,7 @@ else
   gpu=${device#cuda}; gpu=${gpu#:}; gpu=${gpu:-0}
   smi() { nvidia-smi -i "$gpu" --query-gpu="$1" --format=csv,noheader,nounits; }
   machine=$(smi name,memory.total,driver_version)
+  nvidia-smi -i "$gpu"
   # cuBLAS, cuRAND and NVRTC from the machine's Python CUDA packages.
   libs=$("$py" - <<'PY'
 import importlib, os
