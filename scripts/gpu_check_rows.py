@@ -135,22 +135,11 @@ def oom(model, size, device, run, stdout, rc):
 
 
 def step(model, prec, shape, device, bench, peak, peer, peer_idle="0"):
-    b = jsonl(bench)
-    if not b:
-        raise ValueError(f"{bench}: no measurement (see the log)")
-    b = b[0]
-    if peak == "-":
-        peak, how = b["peak_bytes"], "counting allocator"
-    elif peak:
-        peak, how = int(float(peak)), "driver, sampled every 20 ms, minus idle"
-    else:
-        peak, how = None, "not sampled"
-    st = f"{device}: {b['seconds']:.3f} s, peak {gib(peak) if peak else '?'} ({how})"
+    b = jsonl(bench) if os.path.exists(bench) else []
     batch, seq = (int(x) for x in shape.split("x"))
     p = [r for r in (jsonl(peer) if peer != "-" and os.path.exists(peer) else [])
          if r["batch"] == batch and r["seq"] == seq and r["precision"] == prec]
-    est = b["estimated_bytes"]
-    diff = f"plan {gib(est)}" + (f": {100 * (est / peak - 1):+.0f} % of st-tune's peak" if peak else "")
+    pm = None
     if p:
         p = p[0]
         if "max_allocated_bytes" in p:
@@ -160,10 +149,24 @@ def step(model, prec, shape, device, bench, peak, peer, peer_idle="0"):
         else:
             pm = p["peak_rss_bytes"]
             ref = f"peer: {p['median_step_s']:.3f} s ({p['steps']} step), RSS so far {gib(pm)}"
-        mem = f"memory {peak / pm:.2f}x peer; " if peak else ""
-        diff = f"time {b['seconds'] / p['median_step_s']:.2f}x peer; {mem}{diff}"
     else:
         ref = "peer: not run for this size (see the log)"
+    if not b:  # the peer's figures still make the row
+        return row(4, "one training step, CoSENT", model, prec, shape,
+                   f"{device}: FAILED, no measurement (see the log)", ref, "—", "FAIL")
+    b = b[0]
+    if peak == "-":
+        peak, how = b["peak_bytes"], "counting allocator"
+    elif peak:
+        peak, how = int(float(peak)), "driver, sampled every 20 ms, minus idle"
+    else:
+        peak, how = None, "not sampled"
+    st = f"{device}: {b['seconds']:.3f} s, peak {gib(peak) if peak else '?'} ({how})"
+    est = b["estimated_bytes"]
+    diff = f"plan {gib(est)}" + (f": {100 * (est / peak - 1):+.0f} % of st-tune's peak" if peak else "")
+    if p:
+        mem = f"memory {peak / pm:.2f}x peer; " if peak and pm else ""
+        diff = f"time {b['seconds'] / p['median_step_s']:.2f}x peer; {mem}{diff}"
     return row(4, "one training step, CoSENT", model, prec, shape, st, ref, diff, "—")
 
 
