@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build st-tune with candle's CUDA backend on a machine without a GPU, and pack what the GPU
-# check needs into dist/gpu-kit (well under the 64 MiB a device call may carry):
-#   st-tune (stripped, xz-compressed), scripts/gpu-check.sh, the tokenizer and config files of
-#   both models (the weights are made random there), the test sentences.
+# check needs into dist/gpu-kit with scripts/pack-gpu-kit.sh (well under the 64 MiB a device call
+# may carry): st-tune (stripped, xz-compressed), scripts/gpu-check.sh and its helpers
+# gpu_check_rows.py and gpu_peer_step.py, the tokenizer and config files of both models (the
+# weights are made random there), the test sentences.
 # CUDA 13.0's compiler, headers and libraries come from PyPI, pinned to 13.0.* because the GPU
 # machines run driver 580 (CUDA 13.0), which refuses PTX from a newer compiler. Compute
 # capability 90 (H100/H200) is set by hand: there is no GPU here to ask.
@@ -40,16 +41,4 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$links/cuda_st
 export LIBRARY_PATH=$links:$home/lib:${LIBRARY_PATH:-}
 nvcc --version | tail -2
 cargo build --release --features cuda --target-dir target/cuda
-kit=dist/gpu-kit
-rm -rf "$kit" && mkdir -p "$kit"
-strip -o "$kit/st-tune" target/cuda/release/st-tune
-xz -T2 -9 "$kit/st-tune"
-cp scripts/gpu-check.sh tests/fixtures/sentences.txt "$kit/"
-for m in all-MiniLM-L6-v2 all-mpnet-base-v2; do
-  mkdir -p "$kit/$m/1_Pooling"
-  for f in config.json modules.json sentence_bert_config.json tokenizer.json tokenizer_config.json \
-           special_tokens_map.json vocab.txt 1_Pooling/config.json; do
-    [[ -e .weights/$m/$f ]] && cp ".weights/$m/$f" "$kit/$m/$f"
-  done
-done
-du -sh "$kit"
+scripts/pack-gpu-kit.sh target/cuda/release/st-tune dist/gpu-kit
