@@ -9,7 +9,12 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         a.to_dtype(DType::F32).unwrap(),
         b.to_dtype(DType::F32).unwrap(),
     );
-    (a - b)
+    max_abs(&(a - b).unwrap())
+}
+
+/// max |t| over all elements, in f32.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()

@@ -406,7 +406,7 @@ pub fn attention_composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{grads_through, max_diff};
+    use crate::testing::{grads_through, max_abs, max_diff};
     use candle_core::{Device, Var};
     use std::cell::RefCell;
 
@@ -534,14 +534,7 @@ mod tests {
                 for (i, v) in vars.iter().enumerate() {
                     let (a, c) = (gc.get(v).unwrap(), gp.get(v).unwrap());
                     // Relative to the gradient's size: sums of many products.
-                    let scale = a
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        .max(1.0);
+                    let scale = max_abs(a).max(1.0);
                     let d = max_diff(a, c) / scale;
                     assert!(
                         d < tol,
