@@ -3,6 +3,7 @@
 //! tokenized and cut into padded micro-batches. Nothing here knows about models or losses.
 
 pub mod batch;
+pub mod mix;
 pub mod read;
 pub mod tokenize;
 
