@@ -17,20 +17,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::sweep::spec::Goal;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Median,
-    Asha,
-}
+use crate::sweep::spec::{Goal, PruneMethod};
 
 /// What a trial's training process needs to prune itself (`train --prune FILE`, written by the
 /// sweep runner).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pruner {
-    pub method: Method,
+    pub method: PruneMethod,
     /// The first rung, in training rows seen.
     pub min_rows: usize,
     /// Rung spacing (asha: the next rung is `reduction` times further) and asha's cut.
@@ -46,10 +39,10 @@ pub struct Pruner {
 }
 
 /// Rung k is at `min_rows × reduction^k` rows for asha, at `min_rows × (k + 1)` for median.
-pub fn rung_rows(method: Method, min_rows: usize, reduction: usize, k: u32) -> usize {
+pub fn rung_rows(method: PruneMethod, min_rows: usize, reduction: usize, k: u32) -> usize {
     match method {
-        Method::Asha => min_rows.saturating_mul(reduction.saturating_pow(k)),
-        Method::Median => min_rows.saturating_mul(k as usize + 1),
+        PruneMethod::Asha => min_rows.saturating_mul(reduction.saturating_pow(k)),
+        PruneMethod::Median => min_rows.saturating_mul(k as usize + 1),
     }
 }
 
@@ -120,8 +113,8 @@ impl Pruner {
         crate::atomic::write_file(&path, text.as_bytes())?;
         let others = self.others_at(k)?;
         Ok(match self.method {
-            Method::Median => median_prunes(self.goal, value, &others, self.min_trials),
-            Method::Asha => asha_prunes(self.goal, value, &others, self.reduction),
+            PruneMethod::Median => median_prunes(self.goal, value, &others, self.min_trials),
+            PruneMethod::Asha => asha_prunes(self.goal, value, &others, self.reduction),
         })
     }
 
@@ -195,7 +188,7 @@ mod tests {
             rungs_dir: PathBuf::new(),
             trial: 0,
         };
-        let asha = p(Method::Asha);
+        let asha = p(PruneMethod::Asha);
         assert_eq!(rung_crossed(&asha, 0, 99), None);
         assert_eq!(rung_crossed(&asha, 96, 112), Some(0));
         assert_eq!(rung_crossed(&asha, 112, 128), None);
@@ -205,7 +198,7 @@ mod tests {
             Some(2),
             "several at once: the last"
         );
-        let median = p(Method::Median);
+        let median = p(PruneMethod::Median);
         assert_eq!(rung_crossed(&median, 190, 210), Some(1), "every 100 rows");
     }
 }
