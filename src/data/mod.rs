@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod read;
 pub mod tokenize;
+pub mod tokenized;
 
 use std::path::PathBuf;
 

@@ -10,8 +10,8 @@
 //! Trial N's keys depend on the trials before it that had finished when it started: run one
 //! trial at a time and the sweep is reproducible; concurrent trials see different histories.
 
-use crate::sweep::spec::{Sweep, Values};
 use crate::sweep::draw::{round, SplitMix64};
+use crate::sweep::spec::{Sweep, Values};
 
 /// Random trials before TPE takes over.
 pub const STARTUP_TRIALS: usize = 5;

@@ -2,8 +2,8 @@
 //! (sweep file, N) only, so trials come out the same in any order, at any concurrency, on any
 //! machine; later TPE trials are chosen from the history when they start (`tpe.rs`).
 
-use crate::sweep::spec::{Method, Sweep, Values};
 use crate::sweep::draw::{round, SplitMix64};
+use crate::sweep::spec::{Method, Sweep, Values};
 use crate::sweep::tpe::STARTUP_TRIALS;
 
 /// Trial `index`'s (key, value) pairs in key order; `None` for a TPE trial past the startup

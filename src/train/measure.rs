@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::config::TrainSection;
+use crate::data::tokenized::TokenizedData;
 use crate::error::{Error, Result};
 use crate::memory::alloc;
 use crate::memory::oom::Injector;
@@ -15,7 +16,7 @@ use crate::memory::policy::MemState;
 use crate::memory::MemoryBudget;
 use crate::model::SentenceModel;
 use crate::train::precision::LossScaler;
-use crate::train::step::{StepAt, Stepped, TokenizedData, Trainer};
+use crate::train::step::{StepAt, Stepped, Trainer};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepMeasure {

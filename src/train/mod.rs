@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::config::{Config, MicroBatch, TrainSection};
 use crate::data::batch::{text_ids, EpochBatches};
 use crate::data::read::read_dataset;
-use crate::data::tokenize::TextTokenizer;
+use crate::data::tokenized::{tokenize, TokenizedData};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses;
@@ -44,7 +44,7 @@ use eval::{evaluate_widths, DevScores, Scores};
 use precision::LossScaler;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
-use step::{Note, StepAt, Stepped, TokenizedData, Trainer};
+use step::{Note, StepAt, Stepped, Trainer};
 
 /// How a run talks to its caller.
 #[derive(Clone)]
@@ -897,37 +897,6 @@ fn check_teacher_width(set: &Dataset, width: usize) -> Result<()> {
         )),
         _ => Ok(()),
     }
-}
-
-/// Tokenizes every text of every row once, before training, each after its column's prompt.
-fn tokenize(tokenizer: &TextTokenizer, set: &Dataset) -> Result<TokenizedData> {
-    let columns = set.shape.text_columns();
-    let mut per_col = Vec::new();
-    let mut prompt_tokens = Vec::new();
-    for c in 0..columns {
-        let prompt = set.prompt(c).unwrap_or("");
-        let texts: Vec<String> = set
-            .rows
-            .iter()
-            .map(|r| format!("{prompt}{}", r.texts[c]))
-            .collect();
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        per_col.push(tokenizer.encode(&texts)?);
-        prompt_tokens.push(match prompt {
-            "" => 0,
-            p => tokenizer.prompt_length(p)?,
-        });
-    }
-    let tokens = (0..set.len())
-        .map(|r| (0..columns).map(|c| per_col[c][r].clone()).collect())
-        .collect();
-    Ok(TokenizedData {
-        tokens,
-        scores: set.rows.iter().map(|r| r.score).collect(),
-        teachers: set.rows.iter().filter_map(|r| r.teacher.clone()).collect(),
-        columns,
-        prompt_tokens,
-    })
 }
 
 /// What the model card says about the run besides the config and the run's own files.

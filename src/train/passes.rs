@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
+use crate::data::tokenized::TokenizedData;
 use crate::error::{Error, Result};
 use crate::losses::{self, Loss};
 use crate::memory::oom::{is_oom, Injector, Phase};
@@ -29,7 +30,6 @@ use crate::model::{Network, SentenceModel};
 use crate::train::optim::{self, Grads};
 use crate::train::precision;
 use crate::train::recompute::{backward_recomputing, forward_checkpoints};
-use crate::train::step::TokenizedData;
 
 /// What every pass computes with: the networks at the precision in force, the loss, dropout,
 /// and where an OOM is detected (the memory budget) or injected.

@@ -9,9 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{Device, Tensor};
-
 use crate::config::{Lever, Precision, TrainSection};
+use crate::data::tokenized::TokenizedData;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::memory::oom::{is_oom, Injector, Phase};
@@ -23,43 +22,6 @@ use crate::train::nonfinite::{self, NonFinite};
 use crate::train::optim::{clip_coefficient, grad_norm, AdamW, Grads};
 use crate::train::passes::{Batch, Gradients, Outcome, Pass, Runner};
 use crate::train::precision::LossScaler;
-
-/// The tokenized training set: `tokens[row][column]`, `scores[row]`, and for distillation
-/// `teachers[row]` (empty otherwise).
-pub struct TokenizedData {
-    pub tokens: Vec<Vec<Vec<u32>>>,
-    pub scores: Vec<Option<f32>>,
-    pub teachers: Vec<Vec<f32>>,
-    pub columns: usize,
-    /// Per column, the leading tokens of its prompt (see `TokenBatch::prompt_tokens`).
-    pub prompt_tokens: Vec<usize>,
-}
-
-impl TokenizedData {
-    /// What the loss takes besides the embeddings for `rows`: the teacher embeddings
-    /// (rows, dim), else the scores (rows,), else nothing.
-    pub fn labels(&self, rows: &[usize], device: &Device) -> Result<Option<Tensor>> {
-        if let Some(first) = self.teachers.first() {
-            let flat: Vec<f32> = rows
-                .iter()
-                .flat_map(|&r| self.teachers[r].iter().copied())
-                .collect();
-            return Ok(Some(Tensor::from_vec(
-                flat,
-                (rows.len(), first.len()),
-                device,
-            )?));
-        }
-        if self.scores.first().is_none_or(|s| s.is_none()) {
-            return Ok(None);
-        }
-        let s: Vec<f32> = rows
-            .iter()
-            .map(|&r| self.scores[r].unwrap_or(0.0))
-            .collect();
-        Ok(Some(Tensor::from_vec(s, rows.len(), device)?))
-    }
-}
 
 /// An OOM that was recovered, for events.jsonl and the progress line.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -340,7 +302,7 @@ impl<'a> Trainer<'a> {
                 })?;
                 let mut tokenizer = self.runner.model.tokenizer.clone();
                 tokenizer.set_max_seq_length(levers.max_seq_length)?;
-                self.data = super::tokenize(&tokenizer, texts)?;
+                self.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
             }
         }
         Ok(())
