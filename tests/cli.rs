@@ -316,7 +316,7 @@ fn eval_json_prints_spearman_pearson_and_the_number_of_pairs() {
     }
 }
 
-use st_tune::train::retrieval::FIGURES as RETRIEVAL_KEYS;
+use st_tune::config::metric::RETRIEVAL as RETRIEVAL_KEYS;
 
 /// Every retrieval figure is there and lies in [0, 1].
 fn assert_retrieval_figures(v: &Value) {

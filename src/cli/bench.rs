@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::{Config, MicroBatch, Precision};
 use crate::error::Result;
 use crate::memory::human_bytes;
-use crate::memory::plan::estimate;
+use crate::memory::plan::{estimate, plan_input};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use crate::train::measure::{measure_step, StepMeasure};
@@ -115,7 +115,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
-            let est = estimate(&model.plan_input(&t, 2)?, &vec![seq; t.batch_size]).total;
+            let est = estimate(
+                &plan_input(&model.plan_shape()?, &t, 2),
+                &vec![seq; t.batch_size],
+            )
+            .total;
             // The planner's use: a step that cannot fit in this machine's memory is not tried.
             if device.is_cpu() && est > crate::memory::available_memory() / 10 * 9 {
                 println!("| {name} | {seq} | skipped: estimated {} > 90 % of the {} available | | | | | |",

@@ -31,10 +31,12 @@ pub use crate::data::read::Format;
 use crate::error::{Error, Result};
 
 mod keys;
+pub mod metric;
 pub use keys::{
     all_keys, DataSection, KeyDoc, MemorySection, ModelSection, OutputSection, TrainSection,
     SECTIONS,
 };
+pub use metric::Metric;
 
 impl TrainSection {
     /// Whether the embedding layer trains: frozen with the layers above it unless the user
@@ -267,19 +269,6 @@ impl fmt::Display for Lever {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// The figures a dev evaluation reports, by name (`train.metric`).
-pub fn dev_figures() -> Vec<&'static str> {
-    let mut all = Vec::new();
-    for shape in crate::data::RowShape::ALL {
-        for name in crate::train::eval::figures(shape) {
-            if !all.contains(&name) {
-                all.push(name);
-            }
-        }
-    }
-    all
 }
 
 /// `memory.escalate`'s own rules: each lever once, not both half types.

@@ -76,7 +76,7 @@ pub struct PruneSpec {
 /// binary-classification figures for labelled pairs, retrieval figures for pairs or triplets,
 /// cosine_accuracy for triplets) or the final training loss (`train.loss`).
 pub fn metrics() -> Vec<String> {
-    let dev = crate::config::dev_figures()
+    let dev = crate::config::metric::dev_figures()
         .into_iter()
         .map(|f| format!("dev.{f}"));
     dev.chain(["train.loss".to_string()]).collect()

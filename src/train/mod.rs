@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, MicroBatch, TrainSection};
+use crate::config::{Config, Metric, MicroBatch, TrainSection};
 use crate::data::batch::{text_ids, EpochBatches};
 use crate::data::read::read_dataset;
 use crate::data::tokenized::{tokenize, TokenizedData};
@@ -186,7 +186,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         None => None,
     };
     if let Some(dev) = &dev_set {
-        if eval::figures(dev.shape).is_empty() {
+        if crate::config::metric::figures(dev.shape).is_empty() {
             return Err(eval::no_evaluation(dev));
         }
     }
@@ -198,7 +198,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
                 "picks the best model by a dev figure, but data.dev is not set",
             ));
         };
-        let figures = eval::figures(dev.shape);
+        let figures = crate::config::metric::figures(dev.shape);
         if !figures.contains(&metric.as_str()) {
             return Err(Error::config(
                 "train.metric",
@@ -235,7 +235,8 @@ pub struct Plan {
 
 pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
-    let input = loaded.model.plan_input(t, loaded.data.columns)?;
+    let input =
+        crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.data.columns);
     let longest = loaded
         .data
         .tokens
@@ -425,7 +426,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             progress.best = progress
                 .dev_before
                 .as_ref()
-                .and_then(|c| c.chosen(t.metric.as_deref()))
+                .and_then(|c| c.chosen(t.metric.map(Metric::as_str)))
                 .map(|(_, value)| value);
         }
     }
@@ -537,7 +538,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             }
             dev_now = dev.map(|d| d.full);
             if let Some(c) = &dev_now {
-                let (name, value) = c.chosen(t.metric.as_deref()).unwrap_or_default();
+                let (name, value) = c.chosen(t.metric.map(Metric::as_str)).unwrap_or_default();
                 if cfg.output.save_best && progress.best.is_none_or(|b| value > b) {
                     progress.best = Some(value);
                     save(
@@ -619,7 +620,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     };
     if let (Some(c), false) = (&dev_after, was_pruned) {
         reporter.eval(total, "after", c, &dev_after_dims);
-        let (name, value) = c.chosen(t.metric.as_deref()).unwrap_or_default();
+        let (name, value) = c.chosen(t.metric.map(Metric::as_str)).unwrap_or_default();
         if cfg.output.save_best && progress.best.is_none_or(|b| value >= b) {
             progress.best = Some(value);
             save(
@@ -643,7 +644,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     save_final(&model, cfg, &info, steps, status, mem.micro, mem.max_micro)?;
     let metric = dev_after
         .as_ref()
-        .and_then(|c| c.chosen(t.metric.as_deref()))
+        .and_then(|c| c.chosen(t.metric.map(Metric::as_str)))
         .map(|(name, _)| name);
     Ok(Summary {
         steps,
@@ -799,7 +800,7 @@ fn what_would_fit(
     longest: usize,
     budget: &MemoryBudget,
 ) -> Result<String> {
-    let input = model.plan_input(t, columns)?;
+    let input = crate::memory::plan::plan_input(&model.plan_shape()?, t, columns);
     Ok(crate::memory::alternatives::advice(
         &input,
         &model.spec.model_type,
