@@ -14,6 +14,7 @@ pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod pooling;
+pub mod recompute;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};

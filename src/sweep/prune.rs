@@ -22,7 +22,7 @@ use crate::sweep::spec::{Goal, PruneMethod};
 /// What a trial's training process needs to prune itself (`train --prune FILE`, written by the
 /// sweep runner).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Pruner {
+pub struct TrialPruner {
     pub method: PruneMethod,
     /// The first rung, in training rows seen.
     pub min_rows: usize,
@@ -47,7 +47,7 @@ pub fn rung_rows(method: PruneMethod, min_rows: usize, reduction: usize, k: u32)
 }
 
 /// The rungs passed when the rows seen go from `before` to `after`; the last one counts.
-pub fn rung_crossed(p: &Pruner, before: usize, after: usize) -> Option<u32> {
+pub fn rung_crossed(p: &TrialPruner, before: usize, after: usize) -> Option<u32> {
     (0..64u32)
         .take_while(|&k| rung_rows(p.method, p.min_rows, p.reduction, k) <= after)
         .filter(|&k| rung_rows(p.method, p.min_rows, p.reduction, k) > before)
@@ -90,15 +90,17 @@ struct Report {
     value: f64,
 }
 
-impl Pruner {
-    pub fn read(path: &Path) -> Result<Pruner> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::sweep(path, format!("is not a pruner file ({e})")))
+impl crate::train::prune::Pruner for TrialPruner {
+    fn metric(&self) -> &str {
+        &self.metric
+    }
+
+    fn rung_crossed(&self, before: usize, after: usize) -> Option<u32> {
+        rung_crossed(self, before, after)
     }
 
     /// Records this trial's `value` at rung `k` and says whether the trial should stop.
-    pub fn report(&self, k: u32, rows: usize, value: f64) -> Result<bool> {
+    fn report(&self, k: u32, rows: usize, value: f64) -> Result<bool> {
         std::fs::create_dir_all(&self.rungs_dir).map_err(|e| Error::io(&self.rungs_dir, e))?;
         let mine = Report {
             trial: self.trial,
@@ -116,6 +118,14 @@ impl Pruner {
             PruneMethod::Median => median_prunes(self.goal, value, &others, self.min_trials),
             PruneMethod::Asha => asha_prunes(self.goal, value, &others, self.reduction),
         })
+    }
+}
+
+impl TrialPruner {
+    pub fn read(path: &Path) -> Result<TrialPruner> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::sweep(path, format!("is not a pruner file ({e})")))
     }
 
     fn others_at(&self, k: u32) -> Result<Vec<f64>> {
@@ -178,7 +188,7 @@ mod tests {
 
     #[test]
     fn rungs_count_rows_so_batch_sizes_compare() {
-        let p = |method| Pruner {
+        let p = |method| TrialPruner {
             method,
             min_rows: 100,
             reduction: 3,

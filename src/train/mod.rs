@@ -14,7 +14,7 @@ pub mod nonfinite;
 pub mod optim;
 pub mod passes;
 pub mod precision;
-pub mod recompute;
+pub mod prune;
 pub mod report;
 pub mod retrieval;
 pub mod schedule;
@@ -35,13 +35,14 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses;
 use crate::memory::oom::Injector;
-use crate::memory::policy::{MemState, RunState};
+use crate::memory::policy::MemState;
 use crate::memory::{alloc, MemoryBudget};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
-use checkpoint::Progress;
+use checkpoint::{Progress, RunState};
 use eval::{evaluate_widths, DevScores, Scores};
 use precision::LossScaler;
+use prune::Pruner;
 use report::{Output, Reporter, StepLog};
 use schedule::LinearSchedule;
 use step::{Note, StepAt, Stepped, Trainer};
@@ -60,7 +61,10 @@ pub struct RunOptions {
     /// Continue from the newest checkpoint in `output.dir` (`train --resume`).
     pub resume: bool,
     /// A sweep trial's pruner: report at rungs, stop when out (`train --prune FILE`).
-    pub pruner: Option<crate::sweep::prune::Pruner>,
+    pub pruner: Option<Arc<dyn Pruner + Send + Sync>>,
+    /// Draws `training.png` in the output folder from its metrics and returns its path (the
+    /// CLI passes `plot::training`, a floor above this one); `None`: no picture.
+    pub curves: Option<fn(&Path) -> Result<PathBuf>>,
 }
 
 impl Default for RunOptions {
@@ -72,6 +76,7 @@ impl Default for RunOptions {
             inject_nonfinite: None,
             resume: false,
             pruner: None,
+            curves: None,
         }
     }
 }
@@ -449,6 +454,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         train_rows: train_set.len(),
         columns: train_set.shape.roles(),
         started,
+        curves: opts.curves,
     };
     alloc::reset_peak();
     let mut peak_memory = 0u64;
@@ -556,11 +562,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         }
         if let Some(p) = &opts.pruner {
             let rows = (step * t.batch_size, done * t.batch_size);
-            if let Some(k) = crate::sweep::prune::rung_crossed(p, rows.0, rows.1) {
-                if dev_now.is_none() && p.metric != "loss" {
+            if let Some(k) = p.rung_crossed(rows.0, rows.1) {
+                if dev_now.is_none() && p.metric() != "loss" {
                     dev_now = dev_eval_at(&model, &[])?.map(|d| d.full);
                 }
-                let value = match p.metric.as_str() {
+                let value = match p.metric() {
                     "loss" => Some(loss as f64),
                     name => dev_now.as_ref().and_then(|c| c.figure(name)),
                 };
@@ -905,6 +911,7 @@ struct RunInfo {
     train_rows: usize,
     columns: &'static [&'static str],
     started: Instant,
+    curves: Option<fn(&Path) -> Result<PathBuf>>,
 }
 
 /// Saves `output.dir/final` with the training curves (`training.png`, also beside it) and the
@@ -920,9 +927,10 @@ fn save_final(
 ) -> Result<()> {
     let out = &cfg.output.dir;
     // The picture is a by-product: failing to draw it must not fail the run.
-    let curves = match crate::plot::training(out) {
-        Ok(png) => Some(png),
-        Err(e) => {
+    let curves = match info.curves.map(|draw| draw(out)) {
+        None => None,
+        Some(Ok(png)) => Some(png),
+        Some(Err(e)) => {
             eprintln!(
                 "warning: training.png not drawn ({e}); `st-tune plot {}` draws it",
                 out.display()

@@ -4,7 +4,7 @@
 //!   back-propagated, gradients summed;
 //! - cached (GradCache): embed the whole batch without a graph, compute the loss and its
 //!   gradient with respect to the embeddings over the full batch, then re-run each micro-batch
-//!   with a graph (or layer by layer, see `recompute.rs`) and back-propagate those gradients.
+//!   with a graph (or layer by layer, see `model/recompute.rs`) and back-propagate those gradients.
 //!
 //! A pass stops at a micro-batch that runs out of memory, after dropping that attempt's tensors
 //! (they go out of scope), and keeps what it has done: run again, it goes on from that
@@ -26,10 +26,10 @@ use crate::memory::policy::Scheme;
 use crate::memory::MemoryBudget;
 use crate::model::dropout::Dropout;
 use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
+use crate::model::recompute::{backward_recomputing, forward_checkpoints};
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::{self, Grads};
 use crate::train::precision;
-use crate::train::recompute::{backward_recomputing, forward_checkpoints};
 
 /// What every pass computes with: the networks at the precision in force, the loss, dropout,
 /// and where an OOM is detected (the memory budget) or injected.
