@@ -69,10 +69,10 @@ pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Resu
             rows: &rows,
             lr: t.lr,
         };
-        if let Stepped::NothingFits(why) =
+        if let Stepped::NothingFits(unfit) =
             trainer.optimizer_step(at, &mut scaler, &mut mem, &mut |_| {})?
         {
-            return Err(Error::OutOfMemory(why));
+            return Err(Error::OutOfMemory(unfit.to_string()));
         }
         measure.seconds = started.elapsed().as_secs_f64();
         measure.peak_bytes = alloc::peak() as u64;

@@ -326,7 +326,15 @@ impl<'a> Run<'a> {
                 }
                 loss
             }
-            Stepped::NothingFits(why) => {
+            Stepped::NothingFits(unfit) if !unfit.weights_intact() => {
+                // An update cut short leaves some tensors updated and others not: a model of no
+                // step, so nothing is saved; the newest checkpoint is the one to go back to.
+                self.reporter.finish();
+                return Err(Error::OutOfMemory(unfit.to_string()));
+            }
+            Stepped::NothingFits(unfit) => {
+                // The weights are the last update's: saved as final/, with the run state a
+                // repeated run starts from.
                 let max_micro = self.progress.mem.max_micro;
                 let at = SavePoint {
                     step,
@@ -338,7 +346,7 @@ impl<'a> Run<'a> {
                 let columns = self.trainer.data().columns;
                 let (model, budget) = (&self.o.model, &self.o.budget);
                 let advice = what_would_fit(model, t, columns, max_micro, longest, budget)?;
-                return Err(Error::OutOfMemory(format!("{why}. {advice}")));
+                return Err(Error::OutOfMemory(format!("{unfit}. {advice}")));
             }
         };
         self.peak_memory = self.peak_memory.max(alloc::peak() as u64);
