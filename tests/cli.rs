@@ -731,6 +731,19 @@ fn train_with_a_toml_syntax_error_names_the_config_file() {
 }
 
 #[test]
+fn bench_refuses_a_lever_the_config_does_not_name_listing_those_it_does() {
+    run(&[
+        "bench",
+        "memory",
+        "--config",
+        "none.toml",
+        "--levers",
+        "f32,ckpt",
+    ])
+    .failed_with(2, &["ckpt", "gradient_checkpointing", "freeze_layers"]);
+}
+
+#[test]
 fn config_without_defaults_says_what_to_run() {
     run(&["config"]).failed_with(2, &["config --defaults"]);
 }

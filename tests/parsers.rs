@@ -777,3 +777,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_mpnet_config_with_too_few_positions_is_refused_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "mpnet", "hidden_size": 8, "max_position_embeddings": 1}"#,
+    )
+    .unwrap();
+    let e = st_tune::model::folder::FolderSpec::read(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("max_position_embeddings is 1"),
+        "{e}"
+    );
+}

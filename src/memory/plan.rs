@@ -185,10 +185,10 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     }
 }
 
-/// The largest micro-batch (a power of two no larger than `batch`) whose estimate fits `limit`,
-/// for rows of `longest` tokens; None when not even one row fits.
+/// The largest micro-batch of `batch`, `batch / 2`, `batch / 4`, … 1 (rounding down) whose
+/// estimate fits `limit`, for rows of `longest` tokens; None when not even one row fits.
 pub fn largest_fitting(p: &PlanInput, batch: usize, longest: usize, limit: u64) -> Option<usize> {
-    let mut micro = batch.next_power_of_two().min(batch.max(1));
+    let mut micro = batch.max(1);
     loop {
         if estimate(p, &vec![longest; micro]).total <= limit {
             return Some(micro);
