@@ -362,7 +362,7 @@ impl<'a> Run<'a> {
     /// The step's log line, every `train.log_steps` steps and at the last.
     fn log(&mut self, epoch: usize, lr: f64, loss: f32) {
         let done = self.progress.step;
-        let log_now = done % self.o.cfg.train.log_steps.max(1) == 0 || done == self.total;
+        let log_now = done.is_multiple_of(self.o.cfg.train.log_steps.max(1)) || done == self.total;
         let secs = self.window_start.elapsed().as_secs_f64();
         let log = StepLog {
             step: done,
@@ -387,7 +387,7 @@ impl<'a> Run<'a> {
         let (cfg, t) = (self.o.cfg, &self.o.cfg.train);
         let done = step + 1;
         let mut dev_now = None;
-        if t.eval_steps > 0 && done % t.eval_steps == 0 && done < self.total {
+        if t.eval_steps > 0 && done.is_multiple_of(t.eval_steps) && done < self.total {
             checkpoint::crash_point("eval", done);
             let dev = self.evaluate(true)?;
             if let Some(d) = &dev {
@@ -405,7 +405,7 @@ impl<'a> Run<'a> {
         let signal = self.opts.interrupt.load(Ordering::SeqCst);
         let every = cfg.output.checkpoint_steps;
         // No checkpoint amid non-finite steps: the newest stays one taken before them.
-        let periodic = every > 0 && (done % every == 0 || done == self.total);
+        let periodic = every > 0 && (done.is_multiple_of(every) || done == self.total);
         if signal != 0 || (periodic && self.progress.nonfinite_streak == 0) {
             let vars = &self.o.model.params.vars;
             let optimizer = &self.trainer.optimizer;
