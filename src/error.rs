@@ -19,6 +19,15 @@ pub enum Error {
     #[error("config key `{key}`: {msg}")]
     Config { key: String, msg: String },
 
+    /// A config file is not valid TOML. `line` and `column` are 1-based.
+    #[error("{file}, line {line}, column {column}: not valid TOML: {msg}")]
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+
     /// A data file has a bad row or header. `line` is 1-based; 0 means "the whole file".
     #[error("{}: {msg}", location(file, *line))]
     Data {
@@ -120,6 +129,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config { .. }
+            | Error::Syntax { .. }
             | Error::Data { .. }
             | Error::Model { .. }
             | Error::Checkpoint { .. }

@@ -6,10 +6,10 @@ mod common;
 
 use candle_core::Device;
 use serde_json::Value;
+use st_tune::config::metric::BINARY as FIGURES;
 use st_tune::data::read::read_dataset;
 use st_tune::data::RowShape;
 use st_tune::model::SentenceModel;
-use st_tune::train::binary::FIGURES;
 use st_tune::train::eval::{evaluate_widths, Scores};
 
 fn fixture() -> Value {

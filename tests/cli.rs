@@ -316,7 +316,7 @@ fn eval_json_prints_spearman_pearson_and_the_number_of_pairs() {
     }
 }
 
-use st_tune::train::retrieval::FIGURES as RETRIEVAL_KEYS;
+use st_tune::config::metric::RETRIEVAL as RETRIEVAL_KEYS;
 
 /// Every retrieval figure is there and lies in [0, 1].
 fn assert_retrieval_figures(v: &Value) {
@@ -728,6 +728,19 @@ fn train_with_a_toml_syntax_error_names_the_config_file() {
     let dir = TempDir::new().unwrap();
     let config = write(&dir, "broken.toml", "[train]\nlr = = 3\n");
     run(&["train", "--config", s(&config)]).failed_with(2, &["broken.toml", "line 2"]);
+}
+
+#[test]
+fn bench_refuses_a_lever_the_config_does_not_name_listing_those_it_does() {
+    run(&[
+        "bench",
+        "memory",
+        "--config",
+        "none.toml",
+        "--levers",
+        "f32,ckpt",
+    ])
+    .failed_with(2, &["ckpt", "gradient_checkpointing", "freeze_layers"]);
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use st_tune::config::TrainSection;
+use st_tune::data::tokenized::TokenizedData;
 use st_tune::losses::{compute, LossKind, Matryoshka};
 use st_tune::memory::oom::Injector;
 use st_tune::memory::policy::MemState;
@@ -15,7 +16,7 @@ use st_tune::memory::MemoryBudget;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
 use st_tune::train::precision::LossScaler;
-use st_tune::train::step::{TokenizedData, Trainer};
+use st_tune::train::step::Trainer;
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()

@@ -17,8 +17,9 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use st_tune::config::{all_keys, Config, Precision};
 use st_tune::data::read::{read_corpus, read_dataset, read_eval_file, Format};
-use st_tune::memory::policy::{MemState, RunState};
+use st_tune::memory::policy::MemState;
 use st_tune::sweep::spec::Sweep;
+use st_tune::train::checkpoint::RunState;
 use st_tune::train::checkpoint::{self, Progress};
 use st_tune::train::optim::{AdamW, Grads};
 use st_tune::train::precision::LossScaler;
@@ -775,4 +776,21 @@ proptest! {
             prop_assert!(1 <= s.micro && s.micro <= s.max_micro);
         }
     }
+}
+
+#[test]
+fn an_mpnet_config_with_too_few_positions_is_refused_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "mpnet", "hidden_size": 8, "max_position_embeddings": 1}"#,
+    )
+    .unwrap();
+    let e = st_tune::model::folder::FolderSpec::read(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("max_position_embeddings is 1"),
+        "{e}"
+    );
 }

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{Config, MicroBatch, Precision};
 use crate::error::Result;
 use crate::memory::human_bytes;
-use crate::memory::plan::estimate;
+use crate::memory::plan::{estimate, plan_input};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
 use crate::train::measure::{measure_step, StepMeasure};
@@ -39,16 +39,41 @@ pub struct MemoryArgs {
     /// Sequence lengths to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "128,256")]
     pub seq: Vec<usize>,
-    /// Which levers to measure, comma separated, from: f32, bf16, f16, freeze, ckpt, all.
+    /// Which levers to measure, comma separated, by their config names: f32, bf16, f16
+    /// (train.precision), freeze_layers (half the layers), gradient_checkpointing, all.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "f32,bf16,f16,freeze,ckpt,all"
+        default_value = "f32,bf16,f16,freeze_layers,gradient_checkpointing,all"
     )]
-    pub levers: Vec<String>,
+    pub levers: Vec<BenchLever>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A lever to measure, named as the config names it (clap refuses any other name, listing
+/// these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum BenchLever {
+    F32,
+    Bf16,
+    F16,
+    /// `train.freeze_layers` at half the layers.
+    FreezeLayers,
+    GradientCheckpointing,
+    /// bf16, half the layers frozen and gradient checkpointing together.
+    All,
+}
+
+/// A step not tried: its estimate does not fit this machine's memory.
+#[derive(Debug, Serialize)]
+struct Skipped {
+    lever: &'static str,
+    seq: usize,
+    estimated_bytes: u64,
+    available_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,20 +92,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = crate::device::parse(&cfg.model.device)?;
     let layers = SentenceModel::load(&cfg.model.path, &device, None)?.num_layers()?;
     let half = layers / 2;
-    let all: [(&str, &str, Precision, usize, bool); 6] = [
-        ("f32", "f32 (baseline)", Precision::F32, 0, false),
-        ("bf16", "bf16", Precision::Bf16, 0, false),
-        ("f16", "f16", Precision::F16, 0, false),
+    let all: [(BenchLever, &str, Precision, usize, bool); 6] = [
+        (BenchLever::F32, "f32 (baseline)", Precision::F32, 0, false),
+        (BenchLever::Bf16, "bf16", Precision::Bf16, 0, false),
+        (BenchLever::F16, "f16", Precision::F16, 0, false),
         (
-            "freeze",
+            BenchLever::FreezeLayers,
             "freeze half the layers",
             Precision::F32,
             half,
             false,
         ),
-        ("ckpt", "gradient checkpointing", Precision::F32, 0, true),
         (
-            "all",
+            BenchLever::GradientCheckpointing,
+            "gradient checkpointing",
+            Precision::F32,
+            0,
+            true,
+        ),
+        (
+            BenchLever::All,
             "bf16 + freeze half + checkpointing",
             Precision::Bf16,
             half,
@@ -89,7 +120,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     ];
     let levers: Vec<_> = all
         .iter()
-        .filter(|l| a.levers.iter().any(|k| k == l.0))
+        .filter(|l| a.levers.contains(&l.0))
         .map(|&(_, name, p, f, c)| (name, p, f, c))
         .collect();
     if !a.json {
@@ -115,11 +146,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
-            let est = estimate(&model.plan_input(&t, 2)?, &vec![seq; t.batch_size]).total;
+            let est = estimate(
+                &plan_input(&model.plan_shape()?, &t, 2),
+                &vec![seq; t.batch_size],
+            )
+            .total;
             // The planner's use: a step that cannot fit in this machine's memory is not tried.
-            if device.is_cpu() && est > crate::memory::available_memory() / 10 * 9 {
-                println!("| {name} | {seq} | skipped: estimated {} > 90 % of the {} available | | | | | |",
-                    human_bytes(est), human_bytes(crate::memory::available_memory()));
+            let available = crate::memory::available_memory();
+            if device.is_cpu() && est > available / 10 * 9 {
+                if a.json {
+                    let row = Skipped {
+                        lever: name,
+                        seq,
+                        estimated_bytes: est,
+                        available_bytes: available,
+                    };
+                    println!("{}", serde_json::to_string(&row).expect("plain struct"));
+                } else {
+                    println!(
+                        "| {name} | {seq} | skipped: estimated {} > 90 % of the {} available | | | | | |",
+                        human_bytes(est),
+                        human_bytes(available)
+                    );
+                }
                 continue;
             }
             let m = measure_step(&model, &t, seq)?;

@@ -99,7 +99,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Scores::Binary(b) => {
             let v = serde_json::to_value(b).expect("plain struct");
             crate::say!("pairs {}, cosine similarity", b.pairs);
-            for key in crate::train::binary::FIGURES {
+            for key in crate::config::metric::BINARY {
                 crate::say!("{key:<27}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
             }
         }
@@ -111,7 +111,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 r.corpus,
                 r.similarity
             );
-            for key in crate::train::retrieval::FIGURES {
+            for key in crate::config::metric::RETRIEVAL {
                 crate::say!("{key:<13}{:.5}", v[key].as_f64().unwrap_or(f64::NAN));
             }
             if let Some(a) = r.triplet_accuracy {

@@ -61,7 +61,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 "not even one row fits: consider model.max_seq_length, \
                  train.gradient_checkpointing, train.freeze_layers or a larger memory.limit"
             );
-            let input = loaded.model.plan_input(&cfg.train, loaded.data.columns)?;
+            let input = crate::memory::plan::plan_input(
+                &loaded.model.plan_shape()?,
+                &cfg.train,
+                loaded.data.columns,
+            );
             println!(
                 "{}",
                 crate::memory::alternatives::advice(

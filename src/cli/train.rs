@@ -4,9 +4,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use std::sync::Arc;
+
 use crate::config::Config;
 use crate::error::Result;
 use crate::memory::oom::Injector;
+use crate::sweep::prune::TrialPruner;
 use crate::train::eval::Scores;
 use crate::train::report::Output;
 use crate::train::{train, RunOptions};
@@ -56,11 +59,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         inject_oom: std::env::var(Injector::ENV).ok(),
         inject_nonfinite: std::env::var(crate::train::nonfinite::INJECT_ENV).ok(),
         resume: a.resume,
-        pruner: a
-            .prune
-            .as_deref()
-            .map(crate::sweep::prune::Pruner::read)
-            .transpose()?,
+        pruner: match a.prune.as_deref() {
+            Some(path) => Some(Arc::new(TrialPruner::read(path)?)),
+            None => None,
+        },
+        curves: Some(crate::plot::training),
         ..Default::default()
     };
     super::watch_signals(

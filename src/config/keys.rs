@@ -414,16 +414,9 @@ section! {
               less memory, more compute.";
 
         // Checked against the dev file's kind of evaluation when it is read.
-        metric: Option<String> = None;
+        metric: Option<super::Metric> = None;
         expects "a figure name such as \"spearman\" or \"ndcg@10\"";
         example "\"mrr@10\"";
-        check |m| match m {
-            Some(name) if !super::dev_figures().contains(&name.as_str()) => Err(format!(
-                "\"{name}\" is not a figure of the dev evaluation; use one of {}",
-                super::dev_figures().join(", ")
-            )),
-            _ => Ok(()),
-        };
         help "The dev figure that picks output.dir/best (higher is better). Unset: spearman\n\
               for a scored dev file, cosine_ap for labelled pairs, ndcg@10 for pairs or\n\
               triplets. Scored files give spearman and pearson; labelled pairs cosine_accuracy,\n\

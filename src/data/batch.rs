@@ -1,6 +1,7 @@
-//! Micro-batches of token ids: each padded only to its own longest row, with the row ids that
-//! key dropout masks. Row order (seeded shuffle, optional length grouping) and the cut into
-//! batches (optionally with no text twice in a batch) are decided here too.
+//! Micro-batches of token ids, packed without padding (see [`TokenBatch`]); the dropout keys
+//! are the trainer's (`train/passes.rs`). Row order (seeded shuffle, optional length
+//! grouping) and the cut into batches (optionally with no text twice in a batch) are decided
+//! here too.
 
 use std::collections::HashSet;
 

@@ -1,11 +1,12 @@
 //! Training and evaluation data: rows of texts (and a score, a 0/1 label, a margin or a
-//! teacher's embedding), read from CSV, TSV or JSON lines,
-//! tokenized and cut into padded micro-batches. Nothing here knows about models or losses.
+//! teacher's embedding), read from CSV, TSV, JSON lines or Parquet, tokenized, and cut into
+//! micro-batches packed without padding. Nothing here knows about models or losses.
 
 pub mod batch;
 pub mod mix;
 pub mod read;
 pub mod tokenize;
+pub mod tokenized;
 
 use std::path::PathBuf;
 

@@ -27,7 +27,7 @@ pub fn loss(a: &Tensor, b: &Tensor, scores: &Tensor, scale: f64) -> Result<Tenso
         .unsqueeze(1)?
         .broadcast_lt(&y.unsqueeze(0)?)?
         .to_dtype(DType::F32)?; // yᵢ < yⱼ
-                                // Pairs not ordered that way are pushed to -1e12 so exp() makes them vanish.
+                                // The other pairs (yᵢ ≥ yⱼ) are moved 1e12 lower, so exp() makes them vanish.
     let masked = (diff - ((lower.ones_like()? - lower)? * 1e12)?)?;
     // The leading zero is the "1 +" of the formula.
     let all = Tensor::cat(

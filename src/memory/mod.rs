@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod alternatives;
+pub mod guard;
 pub mod oom;
 pub mod plan;
 pub mod policy;

@@ -11,6 +11,54 @@
 
 use serde::Serialize;
 
+use crate::config::{Precision, TrainSection};
+
+/// What the estimate needs to know of the model (`SentenceModel::plan_shape`).
+#[derive(Debug, Clone, Copy)]
+pub struct ModelShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// MPNet adds a relative-position bias to every row's scores.
+    pub relative_bias: bool,
+    pub params: usize,
+    pub trainable: usize,
+    /// Elements of the word-embedding table when it trains, else 0.
+    pub trainable_word_embeddings: usize,
+    /// The portable engine pads the rows for attention.
+    pub padded_attention: bool,
+}
+
+/// The planner's view of a model of `shape` under the `[train]` settings, on rows of
+/// `columns` texts.
+pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanInput {
+    let layers = shape.layers;
+    // A frozen bottom runs without a graph only when nothing below it trains.
+    let layers_with_graph = if t.freezes_embeddings() {
+        layers.saturating_sub(t.freeze_layers)
+    } else {
+        layers
+    };
+    PlanInput {
+        hidden: shape.hidden,
+        intermediate: shape.intermediate,
+        heads: shape.heads,
+        layers,
+        layers_with_graph,
+        relative_bias: shape.relative_bias,
+        params: shape.params,
+        trainable: shape.trainable,
+        act_bytes: if t.precision == Precision::F32 { 4 } else { 2 },
+        checkpointing: t.gradient_checkpointing,
+        columns,
+        batch_size: t.batch_size,
+        trainable_word_embeddings: shape.trainable_word_embeddings,
+        trained_layers: layers.saturating_sub(t.freeze_layers),
+        padded_attention: shape.padded_attention,
+    }
+}
+
 /// What the estimate needs to know about the model and the run.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput {
@@ -137,10 +185,10 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     }
 }
 
-/// The largest micro-batch (a power of two no larger than `batch`) whose estimate fits `limit`,
-/// for rows of `longest` tokens; None when not even one row fits.
+/// The largest micro-batch of `batch`, `batch / 2`, `batch / 4`, … 1 (rounding down) whose
+/// estimate fits `limit`, for rows of `longest` tokens; None when not even one row fits.
 pub fn largest_fitting(p: &PlanInput, batch: usize, longest: usize, limit: u64) -> Option<usize> {
-    let mut micro = batch.next_power_of_two().min(batch.max(1));
+    let mut micro = batch.max(1);
     loop {
         if estimate(p, &vec![longest; micro]).total <= limit {
             return Some(micro);

@@ -1,4 +1,4 @@
-//! The OOM backoff policy as a pure function: (state, event) -> action. No model, no tensors:
+//! The OOM backoff policy as pure functions: state + event -> that event's action. No model, no tensors:
 //! the optimizer step in `train::step` carries the action out, and these rules are tested alone.
 //!
 //! - An OOM in a micro-batch halves the micro-batch (down to 1) and retries the same rows. A
@@ -12,10 +12,7 @@
 //! - After `regrow_after` clean steps, try doubling again (up to the configured size); an OOM
 //!   at a regrown size backs off and doubles the wait before the next try.
 
-use std::path::Path;
-
 use crate::config::Lever;
-use crate::error::{Error, Result};
 
 /// What the policy remembers between steps; saved with the run so a resumed run starts from
 /// the micro-batch known to fit.
@@ -59,36 +56,35 @@ pub struct StepShape {
     pub checkpointing: bool,
 }
 
+/// What to do about an OOM in a micro-batch's forward or backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event<'a> {
-    /// A micro-batch's forward or backward pass ran out of memory. `escalate`: the levers
-    /// `memory.escalate` allows once micro-batch 1 does not fit, in order.
-    MicroBatchOom {
-        step: StepShape,
-        escalate: &'a [Lever],
-    },
-    /// The optimizer update ran out of memory; `retried`: this was already its retry.
-    UpdateOom { retried: bool },
-    /// An optimizer step finished.
-    StepDone,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Go on as before.
-    Continue,
+pub enum OomAction {
     /// Retry the failed micro-batch with this many rows per pass; rows done so far are kept.
     Retry { micro: usize },
     /// Start the step's gradients again with the cached scheme, this many rows per pass.
     SwitchToCached { micro: usize },
     /// Pull this lever and start the step's gradients again.
     Escalate { lever: Lever },
-    /// Retry the rest of the optimizer update.
-    RetryUpdate,
-    /// From the next step on, use this larger micro-batch.
-    Regrow { micro: usize },
     /// Nothing left to try; `consider` names the config keys that would help.
     GiveUp { consider: &'static str },
+}
+
+/// What to do about an OOM in the optimizer update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateAction {
+    /// Retry the rest of the update (the tensors already updated are skipped).
+    Retry,
+    /// Nothing left to try; `consider` names the config keys that would help.
+    GiveUp { consider: &'static str },
+}
+
+/// What to do once an optimizer step has finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepAction {
+    /// Go on as before.
+    Continue,
+    /// From the next step on, use this larger micro-batch.
+    Regrow { micro: usize },
 }
 
 impl MemState {
@@ -116,33 +112,36 @@ impl MemState {
         }
     }
 
-    pub fn decide(&mut self, event: Event) -> Action {
-        match event {
-            Event::MicroBatchOom { step, escalate } => self.micro_batch_oom(step, escalate),
-            Event::UpdateOom { retried: false } => {
-                // Nothing to shrink; the micro-batch did fit, so the regrow count stands.
-                self.recovered += 1;
-                Action::RetryUpdate
-            }
-            Event::UpdateOom { retried: true } => Action::GiveUp {
+    /// The optimizer update ran out of memory; `retried`: this was already its retry.
+    pub fn update_oom(&mut self, retried: bool) -> UpdateAction {
+        if retried {
+            return UpdateAction::GiveUp {
                 consider: "raising memory.limit or setting train.freeze_layers to train fewer \
                            tensors",
-            },
-            Event::StepDone => {
-                self.on_trial = false;
-                self.clean_steps += 1;
-                if self.micro < self.max_micro && self.clean_steps >= self.regrow_wait {
-                    self.clean_steps = 0;
-                    self.micro = (self.micro * 2).min(self.max_micro);
-                    self.on_trial = true;
-                    return Action::Regrow { micro: self.micro };
-                }
-                Action::Continue
-            }
+            };
         }
+        // Nothing to shrink; the micro-batch did fit, so the regrow count stands.
+        self.recovered += 1;
+        UpdateAction::Retry
     }
 
-    fn micro_batch_oom(&mut self, step: StepShape, escalate: &[Lever]) -> Action {
+    /// An optimizer step finished.
+    pub fn step_done(&mut self) -> StepAction {
+        self.on_trial = false;
+        self.clean_steps += 1;
+        if self.micro < self.max_micro && self.clean_steps >= self.regrow_wait {
+            self.clean_steps = 0;
+            self.micro = (self.micro * 2).min(self.max_micro);
+            self.on_trial = true;
+            return StepAction::Regrow { micro: self.micro };
+        }
+        StepAction::Continue
+    }
+
+    /// A micro-batch's forward or backward pass ran out of memory in a step of shape `step`;
+    /// `escalate`: the levers `memory.escalate` allows once micro-batch 1 does not fit, in
+    /// order.
+    pub fn micro_batch_oom(&mut self, step: StepShape, escalate: &[Lever]) -> OomAction {
         self.clean_steps = 0;
         if self.on_trial {
             // The regrow did not fit: wait twice as long before the next try.
@@ -154,65 +153,21 @@ impl MemState {
             self.micro = self.micro.div_ceil(2);
             self.recovered += 1;
             return match (was, self.scheme(step)) {
-                (Scheme::Plain, Scheme::Cached) => Action::SwitchToCached { micro: self.micro },
-                _ => Action::Retry { micro: self.micro },
+                (Scheme::Plain, Scheme::Cached) => OomAction::SwitchToCached { micro: self.micro },
+                _ => OomAction::Retry { micro: self.micro },
             };
         }
         match escalate.get(self.escalated) {
             Some(&lever) => {
                 self.escalated += 1;
                 self.recovered += 1;
-                Action::Escalate { lever }
+                OomAction::Escalate { lever }
             }
-            None => Action::GiveUp {
+            None => OomAction::GiveUp {
                 consider: "raising memory.limit, lowering model.max_seq_length, or setting \
                            train.freeze_layers",
             },
         }
-    }
-}
-
-/// What a run leaves behind for the next run in the same output folder (`run_state.json`):
-/// the micro-batch known to fit, so a repeated run does not hit the same OOMs again.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RunState {
-    pub micro: usize,
-    pub max_micro: usize,
-}
-
-impl RunState {
-    const FILE: &'static str = "run_state.json";
-
-    /// The state a previous run left in `dir`, checked: None if there is none.
-    pub fn read(dir: &Path) -> Result<Option<RunState>> {
-        let path = dir.join(Self::FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let bad = |msg: String| {
-            Error::data(
-                &path,
-                0,
-                format!("{msg}; delete the file to start from the configured micro-batch"),
-            )
-        };
-        let s: RunState =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not a run state ({e})")))?;
-        if s.micro == 0 || s.max_micro == 0 || s.micro > s.max_micro {
-            return Err(bad(format!(
-                "micro {} and max_micro {} must satisfy 1 <= micro <= max_micro",
-                s.micro, s.max_micro
-            )));
-        }
-        Ok(Some(s))
-    }
-
-    /// Written atomically.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string(self).expect("plain struct");
-        crate::atomic::write_file(&dir.join(Self::FILE), text.as_bytes())
     }
 }
 
@@ -232,17 +187,22 @@ mod tests {
         ..PER_ROW
     };
 
-    fn oom(step: StepShape, escalate: &[Lever]) -> Event<'_> {
-        Event::MicroBatchOom { step, escalate }
-    }
-
     #[test]
     fn an_oom_halves_the_micro_batch_down_to_one_then_gives_up_naming_the_keys() {
         let mut s = MemState::new(8, 8, 100);
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 2 });
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 1 });
-        let Action::GiveUp { consider } = s.decide(oom(PER_ROW, &[])) else {
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 4 }
+        );
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 2 }
+        );
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 1 }
+        );
+        let OomAction::GiveUp { consider } = s.micro_batch_oom(PER_ROW, &[]) else {
             panic!("micro-batch 1 with no lever left gives up");
         };
         assert!(consider.contains("memory.limit") && consider.contains("model.max_seq_length"));
@@ -253,15 +213,18 @@ mod tests {
     fn at_micro_batch_one_levers_are_pulled_in_the_given_order_and_only_once() {
         let mut s = MemState::new(1, 1, 100);
         let allowed = [Lever::GradientCheckpointing, Lever::MaxSeqLength];
-        let lever = |lever| Action::Escalate { lever };
+        let lever = |lever| OomAction::Escalate { lever };
         assert_eq!(
-            s.decide(oom(PER_ROW, &allowed)),
+            s.micro_batch_oom(PER_ROW, &allowed),
             lever(Lever::GradientCheckpointing)
         );
-        assert_eq!(s.decide(oom(PER_ROW, &allowed)), lever(Lever::MaxSeqLength));
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &allowed),
+            lever(Lever::MaxSeqLength)
+        );
         assert!(matches!(
-            s.decide(oom(PER_ROW, &allowed)),
-            Action::GiveUp { .. }
+            s.micro_batch_oom(PER_ROW, &allowed),
+            OomAction::GiveUp { .. }
         ));
         assert_eq!((s.escalated, s.recovered, s.micro), (2, 2, 1));
     }
@@ -275,26 +238,32 @@ mod tests {
             "the whole batch in one pass"
         );
         assert_eq!(
-            s.decide(oom(COUPLED, &[])),
-            Action::SwitchToCached { micro: 4 }
+            s.micro_batch_oom(COUPLED, &[]),
+            OomAction::SwitchToCached { micro: 4 }
         );
         assert_eq!(s.scheme(COUPLED), Scheme::Cached);
         // Already cached: a further OOM only halves.
-        assert_eq!(s.decide(oom(COUPLED, &[])), Action::Retry { micro: 2 });
+        assert_eq!(
+            s.micro_batch_oom(COUPLED, &[]),
+            OomAction::Retry { micro: 2 }
+        );
     }
 
     #[test]
     fn a_per_row_loss_or_a_batch_still_in_one_pass_keeps_the_plain_scheme() {
         let mut s = MemState::new(8, 8, 100);
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 4 }
+        );
         assert_eq!(s.scheme(PER_ROW), Scheme::Plain);
         // The last batch of an epoch, 3 rows: micro-batch 4 still holds it in one pass.
         let short = StepShape { rows: 3, ..COUPLED };
         let mut s = MemState::new(8, 8, 100);
-        assert_eq!(s.decide(oom(short, &[])), Action::Retry { micro: 4 });
+        assert_eq!(s.micro_batch_oom(short, &[]), OomAction::Retry { micro: 4 });
         assert_eq!(
-            s.decide(oom(short, &[])),
-            Action::SwitchToCached { micro: 2 }
+            s.micro_batch_oom(short, &[]),
+            OomAction::SwitchToCached { micro: 2 }
         );
     }
 
@@ -313,14 +282,11 @@ mod tests {
     #[test]
     fn an_oom_in_the_update_is_retried_once_then_gives_up() {
         let mut s = MemState::new(4, 8, 2);
-        s.decide(Event::StepDone);
-        assert_eq!(
-            s.decide(Event::UpdateOom { retried: false }),
-            Action::RetryUpdate
-        );
+        s.step_done();
+        assert_eq!(s.update_oom(false), UpdateAction::Retry);
         // No micro-batch to shrink: the micro-batch and the regrow count are left alone.
         assert_eq!((s.micro, s.clean_steps, s.recovered), (4, 1, 1));
-        let Action::GiveUp { consider } = s.decide(Event::UpdateOom { retried: true }) else {
+        let UpdateAction::GiveUp { consider } = s.update_oom(true) else {
             panic!("a second OOM in the same update gives up");
         };
         assert!(consider.contains("train.freeze_layers"));
@@ -330,20 +296,23 @@ mod tests {
     #[test]
     fn odd_micro_batches_round_up_when_halved() {
         let mut s = MemState::new(5, 5, 100);
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 3 });
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 3 }
+        );
     }
 
     #[test]
     fn clean_steps_regrow_up_to_the_configured_size() {
         let mut s = MemState::new(8, 8, 2);
-        s.decide(oom(PER_ROW, &[])); // 4
-        s.decide(oom(PER_ROW, &[])); // 2
-        assert_eq!(s.decide(Event::StepDone), Action::Continue);
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 4 });
-        assert_eq!(s.decide(Event::StepDone), Action::Continue);
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
+        s.micro_batch_oom(PER_ROW, &[]); // 4
+        s.micro_batch_oom(PER_ROW, &[]); // 2
+        assert_eq!(s.step_done(), StepAction::Continue);
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 4 });
+        assert_eq!(s.step_done(), StepAction::Continue);
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 8 });
         for _ in 0..10 {
-            assert_eq!(s.decide(Event::StepDone), Action::Continue);
+            assert_eq!(s.step_done(), StepAction::Continue);
         }
         assert_eq!(s.micro, 8);
     }
@@ -351,48 +320,25 @@ mod tests {
     #[test]
     fn a_start_below_the_configured_size_regrows_to_it() {
         let mut s = MemState::new(2, 8, 1);
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 4 });
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
-        assert_eq!(s.decide(Event::StepDone), Action::Continue);
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 4 });
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 8 });
+        assert_eq!(s.step_done(), StepAction::Continue);
     }
 
     #[test]
     fn a_failed_regrow_backs_off_and_doubles_the_wait() {
         let mut s = MemState::new(8, 8, 2);
-        s.decide(oom(PER_ROW, &[])); // 4
-        s.decide(Event::StepDone);
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
-        assert_eq!(s.decide(oom(PER_ROW, &[])), Action::Retry { micro: 4 });
+        s.micro_batch_oom(PER_ROW, &[]); // 4
+        s.step_done();
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 8 });
+        assert_eq!(
+            s.micro_batch_oom(PER_ROW, &[]),
+            OomAction::Retry { micro: 4 }
+        );
         assert_eq!(s.regrow_wait, 4);
         for _ in 0..3 {
-            assert_eq!(s.decide(Event::StepDone), Action::Continue);
+            assert_eq!(s.step_done(), StepAction::Continue);
         }
-        assert_eq!(s.decide(Event::StepDone), Action::Regrow { micro: 8 });
-    }
-
-    #[test]
-    fn a_run_state_with_micro_zero_is_refused_naming_the_file() {
-        let dir = tempfile::TempDir::new().unwrap();
-        assert_eq!(RunState::read(dir.path()).unwrap(), None);
-        std::fs::write(
-            dir.path().join("run_state.json"),
-            r#"{"micro":0,"max_micro":8}"#,
-        )
-        .unwrap();
-        let e = RunState::read(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("run_state.json") && e.contains("micro 0"), "{e}");
-        RunState {
-            micro: 2,
-            max_micro: 8,
-        }
-        .write(dir.path())
-        .unwrap();
-        assert_eq!(
-            RunState::read(dir.path()).unwrap(),
-            Some(RunState {
-                micro: 2,
-                max_micro: 8
-            })
-        );
+        assert_eq!(s.step_done(), StepAction::Regrow { micro: 8 });
     }
 }

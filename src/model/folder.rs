@@ -207,7 +207,16 @@ impl FolderSpec {
         let (prompts, default_prompt_name) = read_prompts(root)?;
         // MPNet/RoBERTa positions start after the padding index: they hold max_pos - 2 tokens.
         if model_type == "mpnet" {
-            max_seq_length = max_seq_length.min(max_pos - 2);
+            let positions = max_pos.checked_sub(2).filter(|&n| n > 0).ok_or_else(|| {
+                Error::model(
+                    &config_path,
+                    format!(
+                        "max_position_embeddings is {max_pos}, but MPNet's positions start \
+                         after the padding index: it needs at least 3"
+                    ),
+                )
+            })?;
+            max_seq_length = max_seq_length.min(positions);
         }
 
         let mut spec = FolderSpec {

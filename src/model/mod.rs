@@ -14,6 +14,7 @@ pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod pooling;
+pub mod recompute;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -380,44 +381,24 @@ impl SentenceModel {
         Ok(self.network()?.encoder.num_layers())
     }
 
-    /// The memory planner's view of this model under the `[train]` settings.
-    pub fn plan_input(
-        &self,
-        t: &crate::config::TrainSection,
-        columns: usize,
-    ) -> Result<crate::memory::plan::PlanInput> {
+    /// What the memory planner needs to know of this model (`memory::plan::plan_input`
+    /// adds the `[train]` settings).
+    pub fn plan_shape(&self) -> Result<crate::memory::plan::ModelShape> {
         let net = self.network()?;
         let (hidden, intermediate, heads, relative_bias) = net.encoder.shape();
-        let layers = net.encoder.num_layers();
-        // A frozen bottom runs without a graph only when nothing below it trains.
-        let layers_with_graph = if t.freezes_embeddings() {
-            layers.saturating_sub(t.freeze_layers)
-        } else {
-            layers
-        };
-        Ok(crate::memory::plan::PlanInput {
+        Ok(crate::memory::plan::ModelShape {
             hidden,
             intermediate,
             heads,
-            layers,
-            layers_with_graph,
+            layers: net.encoder.num_layers(),
             relative_bias,
             params: self.params.tensors.values().map(|t| t.elem_count()).sum(),
             trainable: self.params.trainable_count(),
-            act_bytes: if t.precision == crate::config::Precision::F32 {
-                4
-            } else {
-                2
-            },
-            checkpointing: t.gradient_checkpointing,
-            columns,
-            batch_size: t.batch_size,
             trainable_word_embeddings: self
                 .params
                 .vars
                 .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
                 .map_or(0, |v| v.elem_count()),
-            trained_layers: layers.saturating_sub(t.freeze_layers),
             padded_attention: crate::engine::Engine::for_device(&self.device)
                 == crate::engine::Engine::Portable,
         })

@@ -9,6 +9,7 @@
 //! passed to later trials with the same memory settings, and a trial that cannot fit at all is
 //! `infeasible`, not failed.
 
+pub mod draw;
 pub mod prune;
 pub mod report;
 pub mod run;

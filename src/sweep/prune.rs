@@ -17,20 +17,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::sweep::spec::Goal;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Median,
-    Asha,
-}
+use crate::sweep::spec::{Goal, PruneMethod};
 
 /// What a trial's training process needs to prune itself (`train --prune FILE`, written by the
 /// sweep runner).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Pruner {
-    pub method: Method,
+pub struct TrialPruner {
+    pub method: PruneMethod,
     /// The first rung, in training rows seen.
     pub min_rows: usize,
     /// Rung spacing (asha: the next rung is `reduction` times further) and asha's cut.
@@ -46,15 +39,15 @@ pub struct Pruner {
 }
 
 /// Rung k is at `min_rows × reduction^k` rows for asha, at `min_rows × (k + 1)` for median.
-pub fn rung_rows(method: Method, min_rows: usize, reduction: usize, k: u32) -> usize {
+pub fn rung_rows(method: PruneMethod, min_rows: usize, reduction: usize, k: u32) -> usize {
     match method {
-        Method::Asha => min_rows.saturating_mul(reduction.saturating_pow(k)),
-        Method::Median => min_rows.saturating_mul(k as usize + 1),
+        PruneMethod::Asha => min_rows.saturating_mul(reduction.saturating_pow(k)),
+        PruneMethod::Median => min_rows.saturating_mul(k as usize + 1),
     }
 }
 
 /// The rungs passed when the rows seen go from `before` to `after`; the last one counts.
-pub fn rung_crossed(p: &Pruner, before: usize, after: usize) -> Option<u32> {
+pub fn rung_crossed(p: &TrialPruner, before: usize, after: usize) -> Option<u32> {
     (0..64u32)
         .take_while(|&k| rung_rows(p.method, p.min_rows, p.reduction, k) <= after)
         .filter(|&k| rung_rows(p.method, p.min_rows, p.reduction, k) > before)
@@ -97,15 +90,17 @@ struct Report {
     value: f64,
 }
 
-impl Pruner {
-    pub fn read(path: &Path) -> Result<Pruner> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::sweep(path, format!("is not a pruner file ({e})")))
+impl crate::train::prune::Pruner for TrialPruner {
+    fn metric(&self) -> &str {
+        &self.metric
+    }
+
+    fn rung_crossed(&self, before: usize, after: usize) -> Option<u32> {
+        rung_crossed(self, before, after)
     }
 
     /// Records this trial's `value` at rung `k` and says whether the trial should stop.
-    pub fn report(&self, k: u32, rows: usize, value: f64) -> Result<bool> {
+    fn report(&self, k: u32, rows: usize, value: f64) -> Result<bool> {
         std::fs::create_dir_all(&self.rungs_dir).map_err(|e| Error::io(&self.rungs_dir, e))?;
         let mine = Report {
             trial: self.trial,
@@ -120,9 +115,17 @@ impl Pruner {
         crate::atomic::write_file(&path, text.as_bytes())?;
         let others = self.others_at(k)?;
         Ok(match self.method {
-            Method::Median => median_prunes(self.goal, value, &others, self.min_trials),
-            Method::Asha => asha_prunes(self.goal, value, &others, self.reduction),
+            PruneMethod::Median => median_prunes(self.goal, value, &others, self.min_trials),
+            PruneMethod::Asha => asha_prunes(self.goal, value, &others, self.reduction),
         })
+    }
+}
+
+impl TrialPruner {
+    pub fn read(path: &Path) -> Result<TrialPruner> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::sweep(path, format!("is not a pruner file ({e})")))
     }
 
     fn others_at(&self, k: u32) -> Result<Vec<f64>> {
@@ -185,7 +188,7 @@ mod tests {
 
     #[test]
     fn rungs_count_rows_so_batch_sizes_compare() {
-        let p = |method| Pruner {
+        let p = |method| TrialPruner {
             method,
             min_rows: 100,
             reduction: 3,
@@ -195,7 +198,7 @@ mod tests {
             rungs_dir: PathBuf::new(),
             trial: 0,
         };
-        let asha = p(Method::Asha);
+        let asha = p(PruneMethod::Asha);
         assert_eq!(rung_crossed(&asha, 0, 99), None);
         assert_eq!(rung_crossed(&asha, 96, 112), Some(0));
         assert_eq!(rung_crossed(&asha, 112, 128), None);
@@ -205,7 +208,7 @@ mod tests {
             Some(2),
             "several at once: the last"
         );
-        let median = p(Method::Median);
+        let median = p(PruneMethod::Median);
         assert_eq!(rung_crossed(&median, 190, 210), Some(1), "every 100 rows");
     }
 }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lock::Busy;
-use crate::memory::policy::RunState;
-use crate::sweep::prune::Pruner;
+use crate::sweep::prune::TrialPruner;
 use crate::sweep::spec::Sweep;
 use crate::sweep::store::{self, MemoryNote, Status, Store, TrialRecord};
 use crate::sweep::tpe::{self, Observation};
 use crate::sweep::trials;
+use crate::train::checkpoint::RunState;
 
 /// Trial `index`'s config: the base config, the trial's keys, and its own output folder.
 /// Local paths are made absolute so the trial runs from any working directory (a scheduler's).
@@ -112,7 +112,7 @@ pub fn run_trial(
     let pruner = match &sweep.prune {
         Some(p) => {
             let path = dir.join("prune.json");
-            let pruner = Pruner {
+            let pruner = TrialPruner {
                 method: p.method,
                 min_rows: p.min_rows,
                 reduction: p.reduction,

@@ -54,10 +54,18 @@ pub enum Values {
     IntUniform(i64, i64),
 }
 
+/// How `[prune]` decides (see `prune.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PruneMethod {
+    Median,
+    Asha,
+}
+
 /// `[prune]`: stop weak trials at rungs counted in training rows (see `prune.rs`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PruneSpec {
-    pub method: crate::sweep::prune::Method,
+    pub method: PruneMethod,
     pub min_rows: usize,
     pub reduction: usize,
     pub min_trials: usize,
@@ -68,7 +76,7 @@ pub struct PruneSpec {
 /// binary-classification figures for labelled pairs, retrieval figures for pairs or triplets,
 /// cosine_accuracy for triplets) or the final training loss (`train.loss`).
 pub fn metrics() -> Vec<String> {
-    let dev = crate::config::dev_figures()
+    let dev = crate::config::metric::dev_figures()
         .into_iter()
         .map(|f| format!("dev.{f}"));
     dev.chain(["train.loss".to_string()]).collect()
@@ -280,16 +288,15 @@ fn parse_prune(prune: &toml::Table) -> std::result::Result<Option<PruneSpec>, St
         Some(toml::Value::Integer(n)) if *n > 0 => Ok(*n as usize),
         Some(v) => Err(format!("prune.{key} must be a positive integer, not {v}")),
     };
-    use crate::sweep::prune::Method;
     let method = match prune.get("method").and_then(toml::Value::as_str) {
         None if prune.is_empty() => return Ok(None),
         Some("none") => return Ok(None),
-        Some("median") => Method::Median,
-        Some("asha") => Method::Asha,
+        Some("median") => PruneMethod::Median,
+        Some("asha") => PruneMethod::Asha,
         _ => return Err("prune.method must be \"none\", \"median\" or \"asha\"".into()),
     };
     let reduction = positive("reduction", 3)?;
-    if method == Method::Asha && reduction < 2 {
+    if method == PruneMethod::Asha && reduction < 2 {
         return Err(format!(
             "prune.reduction is {reduction}; asha needs at least 2"
         ));

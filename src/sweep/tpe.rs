@@ -10,8 +10,8 @@
 //! Trial N's keys depend on the trials before it that had finished when it started: run one
 //! trial at a time and the sweep is reproducible; concurrent trials see different histories.
 
+use crate::sweep::draw::{round, SplitMix64};
 use crate::sweep::spec::{Sweep, Values};
-use crate::sweep::trials::SplitMix64;
 
 /// Random trials before TPE takes over.
 pub const STARTUP_TRIALS: usize = 5;
@@ -81,11 +81,11 @@ fn suggest_one(
         }
         Values::Uniform(lo, hi) => {
             let x = numeric(*lo, *hi, good, bad, rng, |v| v);
-            toml::Value::Float(crate::sweep::trials::round(x))
+            toml::Value::Float(round(x))
         }
         Values::LogUniform(lo, hi) => {
             let x = numeric(lo.ln(), hi.ln(), good, bad, rng, f64::ln).exp();
-            toml::Value::Float(crate::sweep::trials::round(x.clamp(*lo, *hi)))
+            toml::Value::Float(round(x.clamp(*lo, *hi)))
         }
         Values::IntUniform(lo, hi) => {
             let x = numeric(*lo as f64 - 0.5, *hi as f64 + 0.5, good, bad, rng, |v| v);

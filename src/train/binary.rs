@@ -32,18 +32,6 @@ pub struct Binary {
     pub pairs: usize,
 }
 
-/// Every figure's name, as `train.metric` may name it.
-pub const FIGURES: [&str; 8] = [
-    "cosine_accuracy",
-    "cosine_accuracy_threshold",
-    "cosine_f1",
-    "cosine_f1_threshold",
-    "cosine_precision",
-    "cosine_recall",
-    "cosine_ap",
-    "cosine_mcc",
-];
-
 /// The figures of pairs with cosine `scores` and `labels` (true: similar).
 pub fn classify(scores: &[f32], labels: &[bool]) -> Binary {
     // Highest cosine first; ties keep their order (Python's stable sort).

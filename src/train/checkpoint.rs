@@ -406,6 +406,50 @@ pub fn crash_point(place: &str, step: usize) {
 
 pub const CRASH_ENV: &str = "ST_TUNE_CRASH_AT";
 
+/// What a run leaves behind for the next run in the same output folder (`run_state.json`):
+/// the micro-batch known to fit, so a repeated run does not hit the same OOMs again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    pub micro: usize,
+    pub max_micro: usize,
+}
+
+impl RunState {
+    const FILE: &'static str = "run_state.json";
+
+    /// The state a previous run left in `dir`, checked: None if there is none.
+    pub fn read(dir: &Path) -> Result<Option<RunState>> {
+        let path = dir.join(Self::FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let bad = |msg: String| {
+            Error::data(
+                &path,
+                0,
+                format!("{msg}; delete the file to start from the configured micro-batch"),
+            )
+        };
+        let s: RunState =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a run state ({e})")))?;
+        if s.micro == 0 || s.max_micro == 0 || s.micro > s.max_micro {
+            return Err(bad(format!(
+                "micro {} and max_micro {} must satisfy 1 <= micro <= max_micro",
+                s.micro, s.max_micro
+            )));
+        }
+        Ok(Some(s))
+    }
+
+    /// Written atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).expect("plain struct");
+        crate::atomic::write_file(&dir.join(Self::FILE), text.as_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,6 +473,32 @@ mod tests {
         assert!(
             d[1].starts_with("train.max_steps (checkpoint: unset, now: 7)"),
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_run_state_with_micro_zero_is_refused_naming_the_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        assert_eq!(RunState::read(dir.path()).unwrap(), None);
+        std::fs::write(
+            dir.path().join("run_state.json"),
+            r#"{"micro":0,"max_micro":8}"#,
+        )
+        .unwrap();
+        let e = RunState::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("run_state.json") && e.contains("micro 0"), "{e}");
+        RunState {
+            micro: 2,
+            max_micro: 8,
+        }
+        .write(dir.path())
+        .unwrap();
+        assert_eq!(
+            RunState::read(dir.path()).unwrap(),
+            Some(RunState {
+                micro: 2,
+                max_micro: 8
+            })
         );
     }
 }

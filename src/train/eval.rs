@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, RowShape};
 use crate::error::{Error, Result};
 use crate::model::SentenceModel;
-use crate::train::binary::{self, classify, Binary};
-use crate::train::retrieval::{self, evaluate_at_widths, Retrieval, CORPUS_CHUNK, QUERY_CHUNK};
+use crate::train::binary::{classify, Binary};
+use crate::train::retrieval::{evaluate_at_widths, Retrieval, CORPUS_CHUNK, QUERY_CHUNK};
 
 /// The figures of an evaluation file: correlation for scored pairs, binary classification for
 /// labelled pairs, retrieval for pairs and triplets. Serialized as the inner figures alone (no
@@ -65,20 +65,6 @@ impl Scores {
     /// when this kind of evaluation has no such figure.
     pub fn figure(&self, name: &str) -> Option<f64> {
         serde_json::to_value(self).ok()?.get(name)?.as_f64()
-    }
-}
-
-/// The figures a file of `shape` rows gets, by name (`train.metric` must be one of them).
-pub fn figures(shape: RowShape) -> Vec<&'static str> {
-    match shape {
-        RowShape::Scored => vec!["spearman", "pearson"],
-        RowShape::Labeled => binary::FIGURES.to_vec(),
-        RowShape::Pair => retrieval::FIGURES.to_vec(),
-        RowShape::Triplet | RowShape::Margin => retrieval::FIGURES
-            .into_iter()
-            .chain(["cosine_accuracy"])
-            .collect(),
-        RowShape::Distill => Vec::new(),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::config::TrainSection;
+use crate::data::tokenized::TokenizedData;
 use crate::error::{Error, Result};
 use crate::memory::alloc;
 use crate::memory::oom::Injector;
@@ -15,7 +16,7 @@ use crate::memory::policy::MemState;
 use crate::memory::MemoryBudget;
 use crate::model::SentenceModel;
 use crate::train::precision::LossScaler;
-use crate::train::step::{StepAt, Stepped, TokenizedData, Trainer};
+use crate::train::step::{StepAt, Stepped, Trainer};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepMeasure {
@@ -68,10 +69,10 @@ pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Resu
             rows: &rows,
             lr: t.lr,
         };
-        if let Stepped::NothingFits(why) =
+        if let Stepped::NothingFits(unfit) =
             trainer.optimizer_step(at, &mut scaler, &mut mem, &mut |_| {})?
         {
-            return Err(Error::OutOfMemory(why));
+            return Err(Error::OutOfMemory(unfit.to_string()));
         }
         measure.seconds = started.elapsed().as_secs_f64();
         measure.peak_bytes = alloc::peak() as u64;

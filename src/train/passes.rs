@@ -4,7 +4,7 @@
 //!   back-propagated, gradients summed;
 //! - cached (GradCache): embed the whole batch without a graph, compute the loss and its
 //!   gradient with respect to the embeddings over the full batch, then re-run each micro-batch
-//!   with a graph (or layer by layer, see `recompute.rs`) and back-propagate those gradients.
+//!   with a graph (or layer by layer, see `model/recompute.rs`) and back-propagate those gradients.
 //!
 //! A pass stops at a micro-batch that runs out of memory, after dropping that attempt's tensors
 //! (they go out of scope), and keeps what it has done: run again, it goes on from that
@@ -18,18 +18,18 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
+use crate::data::tokenized::TokenizedData;
 use crate::error::{Error, Result};
 use crate::losses::{self, Loss};
-use crate::memory::oom::{is_oom, Injector, Phase};
+use crate::memory::guard::{Guard, Window};
+use crate::memory::oom::{is_oom, Phase};
 use crate::memory::policy::Scheme;
-use crate::memory::MemoryBudget;
 use crate::model::dropout::Dropout;
 use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
+use crate::model::recompute::{backward_recomputing, forward_checkpoints};
 use crate::model::{Network, SentenceModel};
 use crate::train::optim::{self, Grads};
 use crate::train::precision;
-use crate::train::recompute::{backward_recomputing, forward_checkpoints};
-use crate::train::step::TokenizedData;
 
 /// What every pass computes with: the networks at the precision in force, the loss, dropout,
 /// and where an OOM is detected (the memory budget) or injected.
@@ -45,8 +45,7 @@ pub struct Runner<'a> {
     matryoshka: Option<losses::Matryoshka>,
     seed: u64,
     dropout: (f32, f32),
-    pub budget: &'a MemoryBudget,
-    pub injector: &'a Injector,
+    pub guard: Guard<'a>,
 }
 
 /// The rows of one optimizer step (indices into `data`), and its number (0-based).
@@ -90,10 +89,10 @@ pub struct CachedPass {
     /// Recompute each layer in the backward pass from the inputs kept in stage 1.
     checkpointing: bool,
     /// Stage 1: rows embedded, their embeddings per chunk `[chunk][column]` and, with
-    /// checkpointing, every row's layer inputs `[column][row][layer]`.
+    /// checkpointing, every row's layer inputs.
     embedded: usize,
     parts: Vec<Vec<Tensor>>,
-    checkpoints: Vec<Vec<Vec<Tensor>>>,
+    checkpoints: LayerInputs,
     /// Stage 2: the loss over the whole batch and its gradient on the embeddings.
     loss: Option<FullLoss>,
     /// Stage 3: rows back-propagated, and their gradients.
@@ -106,7 +105,60 @@ pub struct CachedPass {
 struct FullLoss {
     loss: Tensor,
     emb_grads: Vec<Tensor>,
-    checkpoints: Vec<Vec<Vec<Tensor>>>,
+    checkpoints: LayerInputs,
+}
+
+/// The layer inputs gradient checkpointing keeps from the cached scheme's first pass: per text
+/// column, per row of the batch, the row's L+1 layer inputs (tokens, hidden). Kept per row, so
+/// the backward pass may cut the batch into other micro-batches than the first pass did.
+pub struct LayerInputs {
+    columns: Vec<Vec<Vec<Tensor>>>,
+}
+
+impl LayerInputs {
+    pub fn new(columns: usize) -> Self {
+        Self {
+            columns: vec![Vec::new(); columns],
+        }
+    }
+
+    /// The inputs `forward_checkpoints` kept for `batch` (`columns` packed, as
+    /// [`Runner::columns`] packs them), split into rows.
+    fn from_packed(inputs: &[Tensor], batch: &TokenBatch, columns: usize) -> Result<Self> {
+        let mut rows: Vec<Vec<Tensor>> = batch
+            .rows()
+            .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
+            .collect::<Result<_>>()?;
+        let per_column = rows.len() / columns.max(1);
+        Ok(Self {
+            columns: (0..columns)
+                .map(|_| rows.drain(..per_column).collect())
+                .collect(),
+        })
+    }
+
+    /// Appends a later chunk's rows.
+    fn extend(&mut self, later: LayerInputs) {
+        for (col, rows) in self.columns.iter_mut().zip(later.columns) {
+            col.extend(rows);
+        }
+    }
+
+    /// Per layer, the inputs of batch rows `pos..pos + m` of every column, packed column after
+    /// column as [`Runner::columns`] packs them.
+    fn packed(&self, pos: usize, m: usize) -> Result<Vec<Tensor>> {
+        let layers = self.columns[0][pos].len();
+        (0..layers)
+            .map(|l| {
+                let rows: Vec<&Tensor> = self
+                    .columns
+                    .iter()
+                    .flat_map(|col| col[pos..pos + m].iter().map(|r| &r[l]))
+                    .collect();
+                Ok(Tensor::cat(&rows, 0)?)
+            })
+            .collect()
+    }
 }
 
 impl Pass {
@@ -122,7 +174,7 @@ impl Pass {
                 checkpointing,
                 embedded: 0,
                 parts: Vec::new(),
-                checkpoints: vec![Vec::new(); columns],
+                checkpoints: LayerInputs::new(columns),
                 loss: None,
                 done: 0,
                 grads: Grads::new(),
@@ -137,8 +189,7 @@ impl<'a> Runner<'a> {
         model: &'a SentenceModel,
         t: &TrainSection,
         precision: Precision,
-        budget: &'a MemoryBudget,
-        injector: &'a Injector,
+        guard: Guard<'a>,
     ) -> Result<Self> {
         let dtype = precision::dtype(precision);
         Ok(Self {
@@ -150,8 +201,7 @@ impl<'a> Runner<'a> {
             matryoshka: losses::Matryoshka::from_train(t),
             seed: t.seed,
             dropout: model.network()?.encoder.dropout_probs(),
-            budget,
-            injector,
+            guard,
         })
     }
 
@@ -190,15 +240,13 @@ impl<'a> Runner<'a> {
         loss_scale: f64,
     ) -> Result<Outcome> {
         let n = batch.rows.len();
-        while p.done < n {
-            let m = micro.min(n - p.done);
-            match self.plain_chunk(batch, p.done..p.done + m, loss_scale, &mut p.grads) {
-                Ok(l) => {
-                    p.loss += l;
-                    p.done += m;
-                }
-                Err(failed) => return failed.stop(p.done),
-            }
+        let grads = &mut p.grads;
+        let attempt = |chunk| self.plain_chunk(batch, chunk, loss_scale, grads);
+        if let Some(oom) = chunks(&mut p.done, n, micro, attempt, |l| {
+            p.loss += l;
+            Ok(())
+        })? {
+            return Ok(oom);
         }
         Ok(Outcome::Done(Gradients {
             loss: p.loss,
@@ -216,52 +264,68 @@ impl<'a> Runner<'a> {
         let n = batch.rows.len();
         // 1. Embeddings of the whole batch, chunk by chunk, without a graph (with checkpointing,
         //    also every row's layer inputs, kept per row so later chunks may be cut otherwise).
-        while c.embedded < n {
-            let m = micro.min(n - c.embedded);
-            match self.embed_chunk(batch, c.embedded..c.embedded + m, c.checkpointing) {
-                Ok((cols, kept)) => {
-                    c.parts.push(cols);
-                    for (col, rows_kept) in kept.into_iter().enumerate() {
-                        c.checkpoints[col].extend(rows_kept);
-                    }
-                    c.embedded += m;
-                }
-                Err(failed) => return failed.stop(c.embedded),
+        let checkpointing = c.checkpointing;
+        let attempt = |chunk| self.embed_chunk(batch, chunk, checkpointing);
+        let (parts, checkpoints) = (&mut c.parts, &mut c.checkpoints);
+        if let Some(oom) = chunks(&mut c.embedded, n, micro, attempt, |(cols, kept)| {
+            parts.push(cols);
+            if let Some(kept) = kept {
+                checkpoints.extend(kept);
             }
+            Ok(())
+        })? {
+            return Ok(oom);
         }
         // 2. The loss over the full batch, and its gradient with respect to each embedding.
         if c.loss.is_none() {
             let parts = std::mem::take(&mut c.parts);
-            let checkpoints = std::mem::take(&mut c.checkpoints);
+            let columns = batch.data.columns;
+            let checkpoints = std::mem::replace(&mut c.checkpoints, LayerInputs::new(columns));
             c.loss = Some(self.full_loss(batch, parts, checkpoints, loss_scale)?);
         }
         let full = c.loss.as_ref().expect("set above");
         // 3. Push the cached gradients back through the network, chunk by chunk.
-        while c.done < n {
-            let m = micro.min(n - c.done);
-            let chunk = c.done..c.done + m;
-            let attempt = in_phase(Phase::Backward, || {
-                self.budget.mark();
-                self.injector.check(batch.step, Phase::Backward)?;
-                let mut part = Grads::new();
-                self.backward_chunk(batch, chunk, full, c.checkpointing, &mut part)?;
-                self.budget.check("backward pass")?;
-                Ok(part)
-            });
-            match attempt {
-                Ok(part) => {
-                    for (name, g) in part {
-                        add(&mut c.grads, name, g)?;
-                    }
-                    c.done += m;
-                }
-                Err(failed) => return failed.stop(c.done),
+        let attempt = |chunk| {
+            self.attempt(
+                batch.step,
+                Phase::Backward,
+                "backward pass",
+                Window::New,
+                || {
+                    let mut part = Grads::new();
+                    self.backward_chunk(batch, chunk, full, checkpointing, &mut part)?;
+                    Ok(part)
+                },
+            )
+        };
+        let grads = &mut c.grads;
+        if let Some(oom) = chunks(&mut c.done, n, micro, attempt, |part| {
+            for (name, g) in part {
+                add(grads, name, g)?;
             }
+            Ok(())
+        })? {
+            return Ok(oom);
         }
         Ok(Outcome::Done(Gradients {
             loss: full.loss.to_scalar::<f32>()?,
             grads: std::mem::take(&mut c.grads),
         }))
+    }
+
+    /// Runs `f` as one attempt at a micro-batch through the guard (see `memory/guard.rs`); a
+    /// failure keeps its phase for the policy.
+    fn attempt<T>(
+        &self,
+        step: u64,
+        phase: Phase,
+        what: &str,
+        window: Window,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T, Failed> {
+        self.guard
+            .run(step, phase, what, window, f)
+            .map_err(|error| Failed { phase, error })
     }
 
     /// Every text column of `rows`, packed column after column (row `c·n + r` is column `c` of
@@ -348,61 +412,55 @@ impl<'a> Runner<'a> {
     ) -> Result<f32, Failed> {
         let (data, step) = (batch.data, batch.step);
         let rows = &batch.rows[chunk];
-        let (loss, cuts) = in_phase(Phase::Forward, || {
-            self.budget.mark();
-            self.injector.check(step, Phase::Forward)?;
-            let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
-            let scores = self.scores(data, rows)?;
-            let weight = rows.len() as f64 / batch.rows.len() as f64;
-            let loss = (losses::compute(
-                self.loss,
-                self.scale,
-                self.matryoshka.as_ref(),
-                &cols,
-                scores.as_ref(),
-            )? * weight)?;
-            self.budget.check("forward pass")?;
-            Ok((loss, cuts))
-        })?;
-        in_phase(Phase::Backward, || {
-            self.injector.check(step, Phase::Backward)?;
-            let store = self.train_net.backward(&(&loss * loss_scale)?)?;
-            let value = loss.to_scalar::<f32>()?;
-            drop(loss); // frees the encoder's activations before the embedding layer's pass
-            self.finish_backward(grads, store, cuts)?;
-            self.budget.check("backward pass")?;
-            Ok(value)
-        })
+        let (loss, cuts) =
+            self.attempt(step, Phase::Forward, "forward pass", Window::New, || {
+                let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
+                let scores = self.scores(data, rows)?;
+                let weight = rows.len() as f64 / batch.rows.len() as f64;
+                let loss = (losses::compute(
+                    self.loss,
+                    self.scale,
+                    self.matryoshka.as_ref(),
+                    &cols,
+                    scores.as_ref(),
+                )? * weight)?;
+                Ok((loss, cuts))
+            })?;
+        self.attempt(
+            step,
+            Phase::Backward,
+            "backward pass",
+            Window::Continue,
+            || {
+                let store = self.train_net.backward(&(&loss * loss_scale)?)?;
+                let value = loss.to_scalar::<f32>()?;
+                drop(loss); // frees the encoder's activations before the embedding layer's pass
+                self.finish_backward(grads, store, cuts)?;
+                Ok(value)
+            },
+        )
     }
 
     /// The cached scheme's stage 1 for the rows at `chunk`: their embeddings per column,
-    /// without a graph, and with `checkpointing` every row's layer inputs `[column][row][layer]`.
-    #[allow(clippy::type_complexity)]
+    /// without a graph, and with `checkpointing` every row's layer inputs.
     fn embed_chunk(
         &self,
         batch: Batch,
         chunk: Range<usize>,
         checkpointing: bool,
-    ) -> Result<(Vec<Tensor>, Vec<Vec<Vec<Tensor>>>), Failed> {
+    ) -> Result<(Vec<Tensor>, Option<LayerInputs>), Failed> {
         let (data, step) = (batch.data, batch.step);
-        in_phase(Phase::Forward, || {
-            self.budget.mark();
-            self.injector.check(step, Phase::Forward)?;
+        self.attempt(step, Phase::Forward, "embedding pass", Window::New, || {
             let rows = &batch.rows[chunk];
             let (tokens, drop) = self.columns(data, rows, step)?;
             let (emb, kept) = if checkpointing {
                 let (emb, inputs) = forward_checkpoints(&self.embed_net, &tokens, &drop)?;
-                let mut kept = per_row(&inputs, &tokens)?;
-                let per_column = (0..data.columns)
-                    .map(|_| kept.drain(..rows.len()).collect())
-                    .collect();
-                (emb, per_column)
+                let kept = LayerInputs::from_packed(&inputs, &tokens, data.columns)?;
+                (emb, Some(kept))
             } else {
-                (self.embed_net.forward(&tokens, &drop)?, Vec::new())
+                (self.embed_net.forward(&tokens, &drop)?, None)
             };
-            let cols = split_columns(&emb, data.columns)?;
-            self.budget.check("embedding pass")?;
-            Ok((cols, kept))
+            Ok((split_columns(&emb, data.columns)?, kept))
         })
     }
 
@@ -412,7 +470,7 @@ impl<'a> Runner<'a> {
         &self,
         batch: Batch,
         parts: Vec<Vec<Tensor>>,
-        checkpoints: Vec<Vec<Vec<Tensor>>>,
+        checkpoints: LayerInputs,
         loss_scale: f64,
     ) -> Result<FullLoss> {
         let full: Vec<Var> = (0..batch.data.columns)
@@ -477,16 +535,7 @@ impl<'a> Runner<'a> {
         }
         // All columns in one recomputing pass, their rows packed as `columns` packs them.
         let (tokens, drop) = self.columns(data, rows, step)?;
-        let layers = ckpts[0][pos].len();
-        let inputs = (0..layers)
-            .map(|l| {
-                let rows: Vec<&Tensor> = ckpts
-                    .iter()
-                    .flat_map(|col| col[pos..pos + m].iter().map(|r| &r[l]))
-                    .collect();
-                Ok(Tensor::cat(&rows, 0)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let inputs = ckpts.packed(pos, m)?;
         let grad = emb_grads
             .iter()
             .map(|g| g.narrow(0, pos, m))
@@ -553,14 +602,6 @@ fn split_columns(emb: &Tensor, columns: usize) -> Result<Vec<Tensor>> {
     (0..columns).map(|c| Ok(emb.narrow(0, c * n, n)?)).collect()
 }
 
-/// Splits packed per-layer tensors into per-row views: `[row][layer]`.
-fn per_row(inputs: &[Tensor], batch: &TokenBatch) -> Result<Vec<Vec<Tensor>>> {
-    batch
-        .rows()
-        .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
-        .collect()
-}
-
 fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {
     let sum = match grads.remove(&name) {
         Some(acc) => (acc + g)?,
@@ -589,6 +630,23 @@ impl Failed {
     }
 }
 
-fn in_phase<T>(phase: Phase, f: impl FnOnce() -> Result<T>) -> Result<T, Failed> {
-    f().map_err(|error| Failed { phase, error })
+/// The one chunk loop: `attempt` on rows `*done..n` of the batch, `micro` rows at a time, and
+/// `keep` on what each gives, `*done` counting the rows kept. Stops at the first failed attempt:
+/// `Some` OOM for the policy (a run of the pass goes on from `*done`), or the error.
+fn chunks<T>(
+    done: &mut usize,
+    n: usize,
+    micro: usize,
+    mut attempt: impl FnMut(Range<usize>) -> Result<T, Failed>,
+    mut keep: impl FnMut(T) -> Result<()>,
+) -> Result<Option<Outcome>> {
+    while *done < n {
+        let m = micro.min(n - *done);
+        match attempt(*done..*done + m) {
+            Ok(t) => keep(t)?,
+            Err(failed) => return failed.stop(*done).map(Some),
+        }
+        *done += m;
+    }
+    Ok(None)
 }

@@ -34,24 +34,6 @@ const MAX_K: usize = MAP_AT;
 /// Corpus texts embedded (and scored) at a time.
 pub const CORPUS_CHUNK: usize = 8192;
 
-/// The figures, by the names `eval --json`, metrics.jsonl and sweeps (`dev.NAME`) use.
-pub const FIGURES: [&str; 15] = [
-    "accuracy@1",
-    "accuracy@3",
-    "accuracy@5",
-    "accuracy@10",
-    "precision@1",
-    "precision@3",
-    "precision@5",
-    "precision@10",
-    "recall@1",
-    "recall@3",
-    "recall@5",
-    "recall@10",
-    "mrr@10",
-    "ndcg@10",
-    "map@100",
-];
 /// Queries scored against a corpus chunk at a time: at most QUERY_CHUNK x CORPUS_CHUNK f32.
 pub const QUERY_CHUNK: usize = 512;
 

@@ -9,13 +9,13 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{Device, Tensor};
-
 use crate::config::{Lever, Precision, TrainSection};
+use crate::data::tokenized::TokenizedData;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::memory::guard::Guard;
 use crate::memory::oom::{is_oom, Injector, Phase};
-use crate::memory::policy::{Action, Event, MemState, Scheme, StepShape};
+use crate::memory::policy::{MemState, OomAction, Scheme, StepAction, StepShape, UpdateAction};
 use crate::memory::{human_bytes, MemoryBudget};
 use crate::model::SentenceModel;
 use crate::train::checkpoint;
@@ -23,43 +23,6 @@ use crate::train::nonfinite::{self, NonFinite};
 use crate::train::optim::{clip_coefficient, grad_norm, AdamW, Grads};
 use crate::train::passes::{Batch, Gradients, Outcome, Pass, Runner};
 use crate::train::precision::LossScaler;
-
-/// The tokenized training set: `tokens[row][column]`, `scores[row]`, and for distillation
-/// `teachers[row]` (empty otherwise).
-pub struct TokenizedData {
-    pub tokens: Vec<Vec<Vec<u32>>>,
-    pub scores: Vec<Option<f32>>,
-    pub teachers: Vec<Vec<f32>>,
-    pub columns: usize,
-    /// Per column, the leading tokens of its prompt (see `TokenBatch::prompt_tokens`).
-    pub prompt_tokens: Vec<usize>,
-}
-
-impl TokenizedData {
-    /// What the loss takes besides the embeddings for `rows`: the teacher embeddings
-    /// (rows, dim), else the scores (rows,), else nothing.
-    pub fn labels(&self, rows: &[usize], device: &Device) -> Result<Option<Tensor>> {
-        if let Some(first) = self.teachers.first() {
-            let flat: Vec<f32> = rows
-                .iter()
-                .flat_map(|&r| self.teachers[r].iter().copied())
-                .collect();
-            return Ok(Some(Tensor::from_vec(
-                flat,
-                (rows.len(), first.len()),
-                device,
-            )?));
-        }
-        if self.scores.first().is_none_or(|s| s.is_none()) {
-            return Ok(None);
-        }
-        let s: Vec<f32> = rows
-            .iter()
-            .map(|&r| self.scores[r].unwrap_or(0.0))
-            .collect();
-        Ok(Some(Tensor::from_vec(s, rows.len(), device)?))
-    }
-}
 
 /// An OOM that was recovered, for events.jsonl and the progress line.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,14 +61,65 @@ pub enum Stepped {
     Done { loss: f32 },
     /// The loss or a gradient was NaN or infinite: the update was skipped (`nonfinite.rs`).
     NonFinite { loss: f32 },
-    /// Not even one row per pass fits with every allowed lever pulled. The weights are the
-    /// previous step's; the message names the step, the row, the memory and the keys to change.
-    NothingFits(String),
+    /// The policy gave up: see [`NothingFits`].
+    NothingFits(NothingFits),
 }
 
-/// Why a step has no gradients: see [`Stepped::NothingFits`].
+/// The policy gave up on a step: nothing is left to try. Rendered (`Display`) as the one
+/// message naming the step, what did not fit, the memory and the keys to change.
 #[derive(Debug)]
-pub struct NothingFits(pub String);
+pub struct NothingFits {
+    /// 0-based, as the step counts.
+    pub step: u64,
+    pub unfit: Unfit,
+    pub memory_in_use: u64,
+    pub limit: Option<u64>,
+    /// The config keys that would help.
+    pub consider: &'static str,
+}
+
+/// What did not fit.
+#[derive(Debug)]
+pub enum Unfit {
+    /// Not even one row per pass, with every allowed lever pulled: data row `row` of `tokens`
+    /// tokens, in `phase`. No update ran, so the weights are the previous step's.
+    Row {
+        phase: Phase,
+        row: usize,
+        tokens: usize,
+    },
+    /// The optimizer update, twice (`error`: the second OOM). Some tensors are updated and
+    /// others not, so the weights are no step's.
+    Update { error: String },
+}
+
+impl NothingFits {
+    /// Whether the weights are those of a finished step (worth saving as `final/`).
+    pub fn weights_intact(&self) -> bool {
+        matches!(self.unfit, Unfit::Row { .. })
+    }
+}
+
+impl std::fmt::Display for NothingFits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (step, consider) = (self.step, self.consider);
+        match &self.unfit {
+            Unfit::Row { phase, row, tokens } => write!(
+                f,
+                "step {step}, {phase:?} phase: even a micro-batch of 1 row does not fit (data \
+                 row {row}, {tokens} tokens). Memory in use {}, limit {}. Consider {consider}",
+                human_bytes(self.memory_in_use),
+                self.limit
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "the device's".into())
+            ),
+            Unfit::Update { error } => write!(
+                f,
+                "step {step}: the optimizer update does not fit ({error}). Consider {consider}"
+            ),
+        }
+    }
+}
 
 /// The step's place in the run: its number (0-based), its rows (indices into the data) and
 /// its learning rate.
@@ -154,7 +168,7 @@ impl<'a> Trainer<'a> {
         texts: Option<&'a Dataset>,
     ) -> Result<Self> {
         Ok(Self {
-            runner: Runner::new(model, t, t.precision, budget, injector)?,
+            runner: Runner::new(model, t, t.precision, Guard { budget, injector })?,
             levers: Levers {
                 precision: t.precision,
                 checkpointing: t.gradient_checkpointing,
@@ -186,7 +200,7 @@ impl<'a> Trainer<'a> {
         let StepAt { step, rows, lr } = at;
         let Gradients { loss, mut grads } = match self.gradients(rows, step, scaler, mem, notes)? {
             Ok(g) => g,
-            Err(NothingFits(why)) => return Ok(Stepped::NothingFits(why)),
+            Err(unfit) => return Ok(Stepped::NothingFits(unfit)),
         };
         checkpoint::crash_point("step", step as usize + 1);
         if self.inject_nonfinite.contains(&step) {
@@ -200,7 +214,9 @@ impl<'a> Trainer<'a> {
         if loss.is_finite() && norm.is_finite() {
             scaler.clean_step();
             let clip = clip_coefficient(norm, self.max_grad_norm);
-            self.update(&grads, clip, lr, step, mem, notes)?;
+            if let Err(unfit) = self.update(&grads, clip, lr, step, mem, notes)? {
+                return Ok(Stepped::NothingFits(unfit));
+            }
         } else if scaler.overflowed() && loss.is_finite() {
             // f16 with room to lower the scale: the scaler's ordinary skip.
             notes(Note::Skipped {
@@ -214,7 +230,7 @@ impl<'a> Trainer<'a> {
         }
         drop(grads);
         // The memory policy counts the step either way: its passes fitted.
-        if let Action::Regrow { micro } = mem.decide(Event::StepDone) {
+        if let StepAction::Regrow { micro } = mem.step_done() {
             notes(Note::Regrew { micro });
         }
         Ok(if applied {
@@ -248,18 +264,16 @@ impl<'a> Trainer<'a> {
                 Outcome::Oom { phase, at } => (phase, at),
             };
             let before = mem.micro;
-            let event = Event::MicroBatchOom {
-                step: self.shape(rows.len()),
-                escalate: &self.escalate,
-            };
-            match mem.decide(event) {
-                Action::Retry { micro } => notes(Note::Oom(self.oom(step, phase, before, micro))),
-                Action::SwitchToCached { micro } => {
+            match mem.micro_batch_oom(self.shape(rows.len()), &self.escalate) {
+                OomAction::Retry { micro } => {
+                    notes(Note::Oom(self.oom(step, phase, before, micro)))
+                }
+                OomAction::SwitchToCached { micro } => {
                     notes(Note::Oom(self.oom(step, phase, before, micro)));
                     let checkpointing = self.levers.checkpointing;
                     pass = Pass::new(Scheme::Cached, checkpointing, self.data.columns);
                 }
-                Action::Escalate { lever } => {
+                OomAction::Escalate { lever } => {
                     drop(pass);
                     self.pull(lever)?;
                     if lever == Lever::F16 {
@@ -268,16 +282,21 @@ impl<'a> Trainer<'a> {
                     notes(Note::Escalated(lever));
                     pass = self.start_pass(rows.len(), mem);
                 }
-                Action::GiveUp { consider } => {
-                    return Ok(Err(self.nothing_fits(step, phase, rows[at], consider)))
+                OomAction::GiveUp { consider } => {
+                    let tokens = self.data.tokens[rows[at]].iter().map(Vec::len).max();
+                    let unfit = Unfit::Row {
+                        phase,
+                        row: rows[at],
+                        tokens: tokens.unwrap_or(0),
+                    };
+                    return Ok(Err(self.nothing_fits(step, unfit, consider)));
                 }
-                other => return Err(unexpected(other, "a micro-batch")),
             }
         }
     }
 
     /// AdamW on `grads` times `clip`. An OOM part way goes to the policy: the update is
-    /// retried (once), skipping the tensors it already updated.
+    /// retried (once), skipping the tensors it already updated; then it gives up.
     fn update(
         &mut self,
         grads: &Grads,
@@ -286,35 +305,32 @@ impl<'a> Trainer<'a> {
         step: u64,
         mem: &mut MemState,
         notes: &mut dyn FnMut(Note),
-    ) -> Result<()> {
+    ) -> Result<Result<(), NothingFits>> {
         let mut updated = BTreeSet::new();
         let mut retried = false;
         loop {
-            let runner = &self.runner;
-            let vars = &runner.model.params.vars;
+            let (vars, guard) = (&self.runner.model.params.vars, self.runner.guard);
             let error = match self
                 .optimizer
                 .step(vars, grads, clip, lr, &mut updated, || {
-                    runner.injector.check(step, Phase::Optimizer)?;
-                    runner.budget.check("optimizer update")
+                    guard.check(step, Phase::Optimizer, "optimizer update")
                 }) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Ok(())),
                 Err(e) if is_oom(&e) => e,
                 Err(e) => return Err(e),
             };
-            match mem.decide(Event::UpdateOom { retried }) {
-                Action::RetryUpdate => {
+            match mem.update_oom(retried) {
+                UpdateAction::Retry => {
                     retried = true;
                     let micro = mem.micro;
                     notes(Note::Oom(self.oom(step, Phase::Optimizer, micro, micro)));
                 }
-                Action::GiveUp { consider } => {
-                    return Err(Error::OutOfMemory(format!(
-                        "step {step}: the optimizer update does not fit ({error}). Consider \
-                         {consider}"
-                    )))
+                UpdateAction::GiveUp { consider } => {
+                    let unfit = Unfit::Update {
+                        error: error.to_string(),
+                    };
+                    return Ok(Err(self.nothing_fits(step, unfit, consider)));
                 }
-                other => return Err(unexpected(other, "the optimizer update")),
             }
         }
     }
@@ -340,7 +356,7 @@ impl<'a> Trainer<'a> {
                 })?;
                 let mut tokenizer = self.runner.model.tokenizer.clone();
                 tokenizer.set_max_seq_length(levers.max_seq_length)?;
-                self.data = super::tokenize(&tokenizer, texts)?;
+                self.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
             }
         }
         Ok(())
@@ -360,7 +376,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn oom(&self, step: u64, phase: Phase, micro_before: usize, micro_after: usize) -> OomEvent {
-        let budget = self.runner.budget;
+        let budget = self.runner.guard.budget;
         OomEvent {
             step,
             phase,
@@ -371,27 +387,14 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn nothing_fits(&self, step: u64, phase: Phase, row: usize, consider: &str) -> NothingFits {
-        let tokens = self.data.tokens[row]
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0);
-        let budget = self.runner.budget;
-        NothingFits(format!(
-            "step {step}, {phase:?} phase: even a micro-batch of 1 row does not fit (data row \
-             {row}, {tokens} tokens). Memory in use {}, limit {}. Consider {consider}",
-            human_bytes(budget.in_use()),
-            budget
-                .limit
-                .map(human_bytes)
-                .unwrap_or_else(|| "the device's".into())
-        ))
+    fn nothing_fits(&self, step: u64, unfit: Unfit, consider: &'static str) -> NothingFits {
+        let budget = self.runner.guard.budget;
+        NothingFits {
+            step,
+            unfit,
+            memory_in_use: budget.in_use(),
+            limit: budget.limit,
+            consider,
+        }
     }
-}
-
-fn unexpected(action: Action, what: &str) -> Error {
-    Error::Internal(format!(
-        "the memory policy answered an OOM in {what} with {action:?}"
-    ))
 }

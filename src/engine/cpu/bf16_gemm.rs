@@ -190,7 +190,7 @@ fn widened(out: Out, (m, n, k): (usize, usize, usize), a: &Mat, b: &Mat) {
     // (row, column) strides of each logical operand in its storage.
     let a_strides = if a.t { (1, m) } else { (k, 1) };
     let b_strides = if b.t { (1, k) } else { (n, 1) };
-    super::f32_gemm::gemm_crate(c, (m, n, k), (&av, a_strides), (&bv, b_strides), accumulate);
+    super::gemm_crate::gemm_crate(c, (m, n, k), (&av, a_strides), (&bv, b_strides), accumulate);
     if let Some(dst) = bf16_out {
         dst.par_chunks_mut(1 << 14)
             .zip(c.par_chunks(1 << 14))

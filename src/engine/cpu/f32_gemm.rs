@@ -45,57 +45,6 @@ pub fn matmul(c: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
     fast::matmul(&mut c[..m * n], accumulate, (m, n, k), (av, a.t), (bv, b.t));
 }
 
-/// A slice read as a matrix with (row, column) strides.
-pub(crate) type Strided<'a> = (&'a [f32], (usize, usize));
-
-/// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)` with the `gemm` crate, on all of
-/// rayon's threads.
-///
-/// # Panics
-/// If an operand's strides reach past its slice.
-pub(crate) fn gemm_crate(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    (a, (a_rs, a_cs)): Strided,
-    (b, (b_rs, b_cs)): Strided,
-    accumulate: bool,
-) {
-    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    assert!(
-        m * n <= dst.len() && last(a_rs, a_cs, m, k) < a.len() && last(b_rs, b_cs, k, n) < b.len()
-    );
-    // SAFETY: the assert keeps every index gemm reads or writes inside the three slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod fast {
     use std::arch::x86_64::{
@@ -477,6 +426,7 @@ mod fast {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cpu::gemm_crate::gemm_crate;
     use rand::{Rng, SeedableRng};
 
     fn values(rng: &mut impl Rng, n: usize) -> Vec<f32> {

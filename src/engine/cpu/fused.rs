@@ -332,7 +332,7 @@ impl CustomOp3 for LinearOp {
             out.extend_from_slice(b);
         }
         // x is (m, k) row-major; w is (n_out, k) row-major, read as its transpose.
-        super::f32_gemm::gemm_crate(&mut out, (m, n_out, k), (&x, (k, 1)), (w, (1, k)), true);
+        super::gemm_crate::gemm_crate(&mut out, (m, n_out, k), (&x, (k, 1)), (w, (1, k)), true);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("2-D input") = n_out;
         Ok((cpu_storage(s1.dtype(), out)?, Shape::from(dims)))

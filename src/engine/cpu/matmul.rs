@@ -5,7 +5,7 @@
 use candle_core::DType;
 
 use super::fused::add_column_sums;
-use super::{bf16_gemm, f32_gemm};
+use super::{bf16_gemm, f32_gemm, gemm_crate};
 
 /// How the layer's matrix products run: in f32 (the `gemm` crate, and `f32_gemm` for the
 /// forward product with AVX-512), or, with bf16 activations
@@ -28,7 +28,7 @@ impl Products {
 }
 
 /// An operand of `matmul`: a slice read with (row, column) strides.
-pub type Operand<'a> = f32_gemm::Strided<'a>;
+pub type Operand<'a> = gemm_crate::Strided<'a>;
 
 /// The operand as `bf16_gemm` takes it (`rows × cols` of the product): row-major, or the
 /// transpose of a row-major matrix. None for other strides.
@@ -72,7 +72,7 @@ pub fn matmul(
             return Ok(());
         }
     }
-    f32_gemm::gemm_crate(dst, (m, n, k), a, b, accumulate);
+    gemm_crate::gemm_crate(dst, (m, n, k), a, b, accumulate);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod bf16_gemm;
 pub mod f32_gemm;
 pub mod features;
 pub mod fused;
+pub mod gemm_crate;
 pub mod matmul;
 pub mod norm;
 pub mod primitives;
