@@ -167,13 +167,6 @@ impl ModelConfig {
     pub fn relative_bias(&self) -> bool {
         matches!(self, ModelConfig::Mpnet(_))
     }
-
-    /// A tensor that never trains whatever is frozen: DistilBERT's sinusoidal position table
-    /// (PyTorch gives it `requires_grad = False`).
-    pub fn is_fixed(&self, name: &str) -> bool {
-        matches!(self, ModelConfig::DistilBert(c) if c.sinusoidal_pos_embds)
-            && name.ends_with("embeddings.position_embeddings.weight")
-    }
 }
 
 #[cfg(test)]

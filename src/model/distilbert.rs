@@ -1,6 +1,7 @@
 //! DistilBERT (msmarco-distilbert-*, multi-qa-distilbert-*): BERT's post-LN layer under other
-//! names, no token types, no dropout on the attention output, and positions either learned or
-//! sinusoidal (a fixed table, stored in the checkpoint all the same).
+//! names, no token types, no dropout on the attention output. Positions are learned or
+//! sinusoidal (`sinusoidal_pos_embds`); either way the table is in the checkpoint and, as in the
+//! pinned transformers 5.x (4.x froze a sinusoidal table), it trains.
 
 use serde::Deserialize;
 
@@ -16,8 +17,6 @@ pub struct DistilBertConfig {
     pub n_heads: usize,
     pub hidden_dim: usize,
     pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub sinusoidal_pos_embds: bool,
     #[serde(default = "default_dropout")]
     pub dropout: f32,
     #[serde(default = "default_dropout")]

@@ -1,5 +1,6 @@
-//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, DistilBERT or MPNet) -> pooling -> optional Dense -> optional
-//! Normalize, loaded from and saved to the folder layout Python sentence-transformers uses.
+//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, DistilBERT or MPNet) -> pooling ->
+//! optional Dense -> optional Normalize, loaded from and saved to the folder layout Python
+//! sentence-transformers uses.
 //!
 //! [`SentenceModel`] owns the weights ([`Params`]); a [`Network`] is the computation built over
 //! them. `network()` builds over the trainable `Var`s (records a graph); `inference_network()`
@@ -223,11 +224,8 @@ impl SentenceModel {
             .filter(|(_, t)| t.dtype().is_float())
             .map(|(k, _)| k.clone())
             .collect();
-        let trainable = |name: &str| {
-            float.contains(name)
-                && freeze.is_some_and(|f| f.is_trainable(name))
-                && !spec.model.is_fixed(name)
-        };
+        let trainable =
+            |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
         let params = Params::from_tensors(weights_path, tensors, &trainable)?;
         let prefix = params.prefix_of(embeddings::WORD).unwrap_or_default();
         let model = Self {
