@@ -259,9 +259,15 @@ impl EncoderLayer {
         };
         let lengths = &batch.lengths;
         let attn = self.o.forward(&ctx)?;
+        let off = Dropout::off();
+        let attn_drop = if self.drops_attention_output {
+            drop
+        } else {
+            &off
+        };
         let x = self
             .attn_norm
-            .forward_residual(x, &attn, drop, lengths, site + 1)?;
+            .forward_residual(x, &attn, attn_drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
         self.ffn_norm
             .forward_residual(&x, &ffn, drop, lengths, site + 2)
@@ -443,18 +449,21 @@ mod tests {
             intermediate: 12,
             eps: 1e-5,
         };
-        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let mut layer = EncoderLayer::load(&w, &names(), dims).unwrap();
         let params = w.0.borrow().clone();
         assert_eq!(params.len(), 16);
         let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, (2, 5, 5), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
-        for (drop, with_bias) in [
-            (Dropout::off(), false),
-            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false),
-            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true),
+        // The last case is DistilBERT's layer: no dropout on the attention output.
+        for (drop, with_bias, drops_attention_output) in [
+            (Dropout::off(), false, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false, false),
         ] {
+            layer.drops_attention_output = drops_attention_output;
             let b = with_bias.then(|| bias.as_tensor());
             assert!(layer.one_op(x.as_tensor()));
             let a = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();
