@@ -176,7 +176,10 @@ fn train(dir: &Path, engine: &str, extra: &[&str], out: &str) -> Value {
         .arg(&config)
         .arg("--json");
     for e in extra {
-        cmd.args(["--set", e]);
+        match e.strip_prefix("inject=") {
+            Some(spec) => cmd.env("ST_TUNE_INJECT_OOM", spec),
+            None => cmd.args(["--set", e]),
+        };
     }
     let run = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -205,8 +208,10 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Micro-batching and checkpointing change no weight on either engine; frozen tensors stay,
-/// the rest moves; bf16 stays close to f32; the saved folder keeps the family's names.
+/// Micro-batching (GradCache: CoSENT couples the batch) and checkpointing change no weight on
+/// either engine; frozen tensors stay, the rest moves; bf16 stays close to f32; Matryoshka with
+/// OOM retries gives the weights of an uninterrupted run; `max_seq_length` cuts; the saved
+/// folder keeps the family.
 fn levers(family: &str, layer: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -272,6 +277,25 @@ fn levers(family: &str, layer: &str) {
             "{engine} bf16: {a} {b}"
         );
     }
+    // Matryoshka, and OOMs injected in the backward and forward passes (the retry cuts the
+    // batch: GradCache): the weights of an uninterrupted run.
+    let dims = "train.matryoshka_dims=[32, 16]";
+    train(dir, "cpu", &[dims], "matryoshka");
+    let retried = train(
+        dir,
+        "cpu",
+        &[
+            dims,
+            "train.micro_batch_size=8",
+            "inject=1:backward,2:forward",
+        ],
+        "retried",
+    );
+    assert_eq!(retried["ooms_recovered"], 2, "{family}: {retried}");
+    let (diff, name) = max_relative_difference(&dir.join("matryoshka"), &dir.join("retried"));
+    assert!(diff <= 1e-5, "{family} OOM retry: {name} differs by {diff}");
+    let short = train(dir, "cpu", &["model.max_seq_length=8"], "short");
+    assert!(short["final_loss"].as_f64().unwrap().is_finite());
     let saved = SentenceModel::load(
         dir.join("plain/final").to_str().unwrap(),
         &Device::Cpu,
