@@ -1,8 +1,8 @@
 //! The transformer's `config.json`, parsed once into one variant per model family, tagged by
 //! `model_type` (as text-embeddings-inference does). Everything else asks the variant: the
 //! encoder's sizes, its dropout, the tensor names of its layers and embeddings, how many tokens
-//! its positions hold. Adding a family is a variant here and its names and embeddings in a file
-//! of its own; nothing else matches on `model_type`.
+//! its positions hold. Adding a family is a variant here (and in [`SUPPORTED`]) and its names
+//! and sizes in a file of its own; nothing outside `model/` matches on `model_type`.
 
 use std::path::Path;
 
@@ -151,8 +151,8 @@ impl ModelConfig {
         }
     }
 
-    /// Whether layer outputs of attention get hidden dropout before their residual sum
-    /// (DistilBERT's do not).
+    /// Whether the attention block's output gets hidden dropout before its residual sum
+    /// (DistilBERT's does not).
     pub fn drops_attention_output(&self) -> bool {
         !matches!(self, ModelConfig::DistilBert(_))
     }
