@@ -4,6 +4,8 @@
 #   all-MiniLM-L6-v2   trained 4 steps with configs/ci-smoke.toml
 #   all-mpnet-base-v2  the same config, 1 step on 8 rows (still a train-and-save; there is no save-only
 #                      command); skipped with --minilm-only or when .weights has no MPNet folder
+#   xlm-roberta, distilbert  the random-weight family fixtures (tests/fixtures/families/*/model, from
+#                      scripts/make_family_fixtures.py), trained 4 steps with the same config
 #   all-MiniLM-L6-v2 re-saved by the pinned sentence-transformers (6.x layout, prompts query/passage;
 #                      scripts/save_st6_folder.py), trained 4 steps with data.prompts, checked with and
 #                      without prompt_name="query"
@@ -21,7 +23,7 @@ minilm_only=0 work=
 for arg in "$@"; do
   case $arg in
     --minilm-only) minilm_only=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     -*) echo "roundtrip.sh: unknown option $arg" >&2; exit 2 ;;
     *) work=$arg ;;
   esac
@@ -44,7 +46,9 @@ roundtrip() {
   echo "--- $name: st-tune train" >&2
   rm -rf "$out"
   # (called as `roundtrip ... || fail=1`, where set -e is off: each step returns on failure)
-  "$bin" train --config configs/ci-smoke.toml --set "model.path=$weights/$name" "$@" --output "$out" >&2 || return
+  local path=$weights/$name
+  [[ -d $repo/tests/fixtures/families/$name ]] && path=$repo/tests/fixtures/families/$name/model
+  "$bin" train --config configs/ci-smoke.toml --set "model.path=$path" "$@" --output "$out" >&2 || return
   echo "--- $name: st-tune encode" >&2
   "$bin" encode --model "$out/final" --input "$sentences" --output "$out/emb.jsonl" || return
   echo "--- $name: sentence-transformers loads $out/final" >&2
@@ -69,6 +73,7 @@ roundtrip_st6() {
 fail=0
 roundtrip all-MiniLM-L6-v2 || fail=1
 roundtrip_st6 || fail=1
+for family in xlm-roberta distilbert; do roundtrip "$family" || fail=1; done
 if [[ $minilm_only == 0 && -f $weights/all-mpnet-base-v2/model.safetensors ]]; then
   roundtrip all-mpnet-base-v2 --set train.max_steps=1 --set data.limit=8 || fail=1
 elif [[ $minilm_only == 0 ]]; then

@@ -90,7 +90,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let BenchWhat::Memory(a) = a.what;
     let cfg = Config::load(&a.config, &a.set)?;
     let device = crate::device::parse(&cfg.model.device)?;
-    let layers = SentenceModel::load(&cfg.model.path, &device, None)?.num_layers()?;
+    let layers = SentenceModel::load(&cfg.model.path, &device, None)?.num_layers();
     let half = layers / 2;
     let all: [(BenchLever, &str, Precision, usize, bool); 6] = [
         (BenchLever::F32, "f32 (baseline)", Precision::F32, 0, false),

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
 use crate::model::pooling::PoolingConfig;
 use std::collections::BTreeMap;
 
@@ -72,7 +73,8 @@ pub struct FolderSpec {
     pub root: PathBuf,
     /// `config.json` as read, written back unchanged.
     pub config: Value,
-    pub model_type: String,
+    /// `config.json` parsed, once.
+    pub model: ModelConfig,
     pub max_seq_length: usize,
     pub do_lower_case: bool,
     /// `sentence_bert_config.json` as read (6.x keeps `transformer_task`, `modality_config` ...
@@ -126,21 +128,6 @@ impl FolderSpec {
             }
         }
     }
-
-    /// The most tokens a text can have: the position table's size (MPNet/RoBERTa positions
-    /// start after the padding index, so two fewer).
-    pub fn position_limit(&self) -> usize {
-        let max_pos = self
-            .config
-            .get("max_position_embeddings")
-            .and_then(Value::as_u64)
-            .unwrap_or(512) as usize;
-        if self.model_type == "mpnet" {
-            max_pos.saturating_sub(2)
-        } else {
-            max_pos
-        }
-    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -170,19 +157,9 @@ impl FolderSpec {
             ));
         }
         let config = read_json(&config_path)?;
-        let model_type = config
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::model(&config_path, "no `model_type` key"))?
-            .to_string();
-        let hidden = config
-            .get("hidden_size")
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize;
-        let max_pos = config
-            .get("max_position_embeddings")
-            .and_then(Value::as_u64)
-            .unwrap_or(512) as usize;
+        let model = ModelConfig::parse(&config_path, &config)?;
+        let hidden = model.sizes().hidden;
+        let max_pos = model.sizes().positions;
 
         let st_config_path = root.join("sentence_bert_config.json");
         let st_config = if st_config_path.exists() {
@@ -206,23 +183,23 @@ impl FolderSpec {
             .unwrap_or(false);
         let (prompts, default_prompt_name) = read_prompts(root)?;
         // MPNet/RoBERTa positions start after the padding index: they hold max_pos - 2 tokens.
-        if model_type == "mpnet" {
-            let positions = max_pos.checked_sub(2).filter(|&n| n > 0).ok_or_else(|| {
-                Error::model(
-                    &config_path,
-                    format!(
-                        "max_position_embeddings is {max_pos}, but MPNet's positions start \
-                         after the padding index: it needs at least 3"
-                    ),
-                )
-            })?;
-            max_seq_length = max_seq_length.min(positions);
+        let positions = model.max_tokens();
+        if positions == 0 {
+            return Err(Error::model(
+                &config_path,
+                format!(
+                    "max_position_embeddings is {max_pos}, but the positions start after the \
+                     padding index: it needs at least {}",
+                    model.embedding_names().position_offset + 1
+                ),
+            ));
         }
+        max_seq_length = max_seq_length.min(positions);
 
         let mut spec = FolderSpec {
             root: root.to_path_buf(),
             config,
-            model_type,
+            model,
             max_seq_length,
             do_lower_case,
             st_config,

@@ -1,4 +1,4 @@
-//! Building blocks shared by the BERT and MPNet encoders, written for training: every op here
+//! Building blocks shared by every encoder family, written for training: every op here
 //! records a backward pass. candle-nn's fused `layer_norm` and `softmax_last_dim` record none, so
 //! gradients would silently stop at them; this file composes the same maths from plain ops, and
 //! uses the kernels of `fused.rs`, `norm.rs` and `attention.rs` (which have a backward) on CPU.
@@ -136,7 +136,7 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Names of one post-LN transformer layer's tensors; BERT and MPNet differ only in these.
+/// Names of one post-LN transformer layer's tensors; the families differ mostly in these.
 pub struct LayerNames {
     pub q: String,
     pub k: String,
@@ -148,7 +148,7 @@ pub struct LayerNames {
     pub ffn_norm: String,
 }
 
-/// Sizes of the transformer stack, shared by both encoders.
+/// Sizes of one layer.
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
     pub hidden: usize,
@@ -169,6 +169,8 @@ pub struct EncoderLayer {
     ffn_out: Linear,
     ffn_norm: LayerNorm,
     heads: usize,
+    /// Hidden dropout on the attention block's output (all but DistilBERT).
+    pub drops_attention_output: bool,
     /// The primitives the one-op layer runs on.
     pub engine: Engine,
     /// Where the one-op layer leaves its parameters' gradients (`Network::backward` collects).
@@ -176,18 +178,6 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    /// Loads `count` layers; `names(prefix)` maps "encoder.layer.{i}" to the layer's tensor names.
-    pub fn load_stack(
-        w: &dyn Weights,
-        count: usize,
-        d: Dims,
-        names: impl Fn(&str) -> LayerNames,
-    ) -> Result<Vec<Self>> {
-        (0..count)
-            .map(|i| Self::load(w, &names(&format!("encoder.layer.{i}")), d))
-            .collect()
-    }
-
     pub fn load(w: &dyn Weights, n: &LayerNames, d: Dims) -> Result<Self> {
         let h = d.hidden;
         let q = Linear::load(w, &n.q, h, h)?;
@@ -202,6 +192,7 @@ impl EncoderLayer {
             ffn_out: Linear::load(w, &n.ffn_out, d.intermediate, h)?,
             ffn_norm: LayerNorm::load(w, &n.ffn_norm, h, d.eps)?,
             heads: d.heads,
+            drops_attention_output: true,
             param_grads: ParamGrads::default(),
         })
     }
@@ -268,9 +259,15 @@ impl EncoderLayer {
         };
         let lengths = &batch.lengths;
         let attn = self.o.forward(&ctx)?;
+        let off = Dropout::off();
+        let attn_drop = if self.drops_attention_output {
+            drop
+        } else {
+            &off
+        };
         let x = self
             .attn_norm
-            .forward_residual(x, &attn, drop, lengths, site + 1)?;
+            .forward_residual(x, &attn, attn_drop, lengths, site + 1)?;
         let ffn = self.ffn_out.forward_gelu_input(&self.ffn_in.forward(&x)?)?;
         self.ffn_norm
             .forward_residual(&x, &ffn, drop, lengths, site + 2)
@@ -339,7 +336,9 @@ impl EncoderLayer {
         };
         let lengths = &batch.lengths;
         let masks = [
-            drop.hidden_mask(lengths, site + 1),
+            (self.drops_attention_output)
+                .then(|| drop.hidden_mask(lengths, site + 1))
+                .flatten(),
             drop.hidden_mask(lengths, site + 2),
         ];
         let params = self.params();
@@ -450,18 +449,21 @@ mod tests {
             intermediate: 12,
             eps: 1e-5,
         };
-        let layer = EncoderLayer::load(&w, &names(), dims).unwrap();
+        let mut layer = EncoderLayer::load(&w, &names(), dims).unwrap();
         let params = w.0.borrow().clone();
         assert_eq!(params.len(), 16);
         let batch = TokenBatch::new(&[&[1, 2, 3], &[4, 5, 6, 7]], &dev).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, (2, 5, 5), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
-        for (drop, with_bias) in [
-            (Dropout::off(), false),
-            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false),
-            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true),
+        // The last case is DistilBERT's layer: no dropout on the attention output.
+        for (drop, with_bias, drops_attention_output) in [
+            (Dropout::off(), false, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), true, true),
+            (Dropout::train(0.2, 0.3, 7, 3, vec![10, 11]), false, false),
         ] {
+            layer.drops_attention_output = drops_attention_output;
             let b = with_bias.then(|| bias.as_tensor());
             assert!(layer.one_op(x.as_tensor()));
             let a = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();

@@ -1,13 +1,17 @@
-//! A sentence-transformer: encoder (BERT or MPNet) -> pooling -> optional Dense -> optional
-//! Normalize, loaded from and saved to the folder layout Python sentence-transformers uses.
+//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, DistilBERT or MPNet) -> pooling ->
+//! optional Dense -> optional Normalize, loaded from and saved to the folder layout Python
+//! sentence-transformers uses.
 //!
 //! [`SentenceModel`] owns the weights ([`Params`]); a [`Network`] is the computation built over
 //! them. `network()` builds over the trainable `Var`s (records a graph); `inference_network()`
 //! over detached views of the same storage (no graph), for `encode` and evaluation.
 
 pub mod bert;
+pub mod config;
+pub mod distilbert;
 pub mod dropout;
 pub mod embedding_cut;
+pub mod embeddings;
 pub mod folder;
 pub mod hub;
 pub mod layer_op;
@@ -26,69 +30,62 @@ use candle_core::{DType, Device, Tensor};
 use crate::data::batch::TokenBatch;
 use crate::data::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use bert::{Bert, BertConfig};
+use config::ModelConfig;
 use dropout::Dropout;
+use embeddings::Embeddings;
 use folder::FolderSpec;
-use layers::{EncoderLayer, Linear};
-use mpnet::{Mpnet, MpnetConfig};
+use layers::{Dims, EncoderLayer, Linear};
+use mpnet::RelativeBias;
 use weights::{Freeze, Params, Prefixed, Weights};
 
-/// The transformer module, chosen by `model_type` in config.json.
+/// The transformer module: the embedding layer, the post-LN layers, and MPNet's relative
+/// position bias, as its family's config (`model_type`) names and sizes them.
 #[derive(Debug, Clone)]
-pub enum Encoder {
-    Bert(Bert),
-    Mpnet(Mpnet),
+pub struct Encoder {
+    pub config: ModelConfig,
+    embeddings: Embeddings,
+    relative_bias: Option<RelativeBias>,
+    layers: Vec<EncoderLayer>,
 }
 
 impl Encoder {
-    fn build(spec: &FolderSpec, w: &dyn Weights, prefix: &str) -> Result<Self> {
-        let cfg_path = spec.root.join("config.json");
-        let w = Prefixed {
-            inner: w,
-            prefix: prefix.to_string(),
+    /// The encoder of `config` over `w` (names relative to the encoder's root).
+    pub fn load(w: &dyn Weights, config: &ModelConfig) -> Result<Self> {
+        let s = config.sizes();
+        let dims = Dims {
+            hidden: s.hidden,
+            heads: s.heads,
+            intermediate: s.intermediate,
+            eps: s.eps,
         };
-        let parse_err = |e: serde_json::Error| Error::model(&cfg_path, e.to_string());
-        match spec.model_type.as_str() {
-            "bert" => {
-                let cfg: BertConfig =
-                    serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
-                if !cfg.hidden_act.starts_with("gelu") {
-                    return Err(Error::model(
-                        &cfg_path,
-                        format!(
-                            "hidden_act `{}` is not supported (only gelu)",
-                            cfg.hidden_act
-                        ),
-                    ));
-                }
-                Ok(Encoder::Bert(Bert::load(&w, cfg)?))
-            }
-            "mpnet" => {
-                let cfg: MpnetConfig =
-                    serde_json::from_value(spec.config.clone()).map_err(parse_err)?;
-                Ok(Encoder::Mpnet(Mpnet::load(&w, cfg)?))
-            }
-            other => Err(Error::model(
-                &cfg_path,
-                format!("unknown model_type `{other}`; st-tune supports `bert` and `mpnet`"),
-            )),
-        }
+        let layers = (0..s.layers)
+            .map(|i| {
+                let mut l = EncoderLayer::load(w, &config.layer_names(i), dims)?;
+                l.drops_attention_output = config.drops_attention_output();
+                Ok(l)
+            })
+            .collect::<Result<_>>()?;
+        let relative_bias = match config {
+            ModelConfig::Mpnet(c) => Some(RelativeBias::load(w, c)?),
+            _ => None,
+        };
+        Ok(Self {
+            embeddings: Embeddings::load(w, config.embedding_names(), &s)?,
+            relative_bias,
+            layers,
+            config: config.clone(),
+        })
     }
 
     /// Embedding layer output, (tokens, hidden).
     pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
-        match self {
-            Encoder::Bert(m) => m.embed(batch, drop, dtype),
-            Encoder::Mpnet(m) => m.embed(batch, drop, dtype),
-        }
+        let words = self.word_table().index_select(&batch.ids, 0)?;
+        self.embed_words(words, batch, drop, dtype)
     }
 
     /// The word-embedding table, (vocab, hidden).
     pub fn word_table(&self) -> &Tensor {
-        match self {
-            Encoder::Bert(m) => &m.word,
-            Encoder::Mpnet(m) => &m.word,
-        }
+        &self.embeddings.word
     }
 
     /// The embedding layer from the gathered rows of the word table, (tokens, hidden).
@@ -99,32 +96,20 @@ impl Encoder {
         drop: &Dropout,
         dtype: DType,
     ) -> Result<Tensor> {
-        match self {
-            Encoder::Bert(m) => m.embed_words(words, batch, drop, dtype),
-            Encoder::Mpnet(m) => m.embed_words(words, batch, drop, dtype),
-        }
+        self.embeddings.forward(words, batch, drop, dtype)
     }
 
-    /// Additive attention bias shared by every layer for this batch.
+    /// Additive attention bias shared by every layer for this batch (MPNet's relative
+    /// positions; packed rows have no padding to mask).
     pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Option<Tensor>> {
-        match self {
-            Encoder::Bert(m) => m.attention_bias(batch),
-            Encoder::Mpnet(m) => m.attention_bias(batch),
-        }
+        self.relative_bias
+            .as_ref()
+            .map(|b| b.forward(batch))
+            .transpose()
     }
 
     pub fn layers(&self) -> &[EncoderLayer] {
-        match self {
-            Encoder::Bert(m) => &m.layers,
-            Encoder::Mpnet(m) => &m.layers,
-        }
-    }
-
-    fn layers_mut(&mut self) -> &mut [EncoderLayer] {
-        match self {
-            Encoder::Bert(m) => &mut m.layers,
-            Encoder::Mpnet(m) => &mut m.layers,
-        }
+        &self.layers
     }
 
     /// Dropout site numbers of layer `i` (the embedding layer uses site 0).
@@ -150,42 +135,6 @@ impl Encoder {
         }
         Ok(x)
     }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers().len()
-    }
-
-    /// What the memory planner needs: (hidden, intermediate, heads, relative position bias).
-    pub fn shape(&self) -> (usize, usize, usize, bool) {
-        match self {
-            Encoder::Bert(m) => (
-                m.config.hidden_size,
-                m.config.intermediate_size,
-                m.config.num_attention_heads,
-                false,
-            ),
-            Encoder::Mpnet(m) => (
-                m.config.hidden_size,
-                m.config.intermediate_size,
-                m.config.num_attention_heads,
-                true,
-            ),
-        }
-    }
-
-    /// (hidden, attention) dropout probabilities from config.json.
-    pub fn dropout_probs(&self) -> (f32, f32) {
-        match self {
-            Encoder::Bert(m) => (
-                m.config.hidden_dropout_prob,
-                m.config.attention_probs_dropout_prob,
-            ),
-            Encoder::Mpnet(m) => (
-                m.config.hidden_dropout_prob,
-                m.config.attention_probs_dropout_prob,
-            ),
-        }
-    }
 }
 
 /// The computation from token ids to sentence embeddings.
@@ -201,7 +150,7 @@ pub struct Network {
 impl Network {
     /// Runs the encoder's layers on `engine` instead of the device's (the engine comparisons).
     pub fn with_engine(mut self, engine: crate::engine::Engine) -> Self {
-        for l in self.encoder.layers_mut() {
+        for l in &mut self.encoder.layers {
             l.engine = engine;
         }
         self
@@ -279,9 +228,7 @@ impl SentenceModel {
         let trainable =
             |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
         let params = Params::from_tensors(weights_path, tensors, &trainable)?;
-        let prefix = params
-            .prefix_of("embeddings.word_embeddings.weight")
-            .unwrap_or_default();
+        let prefix = params.prefix_of(embeddings::WORD).unwrap_or_default();
         let model = Self {
             spec,
             tokenizer,
@@ -302,7 +249,11 @@ impl SentenceModel {
     }
 
     pub fn build(&self, params: &Params, dtype: DType) -> Result<Network> {
-        let encoder = Encoder::build(&self.spec, params, &self.prefix)?;
+        let w = Prefixed {
+            inner: params,
+            prefix: self.prefix.clone(),
+        };
+        let encoder = Encoder::load(&w, &self.spec.model)?;
         let dense = match &self.spec.dense {
             Some((dir, cfg)) => {
                 let w = Prefixed {
@@ -377,27 +328,26 @@ impl SentenceModel {
         Ok(out)
     }
 
-    pub fn num_layers(&self) -> Result<usize> {
-        Ok(self.network()?.encoder.num_layers())
+    pub fn num_layers(&self) -> usize {
+        self.spec.model.sizes().layers
     }
 
     /// What the memory planner needs to know of this model (`memory::plan::plan_input`
     /// adds the `[train]` settings).
     pub fn plan_shape(&self) -> Result<crate::memory::plan::ModelShape> {
-        let net = self.network()?;
-        let (hidden, intermediate, heads, relative_bias) = net.encoder.shape();
+        let s = self.spec.model.sizes();
         Ok(crate::memory::plan::ModelShape {
-            hidden,
-            intermediate,
-            heads,
-            layers: net.encoder.num_layers(),
-            relative_bias,
+            hidden: s.hidden,
+            intermediate: s.intermediate,
+            heads: s.heads,
+            layers: s.layers,
+            relative_bias: self.spec.model.relative_bias(),
             params: self.params.tensors.values().map(|t| t.elem_count()).sum(),
             trainable: self.params.trainable_count(),
             trainable_word_embeddings: self
                 .params
                 .vars
-                .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
+                .get(&format!("{}{}", self.prefix, embeddings::WORD))
                 .map_or(0, |v| v.elem_count()),
             padded_attention: crate::engine::Engine::for_device(&self.device)
                 == crate::engine::Engine::Portable,
@@ -446,7 +396,7 @@ impl SentenceModel {
 pub fn write_random_model(like: &Path, out: &Path, seed: u64) -> Result<()> {
     let spec = FolderSpec::read(like)?;
     let random = weights::RandomWeights::new(seed);
-    Encoder::build(&spec, &random, "")?;
+    Encoder::load(&random, &spec.model)?;
     let tensors = random.into_tensors();
     let params = Params::from_tensors(out.join("model.safetensors"), tensors, &|_| false)?;
     let tokenizer = TextTokenizer::load(

@@ -1,6 +1,6 @@
-//! MPNet encoder (all-mpnet-base-v2). Differs from BERT in two places: position ids start after
-//! the padding index, and every layer adds a learned bias per relative-position bucket to its
-//! attention scores. candle-transformers has no MPNet, so this is written from the Hugging Face
+//! MPNet (all-mpnet-base-v2). Differs from BERT in two places: position ids start after the
+//! padding index (`model::embeddings`), and every layer adds a learned bias per
+//! relative-position bucket to its attention scores. candle-transformers has no MPNet, so this is written from the Hugging Face
 //! definition (`modeling_mpnet.py`).
 
 use candle_core::{DType, Device, Tensor};
@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
-use crate::model::dropout::Dropout;
-use crate::model::layers::{Dims, EncoderLayer, LayerNames, LayerNorm};
+use crate::model::config::{DropoutProbs, Sizes};
+use crate::model::layers::LayerNames;
 use crate::model::weights::Weights;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,100 +45,75 @@ fn default_pad() -> usize {
     1
 }
 
-#[derive(Debug, Clone)]
-pub struct Mpnet {
-    pub config: MpnetConfig,
-    pub(crate) word: Tensor,
-    position: Tensor,
-    norm: LayerNorm,
-    relative_bias: Tensor,
-    pub layers: Vec<EncoderLayer>,
+impl MpnetConfig {
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            vocab: self.vocab_size,
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            positions: self.max_position_embeddings,
+            eps: self.layer_norm_eps,
+        }
+    }
+
+    pub fn dropout(&self) -> DropoutProbs {
+        DropoutProbs {
+            hidden: self.hidden_dropout_prob,
+            attention: self.attention_probs_dropout_prob,
+        }
+    }
 }
 
-impl Mpnet {
-    pub fn load(w: &dyn Weights, config: MpnetConfig) -> Result<Self> {
-        let h = config.hidden_size;
-        let dims = Dims {
-            hidden: h,
-            heads: config.num_attention_heads,
-            intermediate: config.intermediate_size,
-            eps: config.layer_norm_eps,
-        };
-        let layers = EncoderLayer::load_stack(w, config.num_hidden_layers, dims, |p| LayerNames {
-            q: format!("{p}.attention.attn.q"),
-            k: format!("{p}.attention.attn.k"),
-            v: format!("{p}.attention.attn.v"),
-            o: format!("{p}.attention.attn.o"),
-            attn_norm: format!("{p}.attention.LayerNorm"),
-            ffn_in: format!("{p}.intermediate.dense"),
-            ffn_out: format!("{p}.output.dense"),
-            ffn_norm: format!("{p}.output.LayerNorm"),
-        })?;
+pub fn layer_names(i: usize) -> LayerNames {
+    let p = format!("encoder.layer.{i}");
+    LayerNames {
+        q: format!("{p}.attention.attn.q"),
+        k: format!("{p}.attention.attn.k"),
+        v: format!("{p}.attention.attn.v"),
+        o: format!("{p}.attention.attn.o"),
+        attn_norm: format!("{p}.attention.LayerNorm"),
+        ffn_in: format!("{p}.intermediate.dense"),
+        ffn_out: format!("{p}.output.dense"),
+        ffn_norm: format!("{p}.output.LayerNorm"),
+    }
+}
+
+/// The learned bias of each relative-position bucket, shared by every layer.
+#[derive(Debug, Clone)]
+pub struct RelativeBias {
+    table: Tensor,
+    buckets: usize,
+}
+
+impl RelativeBias {
+    pub fn load(w: &dyn Weights, c: &MpnetConfig) -> Result<Self> {
         Ok(Self {
-            word: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-            position: w.get(
-                "embeddings.position_embeddings.weight",
-                &[config.max_position_embeddings, h],
-            )?,
-            norm: LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?,
-            relative_bias: w.get(
+            table: w.get(
                 "encoder.relative_attention_bias.weight",
-                &[
-                    config.relative_attention_num_buckets,
-                    config.num_attention_heads,
-                ],
+                &[c.relative_attention_num_buckets, c.num_attention_heads],
             )?,
-            layers,
-            config,
+            buckets: c.relative_attention_num_buckets,
         })
     }
 
-    /// Embedding layer output, (tokens, hidden), in `dtype`.
-    pub fn embed(&self, batch: &TokenBatch, drop: &Dropout, dtype: DType) -> Result<Tensor> {
-        let words = self.word.index_select(&batch.ids, 0)?;
-        self.embed_words(words, batch, drop, dtype)
-    }
-
-    /// The embedding layer from the rows of the word table already gathered, (tokens, hidden).
-    pub fn embed_words(
-        &self,
-        words: Tensor,
-        batch: &TokenBatch,
-        drop: &Dropout,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        // Real tokens get positions pad+1, pad+2, ... (RoBERTa style).
-        let pad = self.config.pad_token_id as u32;
-        let pos: Vec<u32> = batch
-            .lengths
-            .iter()
-            .flat_map(|&l| (0..l as u32).map(move |p| pad + 1 + p))
-            .collect();
-        let pos = Tensor::from_vec(pos, batch.tokens(), batch.ids.device())?;
-        let pos = self.position.index_select(&pos, 0)?;
-        Ok(drop
-            .hidden(&self.norm.forward(&(words + pos)?)?, &batch.lengths, 0)?
-            .to_dtype(dtype)?)
-    }
-
-    /// Additive attention bias, (heads, L, L) f32 for L the longest row: the learned bias of
-    /// each relative-position bucket. A bucket depends only on key − query, so a row of length
-    /// n takes the top-left n × n block.
-    pub fn attention_bias(&self, batch: &TokenBatch) -> Result<Option<Tensor>> {
-        let heads = self.config.num_attention_heads;
+    /// Additive attention bias, (heads, L, L) f32 for L the longest row. A bucket depends
+    /// only on key − query, so a row of length n takes the top-left n × n block.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let heads = self.table.dim(1)?;
         let l = batch.lengths.iter().copied().max().unwrap_or(0);
-        let buckets = relative_buckets(l, self.config.relative_attention_num_buckets, 128);
+        let buckets = relative_buckets(l, self.buckets, 128);
         let buckets =
             Tensor::from_vec(buckets, l * l, &Device::Cpu)?.to_device(batch.ids.device())?;
         // (l*l, heads) -> (heads, l, l)
-        Ok(Some(
-            self.relative_bias
-                .index_select(&buckets, 0)?
-                .reshape((l, l, heads))?
-                .permute((2, 0, 1))?
-                .to_dtype(DType::F32)?
-                .contiguous()?,
-        ))
+        Ok(self
+            .table
+            .index_select(&buckets, 0)?
+            .reshape((l, l, heads))?
+            .permute((2, 0, 1))?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     }
 }
 

@@ -36,7 +36,12 @@ impl Freeze {
         if name.starts_with("embeddings.") {
             return !self.embeddings;
         }
-        if let Some(rest) = name.strip_prefix("encoder.layer.") {
+        // BERT, XLM-RoBERTa and MPNet number their layers under `encoder.`, DistilBERT under
+        // `transformer.`.
+        let layer = name
+            .strip_prefix("encoder.layer.")
+            .or_else(|| name.strip_prefix("transformer.layer."));
+        if let Some(rest) = layer {
             let layer: usize = rest
                 .split('.')
                 .next()
@@ -174,7 +179,7 @@ impl Weights for RandomWeights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         use rand::Rng;
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.contains("LayerNorm") {
+        let data: Vec<f32> = if name.contains("LayerNorm") || name.contains("layer_norm") {
             vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
         } else {
             let mut rng = self.rng.borrow_mut();

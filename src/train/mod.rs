@@ -135,7 +135,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         layers: cfg.train.freeze_layers,
     };
     let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
-    let layers = model.num_layers()?;
+    let layers = model.num_layers();
     if cfg.train.freeze_layers > layers {
         return Err(Error::config(
             "train.freeze_layers",
@@ -160,7 +160,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         }
     }
     if let Some(max) = cfg.model.max_seq_length {
-        let limit = model.spec.position_limit();
+        let limit = model.spec.model.max_tokens();
         if max > limit {
             return Err(Error::config(
                 "model.max_seq_length",
@@ -406,7 +406,7 @@ fn what_would_fit(
     let input = crate::memory::plan::plan_input(&model.plan_shape()?, t, columns);
     Ok(crate::memory::alternatives::advice(
         &input,
-        &model.spec.model_type,
+        model.spec.model.model_type(),
         micro,
         longest,
         budget.limit,

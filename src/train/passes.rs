@@ -24,6 +24,7 @@ use crate::losses::{self, Loss};
 use crate::memory::guard::{Guard, Window};
 use crate::memory::oom::{is_oom, Phase};
 use crate::memory::policy::Scheme;
+use crate::model::config::DropoutProbs;
 use crate::model::dropout::Dropout;
 use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
 use crate::model::recompute::{backward_recomputing, forward_checkpoints};
@@ -44,7 +45,7 @@ pub struct Runner<'a> {
     /// `train.matryoshka_dims`: the loss summed over truncated widths.
     matryoshka: Option<losses::Matryoshka>,
     seed: u64,
-    dropout: (f32, f32),
+    dropout: DropoutProbs,
     pub guard: Guard<'a>,
 }
 
@@ -200,7 +201,7 @@ impl<'a> Runner<'a> {
             scale: t.scale,
             matryoshka: losses::Matryoshka::from_train(t),
             seed: t.seed,
-            dropout: model.network()?.encoder.dropout_probs(),
+            dropout: model.spec.model.dropout(),
             guard,
         })
     }
@@ -347,7 +348,13 @@ impl<'a> Runner<'a> {
         let keys = cols
             .flat_map(|c| rows.iter().map(move |&r| (r as u64) << 2 | c as u64))
             .collect();
-        let drop = Dropout::train(self.dropout.0, self.dropout.1, self.seed, step, keys);
+        let drop = Dropout::train(
+            self.dropout.hidden,
+            self.dropout.attention,
+            self.seed,
+            step,
+            keys,
+        );
         let prompt_tokens = (0..data.columns)
             .flat_map(|c| rows.iter().map(move |_| data.prompt_tokens[c]))
             .collect();

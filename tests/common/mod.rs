@@ -244,7 +244,8 @@ pub fn max_relative_difference(a: &Path, b: &Path) -> (f32, String) {
         // The attention key bias adds the same q·b to every score of a query, which softmax
         // ignores: its true gradient is exactly 0 and what it gets is rounding noise, which
         // AdamW scales up to full ±lr steps. It carries no signal to compare.
-        if !ta.dtype().is_float() || name.ends_with("key.bias") || name.ends_with("attn.k.bias") {
+        let key_bias = ["key.bias", "attn.k.bias", "k_lin.bias"];
+        if !ta.dtype().is_float() || key_bias.iter().any(|k| name.ends_with(k)) {
             continue;
         }
         let d = max_abs_diff(ta, &wb[name]);

@@ -1,0 +1,214 @@
+//! The transformer's `config.json`, parsed once into one variant per model family, tagged by
+//! `model_type` (as text-embeddings-inference does). Everything else asks the variant: the
+//! encoder's sizes, its dropout, the tensor names of its layers and embeddings, how many tokens
+//! its positions hold. Adding a family is a variant here (and in [`SUPPORTED`]) and its names
+//! and sizes in a file of its own; nothing outside `model/` matches on `model_type`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::bert::{BertConfig, RobertaConfig};
+use crate::model::distilbert::DistilBertConfig;
+use crate::model::embeddings::EmbeddingNames;
+use crate::model::layers::LayerNames;
+use crate::model::mpnet::MpnetConfig;
+
+/// One model family's config.json.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "model_type")]
+pub enum ModelConfig {
+    #[serde(rename = "bert")]
+    Bert(BertConfig),
+    #[serde(rename = "mpnet")]
+    Mpnet(MpnetConfig),
+    #[serde(rename = "xlm-roberta")]
+    XlmRoberta(RobertaConfig),
+    #[serde(rename = "distilbert")]
+    DistilBert(DistilBertConfig),
+}
+
+/// The `model_type`s st-tune reads, for the error that names the others.
+pub const SUPPORTED: &[&str] = &["bert", "distilbert", "mpnet", "xlm-roberta"];
+
+/// The sizes of an encoder, whatever its family calls them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sizes {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// Rows of the position table.
+    pub positions: usize,
+    /// Layer-norm epsilon (every norm of the model).
+    pub eps: f64,
+}
+
+/// Dropout probabilities from config.json.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutProbs {
+    /// On the embedding layer's output and the layers' residual branches.
+    pub hidden: f32,
+    /// On the attention probabilities.
+    pub attention: f32,
+}
+
+impl ModelConfig {
+    /// Parses `config` (the contents of `path`), naming the supported types for any other.
+    pub fn parse(path: &Path, config: &Value) -> Result<Self> {
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::model(path, "no `model_type` key"))?;
+        if !SUPPORTED.contains(&model_type) {
+            return Err(Error::model(
+                path,
+                format!(
+                    "unknown model_type `{model_type}`; st-tune supports {}",
+                    SUPPORTED
+                        .iter()
+                        .map(|t| format!("`{t}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let parsed: Self = serde_json::from_value(config.clone())
+            .map_err(|e| Error::model(path, format!("{model_type} config: {e}")))?;
+        parsed.check(path)?;
+        Ok(parsed)
+    }
+
+    /// What st-tune cannot compute, refused at load time.
+    fn check(&self, path: &Path) -> Result<()> {
+        let act = match self {
+            ModelConfig::Bert(c) => &c.hidden_act,
+            ModelConfig::XlmRoberta(c) => &c.bert.hidden_act,
+            ModelConfig::DistilBert(c) => &c.activation,
+            ModelConfig::Mpnet(_) => return Ok(()),
+        };
+        if !act.starts_with("gelu") {
+            return Err(Error::model(
+                path,
+                format!("hidden_act `{act}` is not supported (only gelu)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `model_type` as config.json spells it.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::Bert(_) => "bert",
+            ModelConfig::Mpnet(_) => "mpnet",
+            ModelConfig::XlmRoberta(_) => "xlm-roberta",
+            ModelConfig::DistilBert(_) => "distilbert",
+        }
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        match self {
+            ModelConfig::Bert(c) | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. }) => {
+                c.sizes()
+            }
+            ModelConfig::Mpnet(c) => c.sizes(),
+            ModelConfig::DistilBert(c) => c.sizes(),
+        }
+    }
+
+    pub fn dropout(&self) -> DropoutProbs {
+        match self {
+            ModelConfig::Bert(c) | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. }) => {
+                c.dropout()
+            }
+            ModelConfig::Mpnet(c) => c.dropout(),
+            ModelConfig::DistilBert(c) => c.dropout(),
+        }
+    }
+
+    /// The tensor names of layer `i`.
+    pub fn layer_names(&self, i: usize) -> LayerNames {
+        match self {
+            ModelConfig::Bert(_) | ModelConfig::XlmRoberta(_) => crate::model::bert::layer_names(i),
+            ModelConfig::Mpnet(_) => crate::model::mpnet::layer_names(i),
+            ModelConfig::DistilBert(_) => crate::model::distilbert::layer_names(i),
+        }
+    }
+
+    /// The embedding layer's tensors and position numbering.
+    pub fn embedding_names(&self) -> EmbeddingNames {
+        match self {
+            ModelConfig::Bert(c) => EmbeddingNames::bert(c.type_vocab_size, 0),
+            // RoBERTa and MPNet number real tokens from the padding index + 1.
+            ModelConfig::XlmRoberta(c) => {
+                EmbeddingNames::bert(c.bert.type_vocab_size, c.pad_token_id + 1)
+            }
+            ModelConfig::Mpnet(c) => EmbeddingNames::without_types(c.pad_token_id + 1),
+            ModelConfig::DistilBert(_) => EmbeddingNames::without_types(0),
+        }
+    }
+
+    /// Whether the attention block's output gets hidden dropout before its residual sum
+    /// (DistilBERT's does not).
+    pub fn drops_attention_output(&self) -> bool {
+        !matches!(self, ModelConfig::DistilBert(_))
+    }
+
+    /// The most tokens a text can have: the position table's rows after the offset.
+    pub fn max_tokens(&self) -> usize {
+        let offset = self.embedding_names().position_offset as usize;
+        self.sizes().positions.saturating_sub(offset)
+    }
+
+    /// Whether the layers add MPNet's learned relative-position bias to their scores.
+    pub fn relative_bias(&self) -> bool {
+        matches!(self, ModelConfig::Mpnet(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_unknown_model_type_is_named_with_the_supported_ones() {
+        let e = ModelConfig::parse(Path::new("config.json"), &json!({"model_type": "gpt2"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`gpt2`"), "{e}");
+        for t in SUPPORTED {
+            assert!(e.contains(&format!("`{t}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_size_names_the_family_and_the_key() {
+        let e = ModelConfig::parse(
+            Path::new("config.json"),
+            &json!({"model_type": "distilbert", "vocab_size": 10}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("distilbert config") && e.contains("`dim`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn xlm_roberta_positions_start_after_the_padding_index() {
+        let c = ModelConfig::parse(
+            Path::new("config.json"),
+            &json!({"model_type": "xlm-roberta", "vocab_size": 10, "hidden_size": 8,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+                    "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1}),
+        )
+        .unwrap();
+        assert_eq!(c.max_tokens(), 512);
+        assert_eq!(c.embedding_names().position_offset, 2);
+    }
+}
