@@ -6,6 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
 use crate::engine::cpu::features;
 use crate::engine::cpu::storage::{cpu_rows, read_row};
 
