@@ -18,7 +18,7 @@ reps=${1:-3}
 shared=${ST_TUNE_SHARED:-../shared}
 weights=${ST_TUNE_WEIGHTS:-$repo/.weights}
 py=$(scripts/setup-python.sh)
-cargo build --quiet
+cargo build --quiet ${ST_TUNE_BUILD_FLAGS:-} # e.g. --no-default-features (docs/benchmarks.md, AVX2)
 bin=$repo/target/debug/st-tune
 work=$(mktemp -d "${TMPDIR:-/tmp}/st-tune-bench-encode.XXXXXX")
 trap 'rm -rf "$work"' EXIT

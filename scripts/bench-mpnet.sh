@@ -19,7 +19,7 @@ precisions=("$@")
 shared=${ST_TUNE_SHARED:-../shared}
 model=.weights/all-mpnet-base-v2
 py=$(scripts/setup-python.sh)
-cargo build --quiet
+cargo build --quiet ${ST_TUNE_BUILD_FLAGS:-} # e.g. --no-default-features (docs/benchmarks.md, AVX2)
 work=$(mktemp -d "${TMPDIR:-/tmp}/st-tune-bench-mpnet.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 config=$work/train.toml

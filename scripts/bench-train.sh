@@ -17,7 +17,7 @@ model=.weights/${3:-all-MiniLM-L6-v2}
 shared=${ST_TUNE_SHARED:-../shared}
 py=$(scripts/setup-python.sh)
 mkdir -p "$out"
-cargo build --quiet
+cargo build --quiet ${ST_TUNE_BUILD_FLAGS:-} # e.g. --no-default-features (docs/benchmarks.md, AVX2)
 train=$shared/data/stsb/train.csv
 dev=$shared/data/stsb/validation.csv
 peer_flags=() st_flags=(--set "train.precision=$precision")

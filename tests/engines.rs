@@ -122,12 +122,13 @@ fn minilm_and_mpnet_stay_close_on_both_engines_in_bf16() {
     same_loss_and_gradients("all-mpnet-base-v2", DType::BF16, 0.05);
 }
 
-/// Trains with `st-tune train` on `engine` (`cpu`, `portable`, or `cpu-none`: the CPU kernels
-/// with every instruction-set extension off); returns the run's summary.
+/// Trains with `st-tune train` on `engine` (`cpu`, `portable`, `cpu-none`: the CPU kernels
+/// with every instruction-set extension off, or `cpu-avx2`: AVX-512 off); returns the run's
+/// summary.
 fn train(dir: &Path, engine: &str, loss: &str, extra: &[&str], out: &str) -> serde_json::Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_st-tune"));
-    let (engine_var, features) = match engine.strip_suffix("-none") {
-        Some(e) => (e, "none"),
+    let (engine_var, features) = match engine.split_once('-') {
+        Some((e, features)) => (e, features),
         None => (engine, "detect"),
     };
     cmd.env("ST_TUNE_ENGINE", engine_var)
@@ -234,30 +235,39 @@ fn injected_ooms_in_each_phase_change_nothing_on_the_portable_engine() {
 }
 
 /// `ST_TUNE_CPU_FEATURES=none`: the gemm crate's forward product, scalar GELU, exp, dropout
-/// masks and AdamW, on any machine; the same training as the AVX-512/AVX2 kernels.
+/// masks and AdamW, on any machine; `avx2`: the AVX2 kernels (`avx2_gemm`, vmath, masks,
+/// AdamW) on any AVX2 machine. The same training as the machine's own kernels.
 #[test]
-fn the_cpu_kernels_portable_fallbacks_train_to_the_same_weights() {
+fn the_cpu_kernels_portable_and_avx2_fallbacks_train_to_the_same_weights() {
     for (mpnet, loss) in [(false, "cosent"), (true, "mnrl")] {
         let dir = tempfile::tempdir().unwrap();
         common::tiny_model(&dir.path().join("model"), mpnet, 3, 11);
         write_data(&dir.path().join("train.csv"), loss != "mnrl");
         let fast = train(dir.path(), "cpu", loss, &["train.precision=f32"], "fast");
-        let plain = train(
-            dir.path(),
-            "cpu-none",
-            loss,
-            &["train.precision=f32"],
-            "plain",
-        );
-        assert_eq!(plain["engine"], "cpu (portable)");
-        let (a, b) = (
-            fast["final_loss"].as_f64().unwrap(),
-            plain["final_loss"].as_f64().unwrap(),
-        );
-        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
-        let (diff, name) =
-            max_relative_difference(&dir.path().join("fast"), &dir.path().join("plain"));
-        assert!(diff <= 1e-5, "{name} differs by {diff}");
+        for features in ["none", "avx2"] {
+            let engine = format!("cpu-{features}");
+            let plain = train(
+                dir.path(),
+                &engine,
+                loss,
+                &["train.precision=f32"],
+                features,
+            );
+            if features == "none" {
+                assert_eq!(plain["engine"], "cpu (portable)");
+            }
+            let (a, b) = (
+                fast["final_loss"].as_f64().unwrap(),
+                plain["final_loss"].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{features}: loss {a} vs {b}"
+            );
+            let (diff, name) =
+                max_relative_difference(&dir.path().join("fast"), &dir.path().join(features));
+            assert!(diff <= 1e-5, "{features}: {name} differs by {diff}");
+        }
     }
 }
 

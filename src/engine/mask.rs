@@ -6,6 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
 use crate::engine::cpu::features;
 use crate::engine::cpu::storage::{cpu_rows, read_row};
 
@@ -115,14 +116,26 @@ pub(crate) fn mask_value(row_key: u64, pos: u64, p: f32) -> f32 {
 
 /// `out[c] *= mask_value(row_key, pos + c, p)` for every c, where `base = row_key ^ pos` and the
 /// last packed coordinate of `pos` is 0 (so `pos + c = pos ^ c`). 16 lanes at a time where the
-/// CPU has AVX-512 DQ (64-bit multiplies; detected at run time), else one at a time: the same
-/// integer hash and comparison either way, so the masks are identical.
+/// CPU has AVX-512 DQ (64-bit multiplies; detected at run time), 4 with AVX2 (each 64-bit
+/// multiply from three 32-bit ones), else one at a time: the same integer hash and comparison
+/// every way, so the masks are identical.
 fn scale_by_mask(base: u64, p: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if features::get().avx512dq {
         // SAFETY: the CPU has AVX-512 F and DQ (checked).
         return unsafe { scale_by_mask_avx512(base, p, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if features::get().avx2 {
+        // SAFETY: the CPU has AVX2 (checked).
+        return unsafe { scale_by_mask_avx2(base, p, out) };
+    }
+    scale_by_mask_lanes(base, p, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scale_by_mask_avx2(base: u64, p: f32, out: &mut [f32]) {
     scale_by_mask_lanes(base, p, out)
 }
 
@@ -171,6 +184,48 @@ mod tests {
                 let mut lanes = vec![1f32; width];
                 scale_by_mask_lanes(key ^ pack(&[i, 0]), p, &mut lanes);
                 assert_eq!(lanes, want, "scalar path, p {p}, width {width}");
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    let mut avx2 = vec![1f32; width];
+                    // SAFETY: the CPU has AVX2 (checked).
+                    unsafe { scale_by_mask_avx2(key ^ pack(&[i, 0]), p, &mut avx2) };
+                    assert_eq!(avx2, want, "AVX2 path, p {p}, width {width}");
+                }
+            }
+        }
+    }
+
+    /// Nanoseconds per mask value of each path this CPU has (a timing, not a test:
+    /// `cargo test --lib mask_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn mask_speed() {
+        let mut out = vec![1f32; 384 * 4096];
+        let time = |f: &mut dyn FnMut(u64, &mut [f32]), out: &mut [f32]| {
+            let t = std::time::Instant::now();
+            for (r, row) in out.chunks_mut(384).enumerate() {
+                f(mix(r as u64), row);
+            }
+            t.elapsed().as_nanos() as f64 / out.len() as f64
+        };
+        let scalar = time(&mut |k, row| scale_by_mask_lanes(k, 0.1, row), &mut out);
+        println!("scalar {scalar:.2} ns");
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (both): each path runs only where the CPU has it (checked).
+            if is_x86_feature_detected!("avx2") {
+                let t = time(
+                    &mut |k, row| unsafe { scale_by_mask_avx2(k, 0.1, row) },
+                    &mut out,
+                );
+                println!("avx2 {t:.2} ns");
+            }
+            if is_x86_feature_detected!("avx512dq") {
+                let t = time(
+                    &mut |k, row| unsafe { scale_by_mask_avx512(k, 0.1, row) },
+                    &mut out,
+                );
+                println!("avx512 {t:.2} ns");
             }
         }
     }

@@ -24,11 +24,13 @@ const ERF_A: [f32; 5] = [
 /// φ(x)'s constant, 1/√(2π).
 const INV_SQRT_2PI: f32 = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
 
+#[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     super::features::get().avx512
 }
 
 /// AVX2 with FMA, for CPUs without AVX-512 (8 lanes).
+#[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
     let f = super::features::get();
     f.avx2 && f.fma
