@@ -98,7 +98,8 @@ fn negatives_match_mine_hard_negatives_for_every_option_set() {
             .iter()
             .map(|a| a.as_str().unwrap())
             .collect();
-        let out = tmp.path().join("mined.csv");
+        // A folder that does not exist yet: mine makes it.
+        let out = tmp.path().join(name).join("mined.csv");
         let got = negatives_by_pair(&mine(&out, case["corpus"].as_bool().unwrap(), &args));
         let got: HashMap<_, _> = got.into_iter().collect();
         let ties: HashSet<&str> = case["near_tie_anchors"]

@@ -210,6 +210,9 @@ fn write(path: &Path, format: Format, header: &[String], rows: &[Vec<String>]) -
                 .map_err(|e| Error::Internal(format!("writing CSV: {e}")))?
         }
     };
+    // A new folder is made, as `train` makes output.dir: `--output runs/x/mined.csv` works.
+    let dir = crate::atomic::parent(path);
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::atomic::write_file(path, &bytes)
 }
 
