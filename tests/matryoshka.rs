@@ -160,7 +160,7 @@ fn step(
     let mut scaler = LossScaler::new(t.precision);
     let mut events = Vec::new();
     let out = trainer
-        .gradients(&rows, 0, &mut scaler, &mut mem, &mut |n| events.push(n))
+        .gradients(0, &rows, 0, &mut scaler, &mut mem, &mut |n| events.push(n))
         .unwrap()
         .unwrap();
     assert_eq!(events.len(), usize::from(!inject.is_empty()));

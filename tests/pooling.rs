@@ -186,7 +186,7 @@ fn training_texts_get_their_columns_prompts() {
     );
     let loaded = st_tune::train::load(&cfg).unwrap();
     let tok = &loaded.model.tokenizer;
-    let first = &loaded.train_set.rows[0];
+    let first = &loaded.sets[0].rows.rows[0];
     let want = tok
         .encode(&[
             &format!("question: {}", first.texts[0]),
@@ -194,11 +194,11 @@ fn training_texts_get_their_columns_prompts() {
         ])
         .unwrap();
     assert_eq!(
-        loaded.data.tokens[0], want,
+        loaded.sets[0].data.tokens[0], want,
         "prompts prepended before tokenizing"
     );
     // [CLS] question : and [CLS] passage : (the trailing [SEP] is not the prompt's).
-    assert_eq!(loaded.data.prompt_tokens, vec![3, 3]);
+    assert_eq!(loaded.sets[0].data.prompt_tokens, vec![3, 3]);
     // The new prompt is saved with the model, beside the ones it declared.
     let prompts = &loaded.model.spec.prompts;
     assert_eq!(prompts["question"], "question: ");

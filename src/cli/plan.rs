@@ -64,7 +64,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             let input = crate::memory::plan::plan_input(
                 &loaded.model.plan_shape()?,
                 &cfg.train,
-                loaded.data.columns,
+                loaded.columns(),
             );
             println!(
                 "{}",

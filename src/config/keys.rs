@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Distance, Format, LossKind, MemoryLimit, MicroBatch, Precision};
+use super::{Distance, Format, LossKind, MemoryLimit, MicroBatch, Precision, TrainData};
+use crate::data::mix::MixSampler;
 use crate::error::{Error, Result};
 
 /// One documented config key.
@@ -56,6 +57,7 @@ impl Unset for f64 {}
 impl Unset for LossKind {}
 impl Unset for Precision {}
 impl Unset for crate::data::batch::BatchSampler {}
+impl Unset for MixSampler {}
 impl<T> Unset for Vec<T> {}
 
 /// `section! { Name "name" { key: Type = default; expects "..."; [example "..";] [check f;]
@@ -191,14 +193,25 @@ section! {
 section! {
     /// `[data]`: the training (and evaluation) files and how to read them.
     DataSection "data" {
-        train: PathBuf = PathBuf::new();
-        expects PATH;
-        check |p| required(p.as_os_str().is_empty(), "set it to a CSV, TSV or JSON lines file, \
-            e.g. --set data.train=train.csv");
-        help "Required. Training file: CSV, TSV or JSON lines with a header (or keys) naming\n\
-              the columns anchor,positive[,negative[,margin]], sentence1,sentence2,score,\n\
+        train: TrainData = TrainData::default();
+        expects "a file path, or [[data.train]] entries (tables with path and optional name, columns, loss, prompts)";
+        check TrainData::check;
+        help "Required. Training file: CSV, TSV, JSON lines or Parquet with a header (or keys)\n\
+              naming the columns anchor,positive[,negative[,margin]], sentence1,sentence2,score,\n\
               sentence1,sentence2,label (0 or 1) or text,embedding (a JSON list, as\n\
-              `st-tune encode` writes it); train.loss says which it needs.";
+              `st-tune encode` writes it); train.loss says which it needs.\n\
+              Several training sets: one [[data.train]] table each, with `path` and optional\n\
+              `name` (default: the file's stem), `columns`, `loss` and `prompts` (unset: the\n\
+              top-level data.columns, train.loss, data.prompts). Each batch comes from one set\n\
+              (see data.sampler); the log and the model card name each set.";
+
+        sampler: MixSampler = MixSampler::Proportional;
+        expects "\"proportional\" or \"round_robin\"";
+        help "With several [[data.train]] sets, which set each batch comes from, as\n\
+              sentence-transformers' MultiDatasetBatchSamplers: \"proportional\" (every batch of\n\
+              every set once per epoch, the sets in a seeded random order, so each set weighs by\n\
+              its size) or \"round_robin\" (one batch of each set in turn; the epoch ends when the\n\
+              smallest set runs out). One set: no effect.";
 
         dev: Option<PathBuf> = None;
         expects PATH;

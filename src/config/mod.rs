@@ -32,11 +32,13 @@ use crate::error::{Error, Result};
 
 mod keys;
 pub mod metric;
+pub mod train_data;
 pub use keys::{
     all_keys, DataSection, KeyDoc, MemorySection, ModelSection, OutputSection, TrainSection,
     SECTIONS,
 };
 pub use metric::Metric;
+pub use train_data::{ResolvedSet, TrainData, TrainSet};
 
 impl TrainSection {
     /// Whether the embedding layer trains: frozen with the layers above it unless the user
@@ -48,7 +50,12 @@ impl TrainSection {
     /// `batch_sampler`, or its default for the loss: no repeated text in a batch for the
     /// losses that take the batch's other texts as negatives.
     pub fn batch_sampler(&self) -> BatchSampler {
-        self.batch_sampler.unwrap_or(match self.loss {
+        self.batch_sampler_for(self.loss)
+    }
+
+    /// `batch_sampler`, or its default for `loss` (a training set's own loss).
+    pub fn batch_sampler_for(&self, loss: LossKind) -> BatchSampler {
+        self.batch_sampler.unwrap_or(match loss {
             LossKind::Mnrl | LossKind::Mnsrl => BatchSampler::NoDuplicates,
             _ => BatchSampler::Default,
         })
@@ -486,6 +493,19 @@ impl Config {
         self.train.check_each()?;
         self.memory.check_each()?;
         self.output.check_each()?;
+        if let TrainData::Sets(sets) = &self.data.train {
+            for (i, set) in sets.iter().enumerate() {
+                if let Some(columns) = &set.columns {
+                    crate::data::read::shape_from_roles(columns).map_err(|e| match e {
+                        Error::Config { key, msg } => Error::Config {
+                            key: key.replacen("data.", &format!("data.train[{i}]."), 1),
+                            msg,
+                        },
+                        e => e,
+                    })?;
+                }
+            }
+        }
         if let Some(columns) = &self.data.columns {
             crate::data::read::shape_from_roles(columns)?;
             if let Some((role, _)) = columns.iter().find(|(_, c)| c.is_empty()) {
@@ -1116,7 +1136,7 @@ mod tests {
     fn validate_requires_model_path_and_train_file() {
         assert_eq!(invalid_key(&Config::default()), "model.path");
         let mut c = valid();
-        c.data.train = PathBuf::new();
+        c.data.train = TrainData::default();
         assert_eq!(invalid_key(&c), "data.train");
     }
 

@@ -3,8 +3,8 @@
 //! `MultiDatasetBatchSamplers` (`ROUND_ROBIN`, `PROPORTIONAL`) order them. Each set is cut into
 //! batches on its own ([`EpochBatches`]: shuffle, length grouping, no duplicates); this module
 //! only decides which set's next batch comes next. The order is a pure function of
-//! (seed, epoch), so a resumed run or a retried step gets the same rows. Not wired into
-//! `train` yet: nothing reads `[[data.train]]` entries.
+//! (seed, epoch), so a resumed run or a retried step gets the same rows. `train` runs every
+//! run through it: one file is one set, whose batches it gives unchanged.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

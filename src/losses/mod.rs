@@ -157,8 +157,9 @@ pub fn fits(kind: LossKind, shape: RowShape) -> bool {
     }
 }
 
-/// Checks, before training, that the data has what the loss needs.
-pub fn check_fits(kind: LossKind, shape: RowShape) -> Result<()> {
+/// Checks, before training, that the data has what the loss needs; the error names `key`
+/// (`train.loss`, or a training set's `data.train[i].loss`) and the file.
+pub fn check_fits(kind: LossKind, shape: RowShape, key: &str, file: &std::path::Path) -> Result<()> {
     if fits(kind, shape) {
         return Ok(());
     }
@@ -177,12 +178,14 @@ pub fn check_fits(kind: LossKind, shape: RowShape) -> Result<()> {
         .filter(|k| fits(*k, shape))
         .map(|k| format!("\"{k}\""))
         .collect();
+    let columns_key = key.replace("train.loss", "data.loss").replace(".loss", ".columns");
     Err(Error::config(
-        "train.loss",
+        key,
         format!(
-            "`{}` needs {needs}, but the training data has {shape:?} rows ({}); for those \
-             use train.loss = {}, or map other columns with data.columns",
+            "`{}` needs {needs}, but the training data {} has {shape:?} rows ({}); for those \
+             use {key} = {}, or map other columns with {columns_key}",
             kind.as_str(),
+            file.display(),
             shape.roles().join(","),
             others.join(" or ")
         ),

@@ -32,7 +32,7 @@ pub fn trial_config(
         toml::Value::String(out.display().to_string())
     ));
     let mut cfg = Config::load(&sweep.base, &sets)?;
-    cfg.data.train = absolute(&cfg.data.train);
+    cfg.data.train.map_paths(absolute);
     cfg.data.dev = cfg.data.dev.as_deref().map(absolute);
     if Path::new(&cfg.model.path).exists() {
         cfg.model.path = absolute(Path::new(&cfg.model.path)).display().to_string();

@@ -257,7 +257,11 @@ pub fn memory_key(cfg: &Config) -> String {
          checkpointing={} freeze_layers={} freeze_embeddings={} device={} memory.limit={:?}",
         m.path,
         m.max_seq_length,
-        d.train.display(),
+        match &d.train {
+            crate::config::TrainData::File(p) => p.display().to_string(),
+            // Each set's columns and loss shape its rows too.
+            sets => format!("{sets:?}"),
+        },
         d.limit,
         t.loss,
         t.precision,

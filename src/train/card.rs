@@ -8,7 +8,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, LossKind};
+use crate::data::mix::MixSampler;
 use crate::train::report::read_jsonl;
 
 /// What the training loop knows that the files do not.
@@ -19,12 +20,21 @@ pub struct Facts<'a> {
     pub step: usize,
     pub status: &'a str,
     pub max_seq_length: usize,
-    pub train_rows: usize,
-    pub columns: &'a [&'a str],
+    /// The training sets, in the config's order.
+    pub sets: &'a [SetFacts<'a>],
     pub micro_batch: usize,
     pub seconds: f64,
     /// Whether `training.png` sits beside the card.
     pub curves: bool,
+}
+
+/// One training set, as the card names it.
+pub struct SetFacts<'a> {
+    pub name: &'a str,
+    pub path: &'a Path,
+    pub rows: usize,
+    pub columns: &'a [&'a str],
+    pub loss: LossKind,
 }
 
 pub fn render(f: &Facts) -> String {
@@ -60,25 +70,20 @@ pub fn render(f: &Facts) -> String {
     let mut s = format!(
         "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n{base_yaml}\
          tags:\n- sentence-transformers\n- st-tune\n---\n\n# Fine-tuned with st-tune\n\n\
-         This is {base} fine-tuned with the `{}` loss for {} optimizer steps ({}), by st-tune {}.\n\n",
-        t.loss,
+         This is {base} fine-tuned with the {} for {} optimizer steps ({}), by st-tune {}.\n\n",
+        losses_used(f.sets),
         f.step,
         f.status,
         env!("CARGO_PKG_VERSION"),
     );
-    s += &format!(
-        "## Data\n\n`{}`: {} rows of ({}).\n\n",
-        cfg.data.train.display(),
-        f.train_rows,
-        f.columns.join(", ")
-    );
+    s += &data_section(f.sets, cfg.data.sampler);
     s += &format!(
         "## Training\n\n| setting | value |\n| --- | --- |\n| loss | {} (scale {}) |\n\
          | batch size | {} (micro-batch {} at the end) |\n| epochs | {} |\n| max steps | {} |\n\
          | learning rate | {} (warmup ratio {}, linear decay) |\n| weight decay | {} |\n\
          | max grad norm | {} |\n| precision | {} (f32 master weights) |\n| max_seq_length | {} |\n\
          | frozen | {} layers, embeddings {} |\n| gradient checkpointing | {} |\n| seed | {} |\n\n",
-        t.loss,
+        losses_used(f.sets),
         t.scale,
         t.batch_size,
         f.micro_batch,
@@ -150,6 +155,54 @@ pub fn render(f: &Facts) -> String {
         dir = f.dir.display()
     );
     s
+}
+
+/// "`mnrl` loss", or "`mnrl` and `cosent` losses" (each loss once, in the sets' order).
+fn losses_used(sets: &[SetFacts]) -> String {
+    let mut kinds: Vec<&str> = Vec::new();
+    for s in sets {
+        if !kinds.contains(&s.loss.as_str()) {
+            kinds.push(s.loss.as_str());
+        }
+    }
+    let named: Vec<String> = kinds.iter().map(|k| format!("`{k}`")).collect();
+    match named.len() {
+        1 => format!("{} loss", named[0]),
+        _ => format!("{} losses", named.join(" and ")),
+    }
+}
+
+/// The data section: the one file, or each set by name with its loss and how batches were
+/// drawn from them.
+fn data_section(sets: &[SetFacts], sampler: MixSampler) -> String {
+    if let [one] = sets {
+        return format!(
+            "## Data\n\n`{}`: {} rows of ({}).\n\n",
+            one.path.display(),
+            one.rows,
+            one.columns.join(", ")
+        );
+    }
+    let mut s = format!(
+        "## Data\n\n{} training sets; each batch from one of them, drawn {}:\n\n\
+         | set | file | rows | columns | loss |\n| --- | --- | --- | --- | --- |\n",
+        sets.len(),
+        match sampler {
+            MixSampler::RoundRobin => "round robin (one batch of each in turn)",
+            MixSampler::Proportional => "in proportion to their number of batches",
+        }
+    );
+    for set in sets {
+        s += &format!(
+            "| {} | `{}` | {} | {} | `{}` |\n",
+            set.name,
+            set.path.display(),
+            set.rows,
+            set.columns.join(", "),
+            set.loss
+        );
+    }
+    s + "\n"
 }
 
 fn cpu_name() -> String {

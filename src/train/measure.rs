@@ -66,6 +66,7 @@ pub fn measure_step(model: &SentenceModel, t: &TrainSection, seq: usize) -> Resu
         let started = Instant::now();
         let at = StepAt {
             step,
+            set: 0,
             rows: &rows,
             lr: t.lr,
         };

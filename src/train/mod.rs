@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, MicroBatch, TrainSection};
+use crate::config::{Config, LossKind, MicroBatch, ResolvedSet, TrainSection};
 use crate::data::read::read_dataset;
 use crate::data::tokenized::{tokenize, TokenizedData};
 use crate::data::Dataset;
@@ -122,9 +122,31 @@ const EVAL_BATCH: usize = 64;
 /// fails here, before any training).
 pub struct Loaded {
     pub model: SentenceModel,
-    pub train_set: Dataset,
+    /// `data.train`'s sets, in the config's order (one for a single file).
+    pub sets: Vec<TrainingSet>,
     pub dev_set: Option<Dataset>,
+}
+
+/// One training set, read, checked and tokenized, with the loss it trains.
+pub struct TrainingSet {
+    /// How the log and the model card name it (`data.train`'s `name`, or the file's stem).
+    pub name: String,
+    pub loss: LossKind,
+    pub rows: Dataset,
     pub data: TokenizedData,
+}
+
+impl Loaded {
+    /// The most text columns a row of any set has.
+    pub fn columns(&self) -> usize {
+        self.sets.iter().map(|s| s.data.columns).max().unwrap_or(1)
+    }
+
+    /// The longest text of any set, in tokens.
+    pub fn longest(&self) -> usize {
+        let texts = self.sets.iter().flat_map(|s| &s.data.tokens);
+        texts.flat_map(|r| r.iter().map(Vec::len)).max().unwrap_or(1)
+    }
 }
 
 pub fn load(cfg: &Config) -> Result<Loaded> {
@@ -172,14 +194,19 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         }
         model.set_max_seq_length(max)?;
     }
-    let mut train_set = read_dataset(
-        &cfg.data.train,
-        cfg.data.format,
+    let resolved = cfg.data.train.resolve(
         cfg.data.columns.as_ref(),
-        cfg.data.limit,
-    )?;
-    losses::check_fits(cfg.train.loss, train_set.shape)?;
-    check_teacher_width(&train_set, model.spec.embedding_dim())?;
+        cfg.train.loss,
+        cfg.data.prompts.as_ref(),
+    );
+    let mut read = Vec::with_capacity(resolved.len());
+    for set in &resolved {
+        let columns = set.columns.as_ref();
+        let rows = read_dataset(&set.path, cfg.data.format, columns, cfg.data.limit)?;
+        losses::check_fits(set.loss, rows.shape, &set.key("loss"), &set.path)?;
+        check_teacher_width(&rows, model.spec.embedding_dim())?;
+        read.push(rows);
+    }
     let mut dev_set = match &cfg.data.dev {
         Some(p) => Some(read_dev(p, cfg)?),
         None => None,
@@ -189,7 +216,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
             return Err(eval::no_evaluation(dev));
         }
     }
-    set_prompts(cfg, &mut model, &mut train_set, dev_set.as_mut())?;
+    set_prompts(cfg, &mut model, &resolved, &mut read, dev_set.as_mut())?;
     if let Some(metric) = &cfg.train.metric {
         let Some(dev) = &dev_set else {
             return Err(Error::config(
@@ -211,12 +238,19 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
             ));
         }
     }
-    let data = tokenize(&model.tokenizer, &train_set)?;
+    let mut sets = Vec::with_capacity(read.len());
+    for (set, rows) in resolved.into_iter().zip(read) {
+        sets.push(TrainingSet {
+            name: set.name,
+            loss: set.loss,
+            data: tokenize(&model.tokenizer, &rows)?,
+            rows,
+        });
+    }
     Ok(Loaded {
         model,
-        train_set,
+        sets,
         dev_set,
-        data,
     })
 }
 
@@ -234,15 +268,8 @@ pub struct Plan {
 
 pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
-    let input =
-        crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.data.columns);
-    let longest = loaded
-        .data
-        .tokens
-        .iter()
-        .flat_map(|r| r.iter().map(Vec::len))
-        .max()
-        .unwrap_or(1);
+    let input = crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.columns());
+    let longest = loaded.longest();
     let micro = configured_micro(t);
     let (budget_bytes, budget_source) = match budget.limit {
         Some(b) => (
@@ -422,14 +449,15 @@ fn configured_micro(t: &TrainSection) -> usize {
     }
 }
 
-/// Adds `model.prompts` to the model's own and puts the prompts `data.prompts` names on the
-/// columns of the training and dev sets. Dev columns without one get the model's default
-/// prompt, as Python's evaluators (which encode without naming a prompt) do; training, as
-/// Python's trainer, only the prompts named.
+/// Adds `model.prompts` to the model's own and puts the prompts named on the columns: each
+/// training set's (its own `prompts`, else `data.prompts`) and the dev set's (`data.prompts`).
+/// Dev columns without one get the model's default prompt, as Python's evaluators (which
+/// encode without naming a prompt) do; training, as Python's trainer, only the prompts named.
 fn set_prompts(
     cfg: &Config,
     model: &mut SentenceModel,
-    train: &mut Dataset,
+    resolved: &[ResolvedSet],
+    train: &mut [Dataset],
     dev: Option<&mut Dataset>,
 ) -> Result<()> {
     let prompts = &mut model.spec.prompts;
@@ -439,42 +467,69 @@ fn set_prompts(
         .default_prompt_name
         .as_ref()
         .map(|n| prompts[n].clone());
-    let chosen = cfg.data.prompts.clone().unwrap_or_default();
     let text_roles = |set: &Dataset| set.shape.roles()[..set.shape.text_columns()].to_vec();
-    let dev_roles = dev.as_deref().map(text_roles).unwrap_or_default();
-    for (role, name) in &chosen {
-        let key = format!("data.prompts.{role}");
-        if !prompts.contains_key(name) {
-            let known: Vec<&str> = prompts.keys().map(String::as_str).collect();
-            return Err(Error::config(
-                key,
-                format!(
-                    "names the prompt \"{name}\", which neither model.prompts nor {} declares; \
-                     declared: {}",
-                    cfg.model.path,
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+    let declared = |name: &str, key: &str| -> Result<()> {
+        if prompts.contains_key(name) {
+            return Ok(());
         }
-        if !text_roles(train).contains(&role.as_str()) && !dev_roles.contains(&role.as_str()) {
-            return Err(Error::config(
-                key,
-                format!(
-                    "is for a column role \"{role}\" that {} does not have; its text columns \
-                     are {}",
-                    cfg.data.train.display(),
-                    text_roles(train).join(", ")
-                ),
-            ));
+        let known: Vec<&str> = prompts.keys().map(String::as_str).collect();
+        Err(Error::config(
+            key,
+            format!(
+                "names the prompt \"{name}\", which neither model.prompts nor {} declares; \
+                 declared: {}",
+                cfg.model.path,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ))
+    };
+    let missing_role = |key: String, role: &str, set: &Dataset| {
+        Error::config(
+            key,
+            format!(
+                "is for a column role \"{role}\" that {} does not have; its text columns \
+                 are {}",
+                set.path.display(),
+                text_roles(set).join(", ")
+            ),
+        )
+    };
+    // data.prompts: for a role of the dev file or of any training set it applies to.
+    let top = cfg.data.prompts.clone().unwrap_or_default();
+    let mut top_roles: Vec<&str> = dev.as_deref().map(text_roles).unwrap_or_default();
+    for (r, set) in resolved.iter().zip(train.iter()) {
+        if r.prompts.as_ref() == cfg.data.prompts.as_ref() {
+            top_roles.extend(text_roles(set));
         }
     }
-    let prompt_of = |role: &str| chosen.get(role).map(|name| prompts[name].clone());
-    train.prompts = text_roles(train).iter().map(|r| prompt_of(r)).collect();
+    for (role, name) in &top {
+        let key = format!("data.prompts.{role}");
+        declared(name, &key)?;
+        if !top_roles.contains(&role.as_str()) {
+            return Err(missing_role(key, role, &train[0]));
+        }
+    }
+    // A set's own prompts: for roles of that set.
+    for (r, set) in resolved.iter().zip(train.iter_mut()) {
+        let chosen = r.prompts.clone().unwrap_or_default();
+        if r.prompts.as_ref() != cfg.data.prompts.as_ref() {
+            for (role, name) in &chosen {
+                let key = r.key(&format!("prompts.{role}"));
+                declared(name, &key)?;
+                if !text_roles(set).contains(&role.as_str()) {
+                    return Err(missing_role(key, role, set));
+                }
+            }
+        }
+        let prompt_of = |role: &str| chosen.get(role).map(|name| prompts[name].clone());
+        set.prompts = text_roles(set).iter().map(|r| prompt_of(r)).collect();
+    }
     if let Some(dev) = dev {
+        let prompt_of = |role: &str| top.get(role).map(|name| prompts[name].clone());
         dev.prompts = text_roles(dev)
             .iter()
             .map(|r| prompt_of(r).or_else(|| default.clone()))

@@ -32,15 +32,15 @@ use crate::model::{Network, SentenceModel};
 use crate::train::optim::{self, Grads};
 use crate::train::precision;
 
-/// What every pass computes with: the networks at the precision in force, the loss, dropout,
-/// and where an OOM is detected (the memory budget) or injected.
+/// What every pass computes with: the networks at the precision in force, the loss's
+/// parameters, dropout, and where an OOM is detected (the memory budget) or injected. The loss
+/// itself comes with each batch: with several training sets, each has its own.
 pub struct Runner<'a> {
     pub model: &'a SentenceModel,
     /// Built over the trainable vars: records a graph.
     train_net: Network,
     /// The same weights, detached: the cached scheme's first pass.
     embed_net: Network,
-    loss: Loss,
     scale: f64,
     /// `train.matryoshka_dims`: the loss summed over truncated widths.
     matryoshka: Option<losses::Matryoshka>,
@@ -49,11 +49,13 @@ pub struct Runner<'a> {
     pub guard: Guard<'a>,
 }
 
-/// The rows of one optimizer step (indices into `data`), and its number (0-based).
+/// The rows of one optimizer step (indices into `data`, the set they come from), the set's
+/// loss, and the step's number (0-based).
 #[derive(Clone, Copy)]
 pub struct Batch<'d> {
     pub data: &'d TokenizedData,
     pub rows: &'d [usize],
+    pub loss: Loss,
     pub step: u64,
 }
 
@@ -197,7 +199,6 @@ impl<'a> Runner<'a> {
             model,
             train_net: model.build(&model.params, dtype)?,
             embed_net: model.build(&model.params.detached(), dtype)?,
-            loss: Loss::from_train(t),
             scale: t.scale,
             matryoshka: losses::Matryoshka::from_train(t),
             seed: t.seed,
@@ -212,10 +213,6 @@ impl<'a> Runner<'a> {
         self.train_net = self.model.build(&self.model.params, dtype)?;
         self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
         Ok(())
-    }
-
-    pub fn couples_batch(&self) -> bool {
-        losses::couples_batch(self.loss)
     }
 
     /// Runs `pass` over `batch`, `micro` rows at a time, until it is done or a micro-batch runs
@@ -425,7 +422,7 @@ impl<'a> Runner<'a> {
                 let scores = self.scores(data, rows)?;
                 let weight = rows.len() as f64 / batch.rows.len() as f64;
                 let loss = (losses::compute(
-                    self.loss,
+                    batch.loss,
                     self.scale,
                     self.matryoshka.as_ref(),
                     &cols,
@@ -490,7 +487,7 @@ impl<'a> Runner<'a> {
         let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
         let scores = self.scores(batch.data, batch.rows)?;
         let loss = losses::compute(
-            self.loss,
+            batch.loss,
             self.scale,
             self.matryoshka.as_ref(),
             &cols,

@@ -47,6 +47,9 @@ pub struct StepLog {
     pub step: usize,
     pub epoch: usize,
     pub loss: f32,
+    /// With several training sets: the one this step's rows, and so its loss, came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     pub lr: f64,
     pub samples_per_s: f64,
     pub micro_batch_size: usize,
@@ -160,10 +163,13 @@ impl Reporter {
         match self.output {
             Output::Json => say!("{v}"),
             Output::Human => say!(
-                "step {} epoch {} loss {:.4} lr {:.2e} {:.1} samples/s micro {}",
+                "step {} epoch {} loss {:.4}{} lr {:.2e} {:.1} samples/s micro {}",
                 log.step,
                 log.epoch,
                 log.loss,
+                log.dataset
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(" ({d})")),
                 log.lr,
                 log.samples_per_s,
                 log.micro_batch_size

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::config::{Config, Metric, MicroBatch};
+use crate::config::{Config, LossKind, Metric, MicroBatch};
 use crate::data::batch::{text_ids, EpochBatches};
+use crate::data::mix::{MixedBatch, MixedEpochs};
+use crate::losses::Loss;
 use crate::data::tokenized::TokenizedData;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -23,10 +25,10 @@ use crate::train::eval::{evaluate_widths, DevScores, Scores};
 use crate::train::precision::LossScaler;
 use crate::train::report::{Reporter, StepLog};
 use crate::train::schedule::LinearSchedule;
-use crate::train::step::{Note, StepAt, Stepped, Trainer};
+use crate::train::step::{Note, SetData, StepAt, Stepped, Trainer};
 use crate::train::{
     card, checkpoint_to_resume, configured_micro, load, nonfinite, plan, restore, what_would_fit,
-    BestDev, Loaded, Plan, Resume, RunOptions, Summary, EVAL_BATCH,
+    BestDev, Loaded, Plan, Resume, RunOptions, Summary, TrainingSet, EVAL_BATCH,
 };
 
 /// What a run works on, loaded and checked before anything trains; the run borrows it.
@@ -36,22 +38,69 @@ pub struct Opened<'c> {
     resume: Resume,
     restored: Option<Restored>,
     model: SentenceModel,
-    train_set: Dataset,
+    sets: Vec<OpenedSet>,
     dev_set: Option<Dataset>,
     budget: MemoryBudget,
     /// The OOMs to inject (`ST_TUNE_INJECT_OOM`, the tests' hook).
     injector: Injector,
     planned: Plan,
-    /// Per row, its longest text in tokens; and the ids of its distinct texts (batching).
+}
+
+/// A training set as the run holds it: its rows and loss, and for batching, per row, its
+/// longest text in tokens and the ids of its distinct texts.
+struct OpenedSet {
+    name: String,
+    loss: LossKind,
+    rows: Dataset,
     lengths: Vec<usize>,
     texts: Vec<Vec<u32>>,
 }
 
+impl OpenedSet {
+    fn facts(&self) -> card::SetFacts<'_> {
+        card::SetFacts {
+            name: &self.name,
+            path: &self.rows.path,
+            rows: self.rows.len(),
+            columns: self.rows.shape.roles(),
+            loss: self.loss,
+        }
+    }
+
+    fn new(set: TrainingSet) -> (Self, TokenizedData) {
+        let TrainingSet {
+            name,
+            loss,
+            rows,
+            data,
+        } = set;
+        let lengths = data
+            .tokens
+            .iter()
+            .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
+            .collect();
+        let row_texts: Vec<Vec<&str>> = rows
+            .rows
+            .iter()
+            .map(|r| r.texts.iter().map(String::as_str).collect())
+            .collect();
+        let texts = text_ids(&row_texts);
+        let opened = OpenedSet {
+            name,
+            loss,
+            rows,
+            lengths,
+            texts,
+        };
+        (opened, data)
+    }
+}
+
 impl<'c> Opened<'c> {
     /// Locks the output folder, decides where to start, loads the model and data, plans the
-    /// memory and restores a checkpoint's weights; the tokenized data is returned apart, for the
-    /// trainer to own.
-    pub fn open(cfg: &'c Config, opts: &RunOptions) -> Result<(Self, TokenizedData)> {
+    /// memory and restores a checkpoint's weights; each set's tokenized data is returned apart,
+    /// for the trainer to own.
+    pub fn open(cfg: &'c Config, opts: &RunOptions) -> Result<(Self, Vec<TokenizedData>)> {
         let out_dir = &cfg.output.dir;
         // A bad config is reported before what the folder holds.
         cfg.validate()?;
@@ -88,35 +137,22 @@ impl<'c> Opened<'c> {
         };
         let Loaded {
             model,
-            train_set,
+            sets,
             dev_set,
-            data,
         } = loaded;
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-        let lengths = data
-            .tokens
-            .iter()
-            .map(|cols| cols.iter().map(Vec::len).max().unwrap_or(0))
-            .collect();
-        let row_texts: Vec<Vec<&str>> = train_set
-            .rows
-            .iter()
-            .map(|r| r.texts.iter().map(String::as_str).collect())
-            .collect();
-        let texts = text_ids(&row_texts);
+        let (sets, data): (Vec<_>, Vec<_>) = sets.into_iter().map(OpenedSet::new).unzip();
         let opened = Opened {
             cfg,
             _lock: lock,
             resume,
             restored,
             model,
-            train_set,
+            sets,
             dev_set,
             budget,
             injector,
             planned,
-            lengths,
-            texts,
         };
         Ok((opened, data))
     }
@@ -138,8 +174,8 @@ pub struct Run<'a> {
     progress: Progress,
     reporter: Reporter,
     saver: Saver<'a>,
-    batches: EpochBatches<'a>,
-    epoch_batches: Vec<Vec<usize>>,
+    batches: MixedEpochs<'a>,
+    epoch_batches: Vec<MixedBatch>,
     schedule: LinearSchedule,
     /// The first step this process runs (a resumed run's checkpoint step) and the last + 1.
     pub first: usize,
@@ -158,17 +194,20 @@ pub struct Run<'a> {
 impl<'a> Run<'a> {
     /// Batches, schedule, reporter and trainer; then the checkpoint's optimizer state and
     /// levers, or (from scratch) the evaluation before training.
-    pub fn start(o: &'a Opened<'a>, data: TokenizedData, opts: &'a RunOptions) -> Result<Self> {
+    pub fn start(
+        o: &'a Opened<'a>,
+        data: Vec<TokenizedData>,
+        opts: &'a RunOptions,
+    ) -> Result<Self> {
         let (cfg, t) = (o.cfg, &o.cfg.train);
         let out_dir = &cfg.output.dir;
-        let mut batches = EpochBatches::new(
-            &o.lengths,
-            &o.texts,
-            t.batch_size,
-            t.seed,
-            cfg.data.group_by_length,
-            t.batch_sampler(),
-        );
+        // Each set cut into batches on its own (its loss picks its sampler), then mixed.
+        let per_set = o.sets.iter().map(|s| {
+            let group = cfg.data.group_by_length;
+            let sampler = t.batch_sampler_for(s.loss);
+            EpochBatches::new(&s.lengths, &s.texts, t.batch_size, t.seed, group, sampler)
+        });
+        let mut batches = MixedEpochs::new(per_set.collect(), cfg.data.sampler, t.seed);
         let total = t.max_steps.unwrap_or_else(|| batches.steps(t.epochs));
         let resumed_at = o.restored.as_ref().map(|r| r.progress.step);
         let reporter = Reporter::new(out_dir, opts.output, total, resumed_at)?;
@@ -188,15 +227,17 @@ impl<'a> Run<'a> {
             );
         }
         let micro = first_micro(o, &reporter)?;
-        let mut trainer = Trainer::new(
-            &o.model,
-            t,
-            &cfg.memory.escalate,
-            &o.budget,
-            &o.injector,
+        let sets = o.sets.iter().zip(data).map(|(s, data)| SetData {
             data,
-            Some(&o.train_set),
-        )?;
+            texts: Some(&s.rows),
+            loss: Loss {
+                kind: s.loss,
+                ..Loss::from_train(t)
+            },
+        });
+        let (escalate, budget) = (&cfg.memory.escalate, &o.budget);
+        let sets = sets.collect();
+        let mut trainer = Trainer::on_sets(&o.model, t, escalate, budget, &o.injector, sets)?;
         if let Some(spec) = &opts.inject_nonfinite {
             trainer.inject_nonfinite = nonfinite::parse_injection(spec)?;
         }
@@ -216,8 +257,7 @@ impl<'a> Run<'a> {
             saver: Saver {
                 model: &o.model,
                 cfg,
-                train_rows: o.train_set.len(),
-                columns: o.train_set.shape.roles(),
+                sets: o.sets.iter().map(OpenedSet::facts).collect(),
                 started: Instant::now(),
                 curves: opts.curves,
             },
@@ -239,8 +279,8 @@ impl<'a> Run<'a> {
             "training {} ({} trainable parameters) on {} rows of {}: {} steps of {} rows, micro-batch {}",
             cfg.model.path,
             o.model.params.trainable_count(),
-            o.train_set.len(),
-            cfg.data.train.display(),
+            o.sets.iter().map(|s| s.rows.len()).sum::<usize>(),
+            cfg.data.train.describe(),
             total,
             t.batch_size,
             run.progress.mem.micro
@@ -293,9 +333,11 @@ impl<'a> Run<'a> {
         if in_epoch == 0 || step == self.first {
             self.epoch_batches = self.batches.epoch(epoch);
         }
+        let batch = &self.epoch_batches[in_epoch];
         let at = StepAt {
             step: step as u64,
-            rows: &self.epoch_batches[in_epoch],
+            set: batch.set,
+            rows: &batch.rows,
             lr: self.schedule.lr(step),
         };
         let mut last_nonfinite = None;
@@ -342,8 +384,9 @@ impl<'a> Run<'a> {
                     micro: 1,
                 };
                 self.saver.save_final(&at, max_micro)?;
-                let longest = self.o.lengths.iter().copied().max().unwrap_or(1);
-                let columns = self.trainer.data().columns;
+                let lengths = self.o.sets.iter().flat_map(|s| &s.lengths);
+                let longest = lengths.copied().max().unwrap_or(1);
+                let columns = self.trainer.columns();
                 let (model, budget) = (&self.o.model, &self.o.budget);
                 let advice = what_would_fit(model, t, columns, max_micro, longest, budget)?;
                 return Err(Error::OutOfMemory(format!("{unfit}. {advice}")));
@@ -351,16 +394,17 @@ impl<'a> Run<'a> {
         };
         self.peak_memory = self.peak_memory.max(alloc::peak() as u64);
         self.last_loss = loss;
-        let rows = self.epoch_batches[in_epoch].len();
+        let (set, rows) = (at.set, at.rows.len());
         self.samples += rows;
         self.rows_trained += rows;
         self.progress.step = step + 1;
-        self.log(epoch as usize, at.lr, loss);
+        self.log(epoch as usize, set, at.lr, loss);
         Ok(loss)
     }
 
-    /// The step's log line, every `train.log_steps` steps and at the last.
-    fn log(&mut self, epoch: usize, lr: f64, loss: f32) {
+    /// The step's log line, every `train.log_steps` steps and at the last; with several
+    /// training sets it names the set the step's rows (and so its loss) came from.
+    fn log(&mut self, epoch: usize, set: usize, lr: f64, loss: f32) {
         let done = self.progress.step;
         let log_now = done.is_multiple_of(self.o.cfg.train.log_steps.max(1)) || done == self.total;
         let secs = self.window_start.elapsed().as_secs_f64();
@@ -368,6 +412,7 @@ impl<'a> Run<'a> {
             step: done,
             epoch,
             loss,
+            dataset: (self.o.sets.len() > 1).then(|| self.o.sets[set].name.clone()),
             lr,
             samples_per_s: self.samples as f64 / secs.max(1e-9),
             micro_batch_size: self.progress.mem.micro,
@@ -595,8 +640,7 @@ struct SavePoint<'s> {
 struct Saver<'a> {
     model: &'a SentenceModel,
     cfg: &'a Config,
-    train_rows: usize,
-    columns: &'static [&'static str],
+    sets: Vec<card::SetFacts<'a>>,
     /// When training began (the card's training time).
     started: Instant,
     curves: Option<fn(&Path) -> Result<PathBuf>>,
@@ -610,8 +654,7 @@ impl Saver<'_> {
             step: at.step,
             status: at.status,
             max_seq_length: self.model.spec.max_seq_length,
-            train_rows: self.train_rows,
-            columns: self.columns,
+            sets: &self.sets,
             micro_batch: at.micro,
             seconds: self.started.elapsed().as_secs_f64(),
             curves,

@@ -13,6 +13,7 @@ use crate::config::{Lever, Precision, TrainSection};
 use crate::data::tokenized::TokenizedData;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::losses::Loss;
 use crate::memory::guard::Guard;
 use crate::memory::oom::{is_oom, Injector, Phase};
 use crate::memory::policy::{MemState, OomAction, Scheme, StepAction, StepShape, UpdateAction};
@@ -121,13 +122,23 @@ impl std::fmt::Display for NothingFits {
     }
 }
 
-/// The step's place in the run: its number (0-based), its rows (indices into the data) and
-/// its learning rate.
+/// The step's place in the run: its number (0-based), the training set its rows come from,
+/// its rows (indices into that set) and its learning rate.
 #[derive(Clone, Copy)]
 pub struct StepAt<'r> {
     pub step: u64,
+    pub set: usize,
     pub rows: &'r [usize],
     pub lr: f64,
+}
+
+/// One training set as the trainer works on it: its rows tokenized (as the levers pulled so
+/// far left them), the texts they came from (tokenized again when `max_seq_length` is pulled;
+/// None for synthetic rows, which no lever shortens) and its loss.
+pub struct SetData<'a> {
+    pub data: TokenizedData,
+    pub texts: Option<&'a Dataset>,
+    pub loss: Loss,
 }
 
 /// The memory levers in force: the configured ones, then those the policy pulled.
@@ -139,15 +150,12 @@ struct Levers {
 }
 
 /// What optimizer steps work with from one to the next: the passes' networks, the levers, the
-/// tokenized data and AdamW. The loss scale and the policy's state live in the run's progress
+/// training sets and AdamW. The loss scale and the policy's state live in the run's progress
 /// (they are checkpointed there) and are lent to each step.
 pub struct Trainer<'a> {
     runner: Runner<'a>,
     levers: Levers,
-    data: TokenizedData,
-    /// The texts `data` came from, tokenized again when `max_seq_length` is pulled; None for
-    /// synthetic rows (benchmarks, tests), which no lever shortens.
-    texts: Option<&'a Dataset>,
+    sets: Vec<SetData<'a>>,
     /// `memory.escalate`: the levers the policy may pull at micro-batch 1, in order.
     escalate: Vec<Lever>,
     max_grad_norm: f64,
@@ -157,7 +165,7 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// A trainer for `model` as the `[train]` section sets it up, on `data`.
+    /// A trainer for `model` as the `[train]` section sets it up, on `data` with `train.loss`.
     pub fn new(
         model: &'a SentenceModel,
         t: &TrainSection,
@@ -167,6 +175,23 @@ impl<'a> Trainer<'a> {
         data: TokenizedData,
         texts: Option<&'a Dataset>,
     ) -> Result<Self> {
+        let set = SetData {
+            data,
+            texts,
+            loss: Loss::from_train(t),
+        };
+        Self::on_sets(model, t, escalate, budget, injector, vec![set])
+    }
+
+    /// A trainer on several training sets, each with its own loss; a step's rows come from one.
+    pub fn on_sets(
+        model: &'a SentenceModel,
+        t: &TrainSection,
+        escalate: &[Lever],
+        budget: &'a MemoryBudget,
+        injector: &'a Injector,
+        sets: Vec<SetData<'a>>,
+    ) -> Result<Self> {
         Ok(Self {
             runner: Runner::new(model, t, t.precision, Guard { budget, injector })?,
             levers: Levers {
@@ -174,8 +199,7 @@ impl<'a> Trainer<'a> {
                 checkpointing: t.gradient_checkpointing,
                 max_seq_length: model.tokenizer.max_seq_length,
             },
-            data,
-            texts,
+            sets,
             escalate: escalate.to_vec(),
             max_grad_norm: t.max_grad_norm,
             optimizer: AdamW::new(t.weight_decay),
@@ -183,9 +207,14 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The data as the levers pulled so far left it.
-    pub fn data(&self) -> &TokenizedData {
-        &self.data
+    /// Set `set`'s data as the levers pulled so far left it.
+    pub fn data(&self, set: usize) -> &TokenizedData {
+        &self.sets[set].data
+    }
+
+    /// The most text columns a row of any set has (what a step's memory grows with).
+    pub fn columns(&self) -> usize {
+        self.sets.iter().map(|s| s.data.columns).max().unwrap_or(1)
     }
 
     /// One optimizer step: gradients, unscale, clip, update, regrow. `notes` hears of every
@@ -197,8 +226,9 @@ impl<'a> Trainer<'a> {
         mem: &mut MemState,
         notes: &mut dyn FnMut(Note),
     ) -> Result<Stepped> {
-        let StepAt { step, rows, lr } = at;
-        let Gradients { loss, mut grads } = match self.gradients(rows, step, scaler, mem, notes)? {
+        let StepAt { step, set, rows, lr } = at;
+        let gradients = self.gradients(set, rows, step, scaler, mem, notes)?;
+        let Gradients { loss, mut grads } = match gradients {
             Ok(g) => g,
             Err(unfit) => return Ok(Stepped::NothingFits(unfit)),
         };
@@ -240,23 +270,25 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The gradients of `rows` over micro-batches of `mem.micro` rows, in the scheme the
+    /// The gradients of `rows` of training set `set` over micro-batches of `mem.micro` rows, in the scheme the
     /// policy picks. An OOM in a micro-batch goes to the policy, whose answer is carried out
     /// here: retry at its smaller size (rows done are kept), start again in the cached scheme,
     /// or start again with a lever pulled.
     pub fn gradients(
         &mut self,
+        set: usize,
         rows: &[usize],
         step: u64,
         scaler: &mut LossScaler,
         mem: &mut MemState,
         notes: &mut dyn FnMut(Note),
     ) -> Result<Result<Gradients, NothingFits>> {
-        let mut pass = self.start_pass(rows.len(), mem);
+        let mut pass = self.start_pass(set, rows.len(), mem);
         loop {
             let batch = Batch {
-                data: &self.data,
+                data: &self.sets[set].data,
                 rows,
+                loss: self.sets[set].loss,
                 step,
             };
             let (phase, at) = match self.runner.run(&mut pass, batch, mem.micro, scaler.scale)? {
@@ -264,14 +296,15 @@ impl<'a> Trainer<'a> {
                 Outcome::Oom { phase, at } => (phase, at),
             };
             let before = mem.micro;
-            match mem.micro_batch_oom(self.shape(rows.len()), &self.escalate) {
+            match mem.micro_batch_oom(self.shape(set, rows.len()), &self.escalate) {
                 OomAction::Retry { micro } => {
                     notes(Note::Oom(self.oom(step, phase, before, micro)))
                 }
                 OomAction::SwitchToCached { micro } => {
                     notes(Note::Oom(self.oom(step, phase, before, micro)));
                     let checkpointing = self.levers.checkpointing;
-                    pass = Pass::new(Scheme::Cached, checkpointing, self.data.columns);
+                    let columns = self.sets[set].data.columns;
+                    pass = Pass::new(Scheme::Cached, checkpointing, columns);
                 }
                 OomAction::Escalate { lever } => {
                     drop(pass);
@@ -280,10 +313,11 @@ impl<'a> Trainer<'a> {
                         *scaler = LossScaler::new(Precision::F16);
                     }
                     notes(Note::Escalated(lever));
-                    pass = self.start_pass(rows.len(), mem);
+                    pass = self.start_pass(set, rows.len(), mem);
                 }
                 OomAction::GiveUp { consider } => {
-                    let tokens = self.data.tokens[rows[at]].iter().map(Vec::len).max();
+                    let tokens = self.sets[set].data.tokens[rows[at]].iter().map(Vec::len);
+                    let tokens = tokens.max();
                     let unfit = Unfit::Row {
                         phase,
                         row: rows[at],
@@ -351,28 +385,30 @@ impl<'a> Trainer<'a> {
             }
             Lever::MaxSeqLength => {
                 levers.max_seq_length = (levers.max_seq_length / 2).max(8);
-                let texts = self.texts.ok_or_else(|| {
-                    Error::Internal("max_seq_length pulled on rows without texts".into())
-                })?;
                 let mut tokenizer = self.runner.model.tokenizer.clone();
                 tokenizer.set_max_seq_length(levers.max_seq_length)?;
-                self.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
+                for set in &mut self.sets {
+                    let texts = set.texts.ok_or_else(|| {
+                        Error::Internal("max_seq_length pulled on rows without texts".into())
+                    })?;
+                    set.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
+                }
             }
         }
         Ok(())
     }
 
-    fn shape(&self, rows: usize) -> StepShape {
+    fn shape(&self, set: usize, rows: usize) -> StepShape {
         StepShape {
             rows,
-            coupled: self.runner.couples_batch(),
+            coupled: crate::losses::couples_batch(self.sets[set].loss),
             checkpointing: self.levers.checkpointing,
         }
     }
 
-    fn start_pass(&self, rows: usize, mem: &MemState) -> Pass {
-        let scheme = mem.scheme(self.shape(rows));
-        Pass::new(scheme, self.levers.checkpointing, self.data.columns)
+    fn start_pass(&self, set: usize, rows: usize, mem: &MemState) -> Pass {
+        let scheme = mem.scheme(self.shape(set, rows));
+        Pass::new(scheme, self.levers.checkpointing, self.sets[set].data.columns)
     }
 
     fn oom(&self, step: u64, phase: Phase, micro_before: usize, micro_after: usize) -> OomEvent {
