@@ -79,7 +79,11 @@ impl TrainData {
 
     /// The files for messages: `a.csv`, or `a.csv, b.csv`.
     pub fn describe(&self) -> String {
-        let paths: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        let paths: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         paths.join(", ")
     }
 
@@ -118,15 +122,19 @@ impl TrainData {
     pub fn check(&self) -> std::result::Result<(), String> {
         let sets = match self {
             TrainData::File(p) if p.as_os_str().is_empty() => {
-                return Err("is required: set it to a CSV, TSV or JSON lines file, e.g. \
+                return Err(
+                    "is required: set it to a CSV, TSV or JSON lines file, e.g. \
                             --set data.train=train.csv (or give [[data.train]] entries)"
-                    .into())
+                        .into(),
+                )
             }
             TrainData::File(_) => return Ok(()),
             TrainData::Sets(sets) => sets,
         };
         if sets.is_empty() {
-            return Err("has no [[data.train]] entries; give at least one, each with a path".into());
+            return Err(
+                "has no [[data.train]] entries; give at least one, each with a path".into(),
+            );
         }
         let mut seen = BTreeMap::new();
         for (i, s) in sets.iter().enumerate() {
@@ -135,7 +143,9 @@ impl TrainData {
             }
             let name = s.name.clone().unwrap_or_else(|| stem(&s.path));
             if name.trim().is_empty() {
-                return Err(format!("[{i}].name is empty; name the set or remove the key"));
+                return Err(format!(
+                    "[{i}].name is empty; name the set or remove the key"
+                ));
             }
             if let Some(j) = seen.insert(name.clone(), i) {
                 return Err(format!(

@@ -159,7 +159,12 @@ pub fn fits(kind: LossKind, shape: RowShape) -> bool {
 
 /// Checks, before training, that the data has what the loss needs; the error names `key`
 /// (`train.loss`, or a training set's `data.train[i].loss`) and the file.
-pub fn check_fits(kind: LossKind, shape: RowShape, key: &str, file: &std::path::Path) -> Result<()> {
+pub fn check_fits(
+    kind: LossKind,
+    shape: RowShape,
+    key: &str,
+    file: &std::path::Path,
+) -> Result<()> {
     if fits(kind, shape) {
         return Ok(());
     }
@@ -178,7 +183,9 @@ pub fn check_fits(kind: LossKind, shape: RowShape, key: &str, file: &std::path::
         .filter(|k| fits(*k, shape))
         .map(|k| format!("\"{k}\""))
         .collect();
-    let columns_key = key.replace("train.loss", "data.loss").replace(".loss", ".columns");
+    let columns_key = key
+        .replace("train.loss", "data.loss")
+        .replace(".loss", ".columns");
     Err(Error::config(
         key,
         format!(

@@ -145,7 +145,10 @@ impl Loaded {
     /// The longest text of any set, in tokens.
     pub fn longest(&self) -> usize {
         let texts = self.sets.iter().flat_map(|s| &s.data.tokens);
-        texts.flat_map(|r| r.iter().map(Vec::len)).max().unwrap_or(1)
+        texts
+            .flat_map(|r| r.iter().map(Vec::len))
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -519,10 +522,10 @@ fn set_prompts(
         if r.prompts.as_ref() != cfg.data.prompts.as_ref() {
             for (role, name) in &chosen {
                 let key = r.key(&format!("prompts.{role}"));
-                declared(name, &key)?;
                 if !text_roles(set).contains(&role.as_str()) {
                     return Err(missing_role(key, role, set));
                 }
+                declared(name, &key)?;
             }
         }
         let prompt_of = |role: &str| chosen.get(role).map(|name| prompts[name].clone());

@@ -226,7 +226,12 @@ impl<'a> Trainer<'a> {
         mem: &mut MemState,
         notes: &mut dyn FnMut(Note),
     ) -> Result<Stepped> {
-        let StepAt { step, set, rows, lr } = at;
+        let StepAt {
+            step,
+            set,
+            rows,
+            lr,
+        } = at;
         let gradients = self.gradients(set, rows, step, scaler, mem, notes)?;
         let Gradients { loss, mut grads } = match gradients {
             Ok(g) => g,
@@ -408,7 +413,11 @@ impl<'a> Trainer<'a> {
 
     fn start_pass(&self, set: usize, rows: usize, mem: &MemState) -> Pass {
         let scheme = mem.scheme(self.shape(set, rows));
-        Pass::new(scheme, self.levers.checkpointing, self.sets[set].data.columns)
+        Pass::new(
+            scheme,
+            self.levers.checkpointing,
+            self.sets[set].data.columns,
+        )
     }
 
     fn oom(&self, step: u64, phase: Phase, micro_before: usize, micro_after: usize) -> OomEvent {
