@@ -319,4 +319,13 @@ fn bad_entries_are_refused_naming_the_key_and_the_file() {
         &entry(format!("path = {qa:?}\ncolumns = {{ query = \"a\" }}")),
     );
     assert!(text.contains("data.train[0].columns.query"), "{text}");
+
+    // `st-tune mine --output-format n-tuple`'s rows: refused, not cut to one negative.
+    let ntuple = job.path("mined.csv");
+    std::fs::write(&ntuple, "anchor,positive,negative_1,negative_2\na,b,c,d\n").unwrap();
+    let text = refused(&job, &entry(format!("path = {ntuple:?}\nloss = \"mnrl\"")));
+    assert!(
+        text.contains("mined.csv") && text.contains("`negative_1`, `negative_2`"),
+        "{text}"
+    );
 }

@@ -111,6 +111,12 @@ pub fn shape_from_roles(columns: &BTreeMap<String, String>) -> Result<RowShape> 
         })
 }
 
+/// `negative_1`, `negative_2`, ...: an n-tuple file's negatives.
+fn is_numbered_negative(name: &str) -> bool {
+    name.strip_prefix("negative_")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Reads and checks a whole data file. `format` `None` picks it from the extension; `columns`
 /// `None` takes the role names from the header; `limit` stops after that many rows.
 pub fn read_dataset(
@@ -312,6 +318,31 @@ impl Reader<'_> {
                     "cannot tell the row shape from the {what} ({}); name the columns \
                      {LAYOUTS}, or map yours with data.columns{example}",
                     listed()
+                ),
+            ));
+        }
+        // `st-tune mine --output-format n-tuple` writes negative_1..negative_n; the shapes take
+        // one negative, and reading one of them would drop the others without a word.
+        let numbered: Vec<&String> = names.iter().filter(|n| is_numbered_negative(n)).collect();
+        if retrieval && !numbered.is_empty() {
+            let listed: Vec<String> = numbered.iter().map(|n| format!("`{n}`")).collect();
+            return Err(self.err(
+                line,
+                format!(
+                    "the {what} has {} negative columns ({}), as `st-tune mine --output-format \
+                     n-tuple` writes them, but a row takes one negative: mine with \
+                     --output-format triplet (one row per negative), or {}",
+                    numbered.len(),
+                    listed.join(", "),
+                    match self.eval {
+                        true => "keep one negative column, named `negative`".to_string(),
+                        false => format!(
+                            "pick one with data.columns, e.g. --set data.columns.anchor=anchor \
+                             --set data.columns.positive=positive \
+                             --set data.columns.negative={}",
+                            numbered[0]
+                        ),
+                    }
                 ),
             ));
         }
@@ -805,6 +836,30 @@ mod tests {
         let d = read("t.csv", "id,anchor,positive,negative\n1,a,p,n\n").unwrap();
         assert_eq!(d.shape, RowShape::Triplet);
         assert_eq!(d.rows[0].texts, ["a", "p", "n"]);
+    }
+
+    #[test]
+    fn an_n_tuple_file_is_refused_not_cut_to_one_negative() {
+        let e = read("t.csv", "anchor,positive,negative_1,negative_2\n1,a,p,n\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.csv") && e.contains("2 negative columns"),
+            "{e}"
+        );
+        assert!(e.contains("`negative_1`, `negative_2`"), "{e}");
+        assert!(e.contains("--output-format triplet"), "{e}");
+        // Mapped with data.columns, one of them is read as the negative.
+        let mut columns = BTreeMap::new();
+        for (role, name) in [("anchor", "anchor"), ("positive", "positive")] {
+            columns.insert(role.to_string(), name.to_string());
+        }
+        columns.insert("negative".to_string(), "negative_2".to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "anchor,positive,negative_1,negative_2\na,p,n1,n2\n").unwrap();
+        let d = read_dataset(&path, None, Some(&columns), None).unwrap();
+        assert_eq!(d.rows[0].texts, ["a", "p", "n2"]);
     }
 
     #[test]
