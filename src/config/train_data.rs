@@ -230,3 +230,89 @@ impl ResolvedSet {
         Error::config(self.key(what), msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(text: &str) -> crate::error::Result<Config> {
+        Config::from_toml(text, "test", &[])
+    }
+
+    #[test]
+    fn a_path_is_one_file_and_an_array_of_tables_its_sets() {
+        let c = config("[data]\ntrain = \"a.csv\"\n").unwrap();
+        assert_eq!(c.data.train, TrainData::File("a.csv".into()));
+        let c = config(
+            "[data]\n[[data.train]]\npath = \"x/a.csv\"\nloss = \"cosent\"\n\
+             [[data.train]]\npath = \"b.csv\"\nname = \"bee\"\n\
+             prompts = { anchor = \"query\" }\n",
+        )
+        .unwrap();
+        assert!(c.data.train.is_mixed());
+        assert_eq!(c.data.train.describe(), "x/a.csv, b.csv");
+        // A --set path replaces the entries.
+        let one = Config::from_toml(
+            "[data]\n[[data.train]]\npath = \"a.csv\"\n",
+            "t",
+            &["data.train=c.csv".into()],
+        )
+        .unwrap();
+        assert_eq!(one.data.train, TrainData::File("c.csv".into()));
+        // Written back and read again, the same.
+        let again = config(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.data.train, c.data.train);
+    }
+
+    #[test]
+    fn unset_keys_of_an_entry_take_the_top_level_ones() {
+        let c = config(
+            "[data]\ncolumns = { anchor = \"q\", positive = \"p\" }\n\
+             prompts = { anchor = \"query\" }\n\
+             [[data.train]]\npath = \"x/a.csv\"\n\
+             [[data.train]]\npath = \"b.csv\"\nname = \"bee\"\nloss = \"cosent\"\n\
+             columns = { sentence1 = \"s1\", sentence2 = \"s2\", score = \"s\" }\nprompts = {}\n\
+             [train]\nloss = \"mnrl\"\n",
+        )
+        .unwrap();
+        let d = &c.data;
+        let sets = d
+            .train
+            .resolve(d.columns.as_ref(), c.train.loss, d.prompts.as_ref());
+        assert_eq!(sets[0].name, "a", "the file's stem");
+        assert_eq!(sets[0].loss, LossKind::Mnrl);
+        assert_eq!(sets[0].columns, d.columns);
+        assert_eq!(sets[0].prompts, d.prompts);
+        assert_eq!(sets[1].name, "bee");
+        assert_eq!(sets[1].loss, LossKind::Cosent);
+        assert_eq!(sets[1].columns.as_ref().unwrap()["score"], "s");
+        assert_eq!(sets[1].prompts, Some(BTreeMap::new()));
+        assert_eq!(sets[1].key("loss"), "data.train[1].loss");
+        let one = TrainData::File("a.csv".into()).resolve(None, LossKind::Mnrl, None);
+        assert_eq!(
+            (one[0].key("loss"), one[0].key("prompts.anchor")),
+            ("train.loss".to_string(), "data.prompts.anchor".to_string())
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_refused_naming_the_entry() {
+        let err = |text: &str| {
+            let r = config(text).and_then(|c| c.validate());
+            r.unwrap_err().to_string()
+        };
+        let e = err("[data]\n[[data.train]]\npath = \"a.csv\"\nlos = \"mnrl\"\n");
+        assert!(e.contains("data.train") && e.contains("entry [0]"), "{e}");
+        assert!(e.contains("unknown field `los`"), "{e}");
+        let e = err(
+            "[model]\npath = \"m\"\n[data]\n[[data.train]]\npath = \"a/t.csv\"\n\
+             [[data.train]]\npath = \"b/t.csv\"\n",
+        );
+        assert!(e.contains("[1] and [0] are both named \"t\""), "{e}");
+        let e = err("[model]\npath = \"m\"\n[data]\ntrain = []\n");
+        assert!(e.contains("no [[data.train]] entries"), "{e}");
+        let e = err("[model]\npath = \"m\"\n[data]\n[[data.train]]\nname = \"x\"\n");
+        assert!(e.contains("entry [0]") && e.contains("path"), "{e}");
+    }
+}
