@@ -151,8 +151,12 @@ impl Reporter {
         Self::line(&mut self.metrics, &v["data"]);
         if let Some(bar) = &self.bar {
             bar.set_position(log.step as u64);
+            let set = log
+                .dataset
+                .as_ref()
+                .map_or(String::new(), |d| format!(" ({d})"));
             bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.1} samples/s  micro {}",
+                "loss {:.4}{set}  lr {:.2e}  {:.1} samples/s  micro {}",
                 log.loss, log.lr, log.samples_per_s, log.micro_batch_size
             ));
             return;
