@@ -1,4 +1,4 @@
-//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, DistilBERT or MPNet) -> pooling ->
+//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, RoBERTa, DistilBERT or MPNet) -> pooling ->
 //! optional Dense -> optional Normalize, loaded from and saved to the folder layout Python
 //! sentence-transformers uses.
 //!
