@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::model::config::{DropoutProbs, Sizes};
+use crate::model::sizes::{DropoutProbs, Sizes};
 use crate::model::layers::LayerNames;
 
 /// The fields of a Hugging Face BERT `config.json` the encoder needs.

@@ -15,6 +15,7 @@ use crate::model::distilbert::DistilBertConfig;
 use crate::model::embeddings::EmbeddingNames;
 use crate::model::layers::LayerNames;
 use crate::model::mpnet::MpnetConfig;
+use crate::model::sizes::{DropoutProbs, Sizes};
 
 /// One model family's config.json.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,29 +38,6 @@ pub enum ModelConfig {
 
 /// The `model_type`s st-tune reads, for the error that names the others.
 pub const SUPPORTED: &[&str] = &["bert", "distilbert", "mpnet", "roberta", "xlm-roberta"];
-
-/// The sizes of an encoder, whatever its family calls them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sizes {
-    pub vocab: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub heads: usize,
-    pub layers: usize,
-    /// Rows of the position table.
-    pub positions: usize,
-    /// Layer-norm epsilon (every norm of the model).
-    pub eps: f64,
-}
-
-/// Dropout probabilities from config.json.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DropoutProbs {
-    /// On the embedding layer's output and the layers' residual branches.
-    pub hidden: f32,
-    /// On the attention probabilities.
-    pub attention: f32,
-}
 
 impl ModelConfig {
     /// Parses `config` (the contents of `path`), naming the supported types for any other.

@@ -14,11 +14,13 @@ pub mod embedding_cut;
 pub mod embeddings;
 pub mod folder;
 pub mod hub;
+pub mod known;
 pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod pooling;
 pub mod recompute;
+pub mod sizes;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};

@@ -24,7 +24,7 @@ use crate::losses::{self, Loss};
 use crate::memory::guard::{Guard, Window};
 use crate::memory::oom::{is_oom, Phase};
 use crate::memory::policy::Scheme;
-use crate::model::config::DropoutProbs;
+use crate::model::sizes::DropoutProbs;
 use crate::model::dropout::Dropout;
 use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
 use crate::model::recompute::{backward_recomputing, forward_checkpoints};
