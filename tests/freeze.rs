@@ -49,8 +49,10 @@ fn copy_dir(from: &Path, to: &Path) {
 fn prefix_checkpoint(dir: &Path, prefix: &str) {
     let path = dir.join("model.safetensors");
     let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let mut out: HashMap<String, Tensor> =
-        t.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+    let mut out: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect();
     out.insert(
         "lm_head.bias".into(),
         Tensor::ones(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
@@ -104,12 +106,18 @@ fn freezing_keeps_exactly_the_frozen_part(family: &str, prefix: &str) {
             || name.starts_with("lm_head.");
         let moved = max_abs_diff(t, &end[name]);
         if frozen {
-            assert_eq!(moved, 0.0, "{family} {prefix:?}: {name} is frozen but moved");
+            assert_eq!(
+                moved, 0.0,
+                "{family} {prefix:?}: {name} is frozen but moved"
+            );
         } else {
             // The key bias's true gradient is 0 (softmax ignores a per-query constant).
             let key_bias = ["key.bias", "attn.k.bias", "k_lin.bias"];
             if !key_bias.iter().any(|k| name.ends_with(k)) {
-                assert!(moved > 0.0, "{family} {prefix:?}: {name} trains but did not move");
+                assert!(
+                    moved > 0.0,
+                    "{family} {prefix:?}: {name} trains but did not move"
+                );
             }
             moved_count += 1;
         }

@@ -190,7 +190,11 @@ mod tests {
                 .join("model");
             let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
             let c = ModelConfig::parse(&dir, &serde_json::from_str(&text).unwrap()).unwrap();
-            assert_eq!(encoder_params(&c).unwrap(), checkpoint_elements(family), "{family}");
+            assert_eq!(
+                encoder_params(&c).unwrap(),
+                checkpoint_elements(family),
+                "{family}"
+            );
         }
         // all-MiniLM-L6-v2's checkpoint: 22,713,216 with a 384 x 384 pooler and its bias.
         let minilm = config("sentence-transformers/all-MiniLM-L6-v2");
