@@ -1,12 +1,12 @@
-"""Random-weight sentence-transformers folders of the XLM-RoBERTa and DistilBERT families, and what
+"""Random-weight sentence-transformers folders of the XLM-RoBERTa, RoBERTa and DistilBERT families, and what
 Python computes with them: st-tune's parity fixtures for families whose real weights cannot be
 downloaded here.
 
-usage: make_family_fixtures.py [small | base OUT_DIR]
-  small (default)  writes tests/fixtures/families/{xlm-roberta,distilbert}/:
+usage: make_family_fixtures.py [small [FAMILY ...] | base OUT_DIR]
+  small (default)  writes tests/fixtures/families/{xlm-roberta,roberta,distilbert}/ (or only the FAMILYs named):
       model/             the folder (Transformer + mean Pooling + Normalize), saved by SentenceTransformer.save:
                          hidden 32, 2 layers, 4 heads, intermediate 64; the family's real layout otherwise
-                         (XLM-R: type_vocab_size 1, pad 1, positions offset by 2, layer_norm_eps 1e-5;
+                         (XLM-R and RoBERTa: type_vocab_size 1, pad 1, positions offset by 2, layer_norm_eps 1e-5;
                          DistilBERT: q_lin/k_lin/v_lin/out_lin names, sinusoidal_pos_embds = true)
       expected.json      for tests/fixtures/sentences.txt: max_seq_length, the token ids the model feeds its
                          encoder (padding removed), encode(batch_size=16) embeddings; and the loss case:
@@ -16,10 +16,11 @@ usage: make_family_fixtures.py [small | base OUT_DIR]
   base OUT_DIR     writes OUT_DIR/{xlm-roberta,distilbert}-base: the real base shapes (XLM-R 768 x 12, vocab
                    250002; DistilBERT 768 x 6, vocab 30522), same small tokenizers; for benchmarks, not committed.
 
-Tokenizers: no real XLM-R or DistilBERT tokenizer ships in a package here, so each is trained with the
-`tokenizers` library on sentences.txt and a few extra lines: XLM-R a Unigram (SentencePiece-style: NFKC,
-Metaspace "▁", <s> $A </s>, ids <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last), DistilBERT a lower-casing
-WordPiece ([CLS] $A [SEP]). Wrapped as XLMRobertaTokenizerFast / DistilBertTokenizerFast.
+Tokenizers: no real XLM-R, RoBERTa or DistilBERT tokenizer ships in a package here, so each is trained with
+the `tokenizers` library on sentences.txt and a few extra lines: XLM-R a Unigram (SentencePiece-style: NFKC,
+Metaspace "▁", <s> $A </s>, ids <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last), RoBERTa a byte-level BPE (GPT-2
+style, RobertaProcessing, same special ids), DistilBERT a lower-casing WordPiece ([CLS] $A [SEP]). Wrapped
+as XLMRobertaTokenizerFast / RobertaTokenizerFast / DistilBertTokenizerFast.
 Weights: AutoModel.from_config (seed 0), then every tensor but DistilBERT's sinusoidal table redrawn
 (normal(0, 0.1); norms at 1 ± 0.1) so biases and norms are not the trivial 0 and 1.
 
@@ -32,7 +33,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 import sentence_transformers, transformers
-from transformers import AutoModel, DistilBertConfig, DistilBertTokenizerFast, XLMRobertaConfig, XLMRobertaTokenizerFast
+from transformers import (AutoModel, DistilBertConfig, DistilBertTokenizerFast, RobertaConfig, RobertaTokenizerFast,
+                          XLMRobertaConfig, XLMRobertaTokenizerFast)
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -77,6 +79,20 @@ def xlmr_tokenizer(max_len):
                                    model_max_length=max_len)
 
 
+def roberta_tokenizer(max_len):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=False)
+    return RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                model_max_length=max_len)
+
+
 def distilbert_tokenizer(max_len):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -92,11 +108,12 @@ def distilbert_tokenizer(max_len):
 
 
 def config(family, s, vocab):
-    if family == "xlm-roberta":
-        return XLMRobertaConfig(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                                num_attention_heads=s["heads"], intermediate_size=s["intermediate"],
-                                max_position_embeddings=s["positions"], type_vocab_size=1, layer_norm_eps=1e-5,
-                                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family in ("xlm-roberta", "roberta"):
+        cls = XLMRobertaConfig if family == "xlm-roberta" else RobertaConfig
+        return cls(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                   num_attention_heads=s["heads"], intermediate_size=s["intermediate"],
+                   max_position_embeddings=s["positions"], type_vocab_size=1, layer_norm_eps=1e-5,
+                   pad_token_id=1, bos_token_id=0, eos_token_id=2)
     return DistilBertConfig(vocab_size=vocab, dim=s["hidden"], n_layers=s["layers"], n_heads=s["heads"],
                             hidden_dim=s["intermediate"], max_position_embeddings=s["positions"],
                             sinusoidal_pos_embds=True, pad_token_id=0)
@@ -116,8 +133,9 @@ def redraw(model):
 def build(family, shapes, out, random_weights=True):
     """Writes the sentence-transformers folder `out` and returns it loaded."""
     positions = shapes["positions"]
-    max_len = positions - 2 if family == "xlm-roberta" else positions
-    tok = xlmr_tokenizer(max_len) if family == "xlm-roberta" else distilbert_tokenizer(max_len)
+    max_len = positions if family == "distilbert" else positions - 2
+    tok = {"xlm-roberta": xlmr_tokenizer, "roberta": roberta_tokenizer,
+           "distilbert": distilbert_tokenizer}[family](max_len)
     torch.manual_seed(0)
     model = AutoModel.from_config(config(family, shapes, shapes.get("vocab", len(tok))))
     if random_weights:
@@ -148,7 +166,7 @@ def hf_model(st):
 def small(family):
     root = FIX / "families" / family
     root.mkdir(parents=True, exist_ok=True)
-    st = build(family, {**SMALL, "positions": 66 if family == "xlm-roberta" else 64}, root / "model")
+    st = build(family, {**SMALL, "positions": 64 if family == "distilbert" else 66}, root / "model")
     sents = sentences()
     emb = st.encode(sents, batch_size=16, convert_to_numpy=True)
     feats = st.preprocess(sents)
@@ -176,7 +194,7 @@ BASE = {"xlm-roberta": dict(hidden=768, layers=12, heads=12, intermediate=3072, 
 if __name__ == "__main__":
     args = sys.argv[1:] or ["small"]
     if args[0] == "small":
-        for fam in ("xlm-roberta", "distilbert"):
+        for fam in args[1:] or ("xlm-roberta", "roberta", "distilbert"):
             small(fam)
     elif args[0] == "base" and len(args) == 2:
         for fam, shapes in BASE.items():

@@ -1,5 +1,5 @@
-//! XLM-RoBERTa and DistilBERT, proven as BERT and MPNet are, on random-weight models of each
-//! family made by Python (scripts/make_family_fixtures.py, tests/fixtures/families/): the same
+//! XLM-RoBERTa, RoBERTa and DistilBERT, proven as BERT and MPNet are, on random-weight models of
+//! each family made by Python (scripts/make_family_fixtures.py, tests/fixtures/families/): the same
 //! tokens and embeddings (1e-5) as sentence-transformers, the loss gradient of every parameter
 //! equal to PyTorch's (1e-4 of the tensor's largest) on both engines, and every memory lever
 //! trained through the real binary on both engines.
@@ -78,6 +78,11 @@ fn xlm_roberta_tokens_and_embeddings_match_python_sentence_transformers() {
 }
 
 #[test]
+fn roberta_byte_level_tokens_and_embeddings_match_python_sentence_transformers() {
+    embeddings_match_python("roberta");
+}
+
+#[test]
 fn distilbert_tokens_and_embeddings_match_python_sentence_transformers() {
     embeddings_match_python("distilbert");
 }
@@ -148,6 +153,12 @@ fn gradients_match_pytorch(family: &str, engine: Engine) {
 fn xlm_roberta_gradients_of_every_parameter_match_pytorch_on_both_engines() {
     gradients_match_pytorch("xlm-roberta", Engine::Cpu);
     gradients_match_pytorch("xlm-roberta", Engine::Portable);
+}
+
+#[test]
+fn roberta_gradients_of_every_parameter_match_pytorch_on_both_engines() {
+    gradients_match_pytorch("roberta", Engine::Cpu);
+    gradients_match_pytorch("roberta", Engine::Portable);
 }
 
 #[test]

@@ -70,7 +70,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 "{}",
                 crate::memory::alternatives::advice(
                     &input,
-                    loaded.model.spec.model.model_type(),
+                    &crate::model::known::smaller_than(&loaded.model.spec.model)?,
                     p.micro_batch_size,
                     p.longest_row_tokens,
                     Some(p.budget_bytes),

@@ -1,86 +1,51 @@
 //! When even one row per pass does not fit: what would. The planner is run on the shapes of
-//! smaller sentence-transformers models st-tune knows (no download needed), with everything
-//! else of the run unchanged, and on the run as configured, to name the memory it needs.
+//! smaller sentence-transformers models st-tune knows (`model::known`, no download needed), with
+//! everything else of the run unchanged, and on the run as configured, to name the memory it
+//! needs.
 
 use crate::memory::human_bytes;
 use crate::memory::plan::{estimate, PlanInput};
 
-/// A model whose shape st-tune knows.
-struct Known {
-    id: &'static str,
-    /// "bert" or "mpnet": a smaller model of the same family is the first suggestion.
-    family: &'static str,
-    hidden: usize,
-    intermediate: usize,
-    heads: usize,
-    layers: usize,
-    params: usize,
+/// A model the planner may propose instead of the run's, from its config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub id: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// MPNet adds a relative-position bias to every row's scores.
+    pub relative_bias: bool,
+    /// Parameters of its encoder.
+    pub params: usize,
+    /// Rows of its word-embedding table.
+    pub vocab: usize,
+    /// How far it is from the run's model (0 nearest): proposed in this order, then the larger
+    /// (better) models first.
+    pub distance: u8,
 }
 
-/// From their config.json files (parameter counts of the whole model, embeddings included).
-const KNOWN: &[Known] = &[
-    Known {
-        id: "sentence-transformers/paraphrase-MiniLM-L3-v2",
-        family: "bert",
-        hidden: 384,
-        intermediate: 1536,
-        heads: 12,
-        layers: 3,
-        params: 17_389_824,
-    },
-    Known {
-        id: "sentence-transformers/all-MiniLM-L6-v2",
-        family: "bert",
-        hidden: 384,
-        intermediate: 1536,
-        heads: 12,
-        layers: 6,
-        params: 22_713_216,
-    },
-    Known {
-        id: "sentence-transformers/all-MiniLM-L12-v2",
-        family: "bert",
-        hidden: 384,
-        intermediate: 1536,
-        heads: 12,
-        layers: 12,
-        params: 33_360_000,
-    },
-    Known {
-        id: "sentence-transformers/all-mpnet-base-v2",
-        family: "mpnet",
-        hidden: 768,
-        intermediate: 3072,
-        heads: 12,
-        layers: 12,
-        params: 109_486_464,
-    },
-];
-
-/// The known models smaller than the run's that the planner says fit `budget` at one row of
-/// `longest` tokens per pass, same family first, with their estimated peaks.
-pub fn smaller_models_that_fit(
+/// The `candidates` that the planner says fit `budget` at one row of `longest` tokens per pass,
+/// nearest first, with their estimated peaks.
+pub fn models_that_fit(
     run: &PlanInput,
-    family: &str,
+    candidates: &[Candidate],
     longest: usize,
     budget: u64,
 ) -> Vec<(&'static str, u64)> {
-    let mut fit: Vec<(bool, &'static str, u64)> = KNOWN
+    let mut fit: Vec<(u8, &'static str, u64)> = candidates
         .iter()
-        .filter(|k| k.params < run.params)
         .filter_map(|k| {
-            let p = as_model(run, k);
-            let peak = estimate(&p, &[longest]).total;
-            (peak <= budget).then_some((k.family != family, k.id, peak))
+            let peak = estimate(&as_model(run, k), &[longest]).total;
+            (peak <= budget).then_some((k.distance, k.id, peak))
         })
         .collect();
-    // Same family first, then the larger (better) models first.
     fit.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
     fit.into_iter().map(|(_, id, peak)| (id, peak)).collect()
 }
 
 /// `run` with `k`'s shape: the same share of parameters trains, the same levers are on.
-fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
+fn as_model(run: &PlanInput, k: &Candidate) -> PlanInput {
     let share = run.trainable as f64 / run.params.max(1) as f64;
     let frozen_layers = run.layers - run.layers_with_graph;
     PlanInput {
@@ -89,12 +54,11 @@ fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
         heads: k.heads,
         layers: k.layers,
         layers_with_graph: k.layers.saturating_sub(frozen_layers),
-        relative_bias: k.family == "mpnet",
+        relative_bias: k.relative_bias,
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
-        // Both families use BERT's 30522-token vocabulary (MPNet 30527): close enough here.
         trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
-            30522 * k.hidden
+            k.vocab * k.hidden
         } else {
             0
         },
@@ -107,7 +71,7 @@ fn as_model(run: &PlanInput, k: &Known) -> PlanInput {
 /// smaller models that would fit the budget.
 pub fn advice(
     run: &PlanInput,
-    family: &str,
+    candidates: &[Candidate],
     micro: usize,
     longest: usize,
     budget: Option<u64>,
@@ -119,7 +83,7 @@ pub fn advice(
         human_bytes(needs)
     );
     if let Some(budget) = budget {
-        let fit = smaller_models_that_fit(run, family, longest, budget);
+        let fit = models_that_fit(run, candidates, longest, budget);
         if !fit.is_empty() {
             let names: Vec<String> = fit
                 .iter()
@@ -140,7 +104,7 @@ pub fn advice(
 mod tests {
     use super::*;
 
-    fn mpnet() -> PlanInput {
+    fn run() -> PlanInput {
         PlanInput {
             hidden: 768,
             intermediate: 3072,
@@ -160,31 +124,48 @@ mod tests {
         }
     }
 
+    fn candidate(id: &'static str, layers: usize, distance: u8) -> Candidate {
+        Candidate {
+            id,
+            hidden: 384,
+            intermediate: 1536,
+            heads: 12,
+            layers,
+            relative_bias: false,
+            params: 1_000_000 * layers,
+            vocab: 30522,
+            distance,
+        }
+    }
+
     #[test]
-    fn a_budget_too_small_for_mpnet_suggests_the_minilms_that_fit() {
-        let run = mpnet();
-        let mpnet_floor = estimate(&run, &[512]).total;
-        let minilm = as_model(&run, &KNOWN[1]);
-        let minilm_floor = estimate(&minilm, &[512]).total;
-        assert!(minilm_floor < mpnet_floor);
-        let budget = (minilm_floor + mpnet_floor) / 2;
-        let fit = smaller_models_that_fit(&run, "mpnet", 512, budget);
-        let ids: Vec<&str> = fit.iter().map(|f| f.0).collect();
-        assert!(
-            ids.contains(&"sentence-transformers/all-MiniLM-L6-v2"),
-            "{ids:?}"
+    fn the_nearest_models_that_fit_come_first_then_the_larger() {
+        let run = run();
+        let floor = |k: &Candidate| estimate(&as_model(&run, k), &[512]).total;
+        let (far_big, near_small, near_big, too_big) = (
+            candidate("far-big", 6, 1),
+            candidate("near-small", 3, 0),
+            candidate("near-big", 6, 0),
+            candidate("too-big", 24, 0),
         );
-        assert!(!ids.contains(&"sentence-transformers/all-mpnet-base-v2"));
-        assert!(fit.iter().all(|f| f.1 <= budget));
-        let text = advice(&run, "mpnet", 16, 512, Some(budget));
+        assert!(floor(&near_small) < floor(&near_big) && floor(&near_big) < floor(&too_big));
+        let budget = (floor(&near_big) + floor(&too_big)) / 2;
+        let all = [far_big, near_small, near_big.clone(), too_big];
+        let fit = models_that_fit(&run, &all, 512, budget);
+        let ids: Vec<&str> = fit.iter().map(|f| f.0).collect();
+        assert_eq!(ids, ["near-big", "near-small", "far-big"]);
+        assert_eq!(fit[0].1, floor(&near_big));
+        let text = advice(&run, &all, 16, 512, Some(budget));
         assert!(
-            text.contains("all-MiniLM-L6-v2") && text.contains("a step needs about"),
+            text.contains("near-big (about") && text.contains("a step needs about"),
             "{text}"
         );
     }
 
     #[test]
-    fn nothing_smaller_is_suggested_when_nothing_fits() {
-        assert!(smaller_models_that_fit(&mpnet(), "mpnet", 512, 1 << 20).is_empty());
+    fn nothing_is_suggested_when_nothing_fits() {
+        let all = [candidate("a", 3, 0)];
+        assert!(models_that_fit(&run(), &all, 512, 1 << 20).is_empty());
+        assert!(!advice(&run(), &all, 1, 512, Some(1 << 20)).contains("smaller models"));
     }
 }

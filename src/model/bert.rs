@@ -1,11 +1,12 @@
 //! BERT (all-MiniLM-L6/L12-v2, bge-small, e5-small, ...) and XLM-RoBERTa (multilingual-e5,
-//! paraphrase-multilingual-*, bge-m3): the same post-LN layers and tensor names; XLM-RoBERTa's
-//! embeddings number positions from the padding index + 1 (`model::embeddings`).
+//! paraphrase-multilingual-*, bge-m3) and RoBERTa (all-distilroberta-v1): the same post-LN layers
+//! and tensor names; (XLM-)RoBERTa's embeddings number positions from the padding index + 1
+//! (`model::embeddings`).
 
 use serde::Deserialize;
 
-use crate::model::config::{DropoutProbs, Sizes};
 use crate::model::layers::LayerNames;
+use crate::model::sizes::{DropoutProbs, Sizes};
 
 /// The fields of a Hugging Face BERT `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,7 +29,7 @@ pub struct BertConfig {
     pub hidden_act: String,
 }
 
-/// An XLM-RoBERTa `config.json`: BERT's fields and the padding index positions start after.
+/// An XLM-RoBERTa or RoBERTa `config.json`: BERT's fields and the padding index positions start after.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RobertaConfig {
     #[serde(flatten)]

@@ -15,6 +15,7 @@ use crate::model::distilbert::DistilBertConfig;
 use crate::model::embeddings::EmbeddingNames;
 use crate::model::layers::LayerNames;
 use crate::model::mpnet::MpnetConfig;
+use crate::model::sizes::{DropoutProbs, Sizes};
 
 /// One model family's config.json.
 #[derive(Debug, Clone, Deserialize)]
@@ -26,35 +27,17 @@ pub enum ModelConfig {
     Mpnet(MpnetConfig),
     #[serde(rename = "xlm-roberta")]
     XlmRoberta(RobertaConfig),
+    /// RoBERTa (all-distilroberta-v1, all-roberta-large-v1): transformers' XLMRobertaModel
+    /// is a copy of RobertaModel, so the same network; only the tokenizer (byte-level BPE)
+    /// differs, and tokenizer.json carries that.
+    #[serde(rename = "roberta")]
+    Roberta(RobertaConfig),
     #[serde(rename = "distilbert")]
     DistilBert(DistilBertConfig),
 }
 
 /// The `model_type`s st-tune reads, for the error that names the others.
-pub const SUPPORTED: &[&str] = &["bert", "distilbert", "mpnet", "xlm-roberta"];
-
-/// The sizes of an encoder, whatever its family calls them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sizes {
-    pub vocab: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub heads: usize,
-    pub layers: usize,
-    /// Rows of the position table.
-    pub positions: usize,
-    /// Layer-norm epsilon (every norm of the model).
-    pub eps: f64,
-}
-
-/// Dropout probabilities from config.json.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DropoutProbs {
-    /// On the embedding layer's output and the layers' residual branches.
-    pub hidden: f32,
-    /// On the attention probabilities.
-    pub attention: f32,
-}
+pub const SUPPORTED: &[&str] = &["bert", "distilbert", "mpnet", "roberta", "xlm-roberta"];
 
 impl ModelConfig {
     /// Parses `config` (the contents of `path`), naming the supported types for any other.
@@ -86,7 +69,7 @@ impl ModelConfig {
     fn check(&self, path: &Path) -> Result<()> {
         let act = match self {
             ModelConfig::Bert(c) => &c.hidden_act,
-            ModelConfig::XlmRoberta(c) => &c.bert.hidden_act,
+            ModelConfig::XlmRoberta(c) | ModelConfig::Roberta(c) => &c.bert.hidden_act,
             ModelConfig::DistilBert(c) => &c.activation,
             ModelConfig::Mpnet(_) => return Ok(()),
         };
@@ -105,15 +88,16 @@ impl ModelConfig {
             ModelConfig::Bert(_) => "bert",
             ModelConfig::Mpnet(_) => "mpnet",
             ModelConfig::XlmRoberta(_) => "xlm-roberta",
+            ModelConfig::Roberta(_) => "roberta",
             ModelConfig::DistilBert(_) => "distilbert",
         }
     }
 
     pub fn sizes(&self) -> Sizes {
         match self {
-            ModelConfig::Bert(c) | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. }) => {
-                c.sizes()
-            }
+            ModelConfig::Bert(c)
+            | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. })
+            | ModelConfig::Roberta(RobertaConfig { bert: c, .. }) => c.sizes(),
             ModelConfig::Mpnet(c) => c.sizes(),
             ModelConfig::DistilBert(c) => c.sizes(),
         }
@@ -121,9 +105,9 @@ impl ModelConfig {
 
     pub fn dropout(&self) -> DropoutProbs {
         match self {
-            ModelConfig::Bert(c) | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. }) => {
-                c.dropout()
-            }
+            ModelConfig::Bert(c)
+            | ModelConfig::XlmRoberta(RobertaConfig { bert: c, .. })
+            | ModelConfig::Roberta(RobertaConfig { bert: c, .. }) => c.dropout(),
             ModelConfig::Mpnet(c) => c.dropout(),
             ModelConfig::DistilBert(c) => c.dropout(),
         }
@@ -132,7 +116,9 @@ impl ModelConfig {
     /// The tensor names of layer `i`.
     pub fn layer_names(&self, i: usize) -> LayerNames {
         match self {
-            ModelConfig::Bert(_) | ModelConfig::XlmRoberta(_) => crate::model::bert::layer_names(i),
+            ModelConfig::Bert(_) | ModelConfig::XlmRoberta(_) | ModelConfig::Roberta(_) => {
+                crate::model::bert::layer_names(i)
+            }
             ModelConfig::Mpnet(_) => crate::model::mpnet::layer_names(i),
             ModelConfig::DistilBert(_) => crate::model::distilbert::layer_names(i),
         }
@@ -143,7 +129,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Bert(c) => EmbeddingNames::bert(c.type_vocab_size, 0),
             // RoBERTa and MPNet number real tokens from the padding index + 1.
-            ModelConfig::XlmRoberta(c) => {
+            ModelConfig::XlmRoberta(c) | ModelConfig::Roberta(c) => {
                 EmbeddingNames::bert(c.bert.type_vocab_size, c.pad_token_id + 1)
             }
             ModelConfig::Mpnet(c) => EmbeddingNames::without_types(c.pad_token_id + 1),
@@ -197,6 +183,29 @@ mod tests {
             e.contains("distilbert config") && e.contains("`dim`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn roberta_is_the_xlm_roberta_network_under_its_own_name() {
+        let config = |t: &str| {
+            ModelConfig::parse(
+                Path::new("config.json"),
+                &json!({"model_type": t, "vocab_size": 50265, "hidden_size": 8,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+                        "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
+                        "layer_norm_eps": 1e-5}),
+            )
+            .unwrap()
+        };
+        let (r, x) = (config("roberta"), config("xlm-roberta"));
+        assert_eq!(r.model_type(), "roberta");
+        assert_eq!(r.sizes(), x.sizes());
+        assert_eq!(r.dropout(), x.dropout());
+        assert_eq!(r.layer_names(1), x.layer_names(1));
+        assert_eq!(r.max_tokens(), 512);
+        assert_eq!(r.embedding_names().position_offset, 2);
+        assert_eq!(r.embedding_names().token_types, Some(1));
+        assert!(r.drops_attention_output() && !r.relative_bias());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 
 use serde::Deserialize;
 
-use crate::model::config::{DropoutProbs, Sizes};
 use crate::model::layers::LayerNames;
+use crate::model::sizes::{DropoutProbs, Sizes};
 
 /// The fields of a Hugging Face DistilBERT `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]

@@ -7,9 +7,9 @@ use candle_core::{DType, Tensor};
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
-use crate::model::config::Sizes;
 use crate::model::dropout::Dropout;
 use crate::model::layers::LayerNorm;
+use crate::model::sizes::Sizes;
 use crate::model::weights::Weights;
 
 pub const WORD: &str = "embeddings.word_embeddings.weight";

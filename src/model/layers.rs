@@ -137,6 +137,7 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Names of one post-LN transformer layer's tensors; the families differ mostly in these.
+#[derive(Debug, PartialEq)]
 pub struct LayerNames {
     pub q: String,
     pub k: String,

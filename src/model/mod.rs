@@ -1,4 +1,4 @@
-//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, DistilBERT or MPNet) -> pooling ->
+//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, RoBERTa, DistilBERT or MPNet) -> pooling ->
 //! optional Dense -> optional Normalize, loaded from and saved to the folder layout Python
 //! sentence-transformers uses.
 //!
@@ -14,11 +14,13 @@ pub mod embedding_cut;
 pub mod embeddings;
 pub mod folder;
 pub mod hub;
+pub mod known;
 pub mod layer_op;
 pub mod layers;
 pub mod mpnet;
 pub mod pooling;
 pub mod recompute;
+pub mod sizes;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +38,7 @@ use embeddings::Embeddings;
 use folder::FolderSpec;
 use layers::{Dims, EncoderLayer, Linear};
 use mpnet::RelativeBias;
-use weights::{Freeze, Params, Prefixed, Weights};
+use weights::{Freeze, Params, Part, PartRecorder, Prefixed, Weights};
 
 /// The transformer module: the embedding layer, the post-LN layers, and MPNet's relative
 /// position bias, as its family's config (`model_type`) names and sizes them.
@@ -58,19 +60,25 @@ impl Encoder {
             intermediate: s.intermediate,
             eps: s.eps,
         };
+        w.enter(Part::Embeddings);
+        let embeddings = Embeddings::load(w, config.embedding_names(), &s)?;
         let layers = (0..s.layers)
             .map(|i| {
+                w.enter(Part::Layer(i));
                 let mut l = EncoderLayer::load(w, &config.layer_names(i), dims)?;
                 l.drops_attention_output = config.drops_attention_output();
                 Ok(l)
             })
             .collect::<Result<_>>()?;
         let relative_bias = match config {
-            ModelConfig::Mpnet(c) => Some(RelativeBias::load(w, c)?),
+            ModelConfig::Mpnet(c) => {
+                w.enter(Part::SharedBias);
+                Some(RelativeBias::load(w, c)?)
+            }
             _ => None,
         };
         Ok(Self {
-            embeddings: Embeddings::load(w, config.embedding_names(), &s)?,
+            embeddings,
             relative_bias,
             layers,
             config: config.clone(),
@@ -225,10 +233,18 @@ impl SentenceModel {
             .filter(|(_, t)| t.dtype().is_float())
             .map(|(k, _)| k.clone())
             .collect();
-        let trainable =
-            |name: &str| float.contains(name) && freeze.is_some_and(|f| f.is_trainable(name));
-        let params = Params::from_tensors(weights_path, tensors, &trainable)?;
-        let prefix = params.prefix_of(embeddings::WORD).unwrap_or_default();
+        let plain = Params::from_tensors(weights_path, tensors, &|_| false)?;
+        let prefix = plain.prefix_of(embeddings::WORD).unwrap_or_default();
+        // What trains is decided by the part of the model each tensor is loaded for, whatever
+        // the family names it or prefixes it with.
+        let recorder = PartRecorder::new(&plain);
+        build_network(&spec, &prefix, &recorder, DType::F32)?;
+        let parts = recorder.into_parts();
+        let trainable = |name: &str| {
+            float.contains(name)
+                && freeze.is_some_and(|f| parts.get(name).is_some_and(|&p| f.trains(p)))
+        };
+        let params = Params::from_tensors(plain.source, plain.tensors, &trainable)?;
         let model = Self {
             spec,
             tokenizer,
@@ -249,31 +265,7 @@ impl SentenceModel {
     }
 
     pub fn build(&self, params: &Params, dtype: DType) -> Result<Network> {
-        let w = Prefixed {
-            inner: params,
-            prefix: self.prefix.clone(),
-        };
-        let encoder = Encoder::load(&w, &self.spec.model)?;
-        let dense = match &self.spec.dense {
-            Some((dir, cfg)) => {
-                let w = Prefixed {
-                    inner: params,
-                    prefix: format!("{dir}/"),
-                };
-                let mut l = Linear::load_weight(&w, "linear", cfg.in_features, cfg.out_features)?;
-                if cfg.bias {
-                    l.bias = Some(w.get("linear.bias", &[cfg.out_features])?);
-                }
-                Some(l)
-            }
-            None => None,
-        };
-        Ok(Network {
-            encoder,
-            spec: self.spec.clone(),
-            dense,
-            dtype,
-        })
+        build_network(&self.spec, &self.prefix, params, dtype)
     }
 
     /// Tokenizes texts into one packed batch on the model's device.
@@ -387,6 +379,42 @@ impl SentenceModel {
         }
         crate::atomic::replace_dir(&staged, dir)
     }
+}
+
+/// The network of the folder `spec` over `params`, whose encoder tensors are named with
+/// `prefix` ("" or "bert." and the like).
+fn build_network(
+    spec: &FolderSpec,
+    prefix: &str,
+    params: &dyn Weights,
+    dtype: DType,
+) -> Result<Network> {
+    let w = Prefixed {
+        inner: params,
+        prefix: prefix.to_string(),
+    };
+    let encoder = Encoder::load(&w, &spec.model)?;
+    let dense = match &spec.dense {
+        Some((dir, cfg)) => {
+            params.enter(Part::Head);
+            let w = Prefixed {
+                inner: params,
+                prefix: format!("{dir}/"),
+            };
+            let mut l = Linear::load_weight(&w, "linear", cfg.in_features, cfg.out_features)?;
+            if cfg.bias {
+                l.bias = Some(w.get("linear.bias", &[cfg.out_features])?);
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    Ok(Network {
+        encoder,
+        spec: spec.clone(),
+        dense,
+        dtype,
+    })
 }
 
 /// Writes a copy of the model folder `like` (config, tokenizer, modules) with randomly

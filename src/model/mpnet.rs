@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
-use crate::model::config::{DropoutProbs, Sizes};
 use crate::model::layers::LayerNames;
+use crate::model::sizes::{DropoutProbs, Sizes};
 use crate::model::weights::Weights;
 
 #[derive(Debug, Clone, Deserialize)]

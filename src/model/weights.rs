@@ -15,6 +15,23 @@ use crate::error::{Error, Result};
 /// Read access to named tensors, checked against the shape the model expects.
 pub trait Weights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// Says which part of the model the following `get`s load. Only [`PartRecorder`] listens:
+    /// the model definition, not the tensor names, says what freezing keeps.
+    fn enter(&self, _part: Part) {}
+}
+
+/// The part of a sentence-transformer a tensor belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The word, position and token-type tables and their norm.
+    Embeddings,
+    /// Encoder layer `i`, counted from the embeddings.
+    Layer(usize),
+    /// MPNet's relative position bias, shared by every layer.
+    SharedBias,
+    /// What follows the encoder (a Dense module).
+    Head,
 }
 
 /// Which tensors receive gradients. Frozen tensors get no gradient and no optimizer state.
@@ -26,36 +43,54 @@ pub struct Freeze {
 }
 
 impl Freeze {
-    /// Decides, from the checkpoint name alone, whether a tensor trains.
-    pub fn is_trainable(&self, name: &str) -> bool {
-        let name = name.strip_prefix("bert.").unwrap_or(name);
-        // The pooler is not part of a sentence embedding: it would never get a gradient.
-        if name.starts_with("pooler.") {
-            return false;
+    /// Whether the tensors of `part` train.
+    pub fn trains(&self, part: Part) -> bool {
+        match part {
+            Part::Embeddings => !self.embeddings,
+            Part::Layer(i) => i >= self.layers,
+            // Shared by every layer, frozen ones included: if it trained, the gradient would
+            // have to flow back through the frozen layers, which then could not run without a
+            // graph. So it freezes with the first frozen layer.
+            Part::SharedBias => self.layers == 0,
+            Part::Head => true,
         }
-        if name.starts_with("embeddings.") {
-            return !self.embeddings;
+    }
+}
+
+/// Passes `get`s through to `inner` and notes the part each name was loaded for. A checkpoint
+/// tensor the model never asks for (BERT's pooler, a masked-LM head) belongs to no part and
+/// never trains: it would get no gradient.
+pub struct PartRecorder<'a> {
+    inner: &'a dyn Weights,
+    current: std::cell::Cell<Part>,
+    parts: std::cell::RefCell<BTreeMap<String, Part>>,
+}
+
+impl<'a> PartRecorder<'a> {
+    pub fn new(inner: &'a dyn Weights) -> Self {
+        Self {
+            inner,
+            current: Part::Embeddings.into(),
+            parts: Default::default(),
         }
-        // BERT, XLM-RoBERTa and MPNet number their layers under `encoder.`, DistilBERT under
-        // `transformer.`.
-        let layer = name
-            .strip_prefix("encoder.layer.")
-            .or_else(|| name.strip_prefix("transformer.layer."));
-        if let Some(rest) = layer {
-            let layer: usize = rest
-                .split('.')
-                .next()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            return layer >= self.layers;
-        }
-        // MPNet's relative position bias is shared by every layer, frozen ones included: if it
-        // trained, the gradient would have to flow back through the frozen layers, which then
-        // could not run without a graph. So it freezes with the first frozen layer.
-        if name.starts_with("encoder.relative_attention_bias") {
-            return self.layers == 0;
-        }
-        true
+    }
+
+    /// Each name asked for, with its part.
+    pub fn into_parts(self) -> BTreeMap<String, Part> {
+        self.parts.into_inner()
+    }
+}
+
+impl Weights for PartRecorder<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.parts
+            .borrow_mut()
+            .insert(name.to_string(), self.current.get());
+        self.inner.get(name, shape)
+    }
+
+    fn enter(&self, part: Part) {
+        self.current.set(part);
     }
 }
 
@@ -151,6 +186,10 @@ pub struct Prefixed<'a> {
 impl Weights for Prefixed<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.inner.get(&format!("{}{name}", self.prefix), shape)
+    }
+
+    fn enter(&self, part: Part) {
+        self.inner.enter(part);
     }
 }
 

@@ -436,7 +436,7 @@ fn what_would_fit(
     let input = crate::memory::plan::plan_input(&model.plan_shape()?, t, columns);
     Ok(crate::memory::alternatives::advice(
         &input,
-        model.spec.model.model_type(),
+        &crate::model::known::smaller_than(&model.spec.model)?,
         micro,
         longest,
         budget.limit,
