@@ -79,7 +79,7 @@ pub fn render(f: &Facts) -> String {
          | max grad norm | {} |\n| precision | {} (f32 master weights) |\n| max_seq_length | {} |\n\
          | frozen | {} layers, embeddings {} |\n| gradient checkpointing | {} |\n| seed | {} |\n\n",
         t.loss,
-        t.scale,
+        t.scale(),
         t.batch_size,
         f.micro_batch,
         t.epochs,

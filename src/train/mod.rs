@@ -8,6 +8,7 @@ pub mod binary;
 pub mod card;
 pub mod checkpoint;
 pub mod eval;
+pub mod guide;
 pub mod measure;
 pub mod mine;
 pub mod nonfinite;
@@ -122,6 +123,8 @@ const EVAL_BATCH: usize = 64;
 /// fails here, before any training).
 pub struct Loaded {
     pub model: SentenceModel,
+    /// GISTEmbedLoss's guide (`[guide]`), loaded for inference.
+    pub guide: Option<SentenceModel>,
     pub train_set: Dataset,
     pub dev_set: Option<Dataset>,
     pub data: TokenizedData,
@@ -172,6 +175,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         }
         model.set_max_seq_length(max)?;
     }
+    let guide = guide::load(&cfg.guide, &device)?;
     let mut train_set = read_dataset(
         &cfg.data.train,
         cfg.data.format,
@@ -214,6 +218,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
     let data = tokenize(&model.tokenizer, &train_set)?;
     Ok(Loaded {
         model,
+        guide,
         train_set,
         dev_set,
         data,
@@ -234,8 +239,11 @@ pub struct Plan {
 
 pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
-    let input =
+    let mut input =
         crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.data.columns);
+    if let Some(guide) = &loaded.guide {
+        input = input.with_guide(&guide.plan_shape()?);
+    }
     let longest = loaded
         .data
         .tokens

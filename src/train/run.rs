@@ -36,6 +36,7 @@ pub struct Opened<'c> {
     resume: Resume,
     restored: Option<Restored>,
     model: SentenceModel,
+    guide: Option<SentenceModel>,
     train_set: Dataset,
     dev_set: Option<Dataset>,
     budget: MemoryBudget,
@@ -88,6 +89,7 @@ impl<'c> Opened<'c> {
         };
         let Loaded {
             model,
+            guide,
             train_set,
             dev_set,
             data,
@@ -110,6 +112,7 @@ impl<'c> Opened<'c> {
             resume,
             restored,
             model,
+            guide,
             train_set,
             dev_set,
             budget,
@@ -196,7 +199,8 @@ impl<'a> Run<'a> {
             &o.injector,
             data,
             Some(&o.train_set),
-        )?;
+        )?
+        .with_guide(o.guide.as_ref())?;
         if let Some(spec) = &opts.inject_nonfinite {
             trainer.inject_nonfinite = nonfinite::parse_injection(spec)?;
         }

@@ -154,6 +154,10 @@ pub struct Trainer<'a> {
     pub optimizer: AdamW,
     /// The test hook's 0-based steps whose gradients become NaN (`nonfinite.rs`).
     pub inject_nonfinite: BTreeSet<u64>,
+    /// GISTEmbedLoss's guide, and its own tokens of `data` when it cannot read the trained
+    /// model's (`train/guide.rs`).
+    guide: Option<&'a SentenceModel>,
+    guide_tokens: Option<TokenizedData>,
 }
 
 impl<'a> Trainer<'a> {
@@ -180,7 +184,34 @@ impl<'a> Trainer<'a> {
             max_grad_norm: t.max_grad_norm,
             optimizer: AdamW::new(t.weight_decay),
             inject_nonfinite: BTreeSet::new(),
+            guide: None,
+            guide_tokens: None,
         })
+    }
+
+    /// Adds GISTEmbedLoss's guide model (`[guide]`): it embeds every micro-batch beside the
+    /// trained model, forward only.
+    pub fn with_guide(mut self, guide: Option<&'a SentenceModel>) -> Result<Self> {
+        let Some(guide) = guide else {
+            return Ok(self);
+        };
+        self.runner.set_guide(guide)?;
+        self.guide = Some(guide);
+        self.guide_tokens = self.retokenized_for_guide()?;
+        Ok(self)
+    }
+
+    /// The guide's own tokens of the data, when it cannot read the trained model's.
+    fn retokenized_for_guide(&self) -> Result<Option<TokenizedData>> {
+        match self.guide {
+            Some(g) => {
+                let trained = &self.runner.model.tokenizer;
+                let mut trained = trained.clone();
+                trained.set_max_seq_length(self.levers.max_seq_length)?;
+                crate::train::guide::tokens(&trained, &g.tokenizer, &self.data)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The data as the levers pulled so far left it.
@@ -256,6 +287,7 @@ impl<'a> Trainer<'a> {
         loop {
             let batch = Batch {
                 data: &self.data,
+                guide_tokens: self.guide_tokens.as_ref(),
                 rows,
                 step,
             };
@@ -357,6 +389,8 @@ impl<'a> Trainer<'a> {
                 let mut tokenizer = self.runner.model.tokenizer.clone();
                 tokenizer.set_max_seq_length(levers.max_seq_length)?;
                 self.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
+                // The guide reads the shorter texts too, as it reads what the model reads.
+                self.guide_tokens = self.retokenized_for_guide()?;
             }
         }
         Ok(())
