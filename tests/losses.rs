@@ -258,10 +258,23 @@ fn data(kind: LossKind, rows: usize) -> TokenizedData {
 
 /// (loss, gradients) of one step over 8 rows at micro-batch `micro`, with `inject` OOMs.
 fn step(model: &SentenceModel, t: &TrainSection, micro: usize, inject: &str) -> (f32, Grads) {
+    guided_step(model, None, t, micro, inject)
+}
+
+/// [`step`] with GISTEmbedLoss's guide.
+fn guided_step(
+    model: &SentenceModel,
+    guide: Option<&SentenceModel>,
+    t: &TrainSection,
+    micro: usize,
+    inject: &str,
+) -> (f32, Grads) {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::parse(inject).unwrap();
-    let mut trainer =
-        Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None).unwrap();
+    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None)
+        .unwrap()
+        .with_guide(guide)
+        .unwrap();
     let rows: Vec<usize> = (0..8).collect();
     let mut mem = MemState::new(micro, micro, usize::MAX);
     let mut scaler = LossScaler::new(t.precision);
@@ -316,6 +329,69 @@ fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
                 let worst = g
                     .iter()
                     .map(|(name, x)| common::max_abs_diff(x, &whole[name]))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-6 * scale.max(1.0),
+                    "{label}: gradients differ by {worst} (largest {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, mpnet: bool, seed: u64| {
+        let path = dir.path().join(name);
+        common::tiny_model(&path, mpnet, 2, seed);
+        SentenceModel::load(
+            path.to_str().unwrap(),
+            &Device::Cpu,
+            Some(Freeze::default()),
+        )
+        .unwrap()
+    };
+    let model = load("model", false, 5);
+    // An MPNet guide reads the model's tokens as they are (same vocabulary); a BERT guide
+    // that takes fewer tokens reads them decoded and tokenized again.
+    let shared = load("mpnet-guide", true, 9);
+    let mut short = load("short-guide", false, 11);
+    short.set_max_seq_length(6).unwrap();
+    let rows = data(LossKind::Gist, 8);
+    for (name, guide) in [("shared tokens", &shared), ("retokenized", &short)] {
+        let own = st_tune::train::guide::tokens(&model.tokenizer, &guide.tokenizer, &rows).unwrap();
+        assert_eq!(own.is_some(), name == "retokenized", "{name}");
+        for matryoshka in [None, Some(vec![16, 8, 4])] {
+            let t = TrainSection {
+                loss: LossKind::Gist,
+                batch_size: 8,
+                // The tiny models' similarities are close together: a temperature at which the
+                // masked and kept candidates still matter.
+                scale: Some(20.0),
+                matryoshka_dims: matryoshka.clone(),
+                ..Default::default()
+            };
+            let (whole_loss, whole) = guided_step(&model, Some(guide), &t, 8, "");
+            let scale = whole.values().map(common::max_abs).fold(0f32, f32::max);
+            assert!(scale > 0.0, "{name}: no gradient at all");
+            // Another guide (the model itself) masks other candidates: another loss.
+            let self_guided = guided_step(&model, Some(&model), &t, 8, "").0;
+            assert!(
+                (self_guided - whole_loss).abs() > 1e-4,
+                "{name}: the guide changed nothing"
+            );
+            for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
+                let (l, g) = guided_step(&model, Some(guide), &t, micro, inject);
+                let label =
+                    format!("gist, {name}, {matryoshka:?}, micro-batch {micro}, OOM {inject:?}");
+                assert!(
+                    (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
+                    "{label}: loss {l} != {whole_loss}"
+                );
+                let worst = g
+                    .iter()
+                    .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
                     .fold(0f32, f32::max);
                 assert!(
                     worst <= 1e-6 * scale.max(1.0),
