@@ -1,0 +1,197 @@
+//! GISTEmbedLoss through the real binary: a run with a guide model trains, ends with the same
+//! weights when its batches are cut into micro-batches and OOMs are injected, and is planned
+//! with the guide counted; a missing or unreadable guide is a config error naming `guide.path`
+//! and the file. (Value and gradient against Python: tests/losses.rs.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn st_tune(args: &[&str], inject: Option<&str>) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_st-tune"));
+    cmd.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("ST_TUNE_INJECT_OOM");
+    if let Some(spec) = inject {
+        cmd.env("ST_TUNE_INJECT_OOM", spec);
+    }
+    let out = cmd.output().expect("the st-tune binary runs");
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A tiny BERT to train, a tiny MPNet guide (the same vocabulary, another network), pairs, and a
+/// config for gist with `guide` as `[guide]` (none: no section).
+struct Setup {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    guide: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, guide) = (dir.path().join("model"), dir.path().join("guide"));
+        common::tiny_model(&model, false, 2, 3);
+        common::tiny_model(&guide, true, 1, 8);
+        common::write_data(&dir.path().join("train.csv"), false);
+        Setup { dir, model, guide }
+    }
+
+    /// Writes `name.toml`: gist, batch 8, 3 steps, micro-batch `micro`, output to `name/`.
+    fn config(&self, name: &str, guide: Option<&Path>, micro: usize) -> PathBuf {
+        let root = self.dir.path();
+        let guide = match guide {
+            Some(g) => format!("[guide]\npath = {:?}\n", g),
+            None => String::new(),
+        };
+        let toml = format!(
+            "[model]\npath = {:?}\n{guide}[data]\ntrain = {:?}\n[train]\nloss = \"gist\"\n\
+             batch_size = 8\nmicro_batch_size = {micro}\nmax_steps = 3\nlr = 1e-3\n\
+             warmup_ratio = 0.0\n[memory]\nregrow_after = 1\n[output]\ndir = {:?}\n",
+            self.model,
+            root.join("train.csv"),
+            root.join(name)
+        );
+        let path = root.join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+
+    fn train(&self, config: &Path, inject: Option<&str>) -> Run {
+        st_tune(
+            &["train", "--config", config.to_str().unwrap(), "--json"],
+            inject,
+        )
+    }
+}
+
+fn summary(run: &Run) -> Value {
+    assert_eq!(run.code, 0, "train failed:\n{}", run.stderr);
+    let last = run.stdout.lines().rev().find(|l| l.contains("final_loss"));
+    let event: Value = serde_json::from_str(last.expect("a JSON summary")).unwrap();
+    event["data"].clone()
+}
+
+#[test]
+fn a_guided_run_ends_with_the_same_weights_under_micro_batches_and_injected_ooms() {
+    let s = Setup::new();
+    let whole = summary(&s.train(&s.config("whole", Some(&s.guide), 8), None));
+    let faults = "1:forward,2:backward,2:optimizer,3:forward";
+    let cut = summary(&s.train(&s.config("cut", Some(&s.guide), 4), Some(faults)));
+    assert_eq!(cut["ooms_recovered"], 4, "{cut}");
+    let (a, b) = (
+        whole["final_loss"].as_f64().unwrap(),
+        cut["final_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        a.is_finite() && (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+        "{a} != {b}"
+    );
+    let root = s.dir.path();
+    let (diff, name) = common::max_relative_difference(&root.join("whole"), &root.join("cut"));
+    assert!(diff <= 1e-5, "weights differ: {name} by {diff}");
+    // The guide mattered: guided by the model itself, the same run ends elsewhere.
+    let own = summary(&s.train(&s.config("own", Some(&s.model), 8), None));
+    assert!(
+        (own["final_loss"].as_f64().unwrap() - a).abs() > 1e-4,
+        "{own}"
+    );
+    // Only the trained model is saved: final/ holds its tensors, none of the guide's.
+    let mut saved: Vec<String> = common::weights(&root.join("whole")).into_keys().collect();
+    let mut start: Vec<String> = tensors(&s.model).into_keys().collect();
+    saved.sort();
+    start.sort();
+    assert_eq!(saved, start);
+}
+
+fn tensors(folder: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let file = folder.join("model.safetensors");
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap()
+}
+
+#[test]
+fn plan_counts_the_guide() {
+    let s = Setup::new();
+    let plan = |config: &Path| -> Value {
+        let run = st_tune(
+            &["plan", "--config", config.to_str().unwrap(), "--json"],
+            None,
+        );
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        serde_json::from_str(&run.stdout).unwrap()
+    };
+    let guided = plan(&s.config("guided", Some(&s.guide), 8));
+    // The same run with MNRL: no guide.
+    let mnrl = s.config("mnrl", None, 8);
+    let text = std::fs::read_to_string(&mnrl)
+        .unwrap()
+        .replace("\"gist\"", "\"mnrl\"");
+    std::fs::write(&mnrl, text).unwrap();
+    let plain = plan(&mnrl);
+    let guide_weights = tensors(&s.guide)
+        .values()
+        .map(|t| t.elem_count() as u64 * 4)
+        .sum::<u64>();
+    let (g, p) = (&guided["estimate"], &plain["estimate"]);
+    assert_eq!(p["guide"], 0);
+    assert!(g["guide"].as_u64().unwrap() >= guide_weights, "{g}");
+    assert_eq!(
+        g["total"].as_u64().unwrap() - p["total"].as_u64().unwrap(),
+        g["guide"].as_u64().unwrap()
+    );
+}
+
+fn assert_config_error(run: &Run, needles: &[&str]) {
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(run.code, 2, "stderr:\n{}", run.stderr);
+    for n in needles {
+        assert!(
+            run.stderr.contains(n),
+            "stderr should mention {n:?}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn gist_without_a_guide_section_is_a_config_error_naming_the_key() {
+    let s = Setup::new();
+    let run = s.train(&s.config("none", None, 8), None);
+    assert_config_error(&run, &["guide.path", "train.loss = \"gist\""]);
+}
+
+#[test]
+fn a_guide_that_does_not_exist_or_cannot_be_read_names_the_key_and_the_file() {
+    let s = Setup::new();
+    let missing = s.dir.path().join("no-such-guide");
+    let run = s.train(&s.config("missing", Some(&missing), 8), None);
+    assert_config_error(&run, &["guide.path", "no-such-guide"]);
+
+    let broken = s.dir.path().join("broken-tokenizer");
+    common::tiny_model(&broken, false, 1, 4);
+    std::fs::write(broken.join("tokenizer.json"), "{ not json").unwrap();
+    let run = s.train(&s.config("broken", Some(&broken), 8), None);
+    assert_config_error(&run, &["guide.path", "broken-tokenizer/tokenizer.json"]);
+
+    let bad_config = s.dir.path().join("bad-config");
+    common::tiny_model(&bad_config, false, 1, 4);
+    std::fs::write(bad_config.join("config.json"), "[1, 2").unwrap();
+    let run = s.train(&s.config("bad", Some(&bad_config), 8), None);
+    assert_config_error(&run, &["guide.path", "bad-config", "config.json"]);
+    // Nothing trained: no output folder.
+    assert!(!s.dir.path().join("bad").exists());
+}
