@@ -1,5 +1,5 @@
-//! The one typed training config: a TOML file with five sections (`[model]`, `[data]`,
-//! `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
+//! The one typed training config: a TOML file with six sections (`[model]`, `[guide]`,
+//! `[data]`, `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
 //! (file first, `--set` wins).
 //!
 //! Every key is declared once, in `keys.rs`: type, default, help, the rule its value follows,
