@@ -15,7 +15,13 @@ and max_seq_length, so it does not retokenize).
 Each case also records how many similarities the guide masked, and the script checks that no guide
 similarity lies within 1e-4 of its threshold, so float32 arithmetic masks the same entries.
 
-Regenerate (needs the pinned Python packages and the MiniLM folder for its tokenizer):
+It also writes tests/fixtures/gist-real.json: GISTEmbedLoss on real models, all-MiniLM-L6-v2
+trained and all-mpnet-base-v2 as the guide (another vocabulary, so the loss decodes the model's tokens
+and the guide tokenizes them again), both in eval mode (no dropout), on a few (anchor, positive)
+pairs with near-duplicate rows: the guide's input_ids per column (padding removed), the number of
+masked similarities, the loss value and its gradient w.r.t. the model's embeddings.
+
+Regenerate (needs the pinned Python packages and both weight folders):
     "$(scripts/setup-python.sh)" scripts/make_gist_fixture.py
 """
 import json
@@ -29,6 +35,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoTokenizer
+from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MatryoshkaLoss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +76,7 @@ def cos(x, y):
     return x @ y.T
 
 
-def masked_and_closest(guide, columns, margin):
+def masked_and_closest(guide, columns, margin, batch=BATCH):
     """How many entries the guide masks, and the smallest |similarity - threshold| (gist_embed.py's rule)."""
     a, p = guide["anchor"], guide["positive"]
     threshold = np.diag(cos(a, p))[:, None] - margin
@@ -78,11 +85,11 @@ def masked_and_closest(guide, columns, margin):
         blocks.append((cos(a, guide["negative"]), False))
     masked, closest = 0, np.inf
     for sim, protect_diagonal in blocks:
-        off = ~np.eye(BATCH, dtype=bool) if protect_diagonal else np.ones((BATCH, BATCH), dtype=bool)
+        off = ~np.eye(batch, dtype=bool) if protect_diagonal else np.ones((batch, batch), dtype=bool)
         masked += int(((sim > threshold) & off).sum())
         gap = np.abs(sim - threshold)
         # The diagonals of the guide's a-a and p-p blocks are self-similarities (1 up to rounding).
-        closest = min(closest, gap[off & ~np.eye(BATCH, dtype=bool)].min())
+        closest = min(closest, gap[off & ~np.eye(batch, dtype=bool)].min())
     return masked, float(closest)
 
 
@@ -128,5 +135,51 @@ def main():
           "cases": cases}, OUT)
 
 
+PAIRS = [
+    ("A man is playing a guitar.", "A man plays the guitar."),
+    ("A man is playing guitar on stage.", "Someone is playing a guitar."),
+    ("A plane is taking off.", "An air plane is taking off."),
+    ("The airplane leaves the runway.", "A jet takes off from the airport."),
+    ("A woman is slicing an onion.", "A woman cuts an onion."),
+    ("Kids are playing football in the park.", "Children play soccer outside."),
+]
+
+
+def real():
+    model = SentenceTransformer(str(WEIGHTS / "all-MiniLM-L6-v2"), device="cpu").eval()
+    guide = SentenceTransformer(str(WEIGHTS / "all-mpnet-base-v2"), device="cpu").eval()
+    loss = GISTEmbedLoss(model, guide)
+    assert loss.must_retokenize
+    columns = [[a for a, _ in PAIRS], [p for _, p in PAIRS]]
+    features = [model.preprocess(texts) for texts in columns]
+    guide_ids = []
+    for f in features:
+        decoded = model.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True)
+        g = guide.preprocess(decoded)
+        guide_ids.append([row[m.bool()].tolist() for row, m in zip(g["input_ids"], g["attention_mask"])])
+    # The embeddings as leaves, to read the loss's gradient with respect to them.
+    with torch.no_grad():
+        emb = [model(dict(f))["sentence_embedding"] for f in features]
+        gemb = [guide(guide.preprocess(model.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True)))
+                ["sentence_embedding"] for f in features]
+    leaves = [e.clone().requires_grad_(True) for e in emb]
+    features_in = [{"emb": e, "guide": g} for e, g in zip(leaves, gemb)]
+    stand_in = GISTEmbedLoss(StandIn("emb", 384), StandIn("guide", 768))
+    value = stand_in(features_in, None)
+    value.backward()
+    whole = loss([dict(f) for f in features], None).item()  # the real forward, for the record
+    assert abs(whole - value.item()) <= 1e-6 * max(1.0, abs(whole)), (whole, value.item())
+    masked, closest = masked_and_closest({"anchor": gemb[0].numpy(), "positive": gemb[1].numpy()},
+                                         ["anchor", "positive"], 0.0, batch=len(PAIRS))
+    print(f"real: {whole:.6f}, {masked} masked, closest {closest:.1e}")
+    dump({"versions": {"sentence_transformers": sentence_transformers.__version__,
+                       "transformers": transformers.__version__, "torch": torch.__version__},
+          "model": "all-MiniLM-L6-v2", "guide": "all-mpnet-base-v2", "scale": 100.0,
+          "anchors": columns[0], "positives": columns[1], "guide_ids": guide_ids,
+          "masked": masked, "closest_to_threshold": closest, "value": whole,
+          "grads": [l.grad.tolist() for l in leaves]}, OUT.with_name("gist-real.json"))
+
+
 if __name__ == "__main__":
     main()
+    real()

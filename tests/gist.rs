@@ -1,7 +1,8 @@
 //! GISTEmbedLoss through the real binary: a run with a guide model trains, ends with the same
 //! weights when its batches are cut into micro-batches and OOMs are injected, and is planned
 //! with the guide counted; a missing or unreadable guide is a config error naming `guide.path`
-//! and the file. (Value and gradient against Python: tests/losses.rs.)
+//! and the file; and on real models (MiniLM guided by MPNet) the guide reads the same tokens
+//! and the loss equals Python's. (Value and gradient on fixed embeddings: tests/losses.rs.)
 
 mod common;
 
@@ -194,4 +195,108 @@ fn a_guide_that_does_not_exist_or_cannot_be_read_names_the_key_and_the_file() {
     assert_config_error(&run, &["guide.path", "bad-config", "config.json"]);
     // Nothing trained: no output folder.
     assert!(!s.dir.path().join("bad").exists());
+}
+
+/// Real models, against Python (tests/fixtures/gist-real.json, scripts/make_gist_fixture.py):
+/// all-MiniLM-L6-v2 trained, all-mpnet-base-v2 guiding. Their vocabularies differ, so the guide
+/// reads the model's tokens decoded and tokenized again: the same ids as Python's, then the
+/// same loss and gradient on the model's embeddings.
+#[test]
+fn minilm_guided_by_mpnet_reads_the_same_tokens_and_gives_the_same_loss_as_python() {
+    use candle_core::{Device, Tensor, Var};
+    use st_tune::data::batch::TokenBatch;
+    use st_tune::data::tokenized::TokenizedData;
+    use st_tune::losses::{compute, Extra, LossKind};
+    use st_tune::model::dropout::Dropout;
+    use st_tune::model::SentenceModel;
+
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("gist-real.json")).unwrap())
+            .unwrap();
+    let load = |name: &str| {
+        let path = common::real_model(name);
+        SentenceModel::load(path.to_str().unwrap(), &Device::Cpu, None).unwrap()
+    };
+    let (model, guide) = (load("all-MiniLM-L6-v2"), load("all-mpnet-base-v2"));
+    let texts = |key: &str| -> Vec<String> {
+        let items = fx[key].as_array().unwrap();
+        items
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let columns = [texts("anchors"), texts("positives")];
+    let n = columns[0].len();
+    let per_column: Vec<Vec<Vec<u32>>> = columns
+        .iter()
+        .map(|c| {
+            let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+            model.tokenizer.encode(&refs).unwrap()
+        })
+        .collect();
+    let data = TokenizedData {
+        tokens: (0..n)
+            .map(|r| per_column.iter().map(|c| c[r].clone()).collect())
+            .collect(),
+        scores: vec![None; n],
+        teachers: Vec::new(),
+        columns: 2,
+        prompt_tokens: vec![0, 0],
+    };
+    let own = st_tune::train::guide::tokens(&model.tokenizer, &guide.tokenizer, &data)
+        .unwrap()
+        .expect("another vocabulary: the guide retokenizes");
+    for c in 0..2 {
+        for r in 0..n {
+            let want: Vec<u32> = fx["guide_ids"][c][r]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(own.tokens[r][c], want, "column {c}, row {r}");
+        }
+    }
+    let embed = |m: &SentenceModel, d: &TokenizedData, c: usize| -> Tensor {
+        let rows: Vec<&[u32]> = d.tokens.iter().map(|r| r[c].as_slice()).collect();
+        let batch = TokenBatch::new(&rows, &Device::Cpu).unwrap();
+        let net = m.inference_network().unwrap();
+        net.forward(&batch, &Dropout::off()).unwrap()
+    };
+    let vars: Vec<Var> = (0..2)
+        .map(|c| Var::from_tensor(&embed(&model, &data, c)).unwrap())
+        .collect();
+    let cols: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let guided: Vec<Tensor> = (0..2).map(|c| embed(&guide, &own, c)).collect();
+    let extra = Extra {
+        labels: None,
+        guide: Some(&guided),
+    };
+    let scale = fx["scale"].as_f64().unwrap();
+    let loss = compute(LossKind::Gist, scale, None, &cols, extra).unwrap();
+    let (got, want) = (
+        loss.to_scalar::<f32>().unwrap() as f64,
+        fx["value"].as_f64().unwrap(),
+    );
+    let rel = (got - want).abs() / want.abs().max(1.0);
+    assert!(rel <= 1e-5, "loss {got} != {want}");
+    let grads = loss.backward().unwrap();
+    let mut worst = 0f32;
+    for (c, var) in vars.iter().enumerate() {
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, row) in got.iter().enumerate() {
+            for (k, x) in row.iter().enumerate() {
+                let want = fx["grads"][c][r][k].as_f64().unwrap() as f32;
+                worst = worst.max((x - want).abs());
+            }
+        }
+    }
+    eprintln!(
+        "real models: loss {got} vs {want} (relative {rel:e}), worst gradient difference {worst:e}"
+    );
+    assert!(worst <= 1e-5, "gradients differ by {worst}");
 }

@@ -1,6 +1,8 @@
 //! Each loss's value and its gradient with respect to the embeddings match Python
 //! sentence-transformers on a fixed batch (tests/fixtures/losses.json, from
-//! scripts/make_fixtures.py); and a training step with each loss added after MNRL, CoSENT and
+//! scripts/make_fixtures.py; GISTEmbedLoss, which takes a guide's embeddings too, with and
+//! without MatryoshkaLoss: tests/fixtures/gist.json, from scripts/make_gist_fixture.py); and a
+//! training step with each loss added after MNRL, CoSENT and
 //! CosineSimilarity gives the same loss and gradients whether its batch runs in one pass, is
 //! cut into micro-batches (cached scheme for the batch-coupled losses) or is cut by an OOM.
 
