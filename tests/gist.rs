@@ -117,6 +117,13 @@ fn a_guided_run_ends_with_the_same_weights_under_micro_batches_and_injected_ooms
     saved.sort();
     start.sort();
     assert_eq!(saved, start);
+    // The model card names it among the training settings.
+    let card = std::fs::read_to_string(root.join("whole/final/README.md")).unwrap();
+    let row = format!(
+        "| guide model | {} (GISTEmbedLoss, not saved) |\n",
+        s.guide.display()
+    );
+    assert!(card.contains(&format!("| seed | 42 |\n{row}\n")), "{card}");
 }
 
 fn tensors(folder: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {

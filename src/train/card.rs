@@ -99,6 +99,11 @@ pub fn render(f: &Facts) -> String {
         t.gradient_checkpointing,
         t.seed,
     );
+    if let Some(guide) = &cfg.guide.path {
+        // Insert before the table's closing blank line: the guide is a training setting.
+        s.truncate(s.len() - 1);
+        s += &format!("| guide model | {guide} (GISTEmbedLoss, not saved) |\n\n");
+    }
     if let (Some(dev), Some(after)) = (&cfg.data.dev, after) {
         s += &format!(
             "## Evaluation\n\n`{}`, before training and after step {}:\n\n",
