@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use common::{max_abs, max_abs_diff, max_relative_difference, write_data};
 use serde_json::Value;
 use st_tune::engine::Engine;
-use st_tune::losses::{compute, LossKind};
+use st_tune::losses::{compute, Extra, LossKind};
 use st_tune::model::dropout::Dropout;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
@@ -100,7 +100,7 @@ fn gradients_match_pytorch(family: &str, engine: Engine) {
         .forward(&model.batch(&texts).unwrap(), &Dropout::off())
         .unwrap();
     let columns = [emb.narrow(0, 0, n).unwrap(), emb.narrow(0, n, n).unwrap()];
-    let loss = compute(LossKind::Mnrl, 20.0, None, &columns, None).unwrap();
+    let loss = compute(LossKind::Mnrl, 20.0, None, &columns, Extra::default()).unwrap();
     let (value, want) = (
         loss.to_scalar::<f32>().unwrap(),
         case["value"].as_f64().unwrap() as f32,

@@ -1,6 +1,8 @@
 //! Each loss's value and its gradient with respect to the embeddings match Python
 //! sentence-transformers on a fixed batch (tests/fixtures/losses.json, from
-//! scripts/make_fixtures.py); and a training step with each loss added after MNRL, CoSENT and
+//! scripts/make_fixtures.py; GISTEmbedLoss, which takes a guide's embeddings too, with and
+//! without MatryoshkaLoss: tests/fixtures/gist.json, from scripts/make_gist_fixture.py); and a
+//! training step with each loss added after MNRL, CoSENT and
 //! CosineSimilarity gives the same loss and gradients whether its batch runs in one pass, is
 //! cut into micro-batches (cached scheme for the batch-coupled losses) or is cut by an OOM.
 
@@ -9,7 +11,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use st_tune::config::TrainSection;
 use st_tune::data::tokenized::TokenizedData;
-use st_tune::losses::{compute, Distance, Loss, LossKind};
+use st_tune::losses::{compute, Distance, Extra, Loss, LossKind, Matryoshka};
 use st_tune::memory::oom::Injector;
 use st_tune::memory::policy::MemState;
 use st_tune::memory::MemoryBudget;
@@ -94,7 +96,7 @@ fn every_loss_matches_python_in_value_and_gradient() {
             .collect();
         let cols: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let scale = case["scale"].as_f64().unwrap_or(20.0);
-        let loss_value = compute(loss, scale, None, &cols, Some(&labels)).unwrap();
+        let loss_value = compute(loss, scale, None, &cols, Extra::labels(Some(&labels))).unwrap();
         let value = loss_value.to_scalar::<f32>().unwrap() as f64;
         let want = case["value"].as_f64().unwrap();
         let label = format!(
@@ -128,9 +130,92 @@ fn every_loss_matches_python_in_value_and_gradient() {
     eprintln!(
         "worst relative value difference {worst_value:e}, worst gradient difference {worst_grad:e}"
     );
-    for kind in LossKind::ALL {
+    // GISTEmbedLoss takes a guide's embeddings too: its own fixture, below.
+    for kind in LossKind::ALL.into_iter().filter(|k| *k != LossKind::Gist) {
         assert!(covered.contains(&kind), "no fixture case for {kind}");
     }
+}
+
+#[test]
+fn gist_matches_python_in_value_and_gradient_with_and_without_matryoshka() {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("gist.json")).unwrap())
+            .unwrap();
+    let (mut worst_value, mut worst_grad) = (0f64, 0f32);
+    for case in fx["cases"].as_array().unwrap() {
+        let names: Vec<&str> = case["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let vars: Vec<Var> = names
+            .iter()
+            .map(|n| Var::from_tensor(&tensor(&matrix(&fx["inputs"][*n]))).unwrap())
+            .collect();
+        let cols: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let guide: Vec<Tensor> = names
+            .iter()
+            .map(|n| tensor(&matrix(&fx["guide"][*n])))
+            .collect();
+        let matryoshka = case["matryoshka_dims"].as_array().map(|dims| {
+            let dims: Vec<usize> = dims.iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let weights = match case["matryoshka_weights"].as_array() {
+                Some(w) => w.iter().map(|x| x.as_f64().unwrap()).collect(),
+                None => vec![1.0; dims.len()],
+            };
+            Matryoshka { dims, weights }
+        });
+        let loss = Loss {
+            kind: LossKind::Gist,
+            margin: case["margin"].as_f64(),
+            distance: None,
+        };
+        let extra = Extra {
+            labels: None,
+            guide: Some(&guide),
+        };
+        let scale = case["scale"].as_f64().unwrap();
+        let value = compute(loss, scale, matryoshka.as_ref(), &cols, extra).unwrap();
+        let label = format!(
+            "gist {names:?} scale {scale} margin {} dims {}",
+            case["margin"], case["matryoshka_dims"]
+        );
+        let (got, want) = (
+            value.to_scalar::<f32>().unwrap() as f64,
+            case["value"].as_f64().unwrap(),
+        );
+        let rel = (got - want).abs() / want.abs().max(1.0);
+        worst_value = worst_value.max(rel);
+        assert!(rel <= 1e-5, "{label}: value {got} != {want}");
+        let grads = value.backward().unwrap();
+        for (name, var) in names.iter().zip(&vars) {
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let want = matrix(&case["grads"][*name]);
+            // Relative to the case's largest gradient, as the value is: at scale 100 and
+            // Matryoshka weight 2 they reach 56, where f32 steps are 4e-6 apart.
+            let largest = want.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
+            let worst = got
+                .iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .map(|(a, b)| (a - b).abs() / largest)
+                .fold(0f32, f32::max);
+            worst_grad = worst_grad.max(worst);
+            assert!(
+                worst <= 1e-5,
+                "{label}: gradient of {name} differs by {worst} (relative)"
+            );
+        }
+    }
+    eprintln!(
+        "gist: worst relative value difference {worst_value:e}, worst relative gradient \
+         difference {worst_grad:e}"
+    );
 }
 
 /// `rows` rows of `columns` texts from the tiny model's vocabulary (ids 8..38), with the
@@ -175,10 +260,23 @@ fn data(kind: LossKind, rows: usize) -> TokenizedData {
 
 /// (loss, gradients) of one step over 8 rows at micro-batch `micro`, with `inject` OOMs.
 fn step(model: &SentenceModel, t: &TrainSection, micro: usize, inject: &str) -> (f32, Grads) {
+    guided_step(model, None, t, micro, inject)
+}
+
+/// [`step`] with GISTEmbedLoss's guide.
+fn guided_step(
+    model: &SentenceModel,
+    guide: Option<&SentenceModel>,
+    t: &TrainSection,
+    micro: usize,
+    inject: &str,
+) -> (f32, Grads) {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::parse(inject).unwrap();
-    let mut trainer =
-        Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None).unwrap();
+    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None)
+        .unwrap()
+        .with_guide(guide)
+        .unwrap();
     let rows: Vec<usize> = (0..8).collect();
     let mut mem = MemState::new(micro, micro, usize::MAX);
     let mut scaler = LossScaler::new(t.precision);
@@ -233,6 +331,69 @@ fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
                 let worst = g
                     .iter()
                     .map(|(name, x)| common::max_abs_diff(x, &whole[name]))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-6 * scale.max(1.0),
+                    "{label}: gradients differ by {worst} (largest {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, mpnet: bool, seed: u64| {
+        let path = dir.path().join(name);
+        common::tiny_model(&path, mpnet, 2, seed);
+        SentenceModel::load(
+            path.to_str().unwrap(),
+            &Device::Cpu,
+            Some(Freeze::default()),
+        )
+        .unwrap()
+    };
+    let model = load("model", false, 5);
+    // An MPNet guide reads the model's tokens as they are (same vocabulary); a BERT guide
+    // that takes fewer tokens reads them decoded and tokenized again.
+    let shared = load("mpnet-guide", true, 9);
+    let mut short = load("short-guide", false, 11);
+    short.set_max_seq_length(6).unwrap();
+    let rows = data(LossKind::Gist, 8);
+    for (name, guide) in [("shared tokens", &shared), ("retokenized", &short)] {
+        let own = st_tune::train::guide::tokens(&model.tokenizer, &guide.tokenizer, &rows).unwrap();
+        assert_eq!(own.is_some(), name == "retokenized", "{name}");
+        for matryoshka in [None, Some(vec![16, 8, 4])] {
+            let t = TrainSection {
+                loss: LossKind::Gist,
+                batch_size: 8,
+                // The tiny models' similarities are close together: a temperature at which the
+                // masked and kept candidates still matter.
+                scale: Some(20.0),
+                matryoshka_dims: matryoshka.clone(),
+                ..Default::default()
+            };
+            let (whole_loss, whole) = guided_step(&model, Some(guide), &t, 8, "");
+            let scale = whole.values().map(common::max_abs).fold(0f32, f32::max);
+            assert!(scale > 0.0, "{name}: no gradient at all");
+            // Another guide (the model itself) masks other candidates: another loss.
+            let self_guided = guided_step(&model, Some(&model), &t, 8, "").0;
+            assert!(
+                (self_guided - whole_loss).abs() > 1e-4,
+                "{name}: the guide changed nothing"
+            );
+            for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
+                let (l, g) = guided_step(&model, Some(guide), &t, micro, inject);
+                let label =
+                    format!("gist, {name}, {matryoshka:?}, micro-batch {micro}, OOM {inject:?}");
+                assert!(
+                    (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
+                    "{label}: loss {l} != {whole_loss}"
+                );
+                let worst = g
+                    .iter()
+                    .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
                     .fold(0f32, f32::max);
                 assert!(
                     worst <= 1e-6 * scale.max(1.0),

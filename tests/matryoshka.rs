@@ -9,7 +9,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use st_tune::config::TrainSection;
 use st_tune::data::tokenized::TokenizedData;
-use st_tune::losses::{compute, LossKind, Matryoshka};
+use st_tune::losses::{compute, Extra, LossKind, Matryoshka};
 use st_tune::memory::oom::Injector;
 use st_tune::memory::policy::MemState;
 use st_tune::memory::MemoryBudget;
@@ -80,7 +80,14 @@ fn matryoshka_matches_python_in_value_and_gradient() {
         let loss_name = case["loss"].as_str().unwrap();
         let labels = inputs[case["labels"].as_str().unwrap_or("scores")].clone();
         let scores = Tensor::new(floats(&labels).as_slice(), &Device::Cpu).unwrap();
-        let loss = compute(kind(loss_name), scale, Some(&m), &cols, Some(&scores)).unwrap();
+        let loss = compute(
+            kind(loss_name),
+            scale,
+            Some(&m),
+            &cols,
+            Extra::labels(Some(&scores)),
+        )
+        .unwrap();
         let value = loss.to_scalar::<f32>().unwrap() as f64;
         let want = case["value"].as_f64().unwrap();
         let label = format!("{loss_name} {names:?} {:?} {:?}", m.dims, m.weights);
@@ -120,7 +127,14 @@ fn a_width_larger_than_the_embeddings_is_an_error_naming_the_key() {
         dims: vec![8, 2],
         weights: vec![1.0, 1.0],
     };
-    let e = compute(LossKind::Cosine, 20.0, Some(&m), &[x.clone(), x], None).unwrap_err();
+    let e = compute(
+        LossKind::Cosine,
+        20.0,
+        Some(&m),
+        &[x.clone(), x],
+        Extra::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("train.matryoshka_dims"), "{e}");
 }
 

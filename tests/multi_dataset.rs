@@ -329,3 +329,54 @@ fn bad_entries_are_refused_naming_the_key_and_the_file() {
         "{text}"
     );
 }
+
+/// A gist set beside a CoSENT set: the guide serves the gist set's batches only, so the
+/// mixed run's first gist loss is that of the gist file trained alone with the same guide.
+/// `[[data.train]]`'s gist entry needs `[guide]` as `train.loss = "gist"` does.
+#[test]
+fn a_gist_set_takes_the_guide_beside_another_loss() {
+    let job = Job::new();
+    let guide = format!("[guide]\npath = {:?}\n", job.path("model"));
+    let sets = format!(
+        "[[data.train]]\nname = \"qa\"\npath = {:?}\nloss = \"gist\"\n\
+         [[data.train]]\nname = \"sts\"\npath = {:?}\nloss = \"cosent\"\n",
+        job.path("qa.csv"),
+        job.path("sts.csv")
+    );
+    let mixed = job.config(
+        "gist-mixed.toml",
+        "sampler = \"round_robin\"",
+        &sets,
+        "max_steps = 2",
+    );
+    let (status, text) = job.train(&mixed, "gist-no-guide", &[], &[]);
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("guide.path") && text.contains("[[data.train]]"),
+        "{text}"
+    );
+
+    let with_guide = std::fs::read_to_string(&mixed).unwrap() + &guide;
+    std::fs::write(&mixed, with_guide).unwrap();
+    train_ok(&job, &mixed, "gist-mixed", &[]);
+    assert_eq!(job.sets("gist-mixed"), ["qa", "sts"]);
+    let single = format!("train = {:?}", job.path("qa.csv"));
+    let alone = job.config(
+        "gist-alone.toml",
+        &single,
+        "",
+        "loss = \"gist\"\nmax_steps = 1",
+    );
+    let alone_text = std::fs::read_to_string(&alone).unwrap() + &guide;
+    std::fs::write(&alone, alone_text).unwrap();
+    train_ok(&job, &alone, "gist-alone", &[]);
+    let first = |out: &str| job.steps(out)[0]["loss"].as_f64().unwrap();
+    assert_eq!(first("gist-mixed"), first("gist-alone"));
+
+    // The card gives each loss's own scale (100 for gist, 20 for cosent).
+    let card = std::fs::read_to_string(job.path("gist-mixed/final/README.md")).unwrap();
+    assert!(
+        card.contains("100 for `gist`") && card.contains("20 for `cosent`"),
+        "{card}"
+    );
+}

@@ -46,6 +46,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
     println!("  optimizer    {:>10}", human_bytes(e.optimizer));
     println!("  gradients    {:>10}", human_bytes(e.gradients));
     println!("  activations  {:>10}", human_bytes(e.activations));
+    if e.guide > 0 {
+        println!("  guide model  {:>10}", human_bytes(e.guide));
+    }
     println!("  peak (est.)  {:>10}", human_bytes(e.total));
     println!(
         "budget: {} ({})",

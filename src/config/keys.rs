@@ -131,6 +131,10 @@ const PATH: &str = "a file path (a string)";
 /// The sections, in file order, with one line of help each.
 pub const SECTIONS: &[(&str, &str)] = &[
     ("model", "The model to fine-tune."),
+    (
+        "guide",
+        "The guide model of train.loss = \"gist\": it finds the false in-batch negatives.",
+    ),
     ("data", "Training and evaluation data."),
     ("train", "Loss, schedule and optimizer."),
     (
@@ -147,6 +151,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub fn all_keys() -> impl Iterator<Item = &'static KeyDoc> {
     [
         ModelSection::KEYS,
+        GuideSection::KEYS,
         DataSection::KEYS,
         TrainSection::KEYS,
         MemorySection::KEYS,
@@ -187,6 +192,35 @@ section! {
         check |d| if d.trim().is_empty() { Err("is empty; use \"cpu\" or \"cuda\"".into()) } else { Ok(()) };
         neutral yes;
         help "Where to train: \"cpu\" or a GPU such as \"cuda\".";
+    }
+}
+
+section! {
+    /// `[guide]`: the guide model of GISTEmbedLoss. It runs forward only, on the trained
+    /// model's device and engine, and is never saved.
+    GuideSection "guide" {
+        path: Option<String> = None;
+        expects "a string: a local folder or a hub id";
+        example "\"sentence-transformers/all-MiniLM-L6-v2\"";
+        check |p| match p {
+            Some(p) if p.trim().is_empty() => {
+                Err("is empty; give a sentence-transformers folder or a hub id".into())
+            }
+            _ => Ok(()),
+        };
+        help "Required by train.loss = \"gist\" (and used by nothing else). A local\n\
+              sentence-transformers folder or a Hugging Face hub id, as model.path; it may be\n\
+              the model being trained (model.path), as sentence-transformers allows.\n\
+              When its vocabulary differs from the model's, or its max_seq_length is\n\
+              shorter, it reads the model's tokens decoded back to text, as\n\
+              sentence-transformers' GISTEmbedLoss does; otherwise the model's tokens.";
+
+        max_seq_length: Option<usize> = None;
+        expects POSITIVE_INT;
+        example "256";
+        check |v| at_least_one(v.unwrap_or(1));
+        help "Truncate the guide's inputs to this many tokens. Unset: the guide's own\n\
+              max_seq_length.";
     }
 }
 
@@ -282,10 +316,12 @@ section! {
     /// `[train]`: loss, schedule and optimizer.
     TrainSection "train" {
         loss: LossKind = LossKind::Cosent;
-        expects "one of \"mnrl\", \"mnsrl\", \"cosent\", \"cosine\", \"triplet\", \"contrastive\", \"online_contrastive\", \"mse\", \"margin_mse\"";
+        expects "one of \"mnrl\", \"mnsrl\", \"gist\", \"cosent\", \"cosine\", \"triplet\", \"contrastive\", \"online_contrastive\", \"mse\", \"margin_mse\"";
         help "The loss (README's loss table says which to choose):\n\
               \"mnrl\" or \"mnsrl\" (MultipleNegatives[Symmetric]RankingLoss) for\n\
-              anchor,positive[,negative] rows; \"triplet\" (TripletLoss) for\n\
+              anchor,positive[,negative] rows; \"gist\" (GISTEmbedLoss) for the same rows,\n\
+              with a guide model ([guide]) that drops in-batch negatives it finds more\n\
+              similar to the anchor than the positive is; \"triplet\" (TripletLoss) for\n\
               anchor,positive,negative rows; \"cosent\" (CoSENTLoss) or \"cosine\"\n\
               (CosineSimilarityLoss) for sentence1,sentence2,score rows; \"contrastive\" or\n\
               \"online_contrastive\" for sentence1,sentence2,label rows (label 0 or 1);\n\
@@ -300,8 +336,10 @@ section! {
             Some(m) => non_negative(*m),
             None => Ok(()),
         };
-        help "Margin of triplet (default 5), contrastive and online_contrastive (default 0.5);\n\
-              the other losses ignore it.";
+        help "Margin of triplet (default 5), contrastive and online_contrastive (default 0.5),\n\
+              and gist (default 0: an in-batch negative is dropped when the guide finds it\n\
+              more similar to the anchor than the positive minus this margin, GISTEmbedLoss's\n\
+              \"absolute\" strategy); the other losses ignore it.";
 
         distance: Option<Distance> = None;
         expects "one of \"euclidean\", \"cosine\", \"manhattan\"";
@@ -393,10 +431,15 @@ section! {
         neutral yes;
         help "Log loss and learning rate every N optimizer steps.";
 
-        scale: f64 = 20.0;
+        scale: Option<f64> = None;
         expects "a positive number";
-        check |v| positive(*v);
-        help "Similarity scale (1 / temperature) of mnrl, mnsrl and cosent; the others ignore it.";
+        example "20.0";
+        check |v| match v {
+            Some(s) => positive(*s),
+            None => Ok(()),
+        };
+        help "Similarity scale (1 / temperature) of mnrl, mnsrl, cosent and gist; the others\n\
+              ignore it. Unset: 20, and 100 for gist (GISTEmbedLoss's temperature 0.01).";
 
         precision: Precision = Precision::F32;
         expects "one of \"f32\", \"f16\", \"bf16\"";

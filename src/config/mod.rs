@@ -1,5 +1,5 @@
-//! The one typed training config: a TOML file with five sections (`[model]`, `[data]`,
-//! `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
+//! The one typed training config: a TOML file with six sections (`[model]`, `[guide]`,
+//! `[data]`, `[train]`, `[memory]`, `[output]`), then `--set section.key=value` overrides on top
 //! (file first, `--set` wins).
 //!
 //! Every key is declared once, in `keys.rs`: type, default, help, the rule its value follows,
@@ -34,8 +34,8 @@ mod keys;
 pub mod metric;
 pub mod train_data;
 pub use keys::{
-    all_keys, DataSection, KeyDoc, MemorySection, ModelSection, OutputSection, TrainSection,
-    SECTIONS,
+    all_keys, DataSection, GuideSection, KeyDoc, MemorySection, ModelSection, OutputSection,
+    TrainSection, SECTIONS,
 };
 pub use metric::Metric;
 pub use train_data::{ResolvedSet, TrainData, TrainSet};
@@ -56,9 +56,15 @@ impl TrainSection {
     /// `batch_sampler`, or its default for `loss` (a training set's own loss).
     pub fn batch_sampler_for(&self, loss: LossKind) -> BatchSampler {
         self.batch_sampler.unwrap_or(match loss {
-            LossKind::Mnrl | LossKind::Mnsrl => BatchSampler::NoDuplicates,
+            LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => BatchSampler::NoDuplicates,
             _ => BatchSampler::Default,
         })
+    }
+
+    /// `scale`, or its default for the loss: 100 for gist (GISTEmbedLoss's temperature 0.01),
+    /// 20 for the others (MultipleNegativesRankingLoss's and CoSENTLoss's scale).
+    pub fn scale(&self) -> f64 {
+        self.scale.unwrap_or(default_scale(self.loss))
     }
 
     /// The micro-batch setting with its default filled in: the whole batch in one pass.
@@ -68,11 +74,21 @@ impl TrainSection {
     }
 }
 
+/// The similarity scale a loss takes when `train.scale` is unset: 100 for gist
+/// (GISTEmbedLoss's temperature 0.01), 20 for the others.
+pub fn default_scale(loss: LossKind) -> f64 {
+    match loss {
+        LossKind::Gist => 100.0,
+        _ => 20.0,
+    }
+}
+
 /// The whole training config. See [`defaults_toml`] for every key with its meaning.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub model: ModelSection,
+    pub guide: GuideSection,
     pub data: DataSection,
     pub train: TrainSection,
     pub memory: MemorySection,
@@ -87,6 +103,8 @@ pub enum LossKind {
     Mnrl,
     /// MultipleNegativesSymmetricRankingLoss: (anchor, positive[, negative]) rows.
     Mnsrl,
+    /// GISTEmbedLoss: (anchor, positive[, negative]) rows and a guide model (`[guide]`).
+    Gist,
     /// CoSENTLoss: (sentence1, sentence2, score) rows.
     Cosent,
     /// CosineSimilarityLoss: (sentence1, sentence2, score) rows.
@@ -104,9 +122,10 @@ pub enum LossKind {
 }
 
 impl LossKind {
-    pub const ALL: [LossKind; 9] = [
+    pub const ALL: [LossKind; 10] = [
         LossKind::Mnrl,
         LossKind::Mnsrl,
+        LossKind::Gist,
         LossKind::Cosent,
         LossKind::Cosine,
         LossKind::Triplet,
@@ -120,6 +139,7 @@ impl LossKind {
         match self {
             LossKind::Mnrl => "mnrl",
             LossKind::Mnsrl => "mnsrl",
+            LossKind::Gist => "gist",
             LossKind::Cosent => "cosent",
             LossKind::Cosine => "cosine",
             LossKind::Triplet => "triplet",
@@ -489,6 +509,7 @@ impl Config {
     /// keys; each error names the key to change.
     pub fn validate(&self) -> Result<()> {
         self.model.check_each()?;
+        self.guide.check_each()?;
         self.data.check_each()?;
         self.train.check_each()?;
         self.memory.check_each()?;
@@ -516,6 +537,30 @@ impl Config {
             }
         }
         let t = &self.train;
+        let uses_gist = self.data.train.losses(t.loss).contains(&LossKind::Gist);
+        match (uses_gist, &self.guide.path) {
+            (true, None) => {
+                return Err(Error::config(
+                    "guide.path",
+                    "is required by train.loss = \"gist\" (or an entry's loss = \"gist\" in \
+                     [[data.train]]): add a [guide] section naming the \
+                     model that picks the false negatives, e.g. [guide] path = \
+                     \"sentence-transformers/all-MiniLM-L6-v2\" (it may be model.path itself)",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::config(
+                    "guide.path",
+                    format!(
+                        "is set, but only train.loss = \"gist\" uses a guide model (train.loss \
+                         is \"{}\", and no data.train entry uses gist); remove the [guide] \
+                         section or use train.loss = \"gist\"",
+                        t.loss
+                    ),
+                ))
+            }
+            _ => {}
+        }
         if let Some(MicroBatch::Size(n)) = t.micro_batch_size {
             if n > t.batch_size {
                 return Err(Error::config(
@@ -1077,7 +1122,7 @@ mod tests {
         assert_eq!(key, "trian");
         assert!(msg.contains("did you mean [train]?"), "{msg}");
         assert!(
-            msg.contains("valid sections: model, data, train, memory, output"),
+            msg.contains("valid sections: model, guide, data, train, memory, output"),
             "{msg}"
         );
     }
@@ -1106,7 +1151,7 @@ mod tests {
         let (key, msg) = config_error(parse("", &["train.loss=quadruplet"]));
         assert_eq!(key, "train.loss");
         assert!(
-            msg.contains("one of \"mnrl\", \"mnsrl\", \"cosent\", \"cosine\""),
+            msg.contains("one of \"mnrl\", \"mnsrl\", \"gist\", \"cosent\", \"cosine\""),
             "{msg}"
         );
         let (key, _) = config_error(parse("", &["train.precision=fp16"]));
@@ -1141,6 +1186,33 @@ mod tests {
     }
 
     #[test]
+    fn gist_needs_a_guide_and_only_gist_takes_one() {
+        let c = parse(
+            "[train]\nloss = \"gist\"\n",
+            &["model.path=m", "data.train=t.csv"],
+        );
+        let e = c.unwrap().validate().unwrap_err();
+        let Error::Config { key, msg } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(key, "guide.path");
+        assert!(msg.contains("train.loss = \"gist\""), "{msg}");
+        let mut c = valid();
+        c.train.loss = LossKind::Gist;
+        c.guide.path = Some("guide".into());
+        c.validate().unwrap();
+        assert_eq!(c.train.scale(), 100.0, "temperature 0.01 by default");
+        c.guide.path = Some(" ".into());
+        assert_eq!(invalid_key(&c), "guide.path");
+        c.guide.path = Some("guide".into());
+        c.train.loss = LossKind::Mnrl;
+        assert_eq!(invalid_key(&c), "guide.path");
+        assert_eq!(c.train.scale(), 20.0);
+        c.guide.path = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn a_micro_batch_larger_than_the_batch_is_rejected() {
         let mut c = valid();
         c.train.micro_batch_size = Some(MicroBatch::Size(32));
@@ -1167,7 +1239,7 @@ mod tests {
             ("train.max_grad_norm", |c| {
                 c.train.max_grad_norm = f64::INFINITY
             }),
-            ("train.scale", |c| c.train.scale = 0.0),
+            ("train.scale", |c| c.train.scale = Some(0.0)),
             ("train.log_steps", |c| c.train.log_steps = 0),
             ("train.max_steps", |c| c.train.max_steps = Some(0)),
             ("model.max_seq_length", |c| c.model.max_seq_length = Some(0)),

@@ -61,6 +61,14 @@ pub struct ResolvedSet {
 }
 
 impl TrainData {
+    /// Every set's loss, in order: an entry's own, or `default` (`train.loss`).
+    pub fn losses(&self, default: LossKind) -> Vec<LossKind> {
+        match self {
+            TrainData::File(_) => vec![default],
+            TrainData::Sets(sets) => sets.iter().map(|s| s.loss.unwrap_or(default)).collect(),
+        }
+    }
+
     /// Every file, in order.
     pub fn paths(&self) -> Vec<&Path> {
         match self {

@@ -65,6 +65,19 @@ impl TextTokenizer {
         Ok(enc.len() - usize::from(trailing_special))
     }
 
+    /// The text of each row of ids, special tokens left out (`batch_decode(ids,
+    /// skip_special_tokens=True)`): what a model with another vocabulary reads of them.
+    pub fn decode(&self, rows: &[&[u32]]) -> Result<Vec<String>> {
+        self.inner
+            .decode_batch(rows, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Whether `other` maps the same tokens to the same ids (`get_vocab()` compared).
+    pub fn same_vocab(&self, other: &TextTokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// Token ids of each text, special tokens added, truncated.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let texts: Vec<String> = texts

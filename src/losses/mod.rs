@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | [`mnrl`] MultipleNegativesRankingLoss | (anchor, positive[, negative]) | yes |
 //! | [`mnsrl`] MultipleNegativesSymmetricRankingLoss | (anchor, positive[, negative]) | yes |
+//! | [`gist`] GISTEmbedLoss | (anchor, positive[, negative]) and the guide's embeddings | yes |
 //! | [`triplet`] TripletLoss | (anchor, positive, negative) | no |
 //! | [`cosent`] CoSENTLoss | (sentence1, sentence2, score) | yes |
 //! | [`cosine`] CosineSimilarityLoss | (sentence1, sentence2, score) | no |
@@ -24,6 +25,7 @@
 pub mod contrastive;
 pub mod cosent;
 pub mod cosine;
+pub mod gist;
 pub mod margin_mse;
 pub mod matryoshka;
 pub mod mnrl;
@@ -58,11 +60,12 @@ impl Loss {
         }
     }
 
-    /// The margin in force: `train.margin`, else 5 for TripletLoss and 0.5 for the contrastive
-    /// losses (sentence-transformers' defaults).
+    /// The margin in force: `train.margin`, else 5 for TripletLoss, 0 for GISTEmbedLoss and
+    /// 0.5 for the contrastive losses (sentence-transformers' defaults).
     pub fn margin(&self) -> f64 {
         self.margin.unwrap_or(match self.kind {
             LossKind::Triplet => 5.0,
+            LossKind::Gist => 0.0,
             _ => 0.5,
         })
     }
@@ -87,37 +90,63 @@ impl From<LossKind> for Loss {
     }
 }
 
+/// What a loss takes besides the trained model's embeddings: `labels` the scores, 0/1 labels
+/// or margins (batch,), or the teacher embeddings (batch, dim) of MSELoss; `guide` the guide
+/// model's embeddings of each text column (GISTEmbedLoss).
+#[derive(Clone, Copy, Default)]
+pub struct Extra<'t> {
+    pub labels: Option<&'t Tensor>,
+    pub guide: Option<&'t [Tensor]>,
+}
+
+impl<'t> Extra<'t> {
+    pub fn labels(labels: Option<&'t Tensor>) -> Self {
+        Extra {
+            labels,
+            guide: None,
+        }
+    }
+}
+
 /// The loss of one batch. `columns[i]` holds the embeddings of the i-th text column,
-/// (batch, dim) f32; `labels` the scores, 0/1 labels or margins (batch,), or the teacher
-/// embeddings (batch, dim) of MSELoss. With `matryoshka`, the loss is summed over its widths
-/// (see [`matryoshka`]); MSELoss's teacher embeddings are cut with the columns.
+/// (batch, dim) f32; `extra` the labels or guide embeddings the loss takes. With
+/// `matryoshka`, the loss is summed over its widths (see [`matryoshka`]); MSELoss's teacher
+/// embeddings are cut with the columns, the guide's embeddings are not (they only pick the
+/// negatives, as in sentence-transformers, where MatryoshkaLoss cuts the trained model's
+/// output only).
 pub fn compute(
     loss: impl Into<Loss>,
     scale: f64,
     matryoshka: Option<&Matryoshka>,
     columns: &[Tensor],
-    labels: Option<&Tensor>,
+    extra: Extra,
 ) -> Result<Tensor> {
     let loss = loss.into();
     match matryoshka {
         Some(m) if loss.kind == LossKind::Mse => {
             let n = columns.len();
-            let with_teacher = [columns, &[need(labels)?.clone()]].concat();
+            let with_teacher = [columns, &[need(extra.labels)?.clone()]].concat();
             m.loss(&with_teacher, |cut| {
-                single(loss, scale, &cut[..n], Some(&cut[n]))
+                single(loss, scale, &cut[..n], Extra::labels(Some(&cut[n])))
             })
         }
-        Some(m) => m.loss(columns, |cut| single(loss, scale, cut, labels)),
-        None => single(loss, scale, columns, labels),
+        Some(m) => m.loss(columns, |cut| single(loss, scale, cut, extra)),
+        None => single(loss, scale, columns, extra),
     }
 }
 
 /// One loss at the embeddings' full width.
-fn single(loss: Loss, scale: f64, columns: &[Tensor], labels: Option<&Tensor>) -> Result<Tensor> {
-    let c = columns;
+fn single(loss: Loss, scale: f64, columns: &[Tensor], extra: Extra) -> Result<Tensor> {
+    let (c, labels) = (columns, extra.labels);
     match loss.kind {
         LossKind::Mnrl => mnrl::loss(c, scale),
         LossKind::Mnsrl => mnsrl::loss(c, scale),
+        LossKind::Gist => {
+            let guide = extra.guide.ok_or_else(|| {
+                Error::Internal("GISTEmbedLoss needs the guide's embeddings".into())
+            })?;
+            gist::loss(c, guide, scale, loss.margin())
+        }
         LossKind::Cosent => cosent::loss(&c[0], &c[1], need(labels)?, scale),
         LossKind::Cosine => cosine::loss(&c[0], &c[1], need(labels)?),
         LossKind::Triplet => triplet::loss(&c[0], &c[1], &c[2], loss.distance(), loss.margin()),
@@ -141,14 +170,18 @@ fn need(labels: Option<&Tensor>) -> Result<&Tensor> {
 pub fn couples_batch(loss: impl Into<Loss>) -> bool {
     matches!(
         loss.into().kind,
-        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Cosent | LossKind::OnlineContrastive
+        LossKind::Mnrl
+            | LossKind::Mnsrl
+            | LossKind::Gist
+            | LossKind::Cosent
+            | LossKind::OnlineContrastive
     )
 }
 
 /// The row shapes a loss trains on.
 pub fn fits(kind: LossKind, shape: RowShape) -> bool {
     match kind {
-        LossKind::Mnrl | LossKind::Mnsrl => shape.is_retrieval(),
+        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => shape.is_retrieval(),
         LossKind::Triplet => matches!(shape, RowShape::Triplet | RowShape::Margin),
         LossKind::Cosent | LossKind::Cosine => shape == RowShape::Scored,
         LossKind::Contrastive | LossKind::OnlineContrastive => shape == RowShape::Labeled,
@@ -169,7 +202,7 @@ pub fn check_fits(
         return Ok(());
     }
     let needs = match kind {
-        LossKind::Mnrl | LossKind::Mnsrl => "anchor,positive[,negative] rows",
+        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => "anchor,positive[,negative] rows",
         LossKind::Triplet => "anchor,positive,negative rows",
         LossKind::Cosent | LossKind::Cosine => "sentence1,sentence2,score rows",
         LossKind::Contrastive | LossKind::OnlineContrastive => {

@@ -121,6 +121,7 @@ mod tests {
             trainable_word_embeddings: 30527 * 768,
             trained_layers: 12,
             padded_attention: false,
+            guide: None,
         }
     }
 

@@ -56,7 +56,30 @@ pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanI
         trainable_word_embeddings: shape.trainable_word_embeddings,
         trained_layers: layers.saturating_sub(t.freeze_layers),
         padded_attention: shape.padded_attention,
+        guide: None,
     }
+}
+
+impl PlanInput {
+    /// The same run with GISTEmbedLoss's guide model of `shape` beside the trained model.
+    pub fn with_guide(self, shape: &ModelShape) -> PlanInput {
+        PlanInput {
+            guide: Some(GuideShape {
+                hidden: shape.hidden,
+                intermediate: shape.intermediate,
+                params: shape.params,
+            }),
+            ..self
+        }
+    }
+}
+
+/// A model that only runs forward, without a graph: GISTEmbedLoss's guide.
+#[derive(Debug, Clone, Copy)]
+pub struct GuideShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub params: usize,
 }
 
 /// What the estimate needs to know about the model and the run.
@@ -87,6 +110,8 @@ pub struct PlanInput {
     /// Attention over padded rows, with its scores in memory while a layer runs (the portable
     /// engine).
     pub padded_attention: bool,
+    /// GISTEmbedLoss's guide model (`[guide]`), if any.
+    pub guide: Option<GuideShape>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -95,6 +120,9 @@ pub struct Estimate {
     pub optimizer: u64,
     pub gradients: u64,
     pub activations: u64,
+    /// GISTEmbedLoss's guide: its f32 weights, plus its forward pass when that is the larger
+    /// part of the step's peak; 0 without a guide.
+    pub guide: u64,
     pub total: u64,
 }
 
@@ -175,12 +203,24 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     } else {
         walked.max(one_set)
     };
-    let total = weights + optimizer + dynamic;
+    // The guide embeds the micro-batch's rows before the trained model's forward pass (see
+    // train/passes.rs), so its layer in flight and the trained model's activations are not
+    // held at once: the step holds the larger of the two. Its input and output (hidden per
+    // token) pass one layer at a time, beside the layer's intermediate-sized temporaries.
+    let (guide_weights, guide_forward) = match p.guide {
+        Some(g) => {
+            let (gh, gi) = (g.hidden as u64, g.intermediate as u64);
+            (g.params as u64 * 4, tokens * (6 * gh + 2 * gi) * 4)
+        }
+        None => (0, 0),
+    };
+    let total = weights + optimizer + guide_weights + dynamic.max(guide_forward);
     Estimate {
         weights,
         optimizer,
         gradients,
         activations,
+        guide: guide_weights + guide_forward.saturating_sub(dynamic),
         total,
     }
 }
@@ -221,6 +261,7 @@ mod tests {
             trainable_word_embeddings: 30522 * 384,
             trained_layers: 6,
             padded_attention: false,
+            guide: None,
         }
     }
 
@@ -246,5 +287,28 @@ mod tests {
         let limit = estimate(&p, &[128; 8]).total;
         assert_eq!(largest_fitting(&p, 32, 128, limit), Some(8));
         assert_eq!(largest_fitting(&p, 32, 128, 1), None);
+    }
+
+    #[test]
+    fn a_guide_adds_its_weights_and_shrinks_the_fitting_micro_batch() {
+        let p = minilm();
+        let guided = p.with_guide(&ModelShape {
+            hidden: 768,
+            intermediate: 3072,
+            heads: 12,
+            layers: 12,
+            relative_bias: true,
+            params: 109_500_000,
+            trainable: 0,
+            trainable_word_embeddings: 0,
+            padded_attention: false,
+        });
+        let (plain, with) = (estimate(&p, &[128; 8]), estimate(&guided, &[128; 8]));
+        assert!(with.total >= plain.total + 109_500_000 * 4);
+        assert_eq!(with.total - plain.total, with.guide);
+        assert_eq!(plain.guide, 0);
+        let limit = plain.total;
+        assert_eq!(largest_fitting(&p, 32, 128, limit), Some(8));
+        assert!(largest_fitting(&guided, 32, 128, limit) < Some(8));
     }
 }

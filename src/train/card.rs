@@ -84,7 +84,7 @@ pub fn render(f: &Facts) -> String {
          | max grad norm | {} |\n| precision | {} (f32 master weights) |\n| max_seq_length | {} |\n\
          | frozen | {} layers, embeddings {} |\n| gradient checkpointing | {} |\n| seed | {} |\n\n",
         losses_used(f.sets),
-        t.scale,
+        scale_used(t, f.sets),
         t.batch_size,
         f.micro_batch,
         t.epochs,
@@ -104,6 +104,11 @@ pub fn render(f: &Facts) -> String {
         t.gradient_checkpointing,
         t.seed,
     );
+    if let Some(guide) = &cfg.guide.path {
+        // Insert before the table's closing blank line: the guide is a training setting.
+        s.truncate(s.len() - 1);
+        s += &format!("| guide model | {guide} (GISTEmbedLoss, not saved) |\n\n");
+    }
     if let (Some(dev), Some(after)) = (&cfg.data.dev, after) {
         s += &format!(
             "## Evaluation\n\n`{}`, before training and after step {}:\n\n",
@@ -169,6 +174,28 @@ fn losses_used(sets: &[SetFacts]) -> String {
     match named.len() {
         1 => format!("{} loss", named[0]),
         _ => format!("{} losses", named.join(" and ")),
+    }
+}
+
+/// `train.scale`, or each set's loss default when it is unset (gist's differs).
+fn scale_used(t: &crate::config::TrainSection, sets: &[SetFacts]) -> String {
+    if let Some(scale) = t.scale {
+        return scale.to_string();
+    }
+    let mut scales: Vec<String> = Vec::new();
+    for s in sets {
+        let text = format!(
+            "{} for `{}`",
+            crate::config::default_scale(s.loss),
+            s.loss.as_str()
+        );
+        if !scales.contains(&text) {
+            scales.push(text);
+        }
+    }
+    match scales.as_slice() {
+        [_] => crate::config::default_scale(sets[0].loss).to_string(),
+        _ => scales.join(", "),
     }
 }
 

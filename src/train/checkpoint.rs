@@ -355,9 +355,16 @@ fn checksum(path: &Path) -> Result<FileSum> {
 /// The config keys whose values differ between a checkpoint's config and this run's and
 /// that change the result (see [`crate::config::changes_result`]).
 pub fn config_differences(saved: &Config, now: &Config) -> Vec<String> {
+    // An unset train.scale is the loss's default: checkpoints from before it could be unset
+    // wrote the 20 out, and resume runs that leave it unset.
+    let resolved = |c: &Config| {
+        let mut c = c.clone();
+        c.train.scale = Some(c.train.scale());
+        c.flat()
+    };
     crate::config::differences(
-        &saved.flat(),
-        &now.flat(),
+        &resolved(saved),
+        &resolved(now),
         ("checkpoint", "now"),
         crate::config::changes_result,
     )
@@ -500,5 +507,19 @@ mod tests {
                 max_micro: 8
             })
         );
+    }
+
+    #[test]
+    fn an_unset_scale_resumes_a_checkpoint_that_wrote_its_default_out() {
+        let mut saved = Config::default();
+        saved.train.scale = Some(20.0);
+        let now = Config::default();
+        assert!(config_differences(&saved, &now).is_empty());
+        let mut gist = Config::default();
+        gist.train.loss = crate::config::LossKind::Gist;
+        let mut saved_gist = gist.clone();
+        saved_gist.train.scale = Some(20.0);
+        let d = config_differences(&saved_gist, &gist);
+        assert!(d.iter().any(|k| k.starts_with("train.scale")), "{d:?}");
     }
 }

@@ -8,6 +8,7 @@ pub mod binary;
 pub mod card;
 pub mod checkpoint;
 pub mod eval;
+pub mod guide;
 pub mod measure;
 pub mod mine;
 pub mod nonfinite;
@@ -122,6 +123,8 @@ const EVAL_BATCH: usize = 64;
 /// fails here, before any training).
 pub struct Loaded {
     pub model: SentenceModel,
+    /// GISTEmbedLoss's guide (`[guide]`), loaded for inference.
+    pub guide: Option<SentenceModel>,
     /// `data.train`'s sets, in the config's order (one for a single file).
     pub sets: Vec<TrainingSet>,
     pub dev_set: Option<Dataset>,
@@ -197,6 +200,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
         }
         model.set_max_seq_length(max)?;
     }
+    let guide = guide::load(&cfg.guide, &device)?;
     let resolved = cfg.data.train.resolve(
         cfg.data.columns.as_ref(),
         cfg.train.loss,
@@ -252,6 +256,7 @@ pub fn load(cfg: &Config) -> Result<Loaded> {
     }
     Ok(Loaded {
         model,
+        guide,
         sets,
         dev_set,
     })
@@ -271,7 +276,11 @@ pub struct Plan {
 
 pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
-    let input = crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.columns());
+    let mut input =
+        crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.columns());
+    if let Some(guide) = &loaded.guide {
+        input = input.with_guide(&guide.plan_shape()?);
+    }
     let longest = loaded.longest();
     let micro = configured_micro(t);
     let (budget_bytes, budget_source) = match budget.limit {

@@ -20,7 +20,7 @@ use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
 use crate::data::tokenized::TokenizedData;
 use crate::error::{Error, Result};
-use crate::losses::{self, Loss};
+use crate::losses::{self, Extra, Loss};
 use crate::memory::guard::{Guard, Window};
 use crate::memory::oom::{is_oom, Phase};
 use crate::memory::policy::Scheme;
@@ -41,19 +41,31 @@ pub struct Runner<'a> {
     train_net: Network,
     /// The same weights, detached: the cached scheme's first pass.
     embed_net: Network,
-    scale: f64,
+    /// `train.scale`; unset, each loss's default (`config::default_scale`).
+    scale: Option<f64>,
     /// `train.matryoshka_dims`: the loss summed over truncated widths.
     matryoshka: Option<losses::Matryoshka>,
     seed: u64,
     dropout: DropoutProbs,
     pub guard: Guard<'a>,
+    /// GISTEmbedLoss's guide (`train/guide.rs`), if the loss has one.
+    guide: Option<GuideNet<'a>>,
+}
+
+/// The guide model and its network at the precision in force, over detached weights: it
+/// runs forward only, without dropout.
+struct GuideNet<'a> {
+    model: &'a SentenceModel,
+    net: Network,
 }
 
 /// The rows of one optimizer step (indices into `data`, the set they come from), the set's
-/// loss, and the step's number (0-based).
+/// loss, and the step's number (0-based). `guide_tokens`: the guide's own tokens of `data`'s
+/// rows, when it cannot read `data`'s.
 #[derive(Clone, Copy)]
 pub struct Batch<'d> {
     pub data: &'d TokenizedData,
+    pub guide_tokens: Option<&'d TokenizedData>,
     pub rows: &'d [usize],
     pub loss: Loss,
     pub step: u64,
@@ -91,10 +103,11 @@ pub struct PlainPass {
 pub struct CachedPass {
     /// Recompute each layer in the backward pass from the inputs kept in stage 1.
     checkpointing: bool,
-    /// Stage 1: rows embedded, their embeddings per chunk `[chunk][column]` and, with
-    /// checkpointing, every row's layer inputs.
+    /// Stage 1: rows embedded, their embeddings per chunk `[chunk][column]` (and the guide's,
+    /// if any) and, with checkpointing, every row's layer inputs.
     embedded: usize,
     parts: Vec<Vec<Tensor>>,
+    guide_parts: Vec<Vec<Tensor>>,
     checkpoints: LayerInputs,
     /// Stage 2: the loss over the whole batch and its gradient on the embeddings.
     loss: Option<FullLoss>,
@@ -177,6 +190,7 @@ impl Pass {
                 checkpointing,
                 embedded: 0,
                 parts: Vec::new(),
+                guide_parts: Vec::new(),
                 checkpoints: LayerInputs::new(columns),
                 loss: None,
                 done: 0,
@@ -204,7 +218,18 @@ impl<'a> Runner<'a> {
             seed: t.seed,
             dropout: model.spec.model.dropout(),
             guard,
+            guide: None,
         })
+    }
+
+    /// Adds GISTEmbedLoss's guide, run at the same precision as the trained model.
+    pub fn set_guide(&mut self, guide: &'a SentenceModel) -> Result<()> {
+        let dtype = self.train_net.dtype;
+        self.guide = Some(GuideNet {
+            model: guide,
+            net: guide.build(&guide.params.detached(), dtype)?,
+        });
+        Ok(())
     }
 
     /// Rebuilds the networks for activations in `precision` (a lever the policy may pull).
@@ -212,6 +237,9 @@ impl<'a> Runner<'a> {
         let dtype = precision::dtype(precision);
         self.train_net = self.model.build(&self.model.params, dtype)?;
         self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
+        if let Some(g) = &mut self.guide {
+            g.net = g.model.build(&g.model.params.detached(), dtype)?;
+        }
         Ok(())
     }
 
@@ -264,9 +292,11 @@ impl<'a> Runner<'a> {
         //    also every row's layer inputs, kept per row so later chunks may be cut otherwise).
         let checkpointing = c.checkpointing;
         let attempt = |chunk| self.embed_chunk(batch, chunk, checkpointing);
-        let (parts, checkpoints) = (&mut c.parts, &mut c.checkpoints);
-        if let Some(oom) = chunks(&mut c.embedded, n, micro, attempt, |(cols, kept)| {
+        let (parts, guide_parts) = (&mut c.parts, &mut c.guide_parts);
+        let checkpoints = &mut c.checkpoints;
+        if let Some(oom) = chunks(&mut c.embedded, n, micro, attempt, |(cols, guide, kept)| {
             parts.push(cols);
+            guide_parts.extend(guide);
             if let Some(kept) = kept {
                 checkpoints.extend(kept);
             }
@@ -277,9 +307,15 @@ impl<'a> Runner<'a> {
         // 2. The loss over the full batch, and its gradient with respect to each embedding.
         if c.loss.is_none() {
             let parts = std::mem::take(&mut c.parts);
+            let guide_parts = std::mem::take(&mut c.guide_parts);
             let columns = batch.data.columns;
             let checkpoints = std::mem::replace(&mut c.checkpoints, LayerInputs::new(columns));
-            c.loss = Some(self.full_loss(batch, parts, checkpoints, loss_scale)?);
+            let embedded = Embedded {
+                parts,
+                guide_parts,
+                checkpoints,
+            };
+            c.loss = Some(self.full_loss(batch, embedded, loss_scale)?);
         }
         let full = c.loss.as_ref().expect("set above");
         // 3. Push the cached gradients back through the network, chunk by chunk.
@@ -337,12 +373,7 @@ impl<'a> Runner<'a> {
         rows: &[usize],
         step: u64,
     ) -> Result<(TokenBatch, Dropout)> {
-        let cols = 0..data.columns;
-        let ids: Vec<&[u32]> = cols
-            .clone()
-            .flat_map(|c| rows.iter().map(move |&r| data.tokens[r][c].as_slice()))
-            .collect();
-        let keys = cols
+        let keys = (0..data.columns)
             .flat_map(|c| rows.iter().map(move |&r| (r as u64) << 2 | c as u64))
             .collect();
         let drop = Dropout::train(
@@ -352,11 +383,27 @@ impl<'a> Runner<'a> {
             step,
             keys,
         );
-        let prompt_tokens = (0..data.columns)
-            .flat_map(|c| rows.iter().map(move |_| data.prompt_tokens[c]))
-            .collect();
-        let batch = TokenBatch::new(&ids, &self.model.device)?.with_prompt_tokens(prompt_tokens);
-        Ok((batch, drop))
+        Ok((packed(data, rows, &self.model.device)?, drop))
+    }
+
+    /// The guide's embeddings of every text column of `rows` (one tensor per column, f32),
+    /// packed in one pass as [`Runner::columns`] packs them; None without a guide or for a
+    /// loss other than gist.
+    fn guide_embeddings(&self, batch: Batch, rows: &[usize]) -> Result<Option<Vec<Tensor>>> {
+        let Some(g) = &self.guide else {
+            return Ok(None);
+        };
+        // In a run of several sets only the gist sets' batches need the guide.
+        if batch.loss.kind != crate::config::LossKind::Gist {
+            return Ok(None);
+        }
+        let data = batch.guide_tokens.unwrap_or(batch.data);
+        let tokens = packed(data, rows, &g.model.device)?;
+        let emb = g.net.forward(&tokens, &Dropout::off())?;
+        Ok(Some(split_columns(
+            &emb.to_dtype(DType::F32)?,
+            data.columns,
+        )?))
     }
 
     /// Embeddings of every text column of `rows` (one tensor per column) through `net`, in
@@ -418,15 +465,21 @@ impl<'a> Runner<'a> {
         let rows = &batch.rows[chunk];
         let (loss, cuts) =
             self.attempt(step, Phase::Forward, "forward pass", Window::New, || {
+                // The guide first: its layers are freed before the model's activations pile up.
+                let guide = self.guide_embeddings(batch, rows)?;
                 let (cols, cuts) = self.embed(&self.train_net, data, rows, step)?;
                 let scores = self.scores(data, rows)?;
+                let extra = Extra {
+                    labels: scores.as_ref(),
+                    guide: guide.as_deref(),
+                };
                 let weight = rows.len() as f64 / batch.rows.len() as f64;
                 let loss = (losses::compute(
                     batch.loss,
-                    self.scale,
+                    self.scale_for(batch.loss),
                     self.matryoshka.as_ref(),
                     &cols,
-                    scores.as_ref(),
+                    extra,
                 )? * weight)?;
                 Ok((loss, cuts))
             })?;
@@ -446,16 +499,19 @@ impl<'a> Runner<'a> {
     }
 
     /// The cached scheme's stage 1 for the rows at `chunk`: their embeddings per column,
-    /// without a graph, and with `checkpointing` every row's layer inputs.
+    /// without a graph, the guide's (if any), and with `checkpointing` every row's layer
+    /// inputs. The guide embeds the same chunk, so a smaller micro-batch after an OOM cuts its
+    /// passes too.
     fn embed_chunk(
         &self,
         batch: Batch,
         chunk: Range<usize>,
         checkpointing: bool,
-    ) -> Result<(Vec<Tensor>, Option<LayerInputs>), Failed> {
+    ) -> Result<ChunkEmbeddings, Failed> {
         let (data, step) = (batch.data, batch.step);
         self.attempt(step, Phase::Forward, "embedding pass", Window::New, || {
             let rows = &batch.rows[chunk];
+            let guide = self.guide_embeddings(batch, rows)?;
             let (tokens, drop) = self.columns(data, rows, step)?;
             let (emb, kept) = if checkpointing {
                 let (emb, inputs) = forward_checkpoints(&self.embed_net, &tokens, &drop)?;
@@ -464,34 +520,48 @@ impl<'a> Runner<'a> {
             } else {
                 (self.embed_net.forward(&tokens, &drop)?, None)
             };
-            Ok((split_columns(&emb, data.columns)?, kept))
+            Ok((split_columns(&emb, data.columns)?, guide, kept))
         })
+    }
+
+    /// The similarity scale of `loss`: `train.scale`, or the loss's default.
+    fn scale_for(&self, loss: Loss) -> f64 {
+        self.scale
+            .unwrap_or_else(|| crate::config::default_scale(loss.kind))
     }
 
     /// The cached scheme's stage 2: the loss over the whole batch from the embeddings of
     /// stage 1, and its gradient on them (times `loss_scale`).
-    fn full_loss(
-        &self,
-        batch: Batch,
-        parts: Vec<Vec<Tensor>>,
-        checkpoints: LayerInputs,
-        loss_scale: f64,
-    ) -> Result<FullLoss> {
-        let full: Vec<Var> = (0..batch.data.columns)
-            .map(|c| {
-                let col: Vec<Tensor> = parts.iter().map(|p| p[c].clone()).collect();
-                Ok(Var::from_tensor(&Tensor::cat(&col, 0)?)?)
-            })
+    fn full_loss(&self, batch: Batch, embedded: Embedded, loss_scale: f64) -> Result<FullLoss> {
+        let Embedded {
+            parts,
+            guide_parts,
+            checkpoints,
+        } = embedded;
+        let columns = batch.data.columns;
+        let full: Vec<Var> = (0..columns)
+            .map(|c| Ok(Var::from_tensor(&concat_column(&parts, c)?)?))
             .collect::<Result<_>>()?;
         drop(parts);
+        let guide: Vec<Tensor> = match guide_parts.is_empty() {
+            true => Vec::new(),
+            false => (0..columns)
+                .map(|c| concat_column(&guide_parts, c))
+                .collect::<Result<_>>()?,
+        };
+        drop(guide_parts);
         let cols: Vec<Tensor> = full.iter().map(|v| v.as_tensor().clone()).collect();
         let scores = self.scores(batch.data, batch.rows)?;
+        let extra = Extra {
+            labels: scores.as_ref(),
+            guide: (!guide.is_empty()).then_some(guide.as_slice()),
+        };
         let loss = losses::compute(
             batch.loss,
-            self.scale,
+            self.scale_for(batch.loss),
             self.matryoshka.as_ref(),
             &cols,
-            scores.as_ref(),
+            extra,
         )?;
         let store = loss.backward()?;
         let emb_grads: Vec<Tensor> = full
@@ -598,6 +668,40 @@ impl<'a> Runner<'a> {
         })?;
         Ok(())
     }
+}
+
+/// The cached scheme's stage 1 for one chunk: its embeddings per column, the guide's (if any)
+/// and, with checkpointing, its rows' layer inputs.
+type ChunkEmbeddings = (Vec<Tensor>, Option<Vec<Tensor>>, Option<LayerInputs>);
+
+/// What the cached scheme's stage 1 leaves for stage 2: per chunk, the embeddings of each
+/// column and the guide's; every row's layer inputs (with checkpointing).
+struct Embedded {
+    parts: Vec<Vec<Tensor>>,
+    guide_parts: Vec<Vec<Tensor>>,
+    checkpoints: LayerInputs,
+}
+
+/// Column `c` of every chunk, in order: (batch, dim).
+fn concat_column(parts: &[Vec<Tensor>], c: usize) -> Result<Tensor> {
+    let col: Vec<&Tensor> = parts.iter().map(|p| &p[c]).collect();
+    Ok(Tensor::cat(&col, 0)?)
+}
+
+/// Every text column of `rows` packed column after column (row `c·n + r` is column `c` of row
+/// `r`) into one batch on `device`, with each column's prompt tokens.
+fn packed(
+    data: &TokenizedData,
+    rows: &[usize],
+    device: &candle_core::Device,
+) -> Result<TokenBatch> {
+    let ids: Vec<&[u32]> = (0..data.columns)
+        .flat_map(|c| rows.iter().map(move |&r| data.tokens[r][c].as_slice()))
+        .collect();
+    let prompt_tokens = (0..data.columns)
+        .flat_map(|c| rows.iter().map(move |_| data.prompt_tokens[c]))
+        .collect();
+    Ok(TokenBatch::new(&ids, device)?.with_prompt_tokens(prompt_tokens))
 }
 
 /// The embeddings of a batch packed by [`Runner::columns`], one tensor per column.

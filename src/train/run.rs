@@ -38,6 +38,7 @@ pub struct Opened<'c> {
     resume: Resume,
     restored: Option<Restored>,
     model: SentenceModel,
+    guide: Option<SentenceModel>,
     sets: Vec<OpenedSet>,
     dev_set: Option<Dataset>,
     budget: MemoryBudget,
@@ -137,6 +138,7 @@ impl<'c> Opened<'c> {
         };
         let Loaded {
             model,
+            guide,
             sets,
             dev_set,
         } = loaded;
@@ -148,6 +150,7 @@ impl<'c> Opened<'c> {
             resume,
             restored,
             model,
+            guide,
             sets,
             dev_set,
             budget,
@@ -234,10 +237,12 @@ impl<'a> Run<'a> {
                 kind: s.loss,
                 ..Loss::from_train(t)
             },
+            guide_tokens: None,
         });
         let (escalate, budget) = (&cfg.memory.escalate, &o.budget);
         let sets = sets.collect();
-        let mut trainer = Trainer::on_sets(&o.model, t, escalate, budget, &o.injector, sets)?;
+        let mut trainer = Trainer::on_sets(&o.model, t, escalate, budget, &o.injector, sets)?
+            .with_guide(o.guide.as_ref())?;
         if let Some(spec) = &opts.inject_nonfinite {
             trainer.inject_nonfinite = nonfinite::parse_injection(spec)?;
         }

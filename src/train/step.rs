@@ -139,6 +139,9 @@ pub struct SetData<'a> {
     pub data: TokenizedData,
     pub texts: Option<&'a Dataset>,
     pub loss: Loss,
+    /// The guide's own tokens of `data`, when it cannot read the trained model's
+    /// (`train/guide.rs`); None without a guide.
+    pub guide_tokens: Option<TokenizedData>,
 }
 
 /// The memory levers in force: the configured ones, then those the policy pulled.
@@ -162,6 +165,8 @@ pub struct Trainer<'a> {
     pub optimizer: AdamW,
     /// The test hook's 0-based steps whose gradients become NaN (`nonfinite.rs`).
     pub inject_nonfinite: BTreeSet<u64>,
+    /// GISTEmbedLoss's guide (`train/guide.rs`).
+    guide: Option<&'a SentenceModel>,
 }
 
 impl<'a> Trainer<'a> {
@@ -179,6 +184,7 @@ impl<'a> Trainer<'a> {
             data,
             texts,
             loss: Loss::from_train(t),
+            guide_tokens: None,
         };
         Self::on_sets(model, t, escalate, budget, injector, vec![set])
     }
@@ -204,7 +210,35 @@ impl<'a> Trainer<'a> {
             max_grad_norm: t.max_grad_norm,
             optimizer: AdamW::new(t.weight_decay),
             inject_nonfinite: BTreeSet::new(),
+            guide: None,
         })
+    }
+
+    /// Adds GISTEmbedLoss's guide model (`[guide]`): it embeds every micro-batch beside the
+    /// trained model, forward only.
+    pub fn with_guide(mut self, guide: Option<&'a SentenceModel>) -> Result<Self> {
+        let Some(guide) = guide else {
+            return Ok(self);
+        };
+        self.runner.set_guide(guide)?;
+        self.guide = Some(guide);
+        self.retokenize_for_guide()?;
+        Ok(self)
+    }
+
+    /// Each set's tokens for the guide, when it cannot read the trained model's.
+    fn retokenize_for_guide(&mut self) -> Result<()> {
+        let Some(g) = self.guide else {
+            return Ok(());
+        };
+        let mut trained = self.runner.model.tokenizer.clone();
+        trained.set_max_seq_length(self.levers.max_seq_length)?;
+        for set in &mut self.sets {
+            if set.loss.kind == crate::config::LossKind::Gist {
+                set.guide_tokens = crate::train::guide::tokens(&trained, &g.tokenizer, &set.data)?;
+            }
+        }
+        Ok(())
     }
 
     /// Set `set`'s data as the levers pulled so far left it.
@@ -292,6 +326,7 @@ impl<'a> Trainer<'a> {
         loop {
             let batch = Batch {
                 data: &self.sets[set].data,
+                guide_tokens: self.sets[set].guide_tokens.as_ref(),
                 rows,
                 loss: self.sets[set].loss,
                 step,
@@ -398,6 +433,8 @@ impl<'a> Trainer<'a> {
                     })?;
                     set.data = crate::data::tokenized::tokenize(&tokenizer, texts)?;
                 }
+                // The guide reads the shorter texts too, as it reads what the model reads.
+                self.retokenize_for_guide()?;
             }
         }
         Ok(())
