@@ -157,6 +157,7 @@ mod tests {
             trainable_word_embeddings: s.vocab * s.hidden,
             trained_layers: s.layers,
             padded_attention: false,
+            guide: None,
         }
     }
 
