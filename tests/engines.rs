@@ -235,7 +235,7 @@ fn injected_ooms_in_each_phase_change_nothing_on_the_portable_engine() {
 }
 
 /// `ST_TUNE_CPU_FEATURES=none`: the gemm crate's forward product, scalar GELU, exp, dropout
-/// masks and AdamW, on any machine; `avx2`: the AVX2 kernels (`avx2_gemm`, vmath, masks,
+/// masks and AdamW, on any machine; `avx2`: the AVX2 kernels (vmath, masks,
 /// AdamW) on any AVX2 machine. The same training as the machine's own kernels.
 #[test]
 fn the_cpu_kernels_portable_and_avx2_fallbacks_train_to_the_same_weights() {

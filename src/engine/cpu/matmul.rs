@@ -1,12 +1,12 @@
 //! The one matrix-product dispatch of the CPU kernels: bf16 operands with f32 sums where the
 //! CPU has bf16 dot products and the activations are bf16 (`bf16_gemm`), st-tune's AVX-512 f32
-//! kernel for the forward product (`f32_gemm`, or `avx2_gemm` without AVX-512), and the gemm
-//! crate for everything else.
+//! kernel for the forward product (`f32_gemm`), and the gemm crate for everything else (on
+//! AVX2-only CPUs too: its AVX2 kernel beat a port of `f32_gemm` to AVX2, docs/benchmarks.md).
 
 use candle_core::DType;
 
 use super::fused::add_column_sums;
-use super::{avx2_gemm, bf16_gemm, f32_gemm, gemm_crate};
+use super::{bf16_gemm, f32_gemm, gemm_crate};
 
 /// How the layer's matrix products run: in f32 (the `gemm` crate, and `f32_gemm` for the
 /// forward product with AVX-512), or, with bf16 activations
@@ -70,10 +70,6 @@ pub fn matmul(
         // (`f32_gemm_speed`).
         if bm.t && f32_gemm::available() {
             f32_gemm::matmul(&mut dst[..m * n], accumulate, am, bm);
-            return Ok(());
-        }
-        if bm.t && avx2_gemm::available() {
-            avx2_gemm::matmul(&mut dst[..m * n], accumulate, am, bm);
             return Ok(());
         }
     }

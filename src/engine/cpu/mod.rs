@@ -4,7 +4,6 @@
 //! storage as the f32 every kernel computes in.
 
 pub mod attention;
-pub mod avx2_gemm;
 pub mod bf16_gemm;
 pub mod f32_gemm;
 pub mod features;
