@@ -783,7 +783,8 @@ fn an_mpnet_config_with_too_few_positions_is_refused_naming_the_file() {
     let dir = TempDir::new().unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        r#"{"model_type": "mpnet", "hidden_size": 8, "max_position_embeddings": 1}"#,
+        r#"{"model_type": "mpnet", "vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 1}"#,
     )
     .unwrap();
     let e = st_tune::model::folder::FolderSpec::read(dir.path())
