@@ -1,28 +1,37 @@
-"""Random-weight sentence-transformers folders of the XLM-RoBERTa, RoBERTa and DistilBERT families, and what
+"""Random-weight sentence-transformers folders of the XLM-RoBERTa, RoBERTa, DistilBERT and ModernBERT families, and what
 Python computes with them: st-tune's parity fixtures for families whose real weights cannot be
 downloaded here.
 
 usage: make_family_fixtures.py [small [FAMILY ...] | base OUT_DIR]
-  small (default)  writes tests/fixtures/families/{xlm-roberta,roberta,distilbert}/ (or only the FAMILYs named):
+  small (default)  writes tests/fixtures/families/{xlm-roberta,roberta,distilbert,modernbert}/ (or only the FAMILYs
+                   named):
       model/             the folder (Transformer + mean Pooling + Normalize), saved by SentenceTransformer.save:
                          hidden 32, 2 layers, 4 heads, intermediate 64; the family's real layout otherwise
                          (XLM-R and RoBERTa: type_vocab_size 1, pad 1, positions offset by 2, layer_norm_eps 1e-5;
-                         DistilBERT: q_lin/k_lin/v_lin/out_lin names, sinusoidal_pos_embds = true)
+                         DistilBERT: q_lin/k_lin/v_lin/out_lin names, sinusoidal_pos_embds = true;
+                         ModernBERT: 3 layers, global attention every 3rd (layer 0), the others local with
+                         local_attention 8 (each token sees +-4, so most sentences are longer than the window),
+                         rotary theta 160000 global / 10000 local, no biases, intermediate 48, GeGLU)
       expected.json      for tests/fixtures/sentences.txt: max_seq_length, the token ids the model feeds its
                          encoder (padding removed), encode(batch_size=16) embeddings; and the loss case:
                          MultipleNegativesRankingLoss (scale 20) of PAIRS with dropout off, its value
       grads.safetensors  the gradient of that loss w.r.t. every parameter that gets one (torch autograd),
                          under the checkpoint's own tensor names
-  base OUT_DIR     writes OUT_DIR/{xlm-roberta,distilbert}-base: the real base shapes (XLM-R 768 x 12, vocab
-                   250002; DistilBERT 768 x 6, vocab 30522), same small tokenizers; for benchmarks, not committed.
+  base OUT_DIR     writes OUT_DIR/{xlm-roberta,distilbert,modernbert}-base: the real base shapes (XLM-R 768 x 12,
+                   vocab 250002; DistilBERT 768 x 6, vocab 30522; ModernBERT-base 768 x 22, intermediate 1152,
+                   local_attention 128, vocab 50368, 8192 positions), same small tokenizers; for benchmarks, not
+                   committed.
 
 Tokenizers: no real XLM-R, RoBERTa or DistilBERT tokenizer ships in a package here, so each is trained with
 the `tokenizers` library on sentences.txt and a few extra lines: XLM-R a Unigram (SentencePiece-style: NFKC,
 Metaspace "▁", <s> $A </s>, ids <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last), RoBERTa a byte-level BPE (GPT-2
-style, RobertaProcessing, same special ids), DistilBERT a lower-casing WordPiece ([CLS] $A [SEP]). Wrapped
-as XLMRobertaTokenizerFast / RobertaTokenizerFast / DistilBertTokenizerFast.
+style, RobertaProcessing, same special ids), DistilBERT a lower-casing WordPiece ([CLS] $A [SEP]), ModernBERT a
+byte-level BPE as GPT-NeoX's (ModernBERT's is one) with [CLS] $A [SEP] and ids [UNK]=0 [CLS]=1 [SEP]=2 [PAD]=3
+[MASK]=4. Wrapped as XLMRobertaTokenizerFast / RobertaTokenizerFast / DistilBertTokenizerFast /
+PreTrainedTokenizerFast (ModernBERT's class).
 Weights: AutoModel.from_config (seed 0), then every tensor but DistilBERT's sinusoidal table redrawn
-(normal(0, 0.1); norms at 1 ± 0.1) so biases and norms are not the trivial 0 and 1.
+(normal(0, 0.1); norms at 1 ± 0.1) so biases and norms are not the trivial 0 and 1. ModernBERT runs with
+transformers' eager attention (the same function as sdpa, one less kernel to trust).
 
 Run with the project venv: "$(scripts/setup-python.sh)" scripts/make_family_fixtures.py
 """
@@ -33,8 +42,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 import sentence_transformers, transformers
-from transformers import (AutoModel, DistilBertConfig, DistilBertTokenizerFast, RobertaConfig, RobertaTokenizerFast,
-                          XLMRobertaConfig, XLMRobertaTokenizerFast)
+from transformers import (AutoModel, DistilBertConfig, DistilBertTokenizerFast, ModernBertConfig,
+                          PreTrainedTokenizerFast, RobertaConfig, RobertaTokenizerFast, XLMRobertaConfig,
+                          XLMRobertaTokenizerFast)
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -52,6 +62,7 @@ PAIRS = [("A man is playing a guitar.", "Someone plays an instrument."),
          ("Le chat est assis sur le tapis.", "The cat sat on the mat."),
          ("a plane is taking off", "an aircraft departs")]
 SMALL = dict(hidden=32, layers=2, heads=4, intermediate=64)
+SMALL_MODERNBERT = dict(hidden=32, layers=3, heads=4, intermediate=48, local_attention=8, positions=128)
 
 
 def sentences():
@@ -107,7 +118,28 @@ def distilbert_tokenizer(max_len):
                                    cls_token="[CLS]", mask_token="[MASK]", model_max_length=max_len)
 
 
+def modernbert_tokenizer(max_len):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", mask_token="[MASK]", model_max_length=max_len,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
 def config(family, s, vocab):
+    if family == "modernbert":
+        return ModernBertConfig(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                num_attention_heads=s["heads"], intermediate_size=s["intermediate"],
+                                max_position_embeddings=s["positions"], local_attention=s["local_attention"],
+                                global_attn_every_n_layers=3, global_rope_theta=160000.0, local_rope_theta=10000.0,
+                                pad_token_id=3, bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2,
+                                attn_implementation="eager")
     if family in ("xlm-roberta", "roberta"):
         cls = XLMRobertaConfig if family == "xlm-roberta" else RobertaConfig
         return cls(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
@@ -126,16 +158,16 @@ def redraw(model):
             if name == "embeddings.position_embeddings.weight" and model.config.model_type == "distilbert":
                 continue  # the sinusoidal table stays sinusoidal
             noise = torch.randn(p.shape, generator=g) * 0.1
-            is_norm = "LayerNorm" in name or "layer_norm" in name
+            is_norm = "LayerNorm" in name or "layer_norm" in name or "norm." in name
             p.copy_(1.0 + noise if is_norm and name.endswith("weight") else noise)
 
 
 def build(family, shapes, out, random_weights=True):
     """Writes the sentence-transformers folder `out` and returns it loaded."""
     positions = shapes["positions"]
-    max_len = positions if family == "distilbert" else positions - 2
-    tok = {"xlm-roberta": xlmr_tokenizer, "roberta": roberta_tokenizer,
-           "distilbert": distilbert_tokenizer}[family](max_len)
+    max_len = {"distilbert": positions, "modernbert": shapes.get("max_seq_length", 64)}.get(family, positions - 2)
+    tok = {"xlm-roberta": xlmr_tokenizer, "roberta": roberta_tokenizer, "distilbert": distilbert_tokenizer,
+           "modernbert": modernbert_tokenizer}[family](max_len)
     torch.manual_seed(0)
     model = AutoModel.from_config(config(family, shapes, shapes.get("vocab", len(tok))))
     if random_weights:
@@ -166,7 +198,8 @@ def hf_model(st):
 def small(family):
     root = FIX / "families" / family
     root.mkdir(parents=True, exist_ok=True)
-    st = build(family, {**SMALL, "positions": 64 if family == "distilbert" else 66}, root / "model")
+    shapes = SMALL_MODERNBERT if family == "modernbert" else {**SMALL, "positions": 64 if family == "distilbert" else 66}
+    st = build(family, shapes, root / "model")
     sents = sentences()
     emb = st.encode(sents, batch_size=16, convert_to_numpy=True)
     feats = st.preprocess(sents)
@@ -189,12 +222,14 @@ def small(family):
 
 
 BASE = {"xlm-roberta": dict(hidden=768, layers=12, heads=12, intermediate=3072, positions=514, vocab=250002),
-        "distilbert": dict(hidden=768, layers=6, heads=12, intermediate=3072, positions=512, vocab=30522)}
+        "distilbert": dict(hidden=768, layers=6, heads=12, intermediate=3072, positions=512, vocab=30522),
+        "modernbert": dict(hidden=768, layers=22, heads=12, intermediate=1152, positions=8192, vocab=50368,
+                           local_attention=128, max_seq_length=8192)}
 
 if __name__ == "__main__":
     args = sys.argv[1:] or ["small"]
     if args[0] == "small":
-        for fam in args[1:] or ("xlm-roberta", "roberta", "distilbert"):
+        for fam in args[1:] or ("xlm-roberta", "roberta", "distilbert", "modernbert"):
             small(fam)
     elif args[0] == "base" and len(args) == 2:
         for fam, shapes in BASE.items():
