@@ -1,4 +1,4 @@
-//! XLM-RoBERTa, RoBERTa and DistilBERT, proven as BERT and MPNet are, on random-weight models of
+//! XLM-RoBERTa, RoBERTa, DistilBERT and ModernBERT, proven as BERT and MPNet are, on random-weight models of
 //! each family made by Python (scripts/make_family_fixtures.py, tests/fixtures/families/): the same
 //! tokens and embeddings (1e-5) as sentence-transformers, the loss gradient of every parameter
 //! equal to PyTorch's (1e-4 of the tensor's largest) on both engines, and every memory lever
@@ -87,6 +87,24 @@ fn distilbert_tokens_and_embeddings_match_python_sentence_transformers() {
     embeddings_match_python("distilbert");
 }
 
+#[test]
+fn modernbert_tokens_and_embeddings_match_python_sentence_transformers() {
+    // Local layers see 4 tokens either side (local_attention 8): the fixture's rows must be
+    // longer than that window for the test to mean anything.
+    let fx = expected("modernbert");
+    let longest = fx["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(longest > 2 * 4 + 1, "longest row {longest}");
+    let model = load("modernbert", None);
+    assert_eq!(model.spec.model.local_layers(), (2, 4));
+    embeddings_match_python("modernbert");
+}
+
 /// The fixture's loss (MNRL, dropout off) and the gradient of every trainable tensor, on
 /// `engine`, against PyTorch's.
 fn gradients_match_pytorch(family: &str, engine: Engine) {
@@ -167,6 +185,12 @@ fn distilbert_gradients_of_every_parameter_match_pytorch_on_both_engines() {
     gradients_match_pytorch("distilbert", Engine::Portable);
 }
 
+#[test]
+fn modernbert_gradients_of_every_parameter_match_pytorch_on_both_engines() {
+    gradients_match_pytorch("modernbert", Engine::Cpu);
+    gradients_match_pytorch("modernbert", Engine::Portable);
+}
+
 /// Trains 3 steps through the real binary on `engine` with the `--set` overrides `extra`, and
 /// returns the summary.
 fn train(dir: &Path, engine: &str, extra: &[&str], out: &str) -> Value {
@@ -244,6 +268,9 @@ fn levers(family: &str, layer: &str) {
             "{engine}: {a} {b}"
         );
         let (diff, name) = max_relative_difference(&dir.join("plain"), &dir.join(engine));
+        eprintln!(
+            "{family} {engine} levers: largest relative weight difference {diff:e} in {name}"
+        );
         assert!(diff <= 1e-5, "{family} {engine}: {name} differs by {diff}");
     }
     train(
@@ -324,4 +351,9 @@ fn xlm_roberta_levers_train_on_both_engines() {
 #[test]
 fn distilbert_levers_train_on_both_engines() {
     levers("distilbert", "transformer.layer");
+}
+
+#[test]
+fn modernbert_levers_train_on_both_engines() {
+    levers("modernbert", "layers");
 }

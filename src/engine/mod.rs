@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod mask;
 pub mod portable;
+pub mod rotary;
 
 use std::sync::OnceLock;
 
@@ -20,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use mask::{AttentionMasks, HiddenMask};
+use rotary::Rotary;
 
 /// softmax(scale · q kᵀ + bias) ⊙ mask · v per row and head, rows packed as (offset, len).
 #[derive(Debug, Clone)]
@@ -28,6 +30,19 @@ pub struct Attention {
     pub scale: f32,
     pub rows: Vec<(usize, usize)>,
     pub masks: Option<AttentionMasks>,
+    /// Sliding-window (local) attention: query i sees only keys j with |i − j| ≤ window
+    /// (ModernBERT's local layers); None sees the whole row.
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// The keys query `i` of a row of `len` tokens sees, as a range.
+    pub fn keys(&self, i: usize, len: usize) -> std::ops::Range<usize> {
+        match self.window {
+            Some(w) => i.saturating_sub(w)..(i + w + 1).min(len),
+            None => 0..len,
+        }
+    }
 }
 
 /// The gradients of a linear layer: (d input, d weight, d bias).
@@ -85,6 +100,19 @@ pub trait Primitives {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// `t` stored as `dtype`.
     fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// `layer_norm(x)` with weight `w` and bias `b` (none: zero), no residual: a pre-LN
+    /// layer's norms (ModernBERT).
+    fn norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f32) -> Result<Tensor>;
+    /// The gradients of `norm` from its output gradient `g`: (d x, d weight, d bias).
+    fn norm_backward(&self, x: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Result<NormGrads>;
+    /// q and k of q|k|v, (tokens, 3·hidden), rotated by their tokens' angles; v unchanged.
+    fn rotary(&self, qkv: &Tensor, rope: &Rotary) -> Result<Tensor>;
+    /// The gradient of `rotary`'s input from its output gradient `d` (the inverse rotation), f32.
+    fn rotary_backward(&self, d: &Tensor, rope: &Rotary) -> Result<Tensor>;
+    /// GeGLU of `h` = [input | gate], (tokens, 2·I) -> (tokens, I): `gelu(input) ⊙ gate`.
+    fn geglu(&self, h: &Tensor) -> Result<Tensor>;
+    /// The gradient of `geglu`'s input, (tokens, 2·I) f32, from its output gradient `d`.
+    fn geglu_backward(&self, h: &Tensor, d: &Tensor) -> Result<Tensor>;
 }
 
 /// The engine `device` runs, for the run's first line and summary, e.g. `cpu (avx512+avx2)`

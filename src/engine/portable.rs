@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::engine::mask::HiddenMask;
+use crate::engine::rotary::Rotary;
 use crate::engine::{Attention, LinearGrads, NormGrads, Primitives};
 use crate::error::Result;
 
@@ -121,6 +122,19 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((rows, len, heads * hd))?)
 }
 
+/// A local layer's window as an additive (L, L) mask: 0 where query i sees key j, a large
+/// negative number elsewhere; None for global attention.
+fn window_mask(att: &Attention, len: usize, device: &Device) -> Result<Option<Tensor>> {
+    if att.window.is_none() {
+        return Ok(None);
+    }
+    let mut v = vec![-1e30f32; len * len];
+    for i in 0..len {
+        v[i * len..(i + 1) * len][att.keys(i, len)].fill(0.0);
+    }
+    Ok(Some(Tensor::from_vec(v, (len, len), device)?))
+}
+
 /// Softmax probabilities of one padded batch, (rows, heads, L, L), and q, k, v.
 fn probabilities(
     qkv: &Tensor,
@@ -134,7 +148,10 @@ fn probabilities(
         let b = f32(&b.narrow(1, 0, pad.len)?.narrow(2, 0, pad.len)?)?;
         scores = scores.broadcast_add(&b.unsqueeze(0)?)?;
     }
-    let scores = scores.broadcast_add(&pad.key_mask)?;
+    let mut scores = scores.broadcast_add(&pad.key_mask)?;
+    if let Some(band) = window_mask(att, pad.len, qkv.device())? {
+        scores = scores.broadcast_add(&band)?;
+    }
     Ok((candle_nn::ops::softmax_last_dim(&scores)?, [q, k, v]))
 }
 
@@ -288,4 +305,65 @@ impl Primitives for Portable {
     fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(t.to_dtype(dtype)?)
     }
+
+    fn norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        let zero;
+        let b = match b {
+            Some(b) => b,
+            None => {
+                zero = w.zeros_like()?;
+                &zero
+            }
+        };
+        Ok(candle_nn::ops::layer_norm(&f32(x)?, w, b, eps)?.to_dtype(self.dtype)?)
+    }
+
+    fn norm_backward(&self, x: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Result<NormGrads> {
+        // `add_norm_backward` of x + 0.
+        let zero = x.zeros_like()?;
+        self.add_norm_backward(x, &zero, None, w, eps, g)
+    }
+
+    fn rotary(&self, qkv: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        Ok(rotate(&f32(qkv)?, rope, 1.0)?.to_dtype(self.dtype)?)
+    }
+
+    fn rotary_backward(&self, d: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        rotate(&f32(d)?, rope, -1.0)
+    }
+
+    fn geglu(&self, h: &Tensor) -> Result<Tensor> {
+        let h = f32(h)?;
+        let i = h.dim(1)? / 2;
+        let act = (h.narrow(1, 0, i)?.gelu_erf()? * h.narrow(1, i, i)?)?;
+        Ok(act.to_dtype(self.dtype)?)
+    }
+
+    fn geglu_backward(&self, h: &Tensor, d: &Tensor) -> Result<Tensor> {
+        let h = f32(h)?;
+        let i = h.dim(1)? / 2;
+        let (input, gate, d) = (h.narrow(1, 0, i)?, h.narrow(1, i, i)?, f32(d)?);
+        let d_input = self.gelu_backward(&input, &(&d * &gate)?)?;
+        let d_gate = (d * input.gelu_erf()?)?;
+        Ok(Tensor::cat(&[d_input, d_gate], 1)?)
+    }
+}
+
+/// q and k of q|k|v (tokens, 3·hidden, f32) rotated by `sign` times their angles, as
+/// transformers does: `x cos + rotate_half(x) sin` per head.
+fn rotate(x: &Tensor, rope: &Rotary, sign: f64) -> Result<Tensor> {
+    let (tokens, w) = x.dims2()?;
+    let hidden = w / 3;
+    let (heads, half) = (rope.heads, hidden / rope.heads / 2);
+    // (tokens, 2·heads, 2, half): q's and k's heads, each as its two halves.
+    let qk = x
+        .narrow(1, 0, 2 * hidden)?
+        .reshape((tokens, 2 * heads, 2, half))?;
+    let (x1, x2) = (qk.narrow(2, 0, 1)?, qk.narrow(2, 1, 1)?);
+    let cos = rope.cos.reshape((tokens, 1, 1, half))?;
+    let sin = (rope.sin.reshape((tokens, 1, 1, half))? * sign)?;
+    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    let qk = Tensor::cat(&[r1, r2], 2)?.reshape((tokens, 2 * hidden))?;
+    Ok(Tensor::cat(&[&qk, &x.narrow(1, 2 * hidden, hidden)?], 1)?)
 }

@@ -14,6 +14,7 @@ use crate::model::bert::{BertConfig, RobertaConfig};
 use crate::model::distilbert::DistilBertConfig;
 use crate::model::embeddings::EmbeddingNames;
 use crate::model::layers::LayerNames;
+use crate::model::modernbert::ModernBertConfig;
 use crate::model::mpnet::MpnetConfig;
 use crate::model::sizes::{DropoutProbs, Sizes};
 
@@ -34,10 +35,21 @@ pub enum ModelConfig {
     Roberta(RobertaConfig),
     #[serde(rename = "distilbert")]
     DistilBert(DistilBertConfig),
+    /// ModernBERT: pre-norm layers with rotary positions, local and global attention, GeGLU
+    /// (`modernbert.rs`); its own layer, not the post-LN one.
+    #[serde(rename = "modernbert")]
+    ModernBert(ModernBertConfig),
 }
 
 /// The `model_type`s st-tune reads, for the error that names the others.
-pub const SUPPORTED: &[&str] = &["bert", "distilbert", "mpnet", "roberta", "xlm-roberta"];
+pub const SUPPORTED: &[&str] = &[
+    "bert",
+    "distilbert",
+    "modernbert",
+    "mpnet",
+    "roberta",
+    "xlm-roberta",
+];
 
 impl ModelConfig {
     /// Parses `config` (the contents of `path`), naming the supported types for any other.
@@ -72,6 +84,7 @@ impl ModelConfig {
             ModelConfig::XlmRoberta(c) | ModelConfig::Roberta(c) => &c.bert.hidden_act,
             ModelConfig::DistilBert(c) => &c.activation,
             ModelConfig::Mpnet(_) => return Ok(()),
+            ModelConfig::ModernBert(c) => return c.check(path),
         };
         if !act.starts_with("gelu") {
             return Err(Error::model(
@@ -90,6 +103,7 @@ impl ModelConfig {
             ModelConfig::XlmRoberta(_) => "xlm-roberta",
             ModelConfig::Roberta(_) => "roberta",
             ModelConfig::DistilBert(_) => "distilbert",
+            ModelConfig::ModernBert(_) => "modernbert",
         }
     }
 
@@ -100,6 +114,7 @@ impl ModelConfig {
             | ModelConfig::Roberta(RobertaConfig { bert: c, .. }) => c.sizes(),
             ModelConfig::Mpnet(c) => c.sizes(),
             ModelConfig::DistilBert(c) => c.sizes(),
+            ModelConfig::ModernBert(c) => c.sizes(),
         }
     }
 
@@ -110,18 +125,21 @@ impl ModelConfig {
             | ModelConfig::Roberta(RobertaConfig { bert: c, .. }) => c.dropout(),
             ModelConfig::Mpnet(c) => c.dropout(),
             ModelConfig::DistilBert(c) => c.dropout(),
+            ModelConfig::ModernBert(c) => c.dropout(),
         }
     }
 
-    /// The tensor names of layer `i`.
-    pub fn layer_names(&self, i: usize) -> LayerNames {
-        match self {
+    /// The tensor names of post-LN layer `i`; None for ModernBERT, whose layers are of
+    /// another kind (`modernbert::ModernBertLayer` names its own).
+    pub fn layer_names(&self, i: usize) -> Option<LayerNames> {
+        Some(match self {
             ModelConfig::Bert(_) | ModelConfig::XlmRoberta(_) | ModelConfig::Roberta(_) => {
                 crate::model::bert::layer_names(i)
             }
             ModelConfig::Mpnet(_) => crate::model::mpnet::layer_names(i),
             ModelConfig::DistilBert(_) => crate::model::distilbert::layer_names(i),
-        }
+            ModelConfig::ModernBert(_) => return None,
+        })
     }
 
     /// The embedding layer's tensors and position numbering.
@@ -134,6 +152,7 @@ impl ModelConfig {
             }
             ModelConfig::Mpnet(c) => EmbeddingNames::without_types(c.pad_token_id + 1),
             ModelConfig::DistilBert(_) => EmbeddingNames::without_types(0),
+            ModelConfig::ModernBert(c) => EmbeddingNames::modernbert(c.norm_bias),
         }
     }
 
@@ -152,6 +171,18 @@ impl ModelConfig {
     /// Whether the layers add MPNet's learned relative-position bias to their scores.
     pub fn relative_bias(&self) -> bool {
         matches!(self, ModelConfig::Mpnet(_))
+    }
+
+    /// How many layers attend within a window and how many tokens either side they see
+    /// (ModernBERT's local layers); (0, 0) when every layer is global.
+    pub fn local_layers(&self) -> (usize, usize) {
+        match self {
+            ModelConfig::ModernBert(c) => (
+                (0..c.num_hidden_layers).filter(|&i| c.is_local(i)).count(),
+                c.half_window(),
+            ),
+            _ => (0, 0),
+        }
     }
 }
 
@@ -202,6 +233,7 @@ mod tests {
         assert_eq!(r.sizes(), x.sizes());
         assert_eq!(r.dropout(), x.dropout());
         assert_eq!(r.layer_names(1), x.layer_names(1));
+        assert!(r.layer_names(1).is_some());
         assert_eq!(r.max_tokens(), 512);
         assert_eq!(r.embedding_names().position_offset, 2);
         assert_eq!(r.embedding_names().token_types, Some(1));

@@ -34,7 +34,7 @@ pub struct LayerDims {
 pub struct ParamGrads(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
 
 impl ParamGrads {
-    fn push(&self, grads: Vec<(Tensor, Tensor)>) {
+    pub(crate) fn push(&self, grads: Vec<(Tensor, Tensor)>) {
         self.0.lock().expect("param grads").extend(grads);
     }
 
@@ -278,7 +278,7 @@ impl LayerOp {
 }
 
 /// Back to candle's error type, for the custom-op interface (an OOM stays recognisable).
-fn to_candle(e: crate::Error) -> candle_core::Error {
+pub(crate) fn to_candle(e: crate::Error) -> candle_core::Error {
     match e {
         crate::Error::Candle(c) => c,
         other => candle_core::Error::Msg(other.to_string()),
@@ -286,7 +286,7 @@ fn to_candle(e: crate::Error) -> candle_core::Error {
 }
 
 /// A tensor over a custom op's input storage (a copy: the op only borrows it).
-fn input(s: Storage, l: &Layout) -> candle_core::Result<Tensor> {
+pub(crate) fn input(s: Storage, l: &Layout) -> candle_core::Result<Tensor> {
     if l.contiguous_offsets().is_none() {
         candle_core::bail!("st-tune-layer: expected a contiguous input");
     }
@@ -309,7 +309,7 @@ fn cpu_len(c: &CpuStorage) -> usize {
     }
 }
 
-fn cpu_output(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_output(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -325,7 +325,7 @@ fn cpu_output(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_output(t: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+pub(crate) fn cuda_output(t: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();

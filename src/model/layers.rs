@@ -87,6 +87,16 @@ impl LayerNorm {
         })
     }
 
+    /// A norm without a bias (ModernBERT's): a constant zero stands in, which never trains.
+    pub fn load_without_bias(w: &dyn Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[size])?;
+        Ok(Self {
+            bias: Tensor::zeros(size, weight.dtype(), weight.device())?,
+            weight,
+            eps,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if x.device().is_cpu() {
             norm::layer_norm(x, &self.weight, &self.bias, self.eps)?
@@ -253,6 +263,7 @@ impl EncoderLayer {
                 scale: scale as f32,
                 rows: batch.rows().collect(),
                 masks: drop.attention_masks(site),
+                window: None,
             };
             attention::attention(&qkv, bias, op)?
         } else {
@@ -334,6 +345,7 @@ impl EncoderLayer {
             scale,
             rows: batch.rows().collect(),
             masks: drop.attention_masks(site),
+            window: None,
         };
         let lengths = &batch.lengths;
         let masks = [

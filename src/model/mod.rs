@@ -1,4 +1,5 @@
-//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, RoBERTa, DistilBERT or MPNet) -> pooling ->
+//! A sentence-transformer: encoder (BERT, XLM-RoBERTa, RoBERTa, DistilBERT, MPNet or ModernBERT) ->
+//! pooling ->
 //! optional Dense -> optional Normalize, loaded from and saved to the folder layout Python
 //! sentence-transformers uses.
 //!
@@ -17,8 +18,10 @@ pub mod hub;
 pub mod known;
 pub mod layer_op;
 pub mod layers;
+pub mod modernbert;
 pub mod mpnet;
 pub mod pooling;
+pub mod prenorm_op;
 pub mod recompute;
 pub mod sizes;
 pub mod weights;
@@ -36,18 +39,61 @@ use config::ModelConfig;
 use dropout::Dropout;
 use embeddings::Embeddings;
 use folder::FolderSpec;
+use layer_op::ParamGrads;
 use layers::{Dims, EncoderLayer, Linear};
+use modernbert::ModernBertLayer;
 use mpnet::RelativeBias;
 use weights::{Freeze, Params, Part, PartRecorder, Prefixed, Weights};
 
-/// The transformer module: the embedding layer, the post-LN layers, and MPNet's relative
-/// position bias, as its family's config (`model_type`) names and sizes them.
+/// One encoder layer: the post-LN layer of BERT, XLM-RoBERTa, RoBERTa, DistilBERT and MPNet,
+/// or ModernBERT's pre-norm one. Each runs as one op over the engine's primitives.
+#[derive(Debug, Clone)]
+pub enum Layer {
+    PostLn(EncoderLayer),
+    ModernBert(ModernBertLayer),
+}
+
+impl Layer {
+    /// x: (tokens, hidden), the rows of `batch` packed; `bias`: MPNet's attention bias;
+    /// `site` numbers the layer's dropout sites.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
+        match self {
+            Layer::PostLn(l) => l.forward(x, batch, bias, drop, site),
+            Layer::ModernBert(l) => l.forward(x, batch, drop),
+        }
+    }
+
+    /// Where the layer's op leaves its parameters' gradients.
+    pub fn param_grads(&self) -> &ParamGrads {
+        match self {
+            Layer::PostLn(l) => &l.param_grads,
+            Layer::ModernBert(l) => &l.param_grads,
+        }
+    }
+
+    fn set_engine(&mut self, engine: crate::engine::Engine) {
+        match self {
+            Layer::PostLn(l) => l.engine = engine,
+            Layer::ModernBert(l) => l.engine = engine,
+        }
+    }
+}
+
+/// The transformer module: the embedding layer, the layers, and MPNet's relative position
+/// bias, as its family's config (`model_type`) names and sizes them.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     pub config: ModelConfig,
     embeddings: Embeddings,
     relative_bias: Option<RelativeBias>,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<Layer>,
 }
 
 impl Encoder {
@@ -65,9 +111,15 @@ impl Encoder {
         let layers = (0..s.layers)
             .map(|i| {
                 w.enter(Part::Layer(i));
-                let mut l = EncoderLayer::load(w, &config.layer_names(i), dims)?;
+                if let ModelConfig::ModernBert(c) = config {
+                    return Ok(Layer::ModernBert(ModernBertLayer::load(w, c, i)?));
+                }
+                let names = config.layer_names(i).ok_or_else(|| {
+                    Error::Internal(format!("{}: no post-LN layer", config.model_type()))
+                })?;
+                let mut l = EncoderLayer::load(w, &names, dims)?;
                 l.drops_attention_output = config.drops_attention_output();
-                Ok(l)
+                Ok(Layer::PostLn(l))
             })
             .collect::<Result<_>>()?;
         let relative_bias = match config {
@@ -116,7 +168,7 @@ impl Encoder {
             .transpose()
     }
 
-    pub fn layers(&self) -> &[EncoderLayer] {
+    pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
 
@@ -159,7 +211,7 @@ impl Network {
     /// Runs the encoder's layers on `engine` instead of the device's (the engine comparisons).
     pub fn with_engine(mut self, engine: crate::engine::Engine) -> Self {
         for l in &mut self.encoder.layers {
-            l.engine = engine;
+            l.set_engine(engine);
         }
         self
     }
@@ -169,10 +221,10 @@ impl Network {
     /// other gradient. Use this, not `Tensor::backward`, on anything this network computed.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let layers = self.encoder.layers();
-        layers.iter().for_each(|l| l.param_grads.clear());
+        layers.iter().for_each(|l| l.param_grads().clear());
         let mut store = loss.backward()?;
         for l in layers {
-            l.param_grads.drain_into(&mut store)?;
+            l.param_grads().drain_into(&mut store)?;
         }
         Ok(store)
     }
@@ -234,7 +286,9 @@ impl SentenceModel {
             .map(|(k, _)| k.clone())
             .collect();
         let plain = Params::from_tensors(weights_path, tensors, &|_| false)?;
-        let prefix = plain.prefix_of(embeddings::WORD).unwrap_or_default();
+        let prefix = plain
+            .prefix_of(spec.model.embedding_names().word)
+            .unwrap_or_default();
         // What trains is decided by the part of the model each tensor is loaded for, whatever
         // the family names it or prefixes it with.
         let recorder = PartRecorder::new(&plain);
@@ -339,7 +393,11 @@ impl SentenceModel {
             trainable_word_embeddings: self
                 .params
                 .vars
-                .get(&format!("{}{}", self.prefix, embeddings::WORD))
+                .get(&format!(
+                    "{}{}",
+                    self.prefix,
+                    self.spec.model.embedding_names().word
+                ))
                 .map_or(0, |v| v.elem_count()),
             padded_attention: crate::engine::Engine::for_device(&self.device)
                 == crate::engine::Engine::Portable,

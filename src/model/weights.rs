@@ -96,7 +96,13 @@ impl Weights for PartRecorder<'_> {
 
 /// Whether AdamW applies weight decay to a tensor: not to biases and LayerNorm parameters.
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm"))
+    !(name.ends_with(".bias") || is_norm(name))
+}
+
+/// A layer norm's tensor, by the names the families give them (`LayerNorm`, `layer_norm`,
+/// ModernBERT's `attn_norm`, `mlp_norm`, `final_norm`, `embeddings.norm`).
+fn is_norm(name: &str) -> bool {
+    name.contains("LayerNorm") || name.contains("layer_norm") || name.ends_with("norm.weight")
 }
 
 /// All tensors of one safetensors file; trainable ones are also held as `Var`s.
@@ -218,7 +224,7 @@ impl Weights for RandomWeights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         use rand::Rng;
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.contains("LayerNorm") || name.contains("layer_norm") {
+        let data: Vec<f32> = if is_norm(name) || name.ends_with("norm.bias") {
             vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
         } else {
             let mut rng = self.rng.borrow_mut();

@@ -129,7 +129,12 @@ impl Attention {
                 line.iter_mut().zip(&b[i * l..]).for_each(|(v, b)| *v += b);
             }
         }
-        for line in p.chunks_mut(len) {
+        for (i, line) in p.chunks_mut(len).enumerate() {
+            // Keys outside a local layer's window get probability 0.
+            let keys = self.keys(i, len);
+            line[..keys.start].fill(0.0);
+            line[keys.end..].fill(0.0);
+            let line = &mut line[keys];
             let max = line.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum = vmath::exp_shifted_sum(line, max);
             line.iter_mut().for_each(|v| *v /= sum);
@@ -461,6 +466,7 @@ mod tests {
             scale: 0.5,
             rows: batch.rows().collect(),
             masks: drop.attention_masks(site),
+            window: None,
         }
     }
 

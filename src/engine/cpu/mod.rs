@@ -12,6 +12,7 @@ pub mod gemm_crate;
 pub mod matmul;
 pub mod norm;
 pub mod primitives;
+pub mod rotary;
 pub mod storage;
 pub mod vmath;
 #[cfg(target_arch = "x86_64")]

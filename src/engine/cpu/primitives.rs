@@ -9,8 +9,9 @@ use rayon::prelude::*;
 
 use super::matmul::{self, Products};
 use super::storage::{cpu_f32, tensor};
-use super::{norm, vmath};
+use super::{norm, rotary, vmath};
 use crate::engine::mask::HiddenMask;
+use crate::engine::rotary::Rotary;
 use crate::engine::{Attention, LinearGrads, NormGrads, Primitives};
 use crate::error::Result;
 
@@ -229,5 +230,103 @@ impl Primitives for Cpu {
         }
         let v = read(t, |v| Ok(v.to_vec()))?;
         Ok(tensor(v, dtype, t.shape(), &Device::Cpu)?)
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        let (t, h) = x.dims2()?;
+        let mut s = read(x, |x| Ok(x.to_vec()))?;
+        read(w, |w| match b {
+            Some(b) => read(b, |b| {
+                norm::norm_rows(&mut s, w, b, eps);
+                Ok(())
+            }),
+            None => {
+                norm::norm_rows(&mut s, w, &vec![0f32; h], eps);
+                Ok(())
+            }
+        })?;
+        self.store(s, t, h)
+    }
+
+    fn norm_backward(&self, x: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Result<NormGrads> {
+        let (t, h) = x.dims2()?;
+        let (dx, mut dwb) = read(x, |x| {
+            read(g, |g| {
+                read(w, |w| Ok(norm::norm_rows_backward(x, g, w, eps)?))
+            })
+        })?;
+        let db = dwb.split_off(h);
+        Ok((
+            f32_tensor(dx, (t, h))?,
+            f32_tensor(dwb, h)?,
+            f32_tensor(db, h)?,
+        ))
+    }
+
+    fn rotary(&self, qkv: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let (t, w) = qkv.dims2()?;
+        let out = self.rotated(qkv, rope, 1.0)?;
+        self.store(out, t, w)
+    }
+
+    fn rotary_backward(&self, d: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let out = self.rotated(d, rope, -1.0)?;
+        f32_tensor(out, d.shape())
+    }
+
+    fn geglu(&self, h: &Tensor) -> Result<Tensor> {
+        let (t, w) = h.dims2()?;
+        let i = w / 2;
+        let mut act = vec![0f32; t * i];
+        read(h, |h| {
+            act.par_chunks_mut(i)
+                .zip(h.par_chunks(w))
+                .for_each(|(a, h)| {
+                    let (input, gate) = h.split_at(i);
+                    a.copy_from_slice(input);
+                    vmath::gelu(a);
+                    a.iter_mut().zip(gate).for_each(|(a, g)| *a *= g);
+                });
+            Ok(())
+        })?;
+        self.store(act, t, i)
+    }
+
+    fn geglu_backward(&self, h: &Tensor, d: &Tensor) -> Result<Tensor> {
+        let (t, w) = h.dims2()?;
+        let i = w / 2;
+        // d input = d ⊙ gate ⊙ gelu'(input), d gate = d ⊙ gelu(input).
+        let mut grad = read(h, |h| Ok(h.to_vec()))?;
+        read(d, |d| {
+            grad.par_chunks_mut(w)
+                .zip(d.par_chunks(i))
+                .for_each(|(row, d)| {
+                    let (input, gate) = row.split_at_mut(i);
+                    let mut act = input.to_vec();
+                    vmath::gelu(&mut act);
+                    let d_input: Vec<f32> = d.iter().zip(gate.iter()).map(|(d, g)| d * g).collect();
+                    vmath::gelu_grad_mul(input, &d_input);
+                    gate.iter_mut()
+                        .zip(d.iter().zip(&act))
+                        .for_each(|(g, (d, a))| *g = d * a);
+                });
+            Ok(())
+        })?;
+        f32_tensor(grad, (t, w))
+    }
+}
+
+impl Cpu {
+    /// `x` (tokens, 3·hidden) as f32 with q and k rotated by `sign` times their angles.
+    fn rotated(&self, x: &Tensor, rope: &Rotary, sign: f32) -> Result<Vec<f32>> {
+        let (_, w) = x.dims2()?;
+        let mut out = read(x, |x| Ok(x.to_vec()))?;
+        read(&rope.cos, |c| {
+            read(&rope.sin, |s| {
+                rotary::rotate(&mut out, w / 3, rope.heads, c, s, sign);
+                Ok(())
+            })
+        })?;
+        Ok(out)
     }
 }
