@@ -4,7 +4,7 @@
 #   all-MiniLM-L6-v2   trained 4 steps with configs/ci-smoke.toml
 #   all-mpnet-base-v2  the same config, 1 step on 8 rows (still a train-and-save; there is no save-only
 #                      command); skipped with --minilm-only or when .weights has no MPNet folder
-#   xlm-roberta, roberta, distilbert  the random-weight family fixtures (tests/fixtures/families/*/model, from
+#   xlm-roberta, roberta, distilbert, modernbert  the random-weight family fixtures (tests/fixtures/families/*/model, from
 #                      scripts/make_family_fixtures.py), trained 4 steps with the same config
 #   all-MiniLM-L6-v2 re-saved by the pinned sentence-transformers (6.x layout, prompts query/passage;
 #                      scripts/save_st6_folder.py), trained 4 steps with data.prompts, checked with and
@@ -73,7 +73,7 @@ roundtrip_st6() {
 fail=0
 roundtrip all-MiniLM-L6-v2 || fail=1
 roundtrip_st6 || fail=1
-for family in xlm-roberta roberta distilbert; do roundtrip "$family" || fail=1; done
+for family in xlm-roberta roberta distilbert modernbert; do roundtrip "$family" || fail=1; done
 if [[ $minilm_only == 0 && -f $weights/all-mpnet-base-v2/model.safetensors ]]; then
   roundtrip all-mpnet-base-v2 --set train.max_steps=1 --set data.limit=8 || fail=1
 elif [[ $minilm_only == 0 ]]; then
