@@ -55,6 +55,8 @@ fn as_model(run: &PlanInput, k: &Candidate) -> PlanInput {
         layers: k.layers,
         layers_with_graph: k.layers.saturating_sub(frozen_layers),
         relative_bias: k.relative_bias,
+        // Every known model is post-LN (model/known.rs).
+        gated_ffn: false,
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
         trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
@@ -112,6 +114,7 @@ mod tests {
             layers: 12,
             layers_with_graph: 12,
             relative_bias: true,
+            gated_ffn: false,
             params: 109_486_464,
             trainable: 109_486_464,
             act_bytes: 4,

@@ -22,6 +22,8 @@ pub struct ModelShape {
     pub layers: usize,
     /// MPNet adds a relative-position bias to every row's scores.
     pub relative_bias: bool,
+    /// ModernBERT's pre-norm layer with a GeGLU feed-forward block (`model/prenorm_op.rs`).
+    pub gated_ffn: bool,
     pub params: usize,
     pub trainable: usize,
     /// Elements of the word-embedding table when it trains, else 0.
@@ -47,6 +49,7 @@ pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanI
         layers,
         layers_with_graph,
         relative_bias: shape.relative_bias,
+        gated_ffn: shape.gated_ffn,
         params: shape.params,
         trainable: shape.trainable,
         act_bytes: if t.precision == Precision::F32 { 4 } else { 2 },
@@ -94,6 +97,8 @@ pub struct PlanInput {
     pub layers_with_graph: usize,
     /// MPNet adds a relative-position bias to every row's scores.
     pub relative_bias: bool,
+    /// ModernBERT's pre-norm GeGLU layer, which keeps other activations than the post-LN one.
+    pub gated_ffn: bool,
     pub params: usize,
     pub trainable: usize,
     /// Bytes per activation element: 4 (f32) or 2 (f16/bf16).
@@ -137,7 +142,15 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // the attention context and its projection (2h), the first norm's output (h), the
     // feed-forward's first projection (i; GELU is recomputed) and its output (h), and the
     // layer's output (h). Dropout products and residual sums are recomputed.
-    let per_layer = tokens * (8 * h + i) * act;
+    // ModernBERT's layer (`model/prenorm_op.rs`) keeps q|k|v after rotation (3h), the context
+    // (h), the sum between its blocks (h), the GeGLU input (2i) and its output (h); its norms'
+    // outputs and the GeGLU product are recomputed.
+    let per_token = if p.gated_ffn {
+        6 * h + 2 * i
+    } else {
+        8 * h + i
+    };
+    let per_layer = tokens * per_token * act;
     // The embedding layer's output: the layer itself is recomputed after the encoder's backward
     // pass (model/embedding_cut.rs), so its gathers and norm keep nothing here.
     let embed = tokens * h * act;
@@ -181,7 +194,12 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // The backward pass walks down the layers: each frees its activations (or, recomputed,
     // the copy of its input) as its parameters' gradients appear, so at any moment it holds
     // the larger of the two sets plus one layer in flight, not their sum.
-    let layer_grads = (4 * h * h + 2 * h * i + 9 * h + i) * 4;
+    let layer_grads = if p.gated_ffn {
+        // q|k|v and the output projection, Wi (2i × h), Wo (h × i), three norm weights.
+        (4 * h * h + 3 * h * i + 3 * h) * 4
+    } else {
+        (4 * h * h + 2 * h * i + 9 * h + i) * 4
+    };
     let trained_layers = p.trained_layers as u64 * layer_grads;
     let walked = if p.checkpointing {
         // The cached scheme keeps the inputs it took for the whole step, and each pass walks
@@ -252,6 +270,7 @@ mod tests {
             layers: 6,
             layers_with_graph: 6,
             relative_bias: false,
+            gated_ffn: false,
             params: 22_700_000,
             trainable: 22_500_000,
             act_bytes: 4,
@@ -282,6 +301,19 @@ mod tests {
     }
 
     #[test]
+    fn a_modernbert_layer_counts_its_own_kept_activations() {
+        let p = PlanInput {
+            gated_ffn: true,
+            ..minilm()
+        };
+        let (gated, post_ln) = (estimate(&p, &[100; 4]), estimate(&minilm(), &[100; 4]));
+        // 800 tokens (2 columns of 4 rows of 100) in 6 layers, each keeping
+        // (6h + 2i) − (8h + i) = i − 2h = 768 more f32 values per token.
+        let more = 800 * 6 * 768 * 4;
+        assert_eq!(gated.activations - post_ln.activations, more);
+    }
+
+    #[test]
     fn the_largest_fitting_micro_batch_is_found_by_halving() {
         let p = minilm();
         let limit = estimate(&p, &[128; 8]).total;
@@ -298,6 +330,7 @@ mod tests {
             heads: 12,
             layers: 12,
             relative_bias: true,
+            gated_ffn: false,
             params: 109_500_000,
             trainable: 0,
             trainable_word_embeddings: 0,

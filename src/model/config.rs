@@ -173,6 +173,12 @@ impl ModelConfig {
         matches!(self, ModelConfig::Mpnet(_))
     }
 
+    /// Whether the layers are ModernBERT's pre-norm GeGLU ones (the memory planner counts
+    /// their activations apart).
+    pub fn gated_ffn(&self) -> bool {
+        matches!(self, ModelConfig::ModernBert(_))
+    }
+
     /// How many layers attend within a window and how many tokens either side they see
     /// (ModernBERT's local layers); (0, 0) when every layer is global.
     pub fn local_layers(&self) -> (usize, usize) {
@@ -238,6 +244,50 @@ mod tests {
         assert_eq!(r.embedding_names().position_offset, 2);
         assert_eq!(r.embedding_names().token_types, Some(1));
         assert!(r.drops_attention_output() && !r.relative_bias());
+    }
+
+    #[test]
+    fn modernbert_reads_both_config_layouts_and_refuses_dropout_by_its_key() {
+        let old = json!({"model_type": "modernbert", "vocab_size": 10, "hidden_size": 8,
+                         "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 12,
+                         "global_attn_every_n_layers": 2, "global_rope_theta": 1000.0,
+                         "local_attention": 16});
+        let modern = |v: &Value| match ModelConfig::parse(Path::new("config.json"), v).unwrap() {
+            ModelConfig::ModernBert(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let c = modern(&old);
+        let local: Vec<bool> = (0..4).map(|i| c.is_local(i)).collect();
+        assert_eq!(local, [false, true, false, true]);
+        assert_eq!((c.rope_theta(0), c.rope_theta(1)), (1000.0, 10_000.0));
+        assert_eq!(c.half_window(), 8);
+        // transformers 5.x writes layer_types and rope_parameters, which win.
+        let mut new = old.clone();
+        new["layer_types"] = json!([
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "full_attention"
+        ]);
+        new["rope_parameters"] = json!({"full_attention": {"rope_theta": 5.0, "rope_type": "default"},
+                                        "sliding_attention": {"rope_theta": 7.0}});
+        let c = modern(&new);
+        assert!(c.is_local(0) && !c.is_local(1));
+        assert_eq!((c.rope_theta(0), c.rope_theta(1)), (7.0, 5.0));
+        let parsed = ModelConfig::parse(Path::new("config.json"), &new).unwrap();
+        assert_eq!(parsed.local_layers(), (1, 8));
+        assert!(parsed.layer_names(0).is_none() && parsed.gated_ffn());
+        for (key, value) in [
+            ("mlp_dropout", json!(0.1)),
+            ("hidden_activation", json!("silu")),
+        ] {
+            let mut bad = old.clone();
+            bad[key] = value;
+            let e = ModelConfig::parse(Path::new("config.json"), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

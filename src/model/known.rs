@@ -148,6 +148,7 @@ mod tests {
             layers: s.layers,
             layers_with_graph: s.layers,
             relative_bias: config.relative_bias(),
+            gated_ffn: config.gated_ffn(),
             params,
             trainable: params,
             act_bytes: 4,
@@ -184,7 +185,7 @@ mod tests {
 
     #[test]
     fn the_parameter_count_is_the_checkpoints_for_every_family() {
-        for family in ["xlm-roberta", "roberta", "distilbert"] {
+        for family in ["xlm-roberta", "roberta", "distilbert", "modernbert"] {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/families")
                 .join(family)

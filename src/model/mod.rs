@@ -388,6 +388,7 @@ impl SentenceModel {
             heads: s.heads,
             layers: s.layers,
             relative_bias: self.spec.model.relative_bias(),
+            gated_ffn: self.spec.model.gated_ffn(),
             params: self.params.tensors.values().map(|t| t.elem_count()).sum(),
             trainable: self.params.trainable_count(),
             trainable_word_embeddings: self
