@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Training speed and peak memory of st-tune against the Python peer (shared/peer/st_step_bench.py)
-# for base-size random-weight XLM-RoBERTa (768 x 12, vocab 250002) and DistilBERT (768 x 6, vocab
-# 30522), in the same run, at 128 tokens a text: CoSENT, batch 16, rows of data/stsb-small made
+# for base-size random-weight XLM-RoBERTa (768 x 12, vocab 250002), DistilBERT (768 x 6, vocab
+# 30522) and ModernBERT (768 x 22, vocab 50368), in the same run, at 128 tokens a text: CoSENT, batch 16, rows of data/stsb-small made
 # of eight sentences each so that every text is cut at max_seq_length = 128 (both tools then see
 # the same 128 tokens, and the peer pads nothing). The models come from
 # scripts/make_family_fixtures.py base (random weights, small trained tokenizers) and are kept in
 # MODEL_DIR. st-tune runs STEPS+3 steps and is given as the median of its last STEPS steps (the
 # peer's method: median of STEPS after 3 warm-up steps); peak RSS is /usr/bin/time's for st-tune
 # and ru_maxrss for the peer (both whole processes, loading included).
-#   scripts/bench-families.sh [MODEL_DIR] [STEPS] [f32|bf16]   # default: /tmp/st-tune-families, 3, f32
+#   scripts/bench-families.sh [MODEL_DIR] [STEPS] [f32|bf16] [FAMILY ...]
+#   # default: /tmp/st-tune-families, 3, f32, xlm-roberta distilbert modernbert
 # Needs ../shared (or ST_TUNE_SHARED), the Python env (scripts/setup-python.sh), jq and GNU time.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -17,10 +18,14 @@ cd "$repo"
 models=${1:-/tmp/st-tune-families}
 steps=${2:-3}
 precision=${3:-f32}
+families=("${@:4}")
+[[ ${#families[@]} == 0 ]] && families=(xlm-roberta distilbert modernbert)
 shared=${ST_TUNE_SHARED:-../shared}
 py=$(scripts/setup-python.sh)
 cargo build --quiet
-[[ -f $models/distilbert-base/model.safetensors ]] || "$py" scripts/make_family_fixtures.py base "$models" >&2
+for family in "${families[@]}"; do
+  [[ -f $models/$family-base/model.safetensors ]] || "$py" scripts/make_family_fixtures.py base "$models" "$family" >&2
+done
 work=$(mktemp -d "${TMPDIR:-/tmp}/st-tune-bench-families.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 data=$work/train.csv
@@ -39,7 +44,7 @@ grep -v '^dev' configs/quickstart.toml > "$config"
 flags=()
 [[ $precision == bf16 ]] && flags+=(--bf16)
 echo "load before: $(uptime)"
-for family in xlm-roberta distilbert; do
+for family in "${families[@]}"; do
   model=$models/$family-base
   rm -rf "$work/run"
   /usr/bin/time -f %M -o "$work/rss" ./target/debug/st-tune train --config "$config" --json \

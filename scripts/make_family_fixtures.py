@@ -2,7 +2,7 @@
 Python computes with them: st-tune's parity fixtures for families whose real weights cannot be
 downloaded here.
 
-usage: make_family_fixtures.py [small [FAMILY ...] | base OUT_DIR]
+usage: make_family_fixtures.py [small [FAMILY ...] | base OUT_DIR [FAMILY ...]]
   small (default)  writes tests/fixtures/families/{xlm-roberta,roberta,distilbert,modernbert}/ (or only the FAMILYs
                    named):
       model/             the folder (Transformer + mean Pooling + Normalize), saved by SentenceTransformer.save:
@@ -231,8 +231,10 @@ if __name__ == "__main__":
     if args[0] == "small":
         for fam in args[1:] or ("xlm-roberta", "roberta", "distilbert", "modernbert"):
             small(fam)
-    elif args[0] == "base" and len(args) == 2:
+    elif args[0] == "base" and len(args) >= 2:
         for fam, shapes in BASE.items():
+            if args[2:] and fam not in args[2:]:
+                continue
             out = Path(args[1]) / f"{fam}-base"
             build(fam, shapes, out, random_weights=False)
             print("wrote", out)
