@@ -1,5 +1,7 @@
 //! `st-tune bench memory`: peak memory and step time of one training step under each memory
 //! lever alone and combined, on synthetic rows of exact lengths (docs/memory.md).
+//! `st-tune bench launches`: the tensor ops of one step, composed layers against the portable
+//! engine (docs/benchmarks.md).
 
 use std::path::PathBuf;
 
@@ -7,12 +9,13 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{Config, MicroBatch, Precision};
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::memory::human_bytes;
 use crate::memory::plan::{estimate, plan_input};
 use crate::model::weights::Freeze;
 use crate::model::SentenceModel;
-use crate::train::measure::{measure_step, StepMeasure};
+use crate::train::measure::{count_step_launches, measure_step, StepLaunches, StepMeasure};
 
 /// Measure what a training step costs.
 #[derive(Debug, Args)]
@@ -26,6 +29,26 @@ pub enum BenchWhat {
     /// Peak memory and time of one step under each lever (f32, bf16, f16, freezing half the
     /// layers, gradient checkpointing, all combined), at each sequence length.
     Memory(MemoryArgs),
+    /// The tensor ops of one optimizer step (about its kernel launches on a GPU): layers as
+    /// composed autograd ops, the portable engine, and the portable engine with each planned
+    /// `cuda` kernel as one launch.
+    Launches(LaunchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// The run's TOML config (model, loss, batch size; data is not read).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override a config key, as for `train`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Tokens in every text.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +110,72 @@ struct Row {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let BenchWhat::Memory(a) = a.what;
+    match a.what {
+        BenchWhat::Memory(a) => memory(a),
+        BenchWhat::Launches(a) => launches(a),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct LaunchRow {
+    model: String,
+    batch: usize,
+    seq: usize,
+    composed: StepLaunches,
+    portable: StepLaunches,
+}
+
+fn launches(a: LaunchArgs) -> Result<()> {
+    let cfg = Config::load(&a.config, &a.set)?;
+    let device = crate::device::parse(&cfg.model.device)?;
+    let mut t = cfg.train.clone();
+    t.micro_batch_size = Some(MicroBatch::Size(t.batch_size));
+    let count = |engine| -> Result<StepLaunches> {
+        let mut model = SentenceModel::load(&cfg.model.path, &device, Some(Freeze::default()))?;
+        model.set_max_seq_length(a.seq)?;
+        model.layer_engine = Some(engine);
+        count_step_launches(&model, &t, a.seq)
+    };
+    let row = LaunchRow {
+        model: cfg.model.path.clone(),
+        batch: t.batch_size,
+        seq: a.seq,
+        composed: count(Engine::Composed)?,
+        portable: count(Engine::Portable)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&row).expect("plain struct"));
+        return Ok(());
+    }
+    let (c, p) = (&row.composed, &row.portable);
+    println!(
+        "model {}, loss {}, batch {} x {} tokens, one optimizer step on {}\n",
+        row.model,
+        t.loss,
+        row.batch,
+        row.seq,
+        crate::device::name(&device)
+    );
+    println!("| path | tensor ops (views included) | of which the gradient norm | vs composed |");
+    println!("| --- | --- | --- | --- |");
+    let line = |name: &str, n: usize, norm: usize| {
+        let ratio = n as f64 / c.total() as f64;
+        println!("| {name} | {n} | {norm} | {ratio:.3} |");
+    };
+    line("composed layers (autograd tape)", c.total(), c.grad_norm);
+    line("portable engine", p.total(), p.grad_norm);
+    line(
+        &format!(
+            "portable + cuda kernels ({} regions of {} ops, one launch each)",
+            p.planned_kernels, p.in_planned_kernels
+        ),
+        p.with_planned_kernels(),
+        p.grad_norm,
+    );
+    Ok(())
+}
+
+fn memory(a: MemoryArgs) -> Result<()> {
     let cfg = Config::load(&a.config, &a.set)?;
     let device = crate::device::parse(&cfg.model.device)?;
     let layers = SentenceModel::load(&cfg.model.path, &device, None)?.num_layers();

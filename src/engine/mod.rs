@@ -11,6 +11,7 @@
 //! everything but the matrix products is f32; gradients are f32.
 
 pub mod cpu;
+pub mod launches;
 pub mod mask;
 pub mod portable;
 pub mod rotary;
@@ -121,6 +122,7 @@ pub fn describe(device: &Device) -> String {
     match Engine::for_device(device) {
         Engine::Cpu => format!("cpu ({})", cpu::features::describe()),
         Engine::Portable => format!("portable on {}", crate::device::name(device)),
+        Engine::Composed => format!("composed on {}", crate::device::name(device)),
     }
 }
 
@@ -129,6 +131,10 @@ pub fn describe(device: &Device) -> String {
 pub enum Engine {
     Cpu,
     Portable,
+    /// No primitives: each layer as a chain of candle ops recorded by the autograd tape, as
+    /// CUDA ran it before the explicit engine. The reference `st-tune bench launches` counts
+    /// against; never chosen by a device or `ST_TUNE_ENGINE`.
+    Composed,
 }
 
 /// Environment variable choosing the CPU's engine: `cpu` (default) or `portable`.
@@ -164,14 +170,16 @@ impl Engine {
         match self {
             Engine::Cpu => "cpu",
             Engine::Portable => "portable",
+            Engine::Composed => "composed",
         }
     }
 
-    /// The primitives of this engine for activations stored as `dtype`.
+    /// The primitives of this engine for activations stored as `dtype` (the composed layers
+    /// ask for none; they get the portable ones).
     pub fn primitives(self, dtype: DType) -> Box<dyn Primitives> {
         match self {
             Engine::Cpu => Box::new(cpu::primitives::Cpu { dtype }),
-            Engine::Portable => Box::new(portable::Portable { dtype }),
+            Engine::Portable | Engine::Composed => Box::new(portable::Portable { dtype }),
         }
     }
 }

@@ -10,7 +10,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::engine::mask::HiddenMask;
+use crate::engine::launches;
+use crate::engine::mask::{AttentionMasks, HiddenMask};
 use crate::engine::rotary::Rotary;
 use crate::engine::{Attention, LinearGrads, NormGrads, Primitives};
 use crate::error::Result;
@@ -26,8 +27,10 @@ fn f32(t: &Tensor) -> Result<Tensor> {
 
 /// The mask of `m` as a (tokens, width) tensor on `device`, f32.
 fn mask_tensor(m: &HiddenMask, width: usize, device: &Device) -> Result<Tensor> {
-    let v = m.values(width);
-    Ok(Tensor::from_vec(v, (m.tokens(), width), &Device::Cpu)?.to_device(device)?)
+    launches::planned_kernel(|| {
+        let v = m.values(width);
+        Ok(Tensor::from_vec(v, (m.tokens(), width), &Device::Cpu)?.to_device(device)?)
+    })
 }
 
 /// The packed rows of a batch laid out as (rows, L) padded slots.
@@ -85,6 +88,15 @@ impl Padding {
         let Some(masks) = &att.masks else {
             return Ok(None);
         };
+        launches::planned_kernel(|| self.draw_dropout(att, masks, device).map(Some))
+    }
+
+    fn draw_dropout(
+        &self,
+        att: &Attention,
+        masks: &AttentionMasks,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (l, heads) = (self.len, att.heads);
         let mut v = vec![0f32; self.rows * heads * l * l];
         let mut block = vec![0f32; l * l];
@@ -97,10 +109,28 @@ impl Padding {
                 }
             }
         }
-        Ok(Some(
-            Tensor::from_vec(v, (self.rows, heads, l, l), &Device::Cpu)?.to_device(device)?,
-        ))
+        Ok(Tensor::from_vec(v, (self.rows, heads, l, l), &Device::Cpu)?.to_device(device)?)
     }
+}
+
+/// (d s, d weight, d bias) of `layer_norm(s)` (f32, (tokens, width)) from its output
+/// gradient `g` (f32): the normalised sum is recomputed from `s`.
+pub fn layer_norm_backward(s: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Result<NormGrads> {
+    let centred = s.broadcast_sub(&s.mean_keepdim(D::Minus1)?)?;
+    let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    let xhat = centred.broadcast_mul(&rstd)?;
+    let dw = (g * &xhat)?.sum(0)?;
+    let db = g.sum(0)?;
+    let dxhat = g.broadcast_mul(w)?;
+    let mean_d = dxhat.mean_keepdim(D::Minus1)?;
+    let mean_dx = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
+    let ds = dxhat
+        .broadcast_sub(&mean_d)?
+        .sub(&xhat.broadcast_mul(&mean_dx)?)?
+        .broadcast_mul(&rstd)?;
+    Ok((ds, dw, db))
 }
 
 /// q, k and v of a padded q|k|v, each (rows, heads, L, head_dim), f32.
@@ -213,22 +243,8 @@ impl Primitives for Portable {
         g: &Tensor,
     ) -> Result<NormGrads> {
         let s = (f32(x)? + self.masked(y, mask)?)?;
-        let centred = s.broadcast_sub(&s.mean_keepdim(D::Minus1)?)?;
-        let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let xhat = centred.broadcast_mul(&rstd)?;
         let g = f32(g)?;
-        let dw = (&g * &xhat)?.sum(0)?;
-        let db = g.sum(0)?;
-        let dxhat = g.broadcast_mul(w)?;
-        let mean_d = dxhat.mean_keepdim(D::Minus1)?;
-        let mean_dx = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
-        let ds = dxhat
-            .broadcast_sub(&mean_d)?
-            .sub(&xhat.broadcast_mul(&mean_dx)?)?
-            .broadcast_mul(&rstd)?;
-        Ok((ds, dw, db))
+        launches::planned_kernel(|| layer_norm_backward(&s, w, eps, &g))
     }
 
     fn masked(&self, g: &Tensor, mask: Option<&HiddenMask>) -> Result<Tensor> {

@@ -53,7 +53,13 @@ impl Dropout {
         if x.device().is_cpu() {
             return Ok(x.contiguous()?.apply_op1(op)?);
         }
-        let mask = Tensor::from_vec(op.values(x.dim(1)?), x.shape(), &Device::Cpu)?;
+        self.hidden_composed(x, &op)
+    }
+
+    /// `x ⊙ mask` as a product with the whole mask, drawn on the host (devices without the CPU
+    /// op, and the composed reference layer on every device).
+    pub fn hidden_composed(&self, x: &Tensor, mask: &HiddenMask) -> Result<Tensor> {
+        let mask = Tensor::from_vec(mask.values(x.dim(1)?), x.shape(), &Device::Cpu)?;
         Ok(x.mul(&mask.to_device(x.device())?.to_dtype(x.dtype())?)?)
     }
 

@@ -208,7 +208,6 @@ impl EncoderLayer {
         })
     }
 
-    #[cfg(test)]
     /// q, k and v as one linear layer (tokens, hidden) -> (tokens, 3·hidden): one matrix
     /// product instead of three, and the layout the fused attention reads.
     fn qkv(&self) -> Result<Linear> {
@@ -233,6 +232,9 @@ impl EncoderLayer {
         drop: &Dropout,
         site: u64,
     ) -> Result<Tensor> {
+        if self.engine == Engine::Composed {
+            return self.forward_composed(x, batch, bias, drop, site);
+        }
         if !self.one_op(x) {
             return Err(crate::Error::Internal(format!(
                 "encoder layer: expected (tokens, hidden) input and f32 weights, got {:?} {:?}",
@@ -287,6 +289,44 @@ impl EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The layer as a chain of plain candle ops recorded by the autograd tape, on every device
+    /// as CUDA ran it before the one-op layer (`Engine::Composed`): what `st-tune bench
+    /// launches` counts against.
+    fn forward_composed(
+        &self,
+        x: &Tensor,
+        batch: &TokenBatch,
+        bias: Option<&Tensor>,
+        drop: &Dropout,
+        site: u64,
+    ) -> Result<Tensor> {
+        let plain = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+            let y = x.matmul(&l.weight.to_dtype(x.dtype())?.t()?)?;
+            Ok(match &l.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+                None => y,
+            })
+        };
+        // The residual sum with dropout at `site` (None: no dropout there), then the norm.
+        let add_norm = |x: &Tensor, y: &Tensor, norm: &LayerNorm, site: Option<u64>| {
+            let mask = site.and_then(|s| drop.hidden_mask(&batch.lengths, s));
+            let y = match mask {
+                Some(m) => drop.hidden_composed(y, &m)?,
+                None => y.clone(),
+            };
+            let s = (y + x)?;
+            let out = layer_norm_composed(&s, &norm.weight, &norm.bias, norm.eps)?;
+            Ok::<_, crate::Error>(out.to_dtype(x.dtype())?)
+        };
+        let qkv = plain(&self.qkv()?, x)?;
+        let ctx = attention_composed(&qkv, batch, bias, drop, site, self.heads)?;
+        let attn = plain(&self.o, &ctx)?;
+        let attn_site = self.drops_attention_output.then_some(site + 1);
+        let x1 = add_norm(x, &attn, &self.attn_norm, attn_site)?;
+        let ffn = plain(&self.ffn_out, &plain(&self.ffn_in, &x1)?.gelu_erf()?)?;
+        add_norm(&x1, &ffn, &self.ffn_norm, Some(site + 2))
+    }
+
     /// Whether the layer runs as one op (`layer_op.rs`): a 2-D input, f32 parameters.
     fn one_op(&self, x: &Tensor) -> bool {
         let params = [
@@ -375,8 +415,7 @@ impl EncoderLayer {
 
 /// Self-attention from plain ops, one row at a time (every device): what `attention.rs`
 /// computes, with scores and softmax in f32. qkv: (tokens, 3·hidden) -> (tokens, hidden).
-/// The tests' reference.
-#[cfg(test)]
+/// The tests' reference, and the composed layer's attention.
 pub fn attention_composed(
     qkv: &Tensor,
     batch: &TokenBatch,
@@ -497,9 +536,18 @@ mod tests {
             let mut ga = grads_through(&a, &probe);
             layer.param_grads.drain_into(&mut ga).unwrap();
             let gc = grads_through(&c, &probe);
+            // The composed layer (plain ops through the tape, what bench launches counts).
+            let engine = layer.engine;
+            layer.engine = Engine::Composed;
+            let e = layer.forward(x.as_tensor(), &batch, b, &drop, 4).unwrap();
+            layer.engine = engine;
+            assert!(max_diff(&e, &c) < 1e-5, "composed values differ");
+            let ge = grads_through(&e, &probe);
             for v in vars {
                 let d = max_diff(ga.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-5, "gradients differ by {d}");
+                let d = max_diff(ge.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-5, "composed gradients differ by {d}");
             }
         }
     }

@@ -260,6 +260,8 @@ pub struct SentenceModel {
     pub device: Device,
     /// Name prefix of the encoder's tensors in model.safetensors ("" or "bert." ...).
     prefix: String,
+    /// The engine the layers run on instead of the device's (`st-tune bench launches`).
+    pub layer_engine: Option<crate::engine::Engine>,
 }
 
 impl SentenceModel {
@@ -305,6 +307,7 @@ impl SentenceModel {
             params,
             device: device.clone(),
             prefix,
+            layer_engine: None,
         };
         model.network()?; // fail now, naming the tensor, rather than at the first batch
         Ok(model)
@@ -319,7 +322,11 @@ impl SentenceModel {
     }
 
     pub fn build(&self, params: &Params, dtype: DType) -> Result<Network> {
-        build_network(&self.spec, &self.prefix, params, dtype)
+        let net = build_network(&self.spec, &self.prefix, params, dtype)?;
+        Ok(match self.layer_engine {
+            Some(engine) => net.with_engine(engine),
+            None => net,
+        })
     }
 
     /// Tokenizes texts into one packed batch on the model's device.
@@ -497,6 +504,7 @@ pub fn write_random_model(like: &Path, out: &Path, seed: u64) -> Result<()> {
         params,
         device: Device::Cpu,
         prefix: String::new(),
+        layer_engine: None,
     };
     model.save(out, &format!("# Random model\n\nRandomly initialised with the shapes of `{}` (seed {seed}); not trained.\n", like.display()))
 }

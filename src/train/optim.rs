@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::engine::launches;
 use crate::error::Result;
 use crate::model::weights::decays;
 
@@ -60,6 +61,35 @@ impl AdamW {
         let t = self.t + 1;
         let bc1 = 1.0 - self.beta1.powi(t as i32);
         let bc2 = 1.0 - self.beta2.powi(t as i32);
+        // Every tensor's update: one `cuda` kernel's work (`bench launches` counts it so).
+        launches::planned_kernel(|| {
+            self.update_all(
+                vars,
+                grads,
+                grad_scale,
+                lr,
+                (bc1, bc2),
+                done,
+                &mut before_each,
+            )
+        })?;
+        self.t = t;
+        done.clear();
+        Ok(())
+    }
+
+    /// [`AdamW::step`]'s updates, with the bias corrections `bc` of this step.
+    #[allow(clippy::too_many_arguments)]
+    fn update_all(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &Grads,
+        grad_scale: f32,
+        lr: f64,
+        (bc1, bc2): (f64, f64),
+        done: &mut std::collections::BTreeSet<String>,
+        before_each: &mut impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
             if done.contains(name) {
@@ -104,8 +134,6 @@ impl AdamW {
             self.state.insert(name.clone(), (m, v));
             done.insert(name.clone());
         }
-        self.t = t;
-        done.clear();
         Ok(())
     }
 
@@ -264,15 +292,19 @@ pub fn grad_norm(grads: &Grads) -> Result<f64> {
                 let parts: Vec<f64> = g.par_chunks(CHUNK).map(sum_squares).collect();
                 parts.iter().sum()
             }
-            _ => g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?,
+            _ => sum_squares_by_ops(g)?,
         };
     }
     Ok(sq.sqrt())
+}
+
+/// Σ g² of one gradient as tensor ops: what [`grad_norm`] does on devices other than the CPU.
+pub fn sum_squares_by_ops(g: &Tensor) -> Result<f64> {
+    Ok(g.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// What `torch.nn.utils.clip_grad_norm_` multiplies the gradients by so that their global
