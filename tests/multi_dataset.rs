@@ -320,12 +320,18 @@ fn bad_entries_are_refused_naming_the_key_and_the_file() {
     );
     assert!(text.contains("data.train[0].columns.query"), "{text}");
 
-    // `st-tune mine --output-format n-tuple`'s rows: refused, not cut to one negative.
+    // `st-tune mine --output-format n-tuple`'s rows with a loss that takes one negative.
     let ntuple = job.path("mined.csv");
     std::fs::write(&ntuple, "anchor,positive,negative_1,negative_2\na,b,c,d\n").unwrap();
-    let text = refused(&job, &entry(format!("path = {ntuple:?}\nloss = \"mnrl\"")));
+    let text = refused(
+        &job,
+        &entry(format!("path = {ntuple:?}\nloss = \"triplet\"")),
+    );
     assert!(
-        text.contains("mined.csv") && text.contains("`negative_1`, `negative_2`"),
+        text.contains("data.train[0].loss")
+            && text.contains("mined.csv")
+            && text.contains("n-tuples with 2 negatives")
+            && text.contains("\"mnrl\""),
         "{text}"
     );
 }
