@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::error::Result;
 
-/// Draw a run's curves (loss, learning rate, dev metric, samples/s, memory in use against
+/// Draw a run's curves (loss, one curve per training set when there are several, learning rate, dev metric, samples/s, memory in use against
 /// memory.limit with each out-of-memory event) from its metrics.jsonl and events.jsonl, into
 /// DIR/training.png and DIR/training.svg. Works on a run still going.
 #[derive(Debug, Args)]
