@@ -17,9 +17,9 @@
 //! | guide anchor, positive[, negatives] | (batch, guide dim) each, no gradient |
 //!
 //! With more than one negative column this is 6.2's `CachedGISTEmbedLoss` (its
-//! `GISTEmbedLoss` takes at most one). Parameters, as sentence-transformers 6.2's `GISTEmbedLoss`: `scale` is 1/temperature (100
-//! by default: temperature 0.01); `margin` (`train.margin`, default 0) is the "absolute"
-//! margin strategy. Not supported: the "relative" strategy, `contrast_anchors = False` and
+//! `GISTEmbedLoss` takes at most one). Parameters, as sentence-transformers 6.2's
+//! `GISTEmbedLoss`: `scale` is 1/temperature (100 by default: temperature 0.01); `margin`
+//! (`train.margin`, default 0) is the "absolute" margin strategy. Not supported: the "relative" strategy, `contrast_anchors = False` and
 //! `contrast_positives = False` (both blocks are always in, as by default), and
 //! `gather_across_devices` (one device).
 //!
