@@ -15,7 +15,10 @@ Writes into tests/fixtures/:
       TripletDistanceMetric and margins that leave some rows at zero; ContrastiveLoss and
       OnlineContrastiveLoss with SiameseDistanceMetrics on 0/1 labels (and all-positive labels, the
       fallback bar of OnlineContrastiveLoss); MSELoss against teacher embeddings; MarginMSELoss against
-      teacher margins. Each case names its input columns, its label input ("labels") and its parameters
+      teacher margins; and n-tuples (anchor, positive, negative, negative_2, negative_3: three hard negatives,
+      as `st-tune mine --output-format n-tuple` writes them) for MultipleNegativesRankingLoss, its cached twin
+      CachedMultipleNegativesRankingLoss (calculate_loss over mini-batches of 2 rows; "python" names the class)
+      and MultipleNegativesSymmetricRankingLoss. Each case names its input columns, its label input ("labels") and its parameters
       ("scale", "margin", "distance"). The numbers come from the real loss classes: each loss's
       compute_loss_from_embeddings (sentence-transformers 6.2.0, sentence_transformers/sentence_transformer/
       losses/*.py; cos_sim / pairwise_cos_sim in sentence_transformers/util/similarity.py), then torch
@@ -32,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import sentence_transformers, torch, transformers
+from torch import nn
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
     ContrastiveLoss, CoSENTLoss, CosineSimilarityLoss, MarginMSELoss, MSELoss, MultipleNegativesRankingLoss,
-    MultipleNegativesSymmetricRankingLoss, OnlineContrastiveLoss, SiameseDistanceMetric, TripletDistanceMetric,
+    CachedMultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss, OnlineContrastiveLoss, SiameseDistanceMetric, TripletDistanceMetric,
     TripletLoss)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +79,10 @@ def losses():
               "all_positive": np.ones(4, dtype=np.float32),
               "margins": rng.normal(0, 2, 4).astype(np.float32),
               "teacher": rng.standard_normal((4, 8)).astype(np.float32)}
+    # More negatives for the n-tuple cases, drawn last so every input above stays as it was.
+    cols.update({c: rng.standard_normal((4, 8)).astype(np.float32) for c in ("negative_2", "negative_3")})
     triplet = ["anchor", "positive", "negative"]
+    ntuple = triplet + ["negative_2", "negative_3"]
     pair = ["anchor", "positive"]
     T, S = TripletDistanceMetric, SiameseDistanceMetric
     specs = [("mnrl", pair, "scores", {"scale": 20.0}, MultipleNegativesRankingLoss(None, scale=20.0)),
@@ -104,12 +111,20 @@ def losses():
              ("online_contrastive", pair, "all_positive", {}, OnlineContrastiveLoss(None)),
              ("mse", ["anchor"], "teacher", {}, MSELoss(None)),
              ("mse", pair, "teacher", {}, MSELoss(None)),
-             ("margin_mse", triplet, "margins", {}, MarginMSELoss(None))]
+             ("margin_mse", triplet, "margins", {}, MarginMSELoss(None)),
+             ("mnrl", ntuple, "scores", {"scale": 20.0}, MultipleNegativesRankingLoss(None, scale=20.0)),
+             ("mnrl", ntuple, "scores", {"scale": 20.0, "python": "CachedMultipleNegativesRankingLoss"},
+              CachedMultipleNegativesRankingLoss(nn.Sequential(nn.Identity()), scale=20.0, mini_batch_size=2)),
+             ("mnsrl", ntuple, "scores", {"scale": 7.0}, MultipleNegativesSymmetricRankingLoss(None, scale=7.0))]
     cases = []
     for loss_name, columns, label_name, params, loss in specs:
         embs = [torch.tensor(cols[c], dtype=torch.float64, requires_grad=True) for c in columns]
         y = torch.tensor(labels[label_name], dtype=torch.float64)
-        if loss_name == "mse":  # EmbedDistillLoss.forward: a 2D label is every column's teacher
+        if isinstance(loss, CachedMultipleNegativesRankingLoss):
+            # The cached loss's own computation over mini-batches of rows (what its forward runs after
+            # embedding without gradients); the gradient then flows back through the slices.
+            value = loss.calculate_loss([[e[i:i + 2] for i in range(0, len(e), 2)] for e in embs])
+        elif loss_name == "mse":  # EmbedDistillLoss.forward: a 2D label is every column's teacher
             value = loss.compute_loss_from_embeddings(embs, [y for _ in embs])
         else:
             value = loss.compute_loss_from_embeddings(embs, y)

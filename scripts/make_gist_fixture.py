@@ -5,7 +5,10 @@ guide's of width 12, so nothing can mix them up; drawn as float32 so Rust reads 
 inputs; math in float64) writes the value and the gradient w.r.t. every trained embedding of
 GISTEmbedLoss (sentence_transformers/sentence_transformer/losses/gist_embed.py, sentence-transformers
 6.2.0) on pairs and triplets, at the default temperature (0.01), another temperature and an
-"absolute" margin; and of MatryoshkaLoss wrapped around it (matryoshka.py: it cuts the trained model's
+"absolute" margin; on n-tuples with three hard negatives (anchor, positive, negative, negative_2, negative_3)
+through CachedGISTEmbedLoss (cached_gist_embed.py: GISTEmbedLoss takes at most one negative, its cached twin
+one block per negative column), its calculate_loss over mini-batches of 2 rows ("python" names the class);
+and of MatryoshkaLoss wrapped around it (matryoshka.py: it cuts the trained model's
 embeddings to each width; the guide is another model and is not cut). The numbers come from the real
 classes' forward: the "model" and the "guide" are stand-ins whose forward returns the given embeddings
 (features "emb" and "guide"), so the gradient is d loss / d embeddings (torch autograd). Both carry the
@@ -36,7 +39,7 @@ import transformers
 from torch import nn
 from transformers import AutoTokenizer
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MatryoshkaLoss
+from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss, GISTEmbedLoss, MatryoshkaLoss
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "tests" / "fixtures" / "gist.json"
@@ -81,8 +84,8 @@ def masked_and_closest(guide, columns, margin, batch=BATCH):
     a, p = guide["anchor"], guide["positive"]
     threshold = np.diag(cos(a, p))[:, None] - margin
     blocks = [(cos(a, p), True), (cos(a, a), False), (cos(p, p), False)]
-    if "negative" in columns:
-        blocks.append((cos(a, guide["negative"]), False))
+    for c in columns[2:]:
+        blocks.append((cos(a, guide[c]), False))
     masked, closest = 0, np.inf
     for sim, protect_diagonal in blocks:
         off = ~np.eye(batch, dtype=bool) if protect_diagonal else np.ones((batch, batch), dtype=bool)
@@ -101,27 +104,44 @@ def main():
     # Make the guide agree with itself a little more on true pairs, so that some rows mask few
     # candidates and others many.
     guide["positive"][:3] += guide["anchor"][:3]
+    # More negatives for the n-tuple cases, drawn last so every input above stays as it was.
+    for c in ("negative_2", "negative_3"):
+        cols[c] = rng.standard_normal((BATCH, DIM)).astype(np.float32)
+        guide[c] = rng.standard_normal((BATCH, GUIDE_DIM)).astype(np.float32)
     model, guide_model = StandIn("emb", DIM), StandIn("guide", GUIDE_DIM)
     pair, triplet = ["anchor", "positive"], ["anchor", "positive", "negative"]
+    ntuple = triplet + ["negative_2", "negative_3"]
     specs = [  # columns, temperature, margin, matryoshka dims, matryoshka weights
         (pair, 0.01, 0.0, None, None),
         (triplet, 0.01, 0.0, None, None),
         (triplet, 0.05, 0.1, None, None),
         (pair, 0.02, 0.0, [16, 8, 4], None),
         (triplet, 0.01, 0.05, [16, 10, 3], [1.0, 0.5, 2.0]),
+        (ntuple, 0.01, 0.0, None, None),
+        (ntuple, 0.05, 0.1, None, None),
     ]
     cases = []
     for columns, temperature, margin, dims, weights in specs:
         masked, closest = masked_and_closest(guide, columns, margin)
         assert closest > 1e-4, f"a guide similarity lies {closest} from its threshold: float32 may differ"
-        loss = GISTEmbedLoss(model, guide_model, temperature=temperature, margin=margin)
-        if dims is not None:
-            loss = MatryoshkaLoss(model, loss, matryoshka_dims=dims, matryoshka_weights=weights)
         embs = [torch.tensor(cols[c], dtype=torch.float64, requires_grad=True) for c in columns]
-        features = [{"emb": e, "guide": torch.tensor(guide[c], dtype=torch.float64)} for e, c in zip(embs, columns)]
-        value = loss(features, None)
+        guides = [torch.tensor(guide[c], dtype=torch.float64) for c in columns]
+        extra = {}
+        if len(columns) > 3:
+            loss = CachedGISTEmbedLoss(model, guide_model, temperature=temperature, margin=margin, mini_batch_size=2)
+            # The cached loss's own computation over mini-batches of rows (what its forward runs after
+            # embedding without gradients); the gradient then flows back through the slices.
+            chunks = lambda t: [t[i:i + 2] for i in range(0, BATCH, 2)]
+            value = loss.calculate_loss([chunks(e) for e in embs], [chunks(g) for g in guides])
+            extra = {"python": "CachedGISTEmbedLoss"}
+        else:
+            loss = GISTEmbedLoss(model, guide_model, temperature=temperature, margin=margin)
+            if dims is not None:
+                loss = MatryoshkaLoss(model, loss, matryoshka_dims=dims, matryoshka_weights=weights)
+            features = [{"emb": e, "guide": g} for e, g in zip(embs, guides)]
+            value = loss(features, None)
         value.backward()
-        cases.append({"columns": columns, "scale": 1.0 / temperature, "margin": margin,
+        cases.append({**extra, "columns": columns, "scale": 1.0 / temperature, "margin": margin,
                       "matryoshka_dims": dims, "matryoshka_weights": weights, "masked": masked,
                       "closest_to_threshold": closest, "value": value.item(),
                       "grads": {c: e.grad.tolist() for c, e in zip(columns, embs)}})

@@ -31,6 +31,9 @@ struct Run {
     eval_name: Option<String>,
     /// Steps with an out-of-memory event, and the memory in use then (MiB).
     ooms: Vec<(f64, f64)>,
+    /// With several training sets (`"dataset"` on the step lines): each set's name and its
+    /// steps' (step, loss), sets in the order they first appear. Empty for one set.
+    set_losses: Vec<(String, Vec<(f64, f64)>)>,
 }
 
 fn read_run(dir: &Path) -> Result<Run> {
@@ -39,6 +42,12 @@ fn read_run(dir: &Path) -> Result<Run> {
     for l in read_jsonl(&metrics)? {
         let step = l["step"].as_f64().unwrap_or(0.0);
         if let Some(loss) = l["loss"].as_f64() {
+            if let Some(set) = l["dataset"].as_str() {
+                match run.set_losses.iter_mut().find(|(name, _)| name == set) {
+                    Some((_, points)) => points.push((step, loss)),
+                    None => run.set_losses.push((set.to_string(), vec![(step, loss)])),
+                }
+            }
             run.steps.push((
                 step,
                 loss,
@@ -99,14 +108,18 @@ fn draw_training(run: &Run, panels: usize, out: &mut String) -> DrawResult {
     };
     let mut area = areas.iter();
     let mut next = || area.next().expect("one area per panel");
-    line_panel(
-        next(),
-        "training loss",
-        "loss",
-        x.clone(),
-        &pick(|s| s.1),
-        &BLUE,
-    )?;
+    if run.set_losses.is_empty() {
+        line_panel(
+            next(),
+            "training loss",
+            "loss",
+            x.clone(),
+            &pick(|s| s.1),
+            &BLUE,
+        )?;
+    } else {
+        set_loss_panel(next(), x.clone(), &run.set_losses)?;
+    }
     line_panel(
         next(),
         "learning rate",
@@ -181,6 +194,61 @@ fn line_panel(
     if points.len() <= 60 {
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
+    Ok(())
+}
+
+/// Colours of the per-set loss curves, in turn (a set after the last takes the first again).
+const SET_COLORS: [RGBColor; 6] = [
+    BLUE,
+    RGBColor(230, 120, 0),
+    RGBColor(0, 150, 70),
+    MAGENTA,
+    RGBColor(120, 80, 40),
+    BLACK,
+];
+
+/// The training loss of a run with several sets: one curve per set, labelled by its name
+/// (each step's loss is that of one set's batch, so one mixed curve would zigzag between sets).
+fn set_loss_panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    x: std::ops::Range<f64>,
+    sets: &[(String, Vec<(f64, f64)>)],
+) -> DrawResult {
+    let y = range_of(sets.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)));
+    let mut chart = ChartBuilder::on(area)
+        .caption("training loss per set", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss")
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&|v| step_label(*v))
+        .y_label_formatter(&|v| short(*v))
+        .draw()?;
+    for (i, (name, points)) in sets.iter().enumerate() {
+        let color = SET_COLORS[i % SET_COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        if points.len() <= 60 {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
     Ok(())
 }
 
@@ -433,6 +501,64 @@ fn rasterize(svg: &str) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A metrics.jsonl of 6 steps, alternating between `sets` when there are several.
+    fn metrics(dir: &Path, sets: &[&str]) {
+        let mut text = String::new();
+        for step in 1..=6 {
+            let mut line = serde_json::json!({
+                "step": step, "epoch": 0, "loss": 1.0 / step as f64, "lr": 1e-4,
+                "samples_per_s": 50.0, "micro_batch_size": 8, "memory_in_use": 1 << 28,
+            });
+            if sets.len() > 1 {
+                line["dataset"] = sets[step % sets.len()].into();
+            }
+            text.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+    }
+
+    /// The number of curves the SVG draws (lines 2 px wide through more than two points: not
+    /// grid lines, not legend marks), and the SVG.
+    fn drawn(dir: &Path) -> (usize, String) {
+        training(dir).unwrap();
+        let svg = std::fs::read_to_string(dir.join("training.svg")).unwrap();
+        let curves = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|p| {
+                let tag = &p[..p.find('>').unwrap()];
+                let points = tag.split("points=\"").nth(1).unwrap_or("");
+                let points = &points[..points.find('"').unwrap_or(0)];
+                tag.contains("stroke-width=\"2\"") && points.split_whitespace().count() > 2
+            })
+            .count();
+        (curves, svg)
+    }
+
+    /// Whether the SVG writes `text` as a text element of its own.
+    fn shows(svg: &str, text: &str) -> bool {
+        svg.contains(&format!(">\n{text}\n</text>")) || svg.contains(&format!(">{text}</text>"))
+    }
+
+    #[test]
+    fn several_sets_get_one_loss_curve_each_labelled_and_one_set_is_drawn_as_before() {
+        let one = tempfile::tempdir().unwrap();
+        metrics(one.path(), &["only"]);
+        let (curves, svg) = drawn(one.path());
+        // loss, lr, speed, memory in use.
+        assert_eq!(curves, 4);
+        assert!(shows(&svg, "training loss") && !svg.contains("per set"));
+
+        let two = tempfile::tempdir().unwrap();
+        metrics(two.path(), &["sts-b", "qa-pairs"]);
+        let (curves, svg) = drawn(two.path());
+        assert_eq!(curves, 5, "a loss curve per set");
+        for label in ["training loss per set", "sts-b", "qa-pairs"] {
+            assert!(shows(&svg, label), "no {label} in the SVG");
+        }
+        assert!(two.path().join("training.png").exists());
+    }
 
     #[test]
     fn short_labels() {

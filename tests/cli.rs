@@ -711,14 +711,14 @@ fn train_rejects_a_micro_batch_larger_than_the_batch() {
 fn train_with_mnrl_on_scored_pairs_names_train_loss() {
     let t = train_setup(&scored_csv(12), "train.csv");
     run(&train_args(&t.config, &["--set", "train.loss=mnrl"]))
-        .failed_with(2, &["train.loss", "`mnrl`", "Scored"]);
+        .failed_with(2, &["train.loss", "`mnrl`", "scored pairs"]);
 }
 
 #[test]
 fn train_with_cosent_on_anchor_positive_pairs_names_train_loss() {
     let t = train_setup(&pairs_csv(12), "train.csv");
     run(&train_args(&t.config, &["--set", "train.loss=cosent"]))
-        .failed_with(2, &["train.loss", "`cosent`", "Pair"]);
+        .failed_with(2, &["train.loss", "`cosent`", "anchor-positive pairs"]);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Each loss's value and its gradient with respect to the embeddings match Python
 //! sentence-transformers on a fixed batch (tests/fixtures/losses.json, from
-//! scripts/make_fixtures.py; GISTEmbedLoss, which takes a guide's embeddings too, with and
+//! scripts/make_fixtures.py, with n-tuples of three hard negatives for the ranking losses;
+//! GISTEmbedLoss, which takes a guide's embeddings too, with and
 //! without MatryoshkaLoss: tests/fixtures/gist.json, from scripts/make_gist_fixture.py); and a
 //! training step with each loss added after MNRL, CoSENT and
 //! CosineSimilarity gives the same loss and gradients whether its batch runs in one pass, is
@@ -79,10 +80,14 @@ fn every_loss_matches_python_in_value_and_gradient() {
             .unwrap();
     let inputs = &fx["inputs"];
     let mut covered = Vec::new();
+    let mut ntuples = Vec::new();
     let (mut worst_value, mut worst_grad) = (0f64, 0f32);
     for case in fx["cases"].as_array().unwrap() {
         let loss = loss_of(case);
         covered.push(loss.kind);
+        if case["columns"].as_array().unwrap().len() == 5 {
+            ntuples.push(loss.kind);
+        }
         let labels = input(&inputs[case["labels"].as_str().unwrap()]);
         let names: Vec<&str> = case["columns"]
             .as_array()
@@ -134,6 +139,14 @@ fn every_loss_matches_python_in_value_and_gradient() {
     for kind in LossKind::ALL.into_iter().filter(|k| *k != LossKind::Gist) {
         assert!(covered.contains(&kind), "no fixture case for {kind}");
     }
+    // Three hard negatives (an n-tuple): MNRL as MultipleNegativesRankingLoss and as
+    // CachedMultipleNegativesRankingLoss computes it, and MNSRL.
+    for kind in [LossKind::Mnrl, LossKind::Mnsrl] {
+        assert!(
+            ntuples.contains(&kind),
+            "no n-tuple fixture case for {kind}"
+        );
+    }
 }
 
 #[test]
@@ -142,6 +155,7 @@ fn gist_matches_python_in_value_and_gradient_with_and_without_matryoshka() {
         serde_json::from_str(&std::fs::read_to_string(common::fixture("gist.json")).unwrap())
             .unwrap();
     let (mut worst_value, mut worst_grad) = (0f64, 0f32);
+    let mut ntuples = 0;
     for case in fx["cases"].as_array().unwrap() {
         let names: Vec<&str> = case["columns"]
             .as_array()
@@ -149,6 +163,7 @@ fn gist_matches_python_in_value_and_gradient_with_and_without_matryoshka() {
             .iter()
             .map(|c| c.as_str().unwrap())
             .collect();
+        ntuples += usize::from(names.len() == 5);
         let vars: Vec<Var> = names
             .iter()
             .map(|n| Var::from_tensor(&tensor(&matrix(&fx["inputs"][*n]))).unwrap())
@@ -216,16 +231,24 @@ fn gist_matches_python_in_value_and_gradient_with_and_without_matryoshka() {
         "gist: worst relative value difference {worst_value:e}, worst relative gradient \
          difference {worst_grad:e}"
     );
+    // Three hard negatives, as CachedGISTEmbedLoss takes them (GISTEmbedLoss takes one).
+    assert!(ntuples >= 2, "no n-tuple gist cases");
 }
 
-/// `rows` rows of `columns` texts from the tiny model's vocabulary (ids 8..38), with the
-/// labels `kind` takes: 0/1 labels, margins, or teacher embeddings of the model's width 16.
+/// `rows` rows of texts from the tiny model's vocabulary (ids 8..38), as many columns as `kind`
+/// takes, with the labels it takes: 0/1 labels, margins, or teacher embeddings of the model's
+/// width 16.
 fn data(kind: LossKind, rows: usize) -> TokenizedData {
     let columns = match kind {
         LossKind::Mse => 1,
         LossKind::Triplet | LossKind::MarginMse => 3,
         _ => 2,
     };
+    data_of(kind, rows, columns)
+}
+
+/// [`data`] with `columns` text columns (anchor, positive, then negatives).
+fn data_of(kind: LossKind, rows: usize, columns: usize) -> TokenizedData {
     let text = |r: usize, c: usize| -> Vec<u32> {
         let len = 3 + (r * 5 + c * 3) % 6;
         (0..len)
@@ -271,9 +294,21 @@ fn guided_step(
     micro: usize,
     inject: &str,
 ) -> (f32, Grads) {
+    step_on(model, guide, t, data(t.loss, 8), micro, inject)
+}
+
+/// [`guided_step`] on the 8 rows of `rows`.
+fn step_on(
+    model: &SentenceModel,
+    guide: Option<&SentenceModel>,
+    t: &TrainSection,
+    rows: TokenizedData,
+    micro: usize,
+    inject: &str,
+) -> (f32, Grads) {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::parse(inject).unwrap();
-    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, data(t.loss, 8), None)
+    let mut trainer = Trainer::new(model, t, &[], &budget, &injector, rows, None)
         .unwrap()
         .with_guide(guide)
         .unwrap();
@@ -400,6 +435,59 @@ fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
                     "{label}: gradients differ by {worst} (largest {scale})"
                 );
             }
+        }
+    }
+}
+
+/// Rows of three hard negatives (`mine --output-format n-tuple`): each ranking loss gives the
+/// same loss and gradients in one pass, in micro-batches (cached scheme) and cut by OOMs.
+#[test]
+fn n_tuples_give_the_same_loss_and_gradients_under_micro_batches_and_ooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, mpnet: bool, seed: u64| {
+        let path = dir.path().join(name);
+        common::tiny_model(&path, mpnet, 2, seed);
+        SentenceModel::load(
+            path.to_str().unwrap(),
+            &Device::Cpu,
+            Some(Freeze::default()),
+        )
+        .unwrap()
+    };
+    let model = load("model", false, 5);
+    let guide = load("guide", true, 9);
+    for loss in [LossKind::Mnrl, LossKind::Mnsrl, LossKind::Gist] {
+        let guide = (loss == LossKind::Gist).then_some(&guide);
+        let t = TrainSection {
+            loss,
+            batch_size: 8,
+            scale: Some(20.0),
+            ..Default::default()
+        };
+        let (whole_loss, whole) = step_on(&model, guide, &t, data_of(loss, 8, 5), 8, "");
+        let scale = whole.values().map(common::max_abs).fold(0f32, f32::max);
+        assert!(scale > 0.0, "{loss:?}: no gradient at all");
+        // The negatives count: the same rows with one negative give another loss.
+        let (triplet_loss, _) = step_on(&model, guide, &t, data_of(loss, 8, 3), 8, "");
+        assert!(
+            (triplet_loss - whole_loss).abs() > 1e-4,
+            "{loss:?}: the extra negatives changed nothing"
+        );
+        for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
+            let (l, g) = step_on(&model, guide, &t, data_of(loss, 8, 5), micro, inject);
+            let label = format!("{loss:?} n-tuple, micro-batch {micro}, OOM {inject:?}");
+            assert!(
+                (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
+                "{label}: loss {l} != {whole_loss}"
+            );
+            let worst = g
+                .iter()
+                .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-6 * scale.max(1.0),
+                "{label}: gradients differ by {worst} (largest {scale})"
+            );
         }
     }
 }

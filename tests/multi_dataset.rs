@@ -320,12 +320,37 @@ fn bad_entries_are_refused_naming_the_key_and_the_file() {
     );
     assert!(text.contains("data.train[0].columns.query"), "{text}");
 
-    // `st-tune mine --output-format n-tuple`'s rows: refused, not cut to one negative.
+    // `--set data.train[i].KEY=VALUE` reaches that entry: qa's loss set to cosent is refused
+    // as an entry's own would be; an entry the file does not give or an unknown key is named.
+    let cfg = job.config("set.toml", "", &job.both(false), "max_steps = 1");
+    for (set, needles) in [
+        (
+            "data.train[1].loss=cosent",
+            &["data.train[1].loss", "qa.csv", "`cosent`"][..],
+        ),
+        ("data.train[2].loss=mnrl", &["data.train[2]", "[0] to [1]"]),
+        (
+            "data.train[0].lost=mnrl",
+            &["data.train[0].lost", "path, name"],
+        ),
+    ] {
+        let (status, text) = job.train(&cfg, "set", &["--set", set], &[]);
+        assert_eq!(status.code(), Some(2), "{set}: {text}");
+        assert!(needles.iter().all(|n| text.contains(n)), "{set}: {text}");
+    }
+
+    // `st-tune mine --output-format n-tuple`'s rows with a loss that takes one negative.
     let ntuple = job.path("mined.csv");
     std::fs::write(&ntuple, "anchor,positive,negative_1,negative_2\na,b,c,d\n").unwrap();
-    let text = refused(&job, &entry(format!("path = {ntuple:?}\nloss = \"mnrl\"")));
+    let text = refused(
+        &job,
+        &entry(format!("path = {ntuple:?}\nloss = \"triplet\"")),
+    );
     assert!(
-        text.contains("mined.csv") && text.contains("`negative_1`, `negative_2`"),
+        text.contains("data.train[0].loss")
+            && text.contains("mined.csv")
+            && text.contains("n-tuples with 2 negatives")
+            && text.contains("\"mnrl\""),
         "{text}"
     );
 }

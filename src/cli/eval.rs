@@ -67,13 +67,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let device = crate::device::parse(&a.device)?;
     let model = SentenceModel::load(&a.model, &device, None)?;
-    let roles = &data.shape.roles()[..data.shape.text_columns()];
+    // Every negative column of an n-tuple is prompted as "negative".
+    let roles = data.shape.prompt_roles();
     let mut named = std::collections::BTreeMap::new();
     for spec in &a.prompt {
         let Some((role, name)) = spec.split_once('=').filter(|(r, _)| roles.contains(r)) else {
             return Err(crate::Error::Usage(format!(
                 "--prompt {spec}: give ROLE=NAME with ROLE one of {} (the columns of {})",
-                roles.join(", "),
+                {
+                    let mut distinct = roles.clone();
+                    distinct.dedup();
+                    distinct.join(", ")
+                },
                 a.data.display()
             )));
         };

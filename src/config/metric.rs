@@ -48,10 +48,11 @@ pub fn figures(shape: RowShape) -> Vec<&'static str> {
     match shape {
         RowShape::Scored => SIMILARITY.to_vec(),
         RowShape::Labeled => BINARY.to_vec(),
-        RowShape::Pair => RETRIEVAL.to_vec(),
-        RowShape::Triplet | RowShape::Margin => {
+        RowShape::Negatives(1) | RowShape::Margin => {
             RETRIEVAL.into_iter().chain(["cosine_accuracy"]).collect()
         }
+        // TripletEvaluator takes one negative: an n-tuple gets retrieval only.
+        RowShape::Pair | RowShape::Negatives(_) => RETRIEVAL.to_vec(),
         RowShape::Distill => Vec::new(),
     }
 }

@@ -624,18 +624,88 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
     };
     let mut table = root;
     for (i, part) in path[..path.len() - 1].iter().enumerate() {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().ok_or_else(|| {
-            Error::config(
-                path[..=i].join("."),
-                format!("--set {spec}: `{}` is not a table", path[..=i].join(".")),
-            )
-        })?;
+        let here = path[..=i].join(".");
+        let not_a_table = || Error::config(&here, format!("--set {spec}: `{here}` is not a table"));
+        table = match entry_index(part) {
+            Some((name, index)) => {
+                let entry = entry_of(table, name, index, &path[..i], spec)?;
+                entry.as_table_mut().ok_or_else(not_a_table)?
+            }
+            None => table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(not_a_table)?,
+        };
+        // A `[[data.train]]` entry: only its own keys, named here rather than by serde.
+        let field = path[i + 1];
+        let train_entry =
+            path[..i] == ["data"] && entry_index(part).is_some_and(|e| e.0 == "train");
+        if train_entry && !train_data::ENTRY_KEYS.contains(&field) {
+            return Err(Error::config(
+                key,
+                format!(
+                    "--set {spec}: `{field}` is not a key of a [[data.train]] entry; its keys \
+                     are {}",
+                    train_data::ENTRY_KEYS.join(", ")
+                ),
+            ));
+        }
     }
     table.insert(path[path.len() - 1].to_string(), value);
     Ok(())
+}
+
+/// `train[2]` -> ("train", 2): a key part that picks an entry of an array of tables.
+fn entry_index(part: &str) -> Option<(&str, usize)> {
+    let (name, rest) = part.split_once('[')?;
+    let index = rest.strip_suffix(']')?.parse().ok()?;
+    Some((name, index))
+}
+
+/// Entry `index` of the array `name` under `table` (`parents` its key so far): the array must
+/// be there already (given in the file), and hold that many entries.
+fn entry_of<'t>(
+    table: &'t mut toml::Table,
+    name: &str,
+    index: usize,
+    parents: &[&str],
+    spec: &str,
+) -> Result<&'t mut toml::Value> {
+    let array_key = [parents, &[name]].concat().join(".");
+    let key = format!("{array_key}[{index}]");
+    let entries = match table.get_mut(name) {
+        Some(toml::Value::Array(entries)) => entries,
+        Some(_) => {
+            return Err(Error::config(
+                &key,
+                format!(
+                    "--set {spec}: `{array_key}` is one value, not a list of [[{array_key}]] \
+                     entries; set it whole, e.g. --set {array_key}=train.csv"
+                ),
+            ))
+        }
+        None => {
+            return Err(Error::config(
+                &key,
+                format!(
+                    "--set {spec}: the config has no [[{array_key}]] entries; an entry's keys \
+                     can be set once the file gives it"
+                ),
+            ))
+        }
+    };
+    let count = entries.len();
+    entries.get_mut(index).ok_or_else(|| {
+        Error::config(
+            &key,
+            format!(
+                "--set {spec}: there is no entry [{index}]; the config has {count} \
+                 [[{array_key}]] entries, [0] to [{}]",
+                count.saturating_sub(1)
+            ),
+        )
+    })
 }
 
 /// A value as TOML if it is one (dates excepted: no key takes a date), else as text.
@@ -656,6 +726,13 @@ fn takes_text(key: &str) -> bool {
         .any(|table| key.starts_with(table))
     {
         return true;
+    }
+    // A `[[data.train]]` entry's keys: all text but its loss.
+    if let Some((_, field)) = key
+        .strip_prefix("data.train[")
+        .and_then(|k| k.split_once("]."))
+    {
+        return field != "loss";
     }
     let Some((section, name)) = key.split_once('.') else {
         return false;
@@ -837,7 +914,8 @@ pub fn defaults_toml() -> String {
     let mut out = String::from(
         "# st-tune training config. Every key shows its default; only model.path and\n\
          # data.train are required. Override any key on the command line with\n\
-         # --set section.key=value, e.g. --set train.lr=3e-5 (the command line wins).\n",
+         # --set section.key=value, e.g. --set train.lr=3e-5 (the command line wins);\n\
+         # a [[data.train]] entry's key with --set data.train[i].key=value (i from 0).\n",
     );
     for (section, help) in SECTIONS {
         out.push_str(&format!("\n# {help}\n[{section}]\n"));
@@ -1002,6 +1080,77 @@ mod tests {
             Some("6GiB")
         );
         assert_eq!(c.memory.escalate, [Lever::Bf16, Lever::MaxSeqLength]);
+    }
+
+    #[test]
+    fn set_overrides_a_field_of_one_data_train_entry() {
+        let file = "[[data.train]]\npath = \"a.csv\"\nloss = \"cosent\"\n\
+                    [[data.train]]\npath = \"b.csv\"\nname = \"qa\"\n";
+        let c = parse(
+            file,
+            &[
+                "data.train[1].path=2024-01-01.csv",
+                "data.train[1].loss=gist",
+                "data.train[0].name=123",
+                "data.train[0].columns.anchor=q",
+                "data.train[0].columns.positive=d",
+                "data.train[1].prompts.anchor=query",
+            ],
+        )
+        .unwrap();
+        let TrainData::Sets(sets) = &c.data.train else {
+            panic!("still entries: {:?}", c.data.train)
+        };
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets[0].path, Path::new("a.csv"));
+        assert_eq!(sets[0].loss, Some(LossKind::Cosent));
+        assert_eq!(sets[0].name.as_deref(), Some("123"));
+        let columns = sets[0].columns.as_ref().unwrap();
+        assert_eq!(
+            (columns["anchor"].as_str(), columns["positive"].as_str()),
+            ("q", "d")
+        );
+        assert_eq!(sets[1].path, Path::new("2024-01-01.csv"));
+        assert_eq!(sets[1].loss, Some(LossKind::Gist));
+        assert_eq!(sets[1].name.as_deref(), Some("qa"));
+        assert_eq!(sets[1].prompts.as_ref().unwrap()["anchor"], "query");
+    }
+
+    #[test]
+    fn set_on_a_data_train_entry_names_a_missing_entry_or_an_unknown_key() {
+        let file = "[[data.train]]\npath = \"a.csv\"\n[[data.train]]\npath = \"b.csv\"\n";
+        let e = parse(file, &["data.train[2].loss=mnrl"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.train[2]") && e.contains("2 [[data.train]] entries, [0] to [1]"),
+            "{e}"
+        );
+        let e = parse(file, &["data.train[0].los=mnrl"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.train[0].los")
+                && e.contains("`los` is not a key")
+                && e.contains("path, name, columns, loss, prompts"),
+            "{e}"
+        );
+        let e = parse("[data]\ntrain = \"a.csv\"\n", &["data.train[0].loss=mnrl"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.train[0]") && e.contains("not a list"),
+            "{e}"
+        );
+        let e = parse("", &["data.train[0].loss=mnrl"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[data.train]] entries"), "{e}");
+        // A bad value is still the entry's own error.
+        let e = parse(file, &["data.train[1].loss=nope"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
     }
 
     #[test]

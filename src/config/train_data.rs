@@ -23,6 +23,9 @@ pub enum TrainData {
     Sets(Vec<TrainSet>),
 }
 
+/// The keys of a `[[data.train]]` entry (what `--set data.train[i].KEY=VALUE` may set).
+pub const ENTRY_KEYS: &[&str] = &["path", "name", "columns", "loss", "prompts"];
+
 /// One `[[data.train]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

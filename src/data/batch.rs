@@ -326,6 +326,41 @@ mod tests {
     }
 
     #[test]
+    fn no_n_tuple_batch_holds_a_text_twice_in_any_column() {
+        // Mined n-tuples: each row's three negatives are the positives of the next rows, as
+        // hard negatives mined from the positives are.
+        let owned: Vec<Vec<String>> = (0..60)
+            .map(|i| {
+                let mut row = vec![format!("q{i}"), format!("p{i}")];
+                row.extend((1..=3).map(|k| format!("p{}", (i + k) % 60)));
+                row
+            })
+            .collect();
+        let rows: Vec<Vec<&str>> = owned
+            .iter()
+            .map(|r| r.iter().map(String::as_str).collect())
+            .collect();
+        let ids = text_ids(&rows);
+        let lengths = vec![5; rows.len()];
+        let plan = EpochBatches::new(&lengths, &ids, 8, 7, false, BatchSampler::NoDuplicates);
+        let batches = plan.epoch(0);
+        for b in &batches {
+            let texts: Vec<&str> = b.iter().flat_map(|&r| rows[r].iter().copied()).collect();
+            let distinct: HashSet<&str> = texts.iter().copied().collect();
+            assert_eq!(distinct.len(), texts.len(), "batch {b:?} repeats a text");
+        }
+        let mut all: Vec<usize> = batches.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..60).collect::<Vec<_>>(), "every row once");
+        // Without the sampler a negative shows up as another row's positive.
+        let plain = EpochBatches::new(&lengths, &ids, 8, 7, false, BatchSampler::Default);
+        assert!(plain.epoch(0).iter().any(|b| {
+            let texts: Vec<&str> = b.iter().flat_map(|&r| rows[r].iter().copied()).collect();
+            texts.iter().collect::<HashSet<_>>().len() < texts.len()
+        }));
+    }
+
+    #[test]
     fn the_batches_are_a_function_of_seed_and_epoch() {
         let owned: Vec<String> = (0..50).map(|i| format!("t{}", i % 7)).collect();
         let rows: Vec<Vec<&str>> = owned

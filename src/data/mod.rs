@@ -16,8 +16,11 @@ use std::path::PathBuf;
 pub enum RowShape {
     /// (anchor, positive): for MultipleNegativesRankingLoss.
     Pair,
-    /// (anchor, positive, negative): MultipleNegativesRankingLoss with hard negatives.
-    Triplet,
+    /// (anchor, positive, n hard negatives): the ranking losses with hard negatives. One
+    /// negative is a triplet (columns anchor,positive,negative); more are an n-tuple
+    /// (anchor,positive,negative_1..negative_n), as `st-tune mine --output-format n-tuple`
+    /// writes them.
+    Negatives(usize),
     /// (sentence1, sentence2, score): for CoSENT, CosineSimilarity and evaluation.
     Scored,
     /// (sentence1, sentence2, label), label 0 or 1: for the contrastive losses and
@@ -31,10 +34,14 @@ pub enum RowShape {
 }
 
 impl RowShape {
-    /// Every shape, in the order a header is matched against them.
+    /// (anchor, positive, negative).
+    pub const TRIPLET: RowShape = RowShape::Negatives(1);
+
+    /// Every kind of shape (n-tuples by their triplet), in the order a header is matched
+    /// against them.
     pub const ALL: [RowShape; 6] = [
         RowShape::Pair,
-        RowShape::Triplet,
+        RowShape::TRIPLET,
         RowShape::Scored,
         RowShape::Labeled,
         RowShape::Margin,
@@ -46,38 +53,66 @@ impl RowShape {
         match self {
             RowShape::Distill => 1,
             RowShape::Pair | RowShape::Scored | RowShape::Labeled => 2,
-            RowShape::Triplet | RowShape::Margin => 3,
+            RowShape::Margin => 3,
+            RowShape::Negatives(n) => 2 + n,
         }
     }
 
-    /// The role names of the columns, in the order `Row::texts` holds them (then the label).
-    pub fn roles(self) -> &'static [&'static str] {
-        match self {
+    /// The role names of the columns, in the order `Row::texts` holds them (then the label):
+    /// also the column names a header without `data.columns` has.
+    pub fn roles(self) -> Vec<String> {
+        let fixed: &[&str] = match self {
             RowShape::Pair => &["anchor", "positive"],
-            RowShape::Triplet => &["anchor", "positive", "negative"],
+            RowShape::Negatives(1) => &["anchor", "positive", "negative"],
+            RowShape::Negatives(n) => {
+                let numbered = (1..=n).map(|i| format!("negative_{i}"));
+                return ["anchor".to_string(), "positive".to_string()]
+                    .into_iter()
+                    .chain(numbered)
+                    .collect();
+            }
             RowShape::Scored => &["sentence1", "sentence2", "score"],
             RowShape::Labeled => &["sentence1", "sentence2", "label"],
             RowShape::Margin => &["anchor", "positive", "negative", "margin"],
             RowShape::Distill => &["text", "embedding"],
+        };
+        fixed.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// The role each text column is prompted by (`data.prompts`): every negative of an
+    /// n-tuple is a "negative".
+    pub fn prompt_roles(self) -> Vec<&'static str> {
+        match self {
+            RowShape::Pair => vec!["anchor", "positive"],
+            RowShape::Negatives(n) => {
+                [["anchor", "positive"].as_slice(), &vec!["negative"; n]].concat()
+            }
+            RowShape::Margin => vec!["anchor", "positive", "negative"],
+            RowShape::Scored | RowShape::Labeled => vec!["sentence1", "sentence2"],
+            RowShape::Distill => vec!["text"],
         }
     }
 
     /// What the rows are, for messages ("scored pairs").
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            RowShape::Pair => "anchor-positive pairs",
-            RowShape::Triplet => "triplets",
-            RowShape::Scored => "scored pairs",
-            RowShape::Labeled => "labelled pairs",
-            RowShape::Margin => "triplets with margins",
-            RowShape::Distill => "texts with teacher embeddings",
+            RowShape::Pair => "anchor-positive pairs".into(),
+            RowShape::Negatives(1) => "triplets".into(),
+            RowShape::Negatives(n) => format!("n-tuples with {n} negatives"),
+            RowShape::Scored => "scored pairs".into(),
+            RowShape::Labeled => "labelled pairs".into(),
+            RowShape::Margin => "triplets with margins".into(),
+            RowShape::Distill => "texts with teacher embeddings".into(),
         }
     }
 
-    /// Whether rows start with (anchor, positive[, negative]): what the ranking losses and
+    /// Whether rows start with (anchor, positive[, negatives]): what the ranking losses and
     /// retrieval evaluation take.
     pub fn is_retrieval(self) -> bool {
-        matches!(self, RowShape::Pair | RowShape::Triplet | RowShape::Margin)
+        matches!(
+            self,
+            RowShape::Pair | RowShape::Negatives(_) | RowShape::Margin
+        )
     }
 }
 

@@ -81,40 +81,101 @@ pub const ROLES: &[&str] = &[
 ];
 
 /// How the shapes' columns are named, for messages.
-const LAYOUTS: &str = "anchor,positive[,negative[,margin]], sentence1,sentence2,score, \
+const LAYOUTS: &str = "anchor,positive[,negative[,margin] or ,negative_1,negative_2,...], \
+                       sentence1,sentence2,score, \
                        sentence1,sentence2,label or text,embedding";
 
-/// The row shape the roles of `data.columns` describe: exactly the roles of one shape.
+/// The row shape the roles of `data.columns` describe: exactly the roles of one shape, the
+/// negatives of an n-tuple as `negative_1`..`negative_n`.
 pub fn shape_from_roles(columns: &BTreeMap<String, String>) -> Result<RowShape> {
-    if let Some(role) = columns.keys().find(|r| !ROLES.contains(&r.as_str())) {
+    if let Some(role) = columns
+        .keys()
+        .find(|r| !ROLES.contains(&r.as_str()) && !is_numbered_negative(r))
+    {
         return Err(Error::config(
             format!("data.columns.{role}"),
-            format!("unknown role; valid roles: {}", ROLES.join(", ")),
+            format!(
+                "unknown role; valid roles: {}, negative_1, negative_2, ...",
+                ROLES.join(", ")
+            ),
         ));
     }
+    let keys: Vec<&str> = columns.keys().map(String::as_str).collect();
+    let negatives = negative_columns(&keys).map_err(|e| Error::config("data.columns", e))?;
     RowShape::ALL
         .into_iter()
+        .map(|shape| match shape {
+            RowShape::Negatives(_) => RowShape::Negatives(negatives.len().max(1)),
+            other => other,
+        })
         .find(|shape| {
-            shape.roles().len() == columns.len()
-                && shape.roles().iter().all(|r| columns.contains_key(*r))
+            let roles = mapped_roles(*shape, columns);
+            roles.len() == columns.len() && roles.iter().all(|r| columns.contains_key(r))
         })
         .ok_or_else(|| {
-            let given: Vec<&str> = columns.keys().map(String::as_str).collect();
             Error::config(
                 "data.columns",
                 format!(
-                    "roles {} do not make a row; map anchor + positive (+ negative \
-                     (+ margin)), sentence1 + sentence2 + score or label, or text + embedding",
-                    given.join(", ")
+                    "roles {} do not make a row; map anchor + positive (+ negative (+ margin), \
+                     or + negative_1, negative_2, ...), sentence1 + sentence2 + score or label, \
+                     or text + embedding",
+                    keys.join(", ")
                 ),
             )
         })
+}
+
+/// The `data.columns` keys of `shape`'s roles: its roles, but a lone negative may be mapped
+/// as `negative_1`.
+fn mapped_roles(shape: RowShape, columns: &BTreeMap<String, String>) -> Vec<String> {
+    let mut roles = shape.roles();
+    if shape == RowShape::TRIPLET && columns.contains_key("negative_1") {
+        roles[2] = "negative_1".into();
+    }
+    roles
 }
 
 /// `negative_1`, `negative_2`, ...: an n-tuple file's negatives.
 fn is_numbered_negative(name: &str) -> bool {
     name.strip_prefix("negative_")
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The negative columns among `names`, in order: none, `negative`, or `negative_1` ..
+/// `negative_n` with none missing. The error says what is wrong with them.
+fn negative_columns(names: &[&str]) -> std::result::Result<Vec<String>, String> {
+    let mut numbered: Vec<usize> = names
+        .iter()
+        .filter(|n| is_numbered_negative(n))
+        .map(|n| n["negative_".len()..].parse().unwrap_or(usize::MAX))
+        .collect();
+    numbered.sort_unstable();
+    let plain = names.contains(&"negative");
+    if numbered.is_empty() {
+        return Ok(if plain {
+            vec!["negative".into()]
+        } else {
+            Vec::new()
+        });
+    }
+    if plain {
+        return Err(format!(
+            "has both `negative` and `negative_{}`; name the negatives negative_1, \
+             negative_2, ... (an n-tuple) or keep one named `negative` (a triplet)",
+            numbered[0]
+        ));
+    }
+    if let Some(missing) = (1..=numbered.len()).find(|i| numbered.binary_search(i).is_err()) {
+        let listed: Vec<String> = numbered.iter().map(|i| format!("negative_{i}")).collect();
+        return Err(format!(
+            "has {} but no `negative_{missing}`; number the negatives \
+             negative_1, negative_2, ... without a gap",
+            listed.join(", ")
+        ));
+    }
+    Ok((1..=numbered.len())
+        .map(|i| format!("negative_{i}"))
+        .collect())
 }
 
 /// Reads and checks a whole data file. `format` `None` picks it from the extension; `columns`
@@ -207,7 +268,7 @@ struct Layout {
 impl Layout {
     /// "column `answer` (data.columns.positive)" or "column `positive`".
     fn describe(&self, i: usize) -> String {
-        let role = self.shape.roles()[i];
+        let role = &self.shape.roles()[i];
         if self.mapped {
             format!("column `{}` (data.columns.{role})", self.columns[i])
         } else {
@@ -243,8 +304,8 @@ impl Reader<'_> {
         if let Some(columns) = self.columns {
             let shape = shape_from_roles(columns)?;
             let mut picked = Vec::new();
-            for role in shape.roles() {
-                let name = &columns[*role];
+            for role in mapped_roles(shape, columns) {
+                let name = &columns[&role];
                 if !has(name) {
                     return Err(self.err(
                         line,
@@ -321,36 +382,27 @@ impl Reader<'_> {
                 ),
             ));
         }
-        // `st-tune mine --output-format n-tuple` writes negative_1..negative_n; the shapes take
-        // one negative, and reading one of them would drop the others without a word.
-        let numbered: Vec<&String> = names.iter().filter(|n| is_numbered_negative(n)).collect();
-        if retrieval && !numbered.is_empty() {
-            let listed: Vec<String> = numbered.iter().map(|n| format!("`{n}`")).collect();
-            return Err(self.err(
-                line,
-                format!(
-                    "the {what} has {} negative columns ({}), as `st-tune mine --output-format \
-                     n-tuple` writes them, but a row takes one negative: mine with \
-                     --output-format triplet (one row per negative), or {}",
-                    numbered.len(),
-                    listed.join(", "),
-                    match self.eval {
-                        true => "keep one negative column, named `negative`".to_string(),
-                        false => format!(
-                            "pick one with data.columns, e.g. --set data.columns.anchor=anchor \
-                             --set data.columns.positive=positive \
-                             --set data.columns.negative={}",
-                            numbered[0]
-                        ),
-                    }
-                ),
-            ));
+        let mut negatives = Vec::new();
+        if retrieval {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            negatives =
+                negative_columns(&names).map_err(|e| self.err(line, format!("the {what} {e}")))?;
+            if has("margin") && !negatives.is_empty() && negatives[0] != "negative" {
+                return Err(self.err(
+                    line,
+                    format!(
+                        "the {what} has a `margin` column and {} negatives; a margin row \
+                         (MarginMSELoss) takes one column named `negative`",
+                        negatives.len()
+                    ),
+                ));
+            }
         }
         let shape = if retrieval {
-            match (has("negative"), has("margin")) {
-                (true, true) => RowShape::Margin,
-                (true, false) => RowShape::Triplet,
-                _ => RowShape::Pair,
+            match (negatives.len(), has("margin")) {
+                (0, _) => RowShape::Pair,
+                (_, true) => RowShape::Margin,
+                (n, _) => RowShape::Negatives(n),
             }
         } else if pairs {
             if has("score") {
@@ -361,7 +413,15 @@ impl Reader<'_> {
         } else {
             RowShape::Distill
         };
-        let columns = shape.roles().iter().map(|r| r.to_string()).collect();
+        let columns = match shape {
+            // `negative_1` alone (mine's n-tuple with one negative) is a triplet's negative.
+            RowShape::Negatives(_) => [
+                &["anchor".to_string(), "positive".to_string()],
+                &negatives[..],
+            ]
+            .concat(),
+            _ => shape.roles(),
+        };
         Ok(Layout {
             shape,
             columns,
@@ -834,32 +894,90 @@ mod tests {
     #[test]
     fn csv_triplets_and_extra_columns() {
         let d = read("t.csv", "id,anchor,positive,negative\n1,a,p,n\n").unwrap();
-        assert_eq!(d.shape, RowShape::Triplet);
+        assert_eq!(d.shape, RowShape::TRIPLET);
         assert_eq!(d.rows[0].texts, ["a", "p", "n"]);
     }
 
     #[test]
-    fn an_n_tuple_file_is_refused_not_cut_to_one_negative() {
-        let e = read("t.csv", "anchor,positive,negative_1,negative_2\n1,a,p,n\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("t.csv") && e.contains("2 negative columns"),
-            "{e}"
+    fn an_n_tuple_file_keeps_every_negative_in_order() {
+        let d = read(
+            "t.csv",
+            "negative_2,anchor,negative_1,positive,negative_3\nn2,a,n1,p,n3\n",
+        )
+        .unwrap();
+        assert_eq!(d.shape, RowShape::Negatives(3));
+        assert_eq!(d.rows[0].texts, ["a", "p", "n1", "n2", "n3"]);
+        assert_eq!(d.prompts.len(), 5);
+        let d = read(
+            "t.jsonl",
+            "{\"anchor\":\"a\",\"positive\":\"p\",\"negative_1\":\"x\",\"negative_2\":\"y\"}\n",
+        )
+        .unwrap();
+        assert_eq!(d.shape, RowShape::Negatives(2));
+        assert_eq!(d.rows[0].texts, ["a", "p", "x", "y"]);
+        // `mine --output-format n-tuple --num-negatives 1` writes a triplet.
+        let d = read("t.csv", "anchor,positive,negative_1\na,p,n\n").unwrap();
+        assert_eq!(d.shape, RowShape::TRIPLET);
+        assert_eq!(d.rows[0].texts, ["a", "p", "n"]);
+    }
+
+    #[test]
+    fn ragged_or_mixed_negative_columns_name_the_file_and_the_missing_column() {
+        let (line, msg) = data_error(
+            read("t.csv", "anchor,positive,negative_1,negative_3\na,p,x,y\n"),
+            "t.csv",
         );
-        assert!(e.contains("`negative_1`, `negative_2`"), "{e}");
-        assert!(e.contains("--output-format triplet"), "{e}");
-        // Mapped with data.columns, one of them is read as the negative.
-        let mut columns = BTreeMap::new();
-        for (role, name) in [("anchor", "anchor"), ("positive", "positive")] {
-            columns.insert(role.to_string(), name.to_string());
-        }
-        columns.insert("negative".to_string(), "negative_2".to_string());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.csv");
-        std::fs::write(&path, "anchor,positive,negative_1,negative_2\na,p,n1,n2\n").unwrap();
+        assert_eq!(line, 1);
+        assert!(
+            msg.contains("negative_1, negative_3") && msg.contains("no `negative_2`"),
+            "{msg}"
+        );
+        let (_, msg) = data_error(
+            read("t.csv", "anchor,positive,negative,negative_1\na,p,x,y\n"),
+            "t.csv",
+        );
+        assert!(msg.contains("both `negative` and `negative_1`"), "{msg}");
+        let (_, msg) = data_error(
+            read(
+                "t.csv",
+                "anchor,positive,negative_1,negative_2,margin\na,p,x,y,1\n",
+            ),
+            "t.csv",
+        );
+        assert!(msg.contains("`margin`"), "{msg}");
+    }
+
+    #[test]
+    fn data_columns_map_numbered_negatives() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(r, c)| (r.to_string(), c.to_string()))
+                .collect()
+        };
+        let (_dir, path) = file("t.csv", b"q,d,h1,h2\na,p,x,y\n");
+        let columns = map(&[
+            ("anchor", "q"),
+            ("positive", "d"),
+            ("negative_1", "h2"),
+            ("negative_2", "h1"),
+        ]);
         let d = read_dataset(&path, None, Some(&columns), None).unwrap();
-        assert_eq!(d.rows[0].texts, ["a", "p", "n2"]);
+        assert_eq!(d.shape, RowShape::Negatives(2));
+        assert_eq!(d.rows[0].texts, ["a", "p", "y", "x"]);
+        // One numbered negative is a triplet's.
+        let columns = map(&[("anchor", "q"), ("positive", "d"), ("negative_1", "h1")]);
+        let d = read_dataset(&path, None, Some(&columns), None).unwrap();
+        assert_eq!(d.shape, RowShape::TRIPLET);
+        assert_eq!(d.rows[0].texts, ["a", "p", "x"]);
+        // A gap is a config error naming the key.
+        let columns = map(&[("anchor", "q"), ("positive", "d"), ("negative_2", "h1")]);
+        let e = read_dataset(&path, None, Some(&columns), None).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("data.columns") && shown.contains("no `negative_1`"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -5,19 +5,21 @@
 //! with `g(aᵢ, c) > tᵢ` is a likely false negative (the guide finds it closer to the anchor
 //! than the positive is) and leaves the softmax (its logit becomes −∞). The candidates are
 //! every positive pⱼ (pᵢ itself is never dropped), every other anchor aⱼ, every positive again
-//! as seen from pᵢ (`g(pᵢ, pⱼ) > tᵢ` drops it) and, when given, every hard negative nⱼ. The
-//! loss is the cross-entropy of `scale · cos(·, ·)` over `[a·p | a·a | p·p | a·n]` with the
+//! as seen from pᵢ (`g(pᵢ, pⱼ) > tᵢ` drops it) and, when given, every hard negative nⱼ of
+//! every negative column (one block per column). The loss is the cross-entropy of
+//! `scale · cos(·, ·)` over `[a·p | a·a | p·p | a·n₁ | … | a·nₖ]` with the
 //! target pᵢ, averaged over anchors. Each text's own entry in the a·a and p·p blocks has guide
 //! similarity 1 and so drops out, unless the guide finds the pair identical.
 //!
 //! | input | shape |
 //! | --- | --- |
-//! | anchor, positive[, negative] | (batch, dim) each, the trained model's |
-//! | guide anchor, positive[, negative] | (batch, guide dim) each, no gradient |
+//! | anchor, positive[, negative_1, …, negative_k] | (batch, dim) each, the trained model's |
+//! | guide anchor, positive[, negatives] | (batch, guide dim) each, no gradient |
 //!
-//! Parameters, as sentence-transformers 6.2's `GISTEmbedLoss`: `scale` is 1/temperature (100
-//! by default: temperature 0.01); `margin` (`train.margin`, default 0) is the "absolute"
-//! margin strategy. Not supported: the "relative" strategy, `contrast_anchors = False` and
+//! With more than one negative column this is 6.2's `CachedGISTEmbedLoss` (its
+//! `GISTEmbedLoss` takes at most one). Parameters, as sentence-transformers 6.2's
+//! `GISTEmbedLoss`: `scale` is 1/temperature (100 by default: temperature 0.01); `margin`
+//! (`train.margin`, default 0) is the "absolute" margin strategy. Not supported: the "relative" strategy, `contrast_anchors = False` and
 //! `contrast_positives = False` (both blocks are always in, as by default), and
 //! `gather_across_devices` (one device).
 //!
@@ -65,7 +67,7 @@ pub fn loss(columns: &[Tensor], guide: &[Tensor], scale: f64, margin: f64) -> Re
         &threshold,
         None,
     )?);
-    if let (Some(neg), Some(gn)) = (columns.get(2), guide.get(2)) {
+    for (neg, gn) in columns[2..].iter().zip(&guide[2..]) {
         blocks.push(masked(
             &cos_sim_matrix(a, neg)?,
             &cos_sim_matrix(ga, gn)?,
@@ -73,7 +75,7 @@ pub fn loss(columns: &[Tensor], guide: &[Tensor], scale: f64, margin: f64) -> Re
             None,
         )?);
     }
-    let logits = (Tensor::cat(&blocks, 1)? * scale)?; // (batch, 3 or 4 · batch)
+    let logits = (Tensor::cat(&blocks, 1)? * scale)?; // (batch, (3 + negatives) · batch)
     Ok((logsumexp(&logits)? - (target * scale)?)?.mean_all()?)
 }
 

@@ -7,7 +7,7 @@
 //!
 //! | input | shape |
 //! | --- | --- |
-//! | anchor, positive[, negative] | (batch, dim) each |
+//! | anchor, positive[, negative_1, …, negative_k] | (batch, dim) each |
 //!
 //! Use it for (query, relevant passage) or (sentence, paraphrase) pairs without scores;
 //! larger batches give more negatives and usually better models. `scale` is 1/temperature

@@ -9,7 +9,7 @@
 //!
 //! | input | shape |
 //! | --- | --- |
-//! | anchor, positive[, negative] | (batch, dim) each |
+//! | anchor, positive[, negative_1, …, negative_k] | (batch, dim) each |
 //!
 //! Use it instead of MNRL when both sides of a pair should find each other (question ↔ answer,
 //! sentence ↔ translation), as in symmetric search. Like MNRL it couples the rows of a batch.

@@ -3,9 +3,9 @@
 //!
 //! | loss | data | batch-coupled |
 //! | --- | --- | --- |
-//! | [`mnrl`] MultipleNegativesRankingLoss | (anchor, positive[, negative]) | yes |
-//! | [`mnsrl`] MultipleNegativesSymmetricRankingLoss | (anchor, positive[, negative]) | yes |
-//! | [`gist`] GISTEmbedLoss | (anchor, positive[, negative]) and the guide's embeddings | yes |
+//! | [`mnrl`] MultipleNegativesRankingLoss | (anchor, positive[, negatives...]) | yes |
+//! | [`mnsrl`] MultipleNegativesSymmetricRankingLoss | (anchor, positive[, negatives...]) | yes |
+//! | [`gist`] GISTEmbedLoss | (anchor, positive[, negatives...]) and the guide's embeddings | yes |
 //! | [`triplet`] TripletLoss | (anchor, positive, negative) | no |
 //! | [`cosent`] CoSENTLoss | (sentence1, sentence2, score) | yes |
 //! | [`cosine`] CosineSimilarityLoss | (sentence1, sentence2, score) | no |
@@ -182,7 +182,7 @@ pub fn couples_batch(loss: impl Into<Loss>) -> bool {
 pub fn fits(kind: LossKind, shape: RowShape) -> bool {
     match kind {
         LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => shape.is_retrieval(),
-        LossKind::Triplet => matches!(shape, RowShape::Triplet | RowShape::Margin),
+        LossKind::Triplet => matches!(shape, RowShape::Negatives(1) | RowShape::Margin),
         LossKind::Cosent | LossKind::Cosine => shape == RowShape::Scored,
         LossKind::Contrastive | LossKind::OnlineContrastive => shape == RowShape::Labeled,
         LossKind::Mse => shape == RowShape::Distill,
@@ -202,7 +202,9 @@ pub fn check_fits(
         return Ok(());
     }
     let needs = match kind {
-        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => "anchor,positive[,negative] rows",
+        LossKind::Mnrl | LossKind::Mnsrl | LossKind::Gist => {
+            "anchor,positive[,negative or ,negative_1,...,negative_n] rows"
+        }
         LossKind::Triplet => "anchor,positive,negative rows",
         LossKind::Cosent | LossKind::Cosine => "sentence1,sentence2,score rows",
         LossKind::Contrastive | LossKind::OnlineContrastive => {
@@ -222,10 +224,11 @@ pub fn check_fits(
     Err(Error::config(
         key,
         format!(
-            "`{}` needs {needs}, but the training data {} has {shape:?} rows ({}); for those \
+            "`{}` needs {needs}, but the training data {} has {} ({}); for those \
              use {key} = {}, or map other columns with {columns_key}",
             kind.as_str(),
             file.display(),
+            shape.name(),
             shape.roles().join(","),
             others.join(" or ")
         ),

@@ -33,7 +33,7 @@ pub struct SetFacts<'a> {
     pub name: &'a str,
     pub path: &'a Path,
     pub rows: usize,
-    pub columns: &'a [&'a str],
+    pub columns: Vec<String>,
     pub loss: LossKind,
 }
 

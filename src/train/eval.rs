@@ -74,7 +74,8 @@ pub fn evaluation_name(shape: RowShape) -> &'static str {
         RowShape::Scored => "similarity",
         RowShape::Labeled => "binary classification",
         RowShape::Pair => "retrieval",
-        RowShape::Triplet | RowShape::Margin => "retrieval and triplet accuracy",
+        RowShape::Negatives(1) | RowShape::Margin => "retrieval and triplet accuracy",
+        RowShape::Negatives(_) => "retrieval",
         RowShape::Distill => "none",
     }
 }
@@ -123,10 +124,10 @@ pub fn evaluate_widths(
             .into_iter()
             .map(Scores::Binary)
             .collect(),
-        RowShape::Pair | RowShape::Triplet | RowShape::Margin => {
+        RowShape::Pair | RowShape::Negatives(_) | RowShape::Margin => {
             let mut r =
                 evaluate_at_widths(model, data, batch_size, CORPUS_CHUNK, QUERY_CHUNK, &all)?;
-            if data.shape != RowShape::Pair {
+            if matches!(data.shape, RowShape::Negatives(1) | RowShape::Margin) {
                 let accuracy = triplet_accuracies(model, data, batch_size, &all)?;
                 for (r, a) in r.iter_mut().zip(accuracy) {
                     r.triplet_accuracy = Some(a);

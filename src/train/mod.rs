@@ -479,7 +479,8 @@ fn set_prompts(
         .default_prompt_name
         .as_ref()
         .map(|n| prompts[n].clone());
-    let text_roles = |set: &Dataset| set.shape.roles()[..set.shape.text_columns()].to_vec();
+    // Every negative column of an n-tuple is prompted as "negative".
+    let text_roles = |set: &Dataset| set.shape.prompt_roles();
     let declared = |name: &str, key: &str| -> Result<()> {
         if prompts.contains_key(name) {
             return Ok(());
@@ -506,7 +507,11 @@ fn set_prompts(
                 "is for a column role \"{role}\" that {} does not have; its text columns \
                  are {}",
                 set.path.display(),
-                text_roles(set).join(", ")
+                {
+                    let mut roles = text_roles(set);
+                    roles.dedup();
+                    roles.join(", ")
+                }
             ),
         )
     };

@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn identical_texts_are_one_query_or_one_document() {
         let d = dataset(
-            RowShape::Triplet,
+            RowShape::TRIPLET,
             &[&["q1", "p1", "n"], &["q2", "p2", "p1"], &["q1", "p3", "n"]],
         );
         let t = Task::new(&d).unwrap();
