@@ -1,8 +1,8 @@
 //! `train.freeze_embeddings` and `train.freeze_layers` keep exactly the embedding layer and the
 //! lowest layers of every family, whether the checkpoint names its tensors as
 //! sentence-transformers saves them or under the architecture's prefix (`roberta.`,
-//! `distilbert.`, ModernBERT's `model.`, ... as a masked-LM checkpoint does), and whatever else it holds (a pooler, an
-//! LM head) stays as it was.
+//! `distilbert.`, ModernBERT's `model.`, ... as a masked-LM checkpoint does), and whatever else
+//! it holds (a pooler, an LM head) stays as it was.
 
 mod common;
 
