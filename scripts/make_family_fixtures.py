@@ -11,7 +11,9 @@ usage: make_family_fixtures.py [small [FAMILY ...] | base OUT_DIR [FAMILY ...]]
                          DistilBERT: q_lin/k_lin/v_lin/out_lin names, sinusoidal_pos_embds = true;
                          ModernBERT: 3 layers, global attention every 3rd (layer 0), the others local with
                          local_attention 8 (each token sees +-4, so most sentences are longer than the window),
-                         rotary theta 160000 global / 10000 local, no biases, intermediate 48, GeGLU)
+                         rotary theta 160000 global / 10000 local, no biases, intermediate 48, GeGLU,
+                         max_seq_length 512; expected.json also holds "long": two texts of several
+                         hundred tokens, longer than st-tune's 64-query blocks of a local layer)
       expected.json      for tests/fixtures/sentences.txt: max_seq_length, the token ids the model feeds its
                          encoder (padding removed), encode(batch_size=16) embeddings; and the loss case:
                          MultipleNegativesRankingLoss (scale 20) of PAIRS with dropout off, its value
@@ -62,7 +64,8 @@ PAIRS = [("A man is playing a guitar.", "Someone plays an instrument."),
          ("Le chat est assis sur le tapis.", "The cat sat on the mat."),
          ("a plane is taking off", "an aircraft departs")]
 SMALL = dict(hidden=32, layers=2, heads=4, intermediate=64)
-SMALL_MODERNBERT = dict(hidden=32, layers=3, heads=4, intermediate=48, local_attention=8, positions=128)
+SMALL_MODERNBERT = dict(hidden=32, layers=3, heads=4, intermediate=48, local_attention=8, positions=512,
+                        max_seq_length=512)
 
 
 def sentences():
@@ -215,8 +218,15 @@ def small(family):
     grads = {k: p.grad.detach().contiguous() for k, p in hf_model(st).named_parameters() if p.grad is not None}
     save_file(grads, str(root / "grads.safetensors"))
     print("wrote", (root / "grads.safetensors").relative_to(REPO), len(grads), "gradients")
+    long = {}
+    if family == "modernbert":
+        text = " ".join(sents)
+        texts = [text + " " + text, text[: len(text) // 5]]
+        lf = st.preprocess(texts)
+        long = {"long": {"texts": texts, "tokens": lf["attention_mask"].sum(1).tolist(),
+                         "embeddings": [[float(x) for x in row] for row in st.encode(texts, convert_to_numpy=True)]}}
     dump({"family": family, "max_seq_length": st.max_seq_length, "dim": int(emb.shape[1]), "versions": VERSIONS,
-          "sentences": sents, "token_ids": ids, "embeddings": [[float(x) for x in row] for row in emb],
+          **long, "sentences": sents, "token_ids": ids, "embeddings": [[float(x) for x in row] for row in emb],
           "loss": {"name": "mnrl", "scale": 20.0, "anchors": [a for a, _ in PAIRS],
                    "positives": [p for _, p in PAIRS], "value": loss.item()}}, root / "expected.json")
 

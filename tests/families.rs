@@ -103,6 +103,29 @@ fn modernbert_tokens_and_embeddings_match_python_sentence_transformers() {
     let model = load("modernbert", None);
     assert_eq!(model.spec.model.local_layers(), (2, 4));
     embeddings_match_python("modernbert");
+    // Rows of hundreds of tokens: a local layer's attention runs in blocks of 64 queries on
+    // the CPU engine (a partial last one in the second row).
+    let long = &fx["long"];
+    let texts = strings(&long["texts"]);
+    let ids = model.tokenizer.encode(&texts).unwrap();
+    let lengths: Vec<u64> = ids.iter().map(|r| r.len() as u64).collect();
+    let want: Vec<u64> = long["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(lengths, want);
+    assert!(lengths.iter().all(|&l| l > 2 * 64) && lengths.iter().any(|l| l % 64 != 0));
+    let got = model.encode(&texts, 2).unwrap();
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(long["embeddings"].as_array().unwrap()) {
+        for (a, b) in g.iter().zip(w.as_array().unwrap()) {
+            worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    eprintln!("modernbert long rows {lengths:?}: max abs diff {worst:e}");
+    assert!(worst <= 1e-5, "long rows: max abs diff {worst}");
 }
 
 /// The fixture's loss (MNRL, dropout off) and the gradient of every trainable tensor, on

@@ -1,8 +1,8 @@
 //! `train.freeze_embeddings` and `train.freeze_layers` keep exactly the embedding layer and the
 //! lowest layers of every family, whether the checkpoint names its tensors as
 //! sentence-transformers saves them or under the architecture's prefix (`roberta.`,
-//! `distilbert.`, ... as a masked-LM checkpoint does), and whatever else it holds (a pooler, an
-//! LM head) stays as it was.
+//! `distilbert.`, ModernBERT's `model.`, ... as a masked-LM checkpoint does), and whatever else
+//! it holds (a pooler, an LM head) stays as it was.
 
 mod common;
 
@@ -23,10 +23,10 @@ fn write_family(family: &str, dir: &Path) -> &'static str {
         _ => {
             let from = common::fixture(&format!("families/{family}/model"));
             copy_dir(&from, dir);
-            if family == "distilbert" {
-                "transformer.layer"
-            } else {
-                "encoder.layer"
+            match family {
+                "distilbert" => "transformer.layer",
+                "modernbert" => "layers",
+                _ => "encoder.layer",
             }
         }
     }
@@ -86,7 +86,12 @@ fn train_frozen(dir: &Path) {
     );
 }
 
-fn freezing_keeps_exactly_the_frozen_part(family: &str, prefix: &str) {
+/// Layer 1's eight linear and norm modules, two tensors each: what trains in the 2-layer
+/// post-LN models.
+const LAYER_1: usize = 16;
+
+/// `trained`: how many tensors train (those above the lowest layer).
+fn freezing_keeps_exactly_the_frozen_part(family: &str, prefix: &str, trained: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let layer = write_family(family, &dir.join("model"));
@@ -122,30 +127,40 @@ fn freezing_keeps_exactly_the_frozen_part(family: &str, prefix: &str) {
             moved_count += 1;
         }
     }
-    // Layer 1's eight linear and norm modules, two tensors each.
-    assert_eq!(moved_count, 16, "{family} {prefix:?}: tensors that trained");
+    assert_eq!(
+        moved_count, trained,
+        "{family} {prefix:?}: tensors that trained"
+    );
 }
 
 #[test]
 fn freezing_keeps_bert_embeddings_and_lowest_layer_with_or_without_a_prefix() {
-    freezing_keeps_exactly_the_frozen_part("bert", "");
-    freezing_keeps_exactly_the_frozen_part("bert", "bert.");
+    freezing_keeps_exactly_the_frozen_part("bert", "", LAYER_1);
+    freezing_keeps_exactly_the_frozen_part("bert", "bert.", LAYER_1);
 }
 
 #[test]
 fn freezing_keeps_mpnet_embeddings_lowest_layer_and_shared_bias_with_or_without_a_prefix() {
-    freezing_keeps_exactly_the_frozen_part("mpnet", "");
-    freezing_keeps_exactly_the_frozen_part("mpnet", "mpnet.");
+    freezing_keeps_exactly_the_frozen_part("mpnet", "", LAYER_1);
+    freezing_keeps_exactly_the_frozen_part("mpnet", "mpnet.", LAYER_1);
 }
 
 #[test]
 fn freezing_keeps_xlm_roberta_embeddings_and_lowest_layer_with_or_without_a_prefix() {
-    freezing_keeps_exactly_the_frozen_part("xlm-roberta", "");
-    freezing_keeps_exactly_the_frozen_part("xlm-roberta", "roberta.");
+    freezing_keeps_exactly_the_frozen_part("xlm-roberta", "", LAYER_1);
+    freezing_keeps_exactly_the_frozen_part("xlm-roberta", "roberta.", LAYER_1);
 }
 
 #[test]
 fn freezing_keeps_distilbert_embeddings_and_lowest_layer_with_or_without_a_prefix() {
-    freezing_keeps_exactly_the_frozen_part("distilbert", "");
-    freezing_keeps_exactly_the_frozen_part("distilbert", "distilbert.");
+    freezing_keeps_exactly_the_frozen_part("distilbert", "", LAYER_1);
+    freezing_keeps_exactly_the_frozen_part("distilbert", "distilbert.", LAYER_1);
+}
+
+#[test]
+fn freezing_keeps_modernbert_embeddings_and_lowest_layer_with_or_without_a_prefix() {
+    // Layers 1 and 2 (attention norm, q|k|v, output, MLP norm, Wi, Wo; no biases) and the
+    // final norm, which the last layer carries. "model." is ModernBertForMaskedLM's prefix.
+    freezing_keeps_exactly_the_frozen_part("modernbert", "", 13);
+    freezing_keeps_exactly_the_frozen_part("modernbert", "model.", 13);
 }

@@ -142,8 +142,8 @@ impl ModernBertConfig {
             }
         }
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0
-            || (self.hidden_size / self.num_attention_heads) % 2 != 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || !(self.hidden_size / self.num_attention_heads).is_multiple_of(2)
         {
             return refuse(format!(
                 "hidden_size {} is not num_attention_heads {} × an even head size",
@@ -182,7 +182,7 @@ impl ModernBertConfig {
     pub fn is_local(&self, i: usize) -> bool {
         match &self.layer_types {
             Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
-            None => i % self.global_attn_every_n_layers != 0,
+            None => !i.is_multiple_of(self.global_attn_every_n_layers),
         }
     }
 

@@ -271,7 +271,7 @@ impl PreNormOp {
                 }
                 sink.push(pairs);
             }
-            Ok(p.cast(&dx, x.dtype())?)
+            p.cast(&dx, x.dtype())
         };
         run().map_err(to_candle)
     }

@@ -5,7 +5,9 @@
 //! (heads, len, len) tensors per row instead, which dominate memory at long sequences.
 //!
 //! Work is split by head (every row of one head on one thread), so MPNet's bias gradient sums
-//! over rows without sharing. Arithmetic is f32; q|k|v and the output may be bf16 or f16.
+//! over rows without sharing. A local layer (ModernBERT's sliding window) takes a block of
+//! queries at a time with only the keys their windows reach, so its scratch and work grow with
+//! the window, not with the row's length squared. Arithmetic is f32; q|k|v and the output may be bf16 or f16.
 
 #[cfg(test)]
 use candle_core::{
@@ -31,6 +33,9 @@ pub fn attention(qkv: &Tensor, bias: Option<&Tensor>, op: Attention) -> Result<T
         None => qkv.apply_op1(op)?,
     })
 }
+
+/// Queries per block of a local layer's banded path.
+const BLOCK: usize = 64;
 
 /// A strided read-only matrix inside a slice.
 #[derive(Clone, Copy)]
@@ -58,10 +63,34 @@ impl<'a> View<'a> {
 fn matmul(
     dst: &mut [f32],
     dst_rs: usize,
+    dims: (usize, usize, usize),
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    gemm_into(dst, dst_rs, dims, a, b, beta, false)
+}
+
+/// dst[m×n, row stride dst_rs] += beta · a[m×k] · b[k×n].
+fn matmul_add(
+    dst: &mut [f32],
+    dst_rs: usize,
+    dims: (usize, usize, usize),
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    gemm_into(dst, dst_rs, dims, a, b, beta, true)
+}
+
+fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
     (m, n, k): (usize, usize, usize),
     a: View,
     b: View,
     beta: f32,
+    add: bool,
 ) {
     assert!(View::new(dst, 0, dst_rs, 1).covers(m, n) && a.covers(m, k) && b.covers(k, n));
     // SAFETY: the assert above keeps every index gemm touches inside the three slices.
@@ -73,7 +102,7 @@ fn matmul(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            false,
+            add,
             a.data.as_ptr().add(a.off),
             a.cs as isize,
             a.rs as isize,
@@ -145,6 +174,150 @@ impl Attention {
         }
     }
 
+    /// The window when the banded path runs: a local layer without bias or dropout (ModernBERT).
+    fn band(&self, bias: Option<(&[f32], usize)>) -> Option<usize> {
+        self.window
+            .filter(|_| bias.is_none() && self.masks.is_none())
+    }
+
+    /// The query blocks of a row of `len` tokens, [a, b), and the keys [lo, hi) their
+    /// windows reach.
+    fn blocks(&self, window: usize, len: usize) -> impl Iterator<Item = [usize; 4]> {
+        (0..len).step_by(BLOCK).map(move |a| {
+            let b = (a + BLOCK).min(len);
+            [a, b, a.saturating_sub(window), (b + window).min(len)]
+        })
+    }
+
+    /// The probabilities of queries [a, b) of row `r` over keys [lo, hi), for head `hh`,
+    /// into `p` ((b − a) × (hi − lo)); keys outside a query's window get 0.
+    fn block_probs(
+        &self,
+        qkv: &[f32],
+        hh: usize,
+        r: usize,
+        [a, b, lo, hi]: [usize; 4],
+        p: &mut Vec<f32>,
+        hidden: usize,
+    ) {
+        let (off, len) = self.rows[r];
+        let (w, hd, n) = (3 * hidden, hidden / self.heads, hi - lo);
+        p.resize((b - a) * n, 0.0);
+        let q = View::new(qkv, (off + a) * w + hh * hd, w, 1);
+        let kt = View::new(qkv, (off + lo) * w + hidden + hh * hd, 1, w);
+        matmul(p, n, (b - a, n, hd), q, kt, self.scale);
+        for (i, line) in p.chunks_mut(n).enumerate() {
+            let keys = self.keys(a + i, len);
+            let (s, e) = (keys.start - lo, keys.end - lo);
+            line[..s].fill(0.0);
+            line[e..].fill(0.0);
+            let line = &mut line[s..e];
+            let max = line.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum = vmath::exp_shifted_sum(line, max);
+            line.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+
+    /// [`Self::head_forward`] of a local layer, a block of queries at a time: scratch of
+    /// BLOCK × (BLOCK + 2·window), whatever the row's length.
+    fn head_forward_banded(
+        &self,
+        qkv: &[f32],
+        window: usize,
+        hh: usize,
+        hidden: usize,
+    ) -> Vec<f32> {
+        let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
+        let w = 3 * hidden;
+        let mut out = vec![0f32; tokens * hd];
+        let mut p = Vec::new();
+        for (r, &(off, len)) in self.rows.iter().enumerate() {
+            for block in self.blocks(window, len) {
+                let [a, b, lo, hi] = block;
+                self.block_probs(qkv, hh, r, block, &mut p, hidden);
+                let v = View::new(qkv, (off + lo) * w + 2 * hidden + hh * hd, w, 1);
+                let pv = View::new(&p, 0, hi - lo, 1);
+                matmul(
+                    &mut out[(off + a) * hd..],
+                    hd,
+                    (b - a, hd, hi - lo),
+                    pv,
+                    v,
+                    1.0,
+                );
+            }
+        }
+        out
+    }
+
+    /// [`Self::head_backward`] of a local layer, a block of queries at a time.
+    fn head_backward_banded(
+        &self,
+        qkv: &[f32],
+        g: &[f32],
+        window: usize,
+        hh: usize,
+        hidden: usize,
+    ) -> HeadGrads {
+        let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
+        let w = 3 * hidden;
+        let mut grads = HeadGrads {
+            dq: vec![0f32; tokens * hd],
+            dk: vec![0f32; tokens * hd],
+            dv: vec![0f32; tokens * hd],
+            dbias: Vec::new(),
+        };
+        let (mut p, mut ds) = (Vec::new(), Vec::new());
+        for (r, &(off, len)) in self.rows.iter().enumerate() {
+            for block in self.blocks(window, len) {
+                let [a, b, lo, hi] = block;
+                let (m, n) = (b - a, hi - lo);
+                self.block_probs(qkv, hh, r, block, &mut p, hidden);
+                let go = View::new(g, (off + a) * hidden + hh * hd, hidden, 1);
+                let q = View::new(qkv, (off + a) * w + hh * hd, w, 1);
+                let k = View::new(qkv, (off + lo) * w + hidden + hh * hd, w, 1);
+                let vt = View::new(qkv, (off + lo) * w + 2 * hidden + hh * hd, 1, w);
+                // dv[lo..hi] += pᵀ g (key ranges of neighbouring blocks overlap).
+                let pt = View::new(&p, 0, 1, n);
+                matmul_add(
+                    &mut grads.dv[(off + lo) * hd..],
+                    hd,
+                    (n, hd, m),
+                    pt,
+                    go,
+                    1.0,
+                );
+                // d p = g vᵀ, then through the softmax (0 outside the window, as p is).
+                ds.resize(m * n, 0.0);
+                matmul(&mut ds, n, (m, n, hd), go, vt, 1.0);
+                for (d, p) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                    let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                    d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+                }
+                // dq[a..b] = scale · ds k, dk[lo..hi] += scale · dsᵀ q
+                let dsv = View::new(&ds, 0, n, 1);
+                matmul(
+                    &mut grads.dq[(off + a) * hd..],
+                    hd,
+                    (m, hd, n),
+                    dsv,
+                    k,
+                    self.scale,
+                );
+                let dst = View::new(&ds, 0, 1, n);
+                matmul_add(
+                    &mut grads.dk[(off + lo) * hd..],
+                    hd,
+                    (n, hd, m),
+                    dst,
+                    q,
+                    self.scale,
+                );
+            }
+        }
+        grads
+    }
+
     /// One head's output for every row, (tokens, head_dim).
     fn head_forward(
         &self,
@@ -153,6 +326,9 @@ impl Attention {
         hh: usize,
         hidden: usize,
     ) -> Vec<f32> {
+        if let Some(window) = self.band(bias) {
+            return self.head_forward_banded(qkv, window, hh, hidden);
+        }
         let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
         let w = 3 * hidden;
         let mut out = vec![0f32; tokens * hd];
@@ -184,6 +360,9 @@ impl Attention {
         hh: usize,
         hidden: usize,
     ) -> HeadGrads {
+        if let Some(window) = self.band(bias) {
+            return self.head_backward_banded(qkv, g, window, hh, hidden);
+        }
         let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
         let w = 3 * hidden;
         let mut grads = HeadGrads {
@@ -539,6 +718,44 @@ mod tests {
         )
         .unwrap();
         assert!(max_diff(&out, &reference) < 0.05);
+    }
+
+    #[test]
+    fn a_local_layer_s_banded_blocks_equal_the_masked_full_scores() {
+        // Rows of several query blocks (150 = 64 + 64 + 22), one and a short one; window 20.
+        let dev = Device::Cpu;
+        let rows: Vec<Vec<u32>> = [150u32, 70, 5].iter().map(|&n| (0..n).collect()).collect();
+        let rows: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
+        let batch = TokenBatch::new(&rows, &dev).unwrap();
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (225, 24), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (225, 8), &dev).unwrap();
+        let mut local = op(&batch, &Dropout::off(), 1);
+        local.window = Some(20);
+        // A zero bias sends the same window through the full L × L path, which masks it.
+        let zeros = Tensor::zeros((2, 150, 150), DType::F32, &dev).unwrap();
+        let banded = attention(qkv.as_tensor(), None, local.clone()).unwrap();
+        let full = attention(qkv.as_tensor(), Some(&zeros), local.clone()).unwrap();
+        assert!(
+            max_diff(&banded, &full) < 1e-5,
+            "{}",
+            max_diff(&banded, &full)
+        );
+        let global = Attention {
+            window: None,
+            ..local
+        };
+        let everywhere = attention(qkv.as_tensor(), None, global).unwrap();
+        assert!(max_diff(&everywhere, &banded) > 1e-2);
+        let (gb, gf) = (grads_through(&banded, &probe), grads_through(&full, &probe));
+        let (a, b) = (
+            gb.get(qkv.as_tensor()).unwrap(),
+            gf.get(qkv.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(a, b) < 1e-5,
+            "gradients differ by {}",
+            max_diff(a, b)
+        );
     }
 
     #[test]
