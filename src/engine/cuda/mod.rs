@@ -180,7 +180,7 @@ pub fn adamw(tensors: &[AdamwTensor], k: &AdamwStep) -> Result<()> {
     let [w, g, m, v] = ptrs;
     let up = |x: &[u64]| stream.clone_htod(x).w();
     let (w, g, m, v, ends) = (up(&w)?, up(&g)?, up(&m)?, up(&v)?, up(&ends)?);
-    let keeps = stream.clone_htod(&keeps).w()?;
+    let keeps = stream.clone_htod(keeps.as_slice()).w()?;
     let func = dev.get_or_load_custom_func("st_adamw", MODULE, PTX)?;
     let count = tensors.len() as u32;
     {
