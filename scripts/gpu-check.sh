@@ -5,6 +5,7 @@
 # ends, to ${OUT:-.}/gpu-check.md, and everything printed to gpu-check.log beside it.
 #   bash gpu-check.sh [KIT_DIR] [--device cuda|cuda:N|cpu]
 # Cheap parts first, so a cut-off call still leaves rows:
+#   0. each of st-tune's `cuda` kernels against its CPU twin (`bench kernels`);
 #   3. memory.limit as the driver gives it (`plan --json`, limit unset and "80%");
 #   1. CPU engine against the device for random MiniLM- and MPNet-shaped models: embeddings
 #      (f32), and in f32 and bf16 the losses of a 3-step training run and the weights after it
@@ -89,8 +90,11 @@ fi
   echo
   echo "| # | check | model | precision | size | st-tune on the device | reference | difference | verdict |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-  echo "| — | \`cuda\` kernels against their CPU twins | — | — | — | none in this build: every primitive runs on the portable engine | — | — | n/a |"
 } > "$table"
+
+echo "== 0. st-tune's cuda kernels against their CPU twins"
+limited 120 "$bin" bench kernels --device "$device" --json > "$work/kernels.jsonl"
+"${rows[@]}" kernels "$device" "$work/kernels.jsonl" >> "$table"
 
 "$py" - "$work" <<'PY'
 import random, sys

@@ -2,6 +2,7 @@
 runs wrote. Needs numpy and safetensors (installed with sentence-transformers) for `train`.
 A row whose inputs are missing or malformed says so instead of failing the check.
 
+  kernels DEVICE KERNELS.jsonl   (one row per kernel, from `st-tune bench kernels --json`)
   emb   MODEL DEVICE REF.jsonl DEV.jsonl
   train MODEL PREC SIZE DEVICE INIT_MODEL REF_RUN DEV_RUN
   plan  DEVICE LIMIT PLAN.json SOURCE FREE_MIB TOTAL_MIB
@@ -36,6 +37,24 @@ def jsonl(path):
 
 def verdict(ok):
     return "OK" if ok else "CHECK"
+
+
+def kernels(device, path):
+    """Each kernel against its CPU twin: masks must be equal, the rest agree to f32 rounding
+    (the layer-norm row is already relative to each output's scale)."""
+    checks = jsonl(path)
+    if not checks:
+        raise ValueError("bench kernels wrote nothing (see the log)")
+    out = []
+    for c in checks:
+        exact = c["kernel"].startswith("dropout")
+        rel = c["max_abs_diff"] / max(c["max_abs"], 1e-30)
+        ok = c["max_abs_diff"] == 0 if exact else rel <= 1e-5
+        flag = "must be 0" if exact else "flag > 1e-05 relative"
+        out.append(row(0, f"`cuda` kernel: {c['kernel']}", "—", "f32", "—", f"{device}: {c['device_side']}",
+                       c["twin"], f"max abs diff {c['max_abs_diff']:.1e}, relative {rel:.1e} ({flag})",
+                       verdict(ok)))
+    return "\n".join(out)
 
 
 def emb(model, device, ref, dev):
@@ -172,11 +191,11 @@ def step(model, prec, shape, device, bench, peak, peer, peer_idle="0"):
 
 def main():
     what, args = sys.argv[1], sys.argv[2:]
-    fn = {"emb": emb, "train": train, "plan": plan, "oom": oom, "step": step}[what]
+    fn = {"kernels": kernels, "emb": emb, "train": train, "plan": plan, "oom": oom, "step": step}[what]
     try:
         print(fn(*args))
     except Exception as e:  # a broken part is a row of the table, not the end of the check
-        print(row({"emb": 1, "train": 1, "plan": 3, "oom": 2, "step": 4}[what], what, *args[:1],
+        print(row({"kernels": 0, "emb": 1, "train": 1, "plan": 3, "oom": 2, "step": 4}[what], what, *args[:1],
                   "", "", f"FAILED: {type(e).__name__}: {e}".replace("|", "/"), "", "", "FAIL"))
 
 

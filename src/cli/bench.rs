@@ -33,6 +33,19 @@ pub enum BenchWhat {
     /// composed autograd ops, the portable engine, and the portable engine with each planned
     /// `cuda` kernel as one launch.
     Launches(LaunchArgs),
+    /// Each of st-tune's `cuda` kernels against its CPU twin, on fixed inputs (on a CPU or a
+    /// build without `cuda`, the portable ops standing in for the kernels).
+    Kernels(KernelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    /// The device to run the kernels on: cuda, cuda:N or cpu.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +126,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Memory(a) => memory(a),
         BenchWhat::Launches(a) => launches(a),
+        BenchWhat::Kernels(a) => kernels(a),
     }
+}
+
+fn kernels(a: KernelArgs) -> Result<()> {
+    let device = crate::device::parse(&a.device)?;
+    let checks = crate::train::twins::check(&device)?;
+    if !a.json {
+        println!("| kernel | on the device | CPU twin | max abs diff | max abs |");
+        println!("| --- | --- | --- | --- | --- |");
+    }
+    for c in checks {
+        if a.json {
+            println!("{}", serde_json::to_string(&c).expect("plain struct"));
+        } else {
+            println!(
+                "| {} | {} | {} | {:.1e} | {:.1e} |",
+                c.kernel, c.device_side, c.twin, c.max_abs_diff, c.max_abs
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]

@@ -30,6 +30,30 @@ impl AttentionMasks {
     }
 }
 
+impl AttentionMasks {
+    /// The keys of every line of the padded (rows, heads, L, L) masks, with the number of
+    /// columns each keeps (its row's length; 0 on a padded line): the `cuda` dropout kernel's
+    /// input, giving [`AttentionMasks::fill_head`]'s values and zeros in the padding.
+    pub fn padded_line_bases(
+        &self,
+        lens: &[usize],
+        heads: usize,
+        l: usize,
+    ) -> (Vec<u64>, Vec<u32>) {
+        let lines = lens.len() * heads * l;
+        let (mut bases, mut valid) = (Vec::with_capacity(lines), Vec::with_capacity(lines));
+        for (r, &len) in lens.iter().enumerate() {
+            for h in 0..heads {
+                for i in 0..l {
+                    bases.push(self.row_keys[r] ^ pack(&[h, i, 0]));
+                    valid.push(if i < len { len as u32 } else { 0 });
+                }
+            }
+        }
+        (bases, valid)
+    }
+}
+
 /// Dropout on packed hidden states, (tokens, hidden): the mask of row r at (i, c) is keyed by
 /// (row key, i, c), as `Dropout::fill` draws it. Each token's mask is drawn when needed, in
 /// the forward pass and again in the backward pass, and never stored.
@@ -63,6 +87,22 @@ impl HiddenMask {
         let row = self.starts.partition_point(|&s| s <= t) - 1;
         let (key, i) = (self.row_keys[row], t - self.starts[row]);
         scale_by_mask(key ^ pack(&[i, 0]), self.p, out);
+    }
+
+    /// Each token's key: its row key xor its packed position; column c's value is drawn from
+    /// this xor c (the `cuda` dropout kernel's input).
+    pub fn token_bases(&self) -> Vec<u64> {
+        (0..self.tokens())
+            .map(|t| {
+                let row = self.starts.partition_point(|&s| s <= t) - 1;
+                self.row_keys[row] ^ pack(&[t - self.starts[row], 0])
+            })
+            .collect()
+    }
+
+    /// The dropout probability.
+    pub fn p(&self) -> f32 {
+        self.p
     }
 
     /// The whole mask, (tokens, width) row-major (devices without the CPU kernel).
@@ -149,12 +189,16 @@ unsafe fn scale_by_mask_avx512(base: u64, p: f32, out: &mut [f32]) {
 fn scale_by_mask_lanes(base: u64, p: f32, out: &mut [f32]) {
     // `mask_value`'s test u < p, with u = h / 2²⁴ for the integer h < 2²⁴, is h < ⌈p·2²⁴⌉
     // (p·2²⁴ is exact in f32): an integer comparison, which vectorises.
-    let threshold = (p * (1u64 << 24) as f32).ceil() as u64;
-    let keep = 1.0 / (1.0 - p);
+    let (threshold, keep) = threshold_and_keep(p);
     for (c, v) in out.iter_mut().enumerate() {
         let h = mix(base ^ c as u64) >> 40;
         *v *= if h < threshold { 0.0 } else { keep };
     }
+}
+
+/// A draw h < 2²⁴ drops its element when h < threshold; a kept one is scaled by `keep`.
+pub fn threshold_and_keep(p: f32) -> (u64, f32) {
+    ((p * (1u64 << 24) as f32).ceil() as u64, 1.0 / (1.0 - p))
 }
 
 /// SplitMix64 finaliser: a cheap, well-mixed hash of one u64.
@@ -193,6 +237,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The `cuda` dropout kernel's formula (kernels.cu, `st_dropout_mask`) over `bases`.
+    fn kernel_formula(bases: &[u64], valid: &[u32], width: usize, p: f32) -> Vec<f32> {
+        let (threshold, keep) = threshold_and_keep(p);
+        let mut out = Vec::new();
+        for (&base, &valid) in bases.iter().zip(valid) {
+            for c in 0..width as u32 {
+                let h = mix(base ^ c as u64) >> 40;
+                out.push(if c >= valid || h < threshold {
+                    0.0
+                } else {
+                    keep
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_cuda_kernel_s_inputs_give_the_cpu_masks() {
+        let lengths = [5usize, 9, 3];
+        let keys: Vec<u64> = (0..3).map(|r| mix(40 + r)).collect();
+        let hidden = HiddenMask::new(0.3, keys.clone(), &lengths);
+        let width = 37;
+        let valid = vec![width as u32; hidden.tokens()];
+        let got = kernel_formula(&hidden.token_bases(), &valid, width, 0.3);
+        assert_eq!(got, hidden.values(width));
+        let (heads, l) = (2, 9);
+        let att = AttentionMasks {
+            p: 0.3,
+            row_keys: keys,
+        };
+        let (bases, valid) = att.padded_line_bases(&lengths, heads, l);
+        let got = kernel_formula(&bases, &valid, l, 0.3);
+        let mut block = vec![0f32; l * l];
+        for (r, &len) in lengths.iter().enumerate() {
+            for h in 0..heads {
+                att.fill_head(r, h, len, &mut block);
+                for i in 0..l {
+                    let line = &got[((r * heads + h) * l + i) * l..][..l];
+                    for (j, &v) in line.iter().enumerate() {
+                        let want = if i < len && j < len {
+                            block[i * len + j]
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(v, want, "row {r} head {h} ({i}, {j})");
+                    }
+                }
+            }
+        }
+        assert!(got.contains(&0.0) && got.iter().any(|&v| v > 1.0));
     }
 
     /// Nanoseconds per mask value of each path this CPU has (a timing, not a test:

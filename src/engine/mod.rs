@@ -3,7 +3,10 @@
 //! - [`cpu`]: st-tune's CPU kernels (AVX-512, AVX-512 BF16, AMX; the gemm crate and scalar loops
 //!   as fallback), over slices read in place;
 //! - [`portable`]: candle tensor ops only, so cuBLAS and candle's own kernels on a GPU; on CPU it
-//!   is the check of the kernels, and `ST_TUNE_ENGINE=portable` trains through it.
+//!   is the check of the kernels, and `ST_TUNE_ENGINE=portable` trains through it;
+//! - `cuda` (only with `--features cuda`): st-tune's own kernels for the few parts the portable
+//!   form would run slowly on a GPU (dropout masks, the layer-norm backward, AdamW), which the
+//!   portable engine and the optimizer call on a CUDA device. Never run on a GPU yet.
 //!
 //! A layer's forward and backward pass (`model::layer_op`) call these and nothing else, so
 //! every device keeps the same activations and computes the same function. Activations are
@@ -11,6 +14,8 @@
 //! everything but the matrix products is f32; gradients are f32.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod launches;
 pub mod mask;
 pub mod portable;

@@ -5,8 +5,9 @@
 //!
 //! Attention pads the packed rows into one (rows, heads, L, L) batch so that each step is one
 //! launch, not one per row; padded keys are masked out and padded queries dropped. Nothing of
-//! it is kept: the backward pass recomputes the probabilities. Dropout masks are drawn on the
-//! host from the same keys as the CPU's, so both engines drop the same elements.
+//! it is kept: the backward pass recomputes the probabilities. Dropout masks are drawn from the
+//! same keys as the CPU's, so both engines drop the same elements: on the host, or on a CUDA
+//! device by st-tune's kernel, which with the layer-norm backward is the `cuda` part here.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -25,9 +26,23 @@ fn f32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
-/// The mask of `m` as a (tokens, width) tensor on `device`, f32.
-fn mask_tensor(m: &HiddenMask, width: usize, device: &Device) -> Result<Tensor> {
+/// The mask of `m` as a (tokens, width) tensor on `device`, f32: st-tune's kernel on CUDA,
+/// drawn on the host elsewhere.
+pub fn mask_tensor(m: &HiddenMask, width: usize, device: &Device) -> Result<Tensor> {
     launches::planned_kernel(|| {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let valid = vec![width as u32; m.tokens()];
+            let shape = (m.tokens(), width);
+            return super::cuda::dropout_mask(
+                device,
+                &m.token_bases(),
+                &valid,
+                width,
+                m.p(),
+                shape,
+            );
+        }
         let v = m.values(width);
         Ok(Tensor::from_vec(v, (m.tokens(), width), &Device::Cpu)?.to_device(device)?)
     })
@@ -98,6 +113,13 @@ impl Padding {
         device: &Device,
     ) -> Result<Tensor> {
         let (l, heads) = (self.len, att.heads);
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let lens: Vec<usize> = att.rows.iter().map(|&(_, len)| len).collect();
+            let (bases, valid) = masks.padded_line_bases(&lens, heads, l);
+            let shape = (self.rows, heads, l, l);
+            return super::cuda::dropout_mask(device, &bases, &valid, l, masks.p, shape);
+        }
         let mut v = vec![0f32; self.rows * heads * l * l];
         let mut block = vec![0f32; l * l];
         for (r, &(_, len)) in att.rows.iter().enumerate() {
@@ -116,6 +138,10 @@ impl Padding {
 /// (d s, d weight, d bias) of `layer_norm(s)` (f32, (tokens, width)) from its output
 /// gradient `g` (f32): the normalised sum is recomputed from `s`.
 pub fn layer_norm_backward(s: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Result<NormGrads> {
+    #[cfg(feature = "cuda")]
+    if s.device().is_cuda() {
+        return super::cuda::layer_norm_backward(s, w, eps, g);
+    }
     let centred = s.broadcast_sub(&s.mean_keepdim(D::Minus1)?)?;
     let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
         .sqrt()?
@@ -131,6 +157,12 @@ pub fn layer_norm_backward(s: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Resu
         .sub(&xhat.broadcast_mul(&mean_dx)?)?
         .broadcast_mul(&rstd)?;
     Ok((ds, dw, db))
+}
+
+/// The attention-dropout masks of `att`'s rows, padded to (rows, heads, L, L) with zeros beyond
+/// each row's length, on `device`; None when attention dropout is off.
+pub fn attention_mask_tensor(att: &Attention, device: &Device) -> Result<Option<Tensor>> {
+    Padding::new(att, device)?.dropout(att, device)
 }
 
 /// q, k and v of a padded q|k|v, each (rows, heads, L, head_dim), f32.

@@ -21,6 +21,7 @@ pub mod retrieval;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod twins;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI32;

@@ -90,6 +90,11 @@ impl AdamW {
         done: &mut std::collections::BTreeSet<String>,
         before_each: &mut impl FnMut() -> Result<()>,
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if vars.values().next().is_some_and(|v| v.device().is_cuda()) {
+            before_each()?;
+            return self.update_on_cuda(vars, grads, grad_scale, lr, (bc1, bc2), done);
+        }
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
             if done.contains(name) {
@@ -131,6 +136,68 @@ impl AdamW {
             let w = (w - ((&m / denom)? * (lr / bc1))?)?;
             // All three computed before any is stored: a failure above changes nothing.
             var.set(&w)?;
+            self.state.insert(name.clone(), (m, v));
+            done.insert(name.clone());
+        }
+        Ok(())
+    }
+
+    /// [`AdamW::update_all`] on a CUDA device: every tensor in one launch of st-tune's kernel
+    /// (`engine::cuda::adamw`), the maths of the in-place CPU update. All or nothing, so an
+    /// OOM leaves nothing updated.
+    #[cfg(feature = "cuda")]
+    fn update_on_cuda(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &Grads,
+        grad_scale: f32,
+        lr: f64,
+        (bc1, bc2): (f64, f64),
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Result<()> {
+        use crate::engine::cuda::{adamw, AdamwStep, AdamwTensor};
+        let mut parts = Vec::new();
+        for (name, var) in vars {
+            let Some(g) = grads.get(name) else { continue };
+            if done.contains(name) {
+                continue;
+            }
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let (m, v) = match self.state.get(name) {
+                Some(s) => s.clone(),
+                None => (g.zeros_like()?, g.zeros_like()?),
+            };
+            let wd = if decays(name) { self.weight_decay } else { 0.0 };
+            parts.push((
+                name,
+                var.as_tensor().clone(),
+                g,
+                m,
+                v,
+                (1.0 - lr * wd) as f32,
+            ));
+        }
+        let tensors: Vec<AdamwTensor> = parts
+            .iter()
+            .map(|(_, w, g, m, v, keep)| AdamwTensor {
+                w,
+                g,
+                m,
+                v,
+                keep: *keep,
+            })
+            .collect();
+        let k = AdamwStep {
+            grad_scale,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            step: (lr / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            eps: self.eps as f32,
+        };
+        adamw(&tensors, &k)?;
+        drop(tensors);
+        for (name, _, _, m, v, _) in parts {
             self.state.insert(name.clone(), (m, v));
             done.insert(name.clone());
         }
