@@ -7,32 +7,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn st_tune(args: &[&str], inject: Option<&str>) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_st-tune"));
-    cmd.args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .env_remove("ST_TUNE_INJECT_OOM");
-    if let Some(spec) = inject {
-        cmd.env("ST_TUNE_INJECT_OOM", spec);
-    }
-    let out = cmd.output().expect("the st-tune binary runs");
-    Run {
-        code: out.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::{st_tune, Run};
 
 /// A tiny BERT to train, a tiny MPNet guide (the same vocabulary, another network), pairs, and a
 /// config for gist with `guide` as `[guide]` (none: no section).

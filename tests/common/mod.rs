@@ -271,3 +271,29 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// What one `st-tune` process left: its exit code and its output.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the st-tune binary offline on one thread, with `ST_TUNE_INJECT_OOM=inject` if given
+/// (and never the caller's own).
+pub fn st_tune(args: &[&str], inject: Option<&str>) -> Run {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_st-tune"));
+    cmd.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("ST_TUNE_INJECT_OOM");
+    if let Some(spec) = inject {
+        cmd.env("ST_TUNE_INJECT_OOM", spec);
+    }
+    let out = cmd.output().expect("the st-tune binary runs");
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
