@@ -91,3 +91,30 @@ fn the_portable_engine_issues_fewer_ops_than_composed_layers_and_each_layer_adds
         assert_eq!(three - two, two - one, "path {path}: {counts:?}");
     }
 }
+
+/// ModernBERT has no composed form to count against: refused by name, not counted as one.
+#[test]
+fn a_modernbert_model_is_refused_naming_its_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("families/modernbert/model");
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = {:?}\n\n[train]\nloss = \"cosent\"\nbatch_size = 4\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_st-tune"))
+        .args(["bench", "launches", "--seq", "8", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("modernbert") && stderr.contains("post-LN"),
+        "{stderr}"
+    );
+}

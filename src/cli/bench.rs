@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::config::{Config, MicroBatch, Precision};
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::human_bytes;
 use crate::memory::plan::{estimate, plan_input};
 use crate::model::weights::Freeze;
@@ -166,6 +166,16 @@ fn launches(a: LaunchArgs) -> Result<()> {
     t.micro_batch_size = Some(MicroBatch::Size(t.batch_size));
     let count = |engine| -> Result<StepLaunches> {
         let mut model = SentenceModel::load(&cfg.model.path, &device, Some(Freeze::default()))?;
+        // The composed reference exists for the post-LN layer only; ModernBERT's would be the
+        // portable engine under another name.
+        if model.spec.model.gated_ffn() {
+            return Err(Error::Usage(format!(
+                "bench launches: `{}` is a {} model; the composed path it counts against \
+                 exists for the post-LN families (bert, mpnet, roberta, xlm-roberta, distilbert)",
+                cfg.model.path,
+                model.spec.model.model_type()
+            )));
+        }
         model.set_max_seq_length(a.seq)?;
         model.layer_engine = Some(engine);
         count_step_launches(&model, &t, a.seq)
