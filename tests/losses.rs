@@ -324,6 +324,39 @@ fn step_on(
     (out.loss, out.grads)
 }
 
+/// A tiny 2-layer model (BERT, or MPNet when `mpnet`) written to `path` and loaded.
+fn tiny(path: &std::path::Path, mpnet: bool, seed: u64) -> SentenceModel {
+    common::tiny_model(path, mpnet, 2, seed);
+    SentenceModel::load(
+        path.to_str().unwrap(),
+        &Device::Cpu,
+        Some(Freeze::default()),
+    )
+    .unwrap()
+}
+
+/// A cut step's (loss, gradients) equal the whole step's within 1e-6 (gradients relative to
+/// `scale`, the whole step's largest).
+fn assert_same_step(
+    label: &str,
+    (l, g): (f32, &Grads),
+    (whole_loss, whole): (f32, &Grads),
+    scale: f32,
+) {
+    assert!(
+        (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
+        "{label}: loss {l} != {whole_loss}"
+    );
+    let worst = g
+        .iter()
+        .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-6 * scale.max(1.0),
+        "{label}: gradients differ by {worst} (largest {scale})"
+    );
+}
+
 #[test]
 fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
     let dir = tempfile::tempdir().unwrap();
@@ -359,18 +392,7 @@ fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
             for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
                 let (l, g) = step(&model, &t, micro, inject);
                 let label = format!("{loss:?} {matryoshka:?}, micro-batch {micro}, OOM {inject:?}");
-                assert!(
-                    (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
-                    "{label}: loss {l} != {whole_loss}"
-                );
-                let worst = g
-                    .iter()
-                    .map(|(name, x)| common::max_abs_diff(x, &whole[name]))
-                    .fold(0f32, f32::max);
-                assert!(
-                    worst <= 1e-6 * scale.max(1.0),
-                    "{label}: gradients differ by {worst} (largest {scale})"
-                );
+                assert_same_step(&label, (l, &g), (whole_loss, &whole), scale);
             }
         }
     }
@@ -379,16 +401,7 @@ fn micro_batches_and_ooms_change_no_loss_or_gradient_of_the_new_losses() {
 #[test]
 fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
     let dir = tempfile::tempdir().unwrap();
-    let load = |name: &str, mpnet: bool, seed: u64| {
-        let path = dir.path().join(name);
-        common::tiny_model(&path, mpnet, 2, seed);
-        SentenceModel::load(
-            path.to_str().unwrap(),
-            &Device::Cpu,
-            Some(Freeze::default()),
-        )
-        .unwrap()
-    };
+    let load = |name: &str, mpnet: bool, seed: u64| tiny(&dir.path().join(name), mpnet, seed);
     let model = load("model", false, 5);
     // An MPNet guide reads the model's tokens as they are (same vocabulary); a BERT guide
     // that takes fewer tokens reads them decoded and tokenized again.
@@ -422,18 +435,7 @@ fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
                 let (l, g) = guided_step(&model, Some(guide), &t, micro, inject);
                 let label =
                     format!("gist, {name}, {matryoshka:?}, micro-batch {micro}, OOM {inject:?}");
-                assert!(
-                    (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
-                    "{label}: loss {l} != {whole_loss}"
-                );
-                let worst = g
-                    .iter()
-                    .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
-                    .fold(0f32, f32::max);
-                assert!(
-                    worst <= 1e-6 * scale.max(1.0),
-                    "{label}: gradients differ by {worst} (largest {scale})"
-                );
+                assert_same_step(&label, (l, &g), (whole_loss, &whole), scale);
             }
         }
     }
@@ -444,16 +446,7 @@ fn micro_batches_and_ooms_change_no_gist_loss_or_gradient() {
 #[test]
 fn n_tuples_give_the_same_loss_and_gradients_under_micro_batches_and_ooms() {
     let dir = tempfile::tempdir().unwrap();
-    let load = |name: &str, mpnet: bool, seed: u64| {
-        let path = dir.path().join(name);
-        common::tiny_model(&path, mpnet, 2, seed);
-        SentenceModel::load(
-            path.to_str().unwrap(),
-            &Device::Cpu,
-            Some(Freeze::default()),
-        )
-        .unwrap()
-    };
+    let load = |name: &str, mpnet: bool, seed: u64| tiny(&dir.path().join(name), mpnet, seed);
     let model = load("model", false, 5);
     let guide = load("guide", true, 9);
     for loss in [LossKind::Mnrl, LossKind::Mnsrl, LossKind::Gist] {
@@ -476,18 +469,7 @@ fn n_tuples_give_the_same_loss_and_gradients_under_micro_batches_and_ooms() {
         for (micro, inject) in [(2, ""), (3, ""), (8, "1:forward"), (4, "1:backward")] {
             let (l, g) = step_on(&model, guide, &t, data_of(loss, 8, 5), micro, inject);
             let label = format!("{loss:?} n-tuple, micro-batch {micro}, OOM {inject:?}");
-            assert!(
-                (l - whole_loss).abs() <= 1e-6 * whole_loss.abs().max(1.0),
-                "{label}: loss {l} != {whole_loss}"
-            );
-            let worst = g
-                .iter()
-                .map(|(n, x)| common::max_abs_diff(x, &whole[n]))
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-6 * scale.max(1.0),
-                "{label}: gradients differ by {worst} (largest {scale})"
-            );
+            assert_same_step(&label, (l, &g), (whole_loss, &whole), scale);
         }
     }
 }
