@@ -164,15 +164,17 @@ fn range_of(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
-fn line_panel(
-    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+/// A panel's axes over optimizer steps, with its title, mesh and labels drawn.
+fn step_axes<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
     title: &str,
     y_label: &str,
     x: std::ops::Range<f64>,
-    points: &[(f64, f64)],
-    color: &RGBColor,
-) -> DrawResult {
-    let y = range_of(points.iter().map(|p| p.1));
+    y: std::ops::Range<f64>,
+) -> std::result::Result<
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    Box<dyn std::error::Error>,
+> {
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -187,6 +189,19 @@ fn line_panel(
         .x_label_formatter(&|v| step_label(*v))
         .y_label_formatter(&|v| short(*v))
         .draw()?;
+    Ok(chart)
+}
+
+fn line_panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    x: std::ops::Range<f64>,
+    points: &[(f64, f64)],
+    color: &RGBColor,
+) -> DrawResult {
+    let y = range_of(points.iter().map(|p| p.1));
+    let mut chart = step_axes(area, title, y_label, x, y)?;
     chart.draw_series(LineSeries::new(
         points.iter().copied(),
         color.stroke_width(2),
@@ -215,20 +230,7 @@ fn set_loss_panel(
     sets: &[(String, Vec<(f64, f64)>)],
 ) -> DrawResult {
     let y = range_of(sets.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)));
-    let mut chart = ChartBuilder::on(area)
-        .caption("training loss per set", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x, y)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("loss")
-        .label_style(("sans-serif", 14))
-        .x_label_formatter(&|v| step_label(*v))
-        .y_label_formatter(&|v| short(*v))
-        .draw()?;
+    let mut chart = step_axes(area, "training loss per set", "loss", x, y)?;
     for (i, (name, points)) in sets.iter().enumerate() {
         let color = SET_COLORS[i % SET_COLORS.len()];
         chart
@@ -266,20 +268,7 @@ fn memory_panel(
         .chain(run.ooms.iter().map(|o| o.1))
         .chain([0.0]);
     let y = range_of(y_values);
-    let mut chart = ChartBuilder::on(area)
-        .caption("memory in use", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x.clone(), y)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("MiB")
-        .label_style(("sans-serif", 14))
-        .x_label_formatter(&|v| step_label(*v))
-        .y_label_formatter(&|v| short(*v))
-        .draw()?;
+    let mut chart = step_axes(area, "memory in use", "MiB", x.clone(), y)?;
     chart
         .draw_series(LineSeries::new(used, BLACK.stroke_width(2)))?
         .label("in use at the end of the step")
