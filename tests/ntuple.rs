@@ -9,9 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
-use common::{st_tune, Run};
+use common::{st_tune, summary, Run};
 
 /// A tiny BERT and 24 (anchor, positive) pairs of word salad.
 struct Setup {
@@ -49,18 +47,8 @@ impl Setup {
     }
 
     fn train(&self, config: &Path, inject: Option<&str>) -> Run {
-        st_tune(
-            &["train", "--config", config.to_str().unwrap(), "--json"],
-            inject,
-        )
+        common::train_json(config, inject)
     }
-}
-
-fn summary(run: &Run) -> Value {
-    assert_eq!(run.code, 0, "train failed:\n{}", run.stderr);
-    let last = run.stdout.lines().rev().find(|l| l.contains("final_loss"));
-    let event: Value = serde_json::from_str(last.expect("a JSON summary")).unwrap();
-    event["data"].clone()
 }
 
 #[test]

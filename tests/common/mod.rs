@@ -297,3 +297,19 @@ pub fn st_tune(args: &[&str], inject: Option<&str>) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// `st-tune train --config CONFIG --json`, with `inject` OOMs.
+pub fn train_json(config: &Path, inject: Option<&str>) -> Run {
+    st_tune(
+        &["train", "--config", config.to_str().unwrap(), "--json"],
+        inject,
+    )
+}
+
+/// The `data` of a successful JSON run's summary event.
+pub fn summary(run: &Run) -> serde_json::Value {
+    assert_eq!(run.code, 0, "train failed:\n{}", run.stderr);
+    let last = run.stdout.lines().rev().find(|l| l.contains("final_loss"));
+    let event: serde_json::Value = serde_json::from_str(last.expect("a JSON summary")).unwrap();
+    event["data"].clone()
+}
