@@ -205,12 +205,14 @@ fn probabilities(
     pad: &Padding,
 ) -> Result<(Tensor, [Tensor; 3])> {
     let [q, k, v] = split_heads(&pad.pad(qkv)?, att.heads)?;
+    // Each step replaces `scores` (a shadowing `let` would keep every (rows, heads, L, L)
+    // version alive to the end).
     let mut scores = (q.matmul(&k.t()?)? * att.scale as f64)?;
     if let Some(b) = bias {
         let b = f32(&b.narrow(1, 0, pad.len)?.narrow(2, 0, pad.len)?)?;
         scores = scores.broadcast_add(&b.unsqueeze(0)?)?;
     }
-    let mut scores = scores.broadcast_add(&pad.key_mask)?;
+    scores = scores.broadcast_add(&pad.key_mask)?;
     if let Some(band) = window_mask(att, pad.len, qkv.device())? {
         scores = scores.broadcast_add(&band)?;
     }
@@ -246,11 +248,20 @@ impl Primitives for Portable {
 
     fn gelu_backward(&self, x: &Tensor, d: &Tensor) -> Result<Tensor> {
         // gelu'(x) = Φ(x) + x φ(x).
+        // One (tokens, intermediate) temporary at a time: each step replaces its input, where a
+        // chained expression would keep every intermediate alive to the statement's end (this
+        // was the portable engine's peak of a MiniLM step).
         let x = f32(x)?;
-        let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-        let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-        Ok(((cdf + (x * pdf)?)? * f32(d)?)?)
+        let mut cdf = x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?;
+        cdf = cdf.erf()?;
+        cdf = ((cdf + 1.0)? * 0.5)?;
+        let mut pdf = x.sqr()?;
+        pdf = pdf.affine(-0.5, 0.0)?;
+        pdf = pdf.exp()?;
+        pdf = (pdf * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        pdf = (x * pdf)?;
+        let slope = (cdf + pdf)?;
+        Ok((slope * f32(d)?)?)
     }
 
     fn add_norm(
@@ -312,6 +323,8 @@ impl Primitives for Portable {
             .reshape((rows, len, heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
+        // At most three (rows, heads, L, L) tensors are alive at once below: each is dropped
+        // as soon as it is used, never left to a statement's or the function's end.
         let mask = pad.dropout(att, qkv.device())?;
         let dropped = match &mask {
             Some(m) => (&p * m)?,
@@ -320,12 +333,14 @@ impl Primitives for Portable {
         let dv = dropped.t()?.matmul(&d)?;
         drop(dropped);
         let mut dp = d.matmul(&v.t()?)?;
-        if let Some(m) = &mask {
+        if let Some(m) = mask {
             dp = (dp * m)?;
         }
         // Softmax: d scores = p ⊙ (d p − Σ d p ⊙ p).
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        drop((p, dp));
+        let row_sums = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        dp = dp.broadcast_sub(&row_sums)?;
+        let ds = (&p * dp)?;
+        drop(p);
         let dbias = match bias {
             Some(b) => {
                 let (_, l, _) = b.dims3()?;

@@ -164,12 +164,14 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     } else {
         0
     };
-    // The portable engine's attention backward holds about four (rows, heads, L, L) f32
-    // tensors at once (probabilities, mask, their gradient and a temporary; calibrated against
-    // the counting allocator, docs/memory.md).
+    // The portable engine's transients above the cpu engine's: its attention backward holds
+    // three to four (rows, heads, L, L) f32 tensors at once (probabilities, mask, their
+    // gradient, one temporary), its GELU backward about two (tokens, intermediate) f32 ones,
+    // the same size at 128 tokens. Three of the first, calibrated against the counting
+    // allocator (docs/benchmarks.md, issue 21).
     let rows = (lengths.len() * p.columns) as u64;
     let padded = if p.padded_attention {
-        4 * rows * p.heads as u64 * longest * longest * 4
+        3 * rows * p.heads as u64 * longest * longest * 4
     } else {
         0
     };
