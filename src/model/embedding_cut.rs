@@ -113,10 +113,10 @@ impl EmbeddingCut {
         if !table.track_op() {
             return Ok(None);
         }
-        let words = net
-            .encoder
-            .embeddings
-            .backward_in_order(&self.batch, &self.drop, grad, sums)?;
+        let words =
+            net.encoder
+                .embeddings
+                .backward_in_order(&self.batch, &self.drop, grad, sums)?;
         let Some(grads) = words else {
             return Ok(None);
         };

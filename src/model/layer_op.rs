@@ -158,7 +158,9 @@ impl<'a> Out<'a> {
         }
         self.fresh
             .into_iter()
-            .map(|g| g.ok_or_else(|| crate::Error::Internal("layer op: a gradient is missing".into())))
+            .map(|g| {
+                g.ok_or_else(|| crate::Error::Internal("layer op: a gradient is missing".into()))
+            })
             .collect()
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-
 use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
 use rayon::prelude::*;
 

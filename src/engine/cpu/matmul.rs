@@ -156,7 +156,14 @@ pub fn linear_backward_in_order(
     wgrad::add_weight_grad(dw, dy, (n, 0, n), x, k);
     add_column_sums(bf16_gemm::Elems::F32(dy), db);
     let mut dx = vec![0f32; t * k];
-    matmul(Products::F32, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
+    matmul(
+        Products::F32,
+        &mut dx,
+        (t, k, n),
+        (dy, (n, 1)),
+        (w, (k, 1)),
+        false,
+    )?;
     Ok(dx)
 }
 
@@ -171,20 +178,34 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-        for (t, k, n) in [(37, 48, 40), (300, 384, 1536), (260, 1536, 384), (70, 16, 32), (90, 32, 16)] {
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        for (t, k, n) in [
+            (37, 48, 40),
+            (300, 384, 1536),
+            (260, 1536, 384),
+            (70, 16, 32),
+            (90, 32, 16),
+        ] {
             let (x, w, b, dy) = (values(t * k), values(n * k), values(n), values(t * n));
             let y = linear(Products::F32, &x, &w, &b, k).unwrap();
             let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
             let dx = linear_backward_in_order(&dy, &x, &w, (&mut dw, &mut db), k).unwrap();
             for rows in [0..1, 3..8, 5..t, 0..t - 1] {
-                let part = linear(Products::F32, &x[rows.start * k..rows.end * k], &w, &b, k).unwrap();
-                assert!(part == y[rows.start * n..rows.end * n], "forward, t={t} rows {rows:?}");
+                let part =
+                    linear(Products::F32, &x[rows.start * k..rows.end * k], &w, &b, k).unwrap();
+                assert!(
+                    part == y[rows.start * n..rows.end * n],
+                    "forward, t={t} rows {rows:?}"
+                );
                 let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
                 let dy = &dy[rows.start * n..rows.end * n];
                 let x = &x[rows.start * k..rows.end * k];
                 let part = linear_backward_in_order(dy, x, &w, (&mut dw, &mut db), k).unwrap();
-                assert!(part == dx[rows.start * k..rows.end * k], "d input, t={t} rows {rows:?}");
+                assert!(
+                    part == dx[rows.start * k..rows.end * k],
+                    "d input, t={t} rows {rows:?}"
+                );
             }
         }
     }

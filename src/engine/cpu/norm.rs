@@ -232,7 +232,12 @@ pub(crate) fn norm_rows_backward(
 }
 
 /// d input of layer norm over plain slices.
-fn norm_rows_backward_input(x: &[f32], g: &[f32], w: &[f32], eps: f32) -> candle_core::Result<Vec<f32>> {
+fn norm_rows_backward_input(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> candle_core::Result<Vec<f32>> {
     let d = w.len();
     let shape = Shape::from((x.len() / d, d));
     f32s(grads(

@@ -181,7 +181,9 @@ impl Primitives for Cpu {
         let ds = with_sums(&[dw], |dw| {
             with_sums(&[db], |db| {
                 read(g, |g| {
-                    read(w, |w| Ok(norm::norm_rows_backward_in_order(&s, g, w, eps, (dw, db))?))
+                    read(w, |w| {
+                        Ok(norm::norm_rows_backward_in_order(&s, g, w, eps, (dw, db))?)
+                    })
                 })
             })
         })?;

@@ -22,7 +22,13 @@ const TB: usize = 256;
 /// `dw[i, j] += Σ_t dy[t, i0 + i] · x[t, j]` in token order, for `i < n`, `j < k`: `dy` is
 /// (tokens × `ld`) row-major and its columns `i0..i0 + n` are used, `x` is (tokens × k), `dw`
 /// is (n × k) row-major.
-pub fn add_weight_grad(dw: &mut [f32], dy: &[f32], (ld, i0, n): (usize, usize, usize), x: &[f32], k: usize) {
+pub fn add_weight_grad(
+    dw: &mut [f32],
+    dy: &[f32],
+    (ld, i0, n): (usize, usize, usize),
+    x: &[f32],
+    k: usize,
+) {
     assert!(dw.len() == n * k && i0 + n <= ld, "add_weight_grad: shapes");
     if n == 0 || k == 0 || ld == 0 {
         return;
@@ -86,7 +92,16 @@ impl DwCols {
 /// Packs tokens `t0..t0 + tb` of columns `c0..c0 + c` of `src` (rows `ld` wide) into panels
 /// of `w` columns, token after token: panel `p` holds, per token, its `w` values (zero past `c`).
 #[allow(clippy::too_many_arguments)]
-fn pack(dst: &mut [f32], src: &[f32], ld: usize, c0: usize, c: usize, w: usize, t0: usize, tb: usize) {
+fn pack(
+    dst: &mut [f32],
+    src: &[f32],
+    ld: usize,
+    c0: usize,
+    c: usize,
+    w: usize,
+    t0: usize,
+    tb: usize,
+) {
     dst.par_chunks_mut(w * TB)
         .enumerate()
         .for_each(|(p, panel)| {
@@ -103,7 +118,10 @@ fn pack(dst: &mut [f32], src: &[f32], ld: usize, c0: usize, c: usize, w: usize, 
 /// Continues the tile's chains over `tb` tokens of the panels `a` (MR values per token) and
 /// `b` (NR values per token), with AVX2 and FMA where `simd`.
 fn run_tile(simd: bool, tile: &mut [[f32; NR]; MR], a: &[f32], b: &[f32], tb: usize) {
-    assert!(a.len() >= MR * tb && b.len() >= NR * tb, "wgrad: short panels");
+    assert!(
+        a.len() >= MR * tb && b.len() >= NR * tb,
+        "wgrad: short panels"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: AVX2 and FMA are present (the caller checked); the panels hold tb tokens
@@ -169,7 +187,13 @@ mod tests {
     }
 
     /// The chains as plainly as they can be written.
-    fn reference(dw: &mut [f32], dy: &[f32], (ld, i0, n): (usize, usize, usize), x: &[f32], k: usize) {
+    fn reference(
+        dw: &mut [f32],
+        dy: &[f32],
+        (ld, i0, n): (usize, usize, usize),
+        x: &[f32],
+        k: usize,
+    ) {
         for t in 0..dy.len() / ld {
             for i in 0..n {
                 for j in 0..k {
@@ -184,7 +208,11 @@ mod tests {
     #[test]
     fn same_bits_as_the_plain_chains() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for (t, ld, i0, n, k) in [(1, 7, 0, 7, 5), (300, 40, 13, 20, 37), (517, 96, 32, 32, 48)] {
+        for (t, ld, i0, n, k) in [
+            (1, 7, 0, 7, 5),
+            (300, 40, 13, 20, 37),
+            (517, 96, 32, 32, 48),
+        ] {
             let (dy, x) = (values(&mut rng, t * ld), values(&mut rng, t * k));
             let start = values(&mut rng, n * k);
             let (mut ours, mut plain) = (start.clone(), start);
@@ -211,8 +239,18 @@ mod tests {
         }
         // And the sums are sums: the gemm crate agrees to rounding.
         let mut theirs = vec![0f32; n * k];
-        super::super::gemm_crate::gemm_crate(&mut theirs, (n, k, t), (&dy, (1, n)), (&x, (k, 1)), false);
-        let err = whole.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        super::super::gemm_crate::gemm_crate(
+            &mut theirs,
+            (n, k, t),
+            (&dy, (1, n)),
+            (&x, (k, 1)),
+            false,
+        );
+        let err = whole
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(err < 1e-3, "differs from the gemm crate by {err}");
     }
 
