@@ -66,6 +66,40 @@ pub trait Primitives {
     fn linear(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// The gradients of `linear` from its output gradient `dy`.
     fn linear_backward(&self, dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<LinearGrads>;
+    /// Whether this engine adds parameter gradients into a step's sums token after token
+    /// ([`Primitives::linear_backward_into`], [`Primitives::add_norm_backward_into`]): the
+    /// `cpu` engine in f32. Then a step cut into micro-batches gets the uncut step's bits.
+    fn sums_in_order(&self) -> bool {
+        false
+    }
+    /// `linear_backward` that adds d weight into `dw` (its rows split over `dw`'s tensors, in
+    /// order: q, k and v for a fused product) and d bias into `db`, f32 CPU tensors, summing
+    /// token after token; returns d input. Only where [`Primitives::sums_in_order`].
+    fn linear_backward_into(
+        &self,
+        _dy: &Tensor,
+        _x: &Tensor,
+        _w: &Tensor,
+        _dw: &[&Tensor],
+        _db: &[&Tensor],
+    ) -> Result<Tensor> {
+        Err(no_sums_in_order())
+    }
+    /// `add_norm_backward` that adds d weight and d bias into `dwb`, row after row; returns
+    /// d sum. Only where [`Primitives::sums_in_order`].
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm_backward_into(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _mask: Option<&HiddenMask>,
+        _w: &Tensor,
+        _eps: f32,
+        _g: &Tensor,
+        _dwb: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        Err(no_sums_in_order())
+    }
     /// GELU (erf form).
     fn gelu(&self, x: &Tensor) -> Result<Tensor>;
     /// `d ⊙ gelu'(x)`.
@@ -119,6 +153,10 @@ pub trait Primitives {
     fn geglu(&self, h: &Tensor) -> Result<Tensor>;
     /// The gradient of `geglu`'s input, (tokens, 2·I) f32, from its output gradient `d`.
     fn geglu_backward(&self, h: &Tensor, d: &Tensor) -> Result<Tensor>;
+}
+
+fn no_sums_in_order() -> Error {
+    Error::Internal("gradient sums in token order: only the cpu engine in f32 has them".into())
 }
 
 /// The engine `device` runs, for the run's first line and summary, e.g. `cpu (avx512+avx2)`

@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::model::dropout::Dropout;
+use crate::model::layer_op::StepSums;
 use crate::model::Network;
 
 /// What the second half of the backward pass needs: the cut point and the batch to recompute
@@ -94,6 +95,36 @@ impl EmbeddingCut {
             None => None,
         };
         Ok((store, rows))
+    }
+}
+
+impl EmbeddingCut {
+    /// [`EmbeddingCut::backward`] without a graph, in f32 on the CPU: the embedding layer's
+    /// gradients added into the step's `sums` token after token (`Embeddings::backward_in_order`),
+    /// and the word table's rows. None, having added nothing, when `sums` does not hold the
+    /// layer's parameters: then [`EmbeddingCut::backward`] is the way.
+    pub fn backward_in_order(
+        &self,
+        net: &Network,
+        grad: &Tensor,
+        sums: &StepSums,
+    ) -> Result<Option<WordRows>> {
+        let table = net.encoder.word_table();
+        if !table.track_op() {
+            return Ok(None);
+        }
+        let words =
+            net.encoder
+                .embeddings
+                .backward_in_order(&self.batch, &self.drop, grad, sums)?;
+        let Some(grads) = words else {
+            return Ok(None);
+        };
+        Ok(Some(WordRows {
+            table: table.clone(),
+            ids: self.batch.ids.to_vec1::<u32>()?,
+            grads,
+        }))
     }
 }
 

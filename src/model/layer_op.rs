@@ -11,11 +11,12 @@
 //! as graph inputs they would have to be one concatenated copy, kept alive by the graph until
 //! the backward pass.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, TensorId};
 
 use crate::engine::mask::HiddenMask;
 use crate::engine::{Attention, Engine, Primitives};
@@ -29,24 +30,45 @@ pub struct LayerDims {
     pub eps: f32,
 }
 
-/// Where one-op layers leave their parameters' gradients during a backward pass.
+/// Where one-op layers leave their parameters' gradients during a backward pass: pending
+/// tensors, or, where the engine sums in token order, the step's sums themselves.
 #[derive(Debug, Clone, Default)]
-pub struct ParamGrads(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+pub struct ParamGrads {
+    pending: Arc<Mutex<Vec<(Tensor, Tensor)>>>,
+    sums: Arc<Mutex<StepSums>>,
+}
+
+/// A step's gradient sums by parameter (f32 CPU tensors that live for the whole step), for
+/// engines that add into them token after token (`Primitives::sums_in_order`): each element
+/// then sums the step's tokens in one fixed order, however the step is cut into micro-batches.
+pub type StepSums = HashMap<TensorId, Tensor>;
 
 impl ParamGrads {
     pub(crate) fn push(&self, grads: Vec<(Tensor, Tensor)>) {
-        self.0.lock().expect("param grads").extend(grads);
+        self.pending.lock().expect("param grads").extend(grads);
     }
 
     /// Drops what an earlier, failed backward pass left.
     pub fn clear(&self) {
-        self.0.lock().expect("param grads").clear();
+        self.pending.lock().expect("param grads").clear();
+    }
+
+    /// Where the following backward passes add their gradients, for the parameters `sums`
+    /// holds (empty: pending tensors, as without).
+    pub fn set_sums(&self, sums: StepSums) {
+        *self.sums.lock().expect("param sums") = sums;
+    }
+
+    /// The sums of all of `params`, in order; None unless every one has its sum.
+    fn sums_of(&self, params: &[Tensor]) -> Option<Vec<Tensor>> {
+        let sums = self.sums.lock().expect("param sums");
+        params.iter().map(|p| sums.get(&p.id()).cloned()).collect()
     }
 
     /// Adds every pending gradient into `store` under its parameter (summed when a layer ran
     /// more than once), in the order the backward pass left them.
     pub fn drain_into(&self, store: &mut GradStore) -> candle_core::Result<()> {
-        let pending = std::mem::take(&mut *self.0.lock().expect("param grads"));
+        let pending = std::mem::take(&mut *self.pending.lock().expect("param grads"));
         for (p, mut g) in pending {
             if let Some(prev) = store.remove(&p) {
                 g = (prev + g)?;
@@ -54,6 +76,92 @@ impl ParamGrads {
             store.insert(&p, g);
         }
         Ok(())
+    }
+}
+
+/// Where a backward pass puts each parameter's gradient (by index in `LayerOp::params`): a
+/// fresh tensor each, or the step's sums.
+struct Out<'a> {
+    params: &'a [Tensor],
+    sums: Option<Vec<Tensor>>,
+    fresh: Vec<Option<Tensor>>,
+}
+
+impl<'a> Out<'a> {
+    fn new(params: &'a [Tensor], sums: Option<Vec<Tensor>>) -> Self {
+        Self {
+            params,
+            sums,
+            fresh: vec![None; params.len()],
+        }
+    }
+
+    /// Keeps `g` as the gradients of parameters `at`, split by rows into their shapes.
+    fn keep(&mut self, g: Tensor, at: &[usize]) -> Result<()> {
+        if let [i] = at {
+            self.fresh[*i] = Some(g);
+            return Ok(());
+        }
+        let mut row = 0;
+        for &i in at {
+            let rows = self.params[i].dim(0)?;
+            self.fresh[i] = Some(g.narrow(0, row, rows)?.copy()?);
+            row += rows;
+        }
+        Ok(())
+    }
+
+    /// `linear_backward`, the weight's gradient to parameters `w_at` (rows split over them)
+    /// and the bias's to `b_at`; returns d input.
+    fn linear(
+        &mut self,
+        p: &dyn Primitives,
+        (dy, x, w): (&Tensor, &Tensor, &Tensor),
+        w_at: &[usize],
+        b_at: &[usize],
+    ) -> Result<Tensor> {
+        if let Some(s) = &self.sums {
+            let pick = |at: &[usize]| at.iter().map(|&i| &s[i]).collect::<Vec<_>>();
+            return p.linear_backward_into(dy, x, w, &pick(w_at), &pick(b_at));
+        }
+        let (dx, dw, db) = p.linear_backward(dy, x, w)?;
+        self.keep(dw, w_at)?;
+        self.keep(db, b_at)?;
+        Ok(dx)
+    }
+
+    /// `add_norm_backward`, the norm's weight and bias gradients to parameters `at`; returns
+    /// d sum.
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm(
+        &mut self,
+        p: &dyn Primitives,
+        (x, y, mask): (&Tensor, &Tensor, Option<&HiddenMask>),
+        w: &Tensor,
+        eps: f32,
+        g: &Tensor,
+        [wi, bi]: [usize; 2],
+    ) -> Result<Tensor> {
+        if let Some(s) = &self.sums {
+            return p.add_norm_backward_into(x, y, mask, w, eps, g, (&s[wi], &s[bi]));
+        }
+        let (ds, dw, db) = p.add_norm_backward(x, y, mask, w, eps, g)?;
+        self.keep(dw, &[wi])?;
+        self.keep(db, &[bi])?;
+        Ok(ds)
+    }
+
+    /// The fresh gradients, in `params` order (none when they went to the sums).
+    fn into_fresh(self) -> Result<Vec<Tensor>> {
+        if self.sums.is_some() {
+            return Ok(Vec::new());
+        }
+        self.fresh
+            .into_iter()
+            .map(|g| {
+                g.ok_or_else(|| crate::Error::Internal("layer op: a gradient is missing".into()))
+            })
+            .collect()
     }
 }
 
@@ -175,7 +283,8 @@ impl LayerOp {
         Ok((out, kept))
     }
 
-    /// (d x, d bias, d params in `params` order) from the output gradient `g`.
+    /// (d x, d bias) from the output gradient `g`; the parameters' gradients go to `out`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         p: &dyn Primitives,
@@ -184,7 +293,8 @@ impl LayerOp {
         bias: Option<&Tensor>,
         g: &Tensor,
         kept: Kept,
-    ) -> Result<(Tensor, Option<Tensor>, Vec<Tensor>)> {
+        out: &mut Out,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let [m1, m2] = &self.masks;
         let eps = self.dims.eps;
         let Kept {
@@ -195,46 +305,36 @@ impl LayerOp {
             h,
             ffn,
         } = kept;
+        // Parameter indices, in `EncoderLayer::params` order.
+        const QKV_W: [usize; 3] = [0, 1, 2];
+        const QKV_B: [usize; 3] = [3, 4, 5];
         // Second norm, over x1 + mask ⊙ ffn.
-        let (ds2, dln2_w, dln2_b) =
-            p.add_norm_backward(&x1, &ffn, m2.as_ref(), &w.ln2.0, eps, g)?;
+        let ds2 = out.add_norm(p, (&x1, &ffn, m2.as_ref()), &w.ln2.0, eps, g, [14, 15])?;
         drop(ffn);
         let dffn = p.masked(&ds2, m2.as_ref())?;
         // Feed-forward: ffn = gelu(h) W2ᵀ + b2, h = x1 W1ᵀ + b1; gelu(h) is recomputed.
         let act = p.gelu(&h)?;
-        let (dact, dout_w, dout_b) = p.linear_backward(&dffn, &act, &w.out_w)?;
+        let dact = out.linear(p, (&dffn, &act, &w.out_w), &[12], &[13])?;
         drop((act, dffn));
         let dh = p.gelu_backward(&h, &dact)?;
         drop((h, dact));
-        let (dx1_ffn, din_w, din_b) = p.linear_backward(&dh, &x1, &w.in_w)?;
+        let dx1_ffn = out.linear(p, (&dh, &x1, &w.in_w), &[10], &[11])?;
         drop((dh, x1));
         let dx1 = p.add(&ds2, &dx1_ffn)?;
         drop((ds2, dx1_ffn));
         // First norm, over x + mask ⊙ attn.
-        let (ds1, dln1_w, dln1_b) =
-            p.add_norm_backward(x, &attn, m1.as_ref(), &w.ln1.0, eps, &dx1)?;
+        let ds1 = out.add_norm(p, (x, &attn, m1.as_ref()), &w.ln1.0, eps, &dx1, [8, 9])?;
         drop((attn, dx1));
         let dattn = p.masked(&ds1, m1.as_ref())?;
         // Attention output projection, attention, q|k|v projection.
-        let (dctx, do_w, do_b) = p.linear_backward(&dattn, &ctx, &w.o_w)?;
+        let dctx = out.linear(p, (&dattn, &ctx, &w.o_w), &[6], &[7])?;
         drop((ctx, dattn));
         let (dqkv, dbias) = p.attention_backward(&qkv, bias, &self.attention, &dctx)?;
         drop((qkv, dctx));
-        let (dx_attn, dqkv_w, dqkv_b) = p.linear_backward(&dqkv, x, &w.qkv_w)?;
+        let dx_attn = out.linear(p, (&dqkv, x, &w.qkv_w), &QKV_W, &QKV_B)?;
         drop(dqkv);
         let dx = p.add(&ds1, &dx_attn)?;
-        let hid = self.dims.hidden;
-        let thirds = |t: &Tensor| -> Result<[Tensor; 3]> {
-            let part = |i| -> Result<Tensor> { Ok(t.narrow(0, i * hid, hid)?.copy()?) };
-            Ok([part(0)?, part(1)?, part(2)?])
-        };
-        let [dq_w, dk_w, dv_w] = thirds(&dqkv_w)?;
-        let [dq_b, dk_b, dv_b] = thirds(&dqkv_b)?;
-        let grads = vec![
-            dq_w, dk_w, dv_w, dq_b, dk_b, dv_b, do_w, do_b, dln1_w, dln1_b, din_w, din_b, dout_w,
-            dout_b, dln2_w, dln2_b,
-        ];
-        Ok((dx, dbias, grads))
+        Ok((dx, dbias))
     }
 
     /// The forward pass over a tensor made from the op's input storage.
@@ -266,9 +366,16 @@ impl LayerOp {
                 Some(k) => k,
                 None => self.forward(p.as_ref(), &x, &w, bias.as_ref())?.1,
             };
-            let (dx, dbias, dp) = self.backward(p.as_ref(), &x, &w, bias.as_ref(), g, kept)?;
+            let sums = match (&self.sink, p.sums_in_order()) {
+                (Some(sink), true) => sink.sums_of(&self.params),
+                _ => None,
+            };
+            let mut out = Out::new(&self.params, sums);
+            let (dx, dbias) =
+                self.backward(p.as_ref(), &x, &w, bias.as_ref(), g, kept, &mut out)?;
             drop(w);
-            if let Some(sink) = &self.sink {
+            let dp = out.into_fresh()?;
+            if let (Some(sink), false) = (&self.sink, dp.is_empty()) {
                 sink.push(self.params.iter().cloned().zip(dp).collect());
             }
             Ok((p.cast(&dx, x.dtype())?, dbias))

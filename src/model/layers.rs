@@ -348,7 +348,7 @@ impl EncoderLayer {
     }
 
     /// Every parameter of the layer, in the order `LayerOp` reads them.
-    fn params(&self) -> Vec<Tensor> {
+    pub(crate) fn params(&self) -> Vec<Tensor> {
         let mut parts = Vec::with_capacity(16);
         let (qkv, ffn) = ([&self.q, &self.k, &self.v], [&self.ffn_in, &self.ffn_out]);
         parts.extend(qkv.iter().map(|l| l.weight.clone()));

@@ -39,7 +39,7 @@ use config::ModelConfig;
 use dropout::Dropout;
 use embeddings::Embeddings;
 use folder::FolderSpec;
-use layer_op::ParamGrads;
+use layer_op::{ParamGrads, StepSums};
 use layers::{Dims, EncoderLayer, Linear};
 use modernbert::ModernBertLayer;
 use mpnet::RelativeBias;
@@ -214,6 +214,36 @@ impl Network {
             l.set_engine(engine);
         }
         self
+    }
+
+    /// The trainable parameters whose gradients this network's backward passes add into a
+    /// step's sums token after token, once [`Network::set_step_sums`] handed it them: every
+    /// post-LN layer's and the embedding layer's (but the word table's, whose rows go to
+    /// `embedding_cut::WordRows`), where the engine sums in order (`cpu`, f32); else none.
+    pub fn params_in_order(&self) -> Vec<Tensor> {
+        let layers = &self.encoder.layers;
+        let engine = match layers.first() {
+            Some(Layer::PostLn(l)) => l.engine,
+            _ => return Vec::new(),
+        };
+        if !engine.primitives(self.dtype).sums_in_order() {
+            return Vec::new();
+        }
+        let mut params = self.encoder.embeddings.params_in_order();
+        for l in layers {
+            if let Layer::PostLn(l) = l {
+                params.extend(l.params().into_iter().filter(Tensor::track_op));
+            }
+        }
+        params
+    }
+
+    /// Where the following backward passes add the gradients of the parameters `sums` holds
+    /// (see [`Network::params_in_order`]); an empty map: back to fresh gradients.
+    pub fn set_step_sums(&self, sums: &StepSums) {
+        for l in &self.encoder.layers {
+            l.param_grads().set_sums(sums.clone());
+        }
     }
 
     /// The backward pass from `loss`, with the gradients of the one-op layers' parameters

@@ -12,6 +12,8 @@ use candle_core::{Tensor, Var};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::model::dropout::Dropout;
+use crate::model::embedding_cut::WordRows;
+use crate::model::layer_op::StepSums;
 use crate::model::{Encoder, Network};
 
 /// The forward pass without a graph, keeping each encoder layer's input (and the last layer's
@@ -44,7 +46,9 @@ pub fn forward_checkpoints(
 
 /// `grad`: d loss / d sentence embeddings of `batch`, (rows, dim); `checkpoints` from
 /// [`forward_checkpoints`] for the same rows. `sink` receives each partial gradient store
-/// (head, every layer top-down, embeddings) to accumulate parameter gradients.
+/// (head, every layer top-down, embeddings) to accumulate parameter gradients. Where `sums`
+/// holds the embedding layer's (see `Network::params_in_order`), its gradients go there
+/// instead, and the word table's rows are returned.
 pub fn backward_recomputing(
     net: &Network,
     batch: &TokenBatch,
@@ -52,7 +56,8 @@ pub fn backward_recomputing(
     grad: &Tensor,
     mut checkpoints: Vec<Tensor>,
     sink: &mut dyn FnMut(&GradStore) -> Result<()>,
-) -> Result<()> {
+    sums: &StepSums,
+) -> Result<Option<WordRows>> {
     let enc = &net.encoder;
     let layers = enc.layers();
     let bias = enc.attention_bias(batch)?;
@@ -72,9 +77,40 @@ pub fn backward_recomputing(
         g = backward_step(net, &out, &g, &x, sink)?;
     }
     // Embeddings (their gradient only matters when they train).
+    if let Some(rows) = embeddings_in_order(net, batch, drop, &g, sums)? {
+        return Ok(Some(rows));
+    }
     let x0 = enc.embed(batch, drop, net.dtype)?;
     let store = net.backward(&(x0 * g)?.sum_all()?)?;
-    sink(&store)
+    sink(&store)?;
+    Ok(None)
+}
+
+/// The embedding layer's backward pass into the step's `sums`, with the word table's rows;
+/// None when the sums do not hold its gradients.
+fn embeddings_in_order(
+    net: &Network,
+    batch: &TokenBatch,
+    drop: &Dropout,
+    g: &Tensor,
+    sums: &StepSums,
+) -> Result<Option<WordRows>> {
+    let table = net.encoder.word_table();
+    if !table.track_op() {
+        return Ok(None);
+    }
+    let words = net
+        .encoder
+        .embeddings
+        .backward_in_order(batch, drop, g, sums)?;
+    let Some(grads) = words else {
+        return Ok(None);
+    };
+    Ok(Some(WordRows {
+        table: table.clone(),
+        ids: batch.ids.to_vec1::<u32>()?,
+        grads,
+    }))
 }
 
 /// Back-propagates `grad_out` from `out` and returns the gradient that reaches `input`.

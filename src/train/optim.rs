@@ -4,9 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::engine::launches;
@@ -216,33 +214,7 @@ impl AdamW {
     }
 }
 
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("AdamW: expected contiguous f32 state"),
-    }
-}
-
-/// Runs `f` on the f32 elements of a contiguous CPU tensor, mutably. Nested calls give one
-/// pass several mutable tensors at once (candle hands out one per in-place op); the tensors
-/// must not share storage, or the inner call waits forever on the outer's write lock.
-pub(crate) fn with_slice(
-    t: &Tensor,
-    f: impl FnMut(&mut [f32]) -> candle_core::Result<()> + Send,
-) -> candle_core::Result<()> {
-    struct WithSlice<F>(Mutex<F>);
-    impl<F: FnMut(&mut [f32]) -> candle_core::Result<()> + Send> InplaceOp1 for WithSlice<F> {
-        fn name(&self) -> &'static str {
-            "adamw"
-        }
-
-        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-            let mut f = self.0.lock().expect("not poisoned: the op runs once");
-            f(slice_mut(s, l)?)
-        }
-    }
-    t.inplace_op1(&WithSlice(Mutex::new(f)))
-}
+pub(crate) use crate::engine::cpu::storage::with_slice;
 
 /// Elements per parallel task of the update (each element is independent, so the result does
 /// not depend on how the tasks are scheduled).

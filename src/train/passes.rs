@@ -11,10 +11,12 @@
 //! micro-batch, at whatever size the policy then chose. Dropout masks depend on (seed, step,
 //! row), so a retried or re-run row sees the same mask.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 
 use crate::config::{Precision, TrainSection};
 use crate::data::batch::TokenBatch;
@@ -26,6 +28,7 @@ use crate::memory::oom::{is_oom, Phase};
 use crate::memory::policy::Scheme;
 use crate::model::dropout::Dropout;
 use crate::model::embedding_cut::{forward_cut, EmbeddingCut, WordRows};
+use crate::model::layer_op::StepSums;
 use crate::model::recompute::{backward_recomputing, forward_checkpoints};
 use crate::model::sizes::DropoutProbs;
 use crate::model::{Network, SentenceModel};
@@ -141,16 +144,15 @@ impl LayerInputs {
     /// The inputs `forward_checkpoints` kept for `batch` (`columns` packed, as
     /// [`Runner::columns`] packs them), split into rows.
     fn from_packed(inputs: &[Tensor], batch: &TokenBatch, columns: usize) -> Result<Self> {
-        let mut rows: Vec<Vec<Tensor>> = batch
+        let rows: Vec<Vec<Tensor>> = batch
             .rows()
             .map(|(off, len)| inputs.iter().map(|t| Ok(t.narrow(0, off, len)?)).collect())
             .collect::<Result<_>>()?;
-        let per_column = rows.len() / columns.max(1);
-        Ok(Self {
-            columns: (0..columns)
-                .map(|_| rows.drain(..per_column).collect())
-                .collect(),
-        })
+        let mut split = Self::new(columns);
+        for (i, row) in rows.into_iter().enumerate() {
+            split.columns[i % columns.max(1)].push(row);
+        }
+        Ok(split)
     }
 
     /// Appends a later chunk's rows.
@@ -160,16 +162,14 @@ impl LayerInputs {
         }
     }
 
-    /// Per layer, the inputs of batch rows `pos..pos + m` of every column, packed column after
-    /// column as [`Runner::columns`] packs them.
+    /// Per layer, the inputs of batch rows `pos..pos + m` of every column, packed as
+    /// [`Runner::columns`] packs them.
     fn packed(&self, pos: usize, m: usize) -> Result<Vec<Tensor>> {
         let layers = self.columns[0][pos].len();
         (0..layers)
             .map(|l| {
-                let rows: Vec<&Tensor> = self
-                    .columns
-                    .iter()
-                    .flat_map(|col| col[pos..pos + m].iter().map(|r| &r[l]))
+                let rows: Vec<&Tensor> = (pos..pos + m)
+                    .flat_map(|r| self.columns.iter().map(move |col| &col[r][l]))
                     .collect();
                 Ok(Tensor::cat(&rows, 0)?)
             })
@@ -272,6 +272,13 @@ impl<'a> Runner<'a> {
             p.loss += l;
             Ok(())
         })? {
+            if self.restarts_after(&oom) {
+                *p = PlainPass {
+                    done: 0,
+                    loss: 0.0,
+                    grads: Grads::new(),
+                };
+            }
             return Ok(oom);
         }
         Ok(Outcome::Done(Gradients {
@@ -318,7 +325,11 @@ impl<'a> Runner<'a> {
             c.loss = Some(self.full_loss(batch, embedded, loss_scale)?);
         }
         let full = c.loss.as_ref().expect("set above");
-        // 3. Push the cached gradients back through the network, chunk by chunk.
+        // 3. Push the cached gradients back through the network, chunk by chunk: into the
+        //    step's sums in token order where the network has them, else into fresh
+        //    gradients added per chunk.
+        let in_order = self.sums_in_order();
+        let grads = RefCell::new(std::mem::take(&mut c.grads));
         let attempt = |chunk| {
             self.attempt(
                 batch.step,
@@ -326,25 +337,92 @@ impl<'a> Runner<'a> {
                 "backward pass",
                 Window::New,
                 || {
+                    if in_order {
+                        let grads = &mut grads.borrow_mut();
+                        self.backward_chunk(batch, chunk, full, checkpointing, grads)?;
+                        return Ok(None);
+                    }
                     let mut part = Grads::new();
                     self.backward_chunk(batch, chunk, full, checkpointing, &mut part)?;
-                    Ok(part)
+                    Ok(Some(part))
                 },
             )
         };
-        let grads = &mut c.grads;
-        if let Some(oom) = chunks(&mut c.done, n, micro, attempt, |part| {
-            for (name, g) in part {
-                add(grads, name, g)?;
+        let stopped = chunks(&mut c.done, n, micro, attempt, |part| {
+            for (name, g) in part.into_iter().flatten() {
+                add(&mut grads.borrow_mut(), name, g)?;
             }
             Ok(())
-        })? {
+        });
+        c.grads = grads.into_inner();
+        if let Some(oom) = stopped? {
+            if self.restarts_after(&oom) {
+                c.done = 0;
+                c.grads = Grads::new();
+            }
             return Ok(oom);
         }
         Ok(Outcome::Done(Gradients {
             loss: full.loss.to_scalar::<f32>()?,
             grads: std::mem::take(&mut c.grads),
         }))
+    }
+
+    /// Whether the network adds its gradients into the step's sums in token order
+    /// (`Network::params_in_order`: the cpu engine in f32): then a step gets the same bits
+    /// however it is cut into micro-batches.
+    fn sums_in_order(&self) -> bool {
+        !self.train_net.params_in_order().is_empty()
+    }
+
+    /// Whether a pass stopped by `oom` starts its gradients again from the first row: a
+    /// backward pass adds into the step's sums in place as it goes, so one that failed half
+    /// way may have added part of its micro-batch (and the sums cannot be taken apart again).
+    fn restarts_after(&self, oom: &Outcome) -> bool {
+        matches!(
+            oom,
+            Outcome::Oom {
+                phase: Phase::Backward,
+                ..
+            }
+        ) && self.sums_in_order()
+    }
+
+    /// The step's sums of the parameters the network adds into in token order, made at zero
+    /// in `grads` the first time; empty where the network has none.
+    fn step_sums(&self, grads: &mut Grads) -> Result<StepSums> {
+        let ids: HashSet<TensorId> = self
+            .train_net
+            .params_in_order()
+            .iter()
+            .map(Tensor::id)
+            .collect();
+        let mut sums = StepSums::new();
+        for (name, var) in &self.model.params.vars {
+            let t = var.as_tensor();
+            if !ids.contains(&t.id()) {
+                continue;
+            }
+            if !grads.contains_key(name) {
+                let zeros = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+                grads.insert(name.clone(), zeros);
+            }
+            sums.insert(t.id(), grads[name].clone());
+        }
+        Ok(sums)
+    }
+
+    /// Runs `f`, a backward pass, with the network adding into the step's sums in `grads`.
+    fn with_sums<T>(
+        &self,
+        grads: &mut Grads,
+        f: impl FnOnce(&mut Grads, &StepSums) -> Result<T>,
+    ) -> Result<T> {
+        let sums = self.step_sums(grads)?;
+        self.train_net.set_step_sums(&sums);
+        let out = f(grads, &sums);
+        self.train_net.set_step_sums(&StepSums::new());
+        out
     }
 
     /// Runs `f` as one attempt at a micro-batch through the guard (see `memory/guard.rs`); a
@@ -362,19 +440,22 @@ impl<'a> Runner<'a> {
             .map_err(|error| Failed { phase, error })
     }
 
-    /// Every text column of `rows`, packed column after column (row `c·n + r` is column `c` of
-    /// row `r`) into one batch on the model's device, and its dropout: masks keyed by each row's
-    /// (data row, column), whatever batch it sits in. One pass over all the columns doubles the
-    /// rows of every matrix product for pairs, which the CPU kernels run far faster than two
-    /// passes of half the size.
+    /// Every text column of `rows`, packed row after row (packed row `r·C + c` is column `c`
+    /// of row `r`, for C columns) into one batch on the model's device, and its dropout: masks
+    /// keyed by each row's (data row, column), whatever batch it sits in. One pass over all the
+    /// columns doubles the rows of every matrix product for pairs, which the CPU kernels run
+    /// far faster than two passes of half the size. Row after row, a micro-batch's tokens are
+    /// a stretch of the whole batch's, in the same order: the order the cpu engine sums the
+    /// gradients in, so a cut step sums as the uncut one does.
     fn columns(
         &self,
         data: &TokenizedData,
         rows: &[usize],
         step: u64,
     ) -> Result<(TokenBatch, Dropout)> {
-        let keys = (0..data.columns)
-            .flat_map(|c| rows.iter().map(move |&r| (r as u64) << 2 | c as u64))
+        let keys = rows
+            .iter()
+            .flat_map(|&r| (0..data.columns).map(move |c| (r as u64) << 2 | c as u64))
             .collect();
         let drop = Dropout::train(
             self.dropout.hidden,
@@ -425,12 +506,14 @@ impl<'a> Runner<'a> {
     }
 
     /// Accumulates the gradients of the encoder's backward pass `store`, then, with the
-    /// encoder's graph gone (the caller dropped it), those of the embedding layer.
+    /// encoder's graph gone (the caller dropped it), those of the embedding layer (into the
+    /// step's `sums` where they hold its gradients).
     fn finish_backward(
         &self,
         grads: &mut Grads,
         store: GradStore,
         cuts: Vec<EmbeddingCut>,
+        sums: &StepSums,
     ) -> Result<()> {
         self.accumulate(grads, &store)?;
         let reached = cuts
@@ -439,6 +522,10 @@ impl<'a> Runner<'a> {
             .collect::<Result<Vec<_>>>()?;
         drop(store);
         for (cut, g) in cuts.into_iter().zip(reached) {
+            if let Some(rows) = cut.backward_in_order(&self.train_net, &g, sums)? {
+                self.accumulate_rows(grads, rows)?;
+                continue;
+            }
             let (store, rows) = cut.backward(&self.train_net, &g)?;
             self.accumulate(grads, &store)?;
             if let Some(rows) = rows {
@@ -489,11 +576,13 @@ impl<'a> Runner<'a> {
             "backward pass",
             Window::Continue,
             || {
-                let store = self.train_net.backward(&(&loss * loss_scale)?)?;
-                let value = loss.to_scalar::<f32>()?;
-                drop(loss); // frees the encoder's activations before the embedding layer's pass
-                self.finish_backward(grads, store, cuts)?;
-                Ok(value)
+                self.with_sums(grads, |grads, sums| {
+                    let store = self.train_net.backward(&(&loss * loss_scale)?)?;
+                    let value = loss.to_scalar::<f32>()?;
+                    drop(loss); // frees the encoder's activations before the embedding layer's pass
+                    self.finish_backward(grads, store, cuts, sums)?;
+                    Ok(value)
+                })
             },
         )
     }
@@ -592,6 +681,20 @@ impl<'a> Runner<'a> {
         checkpointing: bool,
         grads: &mut Grads,
     ) -> Result<()> {
+        self.with_sums(grads, |grads, sums| {
+            self.backward_chunk_into(batch, chunk, full, checkpointing, grads, sums)
+        })
+    }
+
+    fn backward_chunk_into(
+        &self,
+        batch: Batch,
+        chunk: Range<usize>,
+        full: &FullLoss,
+        checkpointing: bool,
+        grads: &mut Grads,
+        sums: &StepSums,
+    ) -> Result<()> {
         let (data, step) = (batch.data, batch.step);
         let (pos, m) = (chunk.start, chunk.len());
         let rows = &batch.rows[chunk];
@@ -605,24 +708,26 @@ impl<'a> Runner<'a> {
             drop(cols);
             let store = self.train_net.backward(&surrogate)?;
             drop(surrogate);
-            return self.finish_backward(grads, store, cuts);
+            return self.finish_backward(grads, store, cuts, sums);
         }
         // All columns in one recomputing pass, their rows packed as `columns` packs them.
         let (tokens, drop) = self.columns(data, rows, step)?;
         let inputs = ckpts.packed(pos, m)?;
-        let grad = emb_grads
-            .iter()
-            .map(|g| g.narrow(0, pos, m))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let grad = pack_columns(emb_grads, pos, m)?;
         let mut sink = |store: &GradStore| self.accumulate(grads, store);
-        backward_recomputing(
+        let rows = backward_recomputing(
             &self.train_net,
             &tokens,
             &drop,
-            &Tensor::cat(&grad, 0)?,
+            &grad,
             inputs,
             &mut sink,
-        )
+            sums,
+        )?;
+        match rows {
+            Some(rows) => self.accumulate_rows(grads, rows),
+            None => Ok(()),
+        }
     }
 
     /// Adds the gradient of every trainable tensor found in `store` to `grads`.
@@ -688,26 +793,41 @@ fn concat_column(parts: &[Vec<Tensor>], c: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&col, 0)?)
 }
 
-/// Every text column of `rows` packed column after column (row `c·n + r` is column `c` of row
-/// `r`) into one batch on `device`, with each column's prompt tokens.
+/// Every text column of `rows` packed row after row (packed row `r·C + c` is column `c` of
+/// row `r`) into one batch on `device`, with each column's prompt tokens.
 fn packed(
     data: &TokenizedData,
     rows: &[usize],
     device: &candle_core::Device,
 ) -> Result<TokenBatch> {
-    let ids: Vec<&[u32]> = (0..data.columns)
-        .flat_map(|c| rows.iter().map(move |&r| data.tokens[r][c].as_slice()))
+    let ids: Vec<&[u32]> = rows
+        .iter()
+        .flat_map(|&r| (0..data.columns).map(move |c| data.tokens[r][c].as_slice()))
         .collect();
-    let prompt_tokens = (0..data.columns)
-        .flat_map(|c| rows.iter().map(move |_| data.prompt_tokens[c]))
+    let prompt_tokens = rows
+        .iter()
+        .flat_map(|_| (0..data.columns).map(|c| data.prompt_tokens[c]))
         .collect();
     Ok(TokenBatch::new(&ids, device)?.with_prompt_tokens(prompt_tokens))
 }
 
 /// The embeddings of a batch packed by [`Runner::columns`], one tensor per column.
 fn split_columns(emb: &Tensor, columns: usize) -> Result<Vec<Tensor>> {
-    let n = emb.dim(0)? / columns.max(1);
-    (0..columns).map(|c| Ok(emb.narrow(0, c * n, n)?)).collect()
+    let (n, dim) = (emb.dim(0)? / columns.max(1), emb.dim(1)?);
+    let rows = emb.reshape((n, columns, dim))?;
+    (0..columns)
+        .map(|c| Ok(rows.narrow(1, c, 1)?.squeeze(1)?.contiguous()?))
+        .collect()
+}
+
+/// Per-column gradients of rows `pos..pos + m`, packed as [`Runner::columns`] packs them.
+fn pack_columns(grads: &[Tensor], pos: usize, m: usize) -> Result<Tensor> {
+    let cols = grads
+        .iter()
+        .map(|g| g.narrow(0, pos, m))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let dim = cols.first().map_or(Ok(0), |g| g.dim(1))?;
+    Ok(Tensor::stack(&cols, 1)?.reshape((m * cols.len(), dim))?)
 }
 
 fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {

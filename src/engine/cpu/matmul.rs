@@ -6,7 +6,7 @@
 use candle_core::DType;
 
 use super::fused::add_column_sums;
-use super::{bf16_gemm, f32_gemm, gemm_crate};
+use super::{bf16_gemm, f32_gemm, gemm_crate, wgrad};
 
 /// How the layer's matrix products run: in f32 (the `gemm` crate, and `f32_gemm` for the
 /// forward product with AVX-512), or, with bf16 activations
@@ -73,8 +73,36 @@ pub fn matmul(
             return Ok(());
         }
     }
-    gemm_crate::gemm_crate(dst, (m, n, k), a, b, accumulate);
+    let rows = rows_for_gemm_crate(m, n);
+    if rows == m || m == 0 {
+        gemm_crate::gemm_crate(dst, (m, n, k), a, b, accumulate);
+        return Ok(());
+    }
+    // Too few rows for the blocked kernel: the same product over zero rows added below.
+    let ((a, (rs, cs)), mut out) = (a, vec![0f32; rows * n]);
+    let mut padded = vec![0f32; rows * k];
+    for (r, row) in padded.chunks_mut(k).take(m).enumerate() {
+        row.iter_mut()
+            .enumerate()
+            .for_each(|(c, v)| *v = a[r * rs + c * cs]);
+    }
+    out[..m * n].copy_from_slice(&dst[..m * n]);
+    gemm_crate::gemm_crate(&mut out, (rows, n, k), (&padded, (k, 1)), b, accumulate);
+    dst[..m * n].copy_from_slice(&out[..m * n]);
     Ok(())
+}
+
+/// Rows the gemm crate is given for a product of `m` rows and `n` columns. It sums a row's
+/// products in another order when a call has few rows (a matrix-vector product at one row, a
+/// horizontal-sum kernel while m·n ≤ 256, another depth blocking while m, n ≤ 64): a row's
+/// result would then depend on the rows beside it, and a micro-batch's rows would not come out
+/// as in the whole batch. Fewer rows than this are padded with zero rows.
+fn rows_for_gemm_crate(m: usize, n: usize) -> usize {
+    match n {
+        0 | 1 => m,
+        2..=64 => m.max(65).max(256 / n + 1),
+        _ => m.max(2).max(256 / n + 1),
+    }
 }
 
 /// `x (t × k) · Wᵀ + bias` with W stored (n × k), as PyTorch's `Linear`.
@@ -111,4 +139,74 @@ pub fn linear_backward(
     let mut dx = vec![0f32; t * k];
     matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
     Ok(dx)
+}
+
+/// `linear_backward` in f32 with the parameter gradients summed over tokens in order into
+/// `dw` and `db` (the step's sums, see `wgrad.rs`): the same bits however the step's tokens
+/// are cut into calls.
+pub fn linear_backward_in_order(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (dw, db): (&mut [f32], &mut [f32]),
+    k: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let n = db.len();
+    let t = dy.len() / n;
+    wgrad::add_weight_grad(dw, dy, (n, 0, n), x, k);
+    add_column_sums(bf16_gemm::Elems::F32(dy), db);
+    let mut dx = vec![0f32; t * k];
+    matmul(
+        Products::F32,
+        &mut dx,
+        (t, k, n),
+        (dy, (n, 1)),
+        (w, (k, 1)),
+        false,
+    )?;
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// A row's output and input gradient do not depend on the other rows of the call: a
+    /// micro-batch's rows come out as they do in the whole batch (what makes cut steps exact).
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        for (t, k, n) in [
+            (37, 48, 40),
+            (300, 384, 1536),
+            (260, 1536, 384),
+            (70, 16, 32),
+            (90, 32, 16),
+        ] {
+            let (x, w, b, dy) = (values(t * k), values(n * k), values(n), values(t * n));
+            let y = linear(Products::F32, &x, &w, &b, k).unwrap();
+            let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
+            let dx = linear_backward_in_order(&dy, &x, &w, (&mut dw, &mut db), k).unwrap();
+            for rows in [0..1, 3..8, 5..t, 0..t - 1] {
+                let part =
+                    linear(Products::F32, &x[rows.start * k..rows.end * k], &w, &b, k).unwrap();
+                assert!(
+                    part == y[rows.start * n..rows.end * n],
+                    "forward, t={t} rows {rows:?}"
+                );
+                let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
+                let dy = &dy[rows.start * n..rows.end * n];
+                let x = &x[rows.start * k..rows.end * k];
+                let part = linear_backward_in_order(dy, x, &w, (&mut dw, &mut db), k).unwrap();
+                assert!(
+                    part == dx[rows.start * k..rows.end * k],
+                    "d input, t={t} rows {rows:?}"
+                );
+            }
+        }
+    }
 }

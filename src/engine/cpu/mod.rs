@@ -15,5 +15,6 @@ pub mod primitives;
 pub mod rotary;
 pub mod storage;
 pub mod vmath;
+pub mod wgrad;
 #[cfg(target_arch = "x86_64")]
 mod zmm;

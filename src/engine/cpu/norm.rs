@@ -193,6 +193,21 @@ pub(crate) fn norm_rows(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
         .for_each(|o| normalise_affine(o, w, b, eps));
 }
 
+/// Row `row` of `s`, rows `d` wide, as the kernels above read their inputs.
+fn rows(s: &[f32], d: usize) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
+    move |row, out| {
+        out.copy_from_slice(&s[row * d..(row + 1) * d]);
+        Ok(())
+    }
+}
+
+fn f32s((s, _): (CpuStorage, Shape)) -> candle_core::Result<Vec<f32>> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("layer norm: expected f32 gradients"),
+    }
+}
+
 /// Layer norm's backward pass over plain slices: (d input, d w ‖ d b) from the norm's input
 /// `x` and output gradient `g`, both (rows, w.len()) f32.
 pub(crate) fn norm_rows_backward(
@@ -203,28 +218,7 @@ pub(crate) fn norm_rows_backward(
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
     let d = w.len();
     let shape = Shape::from((x.len() / d, d));
-    fn rows(
-        s: &[f32],
-        d: usize,
-    ) -> impl Fn(usize, &mut [f32]) -> candle_core::Result<()> + Sync + '_ {
-        move |row, out| {
-            out.copy_from_slice(&s[row * d..(row + 1) * d]);
-            Ok(())
-        }
-    }
-    let f32s = |(s, _): (CpuStorage, Shape)| match s {
-        CpuStorage::F32(v) => Ok(v),
-        _ => candle_core::bail!("layer norm: expected f32 gradients"),
-    };
-    let dx = f32s(grads(
-        Part::Input,
-        DType::F32,
-        &shape,
-        w,
-        eps,
-        rows(x, d),
-        rows(g, d),
-    )?)?;
+    let dx = norm_rows_backward_input(x, g, w, eps)?;
     let dwb = f32s(grads(
         Part::Params,
         DType::F32,
@@ -235,6 +229,60 @@ pub(crate) fn norm_rows_backward(
         rows(g, d),
     )?)?;
     Ok((dx, dwb))
+}
+
+/// d input of layer norm over plain slices.
+fn norm_rows_backward_input(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> candle_core::Result<Vec<f32>> {
+    let d = w.len();
+    let shape = Shape::from((x.len() / d, d));
+    f32s(grads(
+        Part::Input,
+        DType::F32,
+        &shape,
+        w,
+        eps,
+        rows(x, d),
+        rows(g, d),
+    )?)
+}
+
+/// [`norm_rows_backward`] with the weight and bias gradients summed row after row, in order,
+/// into `dw` and `db` (the step's sums): the same bits however the step's rows are cut into
+/// calls. Returns d input.
+pub(crate) fn norm_rows_backward_in_order(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    (dw, db): (&mut [f32], &mut [f32]),
+) -> candle_core::Result<Vec<f32>> {
+    let d = w.len();
+    let dx = norm_rows_backward_input(x, g, w, eps)?;
+    let mut xh = x.to_vec();
+    xh.par_chunks_mut(d).for_each(|row| {
+        normalise(row, eps);
+    });
+    // Column blocks in parallel, each summing every row in turn.
+    const COLS: usize = 64;
+    dw.par_chunks_mut(COLS)
+        .zip(db.par_chunks_mut(COLS))
+        .enumerate()
+        .for_each(|(c, (dw, db))| {
+            let c = c * COLS;
+            for (xh, g) in xh.chunks(d).zip(g.chunks(d)) {
+                let (xh, g) = (&xh[c..c + dw.len()], &g[c..c + dw.len()]);
+                for i in 0..dw.len() {
+                    dw[i] += g[i] * xh[i];
+                    db[i] += g[i];
+                }
+            }
+        });
+    Ok(dx)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{self, Products};
-use super::storage::{cpu_f32, tensor};
+use super::storage::{cpu_f32, tensor, with_slice};
 use super::{norm, rotary, vmath};
 use crate::engine::mask::HiddenMask;
 use crate::engine::rotary::Rotary;
@@ -48,6 +48,41 @@ fn add_masked(x: &[f32], y: &[f32], mask: Option<&HiddenMask>, width: usize) -> 
             o.iter_mut().zip(x).for_each(|(o, x)| *o += x);
         });
     out
+}
+
+/// Runs `f` on a step's sums held in `parts`, one after another: in place for one tensor,
+/// else on a copy written back after (each element's chain is its own, so the copy changes no
+/// bits: q, k and v share one product).
+fn with_sums<R: Send>(
+    parts: &[&Tensor],
+    f: impl FnOnce(&mut [f32]) -> Result<R> + Send,
+) -> Result<R> {
+    let mut f = Some(f);
+    let mut out = None;
+    if let [one] = parts {
+        with_slice(one, |v| {
+            out = f.take().map(|f| f(v));
+            Ok(())
+        })?;
+        return out.expect("with_slice runs its closure");
+    }
+    let mut all = Vec::new();
+    for p in parts {
+        with_slice(p, |v| {
+            all.extend_from_slice(v);
+            Ok(())
+        })?;
+    }
+    let out = f.take().expect("once")(&mut all)?;
+    let mut at = 0;
+    for p in parts {
+        with_slice(p, |v| {
+            v.copy_from_slice(&all[at..at + v.len()]);
+            at += v.len();
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }
 
 impl Cpu {
@@ -102,6 +137,57 @@ impl Primitives for Cpu {
             f32_tensor(dw, (n, k))?,
             f32_tensor(db, n)?,
         ))
+    }
+
+    fn sums_in_order(&self) -> bool {
+        self.dtype == DType::F32
+    }
+
+    fn linear_backward_into(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        dw: &[&Tensor],
+        db: &[&Tensor],
+    ) -> Result<Tensor> {
+        let k = w.dim(1)?;
+        let dx = with_sums(dw, |dw| {
+            with_sums(db, |db| {
+                read(dy, |dy| {
+                    read(x, |x| {
+                        read(w, |w| {
+                            Ok(matmul::linear_backward_in_order(dy, x, w, (dw, db), k)?)
+                        })
+                    })
+                })
+            })
+        })?;
+        f32_tensor(dx, (x.dim(0)?, k))
+    }
+
+    fn add_norm_backward_into(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        mask: Option<&HiddenMask>,
+        w: &Tensor,
+        eps: f32,
+        g: &Tensor,
+        (dw, db): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (t, h) = x.dims2()?;
+        let s = read(x, |x| read(y, |y| Ok(add_masked(x, y, mask, h))))?;
+        let ds = with_sums(&[dw], |dw| {
+            with_sums(&[db], |db| {
+                read(g, |g| {
+                    read(w, |w| {
+                        Ok(norm::norm_rows_backward_in_order(&s, g, w, eps, (dw, db))?)
+                    })
+                })
+            })
+        })?;
+        f32_tensor(ds, (t, h))
     }
 
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {

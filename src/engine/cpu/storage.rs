@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -171,4 +173,33 @@ pub fn tensor(
         CpuStorage::F16(v) => Tensor::from_vec(v, shape, dev),
         _ => candle_core::bail!("expected a float type"),
     }
+}
+
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("expected a contiguous f32 tensor to write in place"),
+    }
+}
+
+/// Runs `f` on the f32 elements of a contiguous CPU tensor, mutably (the optimizer's state,
+/// a step's gradient sums). Nested calls give one pass several mutable tensors at once (candle
+/// hands out one per in-place op); the tensors must not share storage, or the inner call waits
+/// forever on the outer's write lock.
+pub(crate) fn with_slice(
+    t: &Tensor,
+    f: impl FnMut(&mut [f32]) -> candle_core::Result<()> + Send,
+) -> candle_core::Result<()> {
+    struct WithSlice<F>(Mutex<F>);
+    impl<F: FnMut(&mut [f32]) -> candle_core::Result<()> + Send> InplaceOp1 for WithSlice<F> {
+        fn name(&self) -> &'static str {
+            "in-place f32"
+        }
+
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+            let mut f = self.0.lock().expect("not poisoned: the op runs once");
+            f(slice_mut(s, l)?)
+        }
+    }
+    t.inplace_op1(&WithSlice(Mutex::new(f)))
 }
