@@ -12,6 +12,7 @@ use candle_core::{Tensor, Var};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::model::dropout::Dropout;
+use crate::model::embedding_cut::{embedding_backward, WordRows};
 use crate::model::{Encoder, Network};
 
 /// The forward pass without a graph, keeping each encoder layer's input (and the last layer's
@@ -44,7 +45,8 @@ pub fn forward_checkpoints(
 
 /// `grad`: d loss / d sentence embeddings of `batch`, (rows, dim); `checkpoints` from
 /// [`forward_checkpoints`] for the same rows. `sink` receives each partial gradient store
-/// (head, every layer top-down, embeddings) to accumulate parameter gradients.
+/// (head, every layer top-down, embeddings) to accumulate parameter gradients; the word
+/// table's comes back as the rows the batch touched (`embedding_cut.rs`), None when frozen.
 pub fn backward_recomputing(
     net: &Network,
     batch: &TokenBatch,
@@ -52,7 +54,7 @@ pub fn backward_recomputing(
     grad: &Tensor,
     mut checkpoints: Vec<Tensor>,
     sink: &mut dyn FnMut(&GradStore) -> Result<()>,
-) -> Result<()> {
+) -> Result<Option<WordRows>> {
     let enc = &net.encoder;
     let layers = enc.layers();
     let bias = enc.attention_bias(batch)?;
@@ -72,9 +74,9 @@ pub fn backward_recomputing(
         g = backward_step(net, &out, &g, &x, sink)?;
     }
     // Embeddings (their gradient only matters when they train).
-    let x0 = enc.embed(batch, drop, net.dtype)?;
-    let store = net.backward(&(x0 * g)?.sum_all()?)?;
-    sink(&store)
+    let (store, rows) = embedding_backward(net, batch, drop, &g)?;
+    sink(&store)?;
+    Ok(rows)
 }
 
 /// Back-propagates `grad_out` from `out` and returns the gradient that reaches `input`.
