@@ -400,4 +400,3 @@ mod tests {
         assert_eq!(dense.with_touched_word_rows(5).touched_word_rows, None);
     }
 }
-

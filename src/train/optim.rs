@@ -216,8 +216,10 @@ impl AdamW {
                 let rows = g.dim(0)?;
                 let (m, v) = r.to_dense(rows);
                 let dense = |x: Vec<f32>| -> Result<Tensor> {
-                    Ok(Tensor::from_vec(x, g.dims().to_vec(), &candle_core::Device::Cpu)?
-                        .to_device(g.device())?)
+                    Ok(
+                        Tensor::from_vec(x, g.dims().to_vec(), &candle_core::Device::Cpu)?
+                            .to_device(g.device())?,
+                    )
                 };
                 (dense(m)?, dense(v)?)
             }
