@@ -127,7 +127,7 @@ impl RowMoments {
     /// A slot for `id` holding `m` and `v`.
     fn add_row(&mut self, id: u32, m: &[f32], v: &[f32]) {
         let s = self.ids.len();
-        if s % BLOCK_ROWS == 0 {
+        if s.is_multiple_of(BLOCK_ROWS) {
             self.m.push(vec![0.0; BLOCK_ROWS * self.width]);
             self.v.push(vec![0.0; BLOCK_ROWS * self.width]);
         }
