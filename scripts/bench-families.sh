@@ -7,7 +7,8 @@
 # scripts/make_family_fixtures.py base (random weights, small trained tokenizers) and are kept in
 # MODEL_DIR. st-tune runs STEPS+3 steps and is given as the median of its last STEPS steps (the
 # peer's method: median of STEPS after 3 warm-up steps); peak RSS is /usr/bin/time's for st-tune
-# and ru_maxrss for the peer (both whole processes, loading included).
+# and ru_maxrss for the peer (both whole processes, loading included), and st-tune's heap peak
+# (its counting allocator, `peak_memory`) for the planner.
 #   scripts/bench-families.sh [MODEL_DIR] [STEPS] [f32|bf16] [FAMILY ...]
 #   # default: /tmp/st-tune-families, 3, f32, xlm-roberta distilbert modernbert
 # Needs ../shared (or ST_TUNE_SHARED), the Python env (scripts/setup-python.sh), jq and GNU time.
@@ -54,10 +55,11 @@ for family in "${families[@]}"; do
   st=$(jq -r 'select(.event == "step") | .data.samples_per_s' "$work/st.jsonl" | tail -n "$steps" |
     sort -g | awk '{ v[NR] = $1 } END { n = NR; printf "%.2f", n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }')
   st_rss=$(( $(cat "$work/rss") / 1024 ))
+  st_heap=$(jq -r 'select(.event == "summary") | .data.peak_memory / 1048576 | floor' "$work/st.jsonl")
   peer=$("$py" "$shared/peer/st_step_bench.py" "$model" "$data" --loss cosent --batch 16 \
     --steps "$steps" --max-seq 128 "${flags[@]}" 2> /dev/null | tail -n 1)
-  printf '%s %s: st-tune %s samples/s, peak RSS %s MiB; peer %s samples/s, peak RSS %s MiB; speed %.2fx, memory %.2fx\n' \
-    "$family" "$precision" "$st" "$st_rss" "$(jq -r .samples_per_s <<< "$peer")" "$(jq -r .peak_rss_mib <<< "$peer")" \
+  printf '%s %s: st-tune %s samples/s, peak RSS %s MiB (heap %s MiB); peer %s samples/s, peak RSS %s MiB; speed %.2fx, memory %.2fx\n' \
+    "$family" "$precision" "$st" "$st_rss" "$st_heap" "$(jq -r .samples_per_s <<< "$peer")" "$(jq -r .peak_rss_mib <<< "$peer")" \
     "$(echo "$st / $(jq -r .samples_per_s <<< "$peer")" | bc -l)" "$(echo "$st_rss / $(jq -r .peak_rss_mib <<< "$peer")" | bc -l)"
 done
 echo "load after: $(uptime)"

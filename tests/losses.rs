@@ -10,6 +10,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
+use common::DenseGrads as Grads;
 use st_tune::config::TrainSection;
 use st_tune::data::tokenized::TokenizedData;
 use st_tune::losses::{compute, Distance, Extra, Loss, LossKind, Matryoshka};
@@ -18,7 +19,6 @@ use st_tune::memory::policy::MemState;
 use st_tune::memory::MemoryBudget;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
-use st_tune::train::optim::Grads;
 use st_tune::train::precision::LossScaler;
 use st_tune::train::step::Trainer;
 
@@ -321,7 +321,7 @@ fn step_on(
         .unwrap()
         .unwrap();
     assert_eq!(events.len(), usize::from(!inject.is_empty()));
-    (out.loss, out.grads)
+    (out.loss, common::dense(out.grads))
 }
 
 /// A tiny 2-layer model (BERT, or MPNet when `mpnet`) written to `path` and loaded.

@@ -163,7 +163,7 @@ fn step(
     t: &TrainSection,
     micro: usize,
     inject: &str,
-) -> (f32, st_tune::train::optim::Grads) {
+) -> (f32, common::DenseGrads) {
     let budget = MemoryBudget::unlimited();
     let injector = Injector::parse(inject).unwrap();
     let scored = t.loss != LossKind::Mnrl;
@@ -178,10 +178,10 @@ fn step(
         .unwrap()
         .unwrap();
     assert_eq!(events.len(), usize::from(!inject.is_empty()));
-    (out.loss, out.grads)
+    (out.loss, common::dense(out.grads))
 }
 
-fn max_difference(a: &st_tune::train::optim::Grads, b: &st_tune::train::optim::Grads) -> f32 {
+fn max_difference(a: &common::DenseGrads, b: &common::DenseGrads) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .map(|(name, g)| common::max_abs_diff(g, &b[name]))

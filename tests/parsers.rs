@@ -593,7 +593,7 @@ fn saved_checkpoint() -> (TempDir, PathBuf) {
     let mut opt = AdamW::new(0.01);
     let grads: Grads = vars
         .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().ones_like().unwrap()))
+        .map(|(n, v)| (n.clone(), v.as_tensor().ones_like().unwrap().into()))
         .collect();
     opt.step(&vars, &grads, 1.0, 1e-3, &mut Default::default(), || Ok(()))
         .unwrap();

@@ -278,11 +278,11 @@ fn memory(a: MemoryArgs) -> Result<()> {
             };
             let mut model = SentenceModel::load(&cfg.model.path, &device, Some(freeze))?;
             model.set_max_seq_length(seq)?;
-            let est = estimate(
-                &plan_input(&model.plan_shape()?, &t, 2),
-                &vec![seq; t.batch_size],
-            )
-            .total;
+            let vocab = model.spec.model.sizes().vocab;
+            let data = crate::train::measure::synthetic_pairs(t.batch_size, seq, vocab);
+            let input = plan_input(&model.plan_shape()?, &t, 2)
+                .with_touched_word_rows(data.distinct_ids().len());
+            let est = estimate(&input, &vec![seq; t.batch_size]).total;
             // The planner's use: a step that cannot fit in this machine's memory is not tried.
             let available = crate::memory::available_memory();
             if device.is_cpu() && est > available / 10 * 9 {

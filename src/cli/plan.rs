@@ -68,7 +68,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 &loaded.model.plan_shape()?,
                 &cfg.train,
                 loaded.columns(),
-            );
+            )
+            .with_touched_word_rows(loaded.distinct_ids());
             println!(
                 "{}",
                 crate::memory::alternatives::advice(

@@ -19,6 +19,11 @@ pub struct TokenizedData {
 }
 
 impl TokenizedData {
+    /// The different token ids the rows hold.
+    pub fn distinct_ids(&self) -> std::collections::HashSet<u32> {
+        self.tokens.iter().flatten().flatten().copied().collect()
+    }
+
     /// What the loss takes besides the embeddings for `rows`: the teacher embeddings
     /// (rows, dim), else the scores (rows,), else nothing.
     pub fn labels(&self, rows: &[usize], device: &Device) -> Result<Option<Tensor>> {

@@ -124,6 +124,7 @@ mod tests {
             trainable_word_embeddings: 30527 * 768,
             trained_layers: 12,
             padded_attention: false,
+            touched_word_rows: None,
             guide: None,
         }
     }

@@ -30,6 +30,9 @@ pub struct ModelShape {
     pub trainable_word_embeddings: usize,
     /// The portable engine pads the rows for attention.
     pub padded_attention: bool,
+    /// AdamW keeps the word table's moments for its touched rows only, and its gradient is
+    /// summed rows (the CPU; `train/row_moments.rs`); CUDA keeps both dense.
+    pub word_rows: bool,
 }
 
 /// The planner's view of a model of `shape` under the `[train]` settings, on rows of
@@ -59,11 +62,24 @@ pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanI
         trainable_word_embeddings: shape.trainable_word_embeddings,
         trained_layers: layers.saturating_sub(t.freeze_layers),
         padded_attention: shape.padded_attention,
+        // Until the data is known (`with_touched_word_rows`), every row.
+        touched_word_rows: (shape.word_rows && shape.trainable_word_embeddings > 0)
+            .then(|| shape.trainable_word_embeddings / shape.hidden.max(1)),
         guide: None,
     }
 }
 
 impl PlanInput {
+    /// The same run on data whose rows hold `distinct` different token ids: the rows of the
+    /// word table whose moments AdamW keeps, when it keeps them by row.
+    pub fn with_touched_word_rows(self, distinct: usize) -> PlanInput {
+        let table_rows = self.trainable_word_embeddings / self.hidden.max(1);
+        PlanInput {
+            touched_word_rows: self.touched_word_rows.map(|_| distinct.min(table_rows)),
+            ..self
+        }
+    }
+
     /// The same run with GISTEmbedLoss's guide model of `shape` beside the trained model.
     pub fn with_guide(self, shape: &ModelShape) -> PlanInput {
         PlanInput {
@@ -115,6 +131,9 @@ pub struct PlanInput {
     /// Attention over padded rows, with its scores in memory while a layer runs (the portable
     /// engine).
     pub padded_attention: bool,
+    /// The word-table rows whose AdamW moments are kept (the distinct ids of the training
+    /// data), when they are kept by row; None when the table's moments and gradient are dense.
+    pub touched_word_rows: Option<usize>,
     /// GISTEmbedLoss's guide model (`[guide]`), if any.
     pub guide: Option<GuideShape>,
 }
@@ -187,11 +206,24 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
         };
     // The f32 master copy; the CPU kernels read it directly in half precision too.
     let weights = p.params as u64 * 4;
-    let optimizer = p.trainable as u64 * 8;
+    // The word table's moments and gradient: dense, or (CPU) the moments of the rows the data
+    // touches with a slot index of 4 bytes a table row, and a step's gradient as the rows the
+    // step touches, at most one per token (`train/row_moments.rs`, `train/summed_rows.rs`).
+    let word = p.trainable_word_embeddings as u64;
+    let step_tokens = tokens * p.batch_size as u64 / lengths.len().max(1) as u64;
+    let (word_moments, word_grads) = match p.touched_word_rows {
+        Some(n) => (
+            n as u64 * h * 8 + word / h.max(1) * 4,
+            (n as u64).min(step_tokens) * h * 4,
+        ),
+        None => (word * 8, word * 4),
+    };
+    let rest = p.trainable as u64 - word.min(p.trainable as u64);
+    let optimizer = rest * 8 + word_moments;
     // f32 gradients; when a step adds up several micro-batches, the sum so far and one
     // pass's besides.
     let accumulating = lengths.len() < p.batch_size;
-    let one_set = p.trainable as u64 * 4;
+    let one_set = rest * 4 + word_grads;
     let gradients = one_set * if accumulating { 2 } else { 1 };
     // The backward pass walks down the layers: each frees its activations (or, recomputed,
     // the copy of its input) as its parameters' gradients appear, so at any moment it holds
@@ -207,11 +239,14 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
         // The cached scheme keeps the inputs it took for the whole step, and each pass walks
         // down a concatenated copy of them.
         let inputs = tokens * h * act * p.layers as u64;
-        // Its last pass, through the embedding layer, is candle's own backward pass: a
-        // zeroed gradient for the whole word table and the sum it is added into, beside the
-        // pass's other gradients and the kept inputs.
-        let word = p.trainable_word_embeddings as u64 * 4;
-        (activations + inputs.max(trained_layers) + layer_grads).max(inputs + one_set + 2 * word)
+        // Its last pass, through the embedding layer, holds the word table's gradient of the
+        // pass beside its other gradients and the kept inputs: a row per token, or (dense)
+        // a zeroed table and the sum it is added into.
+        let word_pass = match p.touched_word_rows {
+            Some(_) => 2 * tokens * h * 4,
+            None => 2 * word * 4,
+        };
+        (activations + inputs.max(trained_layers) + layer_grads).max(inputs + one_set + word_pass)
     } else {
         let kept = per_layer * p.layers_with_graph as u64;
         activations - kept + kept.max(trained_layers) + layer_grads
@@ -282,6 +317,7 @@ mod tests {
             trainable_word_embeddings: 30522 * 384,
             trained_layers: 6,
             padded_attention: false,
+            touched_word_rows: None,
             guide: None,
         }
     }
@@ -337,6 +373,7 @@ mod tests {
             trainable: 0,
             trainable_word_embeddings: 0,
             padded_attention: false,
+            word_rows: false,
         });
         let (plain, with) = (estimate(&p, &[128; 8]), estimate(&guided, &[128; 8]));
         assert!(with.total >= plain.total + 109_500_000 * 4);
@@ -345,5 +382,23 @@ mod tests {
         let limit = plain.total;
         assert_eq!(largest_fitting(&p, 32, 128, limit), Some(8));
         assert!(largest_fitting(&guided, 32, 128, limit) < Some(8));
+    }
+
+    #[test]
+    fn moments_kept_by_row_count_the_rows_the_data_touches() {
+        let dense = minilm();
+        let by_row = PlanInput {
+            touched_word_rows: Some(30522),
+            ..minilm()
+        }
+        .with_touched_word_rows(1000);
+        let (d, r) = (estimate(&dense, &[32; 32]), estimate(&by_row, &[32; 32]));
+        // Two f32 moments of 29,522 untouched rows of 384 fewer, a 4-byte slot index more.
+        assert_eq!(d.optimizer - r.optimizer, 29_522 * 384 * 8 - 30_522 * 4);
+        // The step's gradient: the 1000 rows (2048 tokens could touch more) instead of the
+        // table.
+        assert_eq!(d.gradients - r.gradients, (30_522 - 1000) * 384 * 4);
+        // Dense stays dense whatever the data.
+        assert_eq!(dense.with_touched_word_rows(5).touched_word_rows, None);
     }
 }

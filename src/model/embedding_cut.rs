@@ -70,31 +70,7 @@ impl EmbeddingCut {
     /// the gradients of the position and type tables and the layer norm, in the store, and
     /// those of the word table as the rows this batch touched (see [`WordRows`]).
     pub fn backward(self, net: &Network, grad: &Tensor) -> Result<(GradStore, Option<WordRows>)> {
-        let table = net.encoder.word_table();
-        let gathered = table.index_select(&self.batch.ids, 0)?;
-        // The gathered rows as a leaf of their own: the graph stops there, not at the table.
-        let words = table
-            .track_op()
-            .then(|| Var::from_tensor(&gathered.detach()))
-            .transpose()?;
-        let input = words.as_ref().map_or(gathered, |w| w.as_tensor().clone());
-        let x0 = net
-            .encoder
-            .embed_words(input, &self.batch, &self.drop, net.dtype)?;
-        let surrogate = (x0.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
-        let store = net.backward(&surrogate)?;
-        let rows = match words {
-            Some(w) => Some(WordRows {
-                table: table.clone(),
-                ids: self.batch.ids.to_vec1::<u32>()?,
-                grads: store
-                    .get(w.as_tensor())
-                    .ok_or_else(|| Error::Internal("no gradient reached the word table".into()))?
-                    .to_dtype(DType::F32)?,
-            }),
-            None => None,
-        };
-        Ok((store, rows))
+        embedding_backward(net, &self.batch, &self.drop, grad)
     }
 }
 
@@ -126,6 +102,41 @@ impl EmbeddingCut {
             grads,
         }))
     }
+}
+
+/// Back-propagates `grad`, d loss / d the embedding layer's output of `batch`, through that
+/// layer recomputed with `drop`'s masks: the gradients of its other tensors in the store, and
+/// the word table's as the rows `batch` touched (None when the table is frozen). Gradient
+/// checkpointing's last step (`recompute.rs`) ends here too.
+pub fn embedding_backward(
+    net: &Network,
+    batch: &TokenBatch,
+    drop: &Dropout,
+    grad: &Tensor,
+) -> Result<(GradStore, Option<WordRows>)> {
+    let table = net.encoder.word_table();
+    let gathered = table.index_select(&batch.ids, 0)?;
+    // The gathered rows as a leaf of their own: the graph stops there, not at the table.
+    let words = table
+        .track_op()
+        .then(|| Var::from_tensor(&gathered.detach()))
+        .transpose()?;
+    let input = words.as_ref().map_or(gathered, |w| w.as_tensor().clone());
+    let x0 = net.encoder.embed_words(input, batch, drop, net.dtype)?;
+    let surrogate = (x0.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
+    let store = net.backward(&surrogate)?;
+    let rows = match words {
+        Some(w) => Some(WordRows {
+            table: table.clone(),
+            ids: batch.ids.to_vec1::<u32>()?,
+            grads: store
+                .get(w.as_tensor())
+                .ok_or_else(|| Error::Internal("no gradient reached the word table".into()))?
+                .to_dtype(DType::F32)?,
+        }),
+        None => None,
+    };
+    Ok((store, rows))
 }
 
 /// The word table's gradient as the rows one batch touched: row `ids[t]` receives row `t` of

@@ -158,6 +158,7 @@ mod tests {
             trainable_word_embeddings: s.vocab * s.hidden,
             trained_layers: s.layers,
             padded_attention: false,
+            touched_word_rows: None,
             guide: None,
         }
     }

@@ -12,7 +12,7 @@ use candle_core::{Tensor, Var};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::model::dropout::Dropout;
-use crate::model::embedding_cut::WordRows;
+use crate::model::embedding_cut::{embedding_backward, WordRows};
 use crate::model::layer_op::StepSums;
 use crate::model::{Encoder, Network};
 
@@ -48,7 +48,8 @@ pub fn forward_checkpoints(
 /// [`forward_checkpoints`] for the same rows. `sink` receives each partial gradient store
 /// (head, every layer top-down, embeddings) to accumulate parameter gradients. Where `sums`
 /// holds the embedding layer's (see `Network::params_in_order`), its gradients go there
-/// instead, and the word table's rows are returned.
+/// instead. The word table's gradient comes back as the rows the batch touched
+/// (`embedding_cut.rs`), None when frozen.
 pub fn backward_recomputing(
     net: &Network,
     batch: &TokenBatch,
@@ -80,10 +81,9 @@ pub fn backward_recomputing(
     if let Some(rows) = embeddings_in_order(net, batch, drop, &g, sums)? {
         return Ok(Some(rows));
     }
-    let x0 = enc.embed(batch, drop, net.dtype)?;
-    let store = net.backward(&(x0 * g)?.sum_all()?)?;
+    let (store, rows) = embedding_backward(net, batch, drop, &g)?;
     sink(&store)?;
-    Ok(None)
+    Ok(rows)
 }
 
 /// The embedding layer's backward pass into the step's `sums`, with the word table's rows;

@@ -5,7 +5,11 @@
 //!
 //! `output.dir/checkpoints/step-N/` holds:
 //! - `weights.safetensors`: the trainable tensors (the f32 master weights);
-//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME`;
+//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME`; for a table whose moments
+//!   are kept for its touched rows only (the word table, `row_moments.rs`), `rows.NAME` (u32)
+//!   lists those rows and `m.NAME` and `v.NAME` hold theirs, (rows, width). An earlier version
+//!   wrote that table's moments dense: they are read as such, and become row moments at the
+//!   first update, exactly (a row of zeros is one never touched);
 //! - `state.json`: the step, AdamW's step count, loss scaler, memory policy, best dev metric,
 //!   and the resolved config;
 //! - `manifest.json`, written last: the format and each file's size and CRC-32.
@@ -19,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use candle_core::{Device, Tensor, Var};
@@ -31,6 +36,7 @@ use crate::memory::policy::MemState;
 use crate::train::eval::Scores;
 use crate::train::optim::AdamW;
 use crate::train::precision::LossScaler;
+use crate::train::row_moments::RowMoments;
 
 /// Bumped when the folder's layout or `state.json` changes incompatibly.
 pub const FORMAT: u32 = 1;
@@ -85,8 +91,11 @@ pub struct Restored {
     pub adam_step: u64,
     pub config: Config,
     pub weights: HashMap<String, Tensor>,
-    /// AdamW moments by tensor name.
+    /// AdamW's dense moments by tensor name.
     pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    /// The moments of the tensors kept for touched rows only. Taken (moved out) by the run
+    /// that resumes, so they are held once.
+    pub rows: Mutex<BTreeMap<String, RowMoments>>,
 }
 
 /// `output.dir/checkpoints`.
@@ -181,9 +190,16 @@ pub fn stage(
     write_tensors(&staged.join(WEIGHTS), &weights)?;
     crash_point("checkpoint", progress.step);
     let mut opt = HashMap::new();
-    for (n, (m, v)) in optimizer.moments() {
+    for (n, m, v) in optimizer.moments() {
         opt.insert(format!("m.{n}"), m.to_device(&Device::Cpu)?);
         opt.insert(format!("v.{n}"), v.to_device(&Device::Cpu)?);
+    }
+    for (n, r) in optimizer.row_moments() {
+        let (ids, m, v) = r.saved();
+        let shape = (ids.len(), r.width());
+        opt.insert(format!("m.{n}"), Tensor::from_vec(m, shape, &Device::Cpu)?);
+        opt.insert(format!("v.{n}"), Tensor::from_vec(v, shape, &Device::Cpu)?);
+        opt.insert(format!("rows.{n}"), Tensor::new(ids, &Device::Cpu)?);
     }
     write_tensors(&staged.join(OPTIMIZER), &opt)?;
     let state = StateFile {
@@ -297,6 +313,16 @@ pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Res
     };
     let weights = tensors(WEIGHTS)?;
     let mut opt = tensors(OPTIMIZER)?;
+    let row_names: Vec<String> = opt
+        .keys()
+        .filter_map(|k| k.strip_prefix("rows.").map(str::to_string))
+        .collect();
+    let mut row_ids = BTreeMap::new();
+    for name in row_names {
+        if let Some(ids) = opt.remove(&format!("rows.{name}")) {
+            row_ids.insert(name, ids);
+        }
+    }
     let mut moments = BTreeMap::new();
     let names: Vec<String> = opt
         .keys()
@@ -318,6 +344,28 @@ pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Res
             }
         }
     }
+    let mut rows = BTreeMap::new();
+    for (name, ids) in row_ids {
+        let Some((m, v)) = moments.remove(&name) else {
+            return Err(refuse(
+                OPTIMIZER,
+                format!("lists rows of {name} without moments"),
+            ));
+        };
+        let bad = |e: String| refuse(OPTIMIZER, format!("holds moments of {name} that {e}"));
+        let values = |t: &Tensor| -> std::result::Result<Vec<f32>, String> {
+            let t = t.flatten_all().map_err(|e| e.to_string())?;
+            t.to_vec1::<f32>().map_err(|e| e.to_string())
+        };
+        let ids = ids
+            .to_vec1::<u32>()
+            .map_err(|e| bad(format!("are not listed as u32 row ids ({e})")))?;
+        let width = m.dims().get(1).copied().unwrap_or(0);
+        let (m, v) = (values(&m).map_err(&bad)?, values(&v).map_err(&bad)?);
+        let r = RowMoments::from_saved(&ids, &m, &v, width)
+            .map_err(|e| bad(format!("do not fit: {e}")))?;
+        rows.insert(name, r);
+    }
     Ok(Restored {
         path: path.to_path_buf(),
         progress: state.progress,
@@ -325,6 +373,7 @@ pub fn load(path: &Path, fallback: Option<&Path>, device: &Device) -> Result<Res
         config: state.config,
         weights,
         moments,
+        rows: Mutex::new(rows),
     })
 }
 

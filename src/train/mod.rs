@@ -18,9 +18,11 @@ pub mod precision;
 pub mod prune;
 pub mod report;
 pub mod retrieval;
+pub mod row_moments;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod summed_rows;
 pub mod twins;
 
 use std::path::{Path, PathBuf};
@@ -144,6 +146,13 @@ impl Loaded {
     /// The most text columns a row of any set has.
     pub fn columns(&self) -> usize {
         self.sets.iter().map(|s| s.data.columns).max().unwrap_or(1)
+    }
+
+    /// How many different token ids the training sets hold: the word-table rows training
+    /// touches, whose AdamW moments are kept (`row_moments.rs`).
+    pub fn distinct_ids(&self) -> usize {
+        let ids = self.sets.iter().flat_map(|s| s.data.distinct_ids());
+        ids.collect::<std::collections::HashSet<u32>>().len()
     }
 
     /// The longest text of any set, in tokens.
@@ -278,7 +287,8 @@ pub struct Plan {
 pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan> {
     let t = &cfg.train;
     let mut input =
-        crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.columns());
+        crate::memory::plan::plan_input(&loaded.model.plan_shape()?, t, loaded.columns())
+            .with_touched_word_rows(loaded.distinct_ids());
     if let Some(guide) = &loaded.guide {
         input = input.with_guide(&guide.plan_shape()?);
     }
@@ -408,7 +418,43 @@ fn restore(
     for (name, var) in vars {
         var.set(&r.weights[name])?;
     }
+    check_row_moments(path, &r, vars)?;
     Ok(r)
+}
+
+/// The moments a checkpoint keeps for a table's touched rows must be of a trained table, as
+/// wide as it, and of rows it has.
+fn check_row_moments(
+    path: &Path,
+    r: &checkpoint::Restored,
+    vars: &std::collections::BTreeMap<String, candle_core::Var>,
+) -> Result<()> {
+    let file = path.join("optimizer.safetensors");
+    let rows = r
+        .rows
+        .lock()
+        .map_err(|_| Error::Internal("restored row moments poisoned".into()))?;
+    for (name, moments) in rows.iter() {
+        let dims = vars.get(name).map(|v| v.dims().to_vec());
+        let Some(&[table_rows, width]) = dims.as_deref() else {
+            return Err(Error::checkpoint(
+                &file,
+                format!("holds row moments of `{name}`, which this model does not train as a table: it was saved from another model"),
+            ));
+        };
+        let outside = moments.ids().iter().find(|&&id| id as usize >= table_rows);
+        if moments.width() != width || outside.is_some() {
+            return Err(Error::checkpoint(
+                &file,
+                format!(
+                    "holds moments of `{name}` for rows of width {} (row {:?}), the model's table is {table_rows} × {width}: it was saved from another model",
+                    moments.width(),
+                    outside
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The dev file; its row shape picks the evaluation (scored pairs: Spearman, which also picks

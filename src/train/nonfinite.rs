@@ -18,7 +18,7 @@ use candle_core::Storage;
 use crate::config::{Precision, TrainSection};
 use crate::error::{Error, Result};
 use crate::memory::oom::Phase;
-use crate::train::optim::Grads;
+use crate::train::optim::{Grad, Grads};
 
 pub const INJECT_ENV: &str = "ST_TUNE_INJECT_NONFINITE";
 
@@ -58,6 +58,15 @@ impl NonFinite {
 /// The first gradient, by name, that holds a NaN or an infinity.
 pub fn first_nonfinite(grads: &Grads) -> Result<Option<String>> {
     for (name, g) in grads {
+        let g = match g {
+            Grad::Rows(r) => {
+                if !r.values().iter().all(|x| x.is_finite()) {
+                    return Ok(Some(name.clone()));
+                }
+                continue;
+            }
+            Grad::Dense(g) => g,
+        };
         let g = g.to_dtype(candle_core::DType::F32)?.flatten_all()?;
         let (s, l) = g.storage_and_layout();
         let finite = match (&*s, l.contiguous_offsets()) {
@@ -97,8 +106,10 @@ pub fn parse_injection(spec: &str) -> Result<BTreeSet<u64>> {
 
 /// The test hook: the last trainable tensor's gradient becomes NaN.
 pub fn poison(grads: &mut Grads) -> Result<()> {
-    if let Some(g) = grads.values_mut().next_back() {
-        *g = g.affine(f64::NAN, 0.0)?;
+    match grads.values_mut().next_back() {
+        Some(Grad::Dense(g)) => *g = g.affine(f64::NAN, 0.0)?,
+        Some(Grad::Rows(r)) => r.values_mut().fill(f32::NAN),
+        None => {}
     }
     Ok(())
 }
@@ -151,7 +162,7 @@ mod tests {
     fn grads(values: &[(&str, &[f32])]) -> Grads {
         values
             .iter()
-            .map(|(n, v)| (n.to_string(), Tensor::new(*v, &Device::Cpu).unwrap()))
+            .map(|(n, v)| (n.to_string(), Tensor::new(*v, &Device::Cpu).unwrap().into()))
             .collect()
     }
 
@@ -166,8 +177,15 @@ mod tests {
         assert_eq!(first_nonfinite(&grads(&[("a", &[1.0])])).unwrap(), None);
         // A strided view goes the slow way and is still read.
         let m = Tensor::new(&[[1.0f32, f32::NAN], [2.0, 3.0]], &Device::Cpu).unwrap();
-        let g = Grads::from([("t".to_string(), m.t().unwrap())]);
+        let g = Grads::from([("t".to_string(), m.t().unwrap().into())]);
         assert_eq!(first_nonfinite(&g).unwrap().as_deref(), Some("t"));
+        // Summed rows are read too, and poisoned like a dense gradient.
+        let mut rows = crate::train::summed_rows::SummedRows::new(3, 1);
+        rows.add_tokens(&[2], &[1.0]).unwrap();
+        let mut g = Grads::from([("w".to_string(), Grad::Rows(rows))]);
+        assert_eq!(first_nonfinite(&g).unwrap(), None);
+        poison(&mut g).unwrap();
+        assert_eq!(first_nonfinite(&g).unwrap().as_deref(), Some("w"));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! AdamW (decoupled weight decay, as `torch.optim.AdamW`) over the trainable `Var`s, with f32
 //! state, plus global gradient-norm clipping. Backward is kept apart: `step` takes the
 //! gradients of one optimizer step, already accumulated over its micro-batches.
+//!
+//! A gradient that comes as summed rows (the word table's on the CPU, `summed_rows.rs`) is
+//! updated with moments for the rows ever touched only (`row_moments.rs`): the same weights,
+//! bit for bit, without the dense table's two moments.
 
 use std::collections::BTreeMap;
 
@@ -10,9 +14,42 @@ use rayon::prelude::*;
 use crate::engine::launches;
 use crate::error::Result;
 use crate::model::weights::decays;
+use crate::train::row_moments::RowMoments;
+use crate::train::summed_rows::SummedRows;
 
 /// Gradients of one optimizer step, by tensor name, f32.
-pub type Grads = BTreeMap<String, Tensor>;
+pub type Grads = BTreeMap<String, Grad>;
+
+/// One tensor's gradient of a step: dense, or (the word table's on the CPU) the rows the step
+/// touched, summed.
+#[derive(Debug, Clone)]
+pub enum Grad {
+    Dense(Tensor),
+    Rows(SummedRows),
+}
+
+impl From<Tensor> for Grad {
+    fn from(t: Tensor) -> Self {
+        Grad::Dense(t)
+    }
+}
+
+impl Grad {
+    /// The dense gradient on `device` (summed rows are written into a zeroed table).
+    pub fn dense(&self, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Grad::Dense(t) => Ok(t.clone()),
+            Grad::Rows(r) => r.to_dense(device),
+        }
+    }
+}
+
+/// AdamW's moments of one tensor: dense (m, v), or those of the rows ever touched.
+#[derive(Debug, Clone)]
+enum Moments {
+    Dense(Tensor, Tensor),
+    Rows(RowMoments),
+}
 
 #[derive(Debug, Clone)]
 pub struct AdamW {
@@ -25,7 +62,7 @@ pub struct AdamW {
     /// Update CPU tensors in place (the default); the tensor-op path serves other devices.
     pub in_place: bool,
     /// First and second moments by tensor name.
-    state: BTreeMap<String, (Tensor, Tensor)>,
+    state: BTreeMap<String, Moments>,
 }
 
 impl AdamW {
@@ -99,33 +136,32 @@ impl AdamW {
                 continue;
             }
             before_each()?;
-            let g = g.to_dtype(DType::F32)?;
             let wd = if decays(name) { self.weight_decay } else { 0.0 };
-            if self.in_place && g.device().is_cpu() {
-                // In place, one pass, no temporaries: the optimizer phase would otherwise
-                // allocate several copies of the largest tensor (the word embeddings).
-                let (m, v) = match self.state.get(name) {
-                    Some(s) => s.clone(),
-                    None => (g.zeros_like()?, g.zeros_like()?),
-                };
-                let update = Update {
-                    grad_scale,
-                    beta1: self.beta1 as f32,
-                    beta2: self.beta2 as f32,
-                    keep: (1.0 - lr * wd) as f32,
-                    step: (lr / bc1) as f32,
-                    inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-                    eps: self.eps as f32,
-                };
-                update.apply(var.as_tensor(), &m, &v, &g.contiguous()?)?;
-                self.state.insert(name.clone(), (m, v));
+            let update = Update {
+                grad_scale,
+                beta1: self.beta1 as f32,
+                beta2: self.beta2 as f32,
+                keep: (1.0 - lr * wd) as f32,
+                step: (lr / bc1) as f32,
+                inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                eps: self.eps as f32,
+            };
+            if let (Grad::Rows(rows), true) = (g, self.in_place && row_table(var)) {
+                self.update_rows(name, var, rows, &update)?;
                 done.insert(name.clone());
                 continue;
             }
-            let (m, v) = match self.state.get(name) {
-                Some(s) => s.clone(),
-                None => (g.zeros_like()?, g.zeros_like()?),
-            };
+            let g = g.dense(var.device())?.to_dtype(DType::F32)?;
+            if self.in_place && g.device().is_cpu() {
+                // In place, one pass, no temporaries: the optimizer phase would otherwise
+                // allocate several copies of the largest tensor (the word embeddings).
+                let (m, v) = self.dense_moments(name, &g)?;
+                update.apply(var.as_tensor(), &m, &v, &g.contiguous()?)?;
+                self.state.insert(name.clone(), Moments::Dense(m, v));
+                done.insert(name.clone());
+                continue;
+            }
+            let (m, v) = self.dense_moments(name, &g)?;
             let g = (g * grad_scale as f64)?;
             let m = ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
@@ -134,10 +170,59 @@ impl AdamW {
             let w = (w - ((&m / denom)? * (lr / bc1))?)?;
             // All three computed before any is stored: a failure above changes nothing.
             var.set(&w)?;
-            self.state.insert(name.clone(), (m, v));
+            self.state.insert(name.clone(), Moments::Dense(m, v));
             done.insert(name.clone());
         }
         Ok(())
+    }
+
+    /// The in-place update of a table whose gradient is `rows`, with moments for the rows
+    /// ever touched (dense moments, from a checkpoint of an earlier version, become those).
+    fn update_rows(
+        &mut self,
+        name: &str,
+        var: &Var,
+        rows: &SummedRows,
+        update: &Update,
+    ) -> Result<()> {
+        let width = rows.table_dims().1;
+        let mut state = match self.state.remove(name) {
+            Some(Moments::Rows(r)) => r,
+            Some(Moments::Dense(m, v)) => RowMoments::from_dense(
+                &m.flatten_all()?.to_vec1::<f32>()?,
+                &v.flatten_all()?.to_vec1::<f32>()?,
+                width,
+            ),
+            None => RowMoments::new(width),
+        };
+        let mut outcome = Ok(());
+        let applied = with_slice(var.as_tensor(), |w| {
+            outcome = state.update(w, rows, update.keep, &|w, m, v, g| update.chunk(w, m, v, g));
+            Ok(())
+        });
+        self.state.insert(name.to_string(), Moments::Rows(state));
+        applied?;
+        outcome
+    }
+
+    /// `name`'s dense (m, v) for a gradient like `g`: zeros at first (row moments, after a
+    /// switch of path, written out dense).
+    fn dense_moments(&self, name: &str, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(match self.state.get(name) {
+            Some(Moments::Dense(m, v)) => (m.clone(), v.clone()),
+            Some(Moments::Rows(r)) => {
+                let rows = g.dim(0)?;
+                let (m, v) = r.to_dense(rows);
+                let dense = |x: Vec<f32>| -> Result<Tensor> {
+                    Ok(
+                        Tensor::from_vec(x, g.dims().to_vec(), &candle_core::Device::Cpu)?
+                            .to_device(g.device())?,
+                    )
+                };
+                (dense(m)?, dense(v)?)
+            }
+            None => (g.zeros_like()?, g.zeros_like()?),
+        })
     }
 
     /// [`AdamW::update_all`] on a CUDA device: every tensor in one launch of st-tune's kernel
@@ -160,11 +245,8 @@ impl AdamW {
             if done.contains(name) {
                 continue;
             }
-            let g = g.to_dtype(DType::F32)?.contiguous()?;
-            let (m, v) = match self.state.get(name) {
-                Some(s) => s.clone(),
-                None => (g.zeros_like()?, g.zeros_like()?),
-            };
+            let g = g.dense(var.device())?.to_dtype(DType::F32)?.contiguous()?;
+            let (m, v) = self.dense_moments(name, &g)?;
             let wd = if decays(name) { self.weight_decay } else { 0.0 };
             parts.push((
                 name,
@@ -196,22 +278,49 @@ impl AdamW {
         adamw(&tensors, &k)?;
         drop(tensors);
         for (name, _, _, m, v, _) in parts {
-            self.state.insert(name.clone(), (m, v));
+            self.state.insert(name.clone(), Moments::Dense(m, v));
             done.insert(name.clone());
         }
         Ok(())
     }
 
-    /// First and second moments by tensor name (what a checkpoint saves).
-    pub fn moments(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
-        &self.state
+    /// The dense first and second moments by tensor name (what a checkpoint saves).
+    pub fn moments(&self) -> impl Iterator<Item = (&String, &Tensor, &Tensor)> {
+        self.state.iter().filter_map(|(n, s)| match s {
+            Moments::Dense(m, v) => Some((n, m, v)),
+            Moments::Rows(_) => None,
+        })
     }
 
-    /// Continues from a checkpoint: `t` updates done, with these moments.
-    pub fn restore(&mut self, t: u64, moments: BTreeMap<String, (Tensor, Tensor)>) {
-        self.t = t;
-        self.state = moments;
+    /// The moments kept for touched rows only, by tensor name (a checkpoint saves them too).
+    pub fn row_moments(&self) -> impl Iterator<Item = (&String, &RowMoments)> {
+        self.state.iter().filter_map(|(n, s)| match s {
+            Moments::Rows(r) => Some((n, r)),
+            Moments::Dense(..) => None,
+        })
     }
+
+    /// Continues from a checkpoint: `t` updates done, with these dense moments and these
+    /// moments of touched rows.
+    pub fn restore(
+        &mut self,
+        t: u64,
+        moments: BTreeMap<String, (Tensor, Tensor)>,
+        rows: BTreeMap<String, RowMoments>,
+    ) {
+        self.t = t;
+        self.state = moments
+            .into_iter()
+            .map(|(n, (m, v))| (n, Moments::Dense(m, v)))
+            .chain(rows.into_iter().map(|(n, r)| (n, Moments::Rows(r))))
+            .collect();
+    }
+}
+
+/// Whether `var` is a table the row update can step in place: contiguous f32 on the CPU.
+fn row_table(var: &Var) -> bool {
+    let t = var.as_tensor();
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2 && t.is_contiguous()
 }
 
 pub(crate) use crate::engine::cpu::storage::with_slice;
@@ -324,6 +433,19 @@ fn sum_squares(x: &[f32]) -> f64 {
 pub fn grad_norm(grads: &Grads) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
+        let dense;
+        let g = match g {
+            // In the dense table's order, so the norm is the dense one bit for bit.
+            Grad::Rows(r) if r.table_dims().1 % 8 == 0 => {
+                sq += r.sum_squares_in_dense_order(CHUNK, sum_squares);
+                continue;
+            }
+            Grad::Rows(r) => {
+                dense = r.to_dense(&candle_core::Device::Cpu)?;
+                &dense
+            }
+            Grad::Dense(t) => t,
+        };
         let (s, l) = g.storage_and_layout();
         sq += match &*s {
             Storage::Cpu(s @ CpuStorage::F32(_)) if l.is_contiguous() => {
@@ -368,7 +490,7 @@ mod tests {
         let vars = BTreeMap::from([("w.weight".to_string(), var.clone())]);
         let grads = Grads::from([(
             "w.weight".to_string(),
-            Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap(),
+            Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap().into(),
         )]);
         let mut opt = AdamW::new(0.0);
         opt.step(&vars, &grads, 1.0, 0.1, &mut Default::default(), || Ok(()))
@@ -395,7 +517,7 @@ mod tests {
             for step in 0..5 {
                 let g: Vec<f32> = wave(0.11 + step as f32).map(|x| 0.3 * x).collect();
                 let g = Tensor::from_vec(g, n, &Device::Cpu).unwrap();
-                let grads = Grads::from([("l.weight".to_string(), g)]);
+                let grads = Grads::from([("l.weight".to_string(), g.into())]);
                 opt.step(&vars, &grads, 0.5, 1e-2, &mut Default::default(), || Ok(()))
                     .unwrap();
             }
@@ -417,8 +539,8 @@ mod tests {
         let big = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
         let m = Tensor::new(&[[3.0f32, 1.0], [4.0, 1.0]], &Device::Cpu).unwrap();
         let grads = Grads::from([
-            ("a".into(), big),
-            ("b".into(), m.t().unwrap().get(0).unwrap()),
+            ("a".into(), big.into()),
+            ("b".into(), m.t().unwrap().get(0).unwrap().into()),
         ]);
         let norm = grad_norm(&grads).unwrap();
         assert!((norm - (n as f64 + 25.0).sqrt()).abs() < 1e-9, "{norm}");
@@ -426,5 +548,109 @@ mod tests {
         assert!((coef as f64 - 1.0 / (norm + 1e-6)).abs() < 1e-7);
         assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
         assert_eq!(clip_coefficient(norm, 0.0), 1.0);
+    }
+
+    /// One run of AdamW on a (rows, width) table over `steps`, each a list of (token id, its
+    /// gradient row seed): the gradient as summed rows, or the same sums dense. Returns the
+    /// table's bits and each step's gradient norm.
+    fn table_run(dense: bool, wd: f64, steps: &[Vec<u32>]) -> (Vec<u32>, Vec<u64>) {
+        let (rows, width) = (2100, 16); // 33,600 values: the norm spans three chunks
+        let w0: Vec<f32> = (0..rows * width).map(|i| (i as f32 * 0.37).sin()).collect();
+        let var = Var::from_vec(w0, (rows, width), &Device::Cpu).unwrap();
+        let name = "embeddings.word_embeddings.weight".to_string();
+        let vars = BTreeMap::from([(name.clone(), var.clone())]);
+        let mut opt = AdamW::new(wd);
+        let mut norms = Vec::new();
+        for (step, ids) in steps.iter().enumerate() {
+            let g: Vec<f32> = (0..ids.len() * width)
+                .map(|i| ((i + 7 * step) as f32 * 0.11).cos() * 3.0)
+                .collect();
+            let mut summed = SummedRows::new(rows, width);
+            summed.add_tokens(ids, &g).unwrap();
+            let grad = match dense {
+                true => Grad::Dense(summed.to_dense(&Device::Cpu).unwrap()),
+                false => Grad::Rows(summed),
+            };
+            let grads = Grads::from([(name.clone(), grad)]);
+            let norm = grad_norm(&grads).unwrap();
+            norms.push(norm.to_bits());
+            // Clipping at 1 scales every step's gradient (the loss scale's division is
+            // tested in precision.rs).
+            let clip = clip_coefficient(norm, 1.0);
+            opt.step(
+                &vars,
+                &grads,
+                clip,
+                1e-2,
+                &mut Default::default(),
+                || Ok(()),
+            )
+            .unwrap();
+        }
+        let w = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (w.iter().map(|x| x.to_bits()).collect(), norms)
+    }
+
+    #[test]
+    fn moments_of_touched_rows_give_the_dense_update_bit_for_bit() {
+        // Rows first touched at different steps, repeated within a step, in both halves of
+        // the table; a step that touches none of the earlier rows.
+        let steps = vec![
+            vec![5, 2099, 5, 1030],
+            vec![1030, 7, 2000],
+            vec![11, 12],
+            vec![5, 1024, 1023, 5, 5],
+        ];
+        for wd in [0.0, 0.01] {
+            let (rows, rows_norms) = table_run(false, wd, &steps);
+            let (dense, dense_norms) = table_run(true, wd, &steps);
+            assert_eq!(rows_norms, dense_norms, "weight decay {wd}: gradient norms");
+            let differ = rows.iter().zip(&dense).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "weight decay {wd}: {differ} weights differ");
+        }
+        // The run moved the weights (a comparison of two unchanged tables proves nothing).
+        let (moved, _) = table_run(false, 0.01, &steps);
+        let (still, _) = table_run(false, 0.01, &[]);
+        assert_ne!(moved, still);
+    }
+
+    #[test]
+    fn dense_moments_of_an_earlier_checkpoint_go_on_as_row_moments_exactly() {
+        // Two steps with a dense gradient (what an earlier version kept), then rows: the
+        // same as rows throughout.
+        let (rows, width) = (40, 8);
+        let run = |switch: bool| {
+            let var =
+                Var::from_vec(vec![0.5f32; rows * width], (rows, width), &Device::Cpu).unwrap();
+            let vars = BTreeMap::from([("t.weight".to_string(), var.clone())]);
+            let mut opt = AdamW::new(0.01);
+            for step in 0..4u32 {
+                let mut summed = SummedRows::new(rows, width);
+                let g: Vec<f32> = (0..2 * width)
+                    .map(|i| (i as f32 + step as f32).sin())
+                    .collect();
+                summed.add_tokens(&[step * 3, 39 - step], &g).unwrap();
+                let grad = match switch && step < 2 {
+                    true => Grad::Dense(summed.to_dense(&Device::Cpu).unwrap()),
+                    false => Grad::Rows(summed),
+                };
+                let grads = Grads::from([("t.weight".to_string(), grad)]);
+                opt.step(&vars, &grads, 1.0, 1e-2, &mut Default::default(), || Ok(()))
+                    .unwrap();
+            }
+            assert_eq!(opt.row_moments().count(), 1);
+            var.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

@@ -32,8 +32,9 @@ use crate::model::layer_op::StepSums;
 use crate::model::recompute::{backward_recomputing, forward_checkpoints};
 use crate::model::sizes::DropoutProbs;
 use crate::model::{Network, SentenceModel};
-use crate::train::optim::{self, Grads};
+use crate::train::optim::{Grad, Grads};
 use crate::train::precision;
+use crate::train::summed_rows::SummedRows;
 
 /// What every pass computes with: the networks at the precision in force, the loss's
 /// parameters, dropout, and where an OOM is detected (the memory budget) or injected. The loss
@@ -350,7 +351,7 @@ impl<'a> Runner<'a> {
         };
         let stopped = chunks(&mut c.done, n, micro, attempt, |part| {
             for (name, g) in part.into_iter().flatten() {
-                add(&mut grads.borrow_mut(), name, g)?;
+                add_grad(&mut grads.borrow_mut(), name, g)?;
             }
             Ok(())
         });
@@ -405,9 +406,14 @@ impl<'a> Runner<'a> {
             }
             if !grads.contains_key(name) {
                 let zeros = Tensor::zeros(t.shape(), DType::F32, t.device())?;
-                grads.insert(name.clone(), zeros);
+                grads.insert(name.clone(), Grad::Dense(zeros));
             }
-            sums.insert(t.id(), grads[name].clone());
+            let Grad::Dense(sum) = &grads[name] else {
+                return Err(Error::Internal(format!(
+                    "{name}: summed rows cannot take in-order sums"
+                )));
+            };
+            sums.insert(t.id(), sum.clone());
         }
         Ok(sums)
     }
@@ -740,8 +746,8 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Adds the word table's touched rows into its dense gradient (created at zero the first
-    /// time in the step), in place and in token order.
+    /// Adds the word table's touched rows into its gradient of summed rows (`summed_rows.rs`,
+    /// created empty the first time in the step), in token order.
     fn accumulate_rows(&self, grads: &mut Grads, rows: WordRows) -> Result<()> {
         let id = rows.table.id();
         let Some((name, _)) = self
@@ -755,23 +761,10 @@ impl<'a> Runner<'a> {
                 "the word table is not a trainable parameter".into(),
             ));
         };
-        if !grads.contains_key(name) {
-            let zeros = Tensor::zeros(rows.table.shape(), DType::F32, rows.table.device())?;
-            grads.insert(name.clone(), zeros);
-        }
-        let width = rows.table.dim(1)?;
-        let src = rows.grads.flatten_all()?.to_vec1::<f32>()?;
-        optim::with_slice(&grads[name], |dense| {
-            for (t, &id) in rows.ids.iter().enumerate() {
-                let (row, from) = (id as usize * width, &src[t * width..(t + 1) * width]);
-                dense[row..row + width]
-                    .iter_mut()
-                    .zip(from)
-                    .for_each(|(d, g)| *d += g);
-            }
-            Ok(())
-        })?;
-        Ok(())
+        let (vocab, width) = rows.table.dims2()?;
+        let mut summed = SummedRows::new(vocab, width);
+        summed.add_tokens(&rows.ids, &rows.grads.flatten_all()?.to_vec1::<f32>()?)?;
+        add_grad(grads, name.clone(), Grad::Rows(summed))
     }
 }
 
@@ -831,9 +824,29 @@ fn pack_columns(grads: &[Tensor], pos: usize, m: usize) -> Result<Tensor> {
 }
 
 fn add(grads: &mut Grads, name: String, g: Tensor) -> Result<()> {
-    let sum = match grads.remove(&name) {
-        Some(acc) => (acc + g)?,
-        None => g,
+    add_grad(grads, name, Grad::Dense(g))
+}
+
+/// `grads[name] += g`: summed rows stay rows; a dense gradient meeting rows makes both dense
+/// (the rows written into a zeroed table first, as the dense sum would hold them).
+fn add_grad(grads: &mut Grads, name: String, g: Grad) -> Result<()> {
+    let sum = match (grads.remove(&name), g) {
+        (None, g) => g,
+        (Some(Grad::Rows(mut acc)), Grad::Rows(later)) => {
+            acc.merge(&later)?;
+            Grad::Rows(acc)
+        }
+        (Some(Grad::Dense(acc)), Grad::Dense(g)) => Grad::Dense((acc + g)?),
+        (Some(acc), g) => {
+            let device_of = |x: &Grad| match x {
+                Grad::Dense(t) => Some(t.device().clone()),
+                Grad::Rows(_) => None,
+            };
+            let device = device_of(&acc)
+                .or_else(|| device_of(&g))
+                .unwrap_or(candle_core::Device::Cpu);
+            Grad::Dense((acc.dense(&device)? + g.dense(&device)?)?)
+        }
     };
     grads.insert(name, sum);
     Ok(())

@@ -9,7 +9,7 @@ use candle_core::DType;
 
 use crate::config::Precision;
 use crate::error::Result;
-use crate::train::optim::Grads;
+use crate::train::optim::{Grad, Grads};
 
 pub fn dtype(p: Precision) -> DType {
     match p {
@@ -45,7 +45,14 @@ impl LossScaler {
     pub fn unscale(&self, grads: &mut Grads) -> Result<()> {
         if self.enabled {
             for g in grads.values_mut() {
-                *g = (&*g / self.scale)?;
+                match g {
+                    Grad::Dense(t) => *t = (&*t / self.scale)?,
+                    // What the tensor division computes (candle's affine: x · (1/s) + 0).
+                    Grad::Rows(r) => {
+                        let mul = (1.0 / self.scale) as f32;
+                        r.values_mut().iter_mut().for_each(|x| *x = *x * mul + 0.0);
+                    }
+                }
             }
         }
         Ok(())
@@ -86,12 +93,27 @@ mod tests {
         let mut s = LossScaler::new(Precision::F16);
         assert!(s.overflowed());
         assert_eq!(s.scale, 32768.0);
-        let mut grads = Grads::from([(
-            "w".into(),
-            Tensor::new(&[65536.0f32, 0.0], &Device::Cpu).unwrap(),
-        )]);
+        // The word table's summed rows are divided as the dense tensor is, bit for bit.
+        let odd = [65536.0f32, 0.0, 1.0e-30, 3.3333333, -7.1e12];
+        let mut rows = crate::train::summed_rows::SummedRows::new(9, 5);
+        rows.add_tokens(&[4], &odd).unwrap();
+        let mut grads = Grads::from([
+            ("r".into(), Grad::Rows(rows)),
+            ("w".into(), Tensor::new(&odd, &Device::Cpu).unwrap().into()),
+        ]);
         s.unscale(&mut grads).unwrap();
-        assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![2.0, 0.0]);
+        let dense = |g: &Grad| g.dense(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let w = dense(&grads["w"]).to_vec1::<f32>().unwrap();
+        assert_eq!(&w[..2], &[2.0, 0.0]);
+        let r = dense(&grads["r"])
+            .narrow(0, 20, 5)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            r.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            w.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
         while s.scale > 1.0 {
             assert!(s.overflowed());
         }
@@ -113,7 +135,10 @@ mod tests {
     #[test]
     fn bf16_and_f32_do_not_scale() {
         let mut s = LossScaler::new(Precision::Bf16);
-        let mut grads = Grads::from([("w".into(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap())]);
+        let mut grads = Grads::from([(
+            "w".into(),
+            Tensor::new(&[3.0f32], &Device::Cpu).unwrap().into(),
+        )]);
         s.unscale(&mut grads).unwrap();
         s.clean_step();
         assert!(
@@ -121,6 +146,7 @@ mod tests {
             "nothing to lower: the guard counts the step"
         );
         assert_eq!(s.scale, 1.0);
-        assert_eq!(grads["w"].to_vec1::<f32>().unwrap(), vec![3.0]);
+        let w = grads["w"].dense(&Device::Cpu).unwrap();
+        assert_eq!(w.to_vec1::<f32>().unwrap(), vec![3.0]);
     }
 }

@@ -305,9 +305,14 @@ impl<'a> Run<'a> {
                 for &lever in &self.o.cfg.memory.escalate[..r.progress.mem.escalated] {
                     self.trainer.pull(lever)?;
                 }
+                let rows = r
+                    .rows
+                    .lock()
+                    .map(|mut rows| std::mem::take(&mut *rows))
+                    .map_err(|_| Error::Internal("restored row moments poisoned".into()))?;
                 self.trainer
                     .optimizer
-                    .restore(r.adam_step, r.moments.clone());
+                    .restore(r.adam_step, r.moments.clone(), rows);
                 self.progress = r.progress.clone();
                 self.reporter.resumed(self.first, &r.path);
                 self.reporter.start_at(self.first);

@@ -183,7 +183,7 @@ fn adamw(device: &Device) -> Result<TwinCheck> {
                 .enumerate()
                 .map(|(i, &(name, n))| {
                     let seed = 1000 * (step + 1) + i as u64;
-                    Ok((name.to_string(), tensor(n, seed, &[n], device)?))
+                    Ok((name.to_string(), tensor(n, seed, &[n], device)?.into()))
                 })
                 .collect::<Result<_>>()?;
             opt.step(&vars, &grads, 0.7, 1e-3, &mut BTreeSet::new(), || Ok(()))?;

@@ -313,3 +313,14 @@ pub fn summary(run: &Run) -> serde_json::Value {
     let event: serde_json::Value = serde_json::from_str(last.expect("a JSON summary")).unwrap();
     event["data"].clone()
 }
+
+/// A step's gradients, each dense: the word table's summed rows written into a zeroed table.
+pub type DenseGrads = std::collections::BTreeMap<String, Tensor>;
+
+/// [`DenseGrads`] of a step's gradients.
+pub fn dense(grads: st_tune::train::optim::Grads) -> DenseGrads {
+    grads
+        .into_iter()
+        .map(|(name, g)| (name, g.dense(&Device::Cpu).unwrap()))
+        .collect()
+}
