@@ -761,9 +761,15 @@ impl<'a> Runner<'a> {
                 "the word table is not a trainable parameter".into(),
             ));
         };
+        let values = rows.grads.flatten_all()?.to_vec1::<f32>()?;
+        // Into the step's rows where they exist, each row's sum continuing token after token:
+        // merging a micro-batch's own sums would round differently from the uncut step.
+        if let Some(Grad::Rows(summed)) = grads.get_mut(name) {
+            return summed.add_tokens(&rows.ids, &values);
+        }
         let (vocab, width) = rows.table.dims2()?;
         let mut summed = SummedRows::new(vocab, width);
-        summed.add_tokens(&rows.ids, &rows.grads.flatten_all()?.to_vec1::<f32>()?)?;
+        summed.add_tokens(&rows.ids, &values)?;
         add_grad(grads, name.clone(), Grad::Rows(summed))
     }
 }
