@@ -24,7 +24,8 @@ const TB: usize = 256;
 /// 96 KiB) stays in L2 while the column panels pass.
 const MC_TILES: usize = 16;
 
-/// One token's `NR` values of a column panel, on a 32-byte boundary: the AVX2 tile reads them
+/// One token's `NR` values of a column panel (or a row of a register tile), on a 32-byte
+/// boundary: the AVX2 tile reads them
 /// with aligned loads (a plain dereference, where `_mm256_loadu_ps` is a `copy_nonoverlapping`
 /// whose debug-build checks spill each load through the stack and halve the tile's speed).
 #[derive(Clone, Copy)]
@@ -64,13 +65,13 @@ pub fn add_weight_grad(
                 for ib in 0..ip {
                     let ap = &a[ib * MR * TB..][..MR * tb];
                     let ni = MR.min(nr - ib * MR);
-                    let mut tile = [[0f32; NR]; MR];
+                    let mut tile = [Row([0.0; NR]); MR];
                     for (r, row) in tile.iter_mut().enumerate().take(ni) {
-                        row[..nj].copy_from_slice(&dw[(ib * MR + r) * k + j0..][..nj]);
+                        row.0[..nj].copy_from_slice(&dw[(ib * MR + r) * k + j0..][..nj]);
                     }
                     run_tile(simd, &mut tile, ap, &b[..tb]);
                     for (r, row) in tile.iter().enumerate().take(ni) {
-                        dw[(ib * MR + r) * k + j0..][..nj].copy_from_slice(&row[..nj]);
+                        dw[(ib * MR + r) * k + j0..][..nj].copy_from_slice(&row.0[..nj]);
                     }
                 }
             }
@@ -120,7 +121,7 @@ fn pack_cols(dst: &mut [Row], x: &[f32], k: usize, j0: usize, nj: usize, t0: usi
 
 /// Continues the tile's chains over `tb` tokens of the panels `a` (MR values per token) and
 /// `b` (a row per token), with AVX2 and FMA where `simd`.
-fn run_tile(simd: bool, tile: &mut [[f32; NR]; MR], a: &[f32], b: &[Row]) {
+fn run_tile(simd: bool, tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
     let tb = b.len();
     assert!(a.len() >= MR * tb, "wgrad: short panels");
     #[cfg(target_arch = "x86_64")]
@@ -134,10 +135,10 @@ fn run_tile(simd: bool, tile: &mut [[f32; NR]; MR], a: &[f32], b: &[Row]) {
 }
 
 /// The register tile's chains, one fused multiply-add per token, as `f32::mul_add` rounds.
-fn scalar_tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[Row]) {
+fn scalar_tile(tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
     for (a, b) in a.chunks_exact(MR).zip(b) {
         for (row, &ai) in tile.iter_mut().zip(a) {
-            for (acc, &bj) in row.iter_mut().zip(&b.0) {
+            for (acc, &bj) in row.0.iter_mut().zip(&b.0) {
                 *acc = ai.mul_add(bj, *acc);
             }
         }
@@ -148,15 +149,15 @@ fn scalar_tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[Row]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Row, MR, NR};
+    use super::{Row, MR};
 
     /// The 6×16 tile in twelve registers, one broadcast of `dy` and two loads of `x` per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[Row]) {
+    pub unsafe fn tile(tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
         let mut c = [[_mm256_setzero_ps(); 2]; MR];
         for (r, row) in tile.iter().enumerate() {
-            c[r][0] = _mm256_loadu_ps(row.as_ptr());
-            c[r][1] = _mm256_loadu_ps(row.as_ptr().add(8));
+            c[r][0] = _mm256_load_ps(row.0.as_ptr());
+            c[r][1] = _mm256_load_ps(row.0.as_ptr().add(8));
         }
         let mut ap = a.as_ptr();
         for row in b {
@@ -172,8 +173,8 @@ mod avx2 {
             ap = ap.add(MR);
         }
         for (r, row) in tile.iter_mut().enumerate() {
-            _mm256_storeu_ps(row.as_mut_ptr(), c[r][0]);
-            _mm256_storeu_ps(row.as_mut_ptr().add(8), c[r][1]);
+            _mm256_store_ps(row.0.as_mut_ptr(), c[r][0]);
+            _mm256_store_ps(row.0.as_mut_ptr().add(8), c[r][1]);
         }
     }
 }
