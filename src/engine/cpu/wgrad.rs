@@ -25,9 +25,8 @@ const TB: usize = 256;
 const MC_TILES: usize = 16;
 
 /// One token's `NR` values of a column panel (or a row of a register tile), on a 32-byte
-/// boundary: the AVX2 tile reads them
-/// with aligned loads (a plain dereference, where `_mm256_loadu_ps` is a `copy_nonoverlapping`
-/// whose debug-build checks spill each load through the stack and halve the tile's speed).
+/// boundary: the AVX2 tile reads them with aligned loads, plain dereferences (`_mm256_loadu_ps`
+/// is a `copy_nonoverlapping`, whose checks in the test build spilled every load to the stack).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Row([f32; NR]);
