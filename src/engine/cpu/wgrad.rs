@@ -5,8 +5,10 @@
 //! (the gemm crate adds per-block partial sums into `dw`, in an order that depends on the call).
 //!
 //! Every path computes `acc = fma(dy[t,i], x[t,j], acc)` (one rounding per token), so the
-//! AVX2 tiles and the scalar fallback give the same bits. Tokens go in blocks sized for the
-//! caches, each block's `dy` and `x` packed into the panels the register tile reads.
+//! AVX2 tiles and the scalar fallback give the same bits. The rows of `dw` are cut into chunks,
+//! one parallel task each, which runs every token of its rows; tokens go in blocks, the
+//! block's `dy` for the chunk packed once (it stays in L2) and its `x` one column panel at a
+//! time (in L1), each panel passing over every tile of the chunk.
 
 use rayon::prelude::*;
 
@@ -16,8 +18,18 @@ use super::features;
 const MR: usize = 6;
 /// Columns of `dw` (input features) per register tile: two 8-lane registers.
 const NR: usize = 16;
-/// Tokens per packed block: a tile's panels (`(MR + NR)·TB` floats, 22 KiB) stay in L1/L2.
+/// Tokens per packed block: a column panel (`NR·TB` floats, 16 KiB) stays in L1.
 const TB: usize = 256;
+/// Register tiles per row chunk at most: the chunk's packed `dy` (`MC_TILES·MR·TB` floats,
+/// 96 KiB) stays in L2 while the column panels pass.
+const MC_TILES: usize = 16;
+
+/// One token's `NR` values of a column panel (or a row of a register tile), on a 32-byte
+/// boundary: the AVX2 tile reads them with aligned loads, plain dereferences (`_mm256_loadu_ps`
+/// is a `copy_nonoverlapping`, whose checks in the test build spilled every load to the stack).
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Row([f32; NR]);
 
 /// `dw[i, j] += Σ_t dy[t, i0 + i] · x[t, j]` in token order, for `i < n`, `j < k`: `dy` is
 /// (tokens × `ld`) row-major and its columns `i0..i0 + n` are used, `x` is (tokens × k), `dw`
@@ -37,56 +49,40 @@ pub fn add_weight_grad(
     assert!(x.len() == t * k, "add_weight_grad: tokens differ");
     let f = features::get();
     let simd = cfg!(target_arch = "x86_64") && f.avx2 && f.fma;
-    let (ip, jp) = (n.div_ceil(MR), k.div_ceil(NR));
-    let mut a = vec![0f32; ip * MR * TB];
-    let mut b = vec![0f32; jp * NR * TB];
-    for t0 in (0..t).step_by(TB) {
-        let tb = TB.min(t - t0);
-        pack(&mut a, dy, ld, i0, n, MR, t0, tb);
-        pack(&mut b, x, k, 0, k, NR, t0, tb);
-        let (a, b) = (&a, &b);
-        // Column panels in parallel: each writes its own columns of every row of `dw`.
-        let cols = DwCols(dw.as_mut_ptr());
-        (0..jp).into_par_iter().for_each(|jb| {
-            let cols = &cols;
-            let bp = &b[jb * NR * TB..][..NR * tb];
-            let nj = NR.min(k - jb * NR);
-            for ib in 0..ip {
-                let ap = &a[ib * MR * TB..][..MR * tb];
-                let ni = MR.min(n - ib * MR);
-                let mut tile = [[0f32; NR]; MR];
-                for (r, row) in tile.iter_mut().enumerate().take(ni) {
-                    // SAFETY: panel `jb` owns columns jb·NR..+nj of every row; no other task
-                    // touches them.
-                    let src = unsafe { cols.row(ib * MR + r, k, jb * NR, nj) };
-                    row[..nj].copy_from_slice(src);
-                }
-                run_tile(simd, &mut tile, ap, bp, tb);
-                for (r, row) in tile.iter().enumerate().take(ni) {
-                    // SAFETY: as above.
-                    let dst = unsafe { cols.row(ib * MR + r, k, jb * NR, nj) };
-                    dst.copy_from_slice(&row[..nj]);
+    let rows = chunk_rows(n, rayon::current_num_threads());
+    dw.par_chunks_mut(rows * k).enumerate().for_each(|(c, dw)| {
+        let (r0, nr) = (c * rows, dw.len() / k);
+        let ip = nr.div_ceil(MR);
+        let mut a = vec![0f32; ip * MR * TB];
+        let mut b = vec![Row([0.0; NR]); TB];
+        for t0 in (0..t).step_by(TB) {
+            let tb = TB.min(t - t0);
+            pack(&mut a, dy, ld, i0 + r0, nr, MR, t0, tb);
+            for j0 in (0..k).step_by(NR) {
+                let nj = NR.min(k - j0);
+                pack_cols(&mut b, x, k, j0, nj, t0, tb);
+                for ib in 0..ip {
+                    let ap = &a[ib * MR * TB..][..MR * tb];
+                    let ni = MR.min(nr - ib * MR);
+                    let mut tile = [Row([0.0; NR]); MR];
+                    for (r, row) in tile.iter_mut().enumerate().take(ni) {
+                        row.0[..nj].copy_from_slice(&dw[(ib * MR + r) * k + j0..][..nj]);
+                    }
+                    run_tile(simd, &mut tile, ap, &b[..tb]);
+                    for (r, row) in tile.iter().enumerate().take(ni) {
+                        dw[(ib * MR + r) * k + j0..][..nj].copy_from_slice(&row.0[..nj]);
+                    }
                 }
             }
-        });
-    }
+        }
+    });
 }
 
-/// `dw`'s storage shared by the column-panel tasks, which write disjoint columns.
-struct DwCols(*mut f32);
-
-// SAFETY: the tasks write disjoint elements (see `add_weight_grad`).
-unsafe impl Sync for DwCols {}
-
-impl DwCols {
-    /// Columns `j0..j0 + nj` of row `i` of a row-major matrix `k` wide.
-    ///
-    /// # Safety
-    /// The caller is the only one touching those elements while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, i: usize, k: usize, j0: usize, nj: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(i * k + j0), nj)
-    }
+/// Rows per parallel task: whole register tiles, at least two tasks per thread (the machine is
+/// shared, so a slow thread leaves work to steal), and at most `MC_TILES` tiles.
+fn chunk_rows(n: usize, threads: usize) -> usize {
+    let tiles = n.div_ceil(MR).div_ceil(2 * threads.max(1));
+    MR * tiles.clamp(1, MC_TILES)
 }
 
 /// Packs tokens `t0..t0 + tb` of columns `c0..c0 + c` of `src` (rows `ld` wide) into panels
@@ -102,42 +98,46 @@ fn pack(
     t0: usize,
     tb: usize,
 ) {
-    dst.par_chunks_mut(w * TB)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let (from, nw) = (c0 + p * w, w.min(c - p * w));
-            for t in 0..tb {
-                let row = &src[(t0 + t) * ld + from..][..nw];
-                let out = &mut panel[t * w..(t + 1) * w];
-                out[..nw].copy_from_slice(row);
-                out[nw..].fill(0.0);
-            }
-        });
+    for (p, panel) in dst.chunks_mut(w * TB).take(c.div_ceil(w)).enumerate() {
+        let (from, nw) = (c0 + p * w, w.min(c - p * w));
+        for t in 0..tb {
+            let row = &src[(t0 + t) * ld + from..][..nw];
+            let out = &mut panel[t * w..(t + 1) * w];
+            out[..nw].copy_from_slice(row);
+            out[nw..].fill(0.0);
+        }
+    }
+}
+
+/// Packs tokens `t0..t0 + tb` of columns `j0..j0 + nj` of `x` (rows `k` wide) into one column
+/// panel, a row per token (zero past `nj`).
+fn pack_cols(dst: &mut [Row], x: &[f32], k: usize, j0: usize, nj: usize, t0: usize, tb: usize) {
+    for (t, out) in dst[..tb].iter_mut().enumerate() {
+        out.0[..nj].copy_from_slice(&x[(t0 + t) * k + j0..][..nj]);
+        out.0[nj..].fill(0.0);
+    }
 }
 
 /// Continues the tile's chains over `tb` tokens of the panels `a` (MR values per token) and
-/// `b` (NR values per token), with AVX2 and FMA where `simd`.
-fn run_tile(simd: bool, tile: &mut [[f32; NR]; MR], a: &[f32], b: &[f32], tb: usize) {
-    assert!(
-        a.len() >= MR * tb && b.len() >= NR * tb,
-        "wgrad: short panels"
-    );
+/// `b` (a row per token), with AVX2 and FMA where `simd`.
+fn run_tile(simd: bool, tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
+    let tb = b.len();
+    assert!(a.len() >= MR * tb, "wgrad: short panels");
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: AVX2 and FMA are present (the caller checked); the panels hold tb tokens
         // (asserted above).
-        return unsafe { avx2::tile(tile, a, b, tb) };
+        return unsafe { avx2::tile(tile, a, b) };
     }
     let _ = simd;
-    scalar_tile(tile, a, b, tb);
+    scalar_tile(tile, a, b);
 }
 
 /// The register tile's chains, one fused multiply-add per token, as `f32::mul_add` rounds.
-fn scalar_tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[f32], tb: usize) {
-    for t in 0..tb {
-        let (a, b) = (&a[t * MR..(t + 1) * MR], &b[t * NR..(t + 1) * NR]);
+fn scalar_tile(tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
+    for (a, b) in a.chunks_exact(MR).zip(b) {
         for (row, &ai) in tile.iter_mut().zip(a) {
-            for (acc, &bj) in row.iter_mut().zip(b) {
+            for (acc, &bj) in row.0.iter_mut().zip(&b.0) {
                 *acc = ai.mul_add(bj, *acc);
             }
         }
@@ -148,30 +148,32 @@ fn scalar_tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[f32], tb: usize) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{Row, MR};
 
     /// The 6×16 tile in twelve registers, one broadcast of `dy` and two loads of `x` per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(tile: &mut [[f32; NR]; MR], a: &[f32], b: &[f32], tb: usize) {
+    pub unsafe fn tile(tile: &mut [Row; MR], a: &[f32], b: &[Row]) {
         let mut c = [[_mm256_setzero_ps(); 2]; MR];
         for (r, row) in tile.iter().enumerate() {
-            c[r][0] = _mm256_loadu_ps(row.as_ptr());
-            c[r][1] = _mm256_loadu_ps(row.as_ptr().add(8));
+            c[r][0] = _mm256_load_ps(row.0.as_ptr());
+            c[r][1] = _mm256_load_ps(row.0.as_ptr().add(8));
         }
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-        for _ in 0..tb {
-            let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+        let mut ap = a.as_ptr();
+        for row in b {
+            let (b0, b1) = (
+                _mm256_load_ps(row.0.as_ptr()),
+                _mm256_load_ps(row.0.as_ptr().add(8)),
+            );
             for (r, cr) in c.iter_mut().enumerate() {
                 let ai = _mm256_broadcast_ss(&*ap.add(r));
                 cr[0] = _mm256_fmadd_ps(ai, b0, cr[0]);
                 cr[1] = _mm256_fmadd_ps(ai, b1, cr[1]);
             }
             ap = ap.add(MR);
-            bp = bp.add(NR);
         }
         for (r, row) in tile.iter_mut().enumerate() {
-            _mm256_storeu_ps(row.as_mut_ptr(), c[r][0]);
-            _mm256_storeu_ps(row.as_mut_ptr().add(8), c[r][1]);
+            _mm256_store_ps(row.0.as_mut_ptr(), c[r][0]);
+            _mm256_store_ps(row.0.as_mut_ptr().add(8), c[r][1]);
         }
     }
 }
