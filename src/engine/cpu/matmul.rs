@@ -135,10 +135,7 @@ pub fn linear_backward(
     let n = db.len();
     let t = dy.len() / n;
     matmul(how, dw, (n, k, t), (dy, (1, n)), (x, (k, 1)), true)?;
-    add_column_sums(bf16_gemm::Elems::F32(dy), db);
-    let mut dx = vec![0f32; t * k];
-    matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
-    Ok(dx)
+    bias_and_input_grads(how, dy, w, db, k)
 }
 
 /// `linear_backward` in f32 with the parameter gradients summed over tokens in order into
@@ -152,18 +149,24 @@ pub fn linear_backward_in_order(
     k: usize,
 ) -> candle_core::Result<Vec<f32>> {
     let n = db.len();
-    let t = dy.len() / n;
     wgrad::add_weight_grad(dw, dy, (n, 0, n), x, k);
+    bias_and_input_grads(Products::F32, dy, w, db, k)
+}
+
+/// The rest of a linear layer's backward pass, after its weight gradient: adds the column sums
+/// of `dy` to `db` (row after row), and returns `dy W` (t × k).
+fn bias_and_input_grads(
+    how: Products,
+    dy: &[f32],
+    w: &[f32],
+    db: &mut [f32],
+    k: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let n = db.len();
+    let t = dy.len() / n;
     add_column_sums(bf16_gemm::Elems::F32(dy), db);
     let mut dx = vec![0f32; t * k];
-    matmul(
-        Products::F32,
-        &mut dx,
-        (t, k, n),
-        (dy, (n, 1)),
-        (w, (k, 1)),
-        false,
-    )?;
+    matmul(how, &mut dx, (t, k, n), (dy, (n, 1)), (w, (k, 1)), false)?;
     Ok(dx)
 }
 
