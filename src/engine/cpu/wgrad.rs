@@ -143,8 +143,15 @@ fn pack(
 /// panel, a row per token (zero past `nj`).
 fn pack_cols(dst: &mut [Row], x: &[f32], k: usize, j0: usize, nj: usize, t0: usize, tb: usize) {
     for (t, out) in dst[..tb].iter_mut().enumerate() {
-        out.0[..nj].copy_from_slice(&x[(t0 + t) * k + j0..][..nj]);
-        out.0[nj..].fill(0.0);
+        let from = &x[(t0 + t) * k + j0..];
+        if nj == NR {
+            // A copy of fixed length: a few vector moves where `copy_from_slice` of a run-time
+            // length calls memmove, a fifth of the tiles' time at 64 bytes a call.
+            out.0 = from[..NR].try_into().expect("NR values");
+        } else {
+            out.0[..nj].copy_from_slice(&from[..nj]);
+            out.0[nj..].fill(0.0);
+        }
     }
 }
 
