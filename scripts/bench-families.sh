@@ -57,13 +57,15 @@ for family in "${families[@]}"; do
     --set train.max_steps=$((steps + 3)) --set train.log_steps=1 --set "train.precision=$precision" \
     --set output.checkpoint_steps=0 --set "output.dir=$work/run" > "$work/st.jsonl"
   st=$(jq -r 'select(.event == "step") | .data.samples_per_s' "$work/st.jsonl" | tail -n "$steps" |
-    sort -g | awk '{ v[NR] = $1 } END { n = NR; printf "%.2f", n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }')
+    sort -g | awk '{ v[NR] = $1 } END { n = NR; printf "%.3f", n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }')
   st_rss=$(( $(cat "$work/rss") / 1024 ))
   st_heap=$(jq -r 'select(.event == "summary") | .data.peak_memory / 1048576 | floor' "$work/st.jsonl")
   peer=$("$py" "$shared/peer/st_step_bench.py" "$model" "$data" --loss cosent --batch "$batch" \
     --steps "$steps" --max-seq "$seq" "${flags[@]}" 2> /dev/null | tail -n 1)
+  # samples/s from the median step time: the peer rounds its own figure to 2 digits.
+  peer_sps=$(jq -r ".batch / .median_step_s" <<< "$peer")
   printf '%s %s, %s tokens, batch %s: st-tune %s samples/s, peak RSS %s MiB (heap %s MiB); peer %s samples/s, peak RSS %s MiB; speed %.2fx, memory %.2fx\n' \
-    "$family" "$precision" "$seq" "$batch" "$st" "$st_rss" "$st_heap" "$(jq -r .samples_per_s <<< "$peer")" "$(jq -r .peak_rss_mib <<< "$peer")" \
-    "$(echo "$st / $(jq -r .samples_per_s <<< "$peer")" | bc -l)" "$(echo "$st_rss / $(jq -r .peak_rss_mib <<< "$peer")" | bc -l)"
+    "$family" "$precision" "$seq" "$batch" "$st" "$st_rss" "$st_heap" "$(printf %.3f "$peer_sps")" "$(jq -r .peak_rss_mib <<< "$peer")" \
+    "$(echo "$st / $peer_sps" | bc -l)" "$(echo "$st_rss / $(jq -r .peak_rss_mib <<< "$peer")" | bc -l)"
 done
 echo "load after: $(uptime)"
