@@ -238,7 +238,10 @@ impl Network {
 
     /// MPNet's relative-bias table, where its gradient goes to the step's sums.
     fn bias_in_order(&self) -> Option<&RelativeBias> {
-        self.encoder.relative_bias.as_ref().filter(|b| b.to_step_sums)
+        self.encoder
+            .relative_bias
+            .as_ref()
+            .filter(|b| b.to_step_sums)
     }
 
     /// The trainable parameters whose gradients this network's backward passes add into a
