@@ -8,6 +8,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use st_tune::model::dropout::Dropout;
 use st_tune::model::embedding_cut::forward_cut;
+use st_tune::model::layer_op::StepSums;
 use st_tune::model::weights::Freeze;
 use st_tune::model::SentenceModel;
 
@@ -132,6 +133,58 @@ fn the_embedding_cut_changes_no_bert_gradient() {
 #[test]
 fn the_embedding_cut_changes_no_mpnet_gradient() {
     the_embedding_cut_changes_no_gradient(true);
+}
+
+/// The trainer's network adds the layers' gradients, and MPNet's bias table's per layer and
+/// bucket, into a step's sums (`Network::for_step_sums`): they are the graph's gradients.
+#[test]
+fn the_step_sums_hold_the_graphs_mpnet_gradients() {
+    let (_dir, m) = load(true, Freeze::default());
+    let drop = Dropout::train(0.1, 0.1, 42, 0, vec![0, 1, 2]);
+    let whole = objective_grads(&m, &drop);
+    let net = m.network().unwrap().for_step_sums();
+    let sums: StepSums = net
+        .params_in_order()
+        .iter()
+        .map(|p| (p.id(), net.zero_step_sum(p).unwrap()))
+        .collect();
+    net.set_step_sums(&sums).unwrap();
+    let batch = m.batch(&TEXTS).unwrap();
+    let store = net
+        .backward(&weighted_sum(&net.forward(&batch, &drop).unwrap()))
+        .unwrap();
+    let mut summed = Vec::new();
+    for (name, var) in &m.params.vars {
+        // The embedding layer adds into the sums only after the embedding cut.
+        let Some(sum) = sums.get(&var.as_tensor().id()) else {
+            continue;
+        };
+        if !name.starts_with("encoder.") {
+            continue;
+        }
+        assert!(
+            store.get(var.as_tensor()).is_none(),
+            "{name}: also a graph gradient"
+        );
+        let ours = net.finish_step_sum(var.as_tensor(), sum).unwrap();
+        let graph = whole.get(var.as_tensor()).unwrap();
+        let d = common::max_abs_diff(&ours, graph);
+        let scale = common::max_abs(graph);
+        assert!(
+            scale > 0.0 && d <= 1e-5 * scale,
+            "{name}: differs by {d} of {scale}"
+        );
+        summed.push(name.clone());
+    }
+    assert!(
+        summed.iter().any(|n| n.contains("relative_attention_bias")),
+        "the bias table is summed in order: {summed:?}"
+    );
+    assert_eq!(
+        summed.len(),
+        1 + 2 * 16,
+        "the table and both layers' parameters"
+    );
 }
 
 #[test]

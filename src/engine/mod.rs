@@ -100,6 +100,22 @@ pub trait Primitives {
     ) -> Result<Tensor> {
         Err(no_sums_in_order())
     }
+    /// `attention_backward` that adds d bias into `sums`, (buckets, heads) f32 CPU, by
+    /// bucket (MPNet's relative positions): row after row, each (query, key) score gradient
+    /// of the row in turn into the bucket `bucket_of` gives the pair (L × L, row-major, for
+    /// the bias's L); returns d qkv. Only where [`Primitives::sums_in_order`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_into(
+        &self,
+        _qkv: &Tensor,
+        _bias: &Tensor,
+        _att: &Attention,
+        _d: &Tensor,
+        _bucket_of: &[u32],
+        _sums: &Tensor,
+    ) -> Result<Tensor> {
+        Err(no_sums_in_order())
+    }
     /// GELU (erf form).
     fn gelu(&self, x: &Tensor) -> Result<Tensor>;
     /// `d ⊙ gelu'(x)`.

@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tens
 use crate::engine::mask::HiddenMask;
 use crate::engine::{Attention, Engine, Primitives};
 use crate::error::Result;
+use crate::model::mpnet::buckets_of_pairs;
 
 /// The sizes of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +37,9 @@ pub struct LayerDims {
 pub struct ParamGrads {
     pending: Arc<Mutex<Vec<(Tensor, Tensor)>>>,
     sums: Arc<Mutex<StepSums>>,
+    /// This layer's sums of MPNet's relative-bias table, (buckets, heads), where they go to
+    /// the step's sums (`Network::set_step_sums`).
+    bias_sums: Arc<Mutex<Option<Tensor>>>,
 }
 
 /// A step's gradient sums by parameter (f32 CPU tensors that live for the whole step), for
@@ -54,9 +58,15 @@ impl ParamGrads {
     }
 
     /// Where the following backward passes add their gradients, for the parameters `sums`
-    /// holds (empty: pending tensors, as without).
-    pub fn set_sums(&self, sums: StepSums) {
+    /// holds (empty: pending tensors, as without), and the attention bias's by bucket into
+    /// `bias_sums` where given.
+    pub fn set_sums(&self, sums: StepSums, bias_sums: Option<Tensor>) {
         *self.sums.lock().expect("param sums") = sums;
+        *self.bias_sums.lock().expect("bias sums") = bias_sums;
+    }
+
+    fn bias_sums(&self) -> Option<Tensor> {
+        self.bias_sums.lock().expect("bias sums").clone()
     }
 
     /// The sums of all of `params`, in order; None unless every one has its sum.
@@ -84,16 +94,35 @@ impl ParamGrads {
 struct Out<'a> {
     params: &'a [Tensor],
     sums: Option<Vec<Tensor>>,
+    /// The attention bias's gradient, by bucket (see `ParamGrads::set_sums`).
+    bias_sums: Option<Tensor>,
     fresh: Vec<Option<Tensor>>,
 }
 
 impl<'a> Out<'a> {
-    fn new(params: &'a [Tensor], sums: Option<Vec<Tensor>>) -> Self {
+    fn new(params: &'a [Tensor], sums: Option<Vec<Tensor>>, bias_sums: Option<Tensor>) -> Self {
         Self {
             params,
             sums,
+            bias_sums,
             fresh: vec![None; params.len()],
         }
+    }
+
+    /// `attention_backward`: (d qkv, d bias), d bias None where it went to the bias sums.
+    fn attention(
+        &self,
+        p: &dyn Primitives,
+        (qkv, bias): (&Tensor, Option<&Tensor>),
+        att: &Attention,
+        d: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if let (Some(sums), Some(b)) = (&self.bias_sums, bias) {
+            let bucket_of = buckets_of_pairs(b.dim(1)?, sums.dim(0)?);
+            let dqkv = p.attention_backward_into(qkv, b, att, d, &bucket_of, sums)?;
+            return Ok((dqkv, None));
+        }
+        p.attention_backward(qkv, bias, att, d)
     }
 
     /// Keeps `g` as the gradients of parameters `at`, split by rows into their shapes.
@@ -329,7 +358,7 @@ impl LayerOp {
         // Attention output projection, attention, q|k|v projection.
         let dctx = out.linear(p, (&dattn, &ctx, &w.o_w), &[6], &[7])?;
         drop((ctx, dattn));
-        let (dqkv, dbias) = p.attention_backward(&qkv, bias, &self.attention, &dctx)?;
+        let (dqkv, dbias) = out.attention(p, (&qkv, bias), &self.attention, &dctx)?;
         drop((qkv, dctx));
         let dx_attn = out.linear(p, (&dqkv, x, &w.qkv_w), &QKV_W, &QKV_B)?;
         drop(dqkv);
@@ -357,6 +386,8 @@ impl LayerOp {
         bias: Option<&Tensor>,
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        // A bias with a graph needs its gradient back (candle fails on a node left without).
+        let bias_graph = bias.is_some_and(Tensor::track_op);
         let run = || -> Result<_> {
             let (x, bias) = (x.detach(), bias.map(Tensor::detach));
             let p = self.engine.primitives(x.dtype());
@@ -366,11 +397,16 @@ impl LayerOp {
                 Some(k) => k,
                 None => self.forward(p.as_ref(), &x, &w, bias.as_ref())?.1,
             };
-            let sums = match (&self.sink, p.sums_in_order()) {
-                (Some(sink), true) => sink.sums_of(&self.params),
-                _ => None,
+            let (sums, bias_sums) = match (&self.sink, p.sums_in_order()) {
+                (Some(sink), true) => (sink.sums_of(&self.params), sink.bias_sums()),
+                _ => (None, None),
             };
-            let mut out = Out::new(&self.params, sums);
+            if bias_graph && bias_sums.is_some() {
+                return Err(crate::Error::Internal(
+                    "layer op: the attention bias has a graph, but its gradient goes to the step's sums".into(),
+                ));
+            }
+            let mut out = Out::new(&self.params, sums, bias_sums);
             let (dx, dbias) =
                 self.backward(p.as_ref(), &x, &w, bias.as_ref(), g, kept, &mut out)?;
             drop(w);

@@ -216,34 +216,81 @@ impl Network {
         self
     }
 
+    /// Whether the engine adds the post-LN layers' gradients into a step's sums token after
+    /// token (`cpu`, f32).
+    fn sums_in_order(&self) -> bool {
+        match self.encoder.layers.first() {
+            Some(Layer::PostLn(l)) => l.engine.primitives(self.dtype).sums_in_order(),
+            _ => false,
+        }
+    }
+
+    /// The network as the trainer's passes run it: where it sums in order, MPNet's
+    /// relative-bias table (when it trains) sums its gradient in the step's sums too, so its
+    /// attention bias is computed without a graph, and every backward pass needs the sums set.
+    pub fn for_step_sums(mut self) -> Self {
+        let in_order = self.sums_in_order();
+        if let Some(b) = &mut self.encoder.relative_bias {
+            b.to_step_sums = in_order && b.table().track_op();
+        }
+        self
+    }
+
+    /// MPNet's relative-bias table, where its gradient goes to the step's sums.
+    fn bias_in_order(&self) -> Option<&RelativeBias> {
+        self.encoder
+            .relative_bias
+            .as_ref()
+            .filter(|b| b.to_step_sums)
+    }
+
     /// The trainable parameters whose gradients this network's backward passes add into a
     /// step's sums token after token, once [`Network::set_step_sums`] handed it them: every
     /// post-LN layer's and the embedding layer's (but the word table's, whose rows go to
-    /// `embedding_cut::WordRows`), where the engine sums in order (`cpu`, f32); else none.
+    /// `embedding_cut::WordRows`), and MPNet's bias table after [`Network::for_step_sums`],
+    /// where the engine sums in order (`cpu`, f32); else none.
     pub fn params_in_order(&self) -> Vec<Tensor> {
-        let layers = &self.encoder.layers;
-        let engine = match layers.first() {
-            Some(Layer::PostLn(l)) => l.engine,
-            _ => return Vec::new(),
-        };
-        if !engine.primitives(self.dtype).sums_in_order() {
+        if !self.sums_in_order() {
             return Vec::new();
         }
         let mut params = self.encoder.embeddings.params_in_order();
-        for l in layers {
+        for l in &self.encoder.layers {
             if let Layer::PostLn(l) = l {
                 params.extend(l.params().into_iter().filter(Tensor::track_op));
             }
         }
+        params.extend(self.bias_in_order().map(|b| b.table().clone()));
         params
     }
 
-    /// Where the following backward passes add the gradients of the parameters `sums` holds
-    /// (see [`Network::params_in_order`]); an empty map: back to fresh gradients.
-    pub fn set_step_sums(&self, sums: &StepSums) {
-        for l in &self.encoder.layers {
-            l.param_grads().set_sums(sums.clone());
+    /// A step's sum of `param` (one of [`Network::params_in_order`]) at zero: f32 of its
+    /// shape, but per layer for MPNet's bias table (see [`Network::finish_step_sum`]).
+    pub fn zero_step_sum(&self, param: &Tensor) -> Result<Tensor> {
+        match self.bias_in_order() {
+            Some(b) if b.table().id() == param.id() => b.zero_sums(self.encoder.layers.len()),
+            _ => Ok(Tensor::zeros(param.shape(), DType::F32, param.device())?),
         }
+    }
+
+    /// `param`'s gradient from its step sum once the step is done: the sum itself, but MPNet's
+    /// bias table's per-layer sums added up.
+    pub fn finish_step_sum(&self, param: &Tensor, sum: &Tensor) -> Result<Tensor> {
+        match self.bias_in_order() {
+            Some(b) if b.table().id() == param.id() => RelativeBias::sum_layers(sum),
+            _ => Ok(sum.clone()),
+        }
+    }
+
+    /// Where the following backward passes add the gradients of the parameters `sums` holds
+    /// (see [`Network::params_in_order`]); an empty map: back to fresh gradients. Layer `i`
+    /// adds its attention bias's into table `i` of the bias table's sum.
+    pub fn set_step_sums(&self, sums: &StepSums) -> Result<()> {
+        let bias_sums = self.bias_in_order().and_then(|b| sums.get(&b.table().id()));
+        for (i, l) in self.encoder.layers.iter().enumerate() {
+            let layer_sums = bias_sums.map(|s| s.get(i)).transpose()?;
+            l.param_grads().set_sums(sums.clone(), layer_sums);
+        }
+        Ok(())
     }
 
     /// The backward pass from `loss`, with the gradients of the one-op layers' parameters

@@ -80,11 +80,17 @@ pub fn layer_names(i: usize) -> LayerNames {
     }
 }
 
+/// The distance from which all pairs share a bucket, as in `modeling_mpnet.py`.
+const MAX_DISTANCE: usize = 128;
+
 /// The learned bias of each relative-position bucket, shared by every layer.
 #[derive(Debug, Clone)]
 pub struct RelativeBias {
     table: Tensor,
     buckets: usize,
+    /// The table's gradient goes to the step's sums, one per layer, not through the graph
+    /// (`Network::for_step_sums`): the bias is then computed without one.
+    pub to_step_sums: bool,
 }
 
 impl RelativeBias {
@@ -95,7 +101,36 @@ impl RelativeBias {
                 &[c.relative_attention_num_buckets, c.num_attention_heads],
             )?,
             buckets: c.relative_attention_num_buckets,
+            to_step_sums: false,
         })
+    }
+
+    /// The (buckets, heads) table.
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
+    /// The table's step sums at zero: one table per layer, (layers, buckets, heads), as each
+    /// layer adds its rows in turn (`layer_op`); [`RelativeBias::sum_layers`] adds them up.
+    pub fn zero_sums(&self, layers: usize) -> Result<Tensor> {
+        let (buckets, heads) = self.table.dims2()?;
+        Ok(Tensor::zeros(
+            (layers, buckets, heads),
+            DType::F32,
+            self.table.device(),
+        )?)
+    }
+
+    /// The table's gradient from its per-layer sums, (layers, buckets, heads): layer after
+    /// layer, from the first, so the order depends on nothing the step was cut into.
+    pub fn sum_layers(sums: &Tensor) -> Result<Tensor> {
+        let (_, buckets, heads) = sums.dims3()?;
+        let values = sums.flatten_all()?.to_vec1::<f32>()?;
+        let mut total = vec![0f32; buckets * heads];
+        for layer in values.chunks(buckets * heads) {
+            total.iter_mut().zip(layer).for_each(|(t, v)| *t += v);
+        }
+        Ok(Tensor::from_vec(total, (buckets, heads), &Device::Cpu)?.to_device(sums.device())?)
     }
 
     /// Additive attention bias, (heads, L, L) f32 for L the longest row. A bucket depends
@@ -103,18 +138,27 @@ impl RelativeBias {
     pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
         let heads = self.table.dim(1)?;
         let l = batch.lengths.iter().copied().max().unwrap_or(0);
-        let buckets = relative_buckets(l, self.buckets, 128);
+        let buckets = buckets_of_pairs(l, self.buckets);
         let buckets =
             Tensor::from_vec(buckets, l * l, &Device::Cpu)?.to_device(batch.ids.device())?;
+        let table = match self.to_step_sums {
+            true => self.table.detach(),
+            false => self.table.clone(),
+        };
         // (l*l, heads) -> (heads, l, l)
-        Ok(self
-            .table
+        Ok(table
             .index_select(&buckets, 0)?
             .reshape((l, l, heads))?
             .permute((2, 0, 1))?
             .to_dtype(DType::F32)?
             .contiguous()?)
     }
+}
+
+/// Bucket of every (query, key) pair of a row of `seq` tokens, row-major (seq*seq), for a
+/// table of `num_buckets`.
+pub fn buckets_of_pairs(seq: usize, num_buckets: usize) -> Vec<u32> {
+    relative_buckets(seq, num_buckets, MAX_DISTANCE)
 }
 
 /// Bucket of every (query, key) pair, row-major (seq*seq), as `relative_position_bucket` in

@@ -212,7 +212,7 @@ impl<'a> Runner<'a> {
         let dtype = precision::dtype(precision);
         Ok(Self {
             model,
-            train_net: model.build(&model.params, dtype)?,
+            train_net: model.build(&model.params, dtype)?.for_step_sums(),
             embed_net: model.build(&model.params.detached(), dtype)?,
             scale: t.scale,
             matryoshka: losses::Matryoshka::from_train(t),
@@ -236,7 +236,7 @@ impl<'a> Runner<'a> {
     /// Rebuilds the networks for activations in `precision` (a lever the policy may pull).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let dtype = precision::dtype(precision);
-        self.train_net = self.model.build(&self.model.params, dtype)?;
+        self.train_net = self.model.build(&self.model.params, dtype)?.for_step_sums();
         self.embed_net = self.model.build(&self.model.params.detached(), dtype)?;
         if let Some(g) = &mut self.guide {
             g.net = g.model.build(&g.model.params.detached(), dtype)?;
@@ -284,7 +284,7 @@ impl<'a> Runner<'a> {
         }
         Ok(Outcome::Done(Gradients {
             loss: p.loss,
-            grads: std::mem::take(&mut p.grads),
+            grads: self.finished(std::mem::take(&mut p.grads))?,
         }))
     }
 
@@ -365,7 +365,7 @@ impl<'a> Runner<'a> {
         }
         Ok(Outcome::Done(Gradients {
             loss: full.loss.to_scalar::<f32>()?,
-            grads: std::mem::take(&mut c.grads),
+            grads: self.finished(std::mem::take(&mut c.grads))?,
         }))
     }
 
@@ -405,7 +405,7 @@ impl<'a> Runner<'a> {
                 continue;
             }
             if !grads.contains_key(name) {
-                let zeros = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+                let zeros = self.train_net.zero_step_sum(t)?;
                 grads.insert(name.clone(), Grad::Dense(zeros));
             }
             let Grad::Dense(sum) = &grads[name] else {
@@ -425,10 +425,21 @@ impl<'a> Runner<'a> {
         f: impl FnOnce(&mut Grads, &StepSums) -> Result<T>,
     ) -> Result<T> {
         let sums = self.step_sums(grads)?;
-        self.train_net.set_step_sums(&sums);
+        self.train_net.set_step_sums(&sums)?;
         let out = f(grads, &sums);
-        self.train_net.set_step_sums(&StepSums::new());
+        self.train_net.set_step_sums(&StepSums::new())?;
         out
+    }
+
+    /// The step's gradients once every row is in: each step sum as its parameter's gradient
+    /// (`Network::finish_step_sum`).
+    fn finished(&self, mut grads: Grads) -> Result<Grads> {
+        for (name, var) in &self.model.params.vars {
+            if let Some(Grad::Dense(sum)) = grads.get_mut(name) {
+                *sum = self.train_net.finish_step_sum(var.as_tensor(), sum)?;
+            }
+        }
+        Ok(grads)
     }
 
     /// Runs `f` as one attempt at a micro-batch through the guard (see `memory/guard.rs`); a

@@ -357,19 +357,24 @@ impl Attention {
         qkv: &[f32],
         bias: Option<(&[f32], usize)>,
         g: &[f32],
-        hh: usize,
-        hidden: usize,
+        (hh, hidden): (usize, usize),
+        into: Option<(&[u32], Vec<f32>)>,
     ) -> HeadGrads {
         if let Some(window) = self.band(bias) {
             return self.head_backward_banded(qkv, g, window, hh, hidden);
         }
         let (tokens, _, hd) = self.dims(qkv.len(), 3 * hidden);
         let w = 3 * hidden;
+        // The bias gradient: (L × L) summed over the rows, or the head's bucket sums continued.
+        let (bucket_of, dbias) = match into {
+            Some((b, sums)) => (Some(b), sums),
+            None => (None, vec![0f32; bias.map_or(0, |(_, l)| l * l)]),
+        };
         let mut grads = HeadGrads {
             dq: vec![0f32; tokens * hd],
             dk: vec![0f32; tokens * hd],
             dv: vec![0f32; tokens * hd],
-            dbias: vec![0f32; bias.map_or(0, |(_, l)| l * l)],
+            dbias,
         };
         let (mut p, mut mask, mut pd, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, &(off, len)) in self.rows.iter().enumerate() {
@@ -402,10 +407,17 @@ impl Attention {
             }
             if let Some((_, l)) = bias {
                 for (i, line) in ds.chunks(len).enumerate() {
-                    grads.dbias[i * l..i * l + len]
-                        .iter_mut()
-                        .zip(line)
-                        .for_each(|(b, d)| *b += d);
+                    match bucket_of {
+                        // Pair after pair of the row, each into its bucket.
+                        Some(b) => line
+                            .iter()
+                            .zip(&b[i * l..i * l + len])
+                            .for_each(|(d, &k)| grads.dbias[k as usize] += d),
+                        None => grads.dbias[i * l..i * l + len]
+                            .iter_mut()
+                            .zip(line)
+                            .for_each(|(b, d)| *b += d),
+                    }
                 }
             }
             // dq = scale · ds k, dk = scale · dsᵀ q
@@ -496,6 +508,38 @@ impl Attention {
         self.assemble(per_head, qkv.len() / width, width, l)
     }
 
+    /// d qkv as (tokens, `width`), with the bias gradient added into `sums`, (buckets,
+    /// heads) row-major: row after row, each (query, key) score gradient of the row in turn
+    /// into the bucket `bucket_of` gives the pair (L × L, row-major). The sums go on where they
+    /// stood, so a step's rows cut into any micro-batches sum as the uncut step's. The caller
+    /// checks that every bucket is below `sums.len() / heads`.
+    pub(crate) fn backward_slices_into(
+        &self,
+        qkv: &[f32],
+        bias: (&[f32], usize),
+        bucket_of: &[u32],
+        sums: &mut [f32],
+        g: &[f32],
+        width: usize,
+    ) -> Vec<f32> {
+        let heads = self.heads;
+        let current = &*sums;
+        let mut per_head: Vec<HeadGrads> = (0..heads)
+            .into_par_iter()
+            .map(|hh| {
+                let column = current.iter().skip(hh).step_by(heads).copied().collect();
+                let into = Some((bucket_of, column));
+                self.head_backward(qkv, Some(bias), g, (hh, width / 3), into)
+            })
+            .collect();
+        for (hh, hg) in per_head.iter_mut().enumerate() {
+            for (b, v) in std::mem::take(&mut hg.dbias).into_iter().enumerate() {
+                sums[b * heads + hh] = v;
+            }
+        }
+        self.assemble(per_head, qkv.len() / width, width, 0).0
+    }
+
     fn head_grads(
         &self,
         qkv: &[f32],
@@ -505,7 +549,7 @@ impl Attention {
     ) -> Vec<HeadGrads> {
         (0..self.heads)
             .into_par_iter()
-            .map(|hh| self.head_backward(qkv, bias, g, hh, width / 3))
+            .map(|hh| self.head_backward(qkv, bias, g, (hh, width / 3), None))
             .collect()
     }
 

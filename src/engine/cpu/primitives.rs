@@ -190,6 +190,41 @@ impl Primitives for Cpu {
         f32_tensor(ds, (t, h))
     }
 
+    fn attention_backward_into(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        att: &Attention,
+        d: &Tensor,
+        bucket_of: &[u32],
+        sums: &Tensor,
+    ) -> Result<Tensor> {
+        let (t, w) = qkv.dims2()?;
+        let (l, (buckets, heads)) = (bias.dim(1)?, sums.dims2()?);
+        if heads != att.heads
+            || bucket_of.len() != l * l
+            || att.rows.iter().any(|&(_, len)| len > l)
+            || bucket_of.iter().any(|&b| b as usize >= buckets)
+        {
+            return Err(crate::Error::Internal(format!(
+                "attention bias sums {:?}: {} heads, {} bucket numbers for L = {l}",
+                sums.dims(),
+                att.heads,
+                bucket_of.len()
+            )));
+        }
+        let dqkv = with_sums(&[sums], |s| {
+            read(qkv, |q| {
+                read(d, |d| {
+                    read(bias, |b| {
+                        Ok(att.backward_slices_into(q, (b, l), bucket_of, s, d, w))
+                    })
+                })
+            })
+        })?;
+        f32_tensor(dqkv, (t, w))
+    }
+
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
         let mut act = read(x, |x| Ok(x.to_vec()))?;
         act.par_chunks_mut(1 << 14).for_each(vmath::gelu);
