@@ -55,8 +55,9 @@ fn as_model(run: &PlanInput, k: &Candidate) -> PlanInput {
         layers: k.layers,
         layers_with_graph: k.layers.saturating_sub(frozen_layers),
         relative_bias: k.relative_bias,
-        // Every known model is post-LN (model/known.rs).
+        // Every known model is post-LN (model/known.rs), global attention only.
         gated_ffn: false,
+        local_attention: (0, 0),
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
         trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
@@ -124,6 +125,7 @@ mod tests {
             trainable_word_embeddings: 30527 * 768,
             trained_layers: 12,
             padded_attention: false,
+            local_attention: (0, 0),
             touched_word_rows: None,
             guide: None,
         }

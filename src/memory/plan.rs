@@ -30,6 +30,8 @@ pub struct ModelShape {
     pub trainable_word_embeddings: usize,
     /// The portable engine pads the rows for attention.
     pub padded_attention: bool,
+    /// ModernBERT's local layers: how many, and the keys either side they see; (0, 0) for none.
+    pub local_attention: (usize, usize),
     /// AdamW keeps the word table's moments for its touched rows only, and its gradient is
     /// summed rows (the CPU; `train/row_moments.rs`); CUDA keeps both dense.
     pub word_rows: bool,
@@ -62,6 +64,7 @@ pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanI
         trainable_word_embeddings: shape.trainable_word_embeddings,
         trained_layers: layers.saturating_sub(t.freeze_layers),
         padded_attention: shape.padded_attention,
+        local_attention: shape.local_attention,
         // Until the data is known (`with_touched_word_rows`), every row.
         touched_word_rows: (shape.word_rows && shape.trainable_word_embeddings > 0)
             .then(|| shape.trainable_word_embeddings / shape.hidden.max(1)),
@@ -131,6 +134,8 @@ pub struct PlanInput {
     /// Attention over padded rows, with its scores in memory while a layer runs (the portable
     /// engine).
     pub padded_attention: bool,
+    /// ModernBERT's local layers: how many, and the keys either side they see; (0, 0) for none.
+    pub local_attention: (usize, usize),
     /// The word-table rows whose AdamW moments are kept (the distinct ids of the training
     /// data), when they are kept by row; None when the table's moments and gradient are dense.
     pub touched_word_rows: Option<usize>,
@@ -184,13 +189,13 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
         0
     };
     // The portable engine's transients above the cpu engine's: its attention backward holds
-    // three to four (rows, heads, L, L) f32 tensors at once (probabilities, mask, their
-    // gradient, one temporary), its GELU backward about two (tokens, intermediate) f32 ones,
-    // the same size at 128 tokens. Three of the first, calibrated against the counting
-    // allocator (docs/benchmarks.md, issue 21).
+    // three to four score-sized f32 tensors at once (probabilities, mask, their gradient, one
+    // temporary), its GELU backward about two (tokens, intermediate) f32 ones, the same size at
+    // 128 tokens. Three of the first, calibrated against the counting allocator
+    // (docs/benchmarks.md, issues 21 and 26).
     let rows = (lengths.len() * p.columns) as u64;
     let padded = if p.padded_attention {
-        3 * rows * p.heads as u64 * longest * longest * 4
+        3 * rows * p.heads as u64 * scores_per_head(p, longest) * 4
     } else {
         0
     };
@@ -280,6 +285,22 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     }
 }
 
+/// The portable engine's scores for one row and head of the layer that holds the most, for rows
+/// of up to `len` tokens: (L, L) for a global layer; for a local one, blocks of the whole window
+/// (2·window queries) against twice that many keys, or (L, L) where that is no smaller (as
+/// `engine::portable::local_tiles` chooses).
+pub fn scores_per_head(p: &PlanInput, len: u64) -> u64 {
+    let (local, window) = (p.local_attention.0, p.local_attention.1 as u64);
+    let full = len * len;
+    let block = (2 * window).max(1);
+    let tiled = (len.div_ceil(block) * block * (block + 2 * window)).min(full);
+    match local {
+        0 => full,
+        n if n < p.layers => full,
+        _ => tiled,
+    }
+}
+
 /// The largest micro-batch of `batch`, `batch / 2`, `batch / 4`, … 1 (rounding down) whose
 /// estimate fits `limit`, for rows of `longest` tokens; None when not even one row fits.
 pub fn largest_fitting(p: &PlanInput, batch: usize, longest: usize, limit: u64) -> Option<usize> {
@@ -317,6 +338,7 @@ mod tests {
             trainable_word_embeddings: 30522 * 384,
             trained_layers: 6,
             padded_attention: false,
+            local_attention: (0, 0),
             touched_word_rows: None,
             guide: None,
         }
@@ -373,6 +395,7 @@ mod tests {
             trainable: 0,
             trainable_word_embeddings: 0,
             padded_attention: false,
+            local_attention: (0, 0),
             word_rows: false,
         });
         let (plain, with) = (estimate(&p, &[128; 8]), estimate(&guided, &[128; 8]));
@@ -400,5 +423,26 @@ mod tests {
         assert_eq!(d.gradients - r.gradients, (30_522 - 1000) * 384 * 4);
         // Dense stays dense whatever the data.
         assert_eq!(dense.with_touched_word_rows(5).touched_word_rows, None);
+    }
+
+    #[test]
+    fn the_portable_engine_s_local_layers_count_their_scores_by_the_window() {
+        // ModernBERT-like: 3 layers, 64 keys either side, 8192 tokens a row.
+        let run = |local| PlanInput {
+            padded_attention: true,
+            local_attention: (local, 64),
+            layers: 3,
+            layers_with_graph: 3,
+            ..minilm()
+        };
+        let (all_local, one_global) = (run(3), run(2));
+        // Blocks of 128 queries against 256 keys, against the one global layer's 8192².
+        assert_eq!(scores_per_head(&all_local, 8192), 8192 * 256);
+        assert_eq!(scores_per_head(&one_global, 8192), 8192 * 8192);
+        // At 200 tokens the blocks (256 × 256) are no smaller than (200, 200).
+        assert_eq!(scores_per_head(&all_local, 200), 200 * 200);
+        let (a, g) = (estimate(&all_local, &[8192]), estimate(&one_global, &[8192]));
+        // 2 columns, 12 heads, 3 score-sized f32 tensors.
+        assert_eq!(g.total - a.total, 3 * 2 * 12 * 8192 * (8192 - 256) * 4);
     }
 }

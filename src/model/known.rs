@@ -158,6 +158,7 @@ mod tests {
             trainable_word_embeddings: s.vocab * s.hidden,
             trained_layers: s.layers,
             padded_attention: false,
+            local_attention: config.local_layers(),
             touched_word_rows: None,
             guide: None,
         }

@@ -439,6 +439,7 @@ impl SentenceModel {
                 .map_or(0, |v| v.elem_count()),
             padded_attention: crate::engine::Engine::for_device(&self.device)
                 == crate::engine::Engine::Portable,
+            local_attention: self.spec.model.local_layers(),
             word_rows: self.device.is_cpu(),
         })
     }
