@@ -579,8 +579,7 @@ fn rotate(x: &Tensor, rope: &Rotary, sign: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TrainSection;
-    use crate::memory::plan::{plan_input, scores_per_head, ModelShape};
+    use crate::memory::plan::local_scores;
     use crate::testing::{max_abs, max_diff};
 
     /// Rows of 150 (several blocks and a short last one), 70 and 5 tokens, 2 heads of width 4,
@@ -636,32 +635,13 @@ mod tests {
 
     #[test]
     fn the_planner_counts_the_scores_the_local_blocks_hold() {
-        let shape = ModelShape {
-            hidden: 64,
-            intermediate: 128,
-            heads: 2,
-            layers: 2,
-            relative_bias: false,
-            gated_ffn: true,
-            params: 0,
-            trainable: 0,
-            trainable_word_embeddings: 0,
-            padded_attention: true,
-            local_attention: (2, 0),
-            word_rows: false,
-        };
         for window in [0, 3, 20, 64] {
             for len in [1, 5, 40, 127, 128, 300, 1000] {
-                let shape = ModelShape {
-                    local_attention: (2, window),
-                    ..shape
-                };
-                let run = plan_input(&shape, &TrainSection::default(), 1);
                 let held = match local_tiles(window, len) {
                     Some((block, span)) => len.div_ceil(block) * block * span,
                     None => len * len,
                 };
-                assert_eq!(scores_per_head(&run, len as u64), held as u64, "{window} {len}");
+                assert_eq!(local_scores(window as u64, len as u64), held as u64);
             }
         }
     }
