@@ -4,7 +4,9 @@
 //! CPU it runs in tests against the CPU kernels, and `ST_TUNE_ENGINE=portable` trains through it.
 //!
 //! Attention pads the packed rows into one (rows, heads, L, L) batch so that each step is one
-//! launch, not one per row; padded keys are masked out and padded queries dropped. Nothing of
+//! launch, not one per row; padded keys are masked out and padded queries dropped. A local
+//! (sliding-window) layer cuts the queries into blocks, each against only the keys its window
+//! reaches, still one launch a step: (rows, heads, L, 2·window) scores, not L × L. Nothing of
 //! it is kept: the backward pass recomputes the probabilities. Dropout masks are drawn from the
 //! same keys as the CPU's, so both engines drop the same elements: on the host, or on a CUDA
 //! device by st-tune's kernel, which with the layer-norm backward is the `cuda` part here.

@@ -6,7 +6,7 @@
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
 //! Calibrated on CPU. The portable engine (`engine/portable.rs`, what CUDA runs) keeps the same,
 //! but its attention pads the rows into one batch and holds a few (rows, heads, L, L) f32
-//! tensors while a layer runs.
+//! tensors while a layer runs, (rows, heads, L, 2·window) in a local layer.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
 
 use serde::Serialize;
