@@ -260,7 +260,9 @@ impl Tiles {
         // A key slot before the row or past its padding only ever gets probability 0.
         let first = |b: usize| (b * block) as isize - reach as isize;
         let keys: Vec<u32> = (0..blocks)
-            .flat_map(|b| (0..span).map(move |c| (first(b) + c as isize).clamp(0, last as isize) as u32))
+            .flat_map(|b| {
+                (0..span).map(move |c| (first(b) + c as isize).clamp(0, last as isize) as u32)
+            })
             .collect();
         let mut mask = vec![HIDDEN; rows * blocks * block * span];
         for (r, &(_, len)) in att.rows.iter().enumerate() {
@@ -277,7 +279,11 @@ impl Tiles {
             block,
             span,
             keys: Some(Tensor::from_vec(keys, blocks * span, device)?),
-            masks: vec![Tensor::from_vec(mask, (rows, 1, blocks, block, span), device)?],
+            masks: vec![Tensor::from_vec(
+                mask,
+                (rows, 1, blocks, block, span),
+                device,
+            )?],
         })
     }
 
@@ -492,9 +498,9 @@ impl Primitives for Portable {
             Some(b) => {
                 let (_, l, _) = b.dims3()?;
                 let sum = ds.sum(0)?;
-                let sum = sum
-                    .pad_with_zeros(1, 0, l - pad.len)?
-                    .pad_with_zeros(2, 0, l - pad.len)?;
+                let sum =
+                    sum.pad_with_zeros(1, 0, l - pad.len)?
+                        .pad_with_zeros(2, 0, l - pad.len)?;
                 Some(sum.to_dtype(b.dtype())?)
             }
             None => None,
@@ -614,7 +620,11 @@ mod tests {
         let zeros = Tensor::zeros((2, 150, 150), DType::F32, &Device::Cpu).unwrap();
         let tiled = engine.attention(&qkv, None, &att).unwrap();
         let full = engine.attention(&qkv, Some(&zeros), &att).unwrap();
-        assert!(max_diff(&tiled, &full) < 1e-5, "{}", max_diff(&tiled, &full));
+        assert!(
+            max_diff(&tiled, &full) < 1e-5,
+            "{}",
+            max_diff(&tiled, &full)
+        );
         let global = Attention {
             window: None,
             ..att.clone()
@@ -622,9 +632,15 @@ mod tests {
         let everywhere = engine.attention(&qkv, None, &global).unwrap();
         assert!(max_diff(&everywhere, &tiled) > 1e-2);
         let (dt, _) = engine.attention_backward(&qkv, None, &att, &d).unwrap();
-        let (df, _) = engine.attention_backward(&qkv, Some(&zeros), &att, &d).unwrap();
+        let (df, _) = engine
+            .attention_backward(&qkv, Some(&zeros), &att, &d)
+            .unwrap();
         assert!(max_abs(&df) > 1e-2);
-        assert!(max_diff(&dt, &df) < 1e-5, "gradients differ by {}", max_diff(&dt, &df));
+        assert!(
+            max_diff(&dt, &df) < 1e-5,
+            "gradients differ by {}",
+            max_diff(&dt, &df)
+        );
     }
 
     #[test]

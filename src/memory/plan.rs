@@ -475,7 +475,10 @@ mod tests {
         assert_eq!(local_scores(64, 8192), 8192 * 256);
         // At 200 tokens the blocks (256 × 256) are no smaller than (200, 200).
         assert_eq!(local_scores(64, 200), 200 * 200);
-        let (local, global) = (estimate(&run(false), &[8192]), estimate(&run(true), &[8192]));
+        let (local, global) = (
+            estimate(&run(false), &[8192]),
+            estimate(&run(true), &[8192]),
+        );
         // 2 columns, 12 heads, 3 score-sized f32 tensors: at the top layer when all are local;
         // at layer 0, under two layers that freed their activations, with one global layer.
         let scores = |per_head: u64| 3 * 2 * 12 * per_head * 4;

@@ -272,7 +272,10 @@ mod tests {
         assert!(c.is_local(0) && !c.is_local(1));
         assert_eq!((c.rope_theta(0), c.rope_theta(1)), (7.0, 5.0));
         let parsed = ModelConfig::parse(Path::new("config.json"), &new).unwrap();
-        assert_eq!((parsed.local_window(0), parsed.local_window(1)), (Some(8), None));
+        assert_eq!(
+            (parsed.local_window(0), parsed.local_window(1)),
+            (Some(8), None)
+        );
         assert!(parsed.layer_names(0).is_none() && parsed.gated_ffn());
         for (key, value) in [
             ("mlp_dropout", json!(0.1)),
