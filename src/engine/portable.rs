@@ -4,7 +4,9 @@
 //! CPU it runs in tests against the CPU kernels, and `ST_TUNE_ENGINE=portable` trains through it.
 //!
 //! Attention pads the packed rows into one (rows, heads, L, L) batch so that each step is one
-//! launch, not one per row; padded keys are masked out and padded queries dropped. Nothing of
+//! launch, not one per row; padded keys are masked out and padded queries dropped. A local
+//! (sliding-window) layer cuts the queries into blocks, each against only the keys its window
+//! reaches, still one launch a step: (rows, heads, L, 2·window) scores, not L × L. Nothing of
 //! it is kept: the backward pass recomputes the probabilities. Dropout masks are drawn from the
 //! same keys as the CPU's, so both engines drop the same elements: on the host, or on a CUDA
 //! device by st-tune's kernel, which with the layer-norm backward is the `cuda` part here.
@@ -56,23 +58,19 @@ struct Padding {
     gather: Tensor,
     /// For each packed token, its padded slot.
     scatter: Tensor,
-    /// 0 for a real key, a large negative number for padding: (rows, 1, 1, L).
-    key_mask: Tensor,
 }
 
 impl Padding {
-    fn new(att: &Attention, device: &Device) -> Result<Self> {
+    /// `att`'s rows padded to `len` slots each (at least the longest row).
+    fn new(att: &Attention, len: usize, device: &Device) -> Result<Self> {
         let rows = att.rows.len();
-        let len = att.rows.iter().map(|&(_, l)| l).max().unwrap_or(0);
         let tokens: usize = att.rows.iter().map(|&(_, l)| l).sum();
         let mut gather = vec![tokens as u32; rows * len];
         let mut scatter = Vec::with_capacity(tokens);
-        let mut key_mask = vec![-1e30f32; rows * len];
         for (r, &(off, l)) in att.rows.iter().enumerate() {
             for i in 0..l {
                 gather[r * len + i] = (off + i) as u32;
                 scatter.push((r * len + i) as u32);
-                key_mask[r * len + i] = 0.0;
             }
         }
         Ok(Self {
@@ -80,7 +78,6 @@ impl Padding {
             len,
             gather: Tensor::from_vec(gather, rows * len, device)?,
             scatter: Tensor::from_vec(scatter, tokens, device)?,
-            key_mask: Tensor::from_vec(key_mask, (rows, 1, 1, len), device)?,
         })
     }
 
@@ -162,7 +159,8 @@ pub fn layer_norm_backward(s: &Tensor, w: &Tensor, eps: f32, g: &Tensor) -> Resu
 /// The attention-dropout masks of `att`'s rows, padded to (rows, heads, L, L) with zeros beyond
 /// each row's length, on `device`; None when attention dropout is off.
 pub fn attention_mask_tensor(att: &Attention, device: &Device) -> Result<Option<Tensor>> {
-    Padding::new(att, device)?.dropout(att, device)
+    let longest = att.rows.iter().map(|&(_, l)| l).max().unwrap_or(0);
+    Padding::new(att, longest, device)?.dropout(att, device)
 }
 
 /// q, k and v of a padded q|k|v, each (rows, heads, L, head_dim), f32.
@@ -184,39 +182,194 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((rows, len, heads * hd))?)
 }
 
-/// A local layer's window as an additive (L, L) mask: 0 where query i sees key j, a large
-/// negative number elsewhere; None for global attention.
-fn window_mask(att: &Attention, len: usize, device: &Device) -> Result<Option<Tensor>> {
-    if att.window.is_none() {
-        return Ok(None);
-    }
-    let mut v = vec![-1e30f32; len * len];
-    for i in 0..len {
-        v[i * len..(i + 1) * len][att.keys(i, len)].fill(0.0);
-    }
-    Ok(Some(Tensor::from_vec(v, (len, len), device)?))
+/// Added to a score where a query must not see a key: its probability becomes 0.
+const HIDDEN: f32 = -1e30;
+
+/// How the queries of a padded batch meet its keys: in `blocks` blocks of `block` queries, each
+/// against the `span` keys it may see. A global layer (or one with a bias or attention dropout)
+/// is one block of every query against every key; a local layer's blocks see only the keys
+/// their windows reach, so its scores are (rows, heads, L, span), not (rows, heads, L, L).
+struct Tiles {
+    heads: usize,
+    blocks: usize,
+    block: usize,
+    span: usize,
+    /// The padded slot of each block's keys, (blocks · span); None for the one block of all.
+    keys: Option<Tensor>,
+    /// Added to the scores, each broadcast to (rows, heads, blocks, block, span): padded keys,
+    /// keys outside the window, a bias.
+    masks: Vec<Tensor>,
 }
 
-/// Softmax probabilities of one padded batch, (rows, heads, L, L), and q, k, v.
+impl Tiles {
+    fn new(att: &Attention, bias: Option<&Tensor>, device: &Device) -> Result<Self> {
+        let longest = att.rows.iter().map(|&(_, l)| l).max().unwrap_or(0);
+        let band = att.window.filter(|_| bias.is_none() && att.masks.is_none());
+        match band.and_then(|w| local_tiles(w, longest)) {
+            Some((block, span)) => Self::local(att, block, span, longest, device),
+            None => Self::whole(att, bias, longest, device),
+        }
+    }
+
+    /// Padded slots per row.
+    fn len(&self) -> usize {
+        self.blocks * self.block
+    }
+
+    /// One block: every query against every key of the longest row's length.
+    fn whole(att: &Attention, bias: Option<&Tensor>, len: usize, device: &Device) -> Result<Self> {
+        let rows = att.rows.len();
+        let mut padding = vec![HIDDEN; rows * len];
+        for (r, &(_, l)) in att.rows.iter().enumerate() {
+            padding[r * len..r * len + l].fill(0.0);
+        }
+        let mut masks = vec![Tensor::from_vec(padding, (rows, 1, 1, 1, len), device)?];
+        if att.window.is_some() {
+            let mut band = vec![HIDDEN; len * len];
+            for i in 0..len {
+                band[i * len..(i + 1) * len][att.keys(i, len)].fill(0.0);
+            }
+            masks.push(Tensor::from_vec(band, (1, 1, 1, len, len), device)?);
+        }
+        if let Some(b) = bias {
+            let b = f32(&b.narrow(1, 0, len)?.narrow(2, 0, len)?)?;
+            masks.push(b.reshape((1, att.heads, 1, len, len))?);
+        }
+        Ok(Self {
+            heads: att.heads,
+            blocks: 1,
+            block: len,
+            span: len,
+            keys: None,
+            masks,
+        })
+    }
+
+    /// Blocks of `block` queries; block b sees the keys from `b · block − window` on, `span` of
+    /// them. One mask per row hides the keys outside each query's window and row.
+    fn local(
+        att: &Attention,
+        block: usize,
+        span: usize,
+        longest: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let (rows, blocks) = (att.rows.len(), longest.div_ceil(block));
+        let reach = (span - block) / 2;
+        let last = blocks * block - 1;
+        // A key slot before the row or past its padding only ever gets probability 0.
+        let first = |b: usize| (b * block) as isize - reach as isize;
+        let keys: Vec<u32> = (0..blocks)
+            .flat_map(|b| {
+                (0..span).map(move |c| (first(b) + c as isize).clamp(0, last as isize) as u32)
+            })
+            .collect();
+        let mut mask = vec![HIDDEN; rows * blocks * block * span];
+        for (r, &(_, len)) in att.rows.iter().enumerate() {
+            for i in 0..len {
+                let (b, at) = (i / block, (r * blocks * block + i) * span);
+                for j in att.keys(i, len) {
+                    mask[at + (j as isize - first(b)) as usize] = 0.0;
+                }
+            }
+        }
+        Ok(Self {
+            heads: att.heads,
+            blocks,
+            block,
+            span,
+            keys: Some(Tensor::from_vec(keys, blocks * span, device)?),
+            masks: vec![Tensor::from_vec(
+                mask,
+                (rows, 1, blocks, block, span),
+                device,
+            )?],
+        })
+    }
+
+    /// (rows, heads, L, hd) -> the queries of each block, (rows, heads · blocks, block, hd).
+    fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, _, _, hd) = x.dims4()?;
+        Ok(x.reshape((rows, self.heads * self.blocks, self.block, hd))?)
+    }
+
+    /// The inverse of [`Tiles::queries`].
+    fn untile_queries(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, _, _, hd) = x.dims4()?;
+        Ok(x.reshape((rows, self.heads, self.len(), hd))?)
+    }
+
+    /// (rows, heads, L, hd) -> the keys each block sees, (rows, heads · blocks, span, hd).
+    fn keys(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(keys) = &self.keys else {
+            return Ok(x.clone());
+        };
+        let (rows, _, _, hd) = x.dims4()?;
+        let x = x.index_select(keys, 2)?;
+        Ok(x.reshape((rows, self.heads * self.blocks, self.span, hd))?)
+    }
+
+    /// The gradient of [`Tiles::keys`]: each block's key gradients added into their slots.
+    fn untile_keys(&self, g: &Tensor) -> Result<Tensor> {
+        let Some(keys) = &self.keys else {
+            return Ok(g.clone());
+        };
+        let (rows, _, _, hd) = g.dims4()?;
+        let g = g.reshape((rows, self.heads, self.blocks * self.span, hd))?;
+        let zeros = Tensor::zeros((rows, self.heads, self.len(), hd), g.dtype(), g.device())?;
+        Ok(zeros.index_add(keys, &g, 2)?)
+    }
+
+    /// Softmax over each query's keys of `scores`, (rows, heads · blocks, block, span), with
+    /// the masks added.
+    fn softmax(&self, scores: Tensor) -> Result<Tensor> {
+        let shape = scores.dims().to_vec();
+        let rows = shape[0];
+        let mut scores = scores.reshape((rows, self.heads, self.blocks, self.block, self.span))?;
+        for m in &self.masks {
+            scores = scores.broadcast_add(m)?;
+        }
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?.reshape(shape)?)
+    }
+}
+
+/// A local layer's (queries a block, keys a block) for rows of up to `len` tokens that see
+/// `window` keys either side; None where one (L, L) block is no larger. A block is the whole
+/// window (2 · window queries) and sees twice that: the keys it holds beside the queries' own
+/// are half its scores, while the number of blocks (and the gathered copy of the keys, span /
+/// block times their size) stays small.
+pub fn local_tiles(window: usize, len: usize) -> Option<(usize, usize)> {
+    let block = (2 * window).max(1);
+    let span = block + 2 * window;
+    (len.div_ceil(block) * block * span < len * len).then_some((block, span))
+}
+
+/// The operands of one padded batch laid out for `tiles`, f32: q (rows, heads · blocks, block,
+/// head_dim), k and v (rows, heads · blocks, span, head_dim).
+struct Operands {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The padding, tiles, operands and softmax probabilities (rows, heads · blocks, block, span)
+/// of `att` over q|k|v.
 fn probabilities(
     qkv: &Tensor,
     bias: Option<&Tensor>,
     att: &Attention,
-    pad: &Padding,
-) -> Result<(Tensor, [Tensor; 3])> {
+) -> Result<(Padding, Tiles, Operands, Tensor)> {
+    let tiles = Tiles::new(att, bias, qkv.device())?;
+    let pad = Padding::new(att, tiles.len(), qkv.device())?;
     let [q, k, v] = split_heads(&pad.pad(qkv)?, att.heads)?;
-    // Each step replaces `scores` (a shadowing `let` would keep every (rows, heads, L, L)
-    // version alive to the end).
-    let mut scores = (q.matmul(&k.t()?)? * att.scale as f64)?;
-    if let Some(b) = bias {
-        let b = f32(&b.narrow(1, 0, pad.len)?.narrow(2, 0, pad.len)?)?;
-        scores = scores.broadcast_add(&b.unsqueeze(0)?)?;
-    }
-    scores = scores.broadcast_add(&pad.key_mask)?;
-    if let Some(band) = window_mask(att, pad.len, qkv.device())? {
-        scores = scores.broadcast_add(&band)?;
-    }
-    Ok((candle_nn::ops::softmax_last_dim(&scores)?, [q, k, v]))
+    let ops = Operands {
+        q: tiles.queries(&q)?,
+        k: tiles.keys(&k)?,
+        v: tiles.keys(&v)?,
+    };
+    let scores = (ops.q.matmul(&ops.k.t()?)? * att.scale as f64)?;
+    let p = tiles.softmax(scores)?;
+    Ok((pad, tiles, ops, p))
 }
 
 impl Primitives for Portable {
@@ -299,12 +452,11 @@ impl Primitives for Portable {
     }
 
     fn attention(&self, qkv: &Tensor, bias: Option<&Tensor>, att: &Attention) -> Result<Tensor> {
-        let pad = Padding::new(att, qkv.device())?;
-        let (mut p, [_, _, v]) = probabilities(qkv, bias, att, &pad)?;
+        let (pad, tiles, ops, mut p) = probabilities(qkv, bias, att)?;
         if let Some(m) = pad.dropout(att, qkv.device())? {
             p = (p * m)?;
         }
-        let ctx = merge_heads(&p.matmul(&v)?)?;
+        let ctx = merge_heads(&tiles.untile_queries(&p.matmul(&ops.v)?)?)?;
         Ok(pad.unpad(&ctx)?.to_dtype(self.dtype)?)
     }
 
@@ -315,22 +467,22 @@ impl Primitives for Portable {
         att: &Attention,
         d: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let pad = Padding::new(att, qkv.device())?;
-        let (p, [q, k, v]) = probabilities(qkv, bias, att, &pad)?;
-        let (rows, heads, len, hd) = q.dims4()?;
+        let (pad, tiles, Operands { q, k, v }, p) = probabilities(qkv, bias, att)?;
+        let hd = q.dim(3)?;
         let d = pad
             .pad(&f32(d)?)?
-            .reshape((rows, len, heads, hd))?
+            .reshape((pad.rows, pad.len, att.heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        // At most three (rows, heads, L, L) tensors are alive at once below: each is dropped
-        // as soon as it is used, never left to a statement's or the function's end.
+        let d = tiles.queries(&d)?;
+        // At most three score-sized tensors are alive at once below: each is dropped as soon
+        // as it is used, never left to a statement's or the function's end.
         let mask = pad.dropout(att, qkv.device())?;
         let dropped = match &mask {
             Some(m) => (&p * m)?,
             None => p.clone(),
         };
-        let dv = dropped.t()?.matmul(&d)?;
+        let dv = tiles.untile_keys(&dropped.t()?.matmul(&d)?)?;
         drop(dropped);
         let mut dp = d.matmul(&v.t()?)?;
         if let Some(m) = mask {
@@ -342,18 +494,19 @@ impl Primitives for Portable {
         let ds = (&p * dp)?;
         drop(p);
         let dbias = match bias {
+            // A bias comes only with the one block of (L, L) scores.
             Some(b) => {
                 let (_, l, _) = b.dims3()?;
                 let sum = ds.sum(0)?;
-                let sum = sum
-                    .pad_with_zeros(1, 0, l - len)?
-                    .pad_with_zeros(2, 0, l - len)?;
+                let sum =
+                    sum.pad_with_zeros(1, 0, l - pad.len)?
+                        .pad_with_zeros(2, 0, l - pad.len)?;
                 Some(sum.to_dtype(b.dtype())?)
             }
             None => None,
         };
-        let dq = (ds.matmul(&k)? * att.scale as f64)?;
-        let dk = (ds.t()?.matmul(&q)? * att.scale as f64)?;
+        let dq = tiles.untile_queries(&(ds.matmul(&k)? * att.scale as f64)?)?;
+        let dk = tiles.untile_keys(&(ds.t()?.matmul(&q)? * att.scale as f64)?)?;
         let dqkv = Tensor::cat(
             &[merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?],
             2,
@@ -429,4 +582,85 @@ fn rotate(x: &Tensor, rope: &Rotary, sign: f64) -> Result<Tensor> {
     let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     let qk = Tensor::cat(&[r1, r2], 2)?.reshape((tokens, 2 * hidden))?;
     Ok(Tensor::cat(&[&qk, &x.narrow(1, 2 * hidden, hidden)?], 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::plan::local_scores;
+    use crate::testing::{max_abs, max_diff};
+
+    /// Rows of 150 (several blocks and a short last one), 70 and 5 tokens, 2 heads of width 4,
+    /// window 20: q|k|v and an output gradient, random.
+    fn local_case() -> (Attention, Tensor, Tensor) {
+        let (dev, lens) = (Device::Cpu, [150usize, 70, 5]);
+        let rows = lens.iter().scan(0, |off, &l| {
+            *off += l;
+            Some((*off - l, l))
+        });
+        let att = Attention {
+            heads: 2,
+            scale: 0.5,
+            rows: rows.collect(),
+            masks: None,
+            window: Some(20),
+        };
+        let qkv = Tensor::randn(0f32, 1.0, (225, 24), &dev).unwrap();
+        let d = Tensor::randn(0f32, 1.0, (225, 8), &dev).unwrap();
+        (att, qkv, d)
+    }
+
+    #[test]
+    fn a_local_layer_s_blocks_equal_the_masked_full_scores_forward_and_backward() {
+        let (att, qkv, d) = local_case();
+        let engine = Portable { dtype: DType::F32 };
+        // The window is cut into blocks here (4 of 40 queries, 80 keys each) ...
+        assert_eq!(local_tiles(20, 150), Some((40, 80)));
+        // ... while a zero bias sends the same window through the one (L, L) block, masked.
+        let zeros = Tensor::zeros((2, 150, 150), DType::F32, &Device::Cpu).unwrap();
+        let tiled = engine.attention(&qkv, None, &att).unwrap();
+        let full = engine.attention(&qkv, Some(&zeros), &att).unwrap();
+        assert!(
+            max_diff(&tiled, &full) < 1e-5,
+            "{}",
+            max_diff(&tiled, &full)
+        );
+        let global = Attention {
+            window: None,
+            ..att.clone()
+        };
+        let everywhere = engine.attention(&qkv, None, &global).unwrap();
+        assert!(max_diff(&everywhere, &tiled) > 1e-2);
+        let (dt, _) = engine.attention_backward(&qkv, None, &att, &d).unwrap();
+        let (df, _) = engine
+            .attention_backward(&qkv, Some(&zeros), &att, &d)
+            .unwrap();
+        assert!(max_abs(&df) > 1e-2);
+        assert!(
+            max_diff(&dt, &df) < 1e-5,
+            "gradients differ by {}",
+            max_diff(&dt, &df)
+        );
+    }
+
+    #[test]
+    fn local_blocks_run_only_where_they_are_smaller_than_the_full_scores() {
+        // ModernBERT's window (64 either side): blocks of 128 queries, 256 keys each.
+        assert_eq!(local_tiles(64, 256), None);
+        assert_eq!(local_tiles(64, 8192), Some((128, 256)));
+        assert_eq!(local_tiles(0, 10), Some((1, 1)));
+    }
+
+    #[test]
+    fn the_planner_counts_the_scores_the_local_blocks_hold() {
+        for window in [0, 3, 20, 64] {
+            for len in [1, 5, 40, 127, 128, 300, 1000] {
+                let held = match local_tiles(window, len) {
+                    Some((block, span)) => len.div_ceil(block) * block * span,
+                    None => len * len,
+                };
+                assert_eq!(local_scores(window as u64, len as u64), held as u64);
+            }
+        }
+    }
 }

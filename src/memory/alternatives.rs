@@ -4,7 +4,7 @@
 //! needs.
 
 use crate::memory::human_bytes;
-use crate::memory::plan::{estimate, PlanInput};
+use crate::memory::plan::{estimate, AttentionLayers, PlanInput};
 
 /// A model the planner may propose instead of the run's, from its config.json.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,8 +55,9 @@ fn as_model(run: &PlanInput, k: &Candidate) -> PlanInput {
         layers: k.layers,
         layers_with_graph: k.layers.saturating_sub(frozen_layers),
         relative_bias: k.relative_bias,
-        // Every known model is post-LN (model/known.rs).
+        // Every known model is post-LN (model/known.rs), global attention only.
         gated_ffn: false,
+        attention: AttentionLayers::global(k.layers),
         params: k.params,
         trainable: (k.params as f64 * share) as usize,
         trainable_word_embeddings: if run.trainable_word_embeddings > 0 {
@@ -124,6 +125,7 @@ mod tests {
             trainable_word_embeddings: 30527 * 768,
             trained_layers: 12,
             padded_attention: false,
+            attention: AttentionLayers::global(12),
             touched_word_rows: None,
             guide: None,
         }

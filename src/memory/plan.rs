@@ -6,12 +6,39 @@
 //! attention scores (the backward pass recomputes them), so nothing grows with `len²`.
 //! Calibrated on CPU. The portable engine (`engine/portable.rs`, what CUDA runs) keeps the same,
 //! but its attention pads the rows into one batch and holds a few (rows, heads, L, L) f32
-//! tensors while a layer runs.
+//! tensors while a layer runs, (rows, heads, L, 2·window) in a local layer.
 //! `st-tune bench memory` prints this estimate beside the measured peak (docs/memory.md).
 
 use serde::Serialize;
 
 use crate::config::{Precision, TrainSection};
+
+/// The highest layer that attends to the whole row and the highest that attends within a
+/// window (the backward pass reaches each with the most activations still held below it), and
+/// how many keys either side a local layer sees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionLayers {
+    pub top_global: Option<usize>,
+    pub top_local: Option<usize>,
+    pub window: usize,
+}
+
+impl AttentionLayers {
+    /// `layers` layers, layer i local with `window(i)` keys either side, or global (None).
+    pub fn new(layers: usize, window: impl Fn(usize) -> Option<usize>) -> Self {
+        let top = |local: bool| (0..layers).rev().find(|&i| window(i).is_some() == local);
+        Self {
+            top_global: top(false),
+            top_local: top(true),
+            window: (0..layers).find_map(window).unwrap_or(0),
+        }
+    }
+
+    /// Every one of `layers` layers global.
+    pub fn global(layers: usize) -> Self {
+        Self::new(layers, |_| None)
+    }
+}
 
 /// What the estimate needs to know of the model (`SentenceModel::plan_shape`).
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +57,8 @@ pub struct ModelShape {
     pub trainable_word_embeddings: usize,
     /// The portable engine pads the rows for attention.
     pub padded_attention: bool,
+    /// Which layers attend to the whole row and which within a window.
+    pub attention: AttentionLayers,
     /// AdamW keeps the word table's moments for its touched rows only, and its gradient is
     /// summed rows (the CPU; `train/row_moments.rs`); CUDA keeps both dense.
     pub word_rows: bool,
@@ -62,6 +91,7 @@ pub fn plan_input(shape: &ModelShape, t: &TrainSection, columns: usize) -> PlanI
         trainable_word_embeddings: shape.trainable_word_embeddings,
         trained_layers: layers.saturating_sub(t.freeze_layers),
         padded_attention: shape.padded_attention,
+        attention: shape.attention,
         // Until the data is known (`with_touched_word_rows`), every row.
         touched_word_rows: (shape.word_rows && shape.trainable_word_embeddings > 0)
             .then(|| shape.trainable_word_embeddings / shape.hidden.max(1)),
@@ -131,6 +161,8 @@ pub struct PlanInput {
     /// Attention over padded rows, with its scores in memory while a layer runs (the portable
     /// engine).
     pub padded_attention: bool,
+    /// Which layers attend to the whole row and which within a window.
+    pub attention: AttentionLayers,
     /// The word-table rows whose AdamW moments are kept (the distinct ids of the training
     /// data), when they are kept by row; None when the table's moments and gradient are dense.
     pub touched_word_rows: Option<usize>,
@@ -183,14 +215,21 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     } else {
         0
     };
-    // The portable engine's transients above the cpu engine's: its attention backward holds
-    // three to four (rows, heads, L, L) f32 tensors at once (probabilities, mask, their
-    // gradient, one temporary), its GELU backward about two (tokens, intermediate) f32 ones,
-    // the same size at 128 tokens. Three of the first, calibrated against the counting
-    // allocator (docs/benchmarks.md, issue 21).
+    let layer_grads = if p.gated_ffn {
+        // q|k|v and the output projection, Wi (2i × h), Wo (h × i), three norm weights.
+        (4 * h * h + 3 * h * i + 3 * h) * 4
+    } else {
+        (4 * h * h + 2 * h * i + 9 * h + i) * 4
+    };
     let rows = (lengths.len() * p.columns) as u64;
     let padded = if p.padded_attention {
-        3 * rows * p.heads as u64 * longest * longest * 4
+        // Below the top layer, the backward pass has traded the activations of the layers
+        // above for their (smaller) gradients; with checkpointing, counted as held.
+        let freed = match p.checkpointing {
+            true => 0,
+            false => per_layer.saturating_sub(layer_grads),
+        };
+        padded_scores(p, rows, longest, freed)
     } else {
         0
     };
@@ -228,12 +267,6 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     // The backward pass walks down the layers: each frees its activations (or, recomputed,
     // the copy of its input) as its parameters' gradients appear, so at any moment it holds
     // the larger of the two sets plus one layer in flight, not their sum.
-    let layer_grads = if p.gated_ffn {
-        // q|k|v and the output projection, Wi (2i × h), Wo (h × i), three norm weights.
-        (4 * h * h + 3 * h * i + 3 * h) * 4
-    } else {
-        (4 * h * h + 2 * h * i + 9 * h + i) * 4
-    };
     let trained_layers = p.trained_layers as u64 * layer_grads;
     let walked = if p.checkpointing {
         // The cached scheme keeps the inputs it took for the whole step, and each pass walks
@@ -280,6 +313,30 @@ pub fn estimate(p: &PlanInput, lengths: &[usize]) -> Estimate {
     }
 }
 
+/// The portable engine's transients above the cpu engine's, at the layer where they are most:
+/// its attention backward holds three to four score-sized f32 tensors at once (probabilities,
+/// mask, their gradient, one temporary), its GELU backward about two (tokens, intermediate) f32
+/// ones, the same size at 128 tokens. Three of the first, calibrated against the counting
+/// allocator (docs/benchmarks.md, issues 21 and 26), less `freed` bytes for each layer above.
+fn padded_scores(p: &PlanInput, rows: u64, len: u64, freed: u64) -> u64 {
+    let a = &p.attention;
+    let at = |top: Option<usize>, per_head: u64| {
+        top.map_or(0, |i| {
+            let above = p.layers.saturating_sub(i + 1) as u64;
+            (3 * rows * p.heads as u64 * per_head * 4).saturating_sub(above * freed)
+        })
+    };
+    at(a.top_global, len * len).max(at(a.top_local, local_scores(a.window as u64, len)))
+}
+
+/// The scores a local layer of the portable engine holds for one row and head of up to `len`
+/// tokens: blocks of the whole window (2·window queries) against twice that many keys, or
+/// (L, L) where that is no smaller (as `engine::portable::local_tiles` chooses).
+pub fn local_scores(window: u64, len: u64) -> u64 {
+    let block = (2 * window).max(1);
+    (len.div_ceil(block) * block * (block + 2 * window)).min(len * len)
+}
+
 /// The largest micro-batch of `batch`, `batch / 2`, `batch / 4`, … 1 (rounding down) whose
 /// estimate fits `limit`, for rows of `longest` tokens; None when not even one row fits.
 pub fn largest_fitting(p: &PlanInput, batch: usize, longest: usize, limit: u64) -> Option<usize> {
@@ -317,6 +374,7 @@ mod tests {
             trainable_word_embeddings: 30522 * 384,
             trained_layers: 6,
             padded_attention: false,
+            attention: AttentionLayers::global(6),
             touched_word_rows: None,
             guide: None,
         }
@@ -373,6 +431,7 @@ mod tests {
             trainable: 0,
             trainable_word_embeddings: 0,
             padded_attention: false,
+            attention: AttentionLayers::global(6),
             word_rows: false,
         });
         let (plain, with) = (estimate(&p, &[128; 8]), estimate(&guided, &[128; 8]));
@@ -400,5 +459,39 @@ mod tests {
         assert_eq!(d.gradients - r.gradients, (30_522 - 1000) * 384 * 4);
         // Dense stays dense whatever the data.
         assert_eq!(dense.with_touched_word_rows(5).touched_word_rows, None);
+    }
+
+    #[test]
+    fn the_portable_engine_s_local_layers_count_their_scores_by_the_window() {
+        // ModernBERT-like, 3 layers of 64 keys either side, at 8192 tokens a row: all local, or
+        // layer 0 global.
+        let run = |global: bool| PlanInput {
+            padded_attention: true,
+            attention: AttentionLayers::new(3, |i| (i > 0 || !global).then_some(64)),
+            layers: 3,
+            layers_with_graph: 3,
+            ..minilm()
+        };
+        assert_eq!(local_scores(64, 8192), 8192 * 256);
+        // At 200 tokens the blocks (256 × 256) are no smaller than (200, 200).
+        assert_eq!(local_scores(64, 200), 200 * 200);
+        let (local, global) = (
+            estimate(&run(false), &[8192]),
+            estimate(&run(true), &[8192]),
+        );
+        // 2 columns, 12 heads, 3 score-sized f32 tensors: at the top layer when all are local;
+        // at layer 0, under two layers that freed their activations, with one global layer.
+        let scores = |per_head: u64| 3 * 2 * 12 * per_head * 4;
+        let plain = estimate(
+            &PlanInput {
+                padded_attention: false,
+                ..run(false)
+            },
+            &[8192],
+        )
+        .total;
+        assert_eq!(local.total - plain, scores(8192 * 256));
+        assert!(global.total - plain < scores(8192 * 8192));
+        assert!(global.total - plain > scores(8192 * 8192) * 9 / 10);
     }
 }

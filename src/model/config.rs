@@ -179,15 +179,12 @@ impl ModelConfig {
         matches!(self, ModelConfig::ModernBert(_))
     }
 
-    /// How many layers attend within a window and how many tokens either side they see
-    /// (ModernBERT's local layers); (0, 0) when every layer is global.
-    pub fn local_layers(&self) -> (usize, usize) {
+    /// How many tokens either side layer `i` sees when it attends within a window (ModernBERT's
+    /// local layers); None when it sees the whole row.
+    pub fn local_window(&self, i: usize) -> Option<usize> {
         match self {
-            ModelConfig::ModernBert(c) => (
-                (0..c.num_hidden_layers).filter(|&i| c.is_local(i)).count(),
-                c.half_window(),
-            ),
-            _ => (0, 0),
+            ModelConfig::ModernBert(c) => c.is_local(i).then(|| c.half_window()),
+            _ => None,
         }
     }
 }
@@ -275,7 +272,10 @@ mod tests {
         assert!(c.is_local(0) && !c.is_local(1));
         assert_eq!((c.rope_theta(0), c.rope_theta(1)), (7.0, 5.0));
         let parsed = ModelConfig::parse(Path::new("config.json"), &new).unwrap();
-        assert_eq!(parsed.local_layers(), (1, 8));
+        assert_eq!(
+            (parsed.local_window(0), parsed.local_window(1)),
+            (Some(8), None)
+        );
         assert!(parsed.layer_names(0).is_none() && parsed.gated_ffn());
         for (key, value) in [
             ("mlp_dropout", json!(0.1)),

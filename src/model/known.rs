@@ -130,7 +130,7 @@ impl Weights for Counter {
 mod tests {
     use super::*;
     use crate::memory::alternatives::models_that_fit;
-    use crate::memory::plan::{estimate, PlanInput};
+    use crate::memory::plan::{estimate, AttentionLayers, PlanInput};
 
     fn config(id: &str) -> ModelConfig {
         let (id, c) = KNOWN.iter().find(|k| k.0 == id).unwrap();
@@ -158,6 +158,7 @@ mod tests {
             trainable_word_embeddings: s.vocab * s.hidden,
             trained_layers: s.layers,
             padded_attention: false,
+            attention: AttentionLayers::new(s.layers, |i| config.local_window(i)),
             touched_word_rows: None,
             guide: None,
         }

@@ -486,6 +486,9 @@ impl SentenceModel {
                 .map_or(0, |v| v.elem_count()),
             padded_attention: crate::engine::Engine::for_device(&self.device)
                 == crate::engine::Engine::Portable,
+            attention: crate::memory::plan::AttentionLayers::new(s.layers, |i| {
+                self.spec.model.local_window(i)
+            }),
             word_rows: self.device.is_cpu(),
         })
     }
