@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tens
 use crate::engine::mask::HiddenMask;
 use crate::engine::{Attention, Engine, Primitives};
 use crate::error::Result;
-use crate::model::mpnet::buckets_of_pairs;
+use crate::model::relative_buckets::buckets_of_pairs;
 
 /// The sizes of one layer.
 #[derive(Debug, Clone, Copy)]

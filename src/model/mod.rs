@@ -23,6 +23,7 @@ pub mod mpnet;
 pub mod pooling;
 pub mod prenorm_op;
 pub mod recompute;
+pub mod relative_buckets;
 pub mod sizes;
 pub mod weights;
 
