@@ -195,7 +195,7 @@ done
 echo "== 2. out of memory, recovered, the run going on"
 if [[ $device == cpu ]]; then
   # No real OOM on a CPU: memory.limit raises the same error when use goes over it.
-  m=all-MiniLM-L6-v2 rows_seq=(16 64) oom_limit=('[memory]' 'limit = "560MiB"' 'regrow_after = 2')
+  m=all-MiniLM-L6-v2 rows_seq=(16 64) oom_limit=('[memory]' 'limit = "400MiB"' 'regrow_after = 2')
 else
   # About 216 GiB estimated at micro-batch 384 (`plan`): more than any card; 96 fits 80 GiB.
   m=all-mpnet-base-v2 rows_seq=(384 512) oom_limit=('[memory]' 'regrow_after = 2')
