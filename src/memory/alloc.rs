@@ -57,27 +57,12 @@ fn grow(n: usize) {
 /// step's profile, `clear_page_erms`). Costs resident memory up to the step's peak, which the
 /// process reaches anyway. Call before the first large allocation.
 pub fn keep_freed_memory() {
+    // mimalloc v3's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names no constant for
+    // it): -1 means never purge.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: setting an option is thread-safe and takes effect at the next purge.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
 }
-
-/// Hands the memory freed so far back to the kernel, once, and keeps freed memory again after
-/// (if it did). For the end of loading: the file bytes and conversions freed there would
-/// otherwise stay resident for the whole run without ever fitting a step's buffers (a tenth
-/// of a ModernBERT run's peak RSS).
-pub fn return_freed_memory() {
-    // SAFETY: options and collection are thread-safe in mimalloc.
-    unsafe {
-        let kept = libmimalloc_sys::mi_option_get(PURGE_DELAY);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
-        libmimalloc_sys::mi_collect(true);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, kept);
-    }
-}
-
-/// mimalloc v3's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names no constant for
-/// it), in milliseconds: -1 means never purge.
-const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Bytes allocated and not yet freed.
 pub fn current() -> usize {

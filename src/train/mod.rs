@@ -326,7 +326,6 @@ pub fn plan(cfg: &Config, loaded: &Loaded, budget: &MemoryBudget) -> Result<Plan
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let (opened, data) = Opened::open(cfg, opts)?;
     let mut run = Run::start(&opened, data, opts)?;
-    crate::memory::alloc::return_freed_memory();
     for step in run.first..run.total {
         let loss = run.step(step)?;
         if run.after_step(step, loss)? == Next::Pruned {
