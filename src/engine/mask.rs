@@ -295,7 +295,7 @@ mod tests {
     /// Nanoseconds per mask value of each path this CPU has (a timing, not a test:
     /// `cargo test --lib mask_speed -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "timing; run with --ignored --nocapture on a quiet machine"]
     fn mask_speed() {
         let mut out = vec![1f32; 384 * 4096];
         let time = |f: &mut dyn FnMut(u64, &mut [f32]), out: &mut [f32]| {

@@ -139,9 +139,10 @@ impl RelativeBias {
         let buckets = buckets_of_pairs(l, self.buckets);
         let buckets =
             Tensor::from_vec(buckets, l * l, &Device::Cpu)?.to_device(batch.ids.device())?;
-        let table = match self.to_step_sums {
-            true => self.table.detach(),
-            false => self.table.clone(),
+        let table = if self.to_step_sums {
+            self.table.detach()
+        } else {
+            self.table.clone()
         };
         // (l*l, heads) -> (heads, l, l)
         Ok(table

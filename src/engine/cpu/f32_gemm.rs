@@ -539,7 +539,7 @@ mod tests {
     /// GFLOP/s of this kernel and of the `gemm` crate on a linear layer's three products (a
     /// timing, not a test: `cargo test --lib f32_gemm_speed -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "timing; run with --ignored --nocapture on a quiet machine"]
     fn f32_gemm_speed() {
         if !available() {
             return;

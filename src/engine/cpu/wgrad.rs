@@ -5,10 +5,10 @@
 //! (the gemm crate adds per-block partial sums into `dw`, in an order that depends on the call).
 //!
 //! Every path computes `acc = fma(dy[t,i], x[t,j], acc)` (one rounding per token), so the
-//! AVX-512 and AVX2 tiles and the scalar fallback give the same bits. The rows of `dw` are cut into chunks,
-//! one parallel task each, which runs every token of its rows; tokens go in blocks, the
-//! block's `dy` for the chunk packed once (it stays in L2) and its `x` one column panel at a
-//! time (in L1), each panel passing over every tile of the chunk.
+//! AVX-512 and AVX2 tiles and the scalar fallback give the same bits. The rows of `dw` are cut
+//! into chunks, one parallel task each, which runs every token of its rows; tokens go in
+//! blocks, the block's `dy` for the chunk packed once (it stays in L2) and its `x` one column
+//! panel at a time (in L1), each panel passing over every tile of the chunk.
 
 use rayon::prelude::*;
 
@@ -328,7 +328,7 @@ mod tests {
     /// GFLOP/s of these chains and of the gemm crate on the weight gradients of MiniLM and
     /// MPNet (a timing, not a test: `cargo test --lib wgrad_speed -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "timing; run with --ignored --nocapture on a quiet machine"]
     fn wgrad_speed() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for (t, d_in, d_out) in [
