@@ -405,20 +405,17 @@ impl Attention {
                 let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
                 d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
             }
-            if let Some((_, l)) = bias {
-                for (i, line) in ds.chunks(len).enumerate() {
-                    match bucket_of {
-                        // Pair after pair of the row, each into its bucket.
-                        Some(b) => line
-                            .iter()
-                            .zip(&b[i * l..i * l + len])
-                            .for_each(|(d, &k)| grads.dbias[k as usize] += d),
-                        None => grads.dbias[i * l..i * l + len]
+            match (bias, bucket_of) {
+                (Some((_, l)), Some(b)) => add_by_bucket(&mut grads.dbias, &ds, len, b, l),
+                (Some((_, l)), None) => {
+                    for (i, line) in ds.chunks(len).enumerate() {
+                        grads.dbias[i * l..i * l + len]
                             .iter_mut()
                             .zip(line)
-                            .for_each(|(b, d)| *b += d),
+                            .for_each(|(b, d)| *b += d);
                     }
                 }
+                _ => {}
             }
             // dq = scale · ds k, dk = scale · dsᵀ q
             let dsv = View::new(&ds, 0, len, 1);
@@ -662,6 +659,33 @@ impl CustomOp2 for Attention {
     }
 }
 
+/// Adds a row's score gradients `ds` (len × len) into `sums` by bucket, where `bucket_of`
+/// (l × l, l ≥ len) gives each (query, key) pair's bucket, which depends only on key − query:
+/// first summed along the diagonals, query after query (a vector add a query, where adding
+/// pair after pair into its bucket was a chain of dependent scalar adds), then the diagonals
+/// in order into their buckets. A fixed order for the row alone, so a step's rows cut into
+/// any micro-batches sum as the uncut step's.
+fn add_by_bucket(sums: &mut [f32], ds: &[f32], len: usize, bucket_of: &[u32], l: usize) {
+    if len == 0 {
+        return;
+    }
+    // Diagonal `len - 1 + key - query`.
+    let mut diagonals = vec![0f32; 2 * len - 1];
+    for (i, line) in ds.chunks(len).enumerate() {
+        diagonals[len - 1 - i..][..len]
+            .iter_mut()
+            .zip(line)
+            .for_each(|(s, d)| *s += d);
+    }
+    for (at, v) in diagonals.into_iter().enumerate() {
+        let bucket = match at.checked_sub(len - 1) {
+            Some(key) => bucket_of[key],
+            None => bucket_of[(len - 1 - at) * l],
+        };
+        sums[bucket as usize] += v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,6 +694,28 @@ mod tests {
     use crate::model::layers::attention_composed;
     use crate::testing::{grads_through, max_diff};
     use candle_core::{Device, Var};
+
+    /// Bucket sums by diagonal equal the pair-by-pair ones to rounding, for a bucket that
+    /// depends on key − query only, with the row shorter than the table's side.
+    #[test]
+    fn bucket_sums_by_diagonal() {
+        let (l, len, buckets) = (40, 33, 7);
+        let bucket = |q: usize, k: usize| (k as i64 - q as i64).rem_euclid(buckets as i64) as u32;
+        let bucket_of: Vec<u32> = (0..l * l).map(|p| bucket(p / l, p % l)).collect();
+        let ds: Vec<f32> = (0..len * len).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let start: Vec<f32> = (0..buckets).map(|b| b as f32).collect();
+        let mut ours = start.clone();
+        add_by_bucket(&mut ours, &ds, len, &bucket_of, l);
+        let mut plain: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+        for q in 0..len {
+            for k in 0..len {
+                plain[bucket(q, k) as usize] += ds[q * len + k] as f64;
+            }
+        }
+        for (o, p) in ours.iter().zip(&plain) {
+            assert!((*o as f64 - p).abs() < 1e-4, "{o} against {p}");
+        }
+    }
 
     /// Three packed rows (5, 3 and 7 tokens), 2 heads of width 4.
     fn setup() -> (TokenBatch, Var, Var, Tensor) {
