@@ -702,7 +702,9 @@ mod tests {
         let (l, len, buckets) = (40, 33, 7);
         let bucket = |q: usize, k: usize| (k as i64 - q as i64).rem_euclid(buckets as i64) as u32;
         let bucket_of: Vec<u32> = (0..l * l).map(|p| bucket(p / l, p % l)).collect();
-        let ds: Vec<f32> = (0..len * len).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let ds: Vec<f32> = (0..len * len)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let start: Vec<f32> = (0..buckets).map(|b| b as f32).collect();
         let mut ours = start.clone();
         add_by_bucket(&mut ours, &ds, len, &bucket_of, l);

@@ -6,9 +6,9 @@
 //!
 //! Every path computes `acc = fma(dy[t,i], x[t,j], acc)` (one rounding per token), so the
 //! AVX-512 and AVX2 tiles and the scalar fallback give the same bits. The rows of `dw` are cut
-//! into chunks, one parallel task each, which runs every token of its rows; tokens go in
-//! blocks, the block's `dy` for the chunk packed once (it stays in L2) and its `x` one column
-//! panel at a time (in L1), each panel passing over every tile of the chunk.
+//! into chunks, one parallel task each; tokens go in blocks: the block's `x` is packed once
+//! into column panels for all chunks, each chunk packs its `dy` (it stays in L2), and each
+//! panel (in L1) passes over every tile of the chunk.
 
 use rayon::prelude::*;
 
@@ -80,38 +80,60 @@ pub fn add_weight_grad(
     let t = dy.len() / ld;
     assert!(x.len() == t * k, "add_weight_grad: tokens differ");
     let kernel = Kernel::get();
-    let mr = kernel.rows();
-    let rows = chunk_rows(n, mr, rayon::current_num_threads());
-    dw.par_chunks_mut(rows * k).enumerate().for_each(|(c, dw)| {
-        let (r0, nr) = (c * rows, dw.len() / k);
-        let ip = nr.div_ceil(mr);
-        let mut a = vec![0f32; ip * mr * TB];
-        let mut b = vec![Row([0.0; NR]); TB];
-        for t0 in (0..t).step_by(TB) {
-            let tb = TB.min(t - t0);
-            pack(&mut a, dy, ld, i0 + r0, nr, mr, t0, tb);
-            for j0 in (0..k).step_by(NR) {
-                let nj = NR.min(k - j0);
-                pack_cols(&mut b, x, k, j0, nj, t0, tb);
-                for ib in 0..ip {
-                    let ap = &a[ib * mr * TB..][..mr * tb];
-                    let ni = mr.min(nr - ib * mr);
-                    let at = (ib * mr) * k + j0;
-                    if ni == mr && nj == NR && run_tile_in_place(kernel, &mut dw[at..], k, ap, &b[..tb]) {
-                        continue;
-                    }
-                    let mut tile = [Row([0.0; NR]); MR_MAX];
-                    for (r, row) in tile.iter_mut().enumerate().take(ni) {
-                        row.0[..nj].copy_from_slice(&dw[(ib * mr + r) * k + j0..][..nj]);
-                    }
-                    run_tile(kernel, &mut tile, ap, &b[..tb]);
-                    for (r, row) in tile.iter().enumerate().take(ni) {
-                        dw[(ib * mr + r) * k + j0..][..nj].copy_from_slice(&row.0[..nj]);
-                    }
-                }
+    let rows = chunk_rows(n, kernel.rows(), rayon::current_num_threads());
+    // A token block's column panels of x, packed once for every chunk of rows: packed by each
+    // chunk for itself, x was read (strided, from L3) once a chunk, a third of the tiles' time.
+    let mut panels = vec![Row([0.0; NR]); k.div_ceil(NR) * TB];
+    for t0 in (0..t).step_by(TB) {
+        let tb = TB.min(t - t0);
+        panels
+            .par_chunks_mut(TB)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let j0 = p * NR;
+                pack_cols(panel, x, k, j0, NR.min(k - j0), t0, tb);
+            });
+        dw.par_chunks_mut(rows * k).enumerate().for_each(|(c, dw)| {
+            let dy = (dy, ld, i0 + c * rows);
+            add_block(kernel, dw, dy, (&panels, k), t0, tb);
+        });
+    }
+}
+
+/// Continues the chains of `dw` (a chunk of rows, row-major, `k` wide) over tokens
+/// `t0..t0 + tb`: the chunk's columns of `dy` (rows `ld` wide, from column `c0`) against the
+/// block's column panels of x (`TB` rows each).
+fn add_block(
+    kernel: Kernel,
+    dw: &mut [f32],
+    (dy, ld, c0): (&[f32], usize, usize),
+    (panels, k): (&[Row], usize),
+    t0: usize,
+    tb: usize,
+) {
+    let (mr, nr) = (kernel.rows(), dw.len() / k);
+    let ip = nr.div_ceil(mr);
+    let mut a = vec![0f32; ip * mr * TB];
+    pack(&mut a, dy, ld, c0, nr, mr, t0, tb);
+    for (j0, b) in (0..k).step_by(NR).zip(panels.chunks(TB)) {
+        let (nj, b) = (NR.min(k - j0), &b[..tb]);
+        for ib in 0..ip {
+            let ap = &a[ib * mr * TB..][..mr * tb];
+            let ni = mr.min(nr - ib * mr);
+            let at = (ib * mr) * k + j0;
+            if ni == mr && nj == NR && run_tile_in_place(kernel, &mut dw[at..], k, ap, b) {
+                continue;
+            }
+            let mut tile = [Row([0.0; NR]); MR_MAX];
+            for (r, row) in tile.iter_mut().enumerate().take(ni) {
+                row.0[..nj].copy_from_slice(&dw[(ib * mr + r) * k + j0..][..nj]);
+            }
+            run_tile(kernel, &mut tile, ap, b);
+            for (r, row) in tile.iter().enumerate().take(ni) {
+                dw[(ib * mr + r) * k + j0..][..nj].copy_from_slice(&row.0[..nj]);
             }
         }
-    });
+    }
 }
 
 /// Rows per parallel task: whole register tiles of `mr` rows, at least two tasks per thread
@@ -197,7 +219,10 @@ fn run_tile(kernel: Kernel, tile: &mut [Row; MR_MAX], a: &[f32], b: &[Row]) {
 /// register tile.
 fn run_tile_in_place(kernel: Kernel, dw: &mut [f32], ld: usize, a: &[f32], b: &[Row]) -> bool {
     let (mr, tb) = (kernel.rows(), b.len());
-    assert!(a.len() >= mr * tb && dw.len() >= (mr - 1) * ld + NR, "wgrad: short tile");
+    assert!(
+        a.len() >= mr * tb && dw.len() >= (mr - 1) * ld + NR,
+        "wgrad: short tile"
+    );
     #[cfg(target_arch = "x86_64")]
     match kernel {
         // SAFETY: as in `run_tile`; the assert keeps the tile's rows inside `dw`.
@@ -237,7 +262,10 @@ mod avx2 {
     pub unsafe fn tile_at(c: *mut f32, ld: usize, a: &[f32], b: &[Row]) -> bool {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for (r, acc) in acc.iter_mut().enumerate() {
-            *acc = [_mm256_loadu_ps(c.add(r * ld)), _mm256_loadu_ps(c.add(r * ld + 8))];
+            *acc = [
+                _mm256_loadu_ps(c.add(r * ld)),
+                _mm256_loadu_ps(c.add(r * ld + 8)),
+            ];
         }
         let mut ap = a.as_ptr();
         for row in b {
