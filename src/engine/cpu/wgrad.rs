@@ -82,7 +82,8 @@ pub fn add_weight_grad(
     let kernel = Kernel::get();
     let rows = chunk_rows(n, kernel.rows(), rayon::current_num_threads());
     // A token block's column panels of x, packed once for every chunk of rows: packed by each
-    // chunk for itself, x was read (strided, from L3) once a chunk, a third of the tiles' time.
+    // chunk for itself, x was read (strided, from L3) once a chunk, 8 % of an MPNet step on
+    // Zen 3 (profile, docs/benchmarks.md).
     let mut panels = vec![Row([0.0; NR]); k.div_ceil(NR) * TB];
     for t0 in (0..t).step_by(TB) {
         let tb = TB.min(t - t0);
@@ -162,8 +163,7 @@ fn pack(
             let row = &src[(t0 + t) * ld + from..][..nw];
             let out = &mut panel[t * w..(t + 1) * w];
             match (nw == w, w) {
-                // Fixed-length copies: a few moves where a run-time length calls memmove (a
-                // tenth of the AVX2 tiles' time at 384 columns).
+                // Fixed-length copies: a few moves where a run-time length calls memmove.
                 (true, MR_AVX2) => copy_n::<MR_AVX2>(out, row),
                 (true, MR_MAX) => copy_n::<MR_MAX>(out, row),
                 _ => {
@@ -214,9 +214,8 @@ fn run_tile(kernel: Kernel, tile: &mut [Row; MR_MAX], a: &[f32], b: &[Row]) {
 }
 
 /// `run_tile` on a full tile read and written where it lies in `dw` (rows `ld` apart): no
-/// copies through a `Row` tile, which cost a memset and a dozen memmove calls a tile (about a
-/// tenth of the tile's time at 256 tokens). False, doing nothing, where the CPU has no
-/// register tile.
+/// copies through a `Row` tile, which cost a memset and a dozen memmove calls a tile. False,
+/// doing nothing, where the CPU has no register tile.
 fn run_tile_in_place(kernel: Kernel, dw: &mut [f32], ld: usize, a: &[f32], b: &[Row]) -> bool {
     let (mr, tb) = (kernel.rows(), b.len());
     assert!(
