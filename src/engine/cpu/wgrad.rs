@@ -225,11 +225,11 @@ fn run_tile_in_place(kernel: Kernel, dw: &mut [f32], ld: usize, a: &[f32], b: &[
     #[cfg(target_arch = "x86_64")]
     match kernel {
         // SAFETY: as in `run_tile`; the assert keeps the tile's rows inside `dw`.
-        Kernel::Avx512 => return unsafe { avx512::tile_at(dw.as_mut_ptr(), ld, a, b) },
-        Kernel::Avx2 => return unsafe { avx2::tile_at(dw.as_mut_ptr(), ld, a, b) },
-        Kernel::Scalar => {}
+        Kernel::Avx512 => unsafe { avx512::tile_at(dw.as_mut_ptr(), ld, a, b) },
+        Kernel::Avx2 => unsafe { avx2::tile_at(dw.as_mut_ptr(), ld, a, b) },
+        Kernel::Scalar => return false,
     }
-    false
+    cfg!(target_arch = "x86_64")
 }
 
 /// The register tile's chains, one fused multiply-add per token, as `f32::mul_add` rounds.
@@ -258,7 +258,7 @@ mod avx2 {
     /// The 6×16 tile in twelve registers, one broadcast of `dy` and two loads of `x` per row;
     /// its rows are `ld` floats apart from `c` on.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_at(c: *mut f32, ld: usize, a: &[f32], b: &[Row]) -> bool {
+    pub unsafe fn tile_at(c: *mut f32, ld: usize, a: &[f32], b: &[Row]) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for (r, acc) in acc.iter_mut().enumerate() {
             *acc = [
@@ -283,7 +283,6 @@ mod avx2 {
             _mm256_storeu_ps(c.add(r * ld), acc[0]);
             _mm256_storeu_ps(c.add(r * ld + 8), acc[1]);
         }
-        true
     }
 }
 
@@ -303,7 +302,7 @@ mod avx512 {
     /// a CPU with full-width AVX-512 units twice the AVX2 tile's work per instruction. Its
     /// rows are `ld` floats apart from `c` on.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_at(c: *mut f32, ld: usize, a: &[f32], b: &[Row]) -> bool {
+    pub unsafe fn tile_at(c: *mut f32, ld: usize, a: &[f32], b: &[Row]) {
         let mut acc = [_mm512_setzero_ps(); MR_MAX];
         for (r, acc) in acc.iter_mut().enumerate() {
             *acc = _mm512_loadu_ps(c.add(r * ld));
@@ -319,7 +318,6 @@ mod avx512 {
         for (r, acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(r * ld), *acc);
         }
-        true
     }
 }
 
